@@ -1,0 +1,277 @@
+"""
+The HTTP face of the proxy.
+
+Hot paths (C{/simple/...} index pages and C{/files/...} downloads) are plain
+twisted.web resources with pre-rendered bodies; everything else goes to a
+Klein app whose routes are methods on L{Proxy}.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Coroutine
+from html import escape
+from typing import Any
+from urllib.parse import quote
+
+import attrs
+from klein import Klein
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from txpypi import __version__
+from txpypi.download import FlightFailed, Sender
+from txpypi.files import FileCache, NotListed, Opened
+from txpypi.index import negotiate
+from txpypi.names import BadName, check_filename, normalize
+from txpypi.pages import CachedPage, NotFound, PageCache
+from txpypi.upstream import UpstreamError
+
+log = Logger()
+
+FILE_CACHE_CONTROL = b"public, max-age=365000000, immutable"
+
+
+def _text(request: Request, code: int, reason: str) -> bytes:
+    """
+    A one-line plain-text answer.
+    """
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    body = (reason + "\n").encode("utf-8", "replace")
+    request.setHeader(b"content-length", b"%d" % len(body))
+    return body
+
+
+def _finish_text(request: Request, code: int, reason: str) -> None:
+    body = _text(request, code, reason)
+    if not request._disconnected and not request.finished:
+        request.write(body)
+        request.finish()
+
+
+def _redirect(request: Request, location: str) -> bytes:
+    query = request.uri.partition(b"?")[2]
+    target = location.encode() + (b"?" + query if query else b"")
+    request.setHeader(b"location", target)
+    return _text(request, 301, f"moved to {target.decode('latin-1')}")
+
+
+def _segment(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadName("path is not valid UTF-8") from None
+
+
+def _run(request: Request, coroutine: Coroutine[Any, Any, None]) -> int:
+    def crashed(failure: Any) -> None:
+        log.failure("request for {path} crashed", failure, path=request.path)
+        _finish_text(request, 500, "internal error")
+
+    Deferred.fromCoroutine(coroutine).addErrback(crashed)
+    return NOT_DONE_YET
+
+
+class SimpleResource(Resource):
+    """
+    C{/simple/} and C{/simple/<project>/} in PEP 503 HTML or PEP 691 JSON.
+    """
+
+    isLeaf = True
+
+    def __init__(self, pages: PageCache) -> None:
+        super().__init__()
+        self._pages = pages
+        self._negotiated: dict[tuple[bytes | None, bytes | None], str | None] = {}
+
+    def _content_type(self, request: Request) -> str | None:
+        accept = request.getHeader(b"accept")
+        formats = request.args.get(b"format") if request.args else None
+        fmt = formats[0] if formats else None
+        cache_key = (accept, fmt)
+        try:
+            return self._negotiated[cache_key]
+        except KeyError:
+            pass
+        chosen = negotiate(
+            None if accept is None else accept.decode("latin-1"),
+            None if fmt is None else fmt.decode("latin-1"),
+        )
+        if len(self._negotiated) < 1024:
+            self._negotiated[cache_key] = chosen
+        return chosen
+
+    def render_GET(self, request: Request) -> bytes | int:
+        postpath = request.postpath or []
+        prefix = "/" + "/".join(p.decode("latin-1") for p in request.prepath or [])
+        if not postpath:
+            return _redirect(request, prefix + "/")
+        if len(postpath) > 2 or (len(postpath) == 2 and postpath[1]):
+            return _text(request, 404, "not a Simple API path")
+        try:
+            raw = _segment(postpath[0])
+            project = normalize(raw) if raw else None
+        except BadName as e:
+            return _text(request, 400, str(e))
+        if project is not None and (raw != project or len(postpath) == 1):
+            return _redirect(request, f"{prefix}/{quote(project)}/")
+        content_type = self._content_type(request)
+        if content_type is None:
+            return _text(request, 406, "none of the Simple API's content types is acceptable")
+        page = self._pages.fresh(project)
+        if page is not None:
+            return self._respond(request, page, content_type, True)
+        return _run(request, self._fetch(request, project, content_type))
+
+    def render_HEAD(self, request: Request) -> bytes | int:
+        return self.render_GET(request)
+
+    async def _fetch(self, request: Request, project: str | None, content_type: str) -> None:
+        try:
+            page, hit = await self._pages.get(project)
+        except NotFound:
+            _finish_text(request, 404, f"no such project: {project}")
+            return
+        except UpstreamError as e:
+            _finish_text(request, e.status, e.reason)
+            return
+        if request._disconnected:
+            return
+        request.write(self._respond(request, page, content_type, hit))
+        request.finish()
+
+    def _respond(self, request: Request, page: CachedPage, content_type: str, hit: bool) -> bytes:
+        body = page.body(content_type)
+        max_age = max(0, int(self._pages.remaining(page)))
+        headers = request.responseHeaders
+        headers.setRawHeaders(b"content-type", [content_type.encode()])
+        headers.setRawHeaders(b"vary", [b"Accept"])
+        headers.setRawHeaders(b"x-cache", [b"HIT" if hit else b"MISS"])
+        headers.setRawHeaders(b"cache-control", [b"max-age=%d" % max_age])
+        headers.setRawHeaders(b"content-length", [b"%d" % len(body)])
+        return body
+
+
+class FilesResource(Resource):
+    """
+    C{/files/<project>/<filename>}: a file the project's index listed, from
+    the cache or streamed from the upstream while it is cached.
+    """
+
+    isLeaf = True
+
+    def __init__(self, files: FileCache) -> None:
+        super().__init__()
+        self._files = files
+
+    def render_GET(self, request: Request) -> bytes | int:
+        postpath = request.postpath or []
+        if len(postpath) != 2:
+            return _text(request, 404, "file paths are /files/<project>/<filename>")
+        try:
+            raw_project = _segment(postpath[0])
+            project = normalize(raw_project)
+            filename = check_filename(_segment(postpath[1]))
+        except BadName as e:
+            return _text(request, 400, str(e))
+        if raw_project != project:
+            return _text(request, 404, f"project names in file paths are normalized: {project}")
+        return _run(request, self._serve(request, project, filename))
+
+    def render_HEAD(self, request: Request) -> bytes | int:
+        return self.render_GET(request)
+
+    async def _serve(self, request: Request, project: str, filename: str) -> None:
+        head = request.method == b"HEAD"
+        try:
+            opened = await self._files.open(project, filename, fetch=not head)
+        except (NotListed, NotFound):
+            _finish_text(request, 404, f"{project} has no file {filename}")
+            return
+        except (UpstreamError, FlightFailed) as e:
+            _finish_text(request, e.status, e.reason)
+            return
+        if request._disconnected:
+            if opened.source is not None:
+                opened.source.close()
+            return
+        self._headers(request, opened, filename)
+        if opened.source is None or head:
+            if opened.source is not None:
+                opened.source.close()
+            request.finish()
+            return
+        await Sender(request, opened.source).start()
+
+    def _headers(self, request: Request, opened: Opened, filename: str) -> None:
+        headers = request.responseHeaders
+        headers.setRawHeaders(b"content-type", [b"application/octet-stream"])
+        headers.setRawHeaders(b"x-cache", [b"HIT" if opened.hit else b"MISS"])
+        headers.setRawHeaders(b"cache-control", [FILE_CACHE_CONTROL])
+        if opened.size is not None:
+            headers.setRawHeaders(b"content-length", [b"%d" % opened.size])
+        if opened.sha256 is not None:
+            headers.setRawHeaders(b"etag", [f'"{opened.sha256}"'.encode()])
+
+
+class Root(Resource):
+    """
+    Dispatches the hot paths to cheap resources and everything else to Klein.
+    """
+
+    def __init__(self, simple: Resource, files: Resource, fallback: IResource) -> None:
+        super().__init__()
+        self._simple = simple
+        self._files = files
+        self._fallback = fallback
+
+    def getChildWithDefault(self, path: bytes, request: Request) -> IResource:  # type: ignore[override]
+        if path == b"simple":
+            return self._simple
+        if path == b"files":
+            return self._files
+        # Give Klein the whole path back.
+        request.postpath.insert(0, request.prepath.pop())
+        return self._fallback
+
+
+@attrs.define(slots=False)
+class Proxy:
+    """
+    The proxy: its caches, and the Klein routes that are not hot paths.
+    """
+
+    pages: PageCache
+    files: FileCache
+    app = Klein()
+
+    def site(self) -> Site:
+        root = Root(SimpleResource(self.pages), FilesResource(self.files), self.app.resource())
+        site = Site(root)
+        site.displayTracebacks = False
+        return site
+
+    @app.route("/", methods=["GET", "HEAD"])
+    def home(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        host = (request.getHeader(b"host") or b"localhost").decode("latin-1")
+        scheme = "https" if request.isSecure() else "http"
+        index = f"{scheme}://{host}/simple/"
+        upstream = self.pages.upstream.url
+        return (
+            "<!DOCTYPE html><html><head><title>txpypi</title></head><body>"
+            f"<h1>txpypi {escape(__version__)}</h1>"
+            f"<p>A caching proxy of <code>{escape(upstream)}</code>.</p>"
+            f"<pre>pip install --index-url {escape(index)} PACKAGE\n"
+            f"uv pip install --index-url {escape(index)} PACKAGE</pre>"
+            "</body></html>"
+        ).encode()
+
+    @app.handle_errors(Exception)
+    def error(self, request: Request, failure: Any) -> bytes:
+        if failure.check(Exception) and getattr(failure.value, "code", None) == 404:
+            return _text(request, 404, "not found")
+        log.failure("error in {path}", failure, path=request.path)
+        return _text(request, 500, "internal error")

@@ -1,0 +1,119 @@
+"""
+Settings: attrs values with their defaults, loaded from YAML and overridden
+from the command line.  Pure apart from reading the one file it is given.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
+import yaml
+
+DEFAULT_LISTEN = "tcp:5000:interface=127.0.0.1"
+DEFAULT_UPSTREAM = "https://pypi.org/simple/"
+
+
+def default_cache_dir() -> str:
+    """
+    C{$XDG_CACHE_HOME/txpypi}, that is C{~/.cache/txpypi} by default.
+    """
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "txpypi")
+
+
+class ConfigError(ValueError):
+    """
+    A bad setting; the message is one line naming the key.
+    """
+
+
+@attrs.frozen
+class Settings:
+    listen: tuple[str, ...] = (DEFAULT_LISTEN,)
+    upstream: str = DEFAULT_UPSTREAM
+    cache_dir: str = attrs.field(factory=default_cache_dir)
+    index_ttl: float = 600.0
+
+
+def _listen(value: Any) -> tuple[str, ...]:
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not values or not all(isinstance(v, str) and v for v in values):
+        raise ConfigError("listen: expected an endpoint string or a non-empty list of them")
+    return tuple(values)
+
+
+def _upstream(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError("upstream: expected a URL")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"upstream: expected an http or https URL, got {value!r}")
+    return value
+
+
+def _cache_dir(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError("cache-dir: expected a directory path")
+    return str(Path(value).expanduser())
+
+
+def _seconds(key: str) -> Any:
+    def check(value: Any) -> float:
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number of seconds, got {value!r}") from None
+        if seconds < 0 or seconds != seconds:
+            raise ConfigError(f"{key}: must not be negative")
+        return seconds
+
+    return check
+
+
+#: Config-file keys (the same as the long options), their attribute and checker.
+KEYS = {
+    "listen": ("listen", _listen),
+    "upstream": ("upstream", _upstream),
+    "cache-dir": ("cache_dir", _cache_dir),
+    "index-ttl": ("index_ttl", _seconds("index-ttl")),
+}
+
+
+def apply(settings: Settings, values: Mapping[str, Any]) -> Settings:
+    """
+    Return C{settings} with C{values} (keyed like the options) applied.
+
+    @raise ConfigError: for an unknown key or a bad value.
+    """
+    changes = {}
+    for key, value in values.items():
+        if key not in KEYS:
+            raise ConfigError(f"unknown setting: {key}")
+        attribute, check = KEYS[key]
+        changes[attribute] = check(value)
+    return attrs.evolve(settings, **changes)
+
+
+def load_file(path: str) -> dict[str, Any]:
+    """
+    Read a YAML config file into a mapping.
+
+    @raise ConfigError: if it cannot be read or is not a mapping.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"config: cannot read {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {path} must hold a mapping of settings")
+    return data

@@ -1,0 +1,397 @@
+"""
+Streaming files to clients while caching them.
+
+A L{Flight} is the one upstream fetch of one file.  It writes the upstream's
+bytes to a spool file as they arrive, hashing them, and never throttles the
+upstream: the spool on disk is the buffer, so memory stays flat however many
+clients read and however slow they are.  Every client is a L{Sender}: a push
+producer registered on its request that reads the spool at its own pace with
+C{pread}, waiting for more bytes when it has caught up.  The last byte written
+is held back from every client until the hash and length check out, so a
+client never receives a complete-looking wrong file; on failure every
+client's connection is aborted and nothing is cached.
+
+Cached files are sent by the same L{Sender} from a store reader.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import attrs
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
+from twisted.web.server import Request
+from zope.interface import implementer
+
+from txpypi.metadata import FileRecord, IMetadata
+from txpypi.names import Hasher
+from txpypi.stores import IFileStore, file_key
+from txpypi.upstream import UpstreamClient, UpstreamError, UpstreamNotFound
+
+log = Logger()
+
+CHUNK = 256 * 1024
+
+
+class FlightFailed(Exception):
+    """
+    The upstream fetch failed; C{status} and C{reason} say how (for clients
+    who have not yet been sent headers).
+    """
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class ByteSource(Protocol):
+    size: int | None
+
+    def read(self, offset: int, length: int) -> Deferred[bytes]: ...
+
+    def close(self) -> None: ...
+
+
+@attrs.frozen
+class Wanted:
+    """
+    A file to fetch: the URL the upstream index listed, and what the index
+    said about its hash and size.
+    """
+
+    key: str
+    filename: str
+    upstream: str
+    url: str
+    expected_hash: tuple[str, str] | None
+    size: int | None
+
+
+@attrs.define(eq=False)
+class Flight:
+    """
+    The single upstream fetch of one file.
+    """
+
+    wanted: Wanted
+    _client: UpstreamClient
+    _store: IFileStore
+    _metadata: IMetadata
+    _clock: Any
+    _on_done: Callable[[Flight, FileRecord | None], None]
+    size: int | None = None
+    written: int = 0
+    verified: bool = False
+    failure: FlightFailed | None = None
+    has_started: bool = False
+    _spool_path: str = ""
+    _fd: int = -1
+    _read_fd: int = -1
+    _refs: int = 1
+    _hasher: Hasher | None = None
+    _waiters: list[Deferred[None]] = attrs.field(factory=list)
+
+    def start(self) -> None:
+        fd_path = os.path.join(self._store.spool_dir, f"{os.getpid()}-{id(self):x}-{time.time_ns()}.part")
+        self._spool_path = fd_path
+        self._fd = os.open(fd_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._read_fd = os.open(fd_path, os.O_RDONLY)
+        self._hasher = Hasher(self.wanted.expected_hash)
+        Deferred.fromCoroutine(self._fetch()).addErrback(self._crashed)
+
+    def _crashed(self, failure: Failure) -> None:
+        log.failure("download of {url} crashed", failure, url=self.wanted.url)
+        self._fail(FlightFailed(502, "internal error while fetching"))
+
+    async def _fetch(self) -> None:
+        try:
+            response: IResponse = await self._client.open_file(self.wanted.url)
+        except UpstreamNotFound:
+            self._fail(FlightFailed(404, f"upstream has no file at {self.wanted.url}"))
+            return
+        except UpstreamError as e:
+            self._fail(FlightFailed(e.status, e.reason))
+            return
+        length = None if response.length is UNKNOWN_LENGTH else int(response.length)
+        if self.wanted.size is not None and length is not None and length != self.wanted.size:
+            response.deliverBody(_Sink(None))
+            self._fail(FlightFailed(502, "upstream Content-Length disagrees with the index's size"))
+            return
+        self.size = length if length is not None else self.wanted.size
+        self.has_started = True
+        self._wake()
+        response.deliverBody(_Sink(self))
+
+    # -- called by the body protocol
+
+    def data(self, data: bytes) -> None:
+        if self.failure is not None:
+            return
+        assert self._hasher is not None
+        try:
+            os.write(self._fd, data)
+        except OSError as e:
+            self._fail(FlightFailed(502, f"could not spool the download: {e.strerror}"))
+            return
+        self._hasher.update(data)
+        self.written += len(data)
+        if self.size is not None and self.written > self.size:
+            self._fail(FlightFailed(502, "upstream sent more bytes than announced"))
+            return
+        self._wake()
+
+    def ended(self, reason: Failure) -> None:
+        if self.failure is not None:
+            return
+        if not reason.check(ResponseDone, PotentialDataLoss):
+            self._fail(FlightFailed(502, f"upstream connection lost after {self.written} bytes"))
+            return
+        assert self._hasher is not None
+        if self.size is not None and self.written != self.size:
+            self._fail(FlightFailed(502, f"upstream sent {self.written} of {self.size} bytes"))
+            return
+        if not self._hasher.matches():
+            self._fail(FlightFailed(502, "upstream file does not match the index's hash"))
+            return
+        os.close(self._fd)
+        self._fd = -1
+        self.size = self.written
+        self.verified = True
+        self._wake()
+        Deferred.fromCoroutine(self._commit()).addErrback(self._crashed)
+
+    async def _commit(self) -> None:
+        assert self._hasher is not None
+        sha256 = self._hasher.sha256()
+        record = FileRecord(
+            key=self.wanted.key,
+            upstream=self.wanted.upstream,
+            url=self.wanted.url,
+            sha256=sha256,
+            size=self.written,
+            store_key=file_key(sha256, self.wanted.filename),
+            cached_at=self._clock.seconds(),
+        )
+        try:
+            await self._store.commit(self._spool_path, record.store_key)
+            await self._metadata.put_file(record)
+        except Exception:
+            log.failure("could not cache {filename}", filename=self.wanted.filename)
+            self._unlink()
+            self._finish(None)
+            return
+        log.info(
+            "cached {filename} ({size} bytes, sha256 {sha256}) from {url}",
+            filename=self.wanted.filename,
+            size=record.size,
+            sha256=sha256,
+            url=record.url,
+        )
+        self._finish(record)
+
+    # -- failure and cleanup
+
+    def _fail(self, failure: FlightFailed) -> None:
+        if self.failure is not None or self.verified:
+            return
+        self.failure = failure
+        log.warn(
+            "download of {url} failed, nothing cached: {reason}",
+            url=self.wanted.url,
+            reason=failure.reason,
+        )
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._unlink()
+        self._wake()
+        self._finish(None)
+
+    def _unlink(self) -> None:
+        try:
+            os.unlink(self._spool_path)
+        except FileNotFoundError:
+            pass
+
+    def _finish(self, record: FileRecord | None) -> None:
+        self._on_done(self, record)
+        self.release()
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    # -- readers
+
+    def reader(self) -> FlightReader:
+        """
+        A new reader of this flight's bytes.
+        """
+        self._refs += 1
+        return FlightReader(self)
+
+    async def wait_started(self) -> None:
+        """
+        Wait until the upstream's response headers arrived (so L{size} is
+        known if it ever will be).
+
+        @raise FlightFailed: if the fetch failed first.
+        """
+        while True:
+            if self.failure is not None:
+                raise self.failure
+            if self.has_started:
+                return
+            await self._wait()
+
+    def _wait(self) -> Deferred[None]:
+        waiter: Deferred[None] = Deferred(self._forget)
+        self._waiters.append(waiter)
+        return waiter
+
+    def _forget(self, waiter: Deferred[None]) -> None:
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
+
+    def release(self) -> None:
+        self._refs -= 1
+        if self._refs == 0 and self._read_fd >= 0:
+            os.close(self._read_fd)
+            self._read_fd = -1
+
+    def readable(self) -> int:
+        """
+        How many bytes clients may have: all once verified, else all but the
+        last one written.
+        """
+        return self.written if self.verified else max(0, self.written - 1)
+
+    async def read(self, offset: int, length: int) -> bytes:
+        while True:
+            if self.failure is not None:
+                raise self.failure
+            limit = self.readable()
+            if offset < limit:
+                return os.pread(self._read_fd, min(length, limit - offset), offset)
+            if self.verified:
+                return b""
+            await self._wait()
+
+
+@attrs.define
+class FlightReader:
+    _flight: Flight
+    _closed: bool = False
+
+    @property
+    def size(self) -> int | None:
+        return self._flight.size
+
+    def read(self, offset: int, length: int) -> Deferred[bytes]:
+        return Deferred.fromCoroutine(self._flight.read(offset, length))
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._flight.release()
+
+
+class _Sink:
+    """
+    The body protocol that feeds a flight.
+    """
+
+    def __init__(self, flight: Flight | None) -> None:
+        self._flight = flight
+
+    def makeConnection(self, transport: object) -> None:
+        pass
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._flight is not None:
+            self._flight.data(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._flight is not None:
+            self._flight.ended(reason)
+
+
+@implementer(IPushProducer)
+class Sender:
+    """
+    Sends a byte source to one client, honouring the client's back-pressure.
+    On a source failure the client's connection is aborted, so that it never
+    mistakes a partial body for a whole one.
+    """
+
+    def __init__(self, request: Request, source: ByteSource) -> None:
+        self._request = request
+        self._source = source
+        self._paused = False
+        self._resume: Deferred[None] | None = None
+        self._pending: Deferred[bytes] | None = None
+        self._stopped = False
+        self.sent = 0
+
+    def start(self) -> Deferred[None]:
+        self._request.registerProducer(self, True)
+        self._request.notifyFinish().addErrback(lambda _: self.stopProducing())
+        return Deferred.fromCoroutine(self._run())
+
+    async def _run(self) -> None:
+        try:
+            while not self._stopped:
+                if self._paused:
+                    self._resume = Deferred()
+                    await self._resume
+                    continue
+                self._pending = self._source.read(self.sent, CHUNK)
+                data = await self._pending
+                self._pending = None
+                if not data:
+                    break
+                self.sent += len(data)
+                self._request.write(data)
+        except CancelledError:
+            pass
+        except FlightFailed:
+            self._stopped = True
+            self._abort()
+        finally:
+            self._source.close()
+        if not self._stopped:
+            self._request.unregisterProducer()
+            self._request.finish()
+
+    def _abort(self) -> None:
+        transport = self._request.channel.transport if self._request.channel else None
+        if transport is not None:
+            transport.abortConnection()
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        resume, self._resume = self._resume, None
+        if resume is not None:
+            resume.callback(None)
+
+    def stopProducing(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        for d in (self._pending, self._resume):
+            if d is not None and not d.called:
+                d.cancel()

@@ -1,0 +1,160 @@
+"""
+Files: served from the store when cached, else fetched once (single flight)
+from the URL that the project's upstream index page listed.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import attrs
+from twisted.logger import Logger
+
+from txpypi.download import ByteSource, Flight, FlightReader, Wanted
+from txpypi.index import DistFile, ProjectPage
+from txpypi.metadata import FileRecord, IMetadata
+from txpypi.names import strongest_hash
+from txpypi.pages import PageCache
+from txpypi.stores import IFileStore
+from txpypi.upstream import UpstreamClient
+
+log = Logger()
+
+METADATA_SUFFIX = ".metadata"
+
+
+class NotListed(Exception):
+    """
+    The project's index does not list the requested file.
+    """
+
+
+@attrs.frozen
+class Opened:
+    """
+    A file ready to send.
+
+    @ivar source: the bytes, or L{None} for a HEAD that fetched nothing.
+    @ivar size: its length, when known.
+    @ivar sha256: its sha256, when known (always for hits).
+    @ivar hit: whether it came from the cache.
+    """
+
+    source: ByteSource | None
+    size: int | None
+    sha256: str | None
+    hit: bool
+
+
+def wanted_for(key: str, upstream: str, dist: DistFile, filename: str) -> Wanted | None:
+    """
+    What to fetch for C{filename}: the dist itself, or its PEP 658 metadata
+    file when C{filename} is the dist's name plus C{.metadata}; L{None} when
+    the index offers no such file.
+    """
+    if filename == dist.filename:
+        return Wanted(key, filename, upstream, dist.url, strongest_hash(dist.hashes), dist.size)
+    if dist.core_metadata is False:
+        return None
+    hashes = {} if dist.core_metadata is True else dict(dist.core_metadata)  # type: ignore[arg-type]
+    return Wanted(key, filename, upstream, dist.url + METADATA_SUFFIX, strongest_hash(hashes), None)
+
+
+@attrs.define
+class FileCache:
+    """
+    The files of one upstream group.
+    """
+
+    _clock: Any
+    _client: UpstreamClient
+    _store: IFileStore
+    _metadata: IMetadata
+    pages: PageCache
+    max_records: int = 100_000
+    _records: OrderedDict[str, FileRecord] = attrs.field(factory=OrderedDict)
+    flights: dict[str, Flight] = attrs.field(factory=dict)
+
+    def key(self, project: str, filename: str) -> str:
+        return f"{self.pages.group}/{project}/{filename}"
+
+    def _remember(self, record: FileRecord) -> None:
+        self._records[record.key] = record
+        self._records.move_to_end(record.key)
+        while len(self._records) > self.max_records:
+            self._records.popitem(last=False)
+
+    async def _open_record(self, record: FileRecord) -> Opened | None:
+        reader = await self._store.open(record.store_key)
+        if reader is None:
+            log.warn("cached file {key} is gone from the store; fetching it again", key=record.key)
+            self._records.pop(record.key, None)
+            await self._metadata.delete_file(record.key)
+            return None
+        self._remember(record)
+        return Opened(reader, reader.size, record.sha256, True)
+
+    async def open(self, project: str, filename: str, fetch: bool = True) -> Opened:
+        """
+        Open a file of C{project} for sending.
+
+        @param fetch: with C{False} (for HEAD), answer from what is known
+            without starting an upstream fetch.
+        @raise NotListed: the index does not list it.
+        @raise txpypi.pages.NotFound: the upstream does not know the project.
+        @raise txpypi.upstream.UpstreamError: the upstream page fetch failed.
+        @raise txpypi.download.FlightFailed: the file fetch failed before any
+            byte could be sent.
+        """
+        key = self.key(project, filename)
+        record = self._records.get(key)
+        if record is None and key not in self.flights:
+            record = await self._metadata.get_file(key)
+        if record is not None:
+            opened = await self._open_record(record)
+            if opened is not None:
+                return opened
+        flight = self.flights.get(key)
+        if flight is None:
+            page, _ = await self.pages.get(project)
+            assert isinstance(page.model, ProjectPage)
+            dist = page.model.find(filename.removesuffix(METADATA_SUFFIX))
+            wanted = None if dist is None else wanted_for(key, self.pages.upstream.name, dist, filename)
+            if wanted is None:
+                raise NotListed(filename)
+            if not fetch:
+                return Opened(None, wanted.size, None, False)
+            flight = self.flights.get(key)  # another request may have started it meanwhile
+            if flight is None:
+                flight = self._start(wanted)
+        reader = flight.reader()
+        try:
+            await flight.wait_started()
+        except BaseException:
+            reader.close()
+            raise
+        if not fetch:
+            reader.close()
+            return Opened(None, flight.size, None, False)
+        return Opened(reader, flight.size, None, False)
+
+    def _start(self, wanted: Wanted) -> Flight:
+        flight = Flight(wanted, self._client, self._store, self._metadata, self._clock, self._landed)
+        self.flights[wanted.key] = flight
+        log.info("fetching {url}", url=wanted.url)
+        try:
+            flight.start()
+        except BaseException:
+            self._landed(flight, None)
+            raise
+        return flight
+
+    def _landed(self, flight: Flight, record: FileRecord | None) -> None:
+        if record is not None:
+            self._remember(record)
+        if self.flights.get(flight.wanted.key) is flight:
+            del self.flights[flight.wanted.key]
+
+
+__all__ = ["FileCache", "FlightReader", "NotListed", "Opened"]

@@ -1,0 +1,597 @@
+"""
+The Simple Repository API as values: parse upstream pages (PEP 503 HTML and
+PEP 691 JSON) into frozen attrs values, render them back in either format,
+and negotiate which format a client wants.
+
+Pure: no I/O, no reactor.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping
+from html import escape
+from html.parser import HTMLParser
+from typing import Any
+from urllib.parse import quote, unquote, urldefrag, urljoin, urlsplit
+
+import attrs
+from packaging.utils import (
+    InvalidSdistFilename,
+    InvalidWheelFilename,
+    canonicalize_name,
+    parse_sdist_filename,
+    parse_wheel_filename,
+)
+
+from txpypi.names import strongest_hash
+
+JSON_V1 = "application/vnd.pypi.simple.v1+json"
+HTML_V1 = "application/vnd.pypi.simple.v1+html"
+HTML_LEGACY = "text/html"
+JSON_LATEST = "application/vnd.pypi.simple.latest+json"
+HTML_LATEST = "application/vnd.pypi.simple.latest+html"
+
+#: What we serve, in order of preference when a client likes several equally.
+SERVED_TYPES = (HTML_LEGACY, HTML_V1, JSON_V1)
+_ALIASES = {JSON_LATEST: JSON_V1, HTML_LATEST: HTML_V1}
+
+#: What we ask an upstream for: JSON first, because only JSON carries sizes and
+#: upload times.
+UPSTREAM_ACCEPT = f"{JSON_V1}, {HTML_V1};q=0.2, {HTML_LEGACY};q=0.1"
+
+#: The highest api-version whose fields we understand and pass on.
+MAX_API_VERSION = (1, 4)
+
+
+class IndexParseError(ValueError):
+    """
+    An upstream page could not be understood.
+    """
+
+
+@attrs.frozen
+class DistFile:
+    """
+    One file in a project's index, as the upstream described it.
+
+    @ivar url: the absolute URL the upstream listed (fragment removed).
+    @ivar yanked: C{False}, C{True}, or the yank reason (PEP 592).
+    @ivar core_metadata: C{False}, C{True}, or the metadata file's hashes
+        (PEP 658 / PEP 714).
+    """
+
+    filename: str
+    url: str
+    hashes: Mapping[str, str] = attrs.field(factory=dict)
+    requires_python: str | None = None
+    yanked: bool | str = False
+    core_metadata: bool | Mapping[str, str] = False
+    gpg_sig: bool | None = None
+    size: int | None = None
+    upload_time: str | None = None
+
+
+@attrs.frozen
+class ProjectPage:
+    """
+    One project's index page.
+    """
+
+    name: str
+    files: tuple[DistFile, ...]
+    api_version: str = "1.0"
+    versions: tuple[str, ...] | None = None
+    status: str | None = None
+    status_reason: str | None = None
+    last_serial: int | None = None
+
+    def find(self, filename: str) -> DistFile | None:
+        for f in self.files:
+            if f.filename == filename:
+                return f
+        return None
+
+
+@attrs.frozen
+class ProjectList:
+    """
+    The list of all projects an index knows.
+    """
+
+    projects: tuple[str, ...]
+    api_version: str = "1.0"
+
+
+# ---------------------------------------------------------------------------
+# Content negotiation (PEP 691)
+
+
+def _parse_accept(accept: str) -> list[tuple[str, float]]:
+    ranges = []
+    for part in accept.split(","):
+        pieces = [p.strip() for p in part.split(";")]
+        media = pieces[0].lower()
+        if not media:
+            continue
+        q = 1.0
+        for param in pieces[1:]:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = float(value.strip())
+                except ValueError:
+                    q = 0.0
+                q = min(max(q, 0.0), 1.0)
+        ranges.append((_ALIASES.get(media, media), q))
+    return ranges
+
+
+def _specificity(media_range: str, candidate: str) -> int:
+    if media_range == candidate:
+        return 3
+    major, _, minor = media_range.partition("/")
+    if minor == "*" and candidate.split("/")[0] == major:
+        return 2
+    if media_range == "*/*":
+        return 1
+    return 0
+
+
+def negotiate(accept: str | None, format_override: str | None = None) -> str | None:
+    """
+    Choose the content type to serve for a Simple API page.
+
+    @param accept: the request's C{Accept} header, or L{None}.
+    @param format_override: the C{?format=} query value, which wins when given.
+    @return: one of L{SERVED_TYPES}, or L{None} when nothing we serve is
+        acceptable (the caller answers 406).
+    """
+    if format_override is not None:
+        wanted = _ALIASES.get(format_override.strip().lower(), format_override.strip().lower())
+        return wanted if wanted in SERVED_TYPES else None
+    if not accept or not accept.strip():
+        return HTML_LEGACY
+    ranges = _parse_accept(accept)
+    best: str | None = None
+    best_q = 0.0
+    for candidate in SERVED_TYPES:
+        specific = 0
+        q = 0.0
+        for media_range, range_q in ranges:
+            s = _specificity(media_range, candidate)
+            if s > specific or (s == specific and s > 0 and range_q > q):
+                specific, q = s, range_q
+        if specific and q > best_q:
+            best, best_q = candidate, q
+    return best
+
+
+# ---------------------------------------------------------------------------
+# Parsing
+
+
+def _parse_version(value: Any) -> tuple[int, int]:
+    try:
+        major, _, minor = str(value).partition(".")
+        return int(major), int(minor or 0)
+    except ValueError as e:
+        raise IndexParseError(f"bad api-version {value!r}") from e
+
+
+def _served_api_version(upstream: str) -> str:
+    version = min(max(_parse_version(upstream), (1, 1)), MAX_API_VERSION)
+    return f"{version[0]}.{version[1]}"
+
+
+def _hashes_from_fragment(url: str) -> tuple[str, dict[str, str]]:
+    base, fragment = urldefrag(url)
+    hashes: dict[str, str] = {}
+    if fragment:
+        name, sep, value = fragment.partition("=")
+        if sep and name and value:
+            hashes[name.lower()] = value
+    return base, hashes
+
+
+def _metadata_attr(value: str | None) -> bool | dict[str, str]:
+    if value is None or value.strip().lower() in ("", "false"):
+        return False
+    if value.strip().lower() == "true":
+        return True
+    name, sep, digest = value.partition("=")
+    if sep and name and digest:
+        return {name.strip().lower(): digest.strip()}
+    return True
+
+
+class _PageParser(HTMLParser):
+    def __init__(self, base_url: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.base_url = base_url
+        self.meta: dict[str, str] = {}
+        self.anchors: list[tuple[dict[str, str | None], str]] = []
+        self._current: dict[str, str | None] | None = None
+        self._text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs_: list[tuple[str, str | None]]) -> None:
+        attributes = dict(attrs_)
+        if tag == "base" and attributes.get("href"):
+            self.base_url = urljoin(self.base_url, attributes["href"] or "")
+        elif tag == "meta" and attributes.get("name"):
+            self.meta[str(attributes["name"])] = attributes.get("content") or ""
+        elif tag == "a":
+            self._current = attributes
+            self._text = []
+
+    def handle_data(self, data: str) -> None:
+        if self._current is not None:
+            self._text.append(data)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "a" and self._current is not None:
+            self.anchors.append((self._current, "".join(self._text).strip()))
+            self._current = None
+
+
+def _feed(body: bytes, base_url: str) -> _PageParser:
+    parser = _PageParser(base_url)
+    try:
+        parser.feed(body.decode("utf-8", "replace"))
+        parser.close()
+    except Exception as e:  # HTMLParser is lenient; be safe anyway
+        raise IndexParseError(f"unparseable HTML: {e}") from e
+    return parser
+
+
+def parse_project_html(name: str, body: bytes, base_url: str) -> ProjectPage:
+    """
+    Parse a PEP 503 project page.  Relative links are resolved against
+    C{base_url} (or a C{<base>} element).
+    """
+    parser = _feed(body, base_url)
+    files = []
+    for attributes, text in parser.anchors:
+        href = attributes.get("href")
+        if not href:
+            continue
+        url, hashes = _hashes_from_fragment(urljoin(parser.base_url, href))
+        filename = text or unquote(urlsplit(url).path.rsplit("/", 1)[-1])
+        yanked: bool | str = False
+        if "data-yanked" in attributes:
+            yanked = attributes["data-yanked"] or True
+        metadata_attr = attributes.get("data-core-metadata", attributes.get("data-dist-info-metadata"))
+        gpg = attributes.get("data-gpg-sig")
+        files.append(
+            DistFile(
+                filename=filename,
+                url=url,
+                hashes=hashes,
+                requires_python=attributes.get("data-requires-python") or None,
+                yanked=yanked,
+                core_metadata=_metadata_attr(metadata_attr),
+                gpg_sig=None if gpg is None else gpg.lower() == "true",
+            )
+        )
+    return ProjectPage(
+        name=name,
+        files=tuple(files),
+        api_version=parser.meta.get("pypi:repository-version", "1.0"),
+        status=parser.meta.get("pypi:project-status") or None,
+        status_reason=parser.meta.get("pypi:project-status-reason") or None,
+    )
+
+
+def _as_hashes(value: Any, what: str) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise IndexParseError(f"{what} is not a mapping of strings")
+    return {k.lower(): v for k, v in value.items()}
+
+
+def _json_file(entry: Any, base_url: str) -> DistFile:
+    if not isinstance(entry, dict):
+        raise IndexParseError("file entry is not an object")
+    filename = entry.get("filename")
+    url = entry.get("url")
+    if not isinstance(filename, str) or not isinstance(url, str):
+        raise IndexParseError("file entry lacks filename or url")
+    url, fragment_hashes = _hashes_from_fragment(urljoin(base_url, url))
+    hashes = fragment_hashes
+    hashes.update(_as_hashes(entry.get("hashes", {}), "hashes"))
+    metadata: Any = entry.get("core-metadata", entry.get("dist-info-metadata", False))
+    if isinstance(metadata, dict):
+        metadata = _as_hashes(metadata, "core-metadata")
+    elif not isinstance(metadata, bool):
+        raise IndexParseError("core-metadata is neither a bool nor a mapping")
+    yanked = entry.get("yanked", False)
+    if not isinstance(yanked, (bool, str)):
+        raise IndexParseError("yanked is neither a bool nor a string")
+    if yanked == "":
+        yanked = True
+    size = entry.get("size")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+        raise IndexParseError("size is not a non-negative integer")
+    requires_python = entry.get("requires-python")
+    upload_time = entry.get("upload-time")
+    gpg = entry.get("gpg-sig")
+    return DistFile(
+        filename=filename,
+        url=url,
+        hashes=hashes,
+        requires_python=requires_python if isinstance(requires_python, str) and requires_python else None,
+        yanked=yanked,
+        core_metadata=metadata,
+        gpg_sig=gpg if isinstance(gpg, bool) else None,
+        size=size,
+        upload_time=upload_time if isinstance(upload_time, str) else None,
+    )
+
+
+def _load_json(body: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(body)
+    except ValueError as e:
+        raise IndexParseError(f"invalid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise IndexParseError("JSON page is not an object")
+    return data
+
+
+def _meta_version(data: Mapping[str, Any]) -> str:
+    meta = data.get("meta", {})
+    version = meta.get("api-version", "1.0") if isinstance(meta, dict) else "1.0"
+    _parse_version(version)
+    return str(version)
+
+
+def parse_project_json(name: str, body: bytes, base_url: str) -> ProjectPage:
+    """
+    Parse a PEP 691 project page.
+    """
+    data = _load_json(body)
+    files = data.get("files")
+    if not isinstance(files, list):
+        raise IndexParseError("JSON page has no files list")
+    versions = data.get("versions")
+    if versions is not None and not (
+        isinstance(versions, list) and all(isinstance(v, str) for v in versions)
+    ):
+        raise IndexParseError("versions is not a list of strings")
+    status = data.get("project-status")
+    status_name = status_reason = None
+    if isinstance(status, dict):
+        status_name = status.get("status") if isinstance(status.get("status"), str) else None
+        status_reason = status.get("reason") if isinstance(status.get("reason"), str) else None
+    meta = data.get("meta")
+    serial = meta.get("_last-serial") if isinstance(meta, dict) else None
+    return ProjectPage(
+        name=str(data.get("name") or name),
+        files=tuple(_json_file(entry, base_url) for entry in files),
+        api_version=_meta_version(data),
+        versions=None if versions is None else tuple(versions),
+        status=status_name,
+        status_reason=status_reason,
+        last_serial=serial if isinstance(serial, int) and not isinstance(serial, bool) else None,
+    )
+
+
+def parse_project(name: str, body: bytes, content_type: str, base_url: str) -> ProjectPage:
+    """
+    Parse a project page in whichever format the upstream answered with.
+    """
+    if "json" in content_type.lower():
+        return parse_project_json(name, body, base_url)
+    return parse_project_html(name, body, base_url)
+
+
+def parse_project_list(body: bytes, content_type: str) -> ProjectList:
+    """
+    Parse the root C{/simple/} page in either format.
+    """
+    if "json" in content_type.lower():
+        data = _load_json(body)
+        projects = data.get("projects")
+        if not isinstance(projects, list):
+            raise IndexParseError("JSON root page has no projects list")
+        names = tuple(
+            str(p["name"]) for p in projects if isinstance(p, dict) and isinstance(p.get("name"), str)
+        )
+        return ProjectList(projects=names, api_version=_meta_version(data))
+    parser = _feed(body, "")
+    return ProjectList(
+        projects=tuple(text for _, text in parser.anchors if text),
+        api_version=parser.meta.get("pypi:repository-version", "1.0"),
+    )
+
+
+# ---------------------------------------------------------------------------
+# Rendering
+
+
+def file_version(filename: str) -> str | None:
+    """
+    The version encoded in a wheel or sdist file name, if it parses.
+    """
+    try:
+        if filename.endswith(".whl"):
+            return str(parse_wheel_filename(filename)[1])
+        return str(parse_sdist_filename(filename)[1])
+    except (InvalidWheelFilename, InvalidSdistFilename, ValueError):
+        return None
+
+
+def page_versions(page: ProjectPage) -> tuple[str, ...]:
+    """
+    The versions a page lists: the upstream's own list when it sent one (PEP
+    700), else those parsed from its file names.
+    """
+    if page.versions is not None:
+        return page.versions
+    seen: dict[str, None] = {}
+    for f in page.files:
+        version = file_version(f.filename)
+        if version is not None:
+            seen.setdefault(version)
+    return tuple(seen)
+
+
+def served_api_version(page: ProjectPage) -> str:
+    return _served_api_version(page.api_version)
+
+
+def local_href(project: str, filename: str) -> str:
+    """
+    The link we serve for a file, relative to C{/simple/<project>/}, so that
+    it resolves to C{/files/<project>/<filename>} under whatever host and
+    prefix the client used.
+    """
+    return f"../../files/{quote(project)}/{quote(filename)}"
+
+
+HrefFor = Callable[[DistFile], str]
+
+
+def _fragment(hashes: Mapping[str, str]) -> str:
+    best = strongest_hash(hashes)
+    return f"#{best[0]}={best[1]}" if best else ""
+
+
+def _metadata_value_html(value: bool | Mapping[str, str]) -> str | None:
+    if value is False:
+        return None
+    if value is True:
+        return "true"
+    assert not isinstance(value, bool)
+    best = strongest_hash(value)
+    return f"{best[0]}={best[1]}" if best else "true"
+
+
+def render_project_html(page: ProjectPage, href_for: HrefFor) -> bytes:
+    """
+    Render a PEP 503 page, with PEP 592, 629, 658, 714 and 792 attributes.
+    """
+    name = escape(page.name)
+    lines = [
+        "<!DOCTYPE html>",
+        "<html>",
+        "  <head>",
+        f'    <meta name="pypi:repository-version" content="{served_api_version(page)}">',
+    ]
+    if page.status:
+        lines.append(f'    <meta name="pypi:project-status" content="{escape(page.status)}">')
+    if page.status_reason:
+        lines.append(
+            f'    <meta name="pypi:project-status-reason" content="{escape(page.status_reason)}">'
+        )
+    lines += [f"    <title>Links for {name}</title>", "  </head>", "  <body>", f"    <h1>Links for {name}</h1>"]
+    for f in page.files:
+        attributes = [f'href="{escape(href_for(f) + _fragment(f.hashes))}"']
+        if f.requires_python:
+            attributes.append(f'data-requires-python="{escape(f.requires_python)}"')
+        if f.yanked is not False:
+            reason = "" if f.yanked is True else str(f.yanked)
+            attributes.append(f'data-yanked="{escape(reason)}"')
+        metadata = _metadata_value_html(f.core_metadata)
+        if metadata is not None:
+            attributes.append(f'data-core-metadata="{escape(metadata)}"')
+            attributes.append(f'data-dist-info-metadata="{escape(metadata)}"')
+        if f.gpg_sig is not None:
+            attributes.append(f'data-gpg-sig="{"true" if f.gpg_sig else "false"}"')
+        lines.append(f"    <a {' '.join(attributes)}>{escape(f.filename)}</a><br />")
+    lines += ["  </body>", "</html>", ""]
+    return "\n".join(lines).encode("utf-8")
+
+
+def _file_json(f: DistFile, href_for: HrefFor) -> dict[str, Any]:
+    entry: dict[str, Any] = {"filename": f.filename, "url": href_for(f), "hashes": dict(f.hashes)}
+    if f.requires_python:
+        entry["requires-python"] = f.requires_python
+    metadata: Any = f.core_metadata if isinstance(f.core_metadata, bool) else dict(f.core_metadata)
+    entry["core-metadata"] = metadata
+    entry["dist-info-metadata"] = metadata
+    if f.gpg_sig is not None:
+        entry["gpg-sig"] = f.gpg_sig
+    entry["yanked"] = f.yanked
+    if f.size is not None:
+        entry["size"] = f.size
+    if f.upload_time is not None:
+        entry["upload-time"] = f.upload_time
+    return entry
+
+
+def project_json(page: ProjectPage, href_for: HrefFor) -> dict[str, Any]:
+    meta: dict[str, Any] = {"api-version": served_api_version(page)}
+    if page.last_serial is not None:
+        meta["_last-serial"] = page.last_serial
+    data: dict[str, Any] = {
+        "meta": meta,
+        "name": page.name,
+        "files": [_file_json(f, href_for) for f in page.files],
+        "versions": list(page_versions(page)),
+    }
+    if page.status is not None:
+        status: dict[str, str] = {"status": page.status}
+        if page.status_reason is not None:
+            status["reason"] = page.status_reason
+        data["project-status"] = status
+    return data
+
+
+def render_project_json(page: ProjectPage, href_for: HrefFor) -> bytes:
+    """
+    Render a PEP 691 page, with PEP 700 sizes, upload times and versions.
+    """
+    return json.dumps(project_json(page, href_for), separators=(",", ":")).encode("utf-8")
+
+
+def render_project_list_html(projects: Iterable[str]) -> bytes:
+    lines = [
+        "<!DOCTYPE html>",
+        "<html>",
+        "  <head>",
+        '    <meta name="pypi:repository-version" content="1.1">',
+        "    <title>Simple index</title>",
+        "  </head>",
+        "  <body>",
+    ]
+    for name in projects:
+        normalized = canonicalize_name(name)
+        lines.append(f'    <a href="{quote(normalized)}/">{escape(name)}</a>')
+    lines += ["  </body>", "</html>", ""]
+    return "\n".join(lines).encode("utf-8")
+
+
+def render_project_list_json(projects: Iterable[str]) -> bytes:
+    data = {"meta": {"api-version": "1.1"}, "projects": [{"name": name} for name in projects]}
+    return json.dumps(data, separators=(",", ":")).encode("utf-8")
+
+
+def render_page(page: ProjectPage, content_type: str) -> bytes:
+    """
+    Render a page for clients of this proxy: file links point at our own
+    C{/files/} route.
+    """
+    href: HrefFor = lambda f: local_href(canonicalize_name(page.name), f.filename)  # noqa: E731
+    if content_type == JSON_V1:
+        return render_project_json(page, href)
+    return render_project_html(page, href)
+
+
+def dump_page(page: ProjectPage) -> bytes:
+    """
+    Serialize a page with its upstream URLs, for the metadata store.
+    """
+    data = project_json(page, lambda f: f.url)
+    data["meta"]["api-version"] = page.api_version
+    if page.versions is None:
+        del data["versions"]
+    return json.dumps(data, separators=(",", ":")).encode("utf-8")
+
+
+def load_page(name: str, body: bytes) -> ProjectPage:
+    """
+    Inverse of L{dump_page}.
+    """
+    return parse_project_json(name, body, "")

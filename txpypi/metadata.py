@@ -1,0 +1,223 @@
+"""
+Metadata stores: what we know about cached index pages and files.
+
+L{IMetadata} is the interface; L{SqliteMetadata} is the embedded default (one
+SQLite database in the cache directory, used from a pool of exactly one
+thread), L{MemoryMetadata} a fake for tests.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+from zope.interface import Interface, implementer
+
+T = TypeVar("T")
+
+
+@attrs.frozen
+class PageRecord:
+    """
+    A cached index page, as the upstream sent it (parsed and re-serialized
+    with upstream URLs by L{txpypi.index.dump_page}).
+    """
+
+    key: str
+    upstream: str
+    url: str
+    body: bytes
+    fetched_at: float
+    etag: str | None = None
+    last_modified: str | None = None
+
+
+@attrs.frozen
+class FileRecord:
+    """
+    A verified, stored file: which upstream and URL it came from, its hash,
+    size, and where the file store keeps it.
+    """
+
+    key: str
+    upstream: str
+    url: str
+    sha256: str
+    size: int
+    store_key: str
+    cached_at: float
+
+
+class IMetadata(Interface):
+    """
+    Persistent records of pages and files.
+    """
+
+    def get_page(key: str) -> Deferred[PageRecord | None]:
+        """
+        The page stored under C{key}, or L{None}.
+        """
+
+    def put_page(record: PageRecord) -> Deferred[None]:
+        """
+        Store (replace) a page record.
+        """
+
+    def get_file(key: str) -> Deferred[FileRecord | None]:
+        """
+        The file record stored under C{key}, or L{None}.
+        """
+
+    def put_file(record: FileRecord) -> Deferred[None]:
+        """
+        Store (replace) a file record.
+        """
+
+    def delete_file(key: str) -> Deferred[None]:
+        """
+        Forget a file record.
+        """
+
+
+@implementer(IMetadata)
+@attrs.define
+class MemoryMetadata:
+    """
+    Records in dictionaries; for tests.
+    """
+
+    pages: dict[str, PageRecord] = attrs.field(factory=dict)
+    files: dict[str, FileRecord] = attrs.field(factory=dict)
+
+    def get_page(self, key: str) -> Deferred[PageRecord | None]:
+        return succeed(self.pages.get(key))
+
+    def put_page(self, record: PageRecord) -> Deferred[None]:
+        self.pages[record.key] = record
+        return succeed(None)
+
+    def get_file(self, key: str) -> Deferred[FileRecord | None]:
+        return succeed(self.files.get(key))
+
+    def put_file(self, record: FileRecord) -> Deferred[None]:
+        self.files[record.key] = record
+        return succeed(None)
+
+    def delete_file(self, key: str) -> Deferred[None]:
+        self.files.pop(key, None)
+        return succeed(None)
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS pages (
+    key TEXT PRIMARY KEY,
+    upstream TEXT NOT NULL,
+    url TEXT NOT NULL,
+    body BLOB NOT NULL,
+    fetched_at REAL NOT NULL,
+    etag TEXT,
+    last_modified TEXT
+);
+CREATE TABLE IF NOT EXISTS files (
+    key TEXT PRIMARY KEY,
+    upstream TEXT NOT NULL,
+    url TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    store_key TEXT NOT NULL,
+    cached_at REAL NOT NULL
+);
+PRAGMA user_version = 1;
+"""
+
+
+@implementer(IMetadata)
+@attrs.define
+class SqliteMetadata:
+    """
+    Records in one SQLite database.  Every query runs on C{pool}, which must
+    have exactly one thread: the connection is made and used only there.
+    """
+
+    path: Path
+    _pool: ThreadPool
+    _reactor: Any
+    _connection: sqlite3.Connection | None = None
+
+    def _db(self) -> sqlite3.Connection:
+        if self._connection is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            connection = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=NORMAL")
+            connection.executescript(_SCHEMA)
+            self._connection = connection
+        return self._connection
+
+    def _run(self, f: Any, *args: Any) -> Deferred[Any]:
+        return deferToThreadPool(self._reactor, self._pool, f, *args)
+
+    def close(self) -> Deferred[None]:
+        def close() -> None:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
+
+        return self._run(close)
+
+    def _get_page(self, key: str) -> PageRecord | None:
+        row = (
+            self._db()
+            .execute(
+                "SELECT key, upstream, url, body, fetched_at, etag, last_modified FROM pages WHERE key = ?",
+                (key,),
+            )
+            .fetchone()
+        )
+        return None if row is None else PageRecord(*row[:3], bytes(row[3]), *row[4:])
+
+    def get_page(self, key: str) -> Deferred[PageRecord | None]:
+        return self._run(self._get_page, key)
+
+    def _put_page(self, r: PageRecord) -> None:
+        self._db().execute(
+            "INSERT OR REPLACE INTO pages VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (r.key, r.upstream, r.url, r.body, r.fetched_at, r.etag, r.last_modified),
+        )
+
+    def put_page(self, record: PageRecord) -> Deferred[None]:
+        return self._run(self._put_page, record)
+
+    def _get_file(self, key: str) -> FileRecord | None:
+        row = (
+            self._db()
+            .execute(
+                "SELECT key, upstream, url, sha256, size, store_key, cached_at FROM files WHERE key = ?",
+                (key,),
+            )
+            .fetchone()
+        )
+        return None if row is None else FileRecord(*row)
+
+    def get_file(self, key: str) -> Deferred[FileRecord | None]:
+        return self._run(self._get_file, key)
+
+    def _put_file(self, r: FileRecord) -> None:
+        self._db().execute(
+            "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (r.key, r.upstream, r.url, r.sha256, r.size, r.store_key, r.cached_at),
+        )
+
+    def put_file(self, record: FileRecord) -> Deferred[None]:
+        return self._run(self._put_file, record)
+
+    def _delete_file(self, key: str) -> None:
+        self._db().execute("DELETE FROM files WHERE key = ?", (key,))
+
+    def delete_file(self, key: str) -> Deferred[None]:
+        return self._run(self._delete_file, key)

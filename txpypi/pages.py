@@ -1,0 +1,217 @@
+"""
+Index pages: fetched from the upstream once per TTL however many clients ask
+(single flight), kept in memory with their rendered bodies, and persisted in
+the metadata store so that they survive a restart.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Coroutine
+from typing import Any, Generic, TypeVar
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from txpypi.index import (
+    JSON_V1,
+    IndexParseError,
+    ProjectList,
+    ProjectPage,
+    dump_page,
+    load_page,
+    parse_project,
+    parse_project_list,
+    render_page,
+    render_project_list_html,
+    render_project_list_json,
+)
+from txpypi.metadata import IMetadata, PageRecord
+from txpypi.upstream import Upstream, UpstreamClient, UpstreamError
+
+log = Logger()
+
+K = TypeVar("K")
+T = TypeVar("T")
+
+LIST_JSON = "application/json"
+
+
+class SingleFlight(Generic[K, T]):
+    """
+    Run at most one coroutine per key at a time; callers who ask while it
+    runs share its result.  A caller that cancels its own Deferred does not
+    cancel the shared work.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: dict[K, list[Deferred[T]]] = {}
+
+    def __contains__(self, key: K) -> bool:
+        return key in self._waiting
+
+    def run(self, key: K, work: Callable[[], Coroutine[Any, Any, T]]) -> Deferred[T]:
+        mine: Deferred[T] = Deferred()
+        waiters = self._waiting.get(key)
+        if waiters is not None:
+            waiters.append(mine)
+            return mine
+        self._waiting[key] = [mine]
+        Deferred.fromCoroutine(work()).addBoth(self._done, key)
+        return mine
+
+    def _done(self, result: T | Failure, key: K) -> None:
+        for waiter in self._waiting.pop(key):
+            if not waiter.called:
+                waiter.callback(result)  # a Failure runs the errbacks
+
+
+@attrs.define(eq=False)
+class CachedPage:
+    """
+    A page in memory, with its bodies rendered once per content type.
+    """
+
+    key: str
+    model: ProjectPage | ProjectList
+    fetched_at: float
+    etag: str | None = None
+    last_modified: str | None = None
+    _bodies: dict[str, bytes] = attrs.field(factory=dict)
+
+    def body(self, content_type: str) -> bytes:
+        body = self._bodies.get(content_type)
+        if body is None:
+            if isinstance(self.model, ProjectList):
+                if content_type == JSON_V1:
+                    body = render_project_list_json(self.model.projects)
+                else:
+                    body = render_project_list_html(self.model.projects)
+            else:
+                body = render_page(self.model, content_type)
+            self._bodies[content_type] = body
+        return body
+
+    def dump(self) -> bytes:
+        if isinstance(self.model, ProjectList):
+            return render_project_list_json(self.model.projects)
+        return dump_page(self.model)
+
+
+class NotFound(Exception):
+    """
+    The upstream does not know this project.
+    """
+
+
+@attrs.define
+class PageCache:
+    """
+    Index pages of one upstream.
+    """
+
+    _clock: Any
+    _client: UpstreamClient
+    _metadata: IMetadata
+    upstream: Upstream
+    ttl: float
+    group: str = "default"
+    max_pages: int = 4096
+    _memory: OrderedDict[str, CachedPage] = attrs.field(factory=OrderedDict)
+    _flights: SingleFlight[str, CachedPage] = attrs.field(factory=SingleFlight)
+
+    def key(self, project: str | None) -> str:
+        return f"{self.group}/simple/{project}/" if project else f"{self.group}/simple/"
+
+    def remaining(self, page: CachedPage) -> float:
+        """
+        Seconds of freshness left (negative when stale).
+        """
+        return self.ttl - (self._clock.seconds() - page.fetched_at)
+
+    def fresh(self, project: str | None) -> CachedPage | None:
+        """
+        The page, if it is in memory and fresh: the synchronous hot path.
+        """
+        page = self._memory.get(self.key(project))
+        if page is not None and self.remaining(page) > 0:
+            self._memory.move_to_end(page.key)
+            return page
+        return None
+
+    def _remember(self, page: CachedPage) -> None:
+        self._memory[page.key] = page
+        self._memory.move_to_end(page.key)
+        while len(self._memory) > self.max_pages:
+            self._memory.popitem(last=False)
+
+    async def get(self, project: str | None) -> tuple[CachedPage, bool]:
+        """
+        The page for C{project} (L{None}: the project list), and whether it
+        was a cache hit.
+
+        @raise NotFound: the upstream does not know the project.
+        @raise UpstreamError: the upstream failed.
+        """
+        page = self.fresh(project)
+        if page is not None:
+            return page, True
+        key = self.key(project)
+        if key not in self._flights and key not in self._memory:
+            record = await self._metadata.get_page(key)
+            if record is not None:
+                loaded = self._load(project, record)
+                if loaded is not None:
+                    self._remember(loaded)
+                    if self.remaining(loaded) > 0:
+                        return loaded, True
+        return await self._flights.run(key, lambda: self._fetch(project)), False
+
+    def _load(self, project: str | None, record: PageRecord) -> CachedPage | None:
+        try:
+            model: ProjectPage | ProjectList
+            if project is None:
+                model = parse_project_list(record.body, LIST_JSON)
+            else:
+                model = load_page(project, record.body)
+        except IndexParseError:
+            log.warn("ignoring unreadable stored page {key}", key=record.key)
+            return None
+        return CachedPage(record.key, model, record.fetched_at, record.etag, record.last_modified)
+
+    async def _fetch(self, project: str | None) -> CachedPage:
+        from txpypi.upstream import UpstreamNotFound
+
+        url = self.upstream.project_url(project) if project else self.upstream.list_url()
+        try:
+            fetched = await self._client.fetch_page(url)
+        except UpstreamNotFound:
+            raise NotFound(project) from None
+        try:
+            model: ProjectPage | ProjectList
+            if project is None:
+                model = parse_project_list(fetched.body, fetched.content_type)
+            else:
+                model = parse_project(project, fetched.body, fetched.content_type, fetched.url)
+        except IndexParseError as e:
+            raise UpstreamError(502, f"unreadable upstream page {url}: {e}") from e
+        page = CachedPage(
+            self.key(project), model, self._clock.seconds(), fetched.etag, fetched.last_modified
+        )
+        self._remember(page)
+        record = PageRecord(
+            key=page.key,
+            upstream=self.upstream.name,
+            url=fetched.url,
+            body=page.dump(),
+            fetched_at=page.fetched_at,
+            etag=page.etag,
+            last_modified=page.last_modified,
+        )
+        try:
+            await self._metadata.put_page(record)
+        except Exception:
+            log.failure("could not store page {key}", key=page.key)
+        return page

@@ -1,0 +1,168 @@
+"""
+File stores: where verified files live.
+
+A store receives a finished, verified spool file and makes it durable under a
+key; later it hands out readers for that key.  Stores are pluggable behind
+L{IFileStore}; L{DiskStore} is the default.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+
+import attrs
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+from zope.interface import Attribute, Interface, implementer
+
+from txpypi.names import BadName
+
+
+class IFileReader(Interface):
+    """
+    Random access to one stored file.
+    """
+
+    size = Attribute("The file's length in bytes.")
+
+    def read(offset: int, length: int) -> Deferred[bytes]:
+        """
+        Read up to C{length} bytes at C{offset}; C{b""} at the end.
+        """
+
+    def close() -> None:
+        """
+        Release the reader.
+        """
+
+
+class IFileStore(Interface):
+    """
+    A place that keeps verified files by key.
+    """
+
+    spool_dir = Attribute("A local directory for temporary spool files, on the same file system.")
+
+    def commit(spool_path: str, key: str) -> Deferred[None]:
+        """
+        Make the finished spool file at C{spool_path} durable under C{key}.
+        The spool file is consumed.
+        """
+
+    def open(key: str) -> Deferred[IFileReader | None]:
+        """
+        Open the file stored under C{key}, or L{None} when there is none.
+        """
+
+    def delete(key: str) -> Deferred[None]:
+        """
+        Forget the file stored under C{key}, if any.
+        """
+
+
+def file_key(sha256: str, filename: str) -> str:
+    """
+    The store key for a verified file: content-addressed, with the file name
+    kept for people reading the directory.
+    """
+    return f"{sha256[:2]}/{sha256}/{filename}"
+
+
+@implementer(IFileReader)
+@attrs.define
+class FdReader:
+    """
+    Reads a local file by descriptor with C{pread}, so that many readers may
+    share one descriptor.  Reads of local files run on the calling thread, as
+    in twisted.web.static.File: they hit the page cache and do not wait on
+    the network.
+    """
+
+    fd: int
+    size: int
+    _closed: bool = False
+
+    def read(self, offset: int, length: int) -> Deferred[bytes]:
+        return succeed(os.pread(self.fd, min(length, max(0, self.size - offset)), offset))
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self.fd)
+
+
+@implementer(IFileStore)
+@attrs.define
+class DiskStore:
+    """
+    Files under a root directory.  Commits fsync the file and rename it into
+    place, in a thread pool; nothing is ever read or written outside C{root}.
+    """
+
+    root: Path
+    _pool: ThreadPool
+    _reactor: object
+
+    @property
+    def spool_dir(self) -> str:
+        return str(self.root / "tmp")
+
+    def prepare(self) -> None:
+        """
+        Create the directories and remove spool files that a crash left.
+        Called once at start-up, before the reactor serves requests.
+        """
+        (self.root / "files").mkdir(parents=True, exist_ok=True)
+        spool = Path(self.spool_dir)
+        shutil.rmtree(spool, ignore_errors=True)
+        spool.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        files = (self.root / "files").resolve()
+        path = (files / key).resolve()
+        if files not in path.parents:
+            raise BadName(f"store key escapes the store: {key!r}")
+        return path
+
+    def _commit(self, spool_path: str, key: str) -> None:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(spool_path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.replace(spool_path, target)
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+            shutil.move(spool_path, target)
+        dir_fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def commit(self, spool_path: str, key: str) -> Deferred[None]:
+        return deferToThreadPool(self._reactor, self._pool, self._commit, spool_path, key)  # type: ignore[arg-type]
+
+    def open(self, key: str) -> Deferred[IFileReader | None]:
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY)
+        except FileNotFoundError:
+            return succeed(None)
+        return succeed(FdReader(fd, os.fstat(fd).st_size))
+
+    def _delete(self, key: str) -> None:
+        try:
+            os.unlink(self._path(key))
+        except FileNotFoundError:
+            pass
+
+    def delete(self, key: str) -> Deferred[None]:
+        return deferToThreadPool(self._reactor, self._pool, self._delete, key)  # type: ignore[arg-type]

@@ -1,0 +1,145 @@
+"""
+The twistd plugin's options and service: C{twistd -n txpypi [options]}.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from twisted.application import strports
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred
+from twisted.python import usage
+from twisted.python.threadpool import ThreadPool
+
+from txpypi import config
+from txpypi.app import Proxy
+from txpypi.files import FileCache
+from txpypi.metadata import SqliteMetadata
+from txpypi.pages import PageCache
+from txpypi.stores import DiskStore
+from txpypi.upstream import Upstream, UpstreamClient
+
+
+class Options(usage.Options):
+    """
+    Command-line options; each may also be set in the C{--config} file under
+    the same name.  The command line wins.
+    """
+
+    synopsis = "[options]"
+    longdesc = "A pull-through caching proxy for the Python package index."
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.given: dict[str, Any] = {}
+        self.config_path: str | None = None
+        self.settings = config.Settings()
+
+    def opt_listen(self, endpoint: str) -> None:
+        """
+        A Twisted server endpoint string to listen on; repeat it to listen on
+        several (default: tcp:5000:interface=127.0.0.1).
+        """
+        self.given.setdefault("listen", []).append(endpoint)
+
+    def opt_upstream(self, url: str) -> None:
+        """
+        The upstream simple index URL (default: https://pypi.org/simple/).
+        """
+        self.given["upstream"] = url
+
+    def opt_cache_dir(self, path: str) -> None:
+        """
+        Where cached files and metadata live (default: ~/.cache/txpypi).
+        """
+        self.given["cache-dir"] = path
+
+    def opt_index_ttl(self, seconds: str) -> None:
+        """
+        Seconds an index page stays fresh (default: 600).
+        """
+        self.given["index-ttl"] = seconds
+
+    def opt_config(self, path: str) -> None:
+        """
+        A YAML file with the same settings as these options.
+        """
+        self.config_path = path
+
+    def postOptions(self) -> None:
+        try:
+            settings = config.Settings()
+            if self.config_path is not None:
+                settings = config.apply(settings, config.load_file(self.config_path))
+            self.settings = config.apply(settings, self.given)
+        except config.ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+class ThreadPoolService(Service):
+    """
+    Starts and stops a thread pool with the application.
+    """
+
+    def __init__(self, pool: ThreadPool) -> None:
+        self.pool = pool
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.pool.stop()
+
+
+class CleanupService(Service):
+    """
+    Closes the upstream connection pool and the metadata store on stop.
+    """
+
+    def __init__(self, client: UpstreamClient, metadata: SqliteMetadata) -> None:
+        self._client = client
+        self._metadata = metadata
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        from twisted.internet.defer import gatherResults
+
+        return gatherResults([self._client.close(), self._metadata.close()], consumeErrors=True)
+
+
+def build(settings: config.Settings, reactor: Any) -> tuple[MultiService, Proxy]:
+    """
+    Build the whole proxy for C{settings}: its services (thread pools first,
+    so that they stop last) and the L{Proxy}.
+    """
+    service = MultiService()
+    cache_dir = Path(settings.cache_dir)
+    db_pool = ThreadPool(1, 1, "txpypi-sqlite")
+    io_pool = ThreadPool(1, 4, "txpypi-io")
+    ThreadPoolService(db_pool).setServiceParent(service)
+    ThreadPoolService(io_pool).setServiceParent(service)
+    store = DiskStore(cache_dir, io_pool, reactor)
+    store.prepare()
+    metadata = SqliteMetadata(cache_dir / "metadata.sqlite", db_pool, reactor)
+    client = UpstreamClient(reactor)
+    CleanupService(client, metadata).setServiceParent(service)
+    pages = PageCache(reactor, client, metadata, Upstream("upstream", settings.upstream), settings.index_ttl)
+    files = FileCache(reactor, client, store, metadata, pages)
+    proxy = Proxy(pages, files)
+    site = proxy.site()
+    for endpoint in settings.listen:
+        strports.service(endpoint, site, reactor=reactor).setServiceParent(service)
+    return service, proxy
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    service, _ = build(options.settings, reactor)
+    return service

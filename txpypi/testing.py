@@ -1,0 +1,289 @@
+"""
+Test support shipped with the package, so that tests and benchmarks share it:
+builders for real wheels and sdists, and a fake upstream index (twisted.web)
+that serves them in JSON or HTML-only mode, counts every request, and can
+inject faults.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import tarfile
+import zipfile
+from collections import Counter
+from collections.abc import Iterable
+from typing import Literal
+
+import attrs
+from packaging.utils import canonicalize_name
+from twisted.internet.defer import Deferred
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+Mode = Literal["json", "html"]
+Fault = Literal["cut", "wrong-bytes", "500", "404"]
+
+
+@attrs.frozen
+class Dist:
+    """
+    One file of a project, as the fake upstream serves it.
+    """
+
+    project: str
+    filename: str
+    content: bytes
+    metadata: bytes | None = None
+    requires_python: str | None = None
+    yanked: bool | str = False
+    upload_time: str = "2024-01-02T03:04:05.000000Z"
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.content).hexdigest()
+
+
+def _metadata(name: str, version: str, requires: Iterable[str]) -> bytes:
+    lines = ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"]
+    lines += [f"Requires-Dist: {r}" for r in requires]
+    return ("\n".join(lines) + "\n\n").encode()
+
+
+def _record_line(path: str, data: bytes) -> str:
+    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    return f"{path},sha256={digest},{len(data)}"
+
+
+def build_wheel(
+    name: str,
+    version: str,
+    requires: Iterable[str] = (),
+    padding: int = 0,
+    requires_python: str | None = None,
+) -> Dist:
+    """
+    Build a real, installable pure-Python wheel in memory.  The module
+    C{<name>} gets C{VERSION = "<version>"}; C{padding} adds an
+    incompressible data file of that many bytes (for large-file tests).
+    """
+    module = name.replace("-", "_")
+    dist_info = f"{module}-{version}.dist-info"
+    metadata = _metadata(name, version, requires)
+    files: dict[str, bytes] = {
+        f"{module}/__init__.py": f'VERSION = "{version}"\n'.encode(),
+        f"{dist_info}/METADATA": metadata,
+        f"{dist_info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: txpypi-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n\n",
+    }
+    if padding:
+        # Deterministic but incompressible filler.
+        chunks = []
+        seed = hashlib.sha256(f"{name}-{version}".encode()).digest()
+        while sum(map(len, chunks)) < padding:
+            seed = hashlib.sha256(seed).digest()
+            chunks.append(seed * 64)
+        files[f"{module}/padding.bin"] = b"".join(chunks)[:padding]
+    record = [_record_line(path, data) for path, data in files.items()]
+    record.append(f"{dist_info}/RECORD,,")
+    files[f"{dist_info}/RECORD"] = ("\n".join(record) + "\n").encode()
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        for path, data in files.items():
+            info = zipfile.ZipInfo(path, date_time=(2024, 1, 2, 3, 4, 6))
+            archive.writestr(info, data)
+    return Dist(
+        project=str(canonicalize_name(name)),
+        filename=f"{module}-{version}-py3-none-any.whl",
+        content=buffer.getvalue(),
+        metadata=metadata,
+        requires_python=requires_python,
+    )
+
+
+def build_sdist(name: str, version: str, requires: Iterable[str] = ()) -> Dist:
+    """
+    Build a real sdist (setuptools backend, pyproject.toml) in memory.
+    """
+    module = name.replace("-", "_")
+    root = f"{module}-{version}"
+    deps = ", ".join(json.dumps(r) for r in requires)
+    files = {
+        f"{root}/PKG-INFO": _metadata(name, version, requires),
+        f"{root}/pyproject.toml": (
+            '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n\n'
+            f'[project]\nname = "{name}"\nversion = "{version}"\ndependencies = [{deps}]\n'
+        ).encode(),
+        f"{root}/{module}/__init__.py": f'VERSION = "{version}"\n'.encode(),
+    }
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz", format=tarfile.PAX_FORMAT) as archive:
+        for path, data in files.items():
+            info = tarfile.TarInfo(path)
+            info.size = len(data)
+            info.mtime = 1704164646
+            archive.addfile(info, io.BytesIO(data))
+    return Dist(project=str(canonicalize_name(name)), filename=f"{root}.tar.gz", content=buffer.getvalue())
+
+
+class FakeUpstream(Resource):
+    """
+    A fake package index.
+
+      - C{/simple/}: the project list;
+      - C{/simple/<project>/}: a project page, JSON when asked for and
+        C{mode == "json"}, else HTML;
+      - C{/packages/<filename>} and C{/packages/<filename>.metadata}: files.
+
+    Every request is counted in L{requests} by path.  L{faults} maps a file
+    name to a fault to inject; L{holds} maps a file name to a L{Deferred}:
+    the first half of that file is sent, then the rest when it fires.
+    """
+
+    isLeaf = True
+
+    def __init__(self, dists: Iterable[Dist] = (), mode: Mode = "json") -> None:
+        super().__init__()
+        self.mode: Mode = mode
+        self.dists: dict[str, list[Dist]] = {}
+        self.requests: Counter[str] = Counter()
+        self.methods: list[tuple[str, str]] = []
+        self.faults: dict[str, Fault] = {}
+        self.holds: dict[str, Deferred[None]] = {}
+        self.page_faults: dict[str, Fault] = {}
+        for dist in dists:
+            self.add(dist)
+
+    def add(self, dist: Dist) -> None:
+        self.dists.setdefault(dist.project, []).append(dist)
+
+    def file_requests(self) -> int:
+        """
+        How many requests for files (not index pages) were served.
+        """
+        return sum(n for path, n in self.requests.items() if path.startswith("/packages/"))
+
+    def _find(self, filename: str) -> tuple[Dist, bool] | None:
+        is_metadata = filename.endswith(".metadata")
+        base = filename[: -len(".metadata")] if is_metadata else filename
+        for dists in self.dists.values():
+            for dist in dists:
+                if dist.filename == base and (not is_metadata or dist.metadata is not None):
+                    return dist, is_metadata
+        return None
+
+    def render(self, request: Request) -> bytes | int:  # type: ignore[override]
+        path = request.path.decode()
+        self.requests[path] += 1
+        self.methods.append((request.method.decode(), path))
+        if path == "/simple/":
+            return self._render_root(request)
+        if path.startswith("/simple/"):
+            return self._render_project(request, path[len("/simple/") :].strip("/"))
+        if path.startswith("/packages/"):
+            return self._render_file(request, path[len("/packages/") :])
+        request.setResponseCode(404)
+        return b"not found"
+
+    def _wants_json(self, request: Request) -> bool:
+        accept = (request.getHeader("accept") or "").lower()
+        return self.mode == "json" and "application/vnd.pypi.simple.v1+json" in accept
+
+    def _render_root(self, request: Request) -> bytes:
+        if self._wants_json(request):
+            request.setHeader("content-type", "application/vnd.pypi.simple.v1+json")
+            body = {"meta": {"api-version": "1.1"}, "projects": [{"name": p} for p in sorted(self.dists)]}
+            return json.dumps(body).encode()
+        request.setHeader("content-type", "text/html")
+        links = "".join(f'<a href="{p}/">{p}</a>\n' for p in sorted(self.dists))
+        return f"<html><body>{links}</body></html>".encode()
+
+    def _render_project(self, request: Request, name: str) -> bytes:
+        fault = self.page_faults.get(name)
+        if fault is not None and fault in ("500", "404"):
+            request.setResponseCode(int(fault))
+            return b"injected"
+        dists = self.dists.get(name)
+        if dists is None:
+            request.setResponseCode(404)
+            return b"no such project"
+        if self._wants_json(request):
+            request.setHeader("content-type", "application/vnd.pypi.simple.v1+json")
+            return json.dumps(self._project_json(request, name, dists)).encode()
+        request.setHeader("content-type", "text/html")
+        return self._project_html(name, dists).encode()
+
+    def _project_json(self, request: Request, name: str, dists: list[Dist]) -> dict[str, object]:
+        host = request.getHeader("host") or "localhost"
+        files = []
+        for d in dists:
+            entry: dict[str, object] = {
+                "filename": d.filename,
+                # Absolute in JSON mode, relative in HTML mode: both must work.
+                "url": f"http://{host}/packages/{d.filename}",
+                "hashes": {"sha256": d.sha256},
+                "size": len(d.content),
+                "upload-time": d.upload_time,
+                "yanked": d.yanked,
+            }
+            if d.requires_python:
+                entry["requires-python"] = d.requires_python
+            if d.metadata is not None:
+                entry["core-metadata"] = {"sha256": hashlib.sha256(d.metadata).hexdigest()}
+            files.append(entry)
+        return {
+            "meta": {"api-version": "1.1", "_last-serial": 42},
+            "name": name,
+            "files": files,
+            "versions": sorted({d.filename.split("-")[1].removesuffix(".tar.gz") for d in dists}),
+        }
+
+    def _project_html(self, name: str, dists: list[Dist]) -> str:
+        links = []
+        for d in dists:
+            extra = ""
+            if d.requires_python:
+                extra += f' data-requires-python="{d.requires_python.replace(">", "&gt;").replace("<", "&lt;")}"'
+            if d.yanked is not False:
+                extra += f' data-yanked="{"" if d.yanked is True else d.yanked}"'
+            if d.metadata is not None:
+                extra += f' data-dist-info-metadata="sha256={hashlib.sha256(d.metadata).hexdigest()}"'
+            links.append(f'<a href="../../packages/{d.filename}#sha256={d.sha256}"{extra}>{d.filename}</a><br/>')
+        return f"<!DOCTYPE html><html><body><h1>Links for {name}</h1>{''.join(links)}</body></html>"
+
+    def _render_file(self, request: Request, filename: str) -> bytes | int:
+        found = self._find(filename)
+        if found is None:
+            request.setResponseCode(404)
+            return b"no such file"
+        dist, is_metadata = found
+        content = dist.metadata if is_metadata else dist.content
+        assert content is not None
+        fault = self.faults.get(filename)
+        if fault in ("500", "404"):
+            request.setResponseCode(int(fault or 500))
+            return b"injected"
+        if fault == "wrong-bytes":
+            content = bytes([content[0] ^ 0xFF]) + content[1:]
+        request.setHeader("content-type", "application/octet-stream")
+        request.setHeader("content-length", str(len(content)))
+        if request.method == b"HEAD":
+            return b""
+        half = len(content) // 2
+        hold = self.holds.get(filename)
+        if fault == "cut":
+            request.write(content[:half])
+            request.channel.transport.abortConnection()  # type: ignore[union-attr]
+            return NOT_DONE_YET
+        if hold is None:
+            return content
+        request.write(content[:half])
+
+        def rest(_: object) -> None:
+            if not request._disconnected:
+                request.write(content[half:])
+                request.finish()
+
+        hold.addCallback(rest)
+        return NOT_DONE_YET

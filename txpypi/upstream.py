@@ -1,0 +1,174 @@
+"""
+Talking to the upstream index: one pooled HTTP client, page fetches through
+treq, and streamed file fetches through a plain redirect-following Agent so
+that the bytes arrive exactly as the upstream sent them.
+
+It only ever fetches the index URLs it builds from its configured base, and
+file URLs that one of those index pages listed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote
+
+import attrs
+import treq
+from treq.client import HTTPClient
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
+from twisted.web.client import Agent, HTTPConnectionPool, RedirectAgent, ResponseFailed
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
+
+from txpypi import __version__
+from txpypi.index import UPSTREAM_ACCEPT
+
+USER_AGENT = f"txpypi/{__version__}".encode()
+
+
+class UpstreamError(Exception):
+    """
+    The upstream failed us.  C{status} is what we answer the client
+    (502 or 504); C{reason} is a one-line explanation.
+    """
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class UpstreamNotFound(Exception):
+    """
+    The upstream answered 404 for a page or file.
+    """
+
+
+@attrs.frozen
+class Upstream:
+    """
+    A configured upstream simple index.
+    """
+
+    name: str
+    url: str = attrs.field(converter=lambda u: u if u.endswith("/") else u + "/")
+
+    def list_url(self) -> str:
+        return self.url
+
+    def project_url(self, project: str) -> str:
+        return f"{self.url}{quote(project)}/"
+
+
+@attrs.frozen
+class FetchedPage:
+    url: str
+    body: bytes
+    content_type: str
+    etag: str | None
+    last_modified: str | None
+
+
+def _classify(failure_value: BaseException, url: str) -> UpstreamError:
+    if isinstance(failure_value, (CancelledError, TimeoutError)):
+        return UpstreamError(504, f"upstream timed out: {url}")
+    if isinstance(failure_value, (ConnectError, DNSLookupError)):
+        return UpstreamError(502, f"upstream unreachable: {url}: {failure_value.__class__.__name__}")
+    if isinstance(failure_value, ResponseFailed):
+        return UpstreamError(502, f"upstream connection failed: {url}")
+    return UpstreamError(502, f"upstream error: {url}: {failure_value!r}")
+
+
+@attrs.define
+class UpstreamClient:
+    """
+    HTTP access to upstreams, sharing one persistent connection pool.
+    """
+
+    _reactor: Any
+    connect_timeout: float = 10.0
+    response_timeout: float = 30.0
+    _pool: HTTPConnectionPool = attrs.field(init=False)
+    _treq: HTTPClient = attrs.field(init=False)
+    _files: RedirectAgent = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._pool = HTTPConnectionPool(self._reactor, persistent=True)
+        self._pool.maxPersistentPerHost = 16
+        agent = Agent(self._reactor, pool=self._pool, connectTimeout=self.connect_timeout)
+        self._treq = HTTPClient(agent)
+        self._files = RedirectAgent(agent)
+
+    def close(self) -> Deferred[None]:
+        return self._pool.closeCachedConnections()
+
+    async def fetch_page(self, url: str) -> FetchedPage:
+        """
+        GET an index page, asking for JSON first.
+
+        @raise UpstreamNotFound: on 404 (or 410).
+        @raise UpstreamError: on anything else that is not a 200.
+        """
+        headers = {b"Accept": [UPSTREAM_ACCEPT.encode()], b"User-Agent": [USER_AGENT]}
+        try:
+            response = await self._treq.get(
+                url, headers=headers, timeout=self.response_timeout, reactor=self._reactor
+            )
+            body = await treq.content(response)
+        except Exception as e:
+            raise _classify(e, url) from e
+        if response.code in (404, 410):
+            raise UpstreamNotFound(url)
+        if response.code != 200:
+            raise UpstreamError(502, f"upstream answered {response.code} for {url}")
+        h = response.headers
+        return FetchedPage(
+            url=str(response.request.absoluteURI.decode()),
+            body=body,
+            content_type=(h.getRawHeaders("content-type") or ["text/html"])[0],
+            etag=(h.getRawHeaders("etag") or [None])[0],
+            last_modified=(h.getRawHeaders("last-modified") or [None])[0],
+        )
+
+    async def open_file(self, url: str) -> IResponse:
+        """
+        GET a file and return the response once its headers arrived; the
+        caller reads the body with C{deliverBody}.
+
+        @raise UpstreamNotFound: on 404 (or 410).
+        @raise UpstreamError: on a failure or any other status than 200.
+        """
+        headers = Headers({b"User-Agent": [USER_AGENT], b"Accept-Encoding": [b"identity"]})
+        d = self._files.request(b"GET", url.encode(), headers)
+        timer = self._reactor.callLater(self.response_timeout, d.cancel)
+        try:
+            response: IResponse = await d
+        except Exception as e:
+            raise _classify(e, url) from e
+        finally:
+            if timer.active():
+                timer.cancel()
+        if response.code in (404, 410):
+            response.deliverBody(_Discard())
+            raise UpstreamNotFound(url)
+        if response.code != 200:
+            response.deliverBody(_Discard())
+            raise UpstreamError(502, f"upstream answered {response.code} for {url}")
+        return response
+
+
+class _Discard:
+    """
+    A body protocol that throws the body away (so the connection can be
+    reused or closed cleanly).
+    """
+
+    def makeConnection(self, transport: object) -> None:
+        pass
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: object) -> None:
+        pass
