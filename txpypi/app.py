@@ -233,6 +233,7 @@ class Root(Resource):
         if path == b"files":
             return self._files
         # Give Klein the whole path back.
+        assert request.prepath is not None and request.postpath is not None
         request.postpath.insert(0, request.prepath.pop())
         return self._fallback
 
@@ -269,7 +270,7 @@ class Proxy:
             "</body></html>"
         ).encode()
 
-    @app.handle_errors(Exception)
+    @app.handle_errors(Exception)  # type: ignore[arg-type]
     def error(self, request: Request, failure: Any) -> bytes:
         if failure.check(Exception) and getattr(failure.value, "code", None) == 404:
             return _text(request, 404, "not found")

@@ -55,7 +55,8 @@ class FlightFailed(Exception):
 
 
 class ByteSource(Protocol):
-    size: int | None
+    @property
+    def size(self) -> int | None: ...
 
     def read(self, offset: int, length: int) -> Deferred[bytes]: ...
 
@@ -375,7 +376,7 @@ class Sender:
             self._request.finish()
 
     def _abort(self) -> None:
-        transport = self._request.channel.transport if self._request.channel else None
+        transport: Any = self._request.channel.transport if self._request.channel else None
         if transport is not None:
             transport.abortConnection()
 

@@ -482,10 +482,13 @@ def render_project_html(page: ProjectPage, href_for: HrefFor) -> bytes:
     if page.status:
         lines.append(f'    <meta name="pypi:project-status" content="{escape(page.status)}">')
     if page.status_reason:
-        lines.append(
-            f'    <meta name="pypi:project-status-reason" content="{escape(page.status_reason)}">'
-        )
-    lines += [f"    <title>Links for {name}</title>", "  </head>", "  <body>", f"    <h1>Links for {name}</h1>"]
+        lines.append(f'    <meta name="pypi:project-status-reason" content="{escape(page.status_reason)}">')
+    lines += [
+        f"    <title>Links for {name}</title>",
+        "  </head>",
+        "  <body>",
+        f"    <h1>Links for {name}</h1>",
+    ]
     for f in page.files:
         attributes = [f'href="{escape(href_for(f) + _fragment(f.hashes))}"']
         if f.requires_python:

@@ -179,7 +179,10 @@ class SqliteMetadata:
             )
             .fetchone()
         )
-        return None if row is None else PageRecord(*row[:3], bytes(row[3]), *row[4:])
+        if row is None:
+            return None
+        key, upstream, url, body, fetched_at, etag, last_modified = row
+        return PageRecord(key, upstream, url, bytes(body), fetched_at, etag, last_modified)
 
     def get_page(self, key: str) -> Deferred[PageRecord | None]:
         return self._run(self._get_page, key)

@@ -129,7 +129,8 @@ class PageCache:
         """
         Seconds of freshness left (negative when stale).
         """
-        return self.ttl - (self._clock.seconds() - page.fetched_at)
+        now: float = self._clock.seconds()
+        return self.ttl - (now - page.fetched_at)
 
     def fresh(self, project: str | None) -> CachedPage | None:
         """

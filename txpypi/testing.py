@@ -57,6 +57,9 @@ def _record_line(path: str, data: bytes) -> str:
     return f"{path},sha256={digest},{len(data)}"
 
 
+_WHEEL = b"Wheel-Version: 1.0\nGenerator: txpypi-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n\n"
+
+
 def build_wheel(
     name: str,
     version: str,
@@ -75,13 +78,13 @@ def build_wheel(
     files: dict[str, bytes] = {
         f"{module}/__init__.py": f'VERSION = "{version}"\n'.encode(),
         f"{dist_info}/METADATA": metadata,
-        f"{dist_info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: txpypi-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n\n",
+        f"{dist_info}/WHEEL": _WHEEL,
     }
     if padding:
         # Deterministic but incompressible filler.
-        chunks = []
+        chunks: list[bytes] = []
         seed = hashlib.sha256(f"{name}-{version}".encode()).digest()
-        while sum(map(len, chunks)) < padding:
+        while len(chunks) * 2048 < padding:
             seed = hashlib.sha256(seed).digest()
             chunks.append(seed * 64)
         files[f"{module}/padding.bin"] = b"".join(chunks)[:padding]
@@ -244,12 +247,16 @@ class FakeUpstream(Resource):
         for d in dists:
             extra = ""
             if d.requires_python:
-                extra += f' data-requires-python="{d.requires_python.replace(">", "&gt;").replace("<", "&lt;")}"'
+                extra += (
+                    f' data-requires-python="{d.requires_python.replace(">", "&gt;").replace("<", "&lt;")}"'
+                )
             if d.yanked is not False:
                 extra += f' data-yanked="{"" if d.yanked is True else d.yanked}"'
             if d.metadata is not None:
                 extra += f' data-dist-info-metadata="sha256={hashlib.sha256(d.metadata).hexdigest()}"'
-            links.append(f'<a href="../../packages/{d.filename}#sha256={d.sha256}"{extra}>{d.filename}</a><br/>')
+            links.append(
+                f'<a href="../../packages/{d.filename}#sha256={d.sha256}"{extra}>{d.filename}</a><br/>'
+            )
         return f"<!DOCTYPE html><html><body><h1>Links for {name}</h1>{''.join(links)}</body></html>"
 
     def _render_file(self, request: Request, filename: str) -> bytes | int:

@@ -45,6 +45,10 @@ class UpstreamNotFound(Exception):
     """
 
 
+def _slash(url: str) -> str:
+    return url if url.endswith("/") else url + "/"
+
+
 @attrs.frozen
 class Upstream:
     """
@@ -52,7 +56,7 @@ class Upstream:
     """
 
     name: str
-    url: str = attrs.field(converter=lambda u: u if u.endswith("/") else u + "/")
+    url: str = attrs.field(converter=_slash)
 
     def list_url(self) -> str:
         return self.url
@@ -101,7 +105,8 @@ class UpstreamClient:
         self._files = RedirectAgent(agent)
 
     def close(self) -> Deferred[None]:
-        return self._pool.closeCachedConnections()
+        d: Deferred[None] = self._pool.closeCachedConnections()
+        return d
 
     async def fetch_page(self, url: str) -> FetchedPage:
         """
@@ -110,7 +115,7 @@ class UpstreamClient:
         @raise UpstreamNotFound: on 404 (or 410).
         @raise UpstreamError: on anything else that is not a 200.
         """
-        headers = {b"Accept": [UPSTREAM_ACCEPT.encode()], b"User-Agent": [USER_AGENT]}
+        headers = Headers({b"Accept": [UPSTREAM_ACCEPT.encode()], b"User-Agent": [USER_AGENT]})
         try:
             response = await self._treq.get(
                 url, headers=headers, timeout=self.response_timeout, reactor=self._reactor
