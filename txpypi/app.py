@@ -8,6 +8,7 @@ Klein app whose routes are methods on L{Proxy}.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Coroutine
 from html import escape
 from typing import Any
@@ -144,7 +145,7 @@ class SimpleResource(Resource):
 
     def _respond(self, request: Request, page: CachedPage, content_type: str, hit: bool) -> bytes:
         body = page.body(content_type)
-        max_age = max(0, int(self._pages.remaining(page)))
+        max_age = max(0, math.ceil(self._pages.remaining(page)))
         headers = request.responseHeaders
         headers.setRawHeaders(b"content-type", [content_type.encode()])
         headers.setRawHeaders(b"vary", [b"Accept"])

@@ -100,7 +100,9 @@ class Flight:
     _read_fd: int = -1
     _refs: int = 1
     _hasher: Hasher | None = None
+    done: bool = False
     _waiters: list[Deferred[None]] = attrs.field(factory=list)
+    _done_waiters: list[Deferred[None]] = attrs.field(factory=list)
 
     def start(self) -> None:
         fd_path = os.path.join(self._store.spool_dir, f"{os.getpid()}-{id(self):x}-{time.time_ns()}.part")
@@ -225,8 +227,29 @@ class Flight:
             pass
 
     def _finish(self, record: FileRecord | None) -> None:
+        self.done = True
         self._on_done(self, record)
         self.release()
+        waiters, self._done_waiters = self._done_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def when_done(self) -> Deferred[None]:
+        """
+        Fire once the flight is over: cached, or failed and cleaned up.
+        """
+        d: Deferred[None] = Deferred()
+        if self.done:
+            d.callback(None)
+        else:
+            self._done_waiters.append(d)
+        return d
+
+    def sha256(self) -> str | None:
+        """
+        The file's sha256, once verified.
+        """
+        return self._hasher.sha256() if self.verified and self._hasher is not None else None
 
     def _wake(self) -> None:
         waiters, self._waiters = self._waiters, []

@@ -110,7 +110,8 @@ class FileCache:
         key = self.key(project, filename)
         record = self._records.get(key)
         if record is None and key not in self.flights:
-            record = await self._metadata.get_file(key)
+            # A flight may land while we read the store: check memory again.
+            record = await self._metadata.get_file(key) or self._records.get(key)
         if record is not None:
             opened = await self._open_record(record)
             if opened is not None:
@@ -125,19 +126,32 @@ class FileCache:
                 raise NotListed(filename)
             if not fetch:
                 return Opened(None, wanted.size, None, False)
-            flight = self.flights.get(key)  # another request may have started it meanwhile
-            if flight is None:
-                flight = self._start(wanted)
+            # Another request may have fetched or started it meanwhile.
+            record = self._records.get(key)
+            if record is not None:
+                opened = await self._open_record(record)
+                if opened is not None:
+                    return opened
+            flight = self.flights.get(key) or self._start(wanted)
         reader = flight.reader()
         try:
             await flight.wait_started()
         except BaseException:
             reader.close()
             raise
+        # Joining a flight that has all its bytes verified is as good as a hit.
+        hit = flight.verified
         if not fetch:
             reader.close()
-            return Opened(None, flight.size, None, False)
-        return Opened(reader, flight.size, None, False)
+            return Opened(None, flight.size, flight.sha256(), hit)
+        return Opened(reader, flight.size, flight.sha256(), hit)
+
+    async def wait_idle(self) -> None:
+        """
+        Wait until no download is in flight.
+        """
+        while self.flights:
+            await next(iter(self.flights.values())).when_done()
 
     def _start(self, wanted: Wanted) -> Flight:
         flight = Flight(wanted, self._client, self._store, self._metadata, self._clock, self._landed)

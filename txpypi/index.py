@@ -148,7 +148,9 @@ def negotiate(accept: str | None, format_override: str | None = None) -> str | N
         acceptable (the caller answers 406).
     """
     if format_override is not None:
-        wanted = _ALIASES.get(format_override.strip().lower(), format_override.strip().lower())
+        # A literal "+" in a query string decodes to a space; take it back.
+        requested = format_override.strip().lower().replace(" ", "+")
+        wanted = _ALIASES.get(requested, requested)
         return wanted if wanted in SERVED_TYPES else None
     if not accept or not accept.strip():
         return HTML_LEGACY

@@ -29,7 +29,7 @@ from txpypi.index import (
     render_project_list_json,
 )
 from txpypi.metadata import IMetadata, PageRecord
-from txpypi.upstream import Upstream, UpstreamClient, UpstreamError
+from txpypi.upstream import Upstream, UpstreamClient, UpstreamError, UpstreamNotFound
 
 log = Logger()
 
@@ -168,6 +168,10 @@ class PageCache:
                     self._remember(loaded)
                     if self.remaining(loaded) > 0:
                         return loaded, True
+            # A flight may have landed while we read the store.
+            page = self.fresh(project)
+            if page is not None:
+                return page, True
         return await self._flights.run(key, lambda: self._fetch(project)), False
 
     def _load(self, project: str | None, record: PageRecord) -> CachedPage | None:
@@ -183,8 +187,6 @@ class PageCache:
         return CachedPage(record.key, model, record.fetched_at, record.etag, record.last_modified)
 
     async def _fetch(self, project: str | None) -> CachedPage:
-        from txpypi.upstream import UpstreamNotFound
-
         url = self.upstream.project_url(project) if project else self.upstream.list_url()
         try:
             fetched = await self._client.fetch_page(url)

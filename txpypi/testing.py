@@ -279,18 +279,21 @@ class FakeUpstream(Resource):
             return b""
         half = len(content) // 2
         hold = self.holds.get(filename)
-        if fault == "cut":
-            request.write(content[:half])
-            request.channel.transport.abortConnection()  # type: ignore[union-attr]
-            return NOT_DONE_YET
-        if hold is None:
+        if hold is None and fault != "cut":
             return content
         request.write(content[:half])
 
         def rest(_: object) -> None:
-            if not request._disconnected:
-                request.write(content[half:])
-                request.finish()
+            if request._disconnected:
+                return
+            if fault == "cut":
+                request.channel.transport.abortConnection()  # type: ignore[union-attr]
+                return
+            request.write(content[half:])
+            request.finish()
 
-        hold.addCallback(rest)
+        if hold is None:
+            rest(None)
+        else:
+            hold.addCallback(rest)
         return NOT_DONE_YET

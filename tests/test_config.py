@@ -1,0 +1,89 @@
+"""
+Options and the YAML config file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from twisted.python.usage import UsageError
+
+from txpypi.config import DEFAULT_LISTEN, DEFAULT_UPSTREAM, default_cache_dir
+from txpypi.tap import Options
+
+
+def parse(*argv: str) -> Options:
+    options = Options()
+    options.parseOptions(list(argv))
+    return options
+
+
+def test_defaults() -> None:
+    s = parse().settings
+    assert s.listen == (DEFAULT_LISTEN,)
+    assert s.upstream == DEFAULT_UPSTREAM == "https://pypi.org/simple/"
+    assert s.cache_dir == default_cache_dir()
+    assert s.index_ttl == 600
+
+
+def test_options() -> None:
+    s = parse(
+        "--listen",
+        "tcp:8080",
+        "--listen",
+        "ssl:8443:privateKey=k.pem:certKey=c.pem",
+        "--upstream",
+        "http://127.0.0.1:1/simple",
+        "--cache-dir",
+        "/srv/cache",
+        "--index-ttl",
+        "30",
+    ).settings
+    assert s.listen == ("tcp:8080", "ssl:8443:privateKey=k.pem:certKey=c.pem")
+    assert (s.upstream, s.cache_dir, s.index_ttl) == ("http://127.0.0.1:1/simple", "/srv/cache", 30)
+
+
+def test_config_file_and_override(tmp_path: Path) -> None:
+    path = tmp_path / "txpypi.yaml"
+    path.write_text("listen: tcp:9000\nindex-ttl: 60\ncache-dir: /var/cache/x\n")
+    s = parse("--config", str(path), "--index-ttl", "5").settings
+    assert s.listen == ("tcp:9000",) and s.cache_dir == "/var/cache/x" and s.index_ttl == 5
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("colour: blue\n", "unknown setting: colour"),
+        ("index-ttl: soon\n", "index-ttl"),
+        ("index-ttl: -1\n", "index-ttl"),
+        ("upstream: ftp://x/\n", "upstream"),
+        ("listen: []\n", "listen"),
+        ("- a\n", "mapping"),
+        ("a: [\n", "not valid YAML"),
+    ],
+)
+def test_bad_config_stops_with_one_line(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(UsageError) as e:
+        parse("--config", str(path))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_option_value() -> None:
+    with pytest.raises(UsageError, match="index-ttl"):
+        parse("--index-ttl", "x")
+
+
+def test_sample_config_is_valid() -> None:
+    sample = Path(__file__).resolve().parent.parent / "etc" / "txpypi.yaml"
+    assert parse("--config", str(sample)).settings is not None
+
+
+def test_plugin_is_found() -> None:
+    from twisted.application.service import IServiceMaker
+    from twisted.plugin import getPlugins
+
+    makers = {p.tapname: p for p in getPlugins(IServiceMaker)}
+    assert makers["txpypi"].options is Options
