@@ -171,12 +171,18 @@ def http() -> Iterator[HTTPClient]:
     pytest_twisted.blockon(pool.closeCachedConnections())
 
 
+#: Certificate bundles set machine-wide; they would override pip's --cert.
+_CA_VARIABLES = {"REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR"}
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """
     The environment for pip or uv run through the proxy: the machine's pip
     configuration and every PIP_* and UV_* variable shut out.
     """
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "UV_"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "UV_")) and k not in _CA_VARIABLES
+    }
     env["PIP_CONFIG_FILE"] = os.devnull
     env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
     env["PIP_NO_INPUT"] = "1"

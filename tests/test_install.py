@@ -1,0 +1,198 @@
+"""
+End to end: real pip and real uv install a small dependency tree through
+txpypi listening on TLS (a trustme CA), cold and then warm.  The clients'
+own configuration is shut out so that nothing can come from elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import pytest_twisted
+import trustme
+from twisted.internet import protocol
+from twisted.internet.defer import Deferred
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.python.failure import Failure
+
+from tests.conftest import ROOT, Served, clean_env, get_reactor
+from txpypi.testing import Dist
+
+WANTED = {"alpha-1.0-py3-none-any.whl", "beta-1.1-py3-none-any.whl", "gamma-0.5-py3-none-any.whl"}
+
+
+@attrs.frozen
+class TLS:
+    ca: Path
+    key: Path
+    cert: Path
+
+    def endpoint(self, port: int = 0) -> str:
+        return f"ssl:{port}:privateKey={self.key}:certKey={self.cert}:interface=127.0.0.1"
+
+
+@pytest.fixture(scope="session")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> TLS:
+    directory = tmp_path_factory.mktemp("tls")
+    ca = trustme.CA()
+    server = ca.issue_cert("localhost", "127.0.0.1")
+    paths = TLS(directory / "ca.pem", directory / "key.pem", directory / "cert.pem")
+    ca.cert_pem.write_to_path(str(paths.ca))
+    server.private_key_pem.write_to_path(str(paths.key))
+    server.cert_chain_pems[0].write_to_path(str(paths.cert))
+    return paths
+
+
+def uv_bin() -> str:
+    from uv import find_uv_bin
+
+    return str(find_uv_bin())
+
+
+async def run(argv: list[str], env: dict[str, str]) -> str:
+    out, err, code = await getProcessOutputAndValue(argv[0], argv[1:], env=env, reactor=get_reactor())
+    text = (out + err).decode("utf-8", "replace")
+    assert code == 0, f"{argv} failed:\n{text}"
+    return text
+
+
+async def pip_install(index: str, tls: TLS, target: Path, *packages: str) -> str:
+    argv = [sys.executable, "-m", "pip", "install", "--no-cache-dir", "--disable-pip-version-check"]
+    argv += ["--isolated", "--index-url", index, "--cert", str(tls.ca), "--target", str(target), *packages]
+    return await run(argv, clean_env())
+
+
+async def uv_install(index: str, tls: TLS, target: Path, *packages: str) -> str:
+    argv = [uv_bin(), "pip", "install", "--no-config", "--no-cache", "--no-python-downloads"]
+    argv += ["--python", sys.executable, "--index-url", index, "--target", str(target), *packages]
+    return await run(argv, clean_env(SSL_CERT_FILE=str(tls.ca)))
+
+
+async def assert_imports(target: Path) -> None:
+    code = "import alpha, beta, gamma; print(alpha.VERSION, beta.VERSION, gamma.VERSION)"
+    script = f"import sys; sys.path.insert(0, {str(target)!r}); {code}"
+    out = await run([sys.executable, "-I", "-c", script], clean_env())
+    assert out.split() == ["1.0", "1.1", "0.5"]
+
+
+def file_counts(upstream: Served) -> dict[str, int]:
+    return {
+        path.removeprefix("/packages/"): n
+        for path, n in upstream.fake.requests.items()
+        if path.startswith("/packages/")
+    }
+
+
+@pytest_twisted.ensureDeferred
+async def test_pip_cold_then_uv_warm(
+    upstream: Served, proxy_factory: Any, tls: TLS, tmp_path: Path, dists: list[Dist]
+) -> None:
+    running = proxy_factory(upstream.url, endpoint=tls.endpoint())
+    index = f"https://localhost:{running.port.getHost().port}/simple/"
+    await pip_install(index, tls, tmp_path / "cold", "alpha")
+    await assert_imports(tmp_path / "cold")
+    cold = file_counts(upstream)
+    # Each file the install needed came from the upstream exactly once.
+    assert {name for name in cold if not name.endswith(".metadata")} == WANTED
+    assert set(cold.values()) == {1}
+    assert {method for method, _ in upstream.fake.methods} == {"GET"}
+
+    await Deferred.fromCoroutine(running.proxy.files.wait_idle())
+    await uv_install(index, tls, tmp_path / "warm", "alpha")
+    await assert_imports(tmp_path / "warm")
+    warm = file_counts(upstream)
+    # uv may want files pip did not (or the other way round) only through
+    # metadata; every wheel was already cached, so no wheel was fetched again.
+    assert {k: v for k, v in warm.items() if not k.endswith(".metadata")} == {k: 1 for k in WANTED}
+    assert set(warm.values()) == {1}
+
+
+@pytest_twisted.ensureDeferred
+async def test_uv_cold_then_pip_warm(upstream: Served, proxy_factory: Any, tls: TLS, tmp_path: Path) -> None:
+    running = proxy_factory(upstream.url, endpoint=tls.endpoint())
+    index = f"https://localhost:{running.port.getHost().port}/simple/"
+    await uv_install(index, tls, tmp_path / "cold", "alpha")
+    await assert_imports(tmp_path / "cold")
+    cold = file_counts(upstream)
+    assert {name for name in cold if not name.endswith(".metadata")} == WANTED
+    assert set(cold.values()) == {1}
+    # uv asks for nothing it does not need: no HEAD, no redirect hop.
+    assert {method for method, _ in upstream.fake.methods} == {"GET"}
+    pages = [p for _, p in upstream.fake.methods if p.startswith("/simple/")]
+    assert sorted(pages) == ["/simple/alpha/", "/simple/beta/", "/simple/gamma/"]
+
+    await Deferred.fromCoroutine(running.proxy.files.wait_idle())
+    await pip_install(index, tls, tmp_path / "warm", "alpha")
+    await assert_imports(tmp_path / "warm")
+    assert {k: v for k, v in file_counts(upstream).items() if not k.endswith(".metadata")} == {
+        k: 1 for k in WANTED
+    }
+
+
+# -- a real twistd process
+
+
+class _Twistd(protocol.ProcessProtocol):
+    """
+    Watches a twistd process's log for the port it listens on.
+    """
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.listening: Deferred[int] = Deferred()
+        self.ended: Deferred[None] = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        match = re.search(rb"Site \(TLS\) starting on (\d+)", self.output)
+        if match and not self.listening.called:
+            self.listening.callback(int(match.group(1)))
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        if not self.listening.called:
+            self.listening.errback(RuntimeError(self.output.decode("utf-8", "replace")))
+        self.ended.callback(None)
+
+
+@pytest.fixture
+def twistd_process(tls: TLS, tmp_path: Path, json_upstream: Served) -> Iterator[Any]:
+    config = tmp_path / "txpypi.yaml"
+    config.write_text(f"upstream: {json_upstream.url}\nindex-ttl: 30\ncache-dir: {tmp_path / 'cache'}\n")
+    watcher = _Twistd()
+    argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+    argv += ["--nodaemon", "--pidfile=", "--logfile=-", "txpypi", "--config", str(config)]
+    argv += ["--listen", tls.endpoint()]
+    env = clean_env(PYTHONPATH=str(ROOT))
+    transport = get_reactor().spawnProcess(watcher, sys.executable, argv, env=env, path=str(tmp_path))
+    yield watcher
+    if not watcher.ended.called:
+        transport.signalProcess(signal.SIGTERM)
+        timer = get_reactor().callLater(15, lambda: watcher.ended.called or transport.signalProcess("KILL"))
+        pytest_twisted.blockon(watcher.ended)
+        if timer.active():
+            timer.cancel()
+
+
+@pytest_twisted.ensureDeferred
+async def test_twistd_plugin_over_tls(
+    twistd_process: Any, json_upstream: Served, tls: TLS, tmp_path: Path
+) -> None:
+    """
+    C{twistd -n txpypi --config FILE --listen ssl:...} serves uv.
+    """
+    port = await twistd_process.listening
+    index = f"https://localhost:{port}/simple/"
+    await uv_install(index, tls, tmp_path / "t", "alpha")
+    await assert_imports(tmp_path / "t")
+    assert {k for k in file_counts(json_upstream) if not k.endswith(".metadata")} == WANTED
+    assert os.path.exists(tmp_path / "cache" / "metadata.sqlite")
