@@ -115,6 +115,11 @@ async def test_redirects_and_bad_requests(proxy: Running, upstream: Served, http
         if location is not None:
             assert header(response, "location") == location
     assert upstream.fake.file_requests() == before == 0
+    response = await http.get(proxy.url + "/")
+    assert response.code == 200 and f"{proxy.url}/simple/".encode() in await response.content()
+    response = await http.get(proxy.url + "/no/such/route")
+    assert response.code == 404
+    await response.content()
     response = await http.get(proxy.url + "/simple/gamma/", headers={b"Accept": [b"application/json"]})
     assert response.code == 406
     await response.content()

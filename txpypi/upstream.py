@@ -19,7 +19,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
 from twisted.web.client import Agent, HTTPConnectionPool, RedirectAgent, ResponseFailed
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IResponse
+from twisted.web.iweb import IAgent, IResponse
 
 from txpypi import __version__
 from txpypi.index import UPSTREAM_ACCEPT
@@ -93,6 +93,7 @@ class UpstreamClient:
     _reactor: Any
     connect_timeout: float = 10.0
     response_timeout: float = 30.0
+    _agent: IAgent | None = None
     _pool: HTTPConnectionPool = attrs.field(init=False)
     _treq: HTTPClient = attrs.field(init=False)
     _files: RedirectAgent = attrs.field(init=False)
@@ -100,7 +101,9 @@ class UpstreamClient:
     def __attrs_post_init__(self) -> None:
         self._pool = HTTPConnectionPool(self._reactor, persistent=True)
         self._pool.maxPersistentPerHost = 16
-        agent = Agent(self._reactor, pool=self._pool, connectTimeout=self.connect_timeout)
+        agent = self._agent
+        if agent is None:
+            agent = Agent(self._reactor, pool=self._pool, connectTimeout=self.connect_timeout)
         self._treq = HTTPClient(agent)
         self._files = RedirectAgent(agent)
 

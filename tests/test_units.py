@@ -1,0 +1,224 @@
+"""
+Deterministic unit tests with Twisted's test doubles: index freshness on a
+L{Clock}, the client sender's back-pressure on a real L{Request} over a
+L{DummyChannel}, and the metadata stores' shared contract.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from treq.testing import RequestTraversalAgent
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.python.threadpool import ThreadPool
+from twisted.web.server import Request
+from twisted.web.test.requesthelper import DummyChannel
+from zope.interface.verify import verifyObject
+
+from txpypi.download import CHUNK, Sender
+from txpypi.metadata import FileRecord, IMetadata, MemoryMetadata, PageRecord, SqliteMetadata
+from txpypi.names import BadName
+from txpypi.pages import PageCache
+from txpypi.stores import DiskStore, IFileStore, file_key
+from txpypi.testing import FakeUpstream, build_wheel
+from txpypi.upstream import Upstream, UpstreamClient
+
+
+def page_cache(fake: FakeUpstream, clock: Clock, metadata: IMetadata) -> PageCache:
+    client = UpstreamClient(clock, agent=RequestTraversalAgent(fake))
+    return PageCache(clock, client, metadata, Upstream("test", "http://upstream.test/simple"), ttl=600)
+
+
+def result(d: Any) -> Any:
+    out: list[Any] = []
+    Deferred.fromCoroutine(d).addBoth(out.append)
+    assert out, "did not complete synchronously"
+    if hasattr(out[0], "raiseException"):
+        out[0].raiseException()
+    return out[0]
+
+
+def test_page_freshness_follows_the_clock() -> None:
+    """
+    A page is a hit until C{index-ttl} seconds passed, then fetched again.
+    """
+    fake = FakeUpstream([build_wheel("alpha", "1.0")])
+    clock = Clock()
+    pages = page_cache(fake, clock, MemoryMetadata())
+    page, hit = result(pages.get("alpha"))
+    assert not hit and fake.requests["/simple/alpha/"] == 1
+    assert pages.remaining(page) == 600
+    clock.advance(599)
+    assert result(pages.get("alpha"))[1] is True
+    assert pages.remaining(page) == 1
+    clock.advance(2)
+    assert pages.fresh("alpha") is None
+    again, hit = result(pages.get("alpha"))
+    assert not hit and again is not page and fake.requests["/simple/alpha/"] == 2
+
+
+def test_stored_pages_are_used_after_a_restart() -> None:
+    fake = FakeUpstream([build_wheel("alpha", "1.0")])
+    clock = Clock()
+    metadata = MemoryMetadata()
+    result(page_cache(fake, clock, metadata).get("alpha"))
+    clock.advance(100)
+    fresh_process = page_cache(fake, clock, metadata)
+    page, hit = result(fresh_process.get("alpha"))
+    assert hit and fresh_process.remaining(page) == 500
+    assert fake.requests["/simple/alpha/"] == 1
+
+
+class _Source:
+    """
+    A byte source that can be told when to have more bytes.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.available = 0
+        self.waiting: Deferred[bytes] | None = None
+        self.closed = False
+        self.size: int | None = len(data)
+
+    def read(self, offset: int, length: int) -> Deferred[bytes]:
+        if offset < self.available:
+            return succeed(self.data[offset : min(self.available, offset + length)])
+        if offset >= len(self.data):
+            return succeed(b"")
+        self.waiting = Deferred()
+        self._offset, self._length = offset, length
+        return self.waiting
+
+    def more(self, n: int) -> None:
+        self.available = min(len(self.data), self.available + n)
+        waiting, self.waiting = self.waiting, None
+        if waiting is not None:
+            waiting.callback(self.data[self._offset : min(self.available, self._offset + self._length)])
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _request() -> tuple[Request, Any]:
+    channel = DummyChannel()
+    request = Request(channel, False)
+    request.method = b"GET"
+    request.clientproto = b"HTTP/1.1"
+    return request, channel.transport
+
+
+def test_sender_honours_back_pressure() -> None:
+    """
+    While the client's transport has paused us, no more bytes are read or
+    written; on resume they flow again, and the request finishes at the end.
+    """
+    data = bytes(range(256)) * (3 * CHUNK // 256)
+    source = _Source(data)
+    request, transport = _request()
+    request.setHeader(b"content-length", b"%d" % len(data))
+    sender = Sender(request, source)
+    done = sender.start()
+    assert sender.sent == 0 and source.waiting is not None
+    source.more(CHUNK)
+    assert sender.sent == CHUNK
+    sender.pauseProducing()
+    source.more(2 * CHUNK)  # answers the pending read
+    assert sender.sent == 2 * CHUNK
+    written = len(transport.written.getvalue())
+    source.more(0)
+    assert sender.sent == 2 * CHUNK and len(transport.written.getvalue()) == written
+    sender.resumeProducing()
+    assert sender.sent == 3 * CHUNK
+    assert done.called and request.finished and source.closed
+    assert transport.written.getvalue().endswith(b"\r\n\r\n" + data)
+
+
+def test_sender_stops_when_the_client_leaves() -> None:
+    source = _Source(b"x" * 10)
+    request, _ = _request()
+    sender = Sender(request, source)
+    done = sender.start()
+    pending = source.waiting
+    sender.stopProducing()
+    assert pending is not None and pending.called  # cancelled
+    assert done.called and source.closed and not request.finished
+
+
+# -- one contract for every metadata store
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def metadata(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    if request.param == "memory":
+        yield MemoryMetadata()
+        return
+    from twisted.internet import reactor
+
+    pool = ThreadPool(1, 1)
+    pool.start()
+    store = SqliteMetadata(tmp_path / "m.sqlite", pool, reactor)
+    yield store
+    pytest_twisted.blockon(store.close())
+    pool.stop()
+
+
+@pytest.mark.usefixtures("metadata")
+class TestMetadataContract:
+    @pytest.fixture(autouse=True)
+    def _store(self, metadata: Any) -> None:
+        self.store = metadata
+
+    def test_interface(self) -> None:
+        assert verifyObject(IMetadata, self.store)
+
+    async def _round_trip(self) -> None:
+        page = PageRecord("g/simple/a/", "up", "http://u/a/", b'{"x": 1}', 12.5, '"etag"', None)
+        assert await self.store.get_page(page.key) is None
+        await self.store.put_page(page)
+        assert await self.store.get_page(page.key) == page
+        newer = PageRecord(page.key, "up", page.url, b"{}", 13.0)
+        await self.store.put_page(newer)
+        assert await self.store.get_page(page.key) == newer
+        record = FileRecord("g/a/a-1.whl", "up", "http://u/a-1.whl", "ab" * 32, 10, "ab/x/a-1.whl", 1.0)
+        assert await self.store.get_file(record.key) is None
+        await self.store.put_file(record)
+        assert await self.store.get_file(record.key) == record
+        await self.store.delete_file(record.key)
+        assert await self.store.get_file(record.key) is None
+
+    @pytest_twisted.ensureDeferred
+    async def test_round_trip(self) -> None:
+        await self._round_trip()
+
+
+@pytest_twisted.ensureDeferred
+async def test_disk_store(tmp_path: Path) -> None:
+    from twisted.internet import reactor
+
+    pool = ThreadPool(1, 1)
+    pool.start()
+    try:
+        store = DiskStore(tmp_path, pool, reactor)
+        assert verifyObject(IFileStore, store)
+        (tmp_path / "tmp").mkdir()
+        (tmp_path / "tmp" / "leftover.part").write_bytes(b"crash")
+        store.prepare()
+        assert list((tmp_path / "tmp").iterdir()) == []  # leftovers cleaned
+        spool = tmp_path / "tmp" / "x.part"
+        spool.write_bytes(b"hello")
+        key = file_key("ab" * 32, "a-1.whl")
+        await store.commit(str(spool), key)
+        assert not spool.exists()
+        reader = await store.open(key)
+        assert reader.size == 5 and await reader.read(1, 3) == b"ell"
+        reader.close()
+        with pytest.raises(BadName):
+            store.open("../../etc/passwd")
+        assert await store.open(file_key("cd" * 32, "missing.whl")) is None
+    finally:
+        pool.stop()
