@@ -33,6 +33,8 @@ setup(
             "ruff>=0.6",
             "types-PyYAML",
         ],
+        # bench/bench.py's peers (it also needs Debian's wrk).
+        "bench": ["proxpi", "gunicorn", "uv>=0.5"],
     },
     zip_safe=False,
 )
