@@ -39,7 +39,14 @@ def test_options() -> None:
         "/srv/cache",
         "--index-ttl",
         "30",
+        "--connect-timeout",
+        "1",
+        "--response-timeout",
+        "2",
+        "--read-timeout",
+        "3.5",
     ).settings
+    assert (s.connect_timeout, s.response_timeout, s.read_timeout) == (1, 2, 3.5)
     assert s.listen == ("tcp:8080", "ssl:8443:privateKey=k.pem:certKey=c.pem")
     assert (s.upstream, s.cache_dir, s.index_ttl) == ("http://127.0.0.1:1/simple", "/srv/cache", 30)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -151,9 +152,27 @@ def test_rendered_links_point_at_the_proxy() -> None:
         "../../files/demo/demo-1.1-py3-none-any.whl",
         "../../files/demo/demo-1.2-py3-none-any.whl",
     ]
-    assert data["meta"]["api-version"] == "1.4"
     assert data["versions"] == ["1.0", "1.1", "1.2"]
     assert data["project-status"] == {"status": "quarantined", "reason": "under review"}
+    # HTML carries no sizes, and api-version 1.1 makes them mandatory.
+    assert data["meta"]["api-version"] == "1.0"
+    sized = attrs.evolve(page, files=tuple(attrs.evolve(f, size=1) for f in page.files))
+    assert json.loads(render_page(sized, JSON_V1))["meta"]["api-version"] == "1.4"
+    assert (
+        json.loads(render_page(attrs.evolve(sized, api_version="1.0"), JSON_V1))["meta"]["api-version"]
+        == "1.1"
+    )
+    assert (
+        json.loads(render_page(attrs.evolve(sized, api_version="9.0"), JSON_V1))["meta"]["api-version"]
+        == "1.4"
+    )
+
+
+def test_nonsense_repository_version_is_read_as_1_0() -> None:
+    body = HTML_PAGE.replace(b'content="1.4"', b'content=""')
+    page = parse_project_html("demo", body, BASE)
+    assert page.api_version == "1.0"
+    assert b'content="1.0"' in render_page(page, HTML_LEGACY)
 
 
 @pytest.mark.parametrize(

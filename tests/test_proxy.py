@@ -22,7 +22,7 @@ from twisted.web.server import Site
 
 from tests.conftest import Running, Served, get_reactor, listen
 from txpypi.index import HTML_LEGACY, HTML_V1, JSON_V1
-from txpypi.testing import Dist
+from txpypi.testing import Dist, FakeUpstream, build_wheel
 
 JSON_ACCEPT = {b"Accept": [JSON_V1.encode()]}
 
@@ -398,3 +398,80 @@ async def test_client_that_leaves_does_not_cancel_the_fetch(
     response = await http.get(url)
     assert await response.content() == big.content
     assert json_upstream.fake.requests["/packages/" + big.filename] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_stalled_upstream_fails_promptly(
+    json_upstream: Served, tmp_path: Path, http: HTTPClient
+) -> None:
+    """
+    An upstream that stops sending mid-page or mid-file: the fetch fails
+    after --read-timeout (0.3 s here), the client of the page gets 504, the
+    clients of the file are aborted, and nothing is left in flight.
+    """
+    from txpypi.config import Settings
+    from txpypi.tap import build
+
+    json_upstream.fake.page_faults["beta"] = "stall"
+    json_upstream.fake.faults["gamma-0.5-py3-none-any.whl"] = "stall"
+    settings = Settings(
+        listen=(), upstream=json_upstream.url, cache_dir=str(tmp_path / "c"), read_timeout=0.3
+    )
+    service, proxy = build(settings, get_reactor())
+    service.startService()
+    port = listen(proxy.site())
+    running = Running(proxy, service, port)
+    try:
+        response = await http.get(running.url + "/simple/beta/")
+        body = await response.content()
+        assert response.code == 504 and b"timed out" in body
+        assert "default/simple/beta/" not in proxy.pages._flights
+
+        response = await http.get(running.url + "/files/gamma/gamma-0.5-py3-none-any.whl", unbuffered=True)  # type: ignore[call-arg]
+        assert response.code == 200
+        c = _Collector()
+        response.deliverBody(c)
+        await c.done
+        assert c.reason is not None and not c.reason.check(ResponseDone)
+        await Deferred.fromCoroutine(proxy.files.wait_idle())
+        assert cached_files(running) == []
+    finally:
+        await running.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_another_upstream_or_hash_is_fetched_again(
+    json_upstream: Served, proxy_factory: Any, http: HTTPClient, tmp_path: Path, dists: list[Dist]
+) -> None:
+    """
+    A cached file is served only while it is what the configured upstream
+    lists: after switching upstream, or when a fresh index lists another
+    hash, it is fetched again.
+    """
+    name = "gamma-0.5-py3-none-any.whl"
+    first = proxy_factory(json_upstream.url, tmp_path / "c")
+    assert await (await http.get(first.url + "/files/gamma/" + name)).content() == find(dists, name).content
+    await Deferred.fromCoroutine(first.proxy.files.wait_idle())
+    await first.stop()
+
+    other = FakeUpstream([build_wheel("gamma", "0.5", ["beta"])])
+    port = listen(Site(other))
+    try:
+        second = proxy_factory(f"http://127.0.0.1:{port.getHost().port}/simple/", tmp_path / "c")
+        response = await http.get(second.url + "/files/gamma/" + name)
+        assert header(response, "x-cache") == "MISS"
+        replacement = other.dists["gamma"][0].content
+        assert replacement != find(dists, name).content
+        assert await response.content() == replacement
+        await Deferred.fromCoroutine(second.proxy.files.wait_idle())
+        # Same upstream, same name, new bytes: the fresh index says so.
+        other.dists["gamma"] = [build_wheel("gamma", "0.5", ["alpha"])]
+        second.proxy.pages.ttl = 0  # the next page request goes upstream
+        await (await http.get(second.url + "/simple/gamma/")).content()
+        second.proxy.pages.ttl = 600
+        response = await http.get(second.url + "/files/gamma/" + name)
+        assert header(response, "x-cache") == "MISS"
+        assert await response.content() == other.dists["gamma"][0].content
+        assert other.requests["/packages/" + name] == 2
+    finally:
+        await port.stopListening()

@@ -222,3 +222,26 @@ async def test_disk_store(tmp_path: Path) -> None:
         assert await store.open(file_key("cd" * 32, "missing.whl")) is None
     finally:
         pool.stop()
+
+
+def test_sender_aborts_the_client_on_a_read_error() -> None:
+    """
+    A store that fails mid-file must never yield a complete-looking body:
+    the connection is aborted instead of finished.
+    """
+    from twisted.internet.testing import StringTransport
+
+    class Broken(_Source):
+        def read(self, offset: int, length: int) -> Deferred[bytes]:
+            if offset >= 10:
+                raise OSError(5, "Input/output error")
+            return succeed(self.data[offset:10])
+
+    request, _ = _request()
+    transport = StringTransport()
+    request.channel.transport = transport
+    request.setHeader(b"content-length", b"20")
+    source = Broken(b"x" * 20)
+    Sender(request, source).start()
+    assert transport.disconnected and not request.finished and source.closed
+    assert transport.value().endswith(b"\r\n\r\n" + b"x" * 10)

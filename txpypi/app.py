@@ -46,10 +46,17 @@ def _text(request: Request, code: int, reason: str) -> bytes:
 
 
 def _finish_text(request: Request, code: int, reason: str) -> None:
+    if request._disconnected or request.finished:
+        return
+    if request.startedWriting:
+        # Too late for a status: never let a body look complete.
+        transport: Any = request.channel.transport if request.channel else None
+        if transport is not None:
+            transport.abortConnection()
+        return
     body = _text(request, code, reason)
-    if not request._disconnected and not request.finished:
-        request.write(body)
-        request.finish()
+    request.write(body)
+    request.finish()
 
 
 def _redirect(request: Request, location: str) -> bytes:

@@ -38,6 +38,9 @@ class Settings:
     upstream: str = DEFAULT_UPSTREAM
     cache_dir: str = attrs.field(factory=default_cache_dir)
     index_ttl: float = 600.0
+    connect_timeout: float = 10.0
+    response_timeout: float = 30.0
+    read_timeout: float = 60.0
 
 
 def _listen(value: Any) -> tuple[str, ...]:
@@ -81,6 +84,9 @@ KEYS = {
     "upstream": ("upstream", _upstream),
     "cache-dir": ("cache_dir", _cache_dir),
     "index-ttl": ("index_ttl", _seconds("index-ttl")),
+    "connect-timeout": ("connect_timeout", _seconds("connect-timeout")),
+    "response-timeout": ("response_timeout", _seconds("response-timeout")),
+    "read-timeout": ("read_timeout", _seconds("read-timeout")),
 }
 
 

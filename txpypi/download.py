@@ -90,6 +90,7 @@ class Flight:
     _metadata: IMetadata
     _clock: Any
     _on_done: Callable[[Flight, FileRecord | None], None]
+    read_timeout: float = 60.0
     size: int | None = None
     written: int = 0
     verified: bool = False
@@ -103,18 +104,35 @@ class Flight:
     done: bool = False
     _waiters: list[Deferred[None]] = attrs.field(factory=list)
     _done_waiters: list[Deferred[None]] = attrs.field(factory=list)
+    _body: Any = None
+    _idle: Any = None
 
     def start(self) -> None:
-        fd_path = os.path.join(self._store.spool_dir, f"{os.getpid()}-{id(self):x}-{time.time_ns()}.part")
-        self._spool_path = fd_path
-        self._fd = os.open(fd_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        self._read_fd = os.open(fd_path, os.O_RDONLY)
+        """
+        Create the spool file and start the upstream fetch.
+
+        @raise OSError: if the spool file cannot be created.
+        """
+        path = os.path.join(self._store.spool_dir, f"{os.getpid()}-{id(self):x}-{time.time_ns()}.part")
+        self._spool_path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            self._read_fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            os.close(self._fd)
+            self._unlink()
+            raise
         self._hasher = Hasher(self.wanted.expected_hash)
         Deferred.fromCoroutine(self._fetch()).addErrback(self._crashed)
 
     def _crashed(self, failure: Failure) -> None:
         log.failure("download of {url} crashed", failure, url=self.wanted.url)
-        self._fail(FlightFailed(502, "internal error while fetching"))
+        if self.verified:
+            # Clients have their bytes; only the caching went wrong.
+            self._unlink()
+            self._finish(None)
+        else:
+            self._fail(FlightFailed(502, "internal error while fetching"))
 
     async def _fetch(self) -> None:
         try:
@@ -127,13 +145,21 @@ class Flight:
             return
         length = None if response.length is UNKNOWN_LENGTH else int(response.length)
         if self.wanted.size is not None and length is not None and length != self.wanted.size:
-            response.deliverBody(_Sink(None))
+            response.deliverBody(_Sink(None))  # drops the connection
             self._fail(FlightFailed(502, "upstream Content-Length disagrees with the index's size"))
             return
         self.size = length if length is not None else self.wanted.size
         self.has_started = True
         self._wake()
+        self._idle = self._clock.callLater(self.read_timeout, self._stalled)
         response.deliverBody(_Sink(self))
+
+    def _stalled(self) -> None:
+        self._idle = None
+        self._fail(FlightFailed(504, f"upstream sent nothing for {self.read_timeout:g} seconds"))
+
+    def receiving(self, transport: Any) -> None:
+        self._body = transport
 
     # -- called by the body protocol
 
@@ -141,25 +167,36 @@ class Flight:
         if self.failure is not None:
             return
         assert self._hasher is not None
+        if self._idle is not None:
+            self._idle.reset(self.read_timeout)
+        if self.size is not None and self.written + len(data) > self.size:
+            self._fail(FlightFailed(502, "upstream sent more bytes than announced"))
+            return
         try:
-            os.write(self._fd, data)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
         except OSError as e:
             self._fail(FlightFailed(502, f"could not spool the download: {e.strerror}"))
             return
         self._hasher.update(data)
         self.written += len(data)
-        if self.size is not None and self.written > self.size:
-            self._fail(FlightFailed(502, "upstream sent more bytes than announced"))
-            return
         self._wake()
 
     def ended(self, reason: Failure) -> None:
         if self.failure is not None:
             return
+        self._body = None
+        self._cancel_idle()
         if not reason.check(ResponseDone, PotentialDataLoss):
             self._fail(FlightFailed(502, f"upstream connection lost after {self.written} bytes"))
             return
         assert self._hasher is not None
+        if reason.check(PotentialDataLoss) and self.size is None and self.wanted.expected_hash is None:
+            # A body delimited by the connection closing, with neither a
+            # length nor a hash to check it against: a cut looks the same.
+            self._fail(FlightFailed(502, "upstream sent no length and the index no hash"))
+            return
         if self.size is not None and self.written != self.size:
             self._fail(FlightFailed(502, f"upstream sent {self.written} of {self.size} bytes"))
             return
@@ -208,6 +245,10 @@ class Flight:
         if self.failure is not None or self.verified:
             return
         self.failure = failure
+        self._cancel_idle()
+        if self._body is not None:
+            body, self._body = self._body, None
+            body.stopProducing()  # stop downloading what nobody will get
         log.warn(
             "download of {url} failed, nothing cached: {reason}",
             url=self.wanted.url,
@@ -219,6 +260,12 @@ class Flight:
         self._unlink()
         self._wake()
         self._finish(None)
+
+    def _cancel_idle(self) -> None:
+        if self._idle is not None:
+            if self._idle.active():
+                self._idle.cancel()
+            self._idle = None
 
     def _unlink(self) -> None:
         try:
@@ -307,7 +354,10 @@ class Flight:
                 raise self.failure
             limit = self.readable()
             if offset < limit:
-                return os.pread(self._read_fd, min(length, limit - offset), offset)
+                data = os.pread(self._read_fd, min(length, limit - offset), offset)
+                if not data:
+                    raise FlightFailed(502, "spool file shorter than written")
+                return data
             if self.verified:
                 return b""
             await self._wait()
@@ -339,8 +389,11 @@ class _Sink:
     def __init__(self, flight: Flight | None) -> None:
         self._flight = flight
 
-    def makeConnection(self, transport: object) -> None:
-        pass
+    def makeConnection(self, transport: Any) -> None:
+        if self._flight is None:
+            transport.stopProducing()
+        else:
+            self._flight.receiving(transport)
 
     def dataReceived(self, data: bytes) -> None:
         if self._flight is not None:
@@ -389,8 +442,13 @@ class Sender:
                 self._request.write(data)
         except CancelledError:
             pass
-        except FlightFailed:
+        except Exception as e:
+            # The client has headers and part of the body: all we can do is
+            # make sure it cannot mistake that part for the whole.
+            if not isinstance(e, FlightFailed):
+                log.failure("sending a file failed; aborting the client")
             self._stopped = True
+            self._request.unregisterProducer()
             self._abort()
         finally:
             self._source.close()

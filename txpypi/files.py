@@ -85,10 +85,41 @@ class FileCache:
         while len(self._records) > self.max_records:
             self._records.popitem(last=False)
 
-    async def _open_record(self, record: FileRecord) -> Opened | None:
-        reader = await self._store.open(record.store_key)
+    def _outdated(self, record: FileRecord, project: str, filename: str) -> str | None:
+        """
+        Why a cached file must not be served any more, if it must not: it
+        came from another upstream, or the fresh index lists another hash.
+        """
+        if record.upstream != self.pages.upstream.url:
+            return f"it came from another upstream ({record.upstream})"
+        page = self.pages.fresh(project)
+        if page is None or not isinstance(page.model, ProjectPage):
+            return None
+        dist = page.model.find(filename.removesuffix(METADATA_SUFFIX))
+        wanted = None if dist is None else wanted_for(record.key, record.upstream, dist, filename)
+        if wanted is not None and wanted.expected_hash is not None:
+            algorithm, value = wanted.expected_hash
+            if algorithm == "sha256" and value != record.sha256:
+                return "the index now lists another hash"
+        return None
+
+    async def _open_record(self, record: FileRecord, project: str, filename: str) -> Opened | None:
+        """
+        Open a cached file, or return L{None} (and forget the record) when
+        it is gone, damaged or outdated, so that it is fetched again.
+        """
+        why = self._outdated(record, project, filename)
+        reader = None if why is not None else await self._store.open(record.store_key)
+        if reader is not None and reader.size != record.size:
+            why = f"it has {reader.size} bytes, not {record.size}"
+            reader.close()
+            reader = None
         if reader is None:
-            log.warn("cached file {key} is gone from the store; fetching it again", key=record.key)
+            log.warn(
+                "not serving cached {key}: {why}; fetching it again",
+                key=record.key,
+                why=why or "it is gone from the store",
+            )
             self._records.pop(record.key, None)
             await self._metadata.delete_file(record.key)
             return None
@@ -113,7 +144,7 @@ class FileCache:
             # A flight may land while we read the store: check memory again.
             record = await self._metadata.get_file(key) or self._records.get(key)
         if record is not None:
-            opened = await self._open_record(record)
+            opened = await self._open_record(record, project, filename)
             if opened is not None:
                 return opened
         flight = self.flights.get(key)
@@ -121,7 +152,7 @@ class FileCache:
             page, _ = await self.pages.get(project)
             assert isinstance(page.model, ProjectPage)
             dist = page.model.find(filename.removesuffix(METADATA_SUFFIX))
-            wanted = None if dist is None else wanted_for(key, self.pages.upstream.name, dist, filename)
+            wanted = None if dist is None else wanted_for(key, self.pages.upstream.url, dist, filename)
             if wanted is None:
                 raise NotListed(filename)
             if not fetch:
@@ -129,7 +160,7 @@ class FileCache:
             # Another request may have fetched or started it meanwhile.
             record = self._records.get(key)
             if record is not None:
-                opened = await self._open_record(record)
+                opened = await self._open_record(record, project, filename)
                 if opened is not None:
                     return opened
             flight = self.flights.get(key) or self._start(wanted)
@@ -154,7 +185,15 @@ class FileCache:
             await next(iter(self.flights.values())).when_done()
 
     def _start(self, wanted: Wanted) -> Flight:
-        flight = Flight(wanted, self._client, self._store, self._metadata, self._clock, self._landed)
+        flight = Flight(
+            wanted,
+            self._client,
+            self._store,
+            self._metadata,
+            self._clock,
+            self._landed,
+            read_timeout=self._client.read_timeout,
+        )
         self.flights[wanted.key] = flight
         log.info("fetching {url}", url=wanted.url)
         try:

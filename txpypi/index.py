@@ -181,9 +181,15 @@ def _parse_version(value: Any) -> tuple[int, int]:
         raise IndexParseError(f"bad api-version {value!r}") from e
 
 
-def _served_api_version(upstream: str) -> str:
-    version = min(max(_parse_version(upstream), (1, 1)), MAX_API_VERSION)
-    return f"{version[0]}.{version[1]}"
+def _html_api_version(value: str) -> str:
+    """
+    An HTML page's declared version, or C{1.0} when it makes no sense.
+    """
+    try:
+        _parse_version(value)
+    except IndexParseError:
+        return "1.0"
+    return value
 
 
 def _hashes_from_fragment(url: str) -> tuple[str, dict[str, str]]:
@@ -278,7 +284,7 @@ def parse_project_html(name: str, body: bytes, base_url: str) -> ProjectPage:
     return ProjectPage(
         name=name,
         files=tuple(files),
-        api_version=parser.meta.get("pypi:repository-version", "1.0"),
+        api_version=_html_api_version(parser.meta.get("pypi:repository-version", "1.0")),
         status=parser.meta.get("pypi:project-status") or None,
         status_reason=parser.meta.get("pypi:project-status-reason") or None,
     )
@@ -404,7 +410,7 @@ def parse_project_list(body: bytes, content_type: str) -> ProjectList:
     parser = _feed(body, "")
     return ProjectList(
         projects=tuple(text for _, text in parser.anchors if text),
-        api_version=parser.meta.get("pypi:repository-version", "1.0"),
+        api_version=_html_api_version(parser.meta.get("pypi:repository-version", "1.0")),
     )
 
 
@@ -439,8 +445,20 @@ def page_versions(page: ProjectPage) -> tuple[str, ...]:
     return tuple(seen)
 
 
-def served_api_version(page: ProjectPage) -> str:
-    return _served_api_version(page.api_version)
+def served_api_version(page: ProjectPage, json: bool) -> str:
+    """
+    The api-version we can honestly claim for a page we render: what the
+    upstream declared, capped at what we understand.  JSON claims at least
+    1.1 (PEP 700) when every file has its size, and 1.0 when some do not,
+    because 1.1 makes C{size} mandatory.
+    """
+    version = min(_parse_version(page.api_version), MAX_API_VERSION)
+    if json:
+        if all(f.size is not None for f in page.files):
+            version = max(version, (1, 1))
+        else:
+            version = (1, 0)
+    return f"{version[0]}.{version[1]}"
 
 
 def local_href(project: str, filename: str) -> str:
@@ -479,7 +497,7 @@ def render_project_html(page: ProjectPage, href_for: HrefFor) -> bytes:
         "<!DOCTYPE html>",
         "<html>",
         "  <head>",
-        f'    <meta name="pypi:repository-version" content="{served_api_version(page)}">',
+        f'    <meta name="pypi:repository-version" content="{served_api_version(page, json=False)}">',
     ]
     if page.status:
         lines.append(f'    <meta name="pypi:project-status" content="{escape(page.status)}">')
@@ -527,7 +545,7 @@ def _file_json(f: DistFile, href_for: HrefFor) -> dict[str, Any]:
 
 
 def project_json(page: ProjectPage, href_for: HrefFor) -> dict[str, Any]:
-    meta: dict[str, Any] = {"api-version": served_api_version(page)}
+    meta: dict[str, Any] = {"api-version": served_api_version(page, json=True)}
     if page.last_serial is not None:
         meta["_last-serial"] = page.last_serial
     data: dict[str, Any] = {

@@ -175,6 +175,8 @@ class PageCache:
         return await self._flights.run(key, lambda: self._fetch(project)), False
 
     def _load(self, project: str | None, record: PageRecord) -> CachedPage | None:
+        if record.upstream != self.upstream.url:
+            return None  # stored while another upstream was configured
         try:
             model: ProjectPage | ProjectList
             if project is None:
@@ -206,7 +208,7 @@ class PageCache:
         self._remember(page)
         record = PageRecord(
             key=page.key,
-            upstream=self.upstream.name,
+            upstream=self.upstream.url,
             url=fetched.url,
             body=page.dump(),
             fetched_at=page.fetched_at,

@@ -62,6 +62,25 @@ class Options(usage.Options):
         """
         self.given["index-ttl"] = seconds
 
+    def opt_connect_timeout(self, seconds: str) -> None:
+        """
+        Seconds to wait for a connection to the upstream (default: 10).
+        """
+        self.given["connect-timeout"] = seconds
+
+    def opt_response_timeout(self, seconds: str) -> None:
+        """
+        Seconds to wait for the upstream's response headers (default: 30).
+        """
+        self.given["response-timeout"] = seconds
+
+    def opt_read_timeout(self, seconds: str) -> None:
+        """
+        Seconds the upstream may send nothing in the middle of a page or file
+        before the fetch fails (default: 60).
+        """
+        self.given["read-timeout"] = seconds
+
     def opt_config(self, path: str) -> None:
         """
         A YAML file with the same settings as these options.
@@ -125,7 +144,12 @@ def build(settings: config.Settings, reactor: Any) -> tuple[MultiService, Proxy]
     store = DiskStore(cache_dir, io_pool, reactor)
     store.prepare()
     metadata = SqliteMetadata(cache_dir / "metadata.sqlite", db_pool, reactor)
-    client = UpstreamClient(reactor)
+    client = UpstreamClient(
+        reactor,
+        connect_timeout=settings.connect_timeout,
+        response_timeout=settings.response_timeout,
+        read_timeout=settings.read_timeout,
+    )
     CleanupService(client, metadata).setServiceParent(service)
     pages = PageCache(reactor, client, metadata, Upstream("upstream", settings.upstream), settings.index_ttl)
     files = FileCache(reactor, client, store, metadata, pages)

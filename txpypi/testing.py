@@ -11,6 +11,7 @@ import base64
 import hashlib
 import io
 import json
+import os
 import tarfile
 import zipfile
 from collections import Counter
@@ -19,12 +20,18 @@ from typing import Literal
 
 import attrs
 from packaging.utils import canonicalize_name
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
+
+from txpypi.stores import IFileReader, IFileStore
 
 Mode = Literal["json", "html"]
-Fault = Literal["cut", "wrong-bytes", "500", "404"]
+#: "cut": send half the body, then reset the connection; "stall": send the
+#: headers and part of the body, then nothing more; "wrong-bytes": flip the
+#: first byte; "500"/"404": answer with that status.
+Fault = Literal["cut", "stall", "wrong-bytes", "500", "404"]
 
 
 @attrs.frozen
@@ -202,11 +209,15 @@ class FakeUpstream(Resource):
         links = "".join(f'<a href="{p}/">{p}</a>\n' for p in sorted(self.dists))
         return f"<html><body>{links}</body></html>".encode()
 
-    def _render_project(self, request: Request, name: str) -> bytes:
+    def _render_project(self, request: Request, name: str) -> bytes | int:
         fault = self.page_faults.get(name)
         if fault is not None and fault in ("500", "404"):
             request.setResponseCode(int(fault))
             return b"injected"
+        if fault == "stall":
+            request.setHeader("content-type", "text/html")
+            request.write(b"<html><body>")
+            return NOT_DONE_YET
         dists = self.dists.get(name)
         if dists is None:
             request.setResponseCode(404)
@@ -278,6 +289,9 @@ class FakeUpstream(Resource):
         if request.method == b"HEAD":
             return b""
         half = len(content) // 2
+        if fault == "stall":
+            request.write(content[:half])
+            return NOT_DONE_YET
         hold = self.holds.get(filename)
         if hold is None and fault != "cut":
             return content
@@ -297,3 +311,49 @@ class FakeUpstream(Resource):
         else:
             hold.addCallback(rest)
         return NOT_DONE_YET
+
+
+@implementer(IFileReader)
+@attrs.define
+class BytesReader:
+    """
+    A reader of bytes in memory.
+    """
+
+    data: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    def read(self, offset: int, length: int) -> Deferred[bytes]:
+        return succeed(self.data[offset : offset + length])
+
+    def close(self) -> None:
+        pass
+
+
+@implementer(IFileStore)
+@attrs.define
+class MemoryStore:
+    """
+    A file store in a dictionary, with its spool directory on disk (flights
+    spool to real files).
+    """
+
+    spool_dir: str
+    files: dict[str, bytes] = attrs.field(factory=dict)
+
+    def commit(self, spool_path: str, key: str) -> Deferred[None]:
+        with open(spool_path, "rb") as f:
+            self.files[key] = f.read()
+        os.unlink(spool_path)
+        return succeed(None)
+
+    def open(self, key: str) -> Deferred[IFileReader | None]:
+        data = self.files.get(key)
+        return succeed(None if data is None else BytesReader(data))
+
+    def delete(self, key: str) -> Deferred[None]:
+        self.files.pop(key, None)
+        return succeed(None)

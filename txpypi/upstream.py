@@ -13,11 +13,13 @@ from typing import Any
 from urllib.parse import quote
 
 import attrs
-import treq
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
-from twisted.web.client import Agent, HTTPConnectionPool, RedirectAgent, ResponseFailed
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, RedirectAgent, ResponseDone, ResponseFailed
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 
@@ -93,6 +95,7 @@ class UpstreamClient:
     _reactor: Any
     connect_timeout: float = 10.0
     response_timeout: float = 30.0
+    read_timeout: float = 60.0
     _agent: IAgent | None = None
     _pool: HTTPConnectionPool = attrs.field(init=False)
     _treq: HTTPClient = attrs.field(init=False)
@@ -121,9 +124,11 @@ class UpstreamClient:
         headers = Headers({b"Accept": [UPSTREAM_ACCEPT.encode()], b"User-Agent": [USER_AGENT]})
         try:
             response = await self._treq.get(
-                url, headers=headers, timeout=self.response_timeout, reactor=self._reactor
+                url, headers=headers, timeout=self.response_timeout, reactor=self._reactor, unbuffered=True
             )
-            body = await treq.content(response)
+            collector = _Collect(self._reactor, self.read_timeout)
+            response.deliverBody(collector)
+            body = await collector.done
         except Exception as e:
             raise _classify(e, url) from e
         if response.code in (404, 410):
@@ -164,6 +169,40 @@ class UpstreamClient:
             response.deliverBody(_Discard())
             raise UpstreamError(502, f"upstream answered {response.code} for {url}")
         return response
+
+
+class _Collect(Protocol):
+    """
+    Collects a page body, failing with L{TimeoutError} when the upstream
+    sends nothing for C{idle} seconds (and dropping that connection).
+    """
+
+    def __init__(self, clock: Any, idle: float) -> None:
+        self.done: Deferred[bytes] = Deferred()
+        self._chunks: list[bytes] = []
+        self._idle = idle
+        self._timer = clock.callLater(idle, self._stalled)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._chunks.append(data)
+        if self._timer.active():
+            self._timer.reset(self._idle)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._timer.active():
+            self._timer.cancel()
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self._chunks))
+        else:
+            self.done.errback(reason)
+
+    def _stalled(self) -> None:
+        self.done.errback(TimeoutError("no data from the upstream"))
+        transport: Any = self.transport
+        if transport is not None:
+            transport.stopProducing()  # deliverBody's transport is an IPushProducer
 
 
 class _Discard:

@@ -1,0 +1,194 @@
+"""
+One upstream fetch (L{Flight}) driven by hand: a fake response whose body
+the test delivers byte by byte, and a L{Clock} for the idle timeout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone, ResponseFailed
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH
+
+from txpypi.download import Flight, FlightFailed, Wanted
+from txpypi.metadata import FileRecord, MemoryMetadata
+from txpypi.testing import MemoryStore
+
+DATA = b"0123456789" * 100
+SHA = hashlib.sha256(DATA).hexdigest()
+
+
+class BodyTransport:
+    def __init__(self) -> None:
+        self.stopped = False
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+
+@attrs.define
+class FakeResponse:
+    length: Any
+    code: int = 200
+    headers: Headers = attrs.field(factory=Headers)
+    protocol: Any = None
+    transport: BodyTransport = attrs.field(factory=BodyTransport)
+
+    def deliverBody(self, protocol: Any) -> None:
+        self.protocol = protocol
+        protocol.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> None:
+        for i in range(len(data)):  # one byte at a time
+            self.protocol.dataReceived(data[i : i + 1])
+
+    def end(self, exception: BaseException) -> None:
+        self.protocol.connectionLost(Failure(exception))
+
+
+@attrs.define
+class FakeClient:
+    response: FakeResponse
+    read_timeout: float = 5.0
+
+    async def open_file(self, url: str) -> FakeResponse:
+        return self.response
+
+
+@attrs.define
+class Harness:
+    flight: Flight
+    response: FakeResponse
+    clock: Clock
+    store: MemoryStore
+    landed: list[FileRecord | None]
+    spool: Path
+
+
+def harness(
+    tmp_path: Path,
+    length: Any = len(DATA),
+    expected: tuple[str, str] | None = ("sha256", SHA),
+    size: int | None = None,
+) -> Harness:
+    response = FakeResponse(length)
+    clock = Clock()
+    store = MemoryStore(str(tmp_path))
+    landed: list[FileRecord | None] = []
+    wanted = Wanted("g/p/p-1.whl", "p-1.whl", "http://u/", "http://u/p-1.whl", expected, size)
+    flight = Flight(
+        wanted,
+        FakeClient(response),  # type: ignore[arg-type]
+        store,
+        MemoryMetadata(),
+        clock,
+        lambda f, record: landed.append(record),
+        read_timeout=5.0,
+    )
+    flight.start()
+    return Harness(flight, response, clock, store, landed, tmp_path)
+
+
+def read(flight: Flight, offset: int) -> Any:
+    """
+    Read through a reader of its own, as a client does; the result, a
+    Failure, or None while the read waits.
+    """
+    reader = flight.reader()
+    out: list[Any] = []
+    reader.read(offset, 1 << 20).addBoth(out.append)
+    if out:
+        reader.close()
+    return out[0] if out else None
+
+
+def test_verified_file_is_committed(tmp_path: Path) -> None:
+    h = harness(tmp_path)
+    client = h.flight.reader()  # a client keeps the spool open past the commit
+    h.response.send(DATA)
+    # Everything but the last byte is available before verification.
+    assert h.flight.readable() == len(DATA) - 1
+    assert read(h.flight, 0) == DATA[:-1]
+    assert read(h.flight, len(DATA) - 1) is None  # waits
+    h.response.end(ResponseDone())
+    assert h.flight.verified and h.flight.sha256() == SHA
+    assert read(h.flight, len(DATA) - 1) == DATA[-1:]
+    (record,) = h.landed
+    assert record is not None and record.sha256 == SHA and record.size == len(DATA)
+    assert h.store.files[record.store_key] == DATA
+    client.close()
+
+
+@pytest.mark.parametrize(
+    "send, end, why",
+    [
+        (DATA[:-1] + b"X", ResponseDone(), "hash"),
+        (DATA[:500], ResponseFailed([Failure(ConnectionResetError())]), "connection lost"),
+        (DATA[:500], PotentialDataLoss(), "of 1000"),
+    ],
+)
+def test_bad_bodies_fail_and_leave_nothing(tmp_path: Path, send: bytes, end: BaseException, why: str) -> None:
+    h = harness(tmp_path)
+    h.response.send(send)
+    h.response.end(end)
+    assert h.flight.failure is not None and why in h.flight.failure.reason
+    failure = read(h.flight, 0)
+    assert isinstance(failure, Failure) and failure.check(FlightFailed)
+    assert h.landed == [None] and h.store.files == {}
+    assert list(h.spool.iterdir()) == []
+
+
+def test_close_delimited_body_needs_a_length_or_a_hash(tmp_path: Path) -> None:
+    """
+    A body that ends when the connection closes cannot be told from a cut
+    one: without a size or a hash to check, it is refused.
+    """
+    h = harness(tmp_path, length=UNKNOWN_LENGTH, expected=None)
+    h.response.send(DATA[:300])
+    h.response.end(PotentialDataLoss())
+    assert h.flight.failure is not None and h.landed == [None]
+
+    (tmp_path / "checked").mkdir()
+    checked = harness(tmp_path / "checked", length=UNKNOWN_LENGTH)
+    checked.response.send(DATA)
+    checked.response.end(PotentialDataLoss())
+    assert checked.flight.verified
+
+
+def test_more_bytes_than_the_index_said(tmp_path: Path) -> None:
+    h = harness(tmp_path, length=UNKNOWN_LENGTH, expected=None, size=100)
+    h.response.send(DATA[:101])
+    assert h.flight.failure is not None and "more bytes" in h.flight.failure.reason
+    assert h.response.transport.stopped  # the rest is not downloaded
+
+
+def test_stalled_upstream_times_out(tmp_path: Path) -> None:
+    """
+    The idle timer restarts with every byte; when it runs out the fetch fails
+    with 504 and the upstream connection is dropped.
+    """
+    h = harness(tmp_path)
+    h.response.send(DATA[:10])
+    h.clock.advance(4)
+    h.response.send(DATA[10:20])
+    h.clock.advance(4)
+    assert h.flight.failure is None
+    h.clock.advance(1.5)
+    assert h.flight.failure is not None and h.flight.failure.status == 504
+    assert h.response.transport.stopped
+    assert h.landed == [None] and list(h.spool.iterdir()) == []
+    assert h.clock.getDelayedCalls() == []
