@@ -11,11 +11,12 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Generic, TypeVar
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txpypi.index import (
+    HTML_LEGACY,
     JSON_V1,
     IndexParseError,
     ProjectList,
@@ -29,7 +30,7 @@ from txpypi.index import (
     render_project_list_json,
 )
 from txpypi.metadata import IMetadata, PageRecord
-from txpypi.upstream import Upstream, UpstreamClient, UpstreamError, UpstreamNotFound
+from txpypi.upstream import FetchedPage, Upstream, UpstreamClient, UpstreamError, UpstreamNotFound
 
 log = Logger()
 
@@ -71,33 +72,54 @@ class SingleFlight(Generic[K, T]):
 @attrs.define(eq=False)
 class CachedPage:
     """
-    A page in memory, with its bodies rendered once per content type.
+    A page in memory, with its bodies rendered in advance: serving it is a
+    dictionary lookup.
     """
 
     key: str
     model: ProjectPage | ProjectList
     fetched_at: float
-    etag: str | None = None
-    last_modified: str | None = None
-    _bodies: dict[str, bytes] = attrs.field(factory=dict)
+    etag: str | None
+    last_modified: str | None
+    html: bytes
+    json: bytes
 
     def body(self, content_type: str) -> bytes:
-        body = self._bodies.get(content_type)
-        if body is None:
-            if isinstance(self.model, ProjectList):
-                if content_type == JSON_V1:
-                    body = render_project_list_json(self.model.projects)
-                else:
-                    body = render_project_list_html(self.model.projects)
-            else:
-                body = render_page(self.model, content_type)
-            self._bodies[content_type] = body
-        return body
+        return self.json if content_type == JSON_V1 else self.html
 
     def dump(self) -> bytes:
         if isinstance(self.model, ProjectList):
-            return render_project_list_json(self.model.projects)
+            return self.json
         return dump_page(self.model)
+
+
+def prepare(
+    key: str,
+    model: ProjectPage | ProjectList,
+    fetched_at: float,
+    etag: str | None = None,
+    last_modified: str | None = None,
+) -> CachedPage:
+    """
+    Render a page's bodies.  Pure; run in a thread for large pages.
+    """
+    if isinstance(model, ProjectList):
+        html = render_project_list_html(model.projects)
+        json = render_project_list_json(model.projects)
+    else:
+        html = render_page(model, HTML_LEGACY)
+        json = render_page(model, JSON_V1)
+    return CachedPage(key, model, fetched_at, etag, last_modified, html, json)
+
+
+Blocking = Callable[..., Deferred[Any]]
+
+
+def inline(f: Callable[..., T], *args: Any) -> Deferred[T]:
+    """
+    Run C{f} now; for tests and small deployments.
+    """
+    return maybeDeferred(f, *args)
 
 
 class NotFound(Exception):
@@ -119,6 +141,8 @@ class PageCache:
     ttl: float
     group: str = "default"
     max_pages: int = 4096
+    #: Runs parsing and rendering (pure, CPU-bound) off the reactor thread.
+    _blocking: Blocking = inline
     _memory: OrderedDict[str, CachedPage] = attrs.field(factory=OrderedDict)
     _flights: SingleFlight[str, CachedPage] = attrs.field(factory=SingleFlight)
 
@@ -163,7 +187,7 @@ class PageCache:
         if key not in self._flights and key not in self._memory:
             record = await self._metadata.get_page(key)
             if record is not None:
-                loaded = self._load(project, record)
+                loaded = await self._blocking(self._load, project, record)
                 if loaded is not None:
                     self._remember(loaded)
                     if self.remaining(loaded) > 0:
@@ -186,7 +210,16 @@ class PageCache:
         except IndexParseError:
             log.warn("ignoring unreadable stored page {key}", key=record.key)
             return None
-        return CachedPage(record.key, model, record.fetched_at, record.etag, record.last_modified)
+        return prepare(record.key, model, record.fetched_at, record.etag, record.last_modified)
+
+    def _parse(self, project: str | None, fetched: FetchedPage, now: float) -> tuple[CachedPage, bytes]:
+        model: ProjectPage | ProjectList
+        if project is None:
+            model = parse_project_list(fetched.body, fetched.content_type)
+        else:
+            model = parse_project(project, fetched.body, fetched.content_type, fetched.url)
+        page = prepare(self.key(project), model, now, fetched.etag, fetched.last_modified)
+        return page, page.dump()
 
     async def _fetch(self, project: str | None) -> CachedPage:
         url = self.upstream.project_url(project) if project else self.upstream.list_url()
@@ -195,22 +228,18 @@ class PageCache:
         except UpstreamNotFound:
             raise NotFound(project) from None
         try:
-            model: ProjectPage | ProjectList
-            if project is None:
-                model = parse_project_list(fetched.body, fetched.content_type)
-            else:
-                model = parse_project(project, fetched.body, fetched.content_type, fetched.url)
+            parsed: tuple[CachedPage, bytes] = await self._blocking(
+                self._parse, project, fetched, self._clock.seconds()
+            )
+            page, dumped = parsed
         except IndexParseError as e:
             raise UpstreamError(502, f"unreadable upstream page {url}: {e}") from e
-        page = CachedPage(
-            self.key(project), model, self._clock.seconds(), fetched.etag, fetched.last_modified
-        )
         self._remember(page)
         record = PageRecord(
             key=page.key,
             upstream=self.upstream.url,
             url=fetched.url,
-            body=page.dump(),
+            body=dumped,
             fetched_at=page.fetched_at,
             etag=page.etag,
             last_modified=page.last_modified,

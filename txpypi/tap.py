@@ -4,12 +4,14 @@ The twistd plugin's options and service: C{twistd -n txpypi [options]}.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
@@ -151,7 +153,14 @@ def build(settings: config.Settings, reactor: Any) -> tuple[MultiService, Proxy]
         read_timeout=settings.read_timeout,
     )
     CleanupService(client, metadata).setServiceParent(service)
-    pages = PageCache(reactor, client, metadata, Upstream("upstream", settings.upstream), settings.index_ttl)
+    pages = PageCache(
+        reactor,
+        client,
+        metadata,
+        Upstream("upstream", settings.upstream),
+        settings.index_ttl,
+        blocking=partial(deferToThreadPool, reactor, io_pool),
+    )
     files = FileCache(reactor, client, store, metadata, pages)
     proxy = Proxy(pages, files)
     site = proxy.site()
