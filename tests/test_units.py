@@ -49,16 +49,16 @@ def test_page_freshness_follows_the_clock() -> None:
     fake = FakeUpstream([build_wheel("alpha", "1.0")])
     clock = Clock()
     pages = page_cache(fake, clock, MemoryMetadata())
-    page, hit = result(pages.get("alpha"))
-    assert not hit and fake.requests["/simple/alpha/"] == 1
+    page, state = result(pages.get("alpha"))
+    assert state == "MISS" and fake.requests["/simple/alpha/"] == 1
     assert pages.remaining(page) == 600
     clock.advance(599)
-    assert result(pages.get("alpha"))[1] is True
+    assert result(pages.get("alpha"))[1] == "HIT"
     assert pages.remaining(page) == 1
     clock.advance(2)
     assert pages.fresh("alpha") is None
-    again, hit = result(pages.get("alpha"))
-    assert not hit and again is not page and fake.requests["/simple/alpha/"] == 2
+    again, state = result(pages.get("alpha"))
+    assert state == "MISS" and again is not page and fake.requests["/simple/alpha/"] == 2
 
 
 def test_stored_pages_are_used_after_a_restart() -> None:
@@ -68,8 +68,8 @@ def test_stored_pages_are_used_after_a_restart() -> None:
     result(page_cache(fake, clock, metadata).get("alpha"))
     clock.advance(100)
     fresh_process = page_cache(fake, clock, metadata)
-    page, hit = result(fresh_process.get("alpha"))
-    assert hit and fresh_process.remaining(page) == 500
+    page, state = result(fresh_process.get("alpha"))
+    assert state == "HIT" and fresh_process.remaining(page) == 500
     assert fake.requests["/simple/alpha/"] == 1
 
 
@@ -245,3 +245,57 @@ def test_sender_aborts_the_client_on_a_read_error() -> None:
     Sender(request, source).start()
     assert transport.disconnected and not request.finished and source.closed
     assert transport.value().endswith(b"\r\n\r\n" + b"x" * 10)
+
+
+# -- revalidation, stale-if-error and offline, on a Clock
+
+
+def test_expired_page_is_revalidated_with_its_validators() -> None:
+    fake = FakeUpstream([build_wheel("alpha", "1.0")])
+    clock = Clock()
+    metadata = MemoryMetadata()
+    pages = page_cache(fake, clock, metadata)
+    first, _ = result(pages.get("alpha"))
+    clock.advance(601)
+    again, state = result(pages.get("alpha"))
+    assert state == "MISS" and fake.not_modified == 1 and fake.requests["/simple/alpha/"] == 2
+    assert again.json is first.json and pages.remaining(again) == 600
+    assert metadata.pages[again.key].fetched_at == 601
+
+
+def test_stale_if_error_then_give_up() -> None:
+    from txpypi.upstream import UpstreamError
+
+    fake = FakeUpstream([build_wheel("alpha", "1.0")])
+    clock = Clock()
+    pages = page_cache(fake, clock, MemoryMetadata())
+    pages.stale_ttl = 3600
+    first, _ = result(pages.get("alpha"))
+    fake.page_faults["alpha"] = "500"
+    clock.advance(600 + 3599)
+    page, state = result(pages.get("alpha"))
+    assert state == "STALE" and page is first and pages.age(page) == 4199
+    clock.advance(2)
+    with pytest.raises(UpstreamError):
+        result(pages.get("alpha"))
+    pages.stale_ttl = 0  # off: errors are never hidden
+    clock.advance(-2000)
+    with pytest.raises(UpstreamError):
+        result(pages.get("alpha"))
+
+
+def test_offline_serves_what_is_cached_and_asks_nobody() -> None:
+    from txpypi.pages import NotFound
+
+    fake = FakeUpstream([build_wheel("alpha", "1.0"), build_wheel("beta", "1.0")])
+    clock = Clock()
+    metadata = MemoryMetadata()
+    result(page_cache(fake, clock, metadata).get("alpha"))
+    offline = page_cache(fake, clock, metadata)
+    offline.offline = True
+    clock.advance(10**7)
+    page, state = result(offline.get("alpha"))
+    assert state == "STALE"
+    with pytest.raises(NotFound):
+        result(offline.get("beta"))
+    assert fake.requests["/simple/alpha/"] == 1 and "/simple/beta/" not in fake.requests

@@ -22,11 +22,12 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from txpypi import __version__
-from txpypi.download import FlightFailed, Sender
-from txpypi.files import FileCache, NotListed, Opened
+from txpypi.download import FlightFailed, FlightReader, Sender
+from txpypi.files import FileCache, NotListed
+from txpypi.httpheaders import Unsatisfiable, accepts_gzip, etag_matches, parse_range
 from txpypi.index import negotiate
 from txpypi.names import BadName, check_filename, normalize
-from txpypi.pages import CachedPage, NotFound, PageCache
+from txpypi.pages import HIT, STALE, CachedPage, NotFound, PageCache
 from txpypi.upstream import UpstreamError
 
 log = Logger()
@@ -66,6 +67,11 @@ def _redirect(request: Request, location: str) -> bytes:
     return _text(request, 301, f"moved to {target.decode('latin-1')}")
 
 
+def _header(request: Request, name: bytes) -> str | None:
+    value = request.getHeader(name)
+    return None if value is None else value.decode("latin-1")
+
+
 def _segment(raw: bytes) -> str:
     try:
         return raw.decode("utf-8")
@@ -93,6 +99,7 @@ class SimpleResource(Resource):
         super().__init__()
         self._pages = pages
         self._negotiated: dict[tuple[bytes | None, bytes | None], str | None] = {}
+        self._accepts_gzip: dict[bytes, bool] = {}
 
     def _content_type(self, request: Request) -> str | None:
         accept = request.getHeader(b"accept")
@@ -130,7 +137,7 @@ class SimpleResource(Resource):
             return _text(request, 406, "none of the Simple API's content types is acceptable")
         page = self._pages.fresh(project)
         if page is not None:
-            return self._respond(request, page, content_type, True)
+            return self._respond(request, page, content_type, HIT)
         return _run(request, self._fetch(request, project, content_type))
 
     def render_HEAD(self, request: Request) -> bytes | int:
@@ -138,26 +145,54 @@ class SimpleResource(Resource):
 
     async def _fetch(self, request: Request, project: str | None, content_type: str) -> None:
         try:
-            page, hit = await self._pages.get(project)
+            page, state = await self._pages.get(project)
         except NotFound:
-            _finish_text(request, 404, f"no such project: {project}")
+            if self._pages.offline:
+                _finish_text(request, 404, f"not cached, and offline: {project}")
+            else:
+                _finish_text(request, 404, f"no such project: {project}")
             return
         except UpstreamError as e:
             _finish_text(request, e.status, e.reason)
             return
         if request._disconnected:
             return
-        request.write(self._respond(request, page, content_type, hit))
+        body = self._respond(request, page, content_type, state)
+        if body:
+            request.write(body)
         request.finish()
 
-    def _respond(self, request: Request, page: CachedPage, content_type: str, hit: bool) -> bytes:
-        body = page.body(content_type)
+    def _gzip(self, request: Request) -> bool:
+        header = request.getHeader(b"accept-encoding")
+        if header is None:
+            return False
+        try:
+            return self._accepts_gzip[header]
+        except KeyError:
+            pass
+        answer = accepts_gzip(header.decode("latin-1"))
+        if len(self._accepts_gzip) < 1024:
+            self._accepts_gzip[header] = answer
+        return answer
+
+    def _respond(self, request: Request, page: CachedPage, content_type: str, state: str) -> bytes:
+        gzipped = self._gzip(request)
+        etag = page.validator(content_type, gzipped)
         max_age = max(0, math.ceil(self._pages.remaining(page)))
         headers = request.responseHeaders
         headers.setRawHeaders(b"content-type", [content_type.encode()])
-        headers.setRawHeaders(b"vary", [b"Accept"])
-        headers.setRawHeaders(b"x-cache", [b"HIT" if hit else b"MISS"])
+        headers.setRawHeaders(b"vary", [b"Accept, Accept-Encoding"])
+        headers.setRawHeaders(b"x-cache", [state.encode()])
         headers.setRawHeaders(b"cache-control", [b"max-age=%d" % max_age])
+        headers.setRawHeaders(b"etag", [etag.encode()])
+        if state == STALE:
+            headers.setRawHeaders(b"age", [b"%d" % max(0, int(self._pages.age(page)))])
+        if etag_matches(_header(request, b"if-none-match"), etag):
+            request.setResponseCode(304)
+            return b""
+        body = page.body(content_type, gzipped)
+        if gzipped:
+            headers.setRawHeaders(b"content-encoding", [b"gzip"])
         headers.setRawHeaders(b"content-length", [b"%d" % len(body)])
         return body
 
@@ -201,27 +236,56 @@ class FilesResource(Resource):
         except (UpstreamError, FlightFailed) as e:
             _finish_text(request, e.status, e.reason)
             return
+        source = opened.source
         if request._disconnected:
-            if opened.source is not None:
-                opened.source.close()
+            if source is not None:
+                source.close()
             return
-        self._headers(request, opened, filename)
-        if opened.source is None or head:
-            if opened.source is not None:
-                opened.source.close()
-            request.finish()
-            return
-        await Sender(request, opened.source).start()
-
-    def _headers(self, request: Request, opened: Opened, filename: str) -> None:
         headers = request.responseHeaders
         headers.setRawHeaders(b"content-type", [b"application/octet-stream"])
         headers.setRawHeaders(b"x-cache", [b"HIT" if opened.hit else b"MISS"])
         headers.setRawHeaders(b"cache-control", [FILE_CACHE_CONTROL])
-        if opened.size is not None:
-            headers.setRawHeaders(b"content-length", [b"%d" % opened.size])
-        if opened.sha256 is not None:
-            headers.setRawHeaders(b"etag", [f'"{opened.sha256}"'.encode()])
+        etag = None if opened.sha256 is None else f'"{opened.sha256}"'
+        if etag is not None:
+            headers.setRawHeaders(b"etag", [etag.encode()])
+        size = opened.size
+        start, end = 0, size
+        if size is not None:
+            headers.setRawHeaders(b"accept-ranges", [b"bytes"])
+        if etag is not None and etag_matches(_header(request, b"if-none-match"), etag):
+            request.setResponseCode(304)
+            source = None
+        elif size is not None and not head and self._range_applies(request, etag):
+            try:
+                wanted = parse_range(_header(request, b"range"), size)
+            except Unsatisfiable:
+                headers.setRawHeaders(b"content-range", [b"bytes */%d" % size])
+                if source is not None:
+                    source.close()
+                _finish_text(request, 416, f"range not satisfiable: the file has {size} bytes")
+                return
+            if wanted is not None:
+                start, end = wanted
+                request.setResponseCode(206)
+                headers.setRawHeaders(b"content-range", [b"bytes %d-%d/%d" % (start, end - 1, size)])
+                if isinstance(source, FlightReader):
+                    source.stop = end  # hold the range's last byte until verified
+        if end is not None:
+            headers.setRawHeaders(b"content-length", [b"%d" % (end - start)])
+        if source is None or head or request.code == 304:
+            if source is not None:
+                source.close()
+            request.finish()
+            return
+        await Sender(request, source, start, end).start()
+
+    @staticmethod
+    def _range_applies(request: Request, etag: str | None) -> bool:
+        """
+        A C{Range} counts unless an C{If-Range} names another version.
+        """
+        if_range = _header(request, b"if-range")
+        return if_range is None or (etag is not None and if_range.strip() == etag)
 
 
 class Root(Resource):

@@ -41,6 +41,8 @@ class Settings:
     connect_timeout: float = 10.0
     response_timeout: float = 30.0
     read_timeout: float = 60.0
+    stale_ttl: float = 7 * 24 * 3600.0
+    offline: bool = False
 
 
 def _listen(value: Any) -> tuple[str, ...]:
@@ -78,6 +80,15 @@ def _seconds(key: str) -> Any:
     return check
 
 
+def _flag(key: str) -> Any:
+    def check(value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+
+    return check
+
+
 #: Config-file keys (the same as the long options), their attribute and checker.
 KEYS = {
     "listen": ("listen", _listen),
@@ -87,6 +98,8 @@ KEYS = {
     "connect-timeout": ("connect_timeout", _seconds("connect-timeout")),
     "response-timeout": ("response_timeout", _seconds("response-timeout")),
     "read-timeout": ("read_timeout", _seconds("read-timeout")),
+    "stale-ttl": ("stale_ttl", _seconds("stale-ttl")),
+    "offline": ("offline", _flag("offline")),
 }
 
 

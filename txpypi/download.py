@@ -348,11 +348,20 @@ class Flight:
         """
         return self.written if self.verified else max(0, self.written - 1)
 
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int, stop: int | None = None) -> bytes:
+        """
+        Read up to C{length} bytes at C{offset}, waiting for them to arrive.
+        With C{stop} (a range's exclusive end), the byte before C{stop} is
+        held back until the file is verified, like the file's last byte.
+
+        @raise FlightFailed: if the fetch failed.
+        """
         while True:
             if self.failure is not None:
                 raise self.failure
             limit = self.readable()
+            if stop is not None:
+                limit = min(limit, stop if self.verified else stop - 1)
             if offset < limit:
                 data = os.pread(self._read_fd, min(length, limit - offset), offset)
                 if not data:
@@ -367,13 +376,15 @@ class Flight:
 class FlightReader:
     _flight: Flight
     _closed: bool = False
+    #: The end of the range being read, if it is not the whole file.
+    stop: int | None = None
 
     @property
     def size(self) -> int | None:
         return self._flight.size
 
     def read(self, offset: int, length: int) -> Deferred[bytes]:
-        return Deferred.fromCoroutine(self._flight.read(offset, length))
+        return Deferred.fromCoroutine(self._flight.read(offset, length, self.stop))
 
     def close(self) -> None:
         if not self._closed:
@@ -412,13 +423,20 @@ class Sender:
     mistakes a partial body for a whole one.
     """
 
-    def __init__(self, request: Request, source: ByteSource) -> None:
+    def __init__(self, request: Request, source: ByteSource, start: int = 0, end: int | None = None) -> None:
+        """
+        @param start: the first byte to send.
+        @param end: the (exclusive) end of the bytes to send, or L{None} for
+            the end of the source.
+        """
         self._request = request
         self._source = source
         self._paused = False
         self._resume: Deferred[None] | None = None
         self._pending: Deferred[bytes] | None = None
         self._stopped = False
+        self._offset = start
+        self._end = end
         self.sent = 0
 
     def start(self) -> Deferred[None]:
@@ -433,11 +451,17 @@ class Sender:
                     self._resume = Deferred()
                     await self._resume
                     continue
-                self._pending = self._source.read(self.sent, CHUNK)
+                length = CHUNK if self._end is None else min(CHUNK, self._end - self._offset)
+                if length <= 0:
+                    break
+                self._pending = self._source.read(self._offset, length)
                 data = await self._pending
                 self._pending = None
                 if not data:
+                    if self._end is not None:
+                        raise FlightFailed(502, "file ended before the range did")
                     break
+                self._offset += len(data)
                 self.sent += len(data)
                 self._request.write(data)
         except CancelledError:

@@ -155,6 +155,8 @@ class FileCache:
             wanted = None if dist is None else wanted_for(key, self.pages.upstream.url, dist, filename)
             if wanted is None:
                 raise NotListed(filename)
+            if self.pages.offline:
+                raise NotListed(f"{filename} is not cached, and we are offline")
             if not fetch:
                 return Opened(None, wanted.size, None, False)
             # Another request may have fetched or started it meanwhile.

@@ -68,6 +68,11 @@ class IMetadata(Interface):
         Store (replace) a page record.
         """
 
+    def touch_page(key: str, fetched_at: float) -> Deferred[None]:
+        """
+        Mark a stored page as fetched at C{fetched_at} (it was revalidated).
+        """
+
     def get_file(key: str) -> Deferred[FileRecord | None]:
         """
         The file record stored under C{key}, or L{None}.
@@ -99,6 +104,11 @@ class MemoryMetadata:
 
     def put_page(self, record: PageRecord) -> Deferred[None]:
         self.pages[record.key] = record
+        return succeed(None)
+
+    def touch_page(self, key: str, fetched_at: float) -> Deferred[None]:
+        if key in self.pages:
+            self.pages[key] = attrs.evolve(self.pages[key], fetched_at=fetched_at)
         return succeed(None)
 
     def get_file(self, key: str) -> Deferred[FileRecord | None]:
@@ -195,6 +205,12 @@ class SqliteMetadata:
 
     def put_page(self, record: PageRecord) -> Deferred[None]:
         return self._run(self._put_page, record)
+
+    def _touch_page(self, key: str, fetched_at: float) -> None:
+        self._db().execute("UPDATE pages SET fetched_at = ? WHERE key = ?", (fetched_at, key))
+
+    def touch_page(self, key: str, fetched_at: float) -> Deferred[None]:
+        return self._run(self._touch_page, key, fetched_at)
 
     def _get_file(self, key: str) -> FileRecord | None:
         row = (

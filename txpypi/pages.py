@@ -6,6 +6,8 @@ the metadata store so that they survive a restart.
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from typing import Any, Generic, TypeVar
@@ -83,9 +85,22 @@ class CachedPage:
     last_modified: str | None
     html: bytes
     json: bytes
+    html_gzip: bytes
+    json_gzip: bytes
+    html_etag: str
+    json_etag: str
 
-    def body(self, content_type: str) -> bytes:
-        return self.json if content_type == JSON_V1 else self.html
+    def body(self, content_type: str, gzipped: bool = False) -> bytes:
+        if content_type == JSON_V1:
+            return self.json_gzip if gzipped else self.json
+        return self.html_gzip if gzipped else self.html
+
+    def validator(self, content_type: str, gzipped: bool = False) -> str:
+        """
+        A strong validator for one representation of the page.
+        """
+        tag = self.json_etag if content_type == JSON_V1 else self.html_etag
+        return f'"{tag}-gz"' if gzipped else f'"{tag}"'
 
     def dump(self) -> bytes:
         if isinstance(self.model, ProjectList):
@@ -109,7 +124,19 @@ def prepare(
     else:
         html = render_page(model, HTML_LEGACY)
         json = render_page(model, JSON_V1)
-    return CachedPage(key, model, fetched_at, etag, last_modified, html, json)
+    return CachedPage(
+        key,
+        model,
+        fetched_at,
+        etag,
+        last_modified,
+        html,
+        json,
+        gzip.compress(html, 6, mtime=0),
+        gzip.compress(json, 6, mtime=0),
+        hashlib.sha256(html).hexdigest()[:32],
+        hashlib.sha256(json).hexdigest()[:32],
+    )
 
 
 Blocking = Callable[..., Deferred[Any]]
@@ -120,6 +147,11 @@ def inline(f: Callable[..., T], *args: Any) -> Deferred[T]:
     Run C{f} now; for tests and small deployments.
     """
     return maybeDeferred(f, *args)
+
+
+HIT = "HIT"
+MISS = "MISS"
+STALE = "STALE"
 
 
 class NotFound(Exception):
@@ -141,6 +173,11 @@ class PageCache:
     ttl: float
     group: str = "default"
     max_pages: int = 4096
+    #: How long past its TTL a page may still be served while the upstream
+    #: fails (0: never).
+    stale_ttl: float = 7 * 24 * 3600.0
+    #: Never ask the upstream; serve what is cached.
+    offline: bool = False
     #: Runs parsing and rendering (pure, CPU-bound) off the reactor thread.
     _blocking: Blocking = inline
     _memory: OrderedDict[str, CachedPage] = attrs.field(factory=OrderedDict)
@@ -172,31 +209,60 @@ class PageCache:
         while len(self._memory) > self.max_pages:
             self._memory.popitem(last=False)
 
-    async def get(self, project: str | None) -> tuple[CachedPage, bool]:
-        """
-        The page for C{project} (L{None}: the project list), and whether it
-        was a cache hit.
+    def age(self, page: CachedPage) -> float:
+        now: float = self._clock.seconds()
+        return now - page.fetched_at
 
-        @raise NotFound: the upstream does not know the project.
-        @raise UpstreamError: the upstream failed.
+    def _usable_stale(self, page: CachedPage | None) -> bool:
+        if page is None:
+            return False
+        if self.offline:
+            return True
+        return self.stale_ttl > 0 and -self.remaining(page) < self.stale_ttl
+
+    async def get(self, project: str | None) -> tuple[CachedPage, str]:
+        """
+        The page for C{project} (L{None}: the project list), and how it was
+        answered: C{HIT}, C{MISS} (the upstream was asked) or C{STALE} (a
+        copy past its TTL, because the upstream failed or we are offline).
+
+        @raise NotFound: the upstream does not know the project (offline:
+            the project is not cached).
+        @raise UpstreamError: the upstream failed and no usable copy exists.
         """
         page = self.fresh(project)
         if page is not None:
-            return page, True
+            return page, HIT
         key = self.key(project)
         if key not in self._flights and key not in self._memory:
             record = await self._metadata.get_page(key)
             if record is not None:
                 loaded = await self._blocking(self._load, project, record)
-                if loaded is not None:
+                if loaded is not None and key not in self._memory:
                     self._remember(loaded)
-                    if self.remaining(loaded) > 0:
-                        return loaded, True
             # A flight may have landed while we read the store.
             page = self.fresh(project)
             if page is not None:
-                return page, True
-        return await self._flights.run(key, lambda: self._fetch(project)), False
+                return page, HIT
+        stale = self._memory.get(key)
+        if self.offline:
+            if stale is None:
+                raise NotFound(project)
+            return stale, STALE
+        try:
+            return await self._flights.run(key, lambda: self._fetch(project, stale)), MISS
+        except UpstreamError as e:
+            stale = self._memory.get(key)
+            if not self._usable_stale(stale):
+                raise
+            assert stale is not None
+            log.warn(
+                "serving {key} stale ({age:.0f} s old): {reason}",
+                key=key,
+                age=self.age(stale),
+                reason=e.reason,
+            )
+            return stale, STALE
 
     def _load(self, project: str | None, record: PageRecord) -> CachedPage | None:
         if record.upstream != self.upstream.url:
@@ -221,12 +287,24 @@ class PageCache:
         page = prepare(self.key(project), model, now, fetched.etag, fetched.last_modified)
         return page, page.dump()
 
-    async def _fetch(self, project: str | None) -> CachedPage:
+    async def _fetch(self, project: str | None, stale: CachedPage | None) -> CachedPage:
         url = self.upstream.project_url(project) if project else self.upstream.list_url()
         try:
-            fetched = await self._client.fetch_page(url)
+            if stale is None:
+                fetched = await self._client.fetch_page(url)
+            else:
+                fetched = await self._client.fetch_page(url, stale.etag, stale.last_modified)
         except UpstreamNotFound:
             raise NotFound(project) from None
+        if fetched.not_modified and stale is not None:
+            # Revalidated: the copy we have is fresh again, with no body sent.
+            page = attrs.evolve(stale, fetched_at=self._clock.seconds())
+            self._remember(page)
+            try:
+                await self._metadata.touch_page(page.key, page.fetched_at)
+            except Exception:
+                log.failure("could not store page {key}", key=page.key)
+            return page
         try:
             parsed: tuple[CachedPage, bytes] = await self._blocking(
                 self._parse, project, fetched, self._clock.seconds()

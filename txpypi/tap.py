@@ -83,6 +83,20 @@ class Options(usage.Options):
         """
         self.given["read-timeout"] = seconds
 
+    def opt_stale_ttl(self, seconds: str) -> None:
+        """
+        Seconds past its TTL an index page may still be served (X-Cache:
+        STALE) while the upstream is down or failing; 0 turns it off
+        (default: 604800, a week).
+        """
+        self.given["stale-ttl"] = seconds
+
+    def opt_offline(self) -> None:
+        """
+        Never contact the upstream: serve what is cached, 404 for the rest.
+        """
+        self.given["offline"] = True
+
     def opt_config(self, path: str) -> None:
         """
         A YAML file with the same settings as these options.
@@ -159,6 +173,8 @@ def build(settings: config.Settings, reactor: Any) -> tuple[MultiService, Proxy]
         metadata,
         Upstream("upstream", settings.upstream),
         settings.index_ttl,
+        stale_ttl=settings.stale_ttl,
+        offline=settings.offline,
         blocking=partial(deferToThreadPool, reactor, io_pool),
     )
     files = FileCache(reactor, client, store, metadata, pages)

@@ -162,6 +162,8 @@ class FakeUpstream(Resource):
         self.faults: dict[str, Fault] = {}
         self.holds: dict[str, Deferred[None]] = {}
         self.page_faults: dict[str, Fault] = {}
+        #: How many conditional page requests were answered 304.
+        self.not_modified = 0
         for dist in dists:
             self.add(dist)
 
@@ -224,9 +226,18 @@ class FakeUpstream(Resource):
             return b"no such project"
         if self._wants_json(request):
             request.setHeader("content-type", "application/vnd.pypi.simple.v1+json")
-            return json.dumps(self._project_json(request, name, dists)).encode()
-        request.setHeader("content-type", "text/html")
-        return self._project_html(name, dists).encode()
+            body = json.dumps(self._project_json(request, name, dists)).encode()
+        else:
+            request.setHeader("content-type", "text/html")
+            body = self._project_html(name, dists).encode()
+        # Validators, so that the proxy can revalidate with a conditional GET.
+        etag = f'"{hashlib.sha256(body).hexdigest()[:16]}"'
+        request.setHeader("etag", etag)
+        if request.getHeader("if-none-match") == etag:
+            self.not_modified += 1
+            request.setResponseCode(304)
+            return b""
+        return body
 
     def _project_json(self, request: Request, name: str, dists: list[Dist]) -> dict[str, object]:
         host = request.getHeader("host") or "localhost"

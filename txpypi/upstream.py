@@ -74,6 +74,8 @@ class FetchedPage:
     content_type: str
     etag: str | None
     last_modified: str | None
+    #: The upstream answered 304 to our validators: there is no body.
+    not_modified: bool = False
 
 
 def _classify(failure_value: BaseException, url: str) -> UpstreamError:
@@ -114,14 +116,21 @@ class UpstreamClient:
         d: Deferred[None] = self._pool.closeCachedConnections()
         return d
 
-    async def fetch_page(self, url: str) -> FetchedPage:
+    async def fetch_page(
+        self, url: str, etag: str | None = None, last_modified: str | None = None
+    ) -> FetchedPage:
         """
-        GET an index page, asking for JSON first.
+        GET an index page, asking for JSON first; with the validators of a
+        copy we hold, as a conditional GET.
 
         @raise UpstreamNotFound: on 404 (or 410).
         @raise UpstreamError: on anything else that is not a 200.
         """
         headers = Headers({b"Accept": [UPSTREAM_ACCEPT.encode()], b"User-Agent": [USER_AGENT]})
+        if etag is not None:
+            headers.setRawHeaders(b"If-None-Match", [etag.encode("latin-1")])
+        if last_modified is not None:
+            headers.setRawHeaders(b"If-Modified-Since", [last_modified.encode("latin-1")])
         try:
             response = await self._treq.get(
                 url, headers=headers, timeout=self.response_timeout, reactor=self._reactor, unbuffered=True
@@ -133,6 +142,8 @@ class UpstreamClient:
             raise _classify(e, url) from e
         if response.code in (404, 410):
             raise UpstreamNotFound(url)
+        if response.code == 304 and (etag is not None or last_modified is not None):
+            return FetchedPage(url, b"", "", etag, last_modified, not_modified=True)
         if response.code != 200:
             raise UpstreamError(502, f"upstream answered {response.code} for {url}")
         h = response.headers

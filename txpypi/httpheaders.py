@@ -1,0 +1,83 @@
+"""
+Pure parsing of the request headers we honour: C{Accept-Encoding},
+C{If-None-Match} and C{Range}.
+"""
+
+from __future__ import annotations
+
+
+class Unsatisfiable(ValueError):
+    """
+    A well-formed byte range that selects nothing of the file (416).
+    """
+
+
+def accepts_gzip(accept_encoding: str | None) -> bool:
+    """
+    Does an C{Accept-Encoding} header accept gzip (with a q above zero)?
+    """
+    if not accept_encoding:
+        return False
+    for part in accept_encoding.split(","):
+        name, *params = (p.strip() for p in part.split(";"))
+        if name.lower() not in ("gzip", "x-gzip", "*"):
+            continue
+        q = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        return q > 0
+    return False
+
+
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """
+    Does an C{If-None-Match} header name C{etag} (weak comparison, as RFC
+    9110 says for If-None-Match), or C{*}?
+    """
+    if not if_none_match:
+        return False
+    wanted = etag.removeprefix("W/")
+    for tag in if_none_match.split(","):
+        tag = tag.strip()
+        if tag == "*" or tag.removeprefix("W/") == wanted:
+            return True
+    return False
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """
+    Parse a C{Range} header for a file of C{size} bytes.
+
+    @return: C{(start, end)} with C{end} exclusive, or L{None} to send the
+        whole file (no header, a malformed one, another unit, or several
+        ranges, which we are free to ignore).
+    @raise Unsatisfiable: for a single, well-formed range outside the file.
+    """
+    if not header:
+        return None
+    unit, sep, spec = header.partition("=")
+    if not sep or unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, dash, last = spec.strip().partition("-")
+    if not dash:
+        return None
+    first, last = first.strip(), last.strip()
+    if not (first.isdigit() or first == "") or not (last.isdigit() or last == "") or first == last == "":
+        return None
+    if first == "":
+        suffix = int(last)
+        if suffix == 0:
+            raise Unsatisfiable(header)
+        return max(0, size - suffix), size
+    start = int(first)
+    end = size if last == "" else min(size, int(last) + 1)
+    if last != "" and int(last) < start:
+        return None  # malformed: ignored, as RFC 9110 allows
+    if start >= size:
+        raise Unsatisfiable(header)
+    return start, end
