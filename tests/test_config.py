@@ -45,7 +45,11 @@ def test_options() -> None:
         "2",
         "--read-timeout",
         "3.5",
+        "--stale-ttl",
+        "0",
+        "--offline",
     ).settings
+    assert s.stale_ttl == 0 and s.offline is True
     assert (s.connect_timeout, s.response_timeout, s.read_timeout) == (1, 2, 3.5)
     assert s.listen == ("tcp:8080", "ssl:8443:privateKey=k.pem:certKey=c.pem")
     assert (s.upstream, s.cache_dir, s.index_ttl) == ("http://127.0.0.1:1/simple", "/srv/cache", 30)
@@ -66,6 +70,7 @@ def test_config_file_and_override(tmp_path: Path) -> None:
         ("index-ttl: -1\n", "index-ttl"),
         ("upstream: ftp://x/\n", "upstream"),
         ("listen: []\n", "listen"),
+        ("offline: maybe\n", "offline"),
         ("- a\n", "mapping"),
         ("a: [\n", "not valid YAML"),
     ],
