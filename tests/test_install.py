@@ -7,8 +7,6 @@ own configuration is shut out so that nothing can come from elsewhere.
 from __future__ import annotations
 
 import os
-import re
-import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,12 +16,11 @@ import attrs
 import pytest
 import pytest_twisted
 import trustme
-from twisted.internet import protocol
 from twisted.internet.defer import Deferred
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.python.failure import Failure
 
-from tests.conftest import ROOT, Served, clean_env, get_reactor
+from tests.conftest import Served, clean_env, get_reactor
+from tests.processes import Twistd
 
 WANTED = {"alpha-1.0-py3-none-any.whl", "beta-1.1-py3-none-any.whl", "gamma-0.5-py3-none-any.whl"}
 
@@ -126,47 +123,13 @@ async def test_cold_then_warm_install(
 # -- a real twistd process
 
 
-class _Twistd(protocol.ProcessProtocol):
-    """
-    Watches a twistd process's log for the port it listens on.
-    """
-
-    def __init__(self) -> None:
-        self.output = b""
-        self.listening: Deferred[int] = Deferred()
-        self.ended: Deferred[None] = Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-        match = re.search(rb"Site \(TLS\) starting on (\d+)", self.output)
-        if match and not self.listening.called:
-            self.listening.callback(int(match.group(1)))
-
-    errReceived = outReceived
-
-    def processEnded(self, reason: Failure) -> None:
-        if not self.listening.called:
-            self.listening.errback(RuntimeError(self.output.decode("utf-8", "replace")))
-        self.ended.callback(None)
-
-
 @pytest.fixture
-def twistd_process(tls: TLS, tmp_path: Path, json_upstream: Served) -> Iterator[Any]:
+def twistd_process(tls: TLS, tmp_path: Path, json_upstream: Served) -> Iterator[Twistd]:
     config = tmp_path / "txpypi.yaml"
     config.write_text(f"upstream: {json_upstream.url}\nindex-ttl: 30\ncache-dir: {tmp_path / 'cache'}\n")
-    watcher = _Twistd()
-    argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-    argv += ["--nodaemon", "--pidfile=", "--logfile=-", "txpypi", "--config", str(config)]
-    argv += ["--listen", tls.endpoint()]
-    env = clean_env(PYTHONPATH=str(ROOT))
-    transport = get_reactor().spawnProcess(watcher, sys.executable, argv, env=env, path=str(tmp_path))
-    yield watcher
-    if not watcher.ended.called:
-        transport.signalProcess(signal.SIGTERM)
-        timer = get_reactor().callLater(15, lambda: watcher.ended.called or transport.signalProcess("KILL"))
-        pytest_twisted.blockon(watcher.ended)
-        if timer.active():
-            timer.cancel()
+    process = Twistd.start(["--config", str(config), "--listen", tls.endpoint()], tmp_path)
+    yield process
+    pytest_twisted.blockon(process.stop())
 
 
 @pytest_twisted.ensureDeferred

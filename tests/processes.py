@@ -1,0 +1,92 @@
+"""
+A real C{twistd -n txpypi} process for tests: started with the checkout on
+its path, watched through its log, stopped with SIGTERM and then SIGKILL.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import protocol
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+from tests.conftest import ROOT, clean_env, get_reactor
+
+
+class Twistd(protocol.ProcessProtocol):
+    """
+    Runs C{twistd -n txpypi ARGS} and fires Deferreds on what its log says.
+    """
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.listening: Deferred[int] = Deferred()
+        self.ended: Deferred[None] = Deferred()
+        self._patterns: list[tuple[re.Pattern[bytes], Deferred[re.Match[bytes]]]] = []
+        self.transport_: Any = None
+
+    @classmethod
+    def start(cls, args: list[str], cwd: Path) -> Twistd:
+        watcher = cls()
+        argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+        argv += ["--nodaemon", "--pidfile=", "--logfile=-", "txpypi", *args]
+        env = clean_env(PYTHONPATH=str(ROOT))
+        watcher.transport_ = get_reactor().spawnProcess(watcher, sys.executable, argv, env=env, path=str(cwd))
+        return watcher
+
+    def wait_for(self, pattern: bytes) -> Deferred[re.Match[bytes]]:
+        """
+        Fire with the first match of C{pattern} in the log (past or future).
+        """
+        d: Deferred[re.Match[bytes]] = Deferred()
+        self._patterns.append((re.compile(pattern), d))
+        self._check()
+        return d
+
+    def _check(self) -> None:
+        match = re.search(rb"Site (?:\(TLS\) )?starting on (\d+)", self.output)
+        if match and not self.listening.called:
+            self.listening.callback(int(match.group(1)))
+        for pattern, d in list(self._patterns):
+            found = pattern.search(self.output)
+            if found:
+                self._patterns.remove((pattern, d))
+                d.callback(found)
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        self._check()
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        error = RuntimeError("twistd ended:\n" + self.output.decode("utf-8", "replace"))
+        if not self.listening.called:
+            self.listening.errback(error)
+        for _, d in self._patterns:
+            d.errback(error)
+        self._patterns = []
+        self.ended.callback(None)
+
+    def kill(self) -> Deferred[None]:
+        """
+        SIGKILL: no chance to clean up.
+        """
+        if not self.ended.called:
+            self.transport_.signalProcess("KILL")
+        return self.ended
+
+    def stop(self, timeout: float = 15) -> Deferred[None]:
+        """
+        SIGTERM, then SIGKILL after C{timeout} seconds.
+        """
+        if not self.ended.called:
+            self.transport_.signalProcess(signal.SIGTERM)
+            timer = get_reactor().callLater(timeout, self.kill)
+            self.ended.addBoth(lambda r: timer.active() and timer.cancel() or r)
+        return self.ended

@@ -1,0 +1,72 @@
+"""
+Crash safety with a real process: kill -9 txpypi in the middle of a
+download, start it again on the same cache, and check that nothing partial
+is served, the spool is cleaned, and what was committed before survives.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest_twisted
+from treq.client import HTTPClient
+from twisted.internet.defer import Deferred
+
+from tests.conftest import Served
+from tests.processes import Twistd
+from tests.test_proxy import _Collector, find, header
+from txpypi.testing import Dist
+
+SMALL = "gamma-0.5-py3-none-any.whl"
+BIG = "big-1.0-py3-none-any.whl"
+
+
+@pytest_twisted.ensureDeferred
+async def test_kill_9_mid_download(
+    json_upstream: Served, tmp_path: Path, http: HTTPClient, dists: list[Dist]
+) -> None:
+    cache = tmp_path / "cache"
+    args = [
+        "--upstream",
+        json_upstream.url,
+        "--cache-dir",
+        str(cache),
+        "--listen",
+        "tcp:0:interface=127.0.0.1",
+    ]
+    first = Twistd.start(args, tmp_path)
+    try:
+        url = f"http://127.0.0.1:{await first.listening}"
+        # A file committed before the crash...
+        assert await (await http.get(url + "/files/gamma/" + SMALL)).content() == find(dists, SMALL).content
+        await first.wait_for(b"cached " + SMALL.encode())
+        # ...and one half downloaded when it happens.
+        gate: Deferred[None] = Deferred()
+        json_upstream.fake.holds[BIG] = gate
+        response = await http.get(url + "/files/big/" + BIG, unbuffered=True)  # type: ignore[call-arg]
+        body = _Collector()
+        response.deliverBody(body)
+        await body.first
+        assert [p.suffix for p in (cache / "tmp").iterdir()] == [".part"]
+        await first.kill()
+        await body.done
+        assert len(b"".join(body.chunks)) < len(find(dists, BIG).content)
+    finally:
+        await first.kill()
+    del json_upstream.fake.holds[BIG]
+    gate.callback(None)
+
+    second = Twistd.start(args, tmp_path)
+    try:
+        url = f"http://127.0.0.1:{await second.listening}"
+        assert list((cache / "tmp").iterdir()) == []  # leftovers cleaned at start-up
+        response = await http.get(url + "/files/gamma/" + SMALL)
+        assert header(response, "x-cache") == "HIT"
+        assert await response.content() == find(dists, SMALL).content
+        response = await http.get(url + "/files/big/" + BIG)
+        assert header(response, "x-cache") == "MISS"
+        assert await response.content() == find(dists, BIG).content
+        assert json_upstream.fake.requests["/packages/" + BIG] == 2
+        assert json_upstream.fake.requests["/packages/" + SMALL] == 1
+    finally:
+        await second.stop()
