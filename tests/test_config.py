@@ -48,8 +48,11 @@ def test_options() -> None:
         "--stale-ttl",
         "0",
         "--offline",
+        "--max-cache-size",
+        "1.5G",
     ).settings
     assert s.stale_ttl == 0 and s.offline is True
+    assert s.max_cache_size == 3 * 512 * 1024**2
     assert (s.connect_timeout, s.response_timeout, s.read_timeout) == (1, 2, 3.5)
     assert s.listen == ("tcp:8080", "ssl:8443:privateKey=k.pem:certKey=c.pem")
     assert (s.upstream, s.cache_dir, s.index_ttl) == ("http://127.0.0.1:1/simple", "/srv/cache", 30)
@@ -71,6 +74,8 @@ def test_config_file_and_override(tmp_path: Path) -> None:
         ("upstream: ftp://x/\n", "upstream"),
         ("listen: []\n", "listen"),
         ("offline: maybe\n", "offline"),
+        ("max-cache-size: lots\n", "max-cache-size"),
+        ("max-cache-size: -5M\n", "max-cache-size"),
         ("- a\n", "mapping"),
         ("a: [\n", "not valid YAML"),
     ],

@@ -244,3 +244,46 @@ async def test_slow_client_does_not_hold_back_the_others(
     assert b"".join(slow_body.chunks) == data
     assert json_upstream.fake.requests["/packages/" + BIG] == 1
     assert cache_fds(root) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_least_recently_used_files_are_evicted(
+    json_upstream: Served, proxy_factory: Any, tmp_path: Path, dists: list[Dist]
+) -> None:
+    """
+    Past --max-cache-size the least recently served file goes: not the one
+    cached first, if it was served since. The size is known after a restart.
+    """
+    names = {
+        "alpha": "alpha-1.0-py3-none-any.whl",
+        "beta": "beta-1.0-py3-none-any.whl",
+        "gamma": "gamma-0.5-py3-none-any.whl",
+    }
+    sizes = {p: len(find(dists, n).content) for p, n in names.items()}
+    running = proxy_factory(json_upstream.url, tmp_path / "c")
+    files = running.proxy.files
+    await Deferred.fromCoroutine(files.load_usage())
+    files.max_size = sum(sizes.values()) - 1
+
+    async def fetch(project: str) -> str | None:
+        response, body = await get(f"{running.url}/files/{project}/{names[project]}")
+        assert body == find(dists, names[project]).content
+        await Deferred.fromCoroutine(files.wait_idle())
+        return header(response, "x-cache")
+
+    assert await fetch("alpha") == "MISS"
+    assert await fetch("beta") == "MISS"
+    assert await fetch("alpha") == "HIT"  # alpha is now more recent than beta
+    assert files.size == sizes["alpha"] + sizes["beta"]
+    assert await fetch("gamma") == "MISS"  # over the limit: beta goes
+    assert files.evictions == 1 and files.size == sizes["alpha"] + sizes["gamma"]
+    assert sorted(p.name for p in cached_files(running)) == [names["alpha"], names["gamma"]]
+    await running.stop()
+
+    again = proxy_factory(json_upstream.url, tmp_path / "c")
+    await Deferred.fromCoroutine(again.proxy.files.load_usage())
+    assert (again.proxy.files.size, again.proxy.files.count) == (sizes["alpha"] + sizes["gamma"], 2)
+    response, _ = await get(f"{again.url}/files/beta/{names['beta']}")
+    assert header(response, "x-cache") == "MISS"
+    assert json_upstream.fake.requests["/packages/" + names["beta"]] == 2
+    assert json_upstream.fake.requests["/packages/" + names["alpha"]] == 1

@@ -191,6 +191,24 @@ class TestMetadataContract:
         await self.store.delete_file(record.key)
         assert await self.store.get_file(record.key) is None
 
+    async def _lru(self) -> None:
+        a = FileRecord("g/a/a-1.whl", "up", "u", "aa" * 32, 10, "k/a", 1.0)
+        b = FileRecord("g/b/b-1.whl", "up", "u", "bb" * 32, 20, "k/b", 2.0)
+        c = FileRecord("g/c/c-1.whl", "up", "u", "cc" * 32, 30, "k/c", 3.0)
+        for r in (a, b, c):
+            await self.store.put_file(r)
+        assert await self.store.usage() == (60, 3)
+        assert await self.store.least_recent(2) == [a, b]
+        await self.store.touch_files({a.key: 5.0, "g/gone/x.whl": 9.0})
+        assert await self.store.least_recent(3) == [b, c, a]
+        await self.store.delete_file(b.key)
+        assert await self.store.usage() == (40, 2)
+        await self.store.touch_page("g/simple/nothing/", 1.0)  # no such page: no error
+
+    @pytest_twisted.ensureDeferred
+    async def test_access_times_and_usage(self) -> None:
+        await self._lru()
+
     @pytest_twisted.ensureDeferred
     async def test_round_trip(self) -> None:
         await self._round_trip()

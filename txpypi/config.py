@@ -43,6 +43,7 @@ class Settings:
     read_timeout: float = 60.0
     stale_ttl: float = 7 * 24 * 3600.0
     offline: bool = False
+    max_cache_size: int | None = None
 
 
 def _listen(value: Any) -> tuple[str, ...]:
@@ -80,6 +81,31 @@ def _seconds(key: str) -> Any:
     return check
 
 
+_UNITS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5}
+
+
+def parse_size(value: Any) -> int:
+    """
+    A size in bytes from C{123}, C{"500M"}, C{"20G"}, C{"1.5T"} or C{"20GiB"}
+    (powers of 1024).
+
+    @raise ConfigError: if it is not one.
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    text = str(value).strip().upper().removesuffix("B").removesuffix("I")
+    number, unit = text, ""
+    if text and text[-1] in _UNITS:
+        number, unit = text[:-1], text[-1]
+    try:
+        size = int(float(number) * 1024 ** _UNITS[unit])
+    except ValueError:
+        raise ConfigError(f"max-cache-size: expected a size such as 500M or 20G, got {value!r}") from None
+    if size <= 0:
+        raise ConfigError("max-cache-size: must be positive")
+    return size
+
+
 def _flag(key: str) -> Any:
     def check(value: Any) -> bool:
         if not isinstance(value, bool):
@@ -100,6 +126,7 @@ KEYS = {
     "read-timeout": ("read_timeout", _seconds("read-timeout")),
     "stale-ttl": ("stale_ttl", _seconds("stale-ttl")),
     "offline": ("offline", _flag("offline")),
+    "max-cache-size": ("max_cache_size", parse_size),
 }
 
 

@@ -9,6 +9,7 @@ from collections import OrderedDict
 from typing import Any
 
 import attrs
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from txpypi.download import ByteSource, Flight, FlightReader, Wanted
@@ -73,8 +74,76 @@ class FileCache:
     _metadata: IMetadata
     pages: PageCache
     max_records: int = 100_000
+    #: Evict the least recently served files when the cache grows past this
+    #: many bytes (L{None}: no limit).
+    max_size: int | None = None
     _records: OrderedDict[str, FileRecord] = attrs.field(factory=OrderedDict)
     flights: dict[str, Flight] = attrs.field(factory=dict)
+    #: Bytes and files in the cache, once L{load_usage} ran.
+    size: int | None = None
+    count: int | None = None
+    evictions: int = 0
+    _accessed: dict[str, float] = attrs.field(factory=dict)
+    _evicting: Deferred[None] | None = None
+    _eviction_waiters: list[Deferred[None]] = attrs.field(factory=list)
+
+    async def load_usage(self) -> None:
+        """
+        Learn the cache's size from the metadata store (in its thread).
+        """
+        size, count = await self._metadata.usage()
+        self.size, self.count = size, count
+        self._maybe_evict()
+
+    async def flush_accesses(self) -> None:
+        """
+        Write the access times gathered in memory to the metadata store.
+        """
+        accessed, self._accessed = self._accessed, {}
+        if accessed:
+            await self._metadata.touch_files(accessed)
+
+    def _maybe_evict(self) -> None:
+        if self.max_size is None or self.size is None or self.size <= self.max_size:
+            return
+        if self._evicting is None:
+            self._evicting = Deferred.fromCoroutine(self._evict())
+            self._evicting.addErrback(lambda f: log.failure("eviction failed", f))
+            self._evicting.addBoth(self._evicted)
+
+    def _evicted(self, _: object) -> None:
+        self._evicting = None
+        waiters, self._eviction_waiters = self._eviction_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    async def _evict(self) -> None:
+        """
+        Remove the least recently served files until the cache fits.  Files
+        being downloaded are not in the store yet; a file being served stays
+        readable by the clients that have it open.
+        """
+        assert self.max_size is not None
+        await self.flush_accesses()
+        while self.size is not None and self.size > self.max_size:
+            victims = await self._metadata.least_recent(64)
+            if not victims:
+                break
+            for record in victims:
+                if self.size <= self.max_size:
+                    break
+                await self._metadata.delete_file(record.key)
+                self._records.pop(record.key, None)
+                await self._store.delete(record.store_key)
+                self.size -= record.size
+                self.count = None if self.count is None else self.count - 1
+                self.evictions += 1
+                log.info(
+                    "evicted {key} ({size} bytes): cache over {limit} bytes",
+                    key=record.key,
+                    size=record.size,
+                    limit=self.max_size,
+                )
 
     def key(self, project: str, filename: str) -> str:
         return f"{self.pages.group}/{project}/{filename}"
@@ -122,8 +191,15 @@ class FileCache:
             )
             self._records.pop(record.key, None)
             await self._metadata.delete_file(record.key)
+            if why is not None:
+                await self._store.delete(record.store_key)
+            if self.size is not None:
+                self.size -= record.size
+                self.count = None if self.count is None else self.count - 1
             return None
         self._remember(record)
+        if self.max_size is not None:
+            self._accessed[record.key] = self._clock.seconds()
         return Opened(reader, reader.size, record.sha256, True)
 
     async def open(self, project: str, filename: str, fetch: bool = True) -> Opened:
@@ -181,10 +257,15 @@ class FileCache:
 
     async def wait_idle(self) -> None:
         """
-        Wait until no download is in flight.
+        Wait until no download is in flight and no eviction running.
         """
-        while self.flights:
-            await next(iter(self.flights.values())).when_done()
+        while self.flights or self._evicting is not None:
+            if self.flights:
+                await next(iter(self.flights.values())).when_done()
+            else:
+                done: Deferred[None] = Deferred()
+                self._eviction_waiters.append(done)
+                await done
 
     def _start(self, wanted: Wanted) -> Flight:
         flight = Flight(
@@ -208,6 +289,10 @@ class FileCache:
     def _landed(self, flight: Flight, record: FileRecord | None) -> None:
         if record is not None:
             self._remember(record)
+            if self.size is not None:
+                self.size += record.size
+                self.count = None if self.count is None else self.count + 1
+                self._maybe_evict()
         if self.flights.get(flight.wanted.key) is flight:
             del self.flights[flight.wanted.key]
 

@@ -88,6 +88,21 @@ class IMetadata(Interface):
         Forget a file record.
         """
 
+    def touch_files(accessed: dict[str, float]) -> Deferred[None]:
+        """
+        Record when files were last served (key to time), for eviction.
+        """
+
+    def usage() -> Deferred[tuple[int, int]]:
+        """
+        The total size in bytes and the number of the recorded files.
+        """
+
+    def least_recent(limit: int) -> Deferred[list[FileRecord]]:
+        """
+        Up to C{limit} file records, least recently served first.
+        """
+
 
 @implementer(IMetadata)
 @attrs.define
@@ -98,6 +113,7 @@ class MemoryMetadata:
 
     pages: dict[str, PageRecord] = attrs.field(factory=dict)
     files: dict[str, FileRecord] = attrs.field(factory=dict)
+    accessed: dict[str, float] = attrs.field(factory=dict)
 
     def get_page(self, key: str) -> Deferred[PageRecord | None]:
         return succeed(self.pages.get(key))
@@ -120,7 +136,21 @@ class MemoryMetadata:
 
     def delete_file(self, key: str) -> Deferred[None]:
         self.files.pop(key, None)
+        self.accessed.pop(key, None)
         return succeed(None)
+
+    def touch_files(self, accessed: dict[str, float]) -> Deferred[None]:
+        self.accessed.update((k, v) for k, v in accessed.items() if k in self.files)
+        return succeed(None)
+
+    def usage(self) -> Deferred[tuple[int, int]]:
+        return succeed((sum(r.size for r in self.files.values()), len(self.files)))
+
+    def least_recent(self, limit: int) -> Deferred[list[FileRecord]]:
+        def when(r: FileRecord) -> tuple[float, str]:
+            return self.accessed.get(r.key, r.cached_at), r.key
+
+        return succeed(sorted(self.files.values(), key=when)[:limit])
 
 
 _SCHEMA = """
@@ -140,9 +170,10 @@ CREATE TABLE IF NOT EXISTS files (
     sha256 TEXT NOT NULL,
     size INTEGER NOT NULL,
     store_key TEXT NOT NULL,
-    cached_at REAL NOT NULL
+    cached_at REAL NOT NULL,
+    last_access REAL NOT NULL DEFAULT 0
 );
-PRAGMA user_version = 1;
+CREATE INDEX IF NOT EXISTS files_by_access ON files (last_access);
 """
 
 
@@ -165,7 +196,11 @@ class SqliteMetadata:
             connection = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=NORMAL")
+            (version,) = connection.execute("PRAGMA user_version").fetchone()
+            if version == 1:  # before last_access existed
+                connection.execute("ALTER TABLE files ADD COLUMN last_access REAL NOT NULL DEFAULT 0")
             connection.executescript(_SCHEMA)
+            connection.execute("PRAGMA user_version = 2")
             self._connection = connection
         return self._connection
 
@@ -228,8 +263,8 @@ class SqliteMetadata:
 
     def _put_file(self, r: FileRecord) -> None:
         self._db().execute(
-            "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (r.key, r.upstream, r.url, r.sha256, r.size, r.store_key, r.cached_at),
+            "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (r.key, r.upstream, r.url, r.sha256, r.size, r.store_key, r.cached_at, r.cached_at),
         )
 
     def put_file(self, record: FileRecord) -> Deferred[None]:
@@ -240,3 +275,32 @@ class SqliteMetadata:
 
     def delete_file(self, key: str) -> Deferred[None]:
         return self._run(self._delete_file, key)
+
+    def _touch_files(self, accessed: dict[str, float]) -> None:
+        db = self._db()
+        with db:
+            db.execute("BEGIN")
+            db.executemany(
+                "UPDATE files SET last_access = ? WHERE key = ?", [(t, k) for k, t in accessed.items()]
+            )
+
+    def touch_files(self, accessed: dict[str, float]) -> Deferred[None]:
+        return self._run(self._touch_files, dict(accessed))
+
+    def _usage(self) -> tuple[int, int]:
+        total, count = self._db().execute("SELECT COALESCE(SUM(size), 0), COUNT(*) FROM files").fetchone()
+        return int(total), int(count)
+
+    def usage(self) -> Deferred[tuple[int, int]]:
+        return self._run(self._usage)
+
+    def _least_recent(self, limit: int) -> list[FileRecord]:
+        rows = self._db().execute(
+            "SELECT key, upstream, url, sha256, size, store_key, cached_at FROM files"
+            " ORDER BY last_access, key LIMIT ?",
+            (limit,),
+        )
+        return [FileRecord(*row) for row in rows]
+
+    def least_recent(self, limit: int) -> Deferred[list[FileRecord]]:
+        return self._run(self._least_recent, limit)

@@ -159,9 +159,14 @@ class DiskStore:
         return succeed(FdReader(fd, os.fstat(fd).st_size))
 
     def _delete(self, key: str) -> None:
+        path = self._path(key)
         try:
-            os.unlink(self._path(key))
+            os.unlink(path)
         except FileNotFoundError:
+            pass
+        try:
+            path.parent.rmdir()  # files/aa/<sha256>/ holds one file
+        except OSError:
             pass
 
     def delete(self, key: str) -> Deferred[None]:

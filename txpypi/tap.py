@@ -11,7 +11,9 @@ from typing import Any
 from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
@@ -22,6 +24,8 @@ from txpypi.metadata import SqliteMetadata
 from txpypi.pages import PageCache
 from txpypi.stores import DiskStore
 from txpypi.upstream import Upstream, UpstreamClient
+
+log = Logger()
 
 
 class Options(usage.Options):
@@ -97,6 +101,13 @@ class Options(usage.Options):
         """
         self.given["offline"] = True
 
+    def opt_max_cache_size(self, size: str) -> None:
+        """
+        Keep cached files under this size (500M, 20G, ...: powers of 1024),
+        evicting the least recently served (default: no limit).
+        """
+        self.given["max-cache-size"] = size
+
     def opt_config(self, path: str) -> None:
         """
         A YAML file with the same settings as these options.
@@ -128,6 +139,37 @@ class ThreadPoolService(Service):
     def stopService(self) -> None:
         super().stopService()
         self.pool.stop()
+
+
+class CacheUpkeepService(Service):
+    """
+    Learns the cache's size at start-up (off the reactor thread), writes
+    access times to the metadata store every C{interval} seconds and on
+    stop.  Its timer logs its own errors.
+    """
+
+    def __init__(self, files: FileCache, reactor: Any, interval: float = 60.0) -> None:
+        self._files = files
+        self._loop = LoopingCall(self._flush)
+        self._loop.clock = reactor
+        self._interval = interval
+
+    def _flush(self) -> Deferred[None]:
+        d = Deferred.fromCoroutine(self._files.flush_accesses())
+        d.addErrback(lambda f: log.failure("could not record access times", f))
+        return d
+
+    def startService(self) -> None:
+        super().startService()
+        d = Deferred.fromCoroutine(self._files.load_usage())
+        d.addErrback(lambda f: log.failure("could not read the cache's size", f))
+        self._loop.start(self._interval, now=False)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        if self._loop.running:
+            self._loop.stop()
+        return self._flush()
 
 
 class CleanupService(Service):
@@ -177,7 +219,8 @@ def build(settings: config.Settings, reactor: Any) -> tuple[MultiService, Proxy]
         offline=settings.offline,
         blocking=partial(deferToThreadPool, reactor, io_pool),
     )
-    files = FileCache(reactor, client, store, metadata, pages)
+    files = FileCache(reactor, client, store, metadata, pages, max_size=settings.max_cache_size)
+    CacheUpkeepService(files, reactor).setServiceParent(service)
     proxy = Proxy(pages, files)
     site = proxy.site()
     for endpoint in settings.listen:
