@@ -6,6 +6,7 @@ the test delivers byte by byte, and a L{Clock} for the idle timeout.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
+from txpypi import download
 from txpypi.download import Flight, FlightFailed, Wanted
 from txpypi.metadata import FileRecord, MemoryMetadata
 from txpypi.testing import MemoryStore
@@ -29,15 +31,16 @@ SHA = hashlib.sha256(DATA).hexdigest()
 class BodyTransport:
     def __init__(self) -> None:
         self.stopped = False
+        self.paused = False
 
     def stopProducing(self) -> None:
         self.stopped = True
 
     def pauseProducing(self) -> None:
-        pass
+        self.paused = True
 
     def resumeProducing(self) -> None:
-        pass
+        self.paused = False
 
 
 @attrs.define
@@ -192,3 +195,71 @@ def test_stalled_upstream_times_out(tmp_path: Path) -> None:
     assert h.response.transport.stopped
     assert h.landed == [None] and list(h.spool.iterdir()) == []
     assert h.clock.getDelayedCalls() == []
+
+
+def full_disk_after(n: int) -> Any:
+    """
+    A spool writer that fails with ENOSPC once C{n} bytes were written.
+    """
+    import errno
+
+    written = [0]
+
+    def write(fd: int, data: memoryview) -> int:
+        room = n - written[0]
+        if room <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        chunk = min(room, len(data))
+        written[0] += chunk
+        return os.write(fd, data[:chunk])
+
+    return write
+
+
+def test_full_disk_still_streams_the_whole_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    ENOSPC half way: every client still gets the whole, verified file, read
+    from the spool and then from memory; nothing is cached; memory held for
+    a lagging client is bounded by pausing the upstream.
+    """
+    monkeypatch.setattr(download, "MEMORY_HIGH", 200)
+    download._spool_error.clear()
+    h = harness(tmp_path)
+    h.flight.spool_write = full_disk_after(300)
+    fast, slow = h.flight.reader(), h.flight.reader()
+    got_fast = bytearray()
+
+    def pump(reader: Any, into: bytearray) -> None:
+        while True:
+            out: list[Any] = []
+            d = reader.read(len(into), 1 << 20)
+            d.addBoth(out.append)
+            if not out:
+                d.cancel()  # caught up: stop waiting
+                return
+            if not out[0]:
+                return
+            if isinstance(out[0], Failure):
+                out[0].raiseException()
+            into += out[0]
+
+    for i in range(0, len(DATA), 50):
+        h.response.send(DATA[i : i + 50])
+        pump(fast, got_fast)
+        if h.response.transport.paused:
+            break
+    # The slow reader has read nothing: the upstream waits for it.
+    assert h.response.transport.paused and not h.flight.cacheable
+    assert len(h.flight._memory) <= 200 + 50
+    got_slow = bytearray()
+    pump(slow, got_slow)
+    assert not h.response.transport.paused
+    h.response.send(DATA[i + 50 :])
+    h.response.end(ResponseDone())
+    pump(fast, got_fast)
+    pump(slow, got_slow)
+    assert bytes(got_fast) == bytes(got_slow) == DATA
+    assert h.flight.verified and h.landed == [None] and h.store.files == {}
+    fast.close()
+    slow.close()
+    assert list(h.spool.iterdir()) == [] and len(h.flight._memory) == 0

@@ -41,6 +41,14 @@ log = Logger()
 
 CHUNK = 256 * 1024
 
+#: When the spool cannot be written, a flight keeps its bytes in memory for
+#: its clients; past this many it pauses the upstream until they catch up.
+MEMORY_HIGH = 8 * 1024 * 1024
+
+#: The last spool error logged, so that a full disk is logged once, not once
+#: per download; cleared when a file is cached again.
+_spool_error: list[str] = []
+
 
 class FlightFailed(Exception):
     """
@@ -106,6 +114,16 @@ class Flight:
     _done_waiters: list[Deferred[None]] = attrs.field(factory=list)
     _body: Any = None
     _idle: Any = None
+    #: False once the spool failed: the file still streams, but from memory,
+    #: and is not cached.
+    cacheable: bool = True
+    _spooled: int = 0
+    _memory: bytearray = attrs.field(factory=bytearray)
+    _memory_start: int = 0
+    _readers: list[FlightReader] = attrs.field(factory=list)
+    _paused: bool = False
+    #: How spool bytes are written (a test may inject a full disk).
+    spool_write: Callable[[int, memoryview], int] = os.write
 
     def start(self) -> None:
         """
@@ -172,16 +190,59 @@ class Flight:
         if self.size is not None and self.written + len(data) > self.size:
             self._fail(FlightFailed(502, "upstream sent more bytes than announced"))
             return
-        try:
+        if self.cacheable:
             view = memoryview(data)
-            while view:
-                view = view[os.write(self._fd, view) :]
-        except OSError as e:
-            self._fail(FlightFailed(502, f"could not spool the download: {e.strerror}"))
-            return
+            try:
+                while view:
+                    view = view[self.spool_write(self._fd, view) :]
+            except OSError as e:
+                self._spool_failed(e)
+                self._memory += view
+            self._spooled += len(data) - len(view)
+        else:
+            self._memory += data
         self._hasher.update(data)
         self.written += len(data)
         self._wake()
+        if len(self._memory) > MEMORY_HIGH and not self._paused and self._body is not None:
+            self._paused = True
+            self._cancel_idle()  # our own pause is not the upstream stalling
+            self._body.pauseProducing()
+
+    def _spool_failed(self, error: OSError) -> None:
+        """
+        The disk is full or unwritable: go on streaming from memory to the
+        clients, without caching.
+        """
+        self.cacheable = False
+        self._memory_start = self._spooled
+        os.close(self._fd)
+        self._fd = -1
+        message = f"{error.strerror} ({error.__class__.__name__}, errno {error.errno})"
+        if _spool_error != [message]:
+            _spool_error[:] = [message]
+            log.error(
+                "cannot write the spool for {filename}: {error}; streaming it uncached",
+                filename=self.wanted.filename,
+                error=message,
+            )
+
+    def _trim(self) -> None:
+        """
+        Drop the bytes in memory that every reader is past, and resume the
+        upstream once they caught up.
+        """
+        if self.cacheable:
+            return
+        lowest = min((max(r.position, self._memory_start) for r in self._readers), default=self.written)
+        drop = lowest - self._memory_start
+        if drop > 0:
+            del self._memory[:drop]
+            self._memory_start = lowest
+        if self._paused and len(self._memory) <= MEMORY_HIGH // 2 and self._body is not None:
+            self._paused = False
+            self._idle = self._clock.callLater(self.read_timeout, self._stalled)
+            self._body.resumeProducing()
 
     def ended(self, reason: Failure) -> None:
         if self.failure is not None:
@@ -203,11 +264,16 @@ class Flight:
         if not self._hasher.matches():
             self._fail(FlightFailed(502, "upstream file does not match the index's hash"))
             return
-        os.close(self._fd)
-        self._fd = -1
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
         self.size = self.written
         self.verified = True
         self._wake()
+        if not self.cacheable:
+            self._unlink()
+            self._finish(None)
+            return
         Deferred.fromCoroutine(self._commit()).addErrback(self._crashed)
 
     async def _commit(self) -> None:
@@ -230,6 +296,7 @@ class Flight:
             self._unlink()
             self._finish(None)
             return
+        _spool_error.clear()
         log.info(
             "cached {filename} ({size} bytes, sha256 {sha256}) from {url}",
             filename=self.wanted.filename,
@@ -310,7 +377,15 @@ class Flight:
         A new reader of this flight's bytes.
         """
         self._refs += 1
-        return FlightReader(self)
+        reader = FlightReader(self)
+        self._readers.append(reader)
+        return reader
+
+    def _forget_reader(self, reader: FlightReader) -> None:
+        if reader in self._readers:
+            self._readers.remove(reader)
+        self._trim()
+        self.release()
 
     async def wait_started(self) -> None:
         """
@@ -363,7 +438,14 @@ class Flight:
             if stop is not None:
                 limit = min(limit, stop if self.verified else stop - 1)
             if offset < limit:
-                data = os.pread(self._read_fd, min(length, limit - offset), offset)
+                if offset < self._spooled:
+                    n = min(length, limit - offset, self._spooled - offset)
+                    data = os.pread(self._read_fd, n, offset)
+                elif offset >= self._memory_start:
+                    start = offset - self._memory_start
+                    data = bytes(self._memory[start : start + min(length, limit - offset)])
+                else:
+                    raise FlightFailed(503, "the disk is full and these bytes are no longer held")
                 if not data:
                     raise FlightFailed(502, "spool file shorter than written")
                 return data
@@ -383,13 +465,23 @@ class FlightReader:
     def size(self) -> int | None:
         return self._flight.size
 
+    #: Where this reader has read up to (for trimming bytes held in memory).
+    position: int = 0
+
     def read(self, offset: int, length: int) -> Deferred[bytes]:
-        return Deferred.fromCoroutine(self._flight.read(offset, length, self.stop))
+        d = Deferred.fromCoroutine(self._flight.read(offset, length, self.stop))
+        d.addCallback(self._advanced, offset)
+        return d
+
+    def _advanced(self, data: bytes, offset: int) -> bytes:
+        self.position = offset + len(data)
+        self._flight._trim()
+        return data
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._flight.release()
+            self._flight._forget_reader(self)
 
 
 class _Sink:
