@@ -295,7 +295,7 @@ async def test_single_flight_streams_to_all_clients(
     assert running.proxy.files.flights == {}
 
 
-@pytest.mark.parametrize("fault", ["wrong-bytes", "cut"])
+@pytest.mark.parametrize("fault", ["wrong-bytes", "cut", "truncated"])
 @pytest_twisted.ensureDeferred
 async def test_bad_download_is_aborted_and_not_cached(
     fault: str, json_upstream: Served, proxy_factory: Any, http: HTTPClient, dists: list[Dist]
@@ -475,3 +475,43 @@ async def test_another_upstream_or_hash_is_fetched_again(
         assert other.requests["/packages/" + name] == 2
     finally:
         await port.stopListening()
+
+
+@pytest.mark.parametrize("fault, reason", [("503", b"503"), ("404", b"no file"), ("long", b"Content-Length")])
+@pytest_twisted.ensureDeferred
+async def test_upstream_file_faults_before_the_body(
+    fault: str, reason: bytes, json_upstream: Served, proxy_factory: Any, http: HTTPClient, dists: list[Dist]
+) -> None:
+    """
+    Faults seen before any byte is sent get a status with a one-line reason;
+    nothing is cached and the next request asks again.
+    """
+    name = "gamma-0.5-py3-none-any.whl"
+    json_upstream.fake.faults[name] = fault  # type: ignore[assignment]
+    running = proxy_factory(json_upstream.url)
+    url = running.url + "/files/gamma/" + name
+    response = await http.get(url)
+    body = await response.content()
+    assert response.code == (404 if fault == "404" else 502) and reason in body and body.count(b"\n") == 1
+    await Deferred.fromCoroutine(running.proxy.files.wait_idle())
+    assert cached_files(running) == []
+    del json_upstream.fake.faults[name]
+    assert await (await http.get(url)).content() == find(dists, name).content
+    assert json_upstream.fake.requests["/packages/" + name] == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_upstream_streams_through(
+    json_upstream: Served, proxy_factory: Any, http: HTTPClient, dists: list[Dist]
+) -> None:
+    """
+    An upstream that trickles 4 KiB per millisecond: the file arrives whole
+    and verified, in many pieces, and is cached.
+    """
+    name = "beta-1.1.tar.gz"
+    json_upstream.fake.faults[name] = "slow"
+    running = proxy_factory(json_upstream.url)
+    response = await http.get(running.url + "/files/beta/" + name)
+    assert await response.content() == find(dists, name).content
+    await Deferred.fromCoroutine(running.proxy.files.wait_idle())
+    assert [p.name for p in cached_files(running)] == [name]

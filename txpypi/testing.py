@@ -28,10 +28,13 @@ from zope.interface import implementer
 from txpypi.stores import IFileReader, IFileStore
 
 Mode = Literal["json", "html"]
-#: "cut": send half the body, then reset the connection; "stall": send the
-#: headers and part of the body, then nothing more; "wrong-bytes": flip the
-#: first byte; "500"/"404": answer with that status.
-Fault = Literal["cut", "stall", "wrong-bytes", "500", "404"]
+#: "cut": send half the body, then reset the connection; "truncated": send
+#: half, then close the connection cleanly; "stall": send the headers and
+#: part of the body, then nothing more; "wrong-bytes": flip the first byte;
+#: "long": send extra bytes (and a Content-Length that counts them); "slow":
+#: send the body 4 KiB at a time, one chunk per millisecond;
+#: "500"/"503"/"404": answer with that status.
+Fault = Literal["cut", "truncated", "stall", "wrong-bytes", "long", "slow", "500", "503", "404"]
 
 
 @attrs.frozen
@@ -290,11 +293,13 @@ class FakeUpstream(Resource):
         content = dist.metadata if is_metadata else dist.content
         assert content is not None
         fault = self.faults.get(filename)
-        if fault in ("500", "404"):
+        if fault in ("500", "503", "404"):
             request.setResponseCode(int(fault or 500))
             return b"injected"
         if fault == "wrong-bytes":
             content = bytes([content[0] ^ 0xFF]) + content[1:]
+        if fault == "long":
+            content += b"trailing junk"
         request.setHeader("content-type", "application/octet-stream")
         request.setHeader("content-length", str(len(content)))
         if request.method == b"HEAD":
@@ -303,8 +308,11 @@ class FakeUpstream(Resource):
         if fault == "stall":
             request.write(content[:half])
             return NOT_DONE_YET
+        if fault == "slow":
+            self._trickle(request, content, 0)
+            return NOT_DONE_YET
         hold = self.holds.get(filename)
-        if hold is None and fault != "cut":
+        if hold is None and fault not in ("cut", "truncated"):
             return content
         request.write(content[:half])
 
@@ -314,6 +322,13 @@ class FakeUpstream(Resource):
             if fault == "cut":
                 request.channel.transport.abortConnection()  # type: ignore[union-attr]
                 return
+            if fault == "truncated":
+                # A clean close (FIN, not RST).  The channel is the transport's
+                # producer, and a transport with a producer waits for it.
+                transport = request.channel.transport  # type: ignore[union-attr]
+                transport.unregisterProducer()
+                transport.loseConnection()
+                return
             request.write(content[half:])
             request.finish()
 
@@ -322,6 +337,18 @@ class FakeUpstream(Resource):
         else:
             hold.addCallback(rest)
         return NOT_DONE_YET
+
+
+    def _trickle(self, request: Request, content: bytes, offset: int) -> None:
+        from twisted.internet import reactor
+
+        if request._disconnected:
+            return
+        if offset >= len(content):
+            request.finish()
+            return
+        request.write(content[offset : offset + 4096])
+        reactor.callLater(0.001, self._trickle, request, content, offset + 4096)  # type: ignore[attr-defined]
 
 
 @implementer(IFileReader)
