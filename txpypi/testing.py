@@ -16,7 +16,7 @@ import tarfile
 import zipfile
 from collections import Counter
 from collections.abc import Iterable
-from typing import Literal
+from typing import Any, Literal
 
 import attrs
 from packaging.utils import canonicalize_name
@@ -325,7 +325,7 @@ class FakeUpstream(Resource):
             if fault == "truncated":
                 # A clean close (FIN, not RST).  The channel is the transport's
                 # producer, and a transport with a producer waits for it.
-                transport = request.channel.transport  # type: ignore[union-attr]
+                transport: Any = request.channel.transport  # type: ignore[union-attr]
                 transport.unregisterProducer()
                 transport.loseConnection()
                 return
