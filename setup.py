@@ -19,6 +19,7 @@ setup(
         "PyYAML>=6",
         "pyopenssl>=24",
         "service-identity>=24",
+        "prometheus-client>=0.20",
     ],
     extras_require={
         "test": [

@@ -104,3 +104,35 @@ def test_plugin_is_found() -> None:
 
     makers = {p.tapname: p for p in getPlugins(IServiceMaker)}
     assert makers["txpypi"].options is Options
+
+
+def test_operations_options(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("0123456789abcdef0123\n")
+    s = parse(
+        "--log-format",
+        "json",
+        "--trusted-proxy",
+        "10.0.0.1",
+        "--trusted-proxy",
+        "::1",
+        "--admin-token-file",
+        str(token),
+    ).settings
+    assert (s.log_format, s.trusted_proxies, s.admin_token) == (
+        "json",
+        ("10.0.0.1", "::1"),
+        "0123456789abcdef0123",
+    )
+    assert "0123456789abcdef" not in repr(s)  # never logged with the settings
+    for bad in (
+        ["--log-format", "xml"],
+        ["--trusted-proxy", "proxy.example"],
+        ["--admin-token-file", "/nope"],
+    ):
+        with pytest.raises(UsageError):
+            parse(*bad)
+    short = tmp_path / "short"
+    short.write_text("abc\n")
+    with pytest.raises(UsageError, match="16 characters"):
+        parse("--admin-token-file", str(short))

@@ -8,6 +8,8 @@ Klein app whose routes are methods on L{Proxy}.
 
 from __future__ import annotations
 
+import hmac
+import json
 import math
 from collections.abc import Coroutine
 from html import escape
@@ -22,10 +24,13 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from txpypi import __version__
+from txpypi.accesslog import Entry, client_address, combined, json_line
 from txpypi.download import FlightFailed, FlightReader, Sender
 from txpypi.files import FileCache, NotListed
 from txpypi.httpheaders import Unsatisfiable, accepts_gzip, etag_matches, parse_range
 from txpypi.index import negotiate
+from txpypi.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from txpypi.metrics import Metrics, route_of
 from txpypi.names import BadName, check_filename, normalize
 from txpypi.pages import HIT, STALE, CachedPage, NotFound, PageCache
 from txpypi.upstream import UpstreamError
@@ -310,6 +315,74 @@ class Root(Resource):
         return self._fallback
 
 
+class ProxySite(Site):
+    """
+    The site: counts every request in the metrics and writes the access log
+    line once the response is done.
+    """
+
+    def __init__(
+        self,
+        resource: IResource,
+        clock: Any,
+        metrics: Metrics,
+        log_format: str = "combined",
+        trusted_proxies: frozenset[str] = frozenset(),
+    ) -> None:
+        super().__init__(resource)
+        self._clock = clock
+        self._metrics = metrics
+        self.log_format = log_format
+        self.trusted_proxies = trusted_proxies
+        self.displayTracebacks = False
+
+    def getResourceFor(self, request: Request) -> IResource:  # type: ignore[override]
+        request.txpypi_started = self._clock.seconds()  # type: ignore[attr-defined]
+        resource: IResource = super().getResourceFor(request)
+        return resource
+
+    def log(self, request: Request) -> None:  # type: ignore[override]
+        now: float = self._clock.seconds()
+        duration = now - getattr(request, "txpypi_started", now)
+        route = route_of(request.path)
+        code = request.code
+        self._metrics.requests.labels(route, str(code)).inc()
+        self._metrics.latency.labels(route).observe(duration)
+        cache = request.responseHeaders.getRawHeaders(b"x-cache")
+        state = cache[0].decode() if cache else ""
+        size = request.sentLength
+        if state:
+            kind = "file" if route in ("file", "metadata") else "page"
+            self._metrics.cache.labels(kind, state.lower()).inc()
+            if code in (200, 206):
+                self._metrics.bytes_served.labels("upstream" if state == "MISS" else "cache").inc(size)
+        if self.log_format == "none":
+            return
+        peer = request.getClientAddress()
+        entry = Entry(
+            client=client_address(
+                getattr(peer, "host", "-"),
+                _header(request, b"x-forwarded-for"),
+                self.trusted_proxies,
+            ),
+            method=request.method.decode("latin-1"),
+            path=request.uri.decode("latin-1"),
+            protocol=request.clientproto.decode("latin-1"),
+            status=code,
+            size=size,
+            duration=duration,
+            cache=state,
+            referer=_header(request, b"referer") or "-",
+            user_agent=_header(request, b"user-agent") or "-",
+            time=now,
+        )
+        line = json_line(entry) if self.log_format == "json" else combined(entry)
+        access_log.info("{access}", access=line)
+
+
+access_log = Logger(namespace="txpypi.access")
+
+
 @attrs.define(slots=False)
 class Proxy:
     """
@@ -318,13 +391,30 @@ class Proxy:
 
     pages: PageCache
     files: FileCache
+    clock: Any
+    metrics: Metrics = attrs.field(factory=Metrics.create)
+    admin_token: str | None = None
+    log_format: str = "combined"
+    trusted_proxies: frozenset[str] = frozenset()
     app = Klein()
 
-    def site(self) -> Site:
+    def __attrs_post_init__(self) -> None:
+        self.metrics.watch(self._state)
+
+    def _state(self) -> dict[str, float]:
+        files = self.files
+        return {
+            "txpypi_cache_bytes": files.size or 0,
+            "txpypi_cache_files": files.count or 0,
+            "txpypi_cache_max_bytes": files.max_size or 0,
+            "txpypi_downloads_in_flight": len(files.flights),
+            "txpypi_download_clients": sum(f.clients for f in files.flights.values()),
+            "evictions": files.evictions,
+        }
+
+    def site(self) -> ProxySite:
         root = Root(SimpleResource(self.pages), FilesResource(self.files), self.app.resource())
-        site = Site(root)
-        site.displayTracebacks = False
-        return site
+        return ProxySite(root, self.clock, self.metrics, self.log_format, self.trusted_proxies)
 
     @app.route("/", methods=["GET", "HEAD"])
     def home(self, request: Request) -> bytes:
@@ -342,9 +432,100 @@ class Proxy:
             "</body></html>"
         ).encode()
 
+    @app.route("/metrics", methods=["GET"])
+    def metrics_page(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", METRICS_CONTENT_TYPE.encode())
+        return self.metrics.render()
+
+    @app.route("/health", methods=["GET"])
+    async def health(self, request: Request) -> bytes:
+        client = self.files._client
+        upstream: dict[str, Any] = {
+            "url": self.pages.upstream.url,
+            "state": "offline" if self.pages.offline else client.state(),
+            "last_success": client.last_success,
+            "last_error": None
+            if client.last_error is None
+            else {"at": client.last_error[0], "reason": client.last_error[1]},
+        }
+        spool_error = self.files.spool_error()
+        file_store = {"state": "degraded", "reason": spool_error} if spool_error else {"state": "ok"}
+        try:
+            await self.files.metadata_ping()
+            metadata: dict[str, Any] = {"state": "ok"}
+        except Exception as e:
+            self.metrics.store_errors.labels("metadata").inc()
+            metadata = {"state": "failing", "reason": repr(e)}
+        serving = metadata["state"] == "ok"
+        degraded = upstream["state"] == "degraded" or file_store["state"] != "ok"
+        body = {
+            "status": "failing" if not serving else "degraded" if degraded else "ok",
+            "version": __version__,
+            "upstream": upstream,
+            "file_store": file_store,
+            "metadata_store": metadata,
+            "cache": {"bytes": self.files.size, "files": self.files.count, "max_bytes": self.files.max_size},
+        }
+        request.setResponseCode(200 if serving else 503)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        return json.dumps(body, indent=2).encode() + b"\n"
+
+    # -- administration: only with the bearer token
+
+    def _refused(self, request: Request) -> bytes | None:
+        """
+        The answer when the request may not administer, else L{None}.
+        """
+        if self.admin_token is None:
+            return _text(request, 404, "not found: no admin token is configured")
+        given = _header(request, b"authorization") or ""
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), self.admin_token.encode()
+        ):
+            request.setHeader(b"www-authenticate", b'Bearer realm="txpypi"')
+            return _text(request, 401, "a valid admin bearer token is required")
+        return None
+
+    @app.route("/cache/list", methods=["DELETE"])
+    async def forget_list(self, request: Request) -> bytes:
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
+        await self.pages.forget(None)
+        return _text(request, 200, "forgot the project list")
+
+    @app.route("/cache/<project>", methods=["DELETE"])
+    async def forget_project(self, request: Request, project: str) -> bytes:
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
+        try:
+            name = normalize(project)
+        except BadName as e:
+            return _text(request, 400, str(e))
+        await self.pages.forget(name)
+        return _text(request, 200, f"forgot the index page of {name}")
+
+    @app.route("/cache/<project>/<filename>", methods=["DELETE"])
+    async def purge_file(self, request: Request, project: str, filename: str) -> bytes:
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
+        try:
+            name = normalize(project)
+            check_filename(filename)
+        except BadName as e:
+            return _text(request, 400, str(e))
+        if not await self.files.purge(name, filename):
+            return _text(request, 404, f"{name} has no cached file {filename}")
+        return _text(request, 200, f"purged {filename}")
+
     @app.handle_errors(Exception)  # type: ignore[arg-type]
     def error(self, request: Request, failure: Any) -> bytes:
-        if failure.check(Exception) and getattr(failure.value, "code", None) == 404:
-            return _text(request, 404, "not found")
+        code = getattr(failure.value, "code", None)
+        if code in (404, 405):
+            return _text(request, code, "not found" if code == 404 else "method not allowed")
         log.failure("error in {path}", failure, path=request.path)
         return _text(request, 500, "internal error")

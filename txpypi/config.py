@@ -44,6 +44,9 @@ class Settings:
     stale_ttl: float = 7 * 24 * 3600.0
     offline: bool = False
     max_cache_size: int | None = None
+    log_format: str = "combined"
+    trusted_proxies: tuple[str, ...] = ()
+    admin_token: str | None = attrs.field(default=None, repr=False)
 
 
 def _listen(value: Any) -> tuple[str, ...]:
@@ -115,6 +118,45 @@ def _flag(key: str) -> Any:
     return check
 
 
+def _log_format(value: Any) -> str:
+    from txpypi.accesslog import FORMATS
+
+    if value not in FORMATS:
+        raise ConfigError(f"log-format: expected one of {', '.join(FORMATS)}, got {value!r}")
+    return str(value)
+
+
+def _addresses(value: Any) -> tuple[str, ...]:
+    import ipaddress
+
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list):
+        raise ConfigError("trusted-proxy: expected an address or a list of them")
+    for v in values:
+        try:
+            ipaddress.ip_address(str(v))
+        except ValueError:
+            raise ConfigError(f"trusted-proxy: not an IP address: {v!r}") from None
+    return tuple(str(v) for v in values)
+
+
+def _token(value: Any) -> str:
+    if not isinstance(value, str) or len(value.strip()) < 16:
+        raise ConfigError("admin-token: expected a string of at least 16 characters")
+    return value.strip()
+
+
+def read_token_file(path: Any) -> str:
+    """
+    The admin token from a file (its first line).
+    """
+    try:
+        with open(str(path), encoding="utf-8") as f:
+            return _token(f.readline())
+    except OSError as e:
+        raise ConfigError(f"admin-token-file: cannot read {path}: {e.strerror}") from None
+
+
 #: Config-file keys (the same as the long options), their attribute and checker.
 KEYS = {
     "listen": ("listen", _listen),
@@ -127,6 +169,10 @@ KEYS = {
     "stale-ttl": ("stale_ttl", _seconds("stale-ttl")),
     "offline": ("offline", _flag("offline")),
     "max-cache-size": ("max_cache_size", parse_size),
+    "log-format": ("log_format", _log_format),
+    "trusted-proxy": ("trusted_proxies", _addresses),
+    "admin-token": ("admin_token", _token),
+    "admin-token-file": ("admin_token", read_token_file),
 }
 
 

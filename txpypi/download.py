@@ -124,6 +124,15 @@ class Flight:
     _paused: bool = False
     #: How spool bytes are written (a test may inject a full disk).
     spool_write: Callable[[int, memoryview], int] = os.write
+    #: Called with "files" when the file store fails us (for metrics).
+    on_store_error: Callable[[str], None] = lambda store: None
+
+    @property
+    def clients(self) -> int:
+        """
+        How many clients are reading this download.
+        """
+        return len(self._readers)
 
     def start(self) -> None:
         """
@@ -215,6 +224,7 @@ class Flight:
         clients, without caching.
         """
         self.cacheable = False
+        self.on_store_error("files")
         self._memory_start = self._spooled
         os.close(self._fd)
         self._fd = -1
@@ -292,6 +302,7 @@ class Flight:
             await self._store.commit(self._spool_path, record.store_key)
             await self._metadata.put_file(record)
         except Exception:
+            self.on_store_error("files")
             log.failure("could not cache {filename}", filename=self.wanted.filename)
             self._unlink()
             self._finish(None)

@@ -12,7 +12,7 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from txpypi.download import ByteSource, Flight, FlightReader, Wanted
+from txpypi.download import ByteSource, Flight, FlightReader, Wanted, _spool_error
 from txpypi.index import DistFile, ProjectPage
 from txpypi.metadata import FileRecord, IMetadata
 from txpypi.names import strongest_hash
@@ -86,6 +86,38 @@ class FileCache:
     _accessed: dict[str, float] = attrs.field(factory=dict)
     _evicting: Deferred[None] | None = None
     _eviction_waiters: list[Deferred[None]] = attrs.field(factory=list)
+    metrics: Any = None
+
+    def _store_error(self, store: str) -> None:
+        if self.metrics is not None:
+            self.metrics.store_errors.labels(store).inc()
+
+    @staticmethod
+    def spool_error() -> str | None:
+        """
+        The last error writing a spool file, until a file is cached again.
+        """
+        return _spool_error[0] if _spool_error else None
+
+    async def metadata_ping(self) -> None:
+        await self._metadata.ping()
+
+    async def purge(self, project: str, filename: str) -> bool:
+        """
+        Remove one cached file; C{False} if it was not cached.
+        """
+        key = self.key(project, filename)
+        record = self._records.pop(key, None) or await self._metadata.get_file(key)
+        if record is None:
+            return False
+        self._records.pop(key, None)
+        await self._metadata.delete_file(key)
+        await self._store.delete(record.store_key)
+        if self.size is not None:
+            self.size -= record.size
+            self.count = None if self.count is None else self.count - 1
+        log.info("purged {key}", key=key)
+        return True
 
     async def load_usage(self) -> None:
         """
@@ -276,6 +308,7 @@ class FileCache:
             self._clock,
             self._landed,
             read_timeout=self._client.read_timeout,
+            on_store_error=self._store_error,
         )
         self.flights[wanted.key] = flight
         log.info("fetching {url}", url=wanted.url)

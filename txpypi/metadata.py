@@ -68,6 +68,16 @@ class IMetadata(Interface):
         Store (replace) a page record.
         """
 
+    def delete_page(key: str) -> Deferred[None]:
+        """
+        Forget a page.
+        """
+
+    def ping() -> Deferred[None]:
+        """
+        Fail if the store cannot be used.
+        """
+
     def touch_page(key: str, fetched_at: float) -> Deferred[None]:
         """
         Mark a stored page as fetched at C{fetched_at} (it was revalidated).
@@ -120,6 +130,13 @@ class MemoryMetadata:
 
     def put_page(self, record: PageRecord) -> Deferred[None]:
         self.pages[record.key] = record
+        return succeed(None)
+
+    def delete_page(self, key: str) -> Deferred[None]:
+        self.pages.pop(key, None)
+        return succeed(None)
+
+    def ping(self) -> Deferred[None]:
         return succeed(None)
 
     def touch_page(self, key: str, fetched_at: float) -> Deferred[None]:
@@ -240,6 +257,18 @@ class SqliteMetadata:
 
     def put_page(self, record: PageRecord) -> Deferred[None]:
         return self._run(self._put_page, record)
+
+    def _delete_page(self, key: str) -> None:
+        self._db().execute("DELETE FROM pages WHERE key = ?", (key,))
+
+    def delete_page(self, key: str) -> Deferred[None]:
+        return self._run(self._delete_page, key)
+
+    def _ping(self) -> None:
+        self._db().execute("SELECT 1").fetchone()
+
+    def ping(self) -> Deferred[None]:
+        return self._run(self._ping)
 
     def _touch_page(self, key: str, fetched_at: float) -> None:
         self._db().execute("UPDATE pages SET fetched_at = ? WHERE key = ?", (fetched_at, key))

@@ -203,6 +203,15 @@ class PageCache:
             return page
         return None
 
+    async def forget(self, project: str | None) -> None:
+        """
+        Forget a page (L{None}: the project list) so that the next request
+        fetches it from the upstream.
+        """
+        key = self.key(project)
+        self._memory.pop(key, None)
+        await self._metadata.delete_page(key)
+
     def _remember(self, page: CachedPage) -> None:
         self._memory[page.key] = page
         self._memory.move_to_end(page.key)

@@ -21,6 +21,7 @@ from txpypi import config
 from txpypi.app import Proxy
 from txpypi.files import FileCache
 from txpypi.metadata import SqliteMetadata
+from txpypi.metrics import Metrics
 from txpypi.pages import PageCache
 from txpypi.stores import DiskStore
 from txpypi.upstream import Upstream, UpstreamClient
@@ -107,6 +108,26 @@ class Options(usage.Options):
         evicting the least recently served (default: no limit).
         """
         self.given["max-cache-size"] = size
+
+    def opt_log_format(self, name: str) -> None:
+        """
+        The access log: combined, json or none (default: combined).
+        """
+        self.given["log-format"] = name
+
+    def opt_trusted_proxy(self, address: str) -> None:
+        """
+        A reverse proxy's address whose X-Forwarded-For is believed in the
+        access log; repeat it for several.
+        """
+        self.given.setdefault("trusted-proxy", []).append(address)
+
+    def opt_admin_token_file(self, path: str) -> None:
+        """
+        A file whose first line is the bearer token for the admin routes
+        (without one, they answer 404).
+        """
+        self.given["admin-token-file"] = path
 
     def opt_config(self, path: str) -> None:
         """
@@ -202,8 +223,10 @@ def build(settings: config.Settings, reactor: Any) -> tuple[MultiService, Proxy]
     store = DiskStore(cache_dir, io_pool, reactor)
     store.prepare()
     metadata = SqliteMetadata(cache_dir / "metadata.sqlite", db_pool, reactor)
+    metrics = Metrics.create()
     client = UpstreamClient(
         reactor,
+        metrics=metrics,
         connect_timeout=settings.connect_timeout,
         response_timeout=settings.response_timeout,
         read_timeout=settings.read_timeout,
@@ -219,9 +242,19 @@ def build(settings: config.Settings, reactor: Any) -> tuple[MultiService, Proxy]
         offline=settings.offline,
         blocking=partial(deferToThreadPool, reactor, io_pool),
     )
-    files = FileCache(reactor, client, store, metadata, pages, max_size=settings.max_cache_size)
+    files = FileCache(
+        reactor, client, store, metadata, pages, max_size=settings.max_cache_size, metrics=metrics
+    )
     CacheUpkeepService(files, reactor).setServiceParent(service)
-    proxy = Proxy(pages, files)
+    proxy = Proxy(
+        pages,
+        files,
+        reactor,
+        metrics,
+        admin_token=settings.admin_token,
+        log_format=settings.log_format,
+        trusted_proxies=frozenset(settings.trusted_proxies),
+    )
     site = proxy.site()
     for endpoint in settings.listen:
         strports.service(endpoint, site, reactor=reactor).setServiceParent(service)

@@ -338,7 +338,6 @@ class FakeUpstream(Resource):
             hold.addCallback(rest)
         return NOT_DONE_YET
 
-
     def _trickle(self, request: Request, content: bytes, offset: int) -> None:
         from twisted.internet import reactor
 

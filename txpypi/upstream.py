@@ -99,6 +99,10 @@ class UpstreamClient:
     response_timeout: float = 30.0
     read_timeout: float = 60.0
     _agent: IAgent | None = None
+    metrics: Any = None
+    #: When the upstream last answered as expected, and last failed (with why).
+    last_success: float | None = None
+    last_error: tuple[float, str] | None = None
     _pool: HTTPConnectionPool = attrs.field(init=False)
     _treq: HTTPClient = attrs.field(init=False)
     _files: RedirectAgent = attrs.field(init=False)
@@ -111,6 +115,27 @@ class UpstreamClient:
             agent = Agent(self._reactor, pool=self._pool, connectTimeout=self.connect_timeout)
         self._treq = HTTPClient(agent)
         self._files = RedirectAgent(agent)
+
+    def state(self) -> str:
+        """
+        C{unknown} before any exchange, C{degraded} when the last one failed,
+        else C{ok}.
+        """
+        if self.last_error is not None and (
+            self.last_success is None or self.last_error[0] > self.last_success
+        ):
+            return "degraded"
+        return "ok" if self.last_success is not None else "unknown"
+
+    def _outcome(self, kind: str, outcome: str, started: float, reason: str | None = None) -> None:
+        now: float = self._reactor.seconds()
+        if reason is None:
+            self.last_success = now
+        else:
+            self.last_error = (now, reason)
+        if self.metrics is not None:
+            self.metrics.upstream.labels(kind, outcome).inc()
+            self.metrics.upstream_latency.labels(kind).observe(now - started)
 
     def close(self) -> Deferred[None]:
         d: Deferred[None] = self._pool.closeCachedConnections()
@@ -131,6 +156,7 @@ class UpstreamClient:
             headers.setRawHeaders(b"If-None-Match", [etag.encode("latin-1")])
         if last_modified is not None:
             headers.setRawHeaders(b"If-Modified-Since", [last_modified.encode("latin-1")])
+        started: float = self._reactor.seconds()
         try:
             response = await self._treq.get(
                 url, headers=headers, timeout=self.response_timeout, reactor=self._reactor, unbuffered=True
@@ -139,13 +165,20 @@ class UpstreamClient:
             response.deliverBody(collector)
             body = await collector.done
         except Exception as e:
-            raise _classify(e, url) from e
+            error = _classify(e, url)
+            self._outcome("page", "timeout" if error.status == 504 else "error", started, error.reason)
+            raise error from e
         if response.code in (404, 410):
+            self._outcome("page", "not_found", started)
             raise UpstreamNotFound(url)
         if response.code == 304 and (etag is not None or last_modified is not None):
+            self._outcome("page", "not_modified", started)
             return FetchedPage(url, b"", "", etag, last_modified, not_modified=True)
         if response.code != 200:
-            raise UpstreamError(502, f"upstream answered {response.code} for {url}")
+            reason = f"upstream answered {response.code} for {url}"
+            self._outcome("page", "error", started, reason)
+            raise UpstreamError(502, reason)
+        self._outcome("page", "ok", started)
         h = response.headers
         return FetchedPage(
             url=str(response.request.absoluteURI.decode()),
@@ -164,21 +197,28 @@ class UpstreamClient:
         @raise UpstreamError: on a failure or any other status than 200.
         """
         headers = Headers({b"User-Agent": [USER_AGENT], b"Accept-Encoding": [b"identity"]})
+        started: float = self._reactor.seconds()
         d = self._files.request(b"GET", url.encode(), headers)
         timer = self._reactor.callLater(self.response_timeout, d.cancel)
         try:
             response: IResponse = await d
         except Exception as e:
-            raise _classify(e, url) from e
+            error = _classify(e, url)
+            self._outcome("file", "timeout" if error.status == 504 else "error", started, error.reason)
+            raise error from e
         finally:
             if timer.active():
                 timer.cancel()
         if response.code in (404, 410):
+            self._outcome("file", "not_found", started)
             response.deliverBody(_Discard())
             raise UpstreamNotFound(url)
         if response.code != 200:
+            reason = f"upstream answered {response.code} for {url}"
+            self._outcome("file", "error", started, reason)
             response.deliverBody(_Discard())
-            raise UpstreamError(502, f"upstream answered {response.code} for {url}")
+            raise UpstreamError(502, reason)
+        self._outcome("file", "ok", started)
         return response
 
 

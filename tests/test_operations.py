@@ -1,0 +1,186 @@
+"""
+Operations: /metrics moves when things happen, /health, the admin routes
+and their token, and the access log.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred
+from twisted.logger import globalLogPublisher
+
+from tests.conftest import Served
+from tests.test_http_semantics import get
+from tests.test_proxy import find, header
+from txpypi.accesslog import Entry, client_address, combined, json_line
+from txpypi.testing import Dist
+
+TOKEN = "s3cret-token-for-the-tests"
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """
+    The value of one sample in a Prometheus text page (0 if absent).
+    """
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        metric, _, rest = key.partition("{")
+        found = ",".join(sorted(rest.rstrip("}").split(","))) if rest else ""
+        if metric == name and found == wanted:
+            return float(value)
+    return 0.0
+
+
+async def scrape(url: str) -> str:
+    response, body = await get(url + "/metrics")
+    assert response.code == 200 and header(response, "content-type").startswith("text/plain")
+    return str(body.decode())
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_move_with_events(json_upstream: Served, proxy_factory: Any, dists: list[Dist]) -> None:
+    running = proxy_factory(json_upstream.url)
+    await Deferred.fromCoroutine(running.proxy.files.load_usage())
+    name = "gamma-0.5-py3-none-any.whl"
+    size = len(find(dists, name).content)
+    before = await scrape(running.url)
+
+    await get(running.url + "/simple/gamma/")
+    await get(running.url + "/simple/gamma/")
+    await get(running.url + "/files/gamma/" + name)
+    await Deferred.fromCoroutine(running.proxy.files.wait_idle())
+    await get(running.url + "/files/gamma/" + name)
+    await get(running.url + "/simple/no-such-project/")
+    after = await scrape(running.url)
+
+    def delta(metric: str, **labels: str) -> float:
+        return sample(after, metric, **labels) - sample(before, metric, **labels)
+
+    assert delta("txpypi_requests_total", route="project", code="200") == 2
+    assert delta("txpypi_requests_total", route="project", code="404") == 1
+    assert delta("txpypi_requests_total", route="file", code="200") == 2
+    assert delta("txpypi_request_duration_seconds_count", route="file") == 2
+    assert delta("txpypi_cache_answers_total", kind="page", result="miss") == 1
+    assert delta("txpypi_cache_answers_total", kind="page", result="hit") == 1
+    assert delta("txpypi_cache_answers_total", kind="file", result="miss") == 1
+    assert delta("txpypi_cache_answers_total", kind="file", result="hit") == 1
+    assert delta("txpypi_served_bytes_total", source="cache") >= size
+    assert delta("txpypi_served_bytes_total", source="upstream") >= size  # the file and a page
+    assert delta("txpypi_upstream_requests_total", kind="page", outcome="ok") == 1
+    assert delta("txpypi_upstream_requests_total", kind="page", outcome="not_found") == 1
+    assert delta("txpypi_upstream_requests_total", kind="file", outcome="ok") == 1
+    assert delta("txpypi_upstream_duration_seconds_count", kind="file") == 1
+    assert sample(after, "txpypi_cache_bytes") == size and sample(after, "txpypi_cache_files") == 1
+    assert sample(after, "txpypi_downloads_in_flight") == 0
+    # No label names a project or a file.
+    assert "gamma" not in after
+
+
+@pytest_twisted.ensureDeferred
+async def test_health(json_upstream: Served, proxy_factory: Any) -> None:
+    running = proxy_factory(json_upstream.url)
+    response, body = await get(running.url + "/health")
+    health = json.loads(body)
+    assert response.code == 200 and health["status"] == "ok"
+    assert health["upstream"]["state"] == "unknown" and health["metadata_store"]["state"] == "ok"
+    await get(running.url + "/simple/alpha/")
+    health = json.loads((await get(running.url + "/health"))[1])
+    assert health["upstream"]["state"] == "ok" and health["upstream"]["last_success"] > 0
+
+    down = proxy_factory("http://127.0.0.1:1/simple/", cache_dir=Path(running.proxy.files._store.root) / "x")
+    await get(down.url + "/simple/alpha/")
+    response, body = await get(down.url + "/health")
+    health = json.loads(body)
+    assert response.code == 200 and health["status"] == "degraded"
+    assert (
+        health["upstream"]["state"] == "degraded"
+        and "unreachable" in health["upstream"]["last_error"]["reason"]
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_admin_routes_need_the_token(
+    json_upstream: Served, proxy_factory: Any, dists: list[Dist]
+) -> None:
+    running = proxy_factory(json_upstream.url)
+    name = "gamma-0.5-py3-none-any.whl"
+    await get(running.url + "/files/gamma/" + name)
+    await Deferred.fromCoroutine(running.proxy.files.wait_idle())
+
+    # No token configured: the routes do not exist.
+    response, _ = await get(running.url + "/cache/gamma", method=b"DELETE")
+    assert response.code == 404
+
+    running.proxy.admin_token = TOKEN
+    for auth in ([], [b"Bearer wrong-token-wrong-token"], [b"Basic " + TOKEN.encode()]):
+        response, _ = await get(
+            running.url + "/cache/gamma", {b"Authorization": auth} if auth else {}, b"DELETE"
+        )
+        assert response.code == 401 and header(response, "www-authenticate") == 'Bearer realm="txpypi"'
+    assert header((await get(running.url + "/simple/gamma/"))[0], "x-cache") == "HIT"
+
+    auth = {b"Authorization": [b"Bearer " + TOKEN.encode()]}
+    response, _ = await get(running.url + "/cache/gamma", auth, b"DELETE")
+    assert response.code == 200
+    assert header((await get(running.url + "/simple/gamma/"))[0], "x-cache") == "MISS"
+    response, _ = await get(running.url + "/cache/list", auth, b"DELETE")
+    assert response.code == 200
+    response, _ = await get(running.url + f"/cache/gamma/{name}", auth, b"DELETE")
+    assert response.code == 200
+    response, _ = await get(running.url + f"/cache/gamma/{name}", auth, b"DELETE")
+    assert response.code == 404
+    response, body = await get(running.url + "/files/gamma/" + name)
+    assert header(response, "x-cache") == "MISS" and body == find(dists, name).content
+    assert json_upstream.fake.requests["/packages/" + name] == 2
+
+
+@pytest.mark.parametrize(
+    "peer, forwarded, trusted, expected",
+    [
+        ("10.0.0.1", "1.2.3.4", set(), "10.0.0.1"),
+        ("10.0.0.1", "1.2.3.4", {"10.0.0.1"}, "1.2.3.4"),
+        ("10.0.0.1", "6.6.6.6, 1.2.3.4, 10.0.0.2", {"10.0.0.1", "10.0.0.2"}, "1.2.3.4"),
+        ("10.0.0.1", None, {"10.0.0.1"}, "10.0.0.1"),
+        ("9.9.9.9", "1.2.3.4", {"10.0.0.1"}, "9.9.9.9"),
+    ],
+)
+def test_client_address(peer: str, forwarded: str | None, trusted: set[str], expected: str) -> None:
+    assert client_address(peer, forwarded, trusted) == expected
+
+
+def test_access_log_formats() -> None:
+    entry = Entry("1.2.3.4", "GET", '/simple/a"b/', "HTTP/1.1", 200, 123, 0.0015, "HIT", "-", "pip/24", 0.0)
+    assert combined(entry) == (
+        '1.2.3.4 - - [01/Jan/1970:00:00:00 +0000] "GET /simple/a\\"b/ HTTP/1.1" 200 123 '
+        '"-" "pip/24" HIT 0.001500'
+    )
+    data = json.loads(json_line(entry))
+    assert data["status"] == 200 and data["cache"] == "HIT" and data["path"] == '/simple/a"b/'
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_access_log_line_per_request(json_upstream: Served, proxy_factory: Any) -> None:
+    running = proxy_factory(json_upstream.url)
+    running.port.factory.log_format = "json"
+    lines: list[dict[str, Any]] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "txpypi.access":
+            lines.append(json.loads(event["access"]))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        await get(running.url + "/simple/alpha/", {b"User-Agent": [b"uv/0.5"]})
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    (line,) = lines
+    assert line["path"] == "/simple/alpha/" and line["status"] == 200 and line["cache"] == "MISS"
+    assert line["user_agent"] == "uv/0.5" and line["client"] == "127.0.0.1" and line["size"] > 0

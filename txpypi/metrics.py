@@ -1,0 +1,139 @@
+"""
+Prometheus metrics on a registry that is passed in.  Label sets are
+bounded: routes, status codes, cache results and outcomes, never a project
+or a file name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import attrs
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+#: The routes requests are counted under.
+ROUTES = ("simple", "project", "file", "metadata", "admin", "metrics", "health", "stats", "home", "other")
+
+
+def route_of(path: bytes) -> str:
+    """
+    The bounded route label for a request path.
+    """
+    if path.startswith(b"/simple/") or path == b"/simple":
+        return "simple" if path in (b"/simple/", b"/simple") else "project"
+    if path.startswith(b"/files/"):
+        return "metadata" if path.endswith(b".metadata") else "file"
+    if path.startswith(b"/cache/"):
+        return "admin"
+    if path in (b"/metrics", b"/health", b"/stats"):
+        return path[1:].decode()
+    if path == b"/":
+        return "home"
+    return "other"
+
+
+class _State(Collector):
+    """
+    Gauges and counters read from live objects at scrape time.
+    """
+
+    def __init__(self, read: Callable[[], dict[str, float]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Any]:
+        state = self._read()
+        gauges = {
+            "txpypi_cache_bytes": "Bytes of files in the cache.",
+            "txpypi_cache_files": "Files in the cache.",
+            "txpypi_cache_max_bytes": "The cache's size limit in bytes (0: none).",
+            "txpypi_downloads_in_flight": "Upstream file downloads in progress.",
+            "txpypi_download_clients": "Clients reading downloads in progress.",
+        }
+        for name, help_text in gauges.items():
+            yield GaugeMetricFamily(name, help_text, value=state.get(name, 0))
+        yield CounterMetricFamily(
+            "txpypi_evictions", "Files evicted to keep under the size limit.", value=state.get("evictions", 0)
+        )
+
+
+@attrs.define
+class Metrics:
+    """
+    Every metric txpypi exports.
+    """
+
+    registry: CollectorRegistry
+    requests: Counter
+    latency: Histogram
+    cache: Counter
+    bytes_served: Counter
+    upstream: Counter
+    upstream_latency: Histogram
+    store_errors: Counter
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry | None = None) -> Metrics:
+        registry = CollectorRegistry() if registry is None else registry
+        return cls(
+            registry=registry,
+            requests=Counter(
+                "txpypi_requests",
+                "Requests answered, by route and status.",
+                ["route", "code"],
+                registry=registry,
+            ),
+            latency=Histogram(
+                "txpypi_request_duration_seconds",
+                "Time from request to the end of the response, by route.",
+                ["route"],
+                buckets=_LATENCY_BUCKETS,
+                registry=registry,
+            ),
+            cache=Counter(
+                "txpypi_cache_answers",
+                "Pages and files answered, by kind and cache result (hit, miss, stale).",
+                ["kind", "result"],
+                registry=registry,
+            ),
+            bytes_served=Counter(
+                "txpypi_served_bytes",
+                "Body bytes sent to clients, by source: cache (bandwidth saved) or upstream.",
+                ["source"],
+                registry=registry,
+            ),
+            upstream=Counter(
+                "txpypi_upstream_requests",
+                "Requests to the upstream, by kind (page, file) and outcome.",
+                ["kind", "outcome"],
+                registry=registry,
+            ),
+            upstream_latency=Histogram(
+                "txpypi_upstream_duration_seconds",
+                "Time to the upstream's response headers, by kind.",
+                ["kind"],
+                buckets=_LATENCY_BUCKETS,
+                registry=registry,
+            ),
+            store_errors=Counter(
+                "txpypi_store_errors",
+                "Errors of the file store (files) and the metadata store (metadata).",
+                ["store"],
+                registry=registry,
+            ),
+        )
+
+    def watch(self, read: Callable[[], dict[str, float]]) -> None:
+        """
+        Export the live state that C{read} returns at each scrape.
+        """
+        self.registry.register(_State(read))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
