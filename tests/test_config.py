@@ -50,7 +50,10 @@ def test_options() -> None:
         "--offline",
         "--max-cache-size",
         "1.5G",
+        "--shutdown-grace",
+        "7",
     ).settings
+    assert s.shutdown_grace == 7
     assert s.stale_ttl == 0 and s.offline is True
     assert s.max_cache_size == 3 * 512 * 1024**2
     assert (s.connect_timeout, s.response_timeout, s.read_timeout) == (1, 2, 3.5)

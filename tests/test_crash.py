@@ -70,3 +70,77 @@ async def test_kill_9_mid_download(
         assert json_upstream.fake.requests["/packages/" + SMALL] == 1
     finally:
         await second.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigterm_lets_downloads_finish(
+    json_upstream: Served, tmp_path: Path, http: HTTPClient, dists: list[Dist]
+) -> None:
+    """
+    SIGTERM: the listener closes, a download in progress goes on to the end
+    (and lands in the cache), then the process exits.
+    """
+    cache = tmp_path / "cache"
+    args = [
+        "--upstream",
+        json_upstream.url,
+        "--cache-dir",
+        str(cache),
+        "--listen",
+        "tcp:0:interface=127.0.0.1",
+    ]
+    process = Twistd.start([*args, "--shutdown-grace", "30"], tmp_path)
+    try:
+        url = f"http://127.0.0.1:{await process.listening}"
+        gate: Deferred[None] = Deferred()
+        json_upstream.fake.holds[BIG] = gate
+        response = await http.get(url + "/files/big/" + BIG, unbuffered=True)  # type: ignore[call-arg]
+        body = _Collector()
+        response.deliverBody(body)
+        await body.first
+        process.transport_.signalProcess("TERM")
+        await process.wait_for(rb"shutting down: waiting up to 30")
+        gate.callback(None)
+        await body.done
+        assert b"".join(body.chunks) == find(dists, BIG).content
+        await process.ended
+        assert b"cached " + BIG.encode() in process.output, process.output.decode()
+    finally:
+        await process.kill()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigterm_cuts_off_downloads_past_the_grace(
+    json_upstream: Served, tmp_path: Path, http: HTTPClient, dists: list[Dist]
+) -> None:
+    """
+    Past --shutdown-grace the clients still reading are aborted (never sent
+    a complete-looking body), and nothing partial becomes a cache entry.
+    """
+    cache = tmp_path / "cache"
+    args = [
+        "--upstream",
+        json_upstream.url,
+        "--cache-dir",
+        str(cache),
+        "--listen",
+        "tcp:0:interface=127.0.0.1",
+    ]
+    process = Twistd.start([*args, "--shutdown-grace", "0.5"], tmp_path)
+    gate: Deferred[None] = Deferred()
+    try:
+        url = f"http://127.0.0.1:{await process.listening}"
+        json_upstream.fake.holds[BIG] = gate
+        response = await http.get(url + "/files/big/" + BIG, unbuffered=True)  # type: ignore[call-arg]
+        body = _Collector()
+        response.deliverBody(body)
+        await body.first
+        process.transport_.signalProcess("TERM")
+        await body.done
+        await process.ended
+        assert len(b"".join(body.chunks)) < len(find(dists, BIG).content)
+        assert b"aborted 1 download(s) past the grace period" in process.output, process.output.decode()
+        assert not list((cache / "files").rglob("*.whl"))
+    finally:
+        await process.kill()
+        gate.callback(None)

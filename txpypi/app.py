@@ -282,7 +282,12 @@ class FilesResource(Resource):
                 source.close()
             request.finish()
             return
-        await Sender(request, source, start, end).start()
+        sender = Sender(request, source, start, end)
+        self._files.senders.add(sender)
+        try:
+            await sender.start()
+        finally:
+            self._files.senders.discard(sender)
 
     @staticmethod
     def _range_applies(request: Request, etag: str | None) -> bool:

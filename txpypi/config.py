@@ -47,6 +47,7 @@ class Settings:
     log_format: str = "combined"
     trusted_proxies: tuple[str, ...] = ()
     admin_token: str | None = attrs.field(default=None, repr=False)
+    shutdown_grace: float = 30.0
 
 
 def _listen(value: Any) -> tuple[str, ...]:
@@ -169,6 +170,7 @@ KEYS = {
     "stale-ttl": ("stale_ttl", _seconds("stale-ttl")),
     "offline": ("offline", _flag("offline")),
     "max-cache-size": ("max_cache_size", parse_size),
+    "shutdown-grace": ("shutdown_grace", _seconds("shutdown-grace")),
     "log-format": ("log_format", _log_format),
     "trusted-proxy": ("trusted_proxies", _addresses),
     "admin-token": ("admin_token", _token),

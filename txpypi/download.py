@@ -541,6 +541,19 @@ class Sender:
         self._offset = start
         self._end = end
         self.sent = 0
+        self._done: list[Deferred[None]] = []
+        self._finished = False
+
+    def when_done(self) -> Deferred[None]:
+        """
+        Fire when this sender is over, however it ended.
+        """
+        d: Deferred[None] = Deferred()
+        if self._finished:
+            d.callback(None)
+        else:
+            self._done.append(d)
+        return d
 
     def start(self) -> Deferred[None]:
         self._request.registerProducer(self, True)
@@ -582,6 +595,16 @@ class Sender:
         if not self._stopped:
             self._request.unregisterProducer()
             self._request.finish()
+        self._finished = True
+        for d in self._done:
+            d.callback(None)
+
+    def abort(self) -> None:
+        """
+        Drop the client's connection (at shutdown, past the grace period).
+        """
+        self.stopProducing()
+        self._abort()
 
     def _abort(self) -> None:
         transport: Any = self._request.channel.transport if self._request.channel else None

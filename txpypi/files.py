@@ -9,7 +9,8 @@ from collections import OrderedDict
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet import defer
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
 from txpypi.download import ByteSource, Flight, FlightReader, Wanted, _spool_error
@@ -87,6 +88,34 @@ class FileCache:
     _evicting: Deferred[None] | None = None
     _eviction_waiters: list[Deferred[None]] = attrs.field(factory=list)
     metrics: Any = None
+    #: Files being sent to clients right now.
+    senders: set[Any] = attrs.field(factory=set)
+
+    async def drain(self, grace: float) -> None:
+        """
+        Let the downloads in progress finish for up to C{grace} seconds, then
+        abort the clients still reading.  Nothing partial is ever committed:
+        an unfinished download simply never lands.
+        """
+        if self.senders or self.flights:
+            log.info(
+                "shutting down: waiting up to {grace} s for {n} download(s)",
+                grace=grace,
+                n=len(self.senders),
+            )
+        if self.senders or self.flights:
+            # Clients reading, and downloads that may be about to land.
+            waits = [s.when_done() for s in self.senders] + [f.when_done() for f in self.flights.values()]
+            finished = DeferredList(waits)
+            finished.addTimeout(grace, self._clock)
+            try:
+                await finished
+            except defer.TimeoutError:
+                pass
+        if self.senders:
+            log.warn("shutting down: aborted {n} download(s) past the grace period", n=len(self.senders))
+        for sender in list(self.senders):
+            sender.abort()
 
     def _store_error(self, store: str) -> None:
         if self.metrics is not None:

@@ -10,7 +10,7 @@ from typing import Any
 
 from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -129,6 +129,13 @@ class Options(usage.Options):
         """
         self.given["admin-token-file"] = path
 
+    def opt_shutdown_grace(self, seconds: str) -> None:
+        """
+        On SIGTERM, seconds to let downloads in progress finish before their
+        clients are cut off (default: 30).
+        """
+        self.given["shutdown-grace"] = seconds
+
     def opt_config(self, path: str) -> None:
         """
         A YAML file with the same settings as these options.
@@ -143,6 +150,26 @@ class Options(usage.Options):
             self.settings = config.apply(settings, self.given)
         except config.ConfigError as e:
             raise usage.UsageError(str(e)) from None
+
+
+class OrderedMultiService(MultiService):
+    """
+    Stops its children one at a time, in reverse order, each after the one
+    before it finished stopping: the listeners close, then the downloads in
+    progress drain, then the stores close, and only then the thread pools
+    that those stores use.  (MultiService stops them all at once.)
+    """
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop_in_order())
+
+    async def _stop_in_order(self) -> None:
+        for child in reversed(list(self)):
+            try:
+                await maybeDeferred(child.stopService)
+            except Exception:
+                log.failure("error while stopping {service}", service=child)
 
 
 class ThreadPoolService(Service):
@@ -193,6 +220,21 @@ class CacheUpkeepService(Service):
         return self._flush()
 
 
+class DrainService(Service):
+    """
+    Stops right after the listeners (so no new request comes in) and lets
+    the downloads in progress finish, up to the grace period.
+    """
+
+    def __init__(self, files: FileCache, grace: float) -> None:
+        self._files = files
+        self.grace = grace
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return Deferred.fromCoroutine(self._files.drain(self.grace))
+
+
 class CleanupService(Service):
     """
     Closes the upstream connection pool and the metadata store on stop.
@@ -214,7 +256,7 @@ def build(settings: config.Settings, reactor: Any) -> tuple[MultiService, Proxy]
     Build the whole proxy for C{settings}: its services (thread pools first,
     so that they stop last) and the L{Proxy}.
     """
-    service = MultiService()
+    service = OrderedMultiService()
     cache_dir = Path(settings.cache_dir)
     db_pool = ThreadPool(1, 1, "txpypi-sqlite")
     io_pool = ThreadPool(1, 4, "txpypi-io")
@@ -256,6 +298,7 @@ def build(settings: config.Settings, reactor: Any) -> tuple[MultiService, Proxy]
         trusted_proxies=frozenset(settings.trusted_proxies),
     )
     site = proxy.site()
+    DrainService(files, settings.shutdown_grace).setServiceParent(service)
     for endpoint in settings.listen:
         strports.service(endpoint, site, reactor=reactor).setServiceParent(service)
     return service, proxy
