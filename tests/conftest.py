@@ -14,6 +14,7 @@ import attrs
 import pytest
 import pytest_twisted
 import treq
+import trustme
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
@@ -190,4 +191,26 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-__all__ = ["ROOT", "get_reactor", "Running", "Served", "clean_env", "start_proxy", "treq"]
+@attrs.frozen
+class TLS:
+    ca: Path
+    key: Path
+    cert: Path
+
+    def endpoint(self, port: int = 0) -> str:
+        return f"ssl:{port}:privateKey={self.key}:certKey={self.cert}:interface=127.0.0.1"
+
+
+@pytest.fixture(scope="session")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> TLS:
+    directory = tmp_path_factory.mktemp("tls")
+    ca = trustme.CA()
+    server = ca.issue_cert("localhost", "127.0.0.1")
+    paths = TLS(directory / "ca.pem", directory / "key.pem", directory / "cert.pem")
+    ca.cert_pem.write_to_path(str(paths.ca))
+    server.private_key_pem.write_to_path(str(paths.key))
+    server.cert_chain_pems[0].write_to_path(str(paths.cert))
+    return paths
+
+
+__all__ = ["ROOT", "TLS", "get_reactor", "Running", "Served", "clean_env", "start_proxy", "treq"]

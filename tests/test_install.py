@@ -12,39 +12,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import attrs
 import pytest
 import pytest_twisted
-import trustme
 from twisted.internet.defer import Deferred
 from twisted.internet.utils import getProcessOutputAndValue
 
-from tests.conftest import Served, clean_env, get_reactor
+from tests.conftest import TLS, Served, clean_env, get_reactor
 from tests.processes import Twistd
 
 WANTED = {"alpha-1.0-py3-none-any.whl", "beta-1.1-py3-none-any.whl", "gamma-0.5-py3-none-any.whl"}
-
-
-@attrs.frozen
-class TLS:
-    ca: Path
-    key: Path
-    cert: Path
-
-    def endpoint(self, port: int = 0) -> str:
-        return f"ssl:{port}:privateKey={self.key}:certKey={self.cert}:interface=127.0.0.1"
-
-
-@pytest.fixture(scope="session")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> TLS:
-    directory = tmp_path_factory.mktemp("tls")
-    ca = trustme.CA()
-    server = ca.issue_cert("localhost", "127.0.0.1")
-    paths = TLS(directory / "ca.pem", directory / "key.pem", directory / "cert.pem")
-    ca.cert_pem.write_to_path(str(paths.ca))
-    server.private_key_pem.write_to_path(str(paths.key))
-    server.cert_chain_pems[0].write_to_path(str(paths.cert))
-    return paths
 
 
 def uv_bin() -> str:
