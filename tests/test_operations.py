@@ -184,3 +184,54 @@ async def test_one_access_log_line_per_request(json_upstream: Served, proxy_fact
     (line,) = lines
     assert line["path"] == "/simple/alpha/" and line["status"] == 200 and line["cache"] == "MISS"
     assert line["user_agent"] == "uv/0.5" and line["client"] == "127.0.0.1" and line["size"] > 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_download_statistics(json_upstream: Served, proxy_factory: Any, tmp_path: Path) -> None:
+    """
+    Whole downloads of distribution files are counted per project, version
+    and file (not ranges, not metadata files), and survive a restart.
+    """
+    running = proxy_factory(json_upstream.url, tmp_path / "c")
+    for path in (
+        "/files/beta/beta-1.0-py3-none-any.whl",
+        "/files/beta/beta-1.1-py3-none-any.whl",
+        "/files/beta/beta-1.1-py3-none-any.whl",
+        "/files/beta/beta-1.1-py3-none-any.whl.metadata",
+        "/files/gamma/gamma-0.5-py3-none-any.whl",
+    ):
+        await get(running.url + path)
+    await get(running.url + "/files/beta/beta-1.1.tar.gz", {b"Range": [b"bytes=0-9"]})
+    await Deferred.fromCoroutine(running.proxy.files.wait_idle())
+    response, body = await get(running.url + "/stats?project=Beta&top=5")
+    stats = json.loads(body)
+    assert response.code == 200
+    assert stats["top"] == [{"project": "beta", "downloads": 3}, {"project": "gamma", "downloads": 1}]
+    assert stats["project"] == {
+        "name": "beta",
+        "downloads": 3,
+        "versions": {"1.0": 1, "1.1": 2},
+        "files": {"beta-1.0-py3-none-any.whl": 1, "beta-1.1-py3-none-any.whl": 2},
+    }
+    response, _ = await get(running.url + "/stats?top=lots")
+    assert response.code == 400
+    await running.stop()
+    again = proxy_factory(json_upstream.url, tmp_path / "c")
+    assert json.loads((await get(again.url + "/stats"))[1])["top"][0] == {"project": "beta", "downloads": 3}
+
+
+@pytest_twisted.ensureDeferred
+async def test_status_page(json_upstream: Served, proxy_factory: Any) -> None:
+    running = proxy_factory(json_upstream.url)
+    await Deferred.fromCoroutine(running.proxy.files.load_usage())
+    await get(running.url + "/files/gamma/gamma-0.5-py3-none-any.whl")
+    await Deferred.fromCoroutine(running.proxy.files.wait_idle())
+    await get(running.url + "/files/gamma/gamma-0.5-py3-none-any.whl")
+    response, body = await get(running.url + "/", {b"Host": [b"cache.example:8443"]})
+    html = body.decode()
+    assert response.code == 200 and "<script" not in html
+    assert "http://cache.example:8443/simple/" in html
+    assert '<span id="upstream-state" class="ok">ok</span>' in html
+    assert '<td class=n id="cache-files">1</td>' in html
+    assert '<td class=n id="hit-ratio">50.0 %</td>' in html  # a file miss, then a hit
+    assert "<tr><td>gamma</td><td class=n>2</td></tr>" in html

@@ -12,7 +12,6 @@ import hmac
 import json
 import math
 from collections.abc import Coroutine
-from html import escape
 from typing import Any
 from urllib.parse import quote
 
@@ -33,6 +32,7 @@ from txpypi.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from txpypi.metrics import Metrics, route_of
 from txpypi.names import BadName, check_filename, normalize
 from txpypi.pages import HIT, STALE, CachedPage, NotFound, PageCache
+from txpypi.statuspage import StatusFigures, render_status
 from txpypi.upstream import UpstreamError
 
 log = Logger()
@@ -288,6 +288,9 @@ class FilesResource(Resource):
             await sender.start()
         finally:
             self._files.senders.discard(sender)
+        whole = start == 0 and (size is None or sender.sent == size)
+        if whole and request.finished and not filename.endswith(".metadata"):
+            self._files.downloaded(project, filename)
 
     @staticmethod
     def _range_applies(request: Request, etag: str | None) -> bool:
@@ -421,21 +424,74 @@ class Proxy:
         root = Root(SimpleResource(self.pages), FilesResource(self.files), self.app.resource())
         return ProxySite(root, self.clock, self.metrics, self.log_format, self.trusted_proxies)
 
+    def _sample(self, name: str, **labels: str) -> float:
+        value = self.metrics.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
     @app.route("/", methods=["GET", "HEAD"])
-    def home(self, request: Request) -> bytes:
+    async def home(self, request: Request) -> bytes:
+        """
+        The status page, for people: plain HTML, no JavaScript.
+        """
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
         host = (request.getHeader(b"host") or b"localhost").decode("latin-1")
         scheme = "https" if request.isSecure() else "http"
         index = f"{scheme}://{host}/simple/"
-        upstream = self.pages.upstream.url
-        return (
-            "<!DOCTYPE html><html><head><title>txpypi</title></head><body>"
-            f"<h1>txpypi {escape(__version__)}</h1>"
-            f"<p>A caching proxy of <code>{escape(upstream)}</code>.</p>"
-            f"<pre>pip install --index-url {escape(index)} PACKAGE\n"
-            f"uv pip install --index-url {escape(index)} PACKAGE</pre>"
-            "</body></html>"
-        ).encode()
+        client = self.files._client
+        state = "offline" if self.pages.offline else client.state()
+        hits = sum(self._sample("txpypi_cache_answers_total", kind=k, result="hit") for k in ("page", "file"))
+        misses = sum(
+            self._sample("txpypi_cache_answers_total", kind=k, result="miss") for k in ("page", "file")
+        )
+        saved = self._sample("txpypi_served_bytes_total", source="cache")
+        figures = StatusFigures(
+            version=__version__,
+            upstream=self.pages.upstream.url,
+            upstream_state=state,
+            files=self.files.count,
+            size=self.files.size or 0,
+            max_size=self.files.max_size,
+            hit_ratio=None if hits + misses == 0 else hits / (hits + misses),
+            saved=int(saved),
+            in_flight=len(self.files.flights),
+            top=await self.files.top_projects(10),
+            index_url=index,
+        )
+        return render_status(figures)
+
+    @app.route("/stats", methods=["GET"])
+    async def stats(self, request: Request) -> bytes:
+        """
+        Download counts as JSON: the top projects (C{?top=N}, default 20), and
+        one project's versions and files with C{?project=NAME}.
+        """
+        args = request.args or {}
+        try:
+            top = min(1000, max(1, int((args.get(b"top") or [b"20"])[0])))
+        except ValueError:
+            return _text(request, 400, "top must be a number")
+        body: dict[str, Any] = {
+            "top": [{"project": p, "downloads": n} for p, n in await self.files.top_projects(top)]
+        }
+        project = args.get(b"project")
+        if project:
+            try:
+                name = normalize(project[0].decode("utf-8", "replace"))
+            except BadName as e:
+                return _text(request, 400, str(e))
+            rows = await self.files.project_downloads(name)
+            versions: dict[str, int] = {}
+            for version, _, n in rows:
+                versions[version] = versions.get(version, 0) + n
+            body["project"] = {
+                "name": name,
+                "downloads": sum(n for _, _, n in rows),
+                "versions": versions,
+                "files": {f: n for _, f, n in rows},
+            }
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(body, indent=2).encode() + b"\n"
 
     @app.route("/metrics", methods=["GET"])
     def metrics_page(self, request: Request) -> bytes:

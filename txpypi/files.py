@@ -14,7 +14,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
 from txpypi.download import ByteSource, Flight, FlightReader, Wanted, _spool_error
-from txpypi.index import DistFile, ProjectPage
+from txpypi.index import DistFile, ProjectPage, file_version
 from txpypi.metadata import FileRecord, IMetadata
 from txpypi.names import strongest_hash
 from txpypi.pages import PageCache
@@ -85,6 +85,7 @@ class FileCache:
     count: int | None = None
     evictions: int = 0
     _accessed: dict[str, float] = attrs.field(factory=dict)
+    _downloads: dict[tuple[str, str, str], int] = attrs.field(factory=dict)
     _evicting: Deferred[None] | None = None
     _eviction_waiters: list[Deferred[None]] = attrs.field(factory=list)
     metrics: Any = None
@@ -158,11 +159,30 @@ class FileCache:
 
     async def flush_accesses(self) -> None:
         """
-        Write the access times gathered in memory to the metadata store.
+        Write the access times and download counts gathered in memory to the
+        metadata store.
         """
         accessed, self._accessed = self._accessed, {}
         if accessed:
             await self._metadata.touch_files(accessed)
+        downloads, self._downloads = self._downloads, {}
+        if downloads:
+            await self._metadata.add_downloads(downloads)
+
+    def downloaded(self, project: str, filename: str) -> None:
+        """
+        Count one whole download of a distribution file (for /stats).
+        """
+        key = (project, file_version(filename) or "", filename)
+        self._downloads[key] = self._downloads.get(key, 0) + 1
+
+    async def top_projects(self, limit: int) -> list[tuple[str, int]]:
+        await self.flush_accesses()
+        return await self._metadata.top_projects(limit)
+
+    async def project_downloads(self, project: str) -> list[tuple[str, str, int]]:
+        await self.flush_accesses()
+        return await self._metadata.project_downloads(project)
 
     def _maybe_evict(self) -> None:
         if self.max_size is None or self.size is None or self.size <= self.max_size:

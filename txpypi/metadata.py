@@ -98,6 +98,21 @@ class IMetadata(Interface):
         Forget a file record.
         """
 
+    def add_downloads(counts: dict[tuple[str, str, str], int]) -> Deferred[None]:
+        """
+        Add download counts, keyed by C{(project, version, filename)}.
+        """
+
+    def top_projects(limit: int) -> Deferred[list[tuple[str, int]]]:
+        """
+        The most downloaded projects with their counts, most first.
+        """
+
+    def project_downloads(project: str) -> Deferred[list[tuple[str, str, int]]]:
+        """
+        A project's downloads as C{(version, filename, count)}.
+        """
+
     def touch_files(accessed: dict[str, float]) -> Deferred[None]:
         """
         Record when files were last served (key to time), for eviction.
@@ -124,6 +139,22 @@ class MemoryMetadata:
     pages: dict[str, PageRecord] = attrs.field(factory=dict)
     files: dict[str, FileRecord] = attrs.field(factory=dict)
     accessed: dict[str, float] = attrs.field(factory=dict)
+    downloads: dict[tuple[str, str, str], int] = attrs.field(factory=dict)
+
+    def add_downloads(self, counts: dict[tuple[str, str, str], int]) -> Deferred[None]:
+        for key, n in counts.items():
+            self.downloads[key] = self.downloads.get(key, 0) + n
+        return succeed(None)
+
+    def top_projects(self, limit: int) -> Deferred[list[tuple[str, int]]]:
+        totals: dict[str, int] = {}
+        for (project, _, _), n in self.downloads.items():
+            totals[project] = totals.get(project, 0) + n
+        return succeed(sorted(totals.items(), key=lambda t: (-t[1], t[0]))[:limit])
+
+    def project_downloads(self, project: str) -> Deferred[list[tuple[str, str, int]]]:
+        rows = [(v, f, n) for (p, v, f), n in self.downloads.items() if p == project]
+        return succeed(sorted(rows))
 
     def get_page(self, key: str) -> Deferred[PageRecord | None]:
         return succeed(self.pages.get(key))
@@ -191,6 +222,13 @@ CREATE TABLE IF NOT EXISTS files (
     last_access REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS files_by_access ON files (last_access);
+CREATE TABLE IF NOT EXISTS downloads (
+    project TEXT NOT NULL,
+    version TEXT NOT NULL,
+    filename TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (project, version, filename)
+);
 """
 
 
@@ -315,6 +353,40 @@ class SqliteMetadata:
 
     def touch_files(self, accessed: dict[str, float]) -> Deferred[None]:
         return self._run(self._touch_files, dict(accessed))
+
+    def _add_downloads(self, counts: dict[tuple[str, str, str], int]) -> None:
+        db = self._db()
+        with db:
+            db.execute("BEGIN")
+            db.executemany(
+                "INSERT INTO downloads VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (project, version, filename) DO UPDATE SET count = count + excluded.count",
+                [(p, v, f, n) for (p, v, f), n in counts.items()],
+            )
+
+    def add_downloads(self, counts: dict[tuple[str, str, str], int]) -> Deferred[None]:
+        return self._run(self._add_downloads, dict(counts))
+
+    def _top_projects(self, limit: int) -> list[tuple[str, int]]:
+        rows = self._db().execute(
+            "SELECT project, SUM(count) AS n FROM downloads"
+            " GROUP BY project ORDER BY n DESC, project LIMIT ?",
+            (limit,),
+        )
+        return [(p, int(n)) for p, n in rows]
+
+    def top_projects(self, limit: int) -> Deferred[list[tuple[str, int]]]:
+        return self._run(self._top_projects, limit)
+
+    def _project_downloads(self, project: str) -> list[tuple[str, str, int]]:
+        rows = self._db().execute(
+            "SELECT version, filename, count FROM downloads WHERE project = ? ORDER BY version, filename",
+            (project,),
+        )
+        return [(v, f, int(n)) for v, f, n in rows]
+
+    def project_downloads(self, project: str) -> Deferred[list[tuple[str, str, int]]]:
+        return self._run(self._project_downloads, project)
 
     def _usage(self) -> tuple[int, int]:
         total, count = self._db().execute("SELECT COALESCE(SUM(size), 0), COUNT(*) FROM files").fetchone()

@@ -1,0 +1,84 @@
+"""
+The human status page, rendered from plain figures: pure, no I/O, no
+JavaScript.
+"""
+
+from __future__ import annotations
+
+from html import escape
+
+import attrs
+
+
+def human_size(n: int) -> str:
+    """
+    A byte count for people, in powers of 1024.
+    """
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+@attrs.frozen
+class StatusFigures:
+    version: str
+    upstream: str
+    upstream_state: str
+    files: int | None
+    size: int
+    max_size: int | None
+    hit_ratio: float | None
+    saved: int
+    in_flight: int
+    top: list[tuple[str, int]]
+    index_url: str
+
+
+_STYLE = """
+body { font-family: sans-serif; margin: 2em auto; max-width: 48em; color: #222; }
+table { border-collapse: collapse; } td, th { padding: .2em .8em; text-align: left; }
+td.n { text-align: right; } .ok { color: #060; } .degraded, .offline { color: #a50; }
+pre { background: #f4f4f4; padding: .6em; }
+"""
+
+
+def render_status(f: StatusFigures) -> bytes:
+    limit = "no limit" if f.max_size is None else human_size(f.max_size)
+    ratio = "no requests yet" if f.hit_ratio is None else f"{100 * f.hit_ratio:.1f} %"
+    files = "?" if f.files is None else str(f.files)
+    rows = "".join(f"<tr><td>{escape(p)}</td><td class=n>{n}</td></tr>" for p, n in f.top)
+    index = escape(f.index_url)
+    state = escape(f.upstream_state)
+    lines = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8"><title>txpypi status</title>',
+        f"<style>{_STYLE}</style></head><body>",
+        f"<h1>txpypi {escape(f.version)}</h1>",
+        "<h2>Upstream</h2>",
+        f'<p><code>{escape(f.upstream)}</code>: <span id="upstream-state" class="{state}">{state}</span></p>',
+        "<h2>Cache</h2>",
+        "<table>",
+        f'<tr><th>Files cached</th><td class=n id="cache-files">{files}</td></tr>',
+        f'<tr><th>Size</th><td class=n id="cache-size">{human_size(f.size)} of {limit}</td></tr>',
+        f'<tr><th>Hit ratio</th><td class=n id="hit-ratio">{ratio}</td></tr>',
+        f'<tr><th>Bandwidth saved</th><td class=n id="saved">{human_size(f.saved)}</td></tr>',
+        f'<tr><th>Downloads in progress</th><td class=n id="in-flight">{f.in_flight}</td></tr>',
+        "</table>",
+        "<h2>Most downloaded</h2>",
+        '<table id="top"><tr><th>Project</th><th>Downloads</th></tr>',
+        rows or "<tr><td colspan=2>none yet</td></tr>",
+        "</table>",
+        "<h2>Use it</h2>",
+        f"<pre>pip install --index-url {index} PACKAGE",
+        f"uv pip install --index-url {index} PACKAGE",
+        f"poetry source add --priority=primary txpypi {index}",
+        f"pdm config pypi.url {index}</pre>",
+        '<p><a href="/metrics">metrics</a> &middot; <a href="/health">health</a>',
+        ' &middot; <a href="/stats">stats</a></p>',
+        "</body></html>",
+        "",
+    ]
+    return "\n".join(lines).encode()
