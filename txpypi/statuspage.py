@@ -46,7 +46,11 @@ pre { background: #f4f4f4; padding: .6em; }
 
 
 def render_status(f: StatusFigures) -> bytes:
-    limit = "no limit" if f.max_size is None else human_size(f.max_size)
+    size = (
+        f"{human_size(f.size)} (no limit)"
+        if f.max_size is None
+        else f"{human_size(f.size)} of {human_size(f.max_size)}"
+    )
     ratio = "no requests yet" if f.hit_ratio is None else f"{100 * f.hit_ratio:.1f} %"
     files = "?" if f.files is None else str(f.files)
     rows = "".join(f"<tr><td>{escape(p)}</td><td class=n>{n}</td></tr>" for p, n in f.top)
@@ -62,7 +66,7 @@ def render_status(f: StatusFigures) -> bytes:
         "<h2>Cache</h2>",
         "<table>",
         f'<tr><th>Files cached</th><td class=n id="cache-files">{files}</td></tr>',
-        f'<tr><th>Size</th><td class=n id="cache-size">{human_size(f.size)} of {limit}</td></tr>',
+        f'<tr><th>Size</th><td class=n id="cache-size">{size}</td></tr>',
         f'<tr><th>Hit ratio</th><td class=n id="hit-ratio">{ratio}</td></tr>',
         f'<tr><th>Bandwidth saved</th><td class=n id="saved">{human_size(f.saved)}</td></tr>',
         f'<tr><th>Downloads in progress</th><td class=n id="in-flight">{f.in_flight}</td></tr>',
