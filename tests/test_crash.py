@@ -144,3 +144,38 @@ async def test_sigterm_cuts_off_downloads_past_the_grace(
     finally:
         await process.kill()
         gate.callback(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sighup_reloads_the_config(json_upstream: Served, tmp_path: Path, http: HTTPClient) -> None:
+    """
+    SIGHUP re-reads the config file: a new index-ttl shows in Cache-Control
+    without a restart; a bad file is refused and the running settings kept.
+    """
+    config = tmp_path / "txpypi.yaml"
+    base = (
+        f"upstream: {json_upstream.url}\ncache-dir: {tmp_path / 'cache'}\nlisten: tcp:0:interface=127.0.0.1\n"
+    )
+    config.write_text(base + "index-ttl: 600\n")
+    process = Twistd.start(["--config", str(config)], tmp_path)
+    try:
+        url = f"http://127.0.0.1:{await process.listening}/simple/alpha/"
+        response = await http.get(url)
+        await response.content()
+        assert header(response, "cache-control") in ("max-age=600", "max-age=599")
+
+        config.write_text(base + "index-ttl: 30\n")
+        process.transport_.signalProcess("HUP")
+        await process.wait_for(rb"SIGHUP: configuration reloaded")
+        response = await http.get(url)
+        await response.content()
+        assert header(response, "cache-control") in ("max-age=30", "max-age=29")
+
+        config.write_text(base + "index-ttl: soon\n")
+        process.transport_.signalProcess("HUP")
+        await process.wait_for(rb"SIGHUP: configuration refused, keeping the running one: index-ttl")
+        response = await http.get(url)
+        await response.content()
+        assert response.code == 200 and header(response, "cache-control") in ("max-age=30", "max-age=29")
+    finally:
+        await process.stop()

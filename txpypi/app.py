@@ -404,6 +404,7 @@ class Proxy:
     admin_token: str | None = None
     log_format: str = "combined"
     trusted_proxies: frozenset[str] = frozenset()
+    sites: list[ProxySite] = attrs.field(factory=list)
     app = Klein()
 
     def __attrs_post_init__(self) -> None:
@@ -422,7 +423,9 @@ class Proxy:
 
     def site(self) -> ProxySite:
         root = Root(SimpleResource(self.pages), FilesResource(self.files), self.app.resource())
-        return ProxySite(root, self.clock, self.metrics, self.log_format, self.trusted_proxies)
+        site = ProxySite(root, self.clock, self.metrics, self.log_format, self.trusted_proxies)
+        self.sites.append(site)
+        return site
 
     def _sample(self, name: str, **labels: str) -> float:
         value = self.metrics.registry.get_sample_value(name, labels)

@@ -184,6 +184,12 @@ class FileCache:
         await self.flush_accesses()
         return await self._metadata.project_downloads(project)
 
+    def maybe_evict(self) -> None:
+        """
+        Start an eviction if the cache is over its limit.
+        """
+        self._maybe_evict()
+
     def _maybe_evict(self) -> None:
         if self.max_size is None or self.size is None or self.size <= self.max_size:
             return

@@ -4,10 +4,12 @@ The twistd plugin's options and service: C{twistd -n txpypi [options]}.
 
 from __future__ import annotations
 
+import signal
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import attrs
 from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -143,11 +145,19 @@ class Options(usage.Options):
         self.config_path = path
 
     def postOptions(self) -> None:
+        self.settings = self.reread()
+
+    def reread(self) -> config.Settings:
+        """
+        The settings from the config file (read again) and the command line.
+
+        @raise usage.UsageError: for a bad setting.
+        """
         try:
             settings = config.Settings()
             if self.config_path is not None:
                 settings = config.apply(settings, config.load_file(self.config_path))
-            self.settings = config.apply(settings, self.given)
+            return config.apply(settings, self.given)
         except config.ConfigError as e:
             raise usage.UsageError(str(e)) from None
 
@@ -235,6 +245,74 @@ class DrainService(Service):
         return Deferred.fromCoroutine(self._files.drain(self.grace))
 
 
+class ReloadService(Service):
+    """
+    On SIGHUP, reads the config file again and applies what can change in a
+    running process: TTLs, timeouts, limits, the admin token, the access
+    log.  A bad file is refused with a log line and the old settings kept.
+    """
+
+    #: Settings that only a restart can change.
+    FIXED = ("listen", "upstream", "cache_dir", "connect_timeout")
+
+    def __init__(self, options: Options, proxy: Proxy, drain: DrainService, reactor: Any) -> None:
+        self._options = options
+        self._proxy = proxy
+        self._drain = drain
+        self._reactor = reactor
+        self._previous: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        if hasattr(signal, "SIGHUP"):
+            self._previous = signal.signal(signal.SIGHUP, self._on_signal)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._reactor.callFromThread(self.reload)
+
+    def reload(self) -> None:
+        old = self._options.settings
+        try:
+            new = self._options.reread()
+        except usage.UsageError as e:
+            log.error("SIGHUP: configuration refused, keeping the running one: {error}", error=str(e))
+            return
+        for name in self.FIXED:
+            if getattr(new, name) != getattr(old, name):
+                log.warn("SIGHUP: {name} changes only with a restart; keeping the running value", name=name)
+        apply_live(new, self._proxy, self._drain)
+        self._options.settings = attrs.evolve(new, **{name: getattr(old, name) for name in self.FIXED})
+        log.info("SIGHUP: configuration reloaded")
+
+
+def apply_live(settings: config.Settings, proxy: Proxy, drain: DrainService) -> None:
+    """
+    Apply the settings that can change while running.
+    """
+    pages, files = proxy.pages, proxy.files
+    pages.ttl = settings.index_ttl
+    pages.stale_ttl = settings.stale_ttl
+    pages.offline = settings.offline
+    client = files._client
+    client.response_timeout = settings.response_timeout
+    client.read_timeout = settings.read_timeout
+    files.max_size = settings.max_cache_size
+    proxy.admin_token = settings.admin_token
+    proxy.log_format = settings.log_format
+    proxy.trusted_proxies = frozenset(settings.trusted_proxies)
+    for site in proxy.sites:
+        site.log_format = settings.log_format
+        site.trusted_proxies = frozenset(settings.trusted_proxies)
+    drain.grace = settings.shutdown_grace
+    files.maybe_evict()
+
+
 class CleanupService(Service):
     """
     Closes the upstream connection pool and the metadata store on stop.
@@ -298,7 +376,8 @@ def build(settings: config.Settings, reactor: Any) -> tuple[MultiService, Proxy]
         trusted_proxies=frozenset(settings.trusted_proxies),
     )
     site = proxy.site()
-    DrainService(files, settings.shutdown_grace).setServiceParent(service)
+    drain = DrainService(files, settings.shutdown_grace)
+    drain.setServiceParent(service)
     for endpoint in settings.listen:
         strports.service(endpoint, site, reactor=reactor).setServiceParent(service)
     return service, proxy
@@ -309,5 +388,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    service, _ = build(options.settings, reactor)
+    service, proxy = build(options.settings, reactor)
+    drain = next(s for s in service if isinstance(s, DrainService))
+    ReloadService(options, proxy, drain, reactor).setServiceParent(service)
     return service
