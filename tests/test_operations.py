@@ -235,3 +235,66 @@ async def test_status_page(json_upstream: Served, proxy_factory: Any) -> None:
     assert '<td class=n id="cache-files">1</td>' in html
     assert '<td class=n id="hit-ratio">50.0 %</td>' in html  # a file miss, then a hit
     assert "<tr><td>gamma</td><td class=n>2</td></tr>" in html
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_for_stale_evictions_errors_and_downloads_in_flight(
+    json_upstream: Served, proxy_factory: Any, http: Any, dists: list[Dist]
+) -> None:
+    from tests.test_proxy import _Collector
+
+    running = proxy_factory(json_upstream.url)
+    files = running.proxy.files
+    await Deferred.fromCoroutine(files.load_usage())
+    before = await scrape(running.url)
+
+    # A download in flight, with two clients reading it.
+    big = "big-1.0-py3-none-any.whl"
+    gate: Deferred[None] = Deferred()
+    json_upstream.fake.holds[big] = gate
+    readers = [await http.get(f"{running.url}/files/big/{big}", unbuffered=True) for _ in range(2)]
+    collectors = []
+    for r in readers:
+        c = _Collector()
+        r.deliverBody(c)
+        collectors.append(c)
+    during = await scrape(running.url)
+    assert sample(during, "txpypi_downloads_in_flight") == 1
+    assert sample(during, "txpypi_download_clients") == 2
+    gate.callback(None)
+    for c in collectors:
+        await c.done
+    await Deferred.fromCoroutine(files.wait_idle())
+
+    # A stale page.
+    await get(running.url + "/simple/beta/")
+    json_upstream.fake.page_faults["beta"] = "500"
+    running.proxy.pages.ttl = 0
+    await get(running.url + "/simple/beta/")
+
+    # An eviction: the limit drops below what is cached.
+    files.max_size = 1
+    files.maybe_evict()
+    await Deferred.fromCoroutine(files.wait_idle())
+
+    # A store error: the spool cannot be written.
+    from txpypi import download
+
+    def full(fd: int, data: memoryview) -> int:
+        raise OSError(28, "No space left on device")
+
+    files.spool_write = full
+    try:
+        response, body = await get(f"{running.url}/files/gamma/gamma-0.5-py3-none-any.whl")
+    finally:
+        download._spool_error.clear()
+    assert response.code == 200 and body == find(dists, "gamma-0.5-py3-none-any.whl").content
+    after = await scrape(running.url)
+
+    def delta(metric: str, **labels: str) -> float:
+        return sample(after, metric, **labels) - sample(before, metric, **labels)
+
+    assert delta("txpypi_cache_answers_total", kind="page", result="stale") == 1
+    assert delta("txpypi_evictions_total") >= 1
+    assert delta("txpypi_store_errors_total", store="files") == 1
+    assert sample(after, "txpypi_downloads_in_flight") == 0 and sample(after, "txpypi_download_clients") == 0

@@ -5,7 +5,9 @@ from the URL that the project's upstream index page listed.
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -91,6 +93,8 @@ class FileCache:
     metrics: Any = None
     #: Files being sent to clients right now.
     senders: set[Any] = attrs.field(factory=set)
+    #: How flights write their spool files (a test may inject a full disk).
+    spool_write: Callable[[int, memoryview], int] = os.write
 
     async def drain(self, grace: float) -> None:
         """
@@ -364,6 +368,7 @@ class FileCache:
             self._landed,
             read_timeout=self._client.read_timeout,
             on_store_error=self._store_error,
+            spool_write=self.spool_write,
         )
         self.flights[wanted.key] = flight
         log.info("fetching {url}", url=wanted.url)
