@@ -3,7 +3,7 @@ Benchmark txpypi against proxpi, both in front of the same fake upstream index.
 
 Run from a checkout::
 
-    python bench/bench.py [--duration 5] [--connections 32] [--big-mb 50]
+    python bench/bench.py [--duration 5] [--connections 32] [--big-mb 50] [--huge-mb 200]
 
 It starts three processes on free loopback ports -- the fake upstream from
 L{txpypi.testing} (this script again, with C{--serve-upstream}), txpypi under
@@ -13,8 +13,14 @@ twistd, and proxpi under gunicorn -- and measures, in one run:
  2. the same for a warm cached ~1 MB wheel;
  3. cold and warm C{uv pip install} of a small dependency tree;
  4. the upstream requests made by those installs (pages, files, HEADs);
- 5. time to first byte of a cold 50 MB wheel, direct and through each proxy.
+ 5. time to first byte of a cold 50 MB wheel, direct and through each proxy;
+ 6. the download time and TTFB of a cold 200 MB wheel, streamed by one client
+    in 1 MB reads: direct from the upstream, through txpypi, through proxpi;
+ 7. the peak RSS of each proxy while 50 clients stream one 200 MB wheel,
+    cold (one upstream fetch for all) and warm (C{--skip-huge} skips 6 and 7).
 
+The upstream sends its big files in 256 KB chunks as the socket drains, as a
+real server would, so that its own TTFB is not the time to copy the file.
 Nothing leaves 127.0.0.1.  Every process it started is stopped at the end.
 """
 
@@ -27,12 +33,15 @@ import importlib.util
 import json
 import os
 import re
+import secrets
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -41,6 +50,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlsplit
+
+from twisted.internet.interfaces import IPullProducer
+from twisted.web.server import Request
+from zope.interface import implementer
 
 REPO = Path(__file__).resolve().parent.parent
 JSON_ACCEPT = "application/vnd.pypi.simple.v1+json"
@@ -64,6 +77,16 @@ TREE_SHAPE: dict[str, list[str]] = {
 }
 TREE_VERSIONS = ("1.0", "1.1")
 BIG_PROJECT = "big-{}"
+# Two huge wheels: 0 for the one-client downloads, then the warm crowd; 1 for the cold crowd.
+HUGE_PROJECT = "huge-{}"
+HUGE_FILES = 2
+STREAM_CHUNK = 256 * 1024  # what the upstream writes at a time, for files bigger than this
+READ_CHUNK = 1024 * 1024  # what the streaming clients read at a time
+MB = 1024 * 1024
+# txpypi's targets.
+DOWNLOAD_TARGET = 1.10  # cold huge download, as a multiple of the direct download's time
+TTFB_TARGET_MS = 10.0  # TTFB on a miss, over the upstream's own
+RSS_TARGET_MB = 150.0  # peak RSS while a crowd streams a huge file
 
 
 def wheel_name(project: str, version: str) -> str:
@@ -87,7 +110,7 @@ def tree_top(round_: int) -> str:
     return f"tree{round_}-top"
 
 
-def build_dists(file_kb: int, big_mb: int, big_count: int, uv_rounds: int) -> list[Any]:
+def build_dists(file_kb: int, big_mb: int, big_count: int, uv_rounds: int, huge_mb: int) -> list[Any]:
     from txpypi.testing import build_sdist, build_wheel
 
     dists = []
@@ -101,23 +124,77 @@ def build_dists(file_kb: int, big_mb: int, big_count: int, uv_rounds: int) -> li
             for version in TREE_VERSIONS:
                 dists.append(build_wheel(project, version, requires=requires))
     for i in range(big_count):
-        dists.append(build_wheel(BIG_PROJECT.format(i), "1.0", padding=big_mb * 1024 * 1024))
+        dists.append(build_wheel(BIG_PROJECT.format(i), "1.0", padding=big_mb * MB))
+    if huge_mb:
+        for i in range(HUGE_FILES):
+            dists.append(build_wheel(HUGE_PROJECT.format(i), "1.0", padding=huge_mb * MB))
     return dists
 
 
-def serve_upstream(port: int, file_kb: int, big_mb: int, big_count: int, uv_rounds: int) -> None:
+@implementer(IPullProducer)
+class ChunkedBody:
+    """
+    Writes C{data} to C{request} L{STREAM_CHUNK} bytes at a time, each when the
+    transport has sent the previous one: the upstream's first byte leaves at
+    once, however big the file.
+    """
+
+    def __init__(self, request: Request, data: bytes) -> None:
+        self._request: Request | None = request
+        self._data = memoryview(data)
+        self._offset = 0
+
+    def start(self) -> None:
+        assert self._request is not None
+        self._request.registerProducer(self, False)
+
+    def resumeProducing(self) -> None:
+        request = self._request
+        if request is None:
+            return
+        chunk = self._data[self._offset : self._offset + STREAM_CHUNK]
+        if chunk:
+            self._offset += len(chunk)
+            request.write(bytes(chunk))
+            return
+        self._request = None
+        request.unregisterProducer()
+        request.finish()
+
+    def stopProducing(self) -> None:
+        self._request = None
+
+
+def serve_upstream(
+    port: int, file_kb: int, big_mb: int, big_count: int, uv_rounds: int, huge_mb: int
+) -> None:
     """
     The C{--serve-upstream} mode: serve the fake index on 127.0.0.1:C{port},
     plus C{GET /_counts} (its request counters as JSON) and C{GET /_reset}.
+    Files bigger than L{STREAM_CHUNK} are sent by a L{ChunkedBody} (and
+    counted like the others), not rendered in one piece.
     """
     sys.path.insert(0, str(REPO))
     from twisted.internet import reactor
     from twisted.web.resource import Resource
-    from twisted.web.server import Request, Site
+    from twisted.web.server import NOT_DONE_YET, Site
 
     from txpypi.testing import FakeUpstream
 
-    fake = FakeUpstream(build_dists(file_kb, big_mb, big_count, uv_rounds), mode="json")
+    dists = build_dists(file_kb, big_mb, big_count, uv_rounds, huge_mb)
+    fake = FakeUpstream(dists, mode="json")
+    big = {f"/packages/{d.filename}".encode(): d.content for d in dists if len(d.content) > STREAM_CHUNK}
+
+    def stream_file(request: Request, content: bytes) -> bytes | int:
+        path = request.path.decode()
+        fake.requests[path] += 1
+        fake.methods.append((request.method.decode(), path))
+        request.setHeader(b"content-type", b"application/octet-stream")
+        request.setHeader(b"content-length", str(len(content)).encode())
+        if request.method == b"HEAD":
+            return b""
+        ChunkedBody(request, content).start()
+        return NOT_DONE_YET
 
     class Counted(Resource):
         isLeaf = True
@@ -136,6 +213,9 @@ def serve_upstream(port: int, file_kb: int, big_mb: int, big_count: int, uv_roun
                 fake.methods.clear()
                 request.setHeader(b"content-type", b"application/json")
                 return b"{}"
+            content = big.get(request.path)
+            if content is not None:
+                return stream_file(request, content)
             return fake.render(request)
 
     site = Site(Counted())
@@ -301,6 +381,171 @@ def expect_200(url: str, accept: str | None = None) -> Fetched:
     return got
 
 
+@dataclass
+class Streamed:
+    status: int
+    headers: dict[str, str]
+    size: int  # body bytes received
+    ttfb: float  # seconds to the first body byte, from the moment we started connecting
+    total: float
+    redirects: int
+    sha256: str | None  # of the body, when asked for
+
+
+def stream(url: str, digest: bool = False, max_redirects: int = 5, timeout: float = 120.0) -> Streamed:
+    """
+    GET C{url} like L{fetch}, but read the body in L{READ_CHUNK} reads into
+    one buffer and throw it away (hashing it on the way when C{digest}):
+    memory stays flat whatever the file size.
+    """
+    start = time.perf_counter()
+    redirects = 0
+    buffer = memoryview(bytearray(READ_CHUNK))
+    while True:
+        parts = urlsplit(url)
+        conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80, timeout=timeout)
+        try:
+            headers = {"Accept-Encoding": "identity", "User-Agent": "txpypi-bench"}
+            conn.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""), headers=headers)
+            response = conn.getresponse()
+            if response.status in (301, 302, 303, 307, 308) and redirects < max_redirects:
+                response.read()
+                redirects += 1
+                url = urljoin(url, response.getheader("location") or "")
+                continue
+            hasher = hashlib.sha256() if digest else None
+            first = response.read(1)
+            ttfb = time.perf_counter() - start
+            size = len(first)
+            if hasher is not None:
+                hasher.update(first)
+            while n := response.readinto(buffer):
+                size += n
+                if hasher is not None:
+                    hasher.update(buffer[:n])
+            return Streamed(
+                response.status,
+                {k.lower(): v for k, v in response.getheaders()},
+                size,
+                ttfb,
+                time.perf_counter() - start,
+                redirects,
+                None if hasher is None else hasher.hexdigest(),
+            )
+        finally:
+            conn.close()
+
+
+def delete(url: str, token: str) -> int:
+    """
+    C{DELETE url} with an admin bearer token; the status.
+    """
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80, timeout=30)
+    try:
+        conn.request("DELETE", parts.path, headers={"Authorization": f"Bearer {token}"})
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
+# --- Memory ------------------------------------------------------------------------------------
+
+
+def _status_kb(pid: int, field_name: str) -> int | None:
+    """
+    A C{kB} field of C{/proc/<pid>/status} (C{VmRSS}, C{VmHWM}), or L{None}
+    if the process is gone.
+    """
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(f"{field_name}:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def cpu_seconds(pid: int) -> float:
+    """
+    The user and system CPU seconds C{pid} has used, from C{/proc/<pid>/stat}.
+    """
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def reset_hwm(pid: int) -> bool:
+    """
+    Reset C{pid}'s C{VmHWM} (peak RSS) to its current RSS, as Linux allows
+    by writing 5 to C{/proc/<pid>/clear_refs}; whether that worked.
+    """
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def process_tree(pid: int) -> list[int]:
+    """
+    C{pid} and all its descendants (for gunicorn: the arbiter and its workers).
+    """
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        parents[int(entry)] = int(stat.rpartition(")")[2].split()[1])
+    tree_ = [pid]
+    for member in tree_:
+        tree_.extend(child for child, parent in parents.items() if parent == member)
+    return tree_
+
+
+class RssSampler:
+    """
+    Samples the summed C{VmRSS} of some processes every C{interval} seconds
+    in a thread, keeping the peak.
+    """
+
+    def __init__(self, pids: list[int], interval: float = 0.05) -> None:
+        self.pids = pids
+        self.interval = interval
+        self.peak_kb = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def sample(self) -> int:
+        return sum(_status_kb(pid, "VmRSS") or 0 for pid in self.pids)
+
+    def _run(self) -> None:
+        while True:
+            self.peak_kb = max(self.peak_kb, self.sample())
+            self.samples += 1
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_kb = max(self.peak_kb, self.sample())
+
+
 # --- wrk ---------------------------------------------------------------------------------------
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
@@ -452,12 +697,16 @@ def tally(counts: dict[str, Any], round_: int) -> UpstreamTally:
 
 # --- The benchmark -----------------------------------------------------------------------------
 
+#: A summary row: measure, txpypi, proxpi, txpypi/proxpi and, optionally, txpypi's target.
+Row = tuple[str, ...]
+
 
 @dataclass
 class Proxy:
     name: str
     service: Service
     index: str  # the simple index base URL, ending in "/"
+    admin_token: str | None = None
 
     def page_url(self, project: str) -> str:
         return f"{self.index}{project}/"
@@ -495,6 +744,13 @@ def warm_up(proxy: Proxy, url: str, accept: str | None = None, timeout: float = 
 
 def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "n/a"
+
+
+def verdict(target: str, actual: str, ok: bool) -> str:
+    """
+    A target cell: the target, what was measured, and whether it was met.
+    """
+    return f"{target} ({actual}): {'ok' if ok else 'MISSED'}"
 
 
 def fmt_wrk(r: WrkResult) -> str:
@@ -538,6 +794,9 @@ def start_all(services: Services, work: Path, args: argparse.Namespace) -> tuple
             str(args.ttfb_samples),
             "--uv-rounds",
             str(args.uv_rounds),
+            "--huge-mb",
+            str(args.huge_mb),
+            *(["--skip-huge"] if args.skip_huge else []),
         ],
         env,
         up_port,
@@ -545,6 +804,9 @@ def start_all(services: Services, work: Path, args: argparse.Namespace) -> tuple
     )
     upstream_simple = f"{upstream.base}/simple/"
     tx_cache = work / "txpypi-cache"
+    token = secrets.token_urlsafe(24)  # for DELETE /cache/<project>/<file> between cold runs
+    token_file = work / "admin-token"
+    token_file.write_text(token + "\n")
     txpypi = services.start(
         "txpypi",
         [
@@ -560,6 +822,8 @@ def start_all(services: Services, work: Path, args: argparse.Namespace) -> tuple
             str(tx_cache),
             "--listen",
             f"tcp:{tx_port}:interface=127.0.0.1",
+            "--admin-token-file",
+            str(token_file),
         ],
         env,
         tx_port,
@@ -598,9 +862,393 @@ def start_all(services: Services, work: Path, args: argparse.Namespace) -> tuple
         print(f"{service.name:9s} ready on {service.base} after {took:.2f}s", flush=True)
     return (
         upstream,
-        Proxy("txpypi", txpypi, f"{txpypi.base}/simple/"),
+        Proxy("txpypi", txpypi, f"{txpypi.base}/simple/", token),
         Proxy("proxpi", proxpi, f"{proxpi.base}/index/"),
     )
+
+
+# --- Huge files --------------------------------------------------------------------------------
+
+
+@dataclass
+class HugeFile:
+    project: str
+    filename: str
+    size: int
+    sha256: str
+    path: str  # on the upstream
+
+
+def huge_file(upstream: Service, index: int) -> HugeFile:
+    """
+    Huge wheel C{index}, as the upstream's JSON page lists it.
+    """
+    project = HUGE_PROJECT.format(index)
+    filename = wheel_name(project, "1.0")
+    page = json.loads(expect_200(f"{upstream.base}/simple/{project}/", JSON_ACCEPT).body)
+    for entry in page["files"]:
+        if entry["filename"] == filename:
+            return HugeFile(
+                project, filename, int(entry["size"]), entry["hashes"]["sha256"], f"/packages/{filename}"
+            )
+    raise RuntimeError(f"the upstream does not list {filename}")
+
+
+def upstream_gets(upstream: Service, path: str) -> tuple[int, int]:
+    """
+    The GETs and the other requests the upstream answered for C{path} since the last C{/_reset}.
+    """
+    counts = get_json(f"{upstream.base}/_counts")
+    others = sum(1 for line in counts["non_get"] if line.split(" ", 1)[1] == path)
+    return counts["requests"].get(path, 0) - others, others
+
+
+def head(url: str) -> dict[str, str]:
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80, timeout=30)
+    try:
+        conn.request("HEAD", parts.path)
+        response = conn.getresponse()
+        response.read()
+        return {k.lower(): v for k, v in response.getheaders()} | {":status": str(response.status)}
+    finally:
+        conn.close()
+
+
+def wait_cached(url: str, timeout: float = 10.0) -> bool:
+    """
+    Wait until txpypi answers C{X-Cache: HIT} for C{url} (a finished download
+    may still be landing in the cache); whether it did.
+    """
+    deadline = time.monotonic() + timeout
+    while head(url).get("x-cache") != "HIT":
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def purge(proxy: Proxy, huge: HugeFile, timeout: float = 10.0) -> bool:
+    """
+    Remove C{huge} from txpypi's cache, waiting for it to have landed there first.
+    """
+    assert proxy.admin_token is not None
+    url = f"{proxy.service.base}/cache/{huge.project}/{huge.filename}"
+    deadline = time.monotonic() + timeout
+    while (status := delete(url, proxy.admin_token)) == 404 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return status == 200
+
+
+def check_stream(what: str, got: Streamed, huge: HugeFile, x_cache: str | None = None) -> list[str]:
+    """
+    What is wrong with C{got}, a download of C{huge}.
+    """
+    problems = []
+    if got.status != 200:
+        problems.append(f"{what}: status {got.status}")
+    if got.size != huge.size:
+        problems.append(f"{what}: {got.size} bytes, not {huge.size}")
+    if got.sha256 is not None and got.sha256 != huge.sha256:
+        problems.append(f"{what}: wrong bytes (sha256 {got.sha256[:16]}..., not {huge.sha256[:16]}...)")
+    if x_cache is not None and got.headers.get("x-cache") != x_cache:
+        problems.append(f"{what}: X-Cache {got.headers.get('x-cache')}, not {x_cache}")
+    return problems
+
+
+def alarm(problems: list[str]) -> list[str]:
+    for problem in problems:
+        print(f"!! {problem}")
+    return problems
+
+
+def seconds_list(runs: Sequence[Streamed]) -> str:
+    return ", ".join(f"{r.total:.2f}" for r in runs)
+
+
+def huge_download(
+    args: argparse.Namespace, upstream: Service, txpypi: Proxy, proxpi: Proxy, summary: list[Row]
+) -> list[str]:
+    """
+    One client downloads a cold huge wheel: direct, through txpypi (purged
+    between runs), through proxpi (once).  Returns what txpypi did wrong.
+    """
+    huge = huge_file(upstream, 0)
+    mb = args.huge_mb
+    section(
+        f"cold {mb} MB wheel, one client reading {READ_CHUNK // MB} MB at a time and discarding "
+        f"({args.huge_runs} run(s), median)"
+    )
+    problems: list[str] = []
+    tx_url = file_url(txpypi, huge.project, huge.filename)  # warms the page: only the file is cold
+    direct: list[Streamed] = []
+    cold: list[Streamed] = []
+    cold_gets: list[int] = []
+    cold_cpu: list[float] = []  # txpypi's CPU seconds during each cold run
+    tx_pid = txpypi.service.process.pid
+    for run in range(args.huge_runs):
+        got = stream(f"{upstream.base}{huge.path}")
+        if check_stream("direct download", got, huge):
+            raise RuntimeError(f"the upstream sent a bad {huge.filename}: {check_stream('', got, huge)}")
+        direct.append(got)
+        if run and not purge(txpypi, huge):
+            problems += alarm([f"could not purge {huge.filename} from txpypi: no more cold runs"])
+            break
+        get_json(f"{upstream.base}/_reset")
+        cpu = cpu_seconds(tx_pid)
+        got = stream(tx_url)
+        cold_cpu.append(cpu_seconds(tx_pid) - cpu)
+        gets, others = upstream_gets(upstream, huge.path)
+        cold_gets.append(gets)
+        problems += alarm(check_stream(f"txpypi cold run {run + 1}", got, huge, "MISS"))
+        if (gets, others) != (1, 0):
+            problems += alarm(
+                [f"txpypi cold run {run + 1}: upstream answered {gets} GET(s), {others} other(s)"]
+            )
+        cold.append(got)
+    if not wait_cached(tx_url):
+        problems += alarm([f"txpypi did not cache {huge.filename} within 10 s"])
+    warm = stream(tx_url, digest=True)
+    problems += alarm(check_stream("txpypi warm", warm, huge, "HIT"))
+
+    px_url = file_url(proxpi, huge.project, huge.filename)
+    get_json(f"{upstream.base}/_reset")
+    px = stream(px_url)
+    px_gets, px_others = upstream_gets(upstream, huge.path)
+    if found := check_stream("proxpi cold", px, huge):
+        print(f"(proxpi: {'; '.join(found)})")
+
+    d_s = statistics.median(r.total for r in direct)
+    d_ttfb = statistics.median(r.ttfb for r in direct) * 1000
+    tx_s = statistics.median(r.total for r in cold)
+    tx_ttfb = statistics.median(r.ttfb for r in cold) * 1000
+    print(
+        f"direct from upstream: {d_s:6.2f} s ({mb / d_s:5.0f} MB/s)  TTFB {d_ttfb:7.2f} ms   "
+        f"(runs: {seconds_list(direct)} s)"
+    )
+    print(
+        f"through txpypi, cold: {tx_s:6.2f} s ({mb / tx_s:5.0f} MB/s)  TTFB {tx_ttfb:7.2f} ms   "
+        f"(runs: {seconds_list(cold)} s; upstream GETs: {', '.join(map(str, cold_gets))})"
+    )
+    cpu = statistics.median(cold_cpu)
+    print(
+        f"  txpypi's CPU time during a cold run: {cpu:.2f} s, {cpu / tx_s:.0%} of its wall time "
+        "(one reactor thread)"
+    )
+    print(f"through txpypi, warm: {warm.total:6.2f} s ({mb / warm.total:5.0f} MB/s)  sha256 checked")
+    print(
+        f"through proxpi, cold: {px.total:6.2f} s ({mb / px.total:5.0f} MB/s)  "
+        f"TTFB {px.ttfb * 1000:7.2f} ms   "
+        f"(upstream: {px_gets} GET(s), {px_others} HEAD(s)"
+        + (f"; {px.redirects} redirect(s) to the upstream followed)" if px.redirects else ")")
+    )
+    slower = tx_s / d_s
+    download_target = verdict(
+        f"<= {DOWNLOAD_TARGET:.2f}x direct", f"{slower:.2f}x", slower <= DOWNLOAD_TARGET
+    )
+    added = tx_ttfb - d_ttfb
+    ttfb_target = verdict(f"<= +{TTFB_TARGET_MS:.0f} ms", f"+{added:.2f} ms", added <= TTFB_TARGET_MS)
+    print(f"target: txpypi cold download time, as a multiple of direct: {download_target}")
+    print(f"target: txpypi TTFB on a miss, over the upstream's own: {ttfb_target}")
+    print(
+        f"ratio txpypi/proxpi cold download: {ratio(tx_s, px.total)}, TTFB: {ratio(tx_ttfb, px.ttfb * 1000)}"
+    )
+    summary.append((f"{mb} MB download, direct from upstream", f"{d_s:.2f} s", f"{d_s:.2f} s", "-"))
+    summary.append(
+        (
+            f"{mb} MB cold download",
+            f"{tx_s:.2f} s",
+            f"{px.total:.2f} s",
+            ratio(tx_s, px.total),
+            download_target,
+        )
+    )
+    summary.append((f"{mb} MB TTFB direct from upstream", f"{d_ttfb:.2f} ms", f"{d_ttfb:.2f} ms", "-"))
+    summary.append(
+        (
+            f"{mb} MB TTFB on a miss",
+            f"{tx_ttfb:.2f} ms",
+            f"{px.ttfb * 1000:.2f} ms",
+            ratio(tx_ttfb, px.ttfb * 1000),
+            ttfb_target,
+        )
+    )
+    return problems
+
+
+@dataclass
+class Crowd:
+    results: list[Streamed]
+    errors: list[str]
+    hung: int  # clients still reading at the deadline
+    seconds: float
+    baseline_mb: float
+    peak_mb: float
+    samples: int
+    hwm: bool  # whether the peak includes the kernel's VmHWM (one process only)
+
+
+def crowd(url: str, clients: int, pid: int, timeout: float = 300.0) -> Crowd:
+    """
+    C{clients} threads stream C{url} at once (the first one hashing it),
+    while the RSS of C{pid} and its descendants is sampled.
+    """
+    pids = process_tree(pid)
+    hwm = len(pids) == 1 and reset_hwm(pid)
+    results: list[Streamed | None] = [None] * clients
+    errors: list[str] = []
+    barrier = threading.Barrier(clients)
+
+    def client(i: int) -> None:
+        try:
+            barrier.wait(timeout=30)
+            results[i] = stream(url, digest=i == 0, timeout=120)
+        except Exception as e:
+            errors.append(f"client {i}: {e!r}")
+
+    threads = [
+        threading.Thread(target=client, args=(i,), name=f"client-{i}", daemon=True) for i in range(clients)
+    ]
+    sampler = RssSampler(pids)
+    baseline = sampler.sample()
+    with sampler:
+        start = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(max(0.0, start + timeout - time.perf_counter()))
+        seconds = time.perf_counter() - start
+    peak = sampler.peak_kb
+    if hwm:
+        peak = max(peak, _status_kb(pid, "VmHWM") or 0)
+    return Crowd(
+        [r for r in results if r is not None],
+        errors,
+        sum(t.is_alive() for t in threads),
+        seconds,
+        baseline / 1024,
+        peak / 1024,
+        sampler.samples,
+        hwm,
+    )
+
+
+def crowd_problems(what: str, c: Crowd, clients: int, huge: HugeFile) -> list[str]:
+    problems = [f"{what}: {e}" for e in c.errors[:5]]
+    if len(c.errors) > 5:
+        problems.append(f"{what}: ... {len(c.errors)} clients failed in all")
+    if c.hung:
+        problems.append(f"{what}: {c.hung} client(s) still reading after {c.seconds:.0f} s")
+    bad = Counter((r.status, r.size) for r in c.results if (r.status, r.size) != (200, huge.size))
+    if bad:
+        problems.append(
+            f"{what}: {bad.total()} client(s) got (status, bytes) {dict(bad)}, not (200, {huge.size})"
+        )
+    if any(r.sha256 is not None and r.sha256 != huge.sha256 for r in c.results):
+        problems.append(f"{what}: wrong bytes (the sha256 of client 0's stream does not match)")
+    return problems
+
+
+def describe_crowd(name: str, c: Crowd, clients: int, mb: int, upstream: tuple[int, int] | None) -> str:
+    complete = sum(1 for r in c.results if r.status == 200)
+    caches = Counter(r.headers.get("x-cache", "-") for r in c.results)
+    text = (
+        f"{name}: {complete}/{clients} complete in {c.seconds:5.2f} s "
+        f"({complete * mb / c.seconds:5.0f} MB/s in all); "
+        f"RSS {c.baseline_mb:4.0f} MB before, peak {c.peak_mb:4.0f} MB"
+        f" ({c.samples} samples{' + VmHWM' if c.hwm else ''})"
+    )
+    if caches.keys() != {"-"}:
+        text += "; X-Cache " + ", ".join(f"{k} x{v}" for k, v in sorted(caches.items()))
+    if sum(r.redirects for r in c.results):
+        text += f"; {sum(r.redirects for r in c.results)} redirect(s) to the upstream"
+    if upstream is not None:
+        text += f"; the upstream answered {upstream[0]} GET(s), {upstream[1]} other(s) for it"
+    return text
+
+
+def huge_crowds(
+    args: argparse.Namespace, upstream: Service, txpypi: Proxy, proxpi: Proxy, summary: list[Row]
+) -> list[str]:
+    """
+    C{--huge-clients} clients stream one huge wheel at once, cold and warm,
+    through each proxy, while its RSS is sampled.  Returns what txpypi did wrong.
+    """
+    n, mb = args.huge_clients, args.huge_mb
+    cold_file, warm_file = huge_file(upstream, 1), huge_file(upstream, 0)  # 0 is cached by now
+    section(
+        f"{n} concurrent clients streaming one {mb} MB wheel ({READ_CHUNK // MB} MB reads, discarded; "
+        "client 0 checks the sha256); RSS sampled every 50 ms"
+    )
+    problems: list[str] = []
+    crowds: dict[tuple[str, str], Crowd] = {}
+    upstream_fetches: dict[str, tuple[int, int]] = {}
+    for proxy in (txpypi, proxpi):
+        pid = proxy.service.process.pid
+        url = file_url(proxy, cold_file.project, cold_file.filename)
+        get_json(f"{upstream.base}/_reset")
+        c = crowds[proxy.name, "cold"] = crowd(url, n, pid)
+        upstream_fetches[proxy.name] = upstream_gets(upstream, cold_file.path)
+        print(describe_crowd(f"{proxy.name:7s} cold", c, n, mb, upstream_fetches[proxy.name]), flush=True)
+        found = crowd_problems(f"{proxy.name} cold crowd", c, n, cold_file)
+        if proxy is txpypi:
+            problems += alarm(found)
+            if upstream_fetches["txpypi"] != (1, 0):
+                gets, others = upstream_fetches["txpypi"]
+                problems += alarm(
+                    [f"txpypi cold crowd: the upstream answered {gets} GET(s), {others} other(s)"]
+                )
+        elif found:
+            print(f"(proxpi: {'; '.join(found)})")
+
+        url = file_url(proxy, warm_file.project, warm_file.filename)
+        if proxy is txpypi and not wait_cached(url):
+            problems += alarm([f"txpypi did not cache {warm_file.filename}"])
+        get_json(f"{upstream.base}/_reset")
+        c = crowds[proxy.name, "warm"] = crowd(url, n, pid)
+        warm_upstream = upstream_gets(upstream, warm_file.path)
+        print(describe_crowd(f"{proxy.name:7s} warm", c, n, mb, warm_upstream), flush=True)
+        found = crowd_problems(f"{proxy.name} warm crowd", c, n, warm_file)
+        if proxy is txpypi:
+            problems += alarm(found)
+            if any(r.headers.get("x-cache") != "HIT" for r in c.results):
+                problems += alarm(["txpypi warm crowd: not every answer was X-Cache: HIT"])
+            if warm_upstream != (0, 0):
+                problems += alarm([f"txpypi warm crowd: the upstream answered {warm_upstream} requests"])
+        elif found:
+            print(f"(proxpi: {'; '.join(found)})")
+    print(
+        "(proxpi's RSS is the sum of gunicorn's arbiter and worker, sampled only; "
+        "txpypi's is one process, sampled and its VmHWM)"
+    )
+    for phase in ("cold", "warm"):
+        tx, px = crowds["txpypi", phase], crowds["proxpi", phase]
+        rss_target = verdict(f"< {RSS_TARGET_MB:.0f} MB", f"{tx.peak_mb:.0f} MB", tx.peak_mb < RSS_TARGET_MB)
+        print(f"target: txpypi peak RSS, {n} clients {phase}: {rss_target}")
+        summary.append(
+            (
+                f"peak RSS, {n} clients {phase}",
+                f"{tx.peak_mb:.0f} MB",
+                f"{px.peak_mb:.0f} MB",
+                ratio(tx.peak_mb, px.peak_mb),
+                rss_target,
+            )
+        )
+        summary.append(
+            (
+                f"{n} clients {phase}, all done",
+                f"{tx.seconds:.2f} s",
+                f"{px.seconds:.2f} s",
+                ratio(tx.seconds, px.seconds),
+            )
+        )
+    tx_gets, px_gets = upstream_fetches["txpypi"], upstream_fetches["proxpi"]
+    once = verdict("exactly 1", str(tx_gets[0]), tx_gets == (1, 0))
+    print(f"target: upstream GETs of the file for {n} cold txpypi clients: {once}")
+    summary.append(
+        (f"upstream GETs, {n} clients cold", str(tx_gets[0]), f"{px_gets[0]} (+{px_gets[1]} HEAD)", "-", once)
+    )
+    return problems
 
 
 def bench(args: argparse.Namespace) -> int:
@@ -614,7 +1262,8 @@ def bench(args: argparse.Namespace) -> int:
         return 2
     uv = find_uv()
     accept = JSON_ACCEPT if args.page_format == "json" else HTML_ACCEPT
-    summary: list[tuple[str, str, str, str]] = []
+    summary: list[Row] = []
+    alarms: list[str] = []  # txpypi misbehaving: wrong bytes, hangs, extra upstream fetches
 
     services = Services()
     with workspace(args.keep) as work:
@@ -735,6 +1384,9 @@ def bench(args: argparse.Namespace) -> int:
                     + (f"; {redirects} redirect(s) to the upstream followed" if redirects else "")
                 )
             print(f"ratio txpypi/proxpi TTFB: {ratio(ttfb_ms['txpypi'], ttfb_ms['proxpi'])}")
+            added = ttfb_ms["txpypi"] - d_ms
+            ttfb_target = verdict(f"<= +{TTFB_TARGET_MS:.0f} ms", f"+{added:.2f} ms", added <= TTFB_TARGET_MS)
+            print(f"target: txpypi TTFB on a miss, over the upstream's own: {ttfb_target}")
             summary.append(("TTFB direct from upstream", f"{d_ms:.2f} ms", f"{d_ms:.2f} ms", "-"))
             summary.append(
                 (
@@ -750,6 +1402,7 @@ def bench(args: argparse.Namespace) -> int:
                     f"{ttfb_ms['txpypi'] - d_ms:.2f} ms",
                     f"{ttfb_ms['proxpi'] - d_ms:.2f} ms",
                     "-",
+                    ttfb_target,
                 )
             )
 
@@ -774,6 +1427,11 @@ def bench(args: argparse.Namespace) -> int:
                 file_results[proxy.name] = run_wrk(wrk, url, args)
                 print(f"{proxy.name:7s} {fmt_wrk(file_results[proxy.name])}   [{url}]")
             _summarize_wrk(summary, "warm file", file_results)
+
+            # 6 & 7: a huge file, one client then a crowd.
+            if not args.skip_huge:
+                alarms += huge_download(args, upstream, txpypi, proxpi, summary)
+                alarms += huge_crowds(args, upstream, txpypi, proxpi, summary)
         except Exception:
             # Show how each process fared, which usually explains the failure.
             died = {s.name: s.process.poll() for s in services.started}
@@ -787,12 +1445,13 @@ def bench(args: argparse.Namespace) -> int:
             services.stop_all()
 
     print_summary(summary, args)
+    if alarms:
+        print("\n!! txpypi misbehaved:", *alarms, sep="\n!!   ")
+        return 1
     return 0
 
 
-def _summarize_wrk(
-    summary: list[tuple[str, str, str, str]], what: str, results: dict[str, WrkResult]
-) -> None:
+def _summarize_wrk(summary: list[Row], what: str, results: dict[str, WrkResult]) -> None:
     tx, px = results["txpypi"], results["proxpi"]
     print(
         f"ratio txpypi/proxpi: req/s {ratio(tx.rps, px.rps)} (higher is better), "
@@ -803,17 +1462,20 @@ def _summarize_wrk(
     summary.append((f"{what} p99", f"{tx.p99_ms:.2f} ms", f"{px.p99_ms:.2f} ms", ratio(tx.p99_ms, px.p99_ms)))
 
 
-def print_summary(summary: list[tuple[str, str, str, str]], args: argparse.Namespace) -> None:
-    header = ("measure", "txpypi", "proxpi", "txpypi/proxpi")
-    widths = [max(len(row[i]) for row in [header, *summary]) for i in range(4)]
+def print_summary(summary: list[Row], args: argparse.Namespace) -> None:
+    header = ("measure", "txpypi", "proxpi", "txpypi/proxpi", "txpypi target")
+    rows = [(*row, "", "")[:5] for row in summary]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(5)]
     rule = "-+-".join("-" * w for w in widths)
     worker = "gthread" if args.proxpi_threads > 1 else "sync"
     print("\n== summary")
-    print(" | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
+    print(" | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip())
     print(rule)
-    for row in summary:
-        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
-        print(" | ".join(cells))
+    for row in rows:
+        cells = [row[0].ljust(widths[0])]
+        cells += [c.rjust(w) for c, w in zip(row[1:4], widths[1:4], strict=True)]
+        cells.append(row[4])
+        print(" | ".join(cells).rstrip())
     print(
         f"(proxpi: gunicorn {worker}, 1 worker, {args.proxpi_threads} thread(s); txpypi: twistd, one reactor "
         f"thread; {os.cpu_count()} CPUs shared with wrk and the upstream)"
@@ -852,6 +1514,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=5,
         help="cold+warm uv installs per proxy, each a new tree (default: 5)",
     )
+    parser.add_argument(
+        "--huge-mb", type=int, default=200, help="size of the huge wheels in MB (default: 200)"
+    )
+    parser.add_argument(
+        "--huge-runs",
+        type=int,
+        default=3,
+        help="cold one-client downloads of the huge wheel, direct and through txpypi, which purges "
+        "it between runs (default: 3)",
+    )
+    parser.add_argument(
+        "--huge-clients",
+        type=int,
+        default=50,
+        help="concurrent clients streaming one huge wheel for the RSS measurement (default: 50)",
+    )
+    parser.add_argument(
+        "--skip-huge", action="store_true", help="skip the huge-wheel downloads and the RSS measurement"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, caches)")
     parser.add_argument("--serve-upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -863,6 +1544,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             args.ttfb_samples,
             args.proxpi_threads,
             args.uv_rounds,
+            args.huge_mb,
+            args.huge_runs,
+            args.huge_clients,
         )
         < 1
     ):
@@ -873,8 +1557,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.serve_upstream is not None:
-        serve_upstream(args.serve_upstream, args.file_kb, args.big_mb, args.ttfb_samples, args.uv_rounds)
+        huge_mb = 0 if args.skip_huge else args.huge_mb
+        serve_upstream(
+            args.serve_upstream, args.file_kb, args.big_mb, args.ttfb_samples, args.uv_rounds, huge_mb
+        )
         return 0
+    # A SIGTERM unwinds like an error: the subprocesses are stopped, the temporary directory removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     return bench(args)
 
 
