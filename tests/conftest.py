@@ -21,6 +21,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 
+from tests.servers import redis_server, s3_bucket, seaweedfs  # noqa: F401  (fixtures)
 from txpypi.app import Proxy
 from txpypi.config import Settings
 from txpypi.tap import build
@@ -128,8 +129,10 @@ class Running:
             await self.service.stopService()
 
 
-def start_proxy(upstream_url: str, cache_dir: Path, endpoint: str = "tcp:0:interface=127.0.0.1") -> Running:
-    settings = Settings(listen=(), upstream=upstream_url, cache_dir=str(cache_dir))
+def start_proxy(
+    upstream_url: str, cache_dir: Path, endpoint: str = "tcp:0:interface=127.0.0.1", **more: Any
+) -> Running:
+    settings = Settings(listen=(), upstream=upstream_url, cache_dir=str(cache_dir), **more)
     service, proxy = build(settings, get_reactor())
     service.startService()
     port = listen(proxy.site(), endpoint)
@@ -143,9 +146,11 @@ def proxy_factory(tmp_path: Path) -> Iterator[Any]:
     """
     running: list[Running] = []
 
-    def factory(upstream_url: str, cache_dir: Path | None = None, endpoint: str | None = None) -> Running:
+    def factory(
+        upstream_url: str, cache_dir: Path | None = None, endpoint: str | None = None, **more: Any
+    ) -> Running:
         p = start_proxy(
-            upstream_url, cache_dir or tmp_path / "cache", endpoint or "tcp:0:interface=127.0.0.1"
+            upstream_url, cache_dir or tmp_path / "cache", endpoint or "tcp:0:interface=127.0.0.1", **more
         )
         running.append(p)
         return p

@@ -21,9 +21,7 @@ from zope.interface.verify import verifyObject
 
 from txpypi.download import CHUNK, Sender
 from txpypi.metadata import FileRecord, IMetadata, MemoryMetadata, PageRecord, SqliteMetadata
-from txpypi.names import BadName
 from txpypi.pages import PageCache
-from txpypi.stores import DiskStore, IFileStore, file_key
 from txpypi.testing import FakeUpstream, build_wheel
 from txpypi.upstream import Upstream, UpstreamClient
 
@@ -152,10 +150,18 @@ def test_sender_stops_when_the_client_leaves() -> None:
 # -- one contract for every metadata store
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "redis"])
 def metadata(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
     if request.param == "memory":
         yield MemoryMetadata()
+        return
+    if request.param == "redis":
+        from txpypi.redismeta import RedisMetadata, connect
+
+        server = request.getfixturevalue("redis_server")
+        redis = RedisMetadata(connect(server.url))
+        yield redis
+        pytest_twisted.blockon(redis.close())
         return
     from twisted.internet import reactor
 
@@ -210,36 +216,18 @@ class TestMetadataContract:
         await self._lru()
 
     @pytest_twisted.ensureDeferred
+    async def test_download_counts(self) -> None:
+        await self.store.add_downloads({("a", "1.0", "a-1.0.whl"): 2, ("b", "2.0", "b-2.0.tar.gz"): 1})
+        await self.store.add_downloads({("a", "1.1", "a-1.1.whl"): 3})
+        assert await self.store.top_projects(10) == [("a", 5), ("b", 1)]
+        assert await self.store.top_projects(1) == [("a", 5)]
+        assert await self.store.project_downloads("a") == [("1.0", "a-1.0.whl", 2), ("1.1", "a-1.1.whl", 3)]
+        assert await self.store.project_downloads("zzz") == []
+        await self.store.ping()
+
+    @pytest_twisted.ensureDeferred
     async def test_round_trip(self) -> None:
         await self._round_trip()
-
-
-@pytest_twisted.ensureDeferred
-async def test_disk_store(tmp_path: Path) -> None:
-    from twisted.internet import reactor
-
-    pool = ThreadPool(1, 1)
-    pool.start()
-    try:
-        store = DiskStore(tmp_path, pool, reactor)
-        assert verifyObject(IFileStore, store)
-        (tmp_path / "tmp").mkdir()
-        (tmp_path / "tmp" / "leftover.part").write_bytes(b"crash")
-        store.prepare()
-        assert list((tmp_path / "tmp").iterdir()) == []  # leftovers cleaned
-        spool = tmp_path / "tmp" / "x.part"
-        spool.write_bytes(b"hello")
-        key = file_key("ab" * 32, "a-1.whl")
-        await store.commit(str(spool), key)
-        assert not spool.exists()
-        reader = await store.open(key)
-        assert reader.size == 5 and await reader.read(1, 3) == b"ell"
-        reader.close()
-        with pytest.raises(BadName):
-            store.open("../../etc/passwd")
-        assert await store.open(file_key("cd" * 32, "missing.whl")) is None
-    finally:
-        pool.stop()
 
 
 def test_sender_aborts_the_client_on_a_read_error() -> None:

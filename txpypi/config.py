@@ -48,6 +48,13 @@ class Settings:
     trusted_proxies: tuple[str, ...] = ()
     admin_token: str | None = attrs.field(default=None, repr=False)
     shutdown_grace: float = 30.0
+    store: str = "disk"
+    s3_bucket: str | None = None
+    s3_prefix: str = "txpypi/"
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    s3_threads: int = 8
+    redis: str | None = attrs.field(default=None, repr=False)
 
 
 def _listen(value: Any) -> tuple[str, ...]:
@@ -158,6 +165,54 @@ def read_token_file(path: Any) -> str:
         raise ConfigError(f"admin-token-file: cannot read {path}: {e.strerror}") from None
 
 
+def _choice(key: str, choices: tuple[str, ...]) -> Any:
+    def check(value: Any) -> str:
+        if value not in choices:
+            raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
+        return str(value)
+
+    return check
+
+
+def _text_value(key: str) -> Any:
+    def check(value: Any) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"{key}: expected a non-empty string")
+        return value.strip()
+
+    return check
+
+
+def _threads(value: Any) -> int:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"s3-threads: expected a number, got {value!r}") from None
+    if not 1 <= n <= 256:
+        raise ConfigError("s3-threads: expected 1 to 256")
+    return n
+
+
+def _redis_url(value: Any) -> str:
+    from txpypi.redismeta import parse_redis_url
+
+    try:
+        parse_redis_url(str(value))
+    except ValueError as e:
+        raise ConfigError(f"redis: {e}") from None
+    return str(value)
+
+
+def _url(key: str) -> Any:
+    def check(value: Any) -> str:
+        parts = urlsplit(str(value))
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ConfigError(f"{key}: expected an http or https URL, got {value!r}")
+        return str(value)
+
+    return check
+
+
 #: Config-file keys (the same as the long options), their attribute and checker.
 KEYS = {
     "listen": ("listen", _listen),
@@ -172,6 +227,13 @@ KEYS = {
     "max-cache-size": ("max_cache_size", parse_size),
     "shutdown-grace": ("shutdown_grace", _seconds("shutdown-grace")),
     "log-format": ("log_format", _log_format),
+    "store": ("store", _choice("store", ("disk", "s3"))),
+    "s3-bucket": ("s3_bucket", _text_value("s3-bucket")),
+    "s3-prefix": ("s3_prefix", lambda v: str(v)),
+    "s3-endpoint-url": ("s3_endpoint_url", _url("s3-endpoint-url")),
+    "s3-region": ("s3_region", _text_value("s3-region")),
+    "s3-threads": ("s3_threads", _threads),
+    "redis": ("redis", _redis_url),
     "trusted-proxy": ("trusted_proxies", _addresses),
     "admin-token": ("admin_token", _token),
     "admin-token-file": ("admin_token", read_token_file),
@@ -191,6 +253,17 @@ def apply(settings: Settings, values: Mapping[str, Any]) -> Settings:
         attribute, check = KEYS[key]
         changes[attribute] = check(value)
     return attrs.evolve(settings, **changes)
+
+
+def check(settings: Settings) -> Settings:
+    """
+    Checks across settings, once all are applied.
+
+    @raise ConfigError: when they do not fit together.
+    """
+    if settings.store == "s3" and not settings.s3_bucket:
+        raise ConfigError("s3-bucket: required with store: s3")
+    return settings
 
 
 def load_file(path: str) -> dict[str, Any]:

@@ -4,6 +4,7 @@ The twistd plugin's options and service: C{twistd -n txpypi [options]}.
 
 from __future__ import annotations
 
+import shutil
 import signal
 from functools import partial
 from pathlib import Path
@@ -138,6 +139,50 @@ class Options(usage.Options):
         """
         self.given["shutdown-grace"] = seconds
 
+    def opt_store(self, kind: str) -> None:
+        """
+        Where cached files live: disk (under --cache-dir) or s3 (default:
+        disk).
+        """
+        self.given["store"] = kind
+
+    def opt_s3_bucket(self, name: str) -> None:
+        """
+        The S3 bucket (required with --store s3).
+        """
+        self.given["s3-bucket"] = name
+
+    def opt_s3_prefix(self, prefix: str) -> None:
+        """
+        A key prefix in the bucket (default: txpypi/).
+        """
+        self.given["s3-prefix"] = prefix
+
+    def opt_s3_endpoint_url(self, url: str) -> None:
+        """
+        The S3 endpoint, for S3-compatible servers (default: AWS).
+        """
+        self.given["s3-endpoint-url"] = url
+
+    def opt_s3_region(self, region: str) -> None:
+        """
+        The S3 region (default: boto3's).
+        """
+        self.given["s3-region"] = region
+
+    def opt_s3_threads(self, n: str) -> None:
+        """
+        Threads of the pool that runs boto3 calls (default: 8).
+        """
+        self.given["s3-threads"] = n
+
+    def opt_redis(self, url: str) -> None:
+        """
+        Share metadata through Redis: redis://[:password@]host:port/db, or
+        rediss:// for TLS (default: the embedded SQLite database).
+        """
+        self.given["redis"] = url
+
     def opt_config(self, path: str) -> None:
         """
         A YAML file with the same settings as these options.
@@ -157,7 +202,7 @@ class Options(usage.Options):
             settings = config.Settings()
             if self.config_path is not None:
                 settings = config.apply(settings, config.load_file(self.config_path))
-            return config.apply(settings, self.given)
+            return config.check(config.apply(settings, self.given))
         except config.ConfigError as e:
             raise usage.UsageError(str(e)) from None
 
@@ -318,7 +363,7 @@ class CleanupService(Service):
     Closes the upstream connection pool and the metadata store on stop.
     """
 
-    def __init__(self, client: UpstreamClient, metadata: SqliteMetadata) -> None:
+    def __init__(self, client: UpstreamClient, metadata: Any) -> None:
         self._client = client
         self._metadata = metadata
 
@@ -340,9 +385,28 @@ def build(settings: config.Settings, reactor: Any) -> tuple[MultiService, Proxy]
     io_pool = ThreadPool(1, 4, "txpypi-io")
     ThreadPoolService(db_pool).setServiceParent(service)
     ThreadPoolService(io_pool).setServiceParent(service)
-    store = DiskStore(cache_dir, io_pool, reactor)
-    store.prepare()
-    metadata = SqliteMetadata(cache_dir / "metadata.sqlite", db_pool, reactor)
+    store: Any
+    if settings.store == "s3":
+        from txpypi.s3store import S3Store, make_client
+
+        s3_pool = ThreadPool(1, settings.s3_threads, "txpypi-s3")
+        ThreadPoolService(s3_pool).setServiceParent(service)
+        spool = cache_dir / "tmp"
+        shutil.rmtree(spool, ignore_errors=True)
+        spool.mkdir(parents=True, exist_ok=True)
+        client_s3 = make_client(settings.s3_endpoint_url, settings.s3_region)
+        assert settings.s3_bucket is not None
+        store = S3Store(client_s3, settings.s3_bucket, settings.s3_prefix, str(spool), s3_pool, reactor)
+    else:
+        store = DiskStore(cache_dir, io_pool, reactor)
+        store.prepare()
+    metadata: Any
+    if settings.redis is not None:
+        from txpypi.redismeta import RedisMetadata, connect
+
+        metadata = RedisMetadata(connect(settings.redis))
+    else:
+        metadata = SqliteMetadata(cache_dir / "metadata.sqlite", db_pool, reactor)
     metrics = Metrics.create()
     client = UpstreamClient(
         reactor,
