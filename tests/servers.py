@@ -106,6 +106,9 @@ def redis_server(tmp_path: Path) -> Iterator[Redis]:
 class S3:
     endpoint: str
     bucket: str
+    #: A key prefix of this test's own (every test shares one bucket: a
+    #: bucket per test would make SeaweedFS grow volumes for each).
+    prefix: str
 
     def client(self) -> object:
         from txpypi.s3store import make_client
@@ -141,8 +144,8 @@ def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         f"-s3.port.iceberg={ports['si']}",
         f"-s3.port.lance={ports['sl']}",
         f"-iam.port={ports['iam']}",
-        "-master.volumeSizeLimitMB=64",
-        "-volume.max=8",
+        "-master.volumeSizeLimitMB=32",
+        "-volume.max=64",
         "-master.telemetry=false",
     ]
     process = subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT)
@@ -154,7 +157,7 @@ def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     client = make_client(endpoint, "us-east-1")
 
     def ready() -> bool:
-        client.create_bucket(Bucket="txpypi-ready")
+        client.create_bucket(Bucket=BUCKET)
         return True
 
     try:
@@ -164,10 +167,10 @@ def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         _stop(process)
 
 
+BUCKET = "txpypi-tests"
+
+
 @pytest.fixture
 def s3_bucket(seaweedfs: str, request: pytest.FixtureRequest) -> S3:
-    from txpypi.s3store import make_client
-
-    name = "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip("-")
-    make_client(seaweedfs, "us-east-1").create_bucket(Bucket=name)
-    return S3(seaweedfs, name)
+    name = "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:80]
+    return S3(seaweedfs, BUCKET, f"{name}-{time.monotonic_ns()}/")

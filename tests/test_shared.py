@@ -31,6 +31,7 @@ async def test_two_instances_share_s3_and_redis(
     shared = {
         "store": "s3",
         "s3_bucket": s3_bucket.bucket,
+        "s3_prefix": s3_bucket.prefix,
         "s3_endpoint_url": s3_bucket.endpoint,
         "s3_region": "us-east-1",
         "redis": redis_server.url,

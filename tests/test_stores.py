@@ -34,7 +34,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
             bucket = request.getfixturevalue("s3_bucket")
             spool = tmp_path / "spool"
             spool.mkdir()
-            yield S3Store(bucket.client(), bucket.bucket, "cache/", str(spool), pool, get_reactor())
+            yield S3Store(bucket.client(), bucket.bucket, bucket.prefix, str(spool), pool, get_reactor())
     finally:
         pool.stop()
 
