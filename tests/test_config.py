@@ -139,3 +139,42 @@ def test_operations_options(tmp_path: Path) -> None:
     short.write_text("abc\n")
     with pytest.raises(UsageError, match="16 characters"):
         parse("--admin-token-file", str(short))
+
+
+def test_store_and_redis_options() -> None:
+    s = parse(
+        "--store",
+        "s3",
+        "--s3-bucket",
+        "b",
+        "--s3-prefix",
+        "p/",
+        "--s3-endpoint-url",
+        "http://127.0.0.1:1",
+        "--s3-region",
+        "eu-west-1",
+        "--s3-threads",
+        "3",
+        "--redis",
+        "redis://:pw@127.0.0.1:6380/2",
+    ).settings
+    assert (s.store, s.s3_bucket, s.s3_prefix, s.s3_threads) == ("s3", "b", "p/", 3)
+    assert s.s3_endpoint_url == "http://127.0.0.1:1" and s.s3_region == "eu-west-1"
+    assert s.redis == "redis://:pw@127.0.0.1:6380/2" and "pw" not in repr(s)
+    for bad, message in (
+        (["--store", "s3"], "s3-bucket: required"),
+        (["--store", "tape"], "store"),
+        (["--redis", "http://x"], "redis"),
+        (["--redis", "redis://host/db"], "redis"),
+        (["--s3-threads", "0"], "s3-threads"),
+    ):
+        with pytest.raises(UsageError, match=message):
+            parse(*bad)
+
+
+def test_redis_url() -> None:
+    from txpypi.redismeta import parse_redis_url
+
+    url = parse_redis_url("rediss://:p%40ss@cache.example:6390/3")
+    assert (url.host, url.port, url.db, url.password, url.tls) == ("cache.example", 6390, 3, "p@ss", True)
+    assert parse_redis_url("redis://localhost").port == 6379
