@@ -50,6 +50,33 @@ MEMORY_HIGH = 8 * 1024 * 1024
 _spool_error: list[str] = []
 
 
+class Ended:
+    """
+    Something that ends once: L{wait} gives a new Deferred that fires when
+    it has (at once if it already has), and cancelling one waiter touches
+    no other.
+    """
+
+    def __init__(self) -> None:
+        self.ended = False
+        self._waiters: list[Deferred[None]] = []
+
+    def wait(self) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        if self.ended:
+            d.callback(None)
+        else:
+            self._waiters.append(d)
+        return d
+
+    def end(self) -> None:
+        self.ended = True
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            if not d.called:
+                d.callback(None)
+
+
 class FlightFailed(Exception):
     """
     The upstream fetch failed; C{status} and C{reason} say how (for clients
@@ -111,7 +138,7 @@ class Flight:
     _hasher: Hasher | None = None
     done: bool = False
     _waiters: list[Deferred[None]] = attrs.field(factory=list)
-    _done_waiters: list[Deferred[None]] = attrs.field(factory=list)
+    _over: Ended = attrs.field(factory=Ended)
     _body: Any = None
     _idle: Any = None
     #: False once the spool failed: the file still streams, but from memory,
@@ -355,20 +382,13 @@ class Flight:
         self.done = True
         self._on_done(self, record)
         self.release()
-        waiters, self._done_waiters = self._done_waiters, []
-        for waiter in waiters:
-            waiter.callback(None)
+        self._over.end()
 
     def when_done(self) -> Deferred[None]:
         """
         Fire once the flight is over: cached, or failed and cleaned up.
         """
-        d: Deferred[None] = Deferred()
-        if self.done:
-            d.callback(None)
-        else:
-            self._done_waiters.append(d)
-        return d
+        return self._over.wait()
 
     def sha256(self) -> str | None:
         """
@@ -541,19 +561,13 @@ class Sender:
         self._offset = start
         self._end = end
         self.sent = 0
-        self._done: list[Deferred[None]] = []
-        self._finished = False
+        self._over = Ended()
 
     def when_done(self) -> Deferred[None]:
         """
         Fire when this sender is over, however it ended.
         """
-        d: Deferred[None] = Deferred()
-        if self._finished:
-            d.callback(None)
-        else:
-            self._done.append(d)
-        return d
+        return self._over.wait()
 
     def start(self) -> Deferred[None]:
         self._request.registerProducer(self, True)
@@ -595,9 +609,7 @@ class Sender:
         if not self._stopped:
             self._request.unregisterProducer()
             self._request.finish()
-        self._finished = True
-        for d in self._done:
-            d.callback(None)
+        self._over.end()
 
     def abort(self) -> None:
         """

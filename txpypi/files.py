@@ -15,7 +15,7 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
-from txpypi.download import ByteSource, Flight, FlightReader, Wanted, _spool_error
+from txpypi.download import ByteSource, Ended, Flight, FlightReader, Wanted, _spool_error
 from txpypi.index import DistFile, ProjectPage, file_version
 from txpypi.metadata import FileRecord, IMetadata
 from txpypi.names import strongest_hash
@@ -89,7 +89,7 @@ class FileCache:
     _accessed: dict[str, float] = attrs.field(factory=dict)
     _downloads: dict[tuple[str, str, str], int] = attrs.field(factory=dict)
     _evicting: Deferred[None] | None = None
-    _eviction_waiters: list[Deferred[None]] = attrs.field(factory=list)
+    _eviction_done: Ended = attrs.field(factory=Ended)
     metrics: Any = None
     #: Files being sent to clients right now.
     senders: set[Any] = attrs.field(factory=set)
@@ -204,9 +204,8 @@ class FileCache:
 
     def _evicted(self, _: object) -> None:
         self._evicting = None
-        waiters, self._eviction_waiters = self._eviction_waiters, []
-        for waiter in waiters:
-            waiter.callback(None)
+        done, self._eviction_done = self._eviction_done, Ended()
+        done.end()
 
     async def _evict(self) -> None:
         """
@@ -354,9 +353,7 @@ class FileCache:
             if self.flights:
                 await next(iter(self.flights.values())).when_done()
             else:
-                done: Deferred[None] = Deferred()
-                self._eviction_waiters.append(done)
-                await done
+                await self._eviction_done.wait()
 
     def _start(self, wanted: Wanted) -> Flight:
         flight = Flight(
