@@ -19,7 +19,7 @@ from txpypi.download import ByteSource, Ended, Flight, FlightReader, Wanted, _sp
 from txpypi.index import DistFile, ProjectPage, file_version
 from txpypi.metadata import FileRecord, IMetadata
 from txpypi.names import strongest_hash
-from txpypi.pages import PageCache
+from txpypi.pages import PageCache, SingleFlight
 from txpypi.stores import IFileStore
 from txpypi.upstream import UpstreamClient
 
@@ -93,6 +93,13 @@ class FileCache:
     metrics: Any = None
     #: Files being sent to clients right now.
     senders: set[Any] = attrs.field(factory=set)
+    #: Cluster-wide locks (L{txpypi.redismeta.RedisLocks}) when several
+    #: instances share the cache, so that one of them fetches each file.
+    locks: Any = None
+    lock_ttl: float = 30.0
+    lock_poll: float = 0.2
+    _held: set[str] = attrs.field(factory=set)
+    _cluster_flights: SingleFlight[str, FileRecord | None] = attrs.field(factory=SingleFlight)
     #: How flights write their spool files (a test may inject a full disk).
     spool_write: Callable[[int, memoryview], int] = os.write
 
@@ -331,6 +338,12 @@ class FileCache:
                 opened = await self._open_record(record, project, filename)
                 if opened is not None:
                     return opened
+            if self.locks is not None and key not in self.flights:
+                waited = await self._cluster_flights.run(key, lambda: self._lead_or_follow(key))
+                if waited is not None:
+                    opened = await self._open_record(waited, project, filename)
+                    if opened is not None:
+                        return opened
             flight = self.flights.get(key) or self._start(wanted)
         reader = flight.reader()
         try:
@@ -355,6 +368,54 @@ class FileCache:
             else:
                 await self._eviction_done.wait()
 
+    async def _lead_or_follow(self, key: str) -> FileRecord | None:
+        """
+        With other instances sharing the cache: take the cluster-wide lock on
+        C{key} and return L{None} to fetch it here, or, while another
+        instance holds it, wait for the file to land in the shared store and
+        return its record.  If the holder dies its lock expires and an
+        instance that waits takes over.
+        """
+        assert self.locks is not None
+        while True:
+            # The record first: a leader releases its lock once it landed.
+            record = await self._metadata.get_file(key) or self._records.get(key)
+            if record is not None:
+                return record
+            try:
+                if await self.locks.acquire(key, self.lock_ttl):
+                    self._held.add(key)
+                    landed = await self._metadata.get_file(key)
+                    if landed is not None:  # between our look and our lock
+                        self._release_lock(key)
+                        return landed
+                    return None
+            except Exception:
+                log.failure("cluster lock unavailable; fetching {key} here", key=key)
+                return None
+            if key in self.flights:
+                return None  # one of ours started meanwhile: join it
+            tick: Deferred[None] = Deferred()
+            self._clock.callLater(self.lock_poll, tick.callback, None)
+            await tick
+
+    def renew_locks(self) -> None:
+        """
+        Keep the cluster locks of the downloads in progress here alive.
+        """
+        assert self.locks is not None
+        for key in list(self._held):
+            self.locks.renew(key, self.lock_ttl).addErrback(
+                lambda f, key=key: log.failure("could not renew the lock on {key}", f, key=key)
+            )
+
+    def _release_lock(self, key: str) -> None:
+        if self.locks is not None and key in self._held:
+            self._held.discard(key)
+            self.locks.release(key).addErrback(
+                lambda f: log.failure("could not release the lock on {key}", f, key=key)
+            )
+
     def _start(self, wanted: Wanted) -> Flight:
         flight = Flight(
             wanted,
@@ -377,6 +438,7 @@ class FileCache:
         return flight
 
     def _landed(self, flight: Flight, record: FileRecord | None) -> None:
+        self._release_lock(flight.wanted.key)
         if record is not None:
             self._remember(record)
             if self.size is not None:

@@ -252,3 +252,56 @@ class RedisMetadata:
 
     def project_downloads(self, project: str) -> Deferred[list[tuple[str, str, int]]]:
         return Deferred.fromCoroutine(self._project_downloads(project))
+
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+
+@attrs.define
+class RedisLocks:
+    """
+    Cluster-wide locks: C{SET NX PX} with this instance as the owner, renewed
+    and released only by their owner (Lua compare-and-set).  A lock whose
+    owner died expires after its TTL.
+    """
+
+    redis: Any
+    owner: str
+    namespace: str = "txpypi"
+
+    def _k(self, name: str) -> str:
+        return f"{self.namespace}:lock:{name}"
+
+    async def _acquire(self, name: str, ttl: float) -> bool:
+        answer = await self.redis.execute_command(
+            "SET", self._k(name), self.owner, "NX", "PX", str(int(ttl * 1000))
+        )
+        return answer is not None and str(answer).upper() == "OK"
+
+    def acquire(self, name: str, ttl: float) -> Deferred[bool]:
+        return Deferred.fromCoroutine(self._acquire(name, ttl))
+
+    async def _renew(self, name: str, ttl: float) -> bool:
+        answer = await self.redis.eval(_RENEW, keys=[self._k(name)], args=[self.owner, str(int(ttl * 1000))])
+        return bool(int(answer or 0))
+
+    def renew(self, name: str, ttl: float) -> Deferred[bool]:
+        return Deferred.fromCoroutine(self._renew(name, ttl))
+
+    async def _release(self, name: str) -> None:
+        await self.redis.eval(_RELEASE, keys=[self._k(name)], args=[self.owner])
+
+    def release(self, name: str) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._release(name))

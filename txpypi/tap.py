@@ -4,6 +4,7 @@ The twistd plugin's options and service: C{twistd -n txpypi [options]}.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 from functools import partial
@@ -358,6 +359,25 @@ def apply_live(settings: config.Settings, proxy: Proxy, drain: DrainService) -> 
     files.maybe_evict()
 
 
+class TimerLoopService(Service):
+    """
+    Runs a L{LoopingCall} while the service runs.
+    """
+
+    def __init__(self, loop: LoopingCall, interval: float) -> None:
+        self._loop = loop
+        self._interval = interval
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop.start(self._interval, now=False)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._loop.running:
+            self._loop.stop()
+
+
 class CleanupService(Service):
     """
     Closes the upstream connection pool and the metadata store on stop.
@@ -430,6 +450,18 @@ def build(settings: config.Settings, reactor: Any) -> tuple[MultiService, Proxy]
         reactor, client, store, metadata, pages, max_size=settings.max_cache_size, metrics=metrics
     )
     CacheUpkeepService(files, reactor).setServiceParent(service)
+    if settings.redis is not None:
+        import socket
+        import uuid
+
+        from txpypi.redismeta import RedisLocks
+
+        files.locks = RedisLocks(
+            metadata.redis, owner=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
+        )
+        renew = LoopingCall(files.renew_locks)
+        renew.clock = reactor
+        TimerLoopService(renew, files.lock_ttl / 3).setServiceParent(service)
     proxy = Proxy(
         pages,
         files,
