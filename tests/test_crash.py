@@ -21,19 +21,16 @@ SMALL = "gamma-0.5-py3-none-any.whl"
 BIG = "big-1.0-py3-none-any.whl"
 
 
+def proxy_args(upstream: Served, cache: Path) -> list[str]:
+    return ["--upstream", upstream.url, "--cache-dir", str(cache), "--listen", "tcp:0:interface=127.0.0.1"]
+
+
 @pytest_twisted.ensureDeferred
 async def test_kill_9_mid_download(
     json_upstream: Served, tmp_path: Path, http: HTTPClient, dists: list[Dist]
 ) -> None:
     cache = tmp_path / "cache"
-    args = [
-        "--upstream",
-        json_upstream.url,
-        "--cache-dir",
-        str(cache),
-        "--listen",
-        "tcp:0:interface=127.0.0.1",
-    ]
+    args = proxy_args(json_upstream, cache)
     first = Twistd.start(args, tmp_path)
     try:
         url = f"http://127.0.0.1:{await first.listening}"
@@ -81,14 +78,7 @@ async def test_sigterm_lets_downloads_finish(
     (and lands in the cache), then the process exits.
     """
     cache = tmp_path / "cache"
-    args = [
-        "--upstream",
-        json_upstream.url,
-        "--cache-dir",
-        str(cache),
-        "--listen",
-        "tcp:0:interface=127.0.0.1",
-    ]
+    args = proxy_args(json_upstream, cache)
     process = Twistd.start([*args, "--shutdown-grace", "30"], tmp_path)
     try:
         url = f"http://127.0.0.1:{await process.listening}"
@@ -118,14 +108,7 @@ async def test_sigterm_cuts_off_downloads_past_the_grace(
     a complete-looking body), and nothing partial becomes a cache entry.
     """
     cache = tmp_path / "cache"
-    args = [
-        "--upstream",
-        json_upstream.url,
-        "--cache-dir",
-        str(cache),
-        "--listen",
-        "tcp:0:interface=127.0.0.1",
-    ]
+    args = proxy_args(json_upstream, cache)
     process = Twistd.start([*args, "--shutdown-grace", "0.5"], tmp_path)
     gate: Deferred[None] = Deferred()
     try:

@@ -19,6 +19,20 @@ from tests.test_proxy import find, header
 from txpypi.testing import Dist
 
 
+def cluster_settings(redis: Redis, s3: S3) -> dict[str, Any]:
+    """
+    What instances sharing one cache have in common.
+    """
+    return {
+        "store": "s3",
+        "s3_bucket": s3.bucket,
+        "s3_prefix": s3.prefix,
+        "s3_endpoint_url": s3.endpoint,
+        "s3_region": "us-east-1",
+        "redis": redis.url,
+    }
+
+
 @pytest_twisted.ensureDeferred
 async def test_two_instances_share_s3_and_redis(
     json_upstream: Served,
@@ -28,14 +42,7 @@ async def test_two_instances_share_s3_and_redis(
     tmp_path: Path,
     dists: list[Dist],
 ) -> None:
-    shared = {
-        "store": "s3",
-        "s3_bucket": s3_bucket.bucket,
-        "s3_prefix": s3_bucket.prefix,
-        "s3_endpoint_url": s3_bucket.endpoint,
-        "s3_region": "us-east-1",
-        "redis": redis_server.url,
-    }
+    shared = cluster_settings(redis_server, s3_bucket)
     one = proxy_factory(json_upstream.url, tmp_path / "one", **shared)
     two = proxy_factory(json_upstream.url, tmp_path / "two", **shared)
     name = "big-1.0-py3-none-any.whl"
@@ -77,14 +84,7 @@ async def test_one_upstream_fetch_for_the_whole_cluster(
     """
     from tests.test_proxy import _count_arrivals
 
-    shared = {
-        "store": "s3",
-        "s3_bucket": s3_bucket.bucket,
-        "s3_prefix": s3_bucket.prefix,
-        "s3_endpoint_url": s3_bucket.endpoint,
-        "s3_region": "us-east-1",
-        "redis": redis_server.url,
-    }
+    shared = cluster_settings(redis_server, s3_bucket)
     instances = [proxy_factory(json_upstream.url, tmp_path / f"i{i}", **shared) for i in range(3)]
     name = "big-1.0-py3-none-any.whl"
     data = find(dists, name).content
@@ -123,14 +123,7 @@ async def test_a_dead_leaders_lock_expires_and_another_takes_over(
     """
     from txpypi.redismeta import RedisLocks, connect
 
-    shared = {
-        "store": "s3",
-        "s3_bucket": s3_bucket.bucket,
-        "s3_prefix": s3_bucket.prefix,
-        "s3_endpoint_url": s3_bucket.endpoint,
-        "s3_region": "us-east-1",
-        "redis": redis_server.url,
-    }
+    shared = cluster_settings(redis_server, s3_bucket)
     running = proxy_factory(json_upstream.url, tmp_path / "i", **shared)
     name = "gamma-0.5-py3-none-any.whl"
     dead = RedisLocks(connect(redis_server.url), owner="dead-instance")
