@@ -216,7 +216,10 @@ def full_disk_after(n: int) -> Any:
     return write
 
 
-def test_full_disk_still_streams_the_whole_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("room", [300, 310])  # 310: the disk fills in the middle of a chunk
+def test_full_disk_still_streams_the_whole_file(
+    room: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """
     ENOSPC half way: every client still gets the whole, verified file, read
     from the spool and then from memory; nothing is cached; memory held for
@@ -225,7 +228,7 @@ def test_full_disk_still_streams_the_whole_file(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(download, "MEMORY_HIGH", 200)
     download._spool_error.clear()
     h = harness(tmp_path)
-    h.flight.spool_write = full_disk_after(300)
+    h.flight.spool_write = full_disk_after(room)
     fast, slow = h.flight.reader(), h.flight.reader()
     got_fast = bytearray()
 

@@ -24,7 +24,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from txpypi import __version__
 from txpypi.accesslog import Entry, client_address, combined, json_line
-from txpypi.download import FlightFailed, FlightReader, Sender
+from txpypi.download import FlightFailed, FlightReader, Sender, abort_client
 from txpypi.files import FileCache, NotListed
 from txpypi.httpheaders import Unsatisfiable, accepts_gzip, etag_matches, parse_range
 from txpypi.index import negotiate
@@ -56,9 +56,7 @@ def _finish_text(request: Request, code: int, reason: str) -> None:
         return
     if request.startedWriting:
         # Too late for a status: never let a body look complete.
-        transport: Any = request.channel.transport if request.channel else None
-        if transport is not None:
-            transport.abortConnection()
+        abort_client(request)
         return
     body = _text(request, code, reason)
     request.write(body)

@@ -17,6 +17,8 @@ Cached files are sent by the same L{Sender} from a store reader.
 from __future__ import annotations
 
 import os
+import socket
+import struct
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -232,9 +234,13 @@ class Flight:
                 while view:
                     view = view[self.spool_write(self._fd, view) :]
             except OSError as e:
+                # What was written of this chunk is in the spool; the rest,
+                # and everything after, is held in memory from there on.
+                self._spooled += len(data) - len(view)
                 self._spool_failed(e)
                 self._memory += view
-            self._spooled += len(data) - len(view)
+            else:
+                self._spooled += len(data)
         else:
             self._memory += data
         self._hasher.update(data)
@@ -331,6 +337,10 @@ class Flight:
         except Exception:
             self.on_store_error("files")
             log.failure("could not cache {filename}", filename=self.wanted.filename)
+            try:  # no object without a record: it would never be counted or evicted
+                await self._store.delete(record.store_key)
+            except Exception:
+                log.failure("could not remove the unrecorded {key}", key=record.store_key)
             self._unlink()
             self._finish(None)
             return
@@ -538,6 +548,22 @@ class _Sink:
             self._flight.ended(reason)
 
 
+def abort_client(request: Request) -> None:
+    """
+    Cut a client off mid-body with a reset, not a FIN: a client reading a
+    body without a length up to the end of the connection must not take the
+    cut for the end.
+    """
+    transport: Any = request.channel.transport if request.channel else None
+    if transport is None:
+        return
+    try:
+        transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except (AttributeError, OSError):
+        pass
+    transport.abortConnection()
+
+
 @implementer(IPushProducer)
 class Sender:
     """
@@ -619,9 +645,7 @@ class Sender:
         self._abort()
 
     def _abort(self) -> None:
-        transport: Any = self._request.channel.transport if self._request.channel else None
-        if transport is not None:
-            transport.abortConnection()
+        abort_client(self._request)
 
     def pauseProducing(self) -> None:
         self._paused = True

@@ -61,7 +61,8 @@ def parse_redis_url(url: str) -> RedisURL:
     """
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss") or not parts.hostname:
-        raise ValueError(f"expected redis://host:port/db, got {url!r}")
+        # Never repeat the URL: it may hold a password.
+        raise ValueError("expected redis://[:password@]host[:port][/db] or rediss://…")
     path = parts.path.strip("/")
     if path and not path.isdigit():
         raise ValueError(f"the database must be a number, got {path!r}")

@@ -299,7 +299,19 @@ class ReloadService(Service):
     """
 
     #: Settings that only a restart can change.
-    FIXED = ("listen", "upstream", "cache_dir", "connect_timeout")
+    FIXED = (
+        "listen",
+        "upstream",
+        "cache_dir",
+        "connect_timeout",
+        "store",
+        "s3_bucket",
+        "s3_prefix",
+        "s3_endpoint_url",
+        "s3_region",
+        "s3_threads",
+        "redis",
+    )
 
     def __init__(self, options: Options, proxy: Proxy, drain: DrainService, reactor: Any) -> None:
         self._options = options
