@@ -21,6 +21,20 @@ SMALL = "gamma-0.5-py3-none-any.whl"
 BIG = "big-1.0-py3-none-any.whl"
 
 
+async def held_download(http: HTTPClient, url: str, upstream: Served, gate: Deferred[None]) -> _Collector:
+    """
+    Start downloading BIG through the proxy at C{url} while the upstream
+    holds its second half back until C{gate} fires; return once the client
+    has its first bytes.
+    """
+    upstream.fake.holds[BIG] = gate
+    response = await http.get(url + "/files/big/" + BIG, unbuffered=True)  # type: ignore[call-arg]
+    body = _Collector()
+    response.deliverBody(body)
+    await body.first
+    return body
+
+
 def proxy_args(upstream: Served, cache: Path) -> list[str]:
     return ["--upstream", upstream.url, "--cache-dir", str(cache), "--listen", "tcp:0:interface=127.0.0.1"]
 
@@ -39,11 +53,7 @@ async def test_kill_9_mid_download(
         await first.wait_for(b"cached " + SMALL.encode())
         # ...and one half downloaded when it happens.
         gate: Deferred[None] = Deferred()
-        json_upstream.fake.holds[BIG] = gate
-        response = await http.get(url + "/files/big/" + BIG, unbuffered=True)  # type: ignore[call-arg]
-        body = _Collector()
-        response.deliverBody(body)
-        await body.first
+        body = await held_download(http, url, json_upstream, gate)
         assert [p.suffix for p in (cache / "tmp").iterdir()] == [".part"]
         await first.kill()
         await body.done
@@ -83,11 +93,7 @@ async def test_sigterm_lets_downloads_finish(
     try:
         url = f"http://127.0.0.1:{await process.listening}"
         gate: Deferred[None] = Deferred()
-        json_upstream.fake.holds[BIG] = gate
-        response = await http.get(url + "/files/big/" + BIG, unbuffered=True)  # type: ignore[call-arg]
-        body = _Collector()
-        response.deliverBody(body)
-        await body.first
+        body = await held_download(http, url, json_upstream, gate)
         process.transport_.signalProcess("TERM")
         await process.wait_for(rb"shutting down: waiting up to 30")
         gate.callback(None)
@@ -113,11 +119,7 @@ async def test_sigterm_cuts_off_downloads_past_the_grace(
     gate: Deferred[None] = Deferred()
     try:
         url = f"http://127.0.0.1:{await process.listening}"
-        json_upstream.fake.holds[BIG] = gate
-        response = await http.get(url + "/files/big/" + BIG, unbuffered=True)  # type: ignore[call-arg]
-        body = _Collector()
-        response.deliverBody(body)
-        await body.first
+        body = await held_download(http, url, json_upstream, gate)
         process.transport_.signalProcess("TERM")
         await body.done
         await process.ended
