@@ -157,16 +157,20 @@ def test_store_and_redis_options() -> None:
         "3",
         "--redis",
         "redis://:pw@127.0.0.1:6380/2",
+        "--lock-ttl",
+        "5",
     ).settings
     assert (s.store, s.s3_bucket, s.s3_prefix, s.s3_threads) == ("s3", "b", "p/", 3)
     assert s.s3_endpoint_url == "http://127.0.0.1:1" and s.s3_region == "eu-west-1"
     assert s.redis == "redis://:pw@127.0.0.1:6380/2" and "pw" not in repr(s)
+    assert s.lock_ttl == 5 and parse().settings.lock_ttl == 30
     for bad, message in (
         (["--store", "s3"], "s3-bucket: required"),
         (["--store", "tape"], "store"),
         (["--redis", "http://x"], "redis"),
         (["--redis", "redis://host/db"], "redis"),
         (["--s3-threads", "0"], "s3-threads"),
+        (["--lock-ttl", "0.5"], "lock-ttl: must be at least"),
     ):
         with pytest.raises(UsageError, match=message):
             parse(*bad)

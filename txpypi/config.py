@@ -55,6 +55,7 @@ class Settings:
     s3_region: str | None = None
     s3_threads: int = 8
     redis: str | None = attrs.field(default=None, repr=False)
+    lock_ttl: float = 30.0
 
 
 def _listen(value: Any) -> tuple[str, ...]:
@@ -234,6 +235,7 @@ KEYS = {
     "s3-region": ("s3_region", _text_value("s3-region")),
     "s3-threads": ("s3_threads", _threads),
     "redis": ("redis", _redis_url),
+    "lock-ttl": ("lock_ttl", _seconds("lock-ttl")),
     "trusted-proxy": ("trusted_proxies", _addresses),
     "admin-token": ("admin_token", _token),
     "admin-token-file": ("admin_token", read_token_file),
@@ -263,6 +265,8 @@ def check(settings: Settings) -> Settings:
     """
     if settings.store == "s3" and not settings.s3_bucket:
         raise ConfigError("s3-bucket: required with store: s3")
+    if settings.lock_ttl < 1:
+        raise ConfigError("lock-ttl: must be at least 1 second")
     return settings
 
 

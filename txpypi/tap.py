@@ -184,6 +184,13 @@ class Options(usage.Options):
         """
         self.given["redis"] = url
 
+    def opt_lock_ttl(self, seconds: str) -> None:
+        """
+        With --redis: how long a dead instance's download lock outlives it
+        before another instance takes over the fetch (default: 30).
+        """
+        self.given["lock-ttl"] = seconds
+
     def opt_config(self, path: str) -> None:
         """
         A YAML file with the same settings as these options.
@@ -311,6 +318,7 @@ class ReloadService(Service):
         "s3_region",
         "s3_threads",
         "redis",
+        "lock_ttl",
     )
 
     def __init__(self, options: Options, proxy: Proxy, drain: DrainService, reactor: Any) -> None:
@@ -468,6 +476,7 @@ def build(settings: config.Settings, reactor: Any) -> tuple[MultiService, Proxy]
 
         from txpypi.redismeta import RedisLocks
 
+        files.lock_ttl = settings.lock_ttl
         files.locks = RedisLocks(
             metadata.redis, owner=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
         )
