@@ -176,6 +176,35 @@ def test_store_and_redis_options() -> None:
             parse(*bad)
 
 
+def test_peer_options(tmp_path: Path) -> None:
+    secret = tmp_path / "peer-secret"
+    secret.write_text("0123456789abcdef-cluster\n")
+    s = parse(
+        "--redis",
+        "redis://127.0.0.1:6379/0",
+        "--peer-url",
+        "http://10.0.0.5:5000",
+        "--peer-secret-file",
+        str(secret),
+    ).settings
+    assert (s.peer_url, s.peer_secret) == ("http://10.0.0.5:5000", "0123456789abcdef-cluster")
+    assert "cluster" not in repr(s)
+    short = tmp_path / "short"
+    short.write_text("short\n")
+    for bad, message in (
+        (["--peer-url", "http://10.0.0.5:5000"], "go together"),
+        (["--peer-url", "http://10.0.0.5:5000", "--peer-secret-file", str(secret)], "redis"),
+        (
+            ["--redis", "redis://h:1/0", "--peer-url", "ftp://x", "--peer-secret-file", str(secret)],
+            "peer-url",
+        ),
+        (["--peer-secret-file", str(short)], "16 characters"),
+        (["--peer-secret-file", str(tmp_path / "missing")], "cannot read"),
+    ):
+        with pytest.raises(UsageError, match=message):
+            parse(*bad)
+
+
 def test_redis_url() -> None:
     from txpypi.redismeta import parse_redis_url
 

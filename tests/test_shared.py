@@ -133,3 +133,184 @@ async def test_a_dead_leaders_lock_expires_and_another_takes_over(
     assert response.code == 200 and body == find(dists, name).content
     assert json_upstream.fake.requests["/packages/" + name] == 1
     await dead.redis.disconnect()
+
+
+SECRET = "cluster-secret-0123456789"
+
+
+def peer_instance(
+    proxy_factory: Any, upstream: Served, cache: Path, shared: dict[str, Any], **more: Any
+) -> Any:
+    """
+    An instance of a cluster whose members stream downloads to each other.
+    """
+    from tests.servers import free_port
+
+    port = free_port()
+    settings = {"peer_url": f"http://127.0.0.1:{port}", "peer_secret": SECRET, **shared, **more}
+    return proxy_factory(upstream.url, cache, f"tcp:{port}:interface=127.0.0.1", **settings)
+
+
+def receive_until(response: Any, n: int) -> tuple[bytearray, Deferred[None], Deferred[None]]:
+    """
+    Collect a streamed body: the bytes so far, a Deferred that fires once
+    C{n} of them arrived, and one that fires at the end.
+    """
+    import treq
+
+    got = bytearray()
+    reached: Deferred[None] = Deferred()
+
+    def chunk(data: bytes) -> None:
+        got.extend(data)
+        if len(got) >= n and not reached.called:
+            reached.callback(None)
+
+    return got, reached, treq.collect(response, chunk)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_follower_streams_a_download_in_progress_from_the_leader(
+    json_upstream: Served,
+    redis_server: Redis,
+    s3_bucket: S3,
+    proxy_factory: Any,
+    tmp_path: Path,
+    http: Any,
+    dists: list[Dist],
+) -> None:
+    """
+    A client of another instance receives the leader's bytes as they
+    arrive, over the peer route, before the upstream has sent the rest; the
+    follower verifies them itself and caches nothing; the upstream serves
+    the file once.
+    """
+    from tests.test_operations import sample, scrape
+
+    shared = cluster_settings(redis_server, s3_bucket)
+    one = peer_instance(proxy_factory, json_upstream, tmp_path / "one", shared)
+    two = peer_instance(proxy_factory, json_upstream, tmp_path / "two", shared)
+    name = "big-1.0-py3-none-any.whl"
+    data = find(dists, name).content
+    half = len(data) // 2  # the fake upstream holds the rest back
+    gate: Deferred[None] = Deferred()
+    json_upstream.fake.holds[name] = gate
+
+    lead = await http.get(f"{one.url}/files/big/{name}", unbuffered=True)
+    # Each hop holds back the last byte it has until the file is verified.
+    lead_got, lead_half, lead_done = receive_until(lead, half - 1)
+    await lead_half
+    follow = await http.get(f"{two.url}/files/big/{name}", unbuffered=True)
+    assert follow.code == 200 and header(follow, "x-cache") == "MISS"
+    follow_got, follow_half, follow_done = receive_until(follow, half - 2)
+    await follow_half  # while the upstream still holds the second half
+    assert bytes(follow_got) == data[: len(follow_got)] and not gate.called
+    gate.callback(None)
+    await lead_done
+    await follow_done
+    assert bytes(lead_got) == bytes(follow_got) == data
+    assert json_upstream.fake.requests["/packages/" + name] == 1
+    assert sample(await scrape(two.url), "txpypi_upstream_requests_total", kind="peer", outcome="ok") == 1
+    await Deferred.fromCoroutine(one.proxy.files.wait_idle())
+    await Deferred.fromCoroutine(two.proxy.files.wait_idle())
+    response, body = await get(f"{two.url}/files/big/{name}")
+    assert header(response, "x-cache") == "HIT" and body == data
+    assert not list((tmp_path / "two").rglob("*.part"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unreachable_leader_is_waited_for_in_the_store(
+    json_upstream: Served,
+    redis_server: Redis,
+    s3_bucket: S3,
+    proxy_factory: Any,
+    tmp_path: Path,
+    http: Any,
+    dists: list[Dist],
+) -> None:
+    """
+    When the leader's peer URL cannot be reached, a follower falls back to
+    waiting for the file to land in the shared store.
+    """
+    from tests.servers import free_port
+    from tests.test_operations import sample, scrape
+
+    shared = cluster_settings(redis_server, s3_bucket)
+    nowhere = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    one = peer_instance(proxy_factory, json_upstream, tmp_path / "one", shared, peer_url=nowhere)
+    two = peer_instance(proxy_factory, json_upstream, tmp_path / "two", shared)
+    name = "big-1.0-py3-none-any.whl"
+    data = find(dists, name).content
+    gate: Deferred[None] = Deferred()
+    json_upstream.fake.holds[name] = gate
+    lead = await http.get(f"{one.url}/files/big/{name}", unbuffered=True)
+    lead_got, lead_half, lead_done = receive_until(lead, 1)
+    await lead_half
+    following = http.get(f"{two.url}/files/big/{name}")
+    while not sample(await scrape(two.url), "txpypi_upstream_requests_total", kind="peer", outcome="error"):
+        await Deferred.fromCoroutine(two.proxy.files.wait_idle())  # the failed peer flight is over
+    gate.callback(None)
+    response = await following
+    assert response.code == 200 and await response.content() == data
+    await lead_done
+    assert bytes(lead_got) == data
+    assert json_upstream.fake.requests["/packages/" + name] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_peer_route_answers_only_signed_requests_for_downloads_in_progress(
+    json_upstream: Served, proxy_factory: Any, dists: list[Dist]
+) -> None:
+    from txpypi.peer import HEADER, peer_path, sign
+
+    running = proxy_factory(json_upstream.url)
+    name = "gamma-0.5-py3-none-any.whl"
+    path = peer_path(running.proxy.files.pages.group, "gamma", name)
+    url = running.url + path
+    clock = running.proxy.clock
+
+    def signed(
+        secret: str = SECRET, at: float | None = None, for_path: str = path
+    ) -> dict[bytes, list[bytes]]:
+        return {HEADER: [sign(secret, for_path, clock.seconds() if at is None else at).encode()]}
+
+    response, _ = await get(url, signed())
+    assert response.code == 404  # no peers configured
+    running.proxy.files.peer_secret = SECRET
+    for headers in (
+        None,
+        signed("another-secret-456789"),
+        signed(at=clock.seconds() - 120),
+        signed(for_path="/x"),
+    ):
+        response, body = await get(url, headers)
+        assert response.code == 403 and b"signed" in body
+    response, body = await get(url, signed())
+    assert response.code == 404 and b"not downloading here" in body
+    # Nothing was fetched for the peer.
+    assert json_upstream.fake.requests["/packages/" + name] == 0
+    # A download in progress is served.
+    gate: Deferred[None] = Deferred()
+    json_upstream.fake.holds[name] = gate
+    client = await get_started(running.url + f"/files/gamma/{name}")
+    response, body = await _with_gate(get(url, signed()), gate)
+    assert response.code == 200 and body == find(dists, name).content
+    await client
+
+
+async def get_started(url: str) -> Deferred[Any]:
+    """
+    Start a GET and return (once the response headers arrived) a Deferred
+    of its body.
+    """
+    from twisted.web.client import Agent, readBody
+
+    from tests.conftest import get_reactor
+
+    response = await Agent(get_reactor()).request(b"GET", url.encode())
+    return readBody(response)
+
+
+async def _with_gate(request: Any, gate: Deferred[None]) -> Any:
+    gate.callback(None)
+    return await request

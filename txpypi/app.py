@@ -24,7 +24,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from txpypi import __version__
 from txpypi.accesslog import Entry, client_address, combined, json_line
-from txpypi.download import FlightFailed, FlightReader, Sender, abort_client
+from txpypi.download import Flight, FlightFailed, FlightReader, Sender, abort_client
 from txpypi.files import FileCache, NotListed
 from txpypi.httpheaders import Unsatisfiable, accepts_gzip, etag_matches, parse_range
 from txpypi.index import negotiate
@@ -32,6 +32,8 @@ from txpypi.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from txpypi.metrics import Metrics, route_of
 from txpypi.names import BadName, check_filename, normalize
 from txpypi.pages import HIT, STALE, CachedPage, NotFound, PageCache
+from txpypi.peer import HEADER as PEER_HEADER
+from txpypi.peer import verify
 from txpypi.statuspage import StatusFigures, render_status
 from txpypi.upstream import UpstreamError
 
@@ -299,15 +301,70 @@ class FilesResource(Resource):
         return if_range is None or (etag is not None and if_range.strip() == etag)
 
 
+class PeerResource(Resource):
+    """
+    C{/_peer/<group>/<project>/<filename>}: a download in progress here,
+    streamed to another instance of the cluster whose client asked for the
+    same file.  Only requests signed with the cluster's secret are answered
+    (see L{txpypi.peer}); the file must be downloading here, so nothing is
+    ever fetched for a peer.
+    """
+
+    isLeaf = True
+
+    def __init__(self, files: FileCache, clock: Any) -> None:
+        super().__init__()
+        self._files = files
+        self._clock = clock
+
+    def render_GET(self, request: Request) -> bytes | int:
+        secret = self._files.peer_secret
+        if secret is None:
+            return _text(request, 404, "this instance has no peers")
+        path = (request.path or b"").decode("latin-1")
+        if not verify(secret, path, _header(request, PEER_HEADER), self._clock.seconds()):
+            return _text(request, 403, "peer requests must be signed with the cluster's secret")
+        postpath = request.postpath or []
+        if len(postpath) != 3:
+            return _text(request, 404, "peer paths are /_peer/<group>/<project>/<filename>")
+        try:
+            group, project, filename = (_segment(part) for part in postpath)
+        except BadName as e:
+            return _text(request, 400, str(e))
+        flight = self._files.peer_reader(group, project, filename)
+        if flight is None:
+            return _text(request, 404, f"{filename} is not downloading here")
+        return _run(request, self._serve(request, flight))
+
+    async def _serve(self, request: Request, flight: Flight) -> None:
+        reader = flight.reader()
+        try:
+            await flight.wait_started()
+        except FlightFailed as e:
+            reader.close()
+            _finish_text(request, e.status, e.reason)
+            return
+        request.setHeader(b"content-type", b"application/octet-stream")
+        if flight.size is not None:
+            request.setHeader(b"content-length", b"%d" % flight.size)
+        sender = Sender(request, reader)
+        self._files.senders.add(sender)
+        try:
+            await sender.start()
+        finally:
+            self._files.senders.discard(sender)
+
+
 class Root(Resource):
     """
     Dispatches the hot paths to cheap resources and everything else to Klein.
     """
 
-    def __init__(self, simple: Resource, files: Resource, fallback: IResource) -> None:
+    def __init__(self, simple: Resource, files: Resource, peer: Resource, fallback: IResource) -> None:
         super().__init__()
         self._simple = simple
         self._files = files
+        self._peer = peer
         self._fallback = fallback
 
     def getChildWithDefault(self, path: bytes, request: Request) -> IResource:  # type: ignore[override]
@@ -315,6 +372,8 @@ class Root(Resource):
             return self._simple
         if path == b"files":
             return self._files
+        if path == b"_peer":
+            return self._peer
         # Give Klein the whole path back.
         assert request.prepath is not None and request.postpath is not None
         request.postpath.insert(0, request.prepath.pop())
@@ -420,7 +479,12 @@ class Proxy:
         }
 
     def site(self) -> ProxySite:
-        root = Root(SimpleResource(self.pages), FilesResource(self.files), self.app.resource())
+        root = Root(
+            SimpleResource(self.pages),
+            FilesResource(self.files),
+            PeerResource(self.files, self.clock),
+            self.app.resource(),
+        )
         site = ProxySite(root, self.clock, self.metrics, self.log_format, self.trusted_proxies)
         self.sites.append(site)
         return site

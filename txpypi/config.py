@@ -56,6 +56,8 @@ class Settings:
     s3_threads: int = 8
     redis: str | None = attrs.field(default=None, repr=False)
     lock_ttl: float = 30.0
+    peer_url: str | None = None
+    peer_secret: str | None = attrs.field(default=None, repr=False)
 
 
 def _listen(value: Any) -> tuple[str, ...]:
@@ -150,20 +152,35 @@ def _addresses(value: Any) -> tuple[str, ...]:
 
 
 def _token(value: Any) -> str:
-    if not isinstance(value, str) or len(value.strip()) < 16:
-        raise ConfigError("admin-token: expected a string of at least 16 characters")
-    return value.strip()
+    return str(_secret("admin-token")(value))
 
 
 def read_token_file(path: Any) -> str:
     """
     The admin token from a file (its first line).
     """
-    try:
-        with open(str(path), encoding="utf-8") as f:
-            return _token(f.readline())
-    except OSError as e:
-        raise ConfigError(f"admin-token-file: cannot read {path}: {e.strerror}") from None
+    return str(_secret_file("admin-token-file", _token)(path))
+
+
+def _secret(key: str) -> Any:
+    def check(value: Any) -> str:
+        if not isinstance(value, str) or len(value.strip()) < 16:
+            raise ConfigError(f"{key}: expected a string of at least 16 characters")
+        return value.strip()
+
+    return check
+
+
+def _secret_file(key: str, check: Any) -> Any:
+    def read(path: Any) -> str:
+        try:
+            with open(str(path), encoding="utf-8") as f:
+                line = f.readline()
+        except OSError as e:
+            raise ConfigError(f"{key}: cannot read {path}: {e.strerror}") from None
+        return str(check(line))
+
+    return read
 
 
 def _choice(key: str, choices: tuple[str, ...]) -> Any:
@@ -236,6 +253,9 @@ KEYS = {
     "s3-threads": ("s3_threads", _threads),
     "redis": ("redis", _redis_url),
     "lock-ttl": ("lock_ttl", _seconds("lock-ttl")),
+    "peer-url": ("peer_url", _url("peer-url")),
+    "peer-secret": ("peer_secret", _secret("peer-secret")),
+    "peer-secret-file": ("peer_secret", _secret_file("peer-secret-file", _secret("peer-secret"))),
     "trusted-proxy": ("trusted_proxies", _addresses),
     "admin-token": ("admin_token", _token),
     "admin-token-file": ("admin_token", read_token_file),
@@ -267,6 +287,10 @@ def check(settings: Settings) -> Settings:
         raise ConfigError("s3-bucket: required with store: s3")
     if settings.lock_ttl < 1:
         raise ConfigError("lock-ttl: must be at least 1 second")
+    if (settings.peer_url is None) != (settings.peer_secret is None):
+        raise ConfigError("peer-url: peer-url and peer-secret (or peer-secret-file) go together")
+    if settings.peer_url is not None and settings.redis is None:
+        raise ConfigError("peer-url: peers find each other through redis, which is not set")
     return settings
 
 

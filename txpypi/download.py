@@ -40,6 +40,7 @@ from zope.interface import implementer
 
 from txpypi.metadata import FileRecord, IMetadata
 from txpypi.names import Hasher
+from txpypi.peer import HEADER, sign
 from txpypi.stores import IFileStore, file_key
 from txpypi.upstream import UpstreamClient, UpstreamError, UpstreamNotFound
 
@@ -112,6 +113,19 @@ class ByteSource(Protocol):
 
 
 @attrs.frozen
+class Peer:
+    """
+    Another instance of the cluster that is downloading a file: C{url} is
+    its peer route for the file, C{path} that route's path (signed with the
+    cluster's C{secret}).
+    """
+
+    url: str
+    path: str
+    secret: str = attrs.field(repr=False)
+
+
+@attrs.frozen
 class Wanted:
     """
     A file to fetch: the URL the upstream index listed, and what the index
@@ -181,6 +195,9 @@ class Flight:
     #: How hashing and spool writes run: C{run(f, *args)} gives a Deferred of
     #: C{f(*args)}, called in a worker thread in production.
     run: Callable[..., Deferred[Any]] = inline
+    #: Where to fetch the bytes instead of the upstream: a download in
+    #: progress on another instance, which caches the file (we do not).
+    peer: Peer | None = None
     #: Called with "files" when the file store fails us (for metrics).
     on_store_error: Callable[[str], None] = lambda store: None
 
@@ -249,7 +266,11 @@ class Flight:
 
     async def _fetch(self) -> None:
         try:
-            response: IResponse = await self._client.open_file(self.wanted.url)
+            if self.peer is None:
+                response: IResponse = await self._client.open_file(self.wanted.url)
+            else:
+                headers = {HEADER: sign(self.peer.secret, self.peer.path, self._clock.seconds()).encode()}
+                response = await self._client.open_file(self.peer.url, headers, "peer")
         except UpstreamNotFound:
             self._fail(FlightFailed(404, f"upstream has no file at {self.wanted.url}"))
             return
@@ -416,7 +437,7 @@ class Flight:
             return
         self._committing = True
         self._close_spool()
-        if not self.cacheable:
+        if not self.cacheable or self.peer is not None:
             self._unlink()
             self._finish(None)
             return
@@ -469,7 +490,7 @@ class Flight:
             body.stopProducing()  # stop downloading what nobody will get
         log.warn(
             "download of {url} failed, nothing cached: {reason}",
-            url=self.wanted.url,
+            url=self.wanted.url if self.peer is None else self.peer.url,
             reason=failure.reason,
         )
         self._hashing.take()
@@ -477,8 +498,9 @@ class Flight:
         if self._spooling.idle:  # else a worker still writes to it
             self._close_spool()
         self._unlink()
-        self._wake()
+        # Finished (no longer a flight to join) before its waiters hear of it.
         self._finish(None)
+        self._wake()
 
     def _close_spool(self) -> None:
         if self._fd >= 0:

@@ -15,11 +15,22 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
-from txpypi.download import ByteSource, Ended, Flight, FlightReader, Wanted, _spool_error, inline
+from txpypi.download import (
+    ByteSource,
+    Ended,
+    Flight,
+    FlightFailed,
+    FlightReader,
+    Peer,
+    Wanted,
+    _spool_error,
+    inline,
+)
 from txpypi.index import DistFile, ProjectPage, file_version
 from txpypi.metadata import FileRecord, IMetadata
 from txpypi.names import strongest_hash
 from txpypi.pages import PageCache, SingleFlight
+from txpypi.peer import owner_url, peer_path
 from txpypi.stores import IFileStore
 from txpypi.upstream import UpstreamClient
 
@@ -99,7 +110,14 @@ class FileCache:
     lock_ttl: float = 30.0
     lock_poll: float = 0.2
     _held: set[str] = attrs.field(factory=set)
-    _cluster_flights: SingleFlight[str, FileRecord | None] = attrs.field(factory=SingleFlight)
+    _cluster_flights: SingleFlight[str, FileRecord | Peer | None] = attrs.field(factory=SingleFlight)
+    #: Where the other instances reach this one, and the secret that signs
+    #: requests between instances: with both, the clients of other
+    #: instances receive a download in progress here as it arrives.
+    peer_url: str | None = None
+    peer_secret: str | None = attrs.field(default=None, repr=False)
+    #: When following a peer last failed, by file key.
+    _peer_failed: dict[str, float] = attrs.field(factory=dict)
     #: How flights write their spool files (a test may inject a full disk).
     spool_write: Callable[[int, memoryview], int] = os.write
     #: How flights hash and spool their bytes (see L{Flight.run}).
@@ -340,16 +358,30 @@ class FileCache:
                 opened = await self._open_record(record, project, filename)
                 if opened is not None:
                     return opened
+            peer = None
             if self.locks is not None and key not in self.flights:
-                waited = await self._cluster_flights.run(key, lambda: self._lead_or_follow(key))
-                if waited is not None:
+                waited = await self._cluster_flights.run(
+                    key, lambda: self._lead_or_follow(key, project, filename)
+                )
+                if isinstance(waited, FileRecord):
                     opened = await self._open_record(waited, project, filename)
                     if opened is not None:
                         return opened
-            flight = self.flights.get(key) or self._start(wanted)
+                elif isinstance(waited, Peer):
+                    peer = waited
+            flight = self.flights.get(key) or self._start(wanted, peer)
         reader = flight.reader()
         try:
             await flight.wait_started()
+        except FlightFailed:
+            reader.close()
+            if flight.peer is None or flight.has_started:
+                raise
+            # The peer is gone or done before sending a byte: look again
+            # (for the record, the lock) without following peers for a while.
+            log.info("could not follow {url}; looking again", url=flight.peer.url)
+            self._peer_failed[key] = self._clock.seconds()
+            return await self.open(project, filename, fetch)
         except BaseException:
             reader.close()
             raise
@@ -370,33 +402,46 @@ class FileCache:
             else:
                 await self._eviction_done.wait()
 
-    async def _lead_or_follow(self, key: str) -> FileRecord | None:
+    async def _lead_or_follow(self, key: str, project: str, filename: str) -> FileRecord | Peer | None:
         """
         With other instances sharing the cache: take the cluster-wide lock on
         C{key} and return L{None} to fetch it here, or, while another
-        instance holds it, wait for the file to land in the shared store and
-        return its record.  If the holder dies its lock expires and an
-        instance that waits takes over.
+        instance holds it, follow that instance's download (a L{Peer}) when
+        it can be reached, else wait for the file to land in the shared
+        store and return its record.  If the holder dies its lock expires
+        and an instance that waits takes over.
         """
         assert self.locks is not None
         while True:
             # The record first: a leader releases its lock once it landed.
             record = await self._metadata.get_file(key) or self._records.get(key)
             if record is not None:
+                self._peer_failed.pop(key, None)
                 return record
+            holder = None
             try:
                 if await self.locks.acquire(key, self.lock_ttl):
                     self._held.add(key)
+                    self._peer_failed.pop(key, None)
                     landed = await self._metadata.get_file(key)
                     if landed is not None:  # between our look and our lock
                         self._release_lock(key)
                         return landed
                     return None
+                if self.peer_secret is not None:
+                    holder = await self.locks.holder(key)
             except Exception:
                 log.failure("cluster lock unavailable; fetching {key} here", key=key)
                 return None
             if key in self.flights:
                 return None  # one of ours started meanwhile: join it
+            url = owner_url(holder)
+            failed = self._peer_failed.get(key)
+            recently_failed = failed is not None and self._clock.seconds() - failed < self.lock_ttl
+            if url is not None and url != self.peer_url and not recently_failed:
+                assert self.peer_secret is not None
+                path = peer_path(self.pages.group, project, filename)
+                return Peer(url.rstrip("/") + path, path, self.peer_secret)
             tick: Deferred[None] = Deferred()
             self._clock.callLater(self.lock_poll, tick.callback, None)
             await tick
@@ -418,7 +463,17 @@ class FileCache:
                 lambda f: log.failure("could not release the lock on {key}", f, key=key)
             )
 
-    def _start(self, wanted: Wanted) -> Flight:
+    def peer_reader(self, group: str, project: str, filename: str) -> Flight | None:
+        """
+        The download of a file in progress here, for another instance to
+        follow (not one that is itself following a peer).
+        """
+        if group != self.pages.group:
+            return None
+        flight = self.flights.get(self.key(project, filename))
+        return None if flight is None or flight.peer is not None else flight
+
+    def _start(self, wanted: Wanted, peer: Peer | None = None) -> Flight:
         flight = Flight(
             wanted,
             self._client,
@@ -430,9 +485,17 @@ class FileCache:
             on_store_error=self._store_error,
             spool_write=self.spool_write,
             run=self.run_spooling,
+            peer=peer,
         )
         self.flights[wanted.key] = flight
-        log.info("fetching {url}", url=wanted.url)
+        if peer is None:
+            log.info("fetching {url}", url=wanted.url)
+        else:
+            log.info(
+                "following {url}, where another instance fetches {filename}",
+                url=peer.url,
+                filename=wanted.filename,
+            )
         try:
             flight.start()
         except BaseException:

@@ -30,6 +30,8 @@ def route_of(path: bytes) -> str:
         return "simple" if path in (b"/simple/", b"/simple") else "project"
     if path.startswith(b"/files/"):
         return "metadata" if path.endswith(b".metadata") else "file"
+    if path.startswith(b"/_peer/"):
+        return "peer"
     if path.startswith(b"/cache/"):
         return "admin"
     if path in (b"/metrics", b"/health", b"/stats"):
@@ -110,7 +112,7 @@ class Metrics:
             ),
             upstream=Counter(
                 "txpypi_upstream_requests",
-                "Requests to the upstream, by kind (page, file) and outcome.",
+                "Requests to the upstream, by kind (page, file; peer: to another instance) and outcome.",
                 ["kind", "outcome"],
                 registry=registry,
             ),

@@ -306,3 +306,15 @@ class RedisLocks:
 
     def release(self, name: str) -> Deferred[None]:
         return Deferred.fromCoroutine(self._release(name))
+
+    async def _holder(self, name: str) -> str | None:
+        answer = await self.redis.execute_command("GET", self._k(name))
+        if answer is None:
+            return None
+        return answer.decode() if isinstance(answer, bytes) else str(answer)
+
+    def holder(self, name: str) -> Deferred[str | None]:
+        """
+        The owner of the lock on C{name}, if it is held.
+        """
+        return Deferred.fromCoroutine(self._holder(name))

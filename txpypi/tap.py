@@ -191,6 +191,21 @@ class Options(usage.Options):
         """
         self.given["lock-ttl"] = seconds
 
+    def opt_peer_url(self, url: str) -> None:
+        """
+        With --redis: the URL where the other instances reach this one, so
+        that their clients receive a download in progress here as it
+        arrives (needs --peer-secret-file).
+        """
+        self.given["peer-url"] = url
+
+    def opt_peer_secret_file(self, path: str) -> None:
+        """
+        A file whose first line is the secret shared by the instances that
+        stream downloads to each other (16 characters or more).
+        """
+        self.given["peer-secret-file"] = path
+
     def opt_config(self, path: str) -> None:
         """
         A YAML file with the same settings as these options.
@@ -319,6 +334,8 @@ class ReloadService(Service):
         "s3_threads",
         "redis",
         "lock_ttl",
+        "peer_url",
+        "peer_secret",
     )
 
     def __init__(self, options: Options, proxy: Proxy, drain: DrainService, reactor: Any) -> None:
@@ -485,12 +502,13 @@ def build(settings: config.Settings, reactor: Any) -> tuple[MultiService, Proxy]
         import socket
         import uuid
 
+        from txpypi.peer import owner_id
         from txpypi.redismeta import RedisLocks
 
         files.lock_ttl = settings.lock_ttl
-        files.locks = RedisLocks(
-            metadata.redis, owner=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
-        )
+        files.peer_url, files.peer_secret = settings.peer_url, settings.peer_secret
+        instance = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
+        files.locks = RedisLocks(metadata.redis, owner=owner_id(instance, settings.peer_url))
         renew = LoopingCall(files.renew_locks)
         renew.clock = reactor
         TimerLoopService(renew, files.lock_ttl / 3).setServiceParent(service)

@@ -129,7 +129,9 @@ class UpstreamClient:
 
     def _outcome(self, kind: str, outcome: str, started: float, reason: str | None = None) -> None:
         now: float = self._reactor.seconds()
-        if reason is None:
+        if kind == "peer":
+            pass  # another instance, not the upstream
+        elif reason is None:
             self.last_success = now
         else:
             self.last_error = (now, reason)
@@ -188,15 +190,22 @@ class UpstreamClient:
             last_modified=(h.getRawHeaders("last-modified") or [None])[0],
         )
 
-    async def open_file(self, url: str) -> IResponse:
+    async def open_file(
+        self, url: str, extra: dict[bytes, bytes] | None = None, kind: str = "file"
+    ) -> IResponse:
         """
         GET a file and return the response once its headers arrived; the
         caller reads the body with C{deliverBody}.
 
+        @param extra: more request headers.
+        @param kind: C{"file"}, or C{"peer"} for a download in progress on
+            another instance (counted apart, and not the upstream's health).
         @raise UpstreamNotFound: on 404 (or 410).
         @raise UpstreamError: on a failure or any other status than 200.
         """
         headers = Headers({b"User-Agent": [USER_AGENT], b"Accept-Encoding": [b"identity"]})
+        for name, value in (extra or {}).items():
+            headers.setRawHeaders(name, [value])
         started: float = self._reactor.seconds()
         d = self._files.request(b"GET", url.encode(), headers)
         timer = self._reactor.callLater(self.response_timeout, d.cancel)
@@ -204,21 +213,21 @@ class UpstreamClient:
             response: IResponse = await d
         except Exception as e:
             error = _classify(e, url)
-            self._outcome("file", "timeout" if error.status == 504 else "error", started, error.reason)
+            self._outcome(kind, "timeout" if error.status == 504 else "error", started, error.reason)
             raise error from e
         finally:
             if timer.active():
                 timer.cancel()
         if response.code in (404, 410):
-            self._outcome("file", "not_found", started)
+            self._outcome(kind, "not_found", started)
             response.deliverBody(_Discard())
             raise UpstreamNotFound(url)
         if response.code != 200:
             reason = f"upstream answered {response.code} for {url}"
-            self._outcome("file", "error", started, reason)
+            self._outcome(kind, "error", started, reason)
             response.deliverBody(_Discard())
             raise UpstreamError(502, reason)
-        self._outcome("file", "ok", started)
+        self._outcome(kind, "ok", started)
         return response
 
 
