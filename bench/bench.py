@@ -1858,10 +1858,11 @@ def s3_vs_disk(
     return problems
 
 
-def peer_streaming_options() -> bool:
+def peer_streaming_options() -> set[str]:
     """
-    Whether this checkout's txpypi has C{--peer-url} (streaming a file that
-    another instance is fetching from that instance).
+    Which of C{--peer-url} and C{--peer-secret-file} (streaming a file that
+    another instance is fetching from that instance) this checkout's
+    txpypi lists in its C{--help}.
     """
     done = subprocess.run(
         twistd_txpypi("--help"),
@@ -1870,7 +1871,7 @@ def peer_streaming_options() -> bool:
         env=clean_env(PYTHONPATH=str(REPO)),
         timeout=60,
     )
-    return "--peer-url" in done.stdout
+    return {option for option in ("--peer-url", "--peer-secret-file") if f"{option}=" in done.stdout}
 
 
 def leader_then_follower(url_a: str, url_b: str) -> tuple[Streamed, Streamed, float]:
@@ -1920,10 +1921,12 @@ def follower_ttfb(
     """
     shared = [*backends.s3("follower/"), "--redis", backends.redis()]
     peers = peer_streaming_options()
-    if peers:
+    if "--peer-url" in peers:
+        shared += ["--peer-url", "http://127.0.0.1:{port}"]  # each instance's own URL
+    if "--peer-secret-file" in peers:
         secret = work / "peer-secret"
-        secret.write_text(secrets.token_hex(16) + "\n")  # 32 characters
-        shared += ["--peer-url", "http://127.0.0.1:{port}", "--peer-secret-file", str(secret)]
+        secret.write_text(secrets.token_hex(16) + "\n")  # 32 characters, the same for both
+        shared += ["--peer-secret-file", str(secret)]
     leader, follower = start_instances(
         services,
         work,
@@ -1943,8 +1946,8 @@ def follower_ttfb(
         "A asks the leader; B asks the follower the moment A has its first byte "
         f"({args.follower_runs} run(s), each on another file)"
     )
-    if peers:
-        print("peer streaming: on (--peer-url, --peer-secret-file): the follower may stream from the leader")
+    if "--peer-url" in peers:
+        print(f"peer streaming: on ({', '.join(sorted(peers))}): the follower may stream from the leader")
     else:
         print(
             "peer streaming: off (this txpypi has no --peer-url): the follower waits until the file is in S3"
@@ -1992,7 +1995,7 @@ def follower_ttfb(
     tables.append(
         Table(
             f"summary: leader vs follower, cold {args.big_mb} MB wheel at {args.follower_rate:g} MB/s, "
-            f"peer streaming {'on' if peers else 'off (no --peer-url)'}",
+            f"peer streaming {'on' if '--peer-url' in peers else 'off (no --peer-url)'}",
             ("measure", "leader (A)", "follower (B)", "B/A", ""),
             [
                 (
@@ -2019,6 +2022,14 @@ def follower_ttfb(
     )
     services.stop(leader.service, follower.service)
     return problems
+
+
+def load() -> str:
+    """
+    The load average (this bench included): how busy the machine was while it measured.
+    """
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.2f} over 1 min, {five:.2f} over 5, on {os.cpu_count()} CPUs"
 
 
 def wrk_description(args: argparse.Namespace) -> str:
@@ -2225,39 +2236,49 @@ def bench(args: argparse.Namespace) -> int:
     summary: list[Row] = []  # txpypi against proxpi
     tables: list[Table] = []  # the sections that compare txpypi with itself
     alarms: list[str] = []  # txpypi misbehaving: wrong bytes, hangs, extra upstream fetches
-    print(f"sections: {', '.join(name for name in SECTIONS if name in only)}", flush=True)
+    print(f"sections: {', '.join(name for name in SECTIONS if name in only)} ({load()})", flush=True)
 
     services = Services()
     with workspace(args.keep) as work:
         try:
             upstream, txpypi, proxpi = start_all(services, work, args, only)
             backends = Backends(services, work, weed or "weed", redis_server or "redis-server")
-            if only & COMPARED:
+
+            def run_section(name: str) -> list[str]:
+                """
+                Run section C{name}; what txpypi did wrong.
+                """
+                if name == "link":
+                    assert txpypi is not None
+                    return link_speeds(args, upstream, txpypi, tables)
+                if name == "s3":
+                    assert wrk is not None
+                    return s3_vs_disk(args, wrk, services, work, upstream, backends, tables)
+                if name == "follower":
+                    return follower_ttfb(args, services, work, upstream, backends, tables)
                 assert txpypi is not None and proxpi is not None
                 proxies = (txpypi, proxpi)
-                # 3 & 4: uv installs, first, while both caches are empty.
-                if "uv" in only:
+                if name == "uv":  # first, while both caches are empty
                     uv_section(args, uv, work, upstream, proxies, summary)
-                if "ttfb" in only:
+                elif name == "ttfb":
                     ttfb_section(args, upstream, proxies, summary)
-                if "page" in only:
+                elif name == "page":
                     assert wrk is not None
                     page_section(args, wrk, proxies, accept, summary)
-                if "file" in only:
+                elif name == "file":
                     assert wrk is not None
                     file_section(args, wrk, proxies, summary)
-                # 6 & 7: a huge file, one client then a crowd.
-                if "huge" in only:
-                    alarms += huge_download(args, upstream, txpypi, proxpi, summary)
-                    alarms += huge_crowds(args, upstream, txpypi, proxpi, summary)
-            if "link" in only:
-                assert txpypi is not None
-                alarms += link_speeds(args, upstream, txpypi, tables)
-            if "s3" in only:
-                assert wrk is not None
-                alarms += s3_vs_disk(args, wrk, services, work, upstream, backends, tables)
-            if "follower" in only:
-                alarms += follower_ttfb(args, services, work, upstream, backends, tables)
+                elif name == "huge":  # a huge file, one client then a crowd
+                    return huge_download(args, upstream, txpypi, proxpi, summary) + huge_crowds(
+                        args, upstream, txpypi, proxpi, summary
+                    )
+                return []
+
+            for name in SECTIONS:
+                if name in only:
+                    start = time.monotonic()
+                    alarms += run_section(name)
+                    print(f"({name} took {time.monotonic() - start:.0f} s; {load()})", flush=True)
         except Exception:
             # Show how each process fared, which usually explains the failure.
             died = {s.name: s.process.poll() for s in services.started}
