@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,13 @@ class Twistd(protocol.ProcessProtocol):
         self._patterns = []
         self.ended.callback(None)
 
+    def tail(self, size: int = 6000) -> str:
+        """
+        The end of the log, for a failure message.
+        """
+        text = self.output.decode("utf-8", "replace")
+        return text if len(text) <= size else "[...]\n" + text[-size:]
+
     def kill(self) -> Deferred[None]:
         """
         SIGKILL: no chance to clean up.
@@ -90,3 +98,32 @@ class Twistd(protocol.ProcessProtocol):
             timer = get_reactor().callLater(timeout, self.kill)
             self.ended.addBoth(lambda r: timer.active() and timer.cancel() or r)
         return self.ended
+
+
+def first_to_log(processes: Sequence[Twistd], pattern: bytes) -> Deferred[Twistd]:
+    """
+    Fire with the first of C{processes} whose log matches C{pattern} (past or
+    future); fail if they all end without it.
+    """
+    first: Deferred[Twistd] = Deferred()
+    ended: list[Failure] = []
+
+    def matched(_: object, process: Twistd) -> None:
+        if not first.called:
+            first.callback(process)
+
+    def failed(reason: Failure) -> None:
+        ended.append(reason)
+        if len(ended) == len(processes) and not first.called:
+            first.errback(reason)
+
+    for process in processes:
+        process.wait_for(pattern).addCallbacks(matched, failed, callbackArgs=(process,))
+    return first
+
+
+def logs(processes: Sequence[Twistd], size: int = 6000) -> str:
+    """
+    The end of each process's log, numbered from 1, for a failure message.
+    """
+    return "\n".join(f"--- instance {n} ---\n{p.tail(size)}" for n, p in enumerate(processes, 1))
