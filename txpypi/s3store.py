@@ -14,6 +14,7 @@ the verified spool file (multipart for large files) under its final key.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import attrs
@@ -22,7 +23,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from txpypi.stores import IFileReader, IFileStore
+from txpypi.stores import IFileReader, IFileStore, IRedirectable
 
 
 def make_client(endpoint_url: str | None, region: str | None) -> Any:
@@ -41,11 +42,12 @@ def make_client(endpoint_url: str | None, region: str | None) -> Any:
     )
 
 
-@implementer(IFileReader)
+@implementer(IFileReader, IRedirectable)
 @attrs.define
 class S3Reader:
     """
-    Ranged GETs of one object, each on the S3 pool.
+    Ranged GETs of one object, each on the S3 pool; or a presigned URL for
+    a client to GET the object itself.
     """
 
     _store: S3Store
@@ -59,6 +61,9 @@ class S3Reader:
             return succeed(b"")
         end = min(self.size, offset + length) - 1
         return self._store._run(self._store._get_range, self._key, offset, end)
+
+    def url(self, ttl: float) -> Deferred[str]:
+        return self._store._run(self._store._presign, self._key, ttl)
 
     def close(self) -> None:
         pass
@@ -77,6 +82,8 @@ class S3Store:
     spool_dir: str
     _pool: ThreadPool
     _reactor: Any
+    _presigner: Any = None
+    _presigner_lock: threading.Lock = attrs.field(factory=threading.Lock)
 
     def _object(self, key: str) -> str:
         return f"{self.prefix.strip('/')}/{key}" if self.prefix.strip("/") else key
@@ -117,6 +124,35 @@ class S3Store:
         )
         data: bytes = answer["Body"].read()
         return data
+
+    def _presign_client(self) -> Any:
+        """
+        A client like ours that signs URLs with SigV4 (botocore would sign
+        some with SigV2, which AWS no longer accepts everywhere), made once.
+        """
+        with self._presigner_lock:
+            if self._presigner is None:
+                import boto3
+                from botocore.config import Config
+
+                meta = self.client.meta
+                self._presigner = boto3.session.Session().client(
+                    "s3",
+                    endpoint_url=meta.endpoint_url,
+                    region_name=meta.region_name,
+                    config=meta.config.merge(Config(signature_version="s3v4")),
+                )
+            return self._presigner
+
+    def _presign(self, key: str, ttl: float) -> str:
+        # Signing is local, but resolving credentials may block (an instance
+        # role is fetched over HTTP): this runs on the S3 pool too.
+        url: str = self._presign_client().generate_presigned_url(
+            "get_object",
+            Params={"Bucket": self.bucket, "Key": self._object(key)},
+            ExpiresIn=max(1, int(ttl)),
+        )
+        return url
 
     def _delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._object(key))

@@ -40,6 +40,19 @@ class IFileReader(Interface):
         """
 
 
+class IRedirectable(Interface):
+    """
+    A reader whose bytes a client may fetch itself, straight from the store
+    (an object store's presigned URL).
+    """
+
+    def url(ttl: float) -> Deferred[str]:
+        """
+        A URL that answers a GET (honouring C{Range}) with the file's bytes
+        for C{ttl} seconds.
+        """
+
+
 class IFileStore(Interface):
     """
     A place that keeps verified files by key.
