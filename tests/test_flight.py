@@ -12,6 +12,7 @@ from typing import Any
 
 import attrs
 import pytest
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed
@@ -82,11 +83,42 @@ class Harness:
     spool: Path
 
 
+class ManualRun:
+    """
+    Stands in for the worker threads: holds each job until the test runs it.
+    """
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Any, tuple[Any, ...], Deferred[Any]]] = []
+
+    def __call__(self, f: Any, *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.jobs.append((f, args, d))
+        return d
+
+    def step(self, name: str | None = None) -> None:
+        """
+        Run the oldest job (of the method called C{name}, if given).
+        """
+        for job in self.jobs:
+            if name is None or job[0].__name__ == name:
+                self.jobs.remove(job)
+                f, args, d = job
+                d.callback(f(*args))
+                return
+        raise AssertionError(f"no {name} job waiting")
+
+    def drain(self, name: str | None = None) -> None:
+        while any(name is None or f.__name__ == name for f, _, _ in self.jobs):
+            self.step(name)
+
+
 def harness(
     tmp_path: Path,
     length: Any = len(DATA),
     expected: tuple[str, str] | None = ("sha256", SHA),
     size: int | None = None,
+    run: Any = None,
 ) -> Harness:
     response = FakeResponse(length)
     clock = Clock()
@@ -101,6 +133,7 @@ def harness(
         clock,
         lambda f, record: landed.append(record),
         read_timeout=5.0,
+        run=run or download.inline,
     )
     flight.start()
     return Harness(flight, response, clock, store, landed, tmp_path)
@@ -266,3 +299,78 @@ def test_full_disk_still_streams_the_whole_file(
     fast.close()
     slow.close()
     assert list(h.spool.iterdir()) == [] and len(h.flight._memory) == 0
+
+
+def test_clients_are_not_held_back_by_the_workers(tmp_path: Path) -> None:
+    """
+    Hashing and spool writes run in worker threads: clients read the bytes
+    from memory as they arrive, the last byte waits for the hash only, and
+    the file is cached once the spool is written too.
+    """
+    run = ManualRun()
+    h = harness(tmp_path, run=run)
+    client = h.flight.reader()
+    h.response.send(DATA)
+    assert h.flight._spooled == 0 and read(h.flight, 0) == DATA[:1]  # from memory, chunk by chunk
+    assert read(h.flight, len(DATA) - 2) == DATA[-2:-1]
+    h.response.end(ResponseDone())
+    assert not h.flight.verified and read(h.flight, len(DATA) - 1) is None
+    run.drain("_hash")
+    assert h.flight.verified and read(h.flight, len(DATA) - 1) == DATA[-1:]
+    assert h.landed == []  # the spool is still being written
+    run.drain("_spool")
+    (record,) = h.landed
+    assert record is not None and h.store.files[record.store_key] == DATA
+    assert len(h.flight._memory) == 0
+    client.close()
+
+
+def test_upstream_waits_for_a_lagging_hash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    The upstream is paused while the hashing worker is behind by more than
+    QUEUE_HIGH bytes, and resumed once it caught up.
+    """
+    monkeypatch.setattr(download, "QUEUE_HIGH", 100)
+    run = ManualRun()
+    h = harness(tmp_path, run=run)
+    h.response.send(DATA[:50])
+    assert not h.response.transport.paused
+    h.response.send(DATA[50:300])
+    assert h.response.transport.paused
+    run.drain("_hash")
+    assert not h.response.transport.paused
+    h.response.send(DATA[300:])
+    h.response.end(ResponseDone())
+    run.drain()
+    assert h.flight.verified and len(h.landed) == 1
+
+
+def test_failure_while_the_spool_is_written(tmp_path: Path) -> None:
+    """
+    A download that fails while a worker writes its spool keeps the spool's
+    descriptor open until that write returns, then cleans up: nothing is
+    cached and no descriptor leaks.
+    """
+    run = ManualRun()
+    h = harness(tmp_path, run=run)
+    h.response.send(DATA[:500])
+    fd = h.flight._fd
+    h.clock.advance(6)  # the upstream stalls
+    assert h.flight.failure is not None and h.flight._fd == fd
+    os.fstat(fd)  # still open for the worker
+    run.drain()
+    assert h.flight._fd == -1 and h.landed == [None] and h.store.files == {}
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    assert list(h.spool.iterdir()) == []
+
+
+def test_chunks() -> None:
+    chunks = download.Chunks()
+    for part in (b"abc", b"defg", b"hi"):
+        chunks.append(part)
+    assert len(chunks) == 9 and chunks.read(4, 10) == b"efg" and chunks.read(9, 1) == b""
+    chunks.drop_before(5)
+    assert (chunks.start, len(chunks), chunks.read(5, 10)) == (5, 4, b"fg")
+    chunks.drop_before(9)
+    assert (chunks.start, len(chunks)) == (9, 0)

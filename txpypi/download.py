@@ -3,8 +3,11 @@ Streaming files to clients while caching them.
 
 A L{Flight} is the one upstream fetch of one file.  It writes the upstream's
 bytes to a spool file as they arrive, hashing them, and never throttles the
-upstream: the spool on disk is the buffer, so memory stays flat however many
-clients read and however slow they are.  Every client is a L{Sender}: a push
+upstream for its clients: the spool on disk is the buffer, so memory stays
+flat however many clients read and however slow they are.  Hashing and spool
+writes run in a worker thread (both release the GIL), a batch at a time, so
+the reactor thread only moves bytes between sockets; the upstream is paused
+only while the worker is behind by L{QUEUE_HIGH} bytes.  Every client is a L{Sender}: a push
 producer registered on its request that reads the spool at its own pace with
 C{pread}, waiting for more bytes when it has caught up.  The last byte written
 is held back from every client until the hash and length check out, so a
@@ -20,11 +23,12 @@ import os
 import socket
 import struct
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -42,6 +46,13 @@ from txpypi.upstream import UpstreamClient, UpstreamError, UpstreamNotFound
 log = Logger()
 
 CHUNK = 256 * 1024
+
+#: How much an upstream file connection reads from its socket at once.
+RECV_SIZE = 1024 * 1024
+
+#: Received bytes that may wait for the worker thread to hash and spool them
+#: before the upstream is paused; it is resumed below half of it.
+QUEUE_HIGH = 8 * 1024 * 1024
 
 #: When the spool cannot be written, a flight keeps its bytes in memory for
 #: its clients; past this many it pauses the upstream until they catch up.
@@ -115,6 +126,14 @@ class Wanted:
     size: int | None
 
 
+def inline(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+    """
+    Run C{f} at once on this thread (the default way a flight runs its
+    blocking work, for tests driving a flight by hand).
+    """
+    return succeed(f(*args))
+
+
 @attrs.define(eq=False)
 class Flight:
     """
@@ -129,6 +148,7 @@ class Flight:
     _on_done: Callable[[Flight, FileRecord | None], None]
     read_timeout: float = 60.0
     size: int | None = None
+    #: Bytes received: spooled, or held in memory until they are.
     written: int = 0
     verified: bool = False
     failure: FlightFailed | None = None
@@ -147,14 +167,51 @@ class Flight:
     #: and is not cached.
     cacheable: bool = True
     _spooled: int = 0
-    _memory: bytearray = attrs.field(factory=bytearray)
-    _memory_start: int = 0
+    #: Bytes not spooled (yet, or at all once the spool failed).
+    _memory: Chunks = attrs.field(factory=lambda: Chunks())
     _readers: list[FlightReader] = attrs.field(factory=list)
-    _paused: bool = False
+    #: Why the upstream is paused ("memory", "queue"), if it is.
+    _paused: set[str] = attrs.field(factory=set)
+    _ending: Failure | None = None
+    _committing: bool = False
+    _hashing: _Lane = attrs.field(init=False)
+    _spooling: _Lane = attrs.field(init=False)
     #: How spool bytes are written (a test may inject a full disk).
     spool_write: Callable[[int, memoryview], int] = os.write
+    #: How hashing and spool writes run: C{run(f, *args)} gives a Deferred of
+    #: C{f(*args)}, called in a worker thread in production.
+    run: Callable[..., Deferred[Any]] = inline
     #: Called with "files" when the file store fails us (for metrics).
     on_store_error: Callable[[str], None] = lambda store: None
+
+    def __attrs_post_init__(self) -> None:
+        self._hashing = _Lane(self.run, self._hash, self._hashed, self._lane_crashed)
+        self._spooling = _Lane(self.run, self._spool, self._spooled_batch, self._lane_crashed)
+
+    def _hash(self, batch: list[bytes]) -> None:
+        """
+        Hash a batch (in a worker thread).
+        """
+        assert self._hasher is not None
+        for data in batch:
+            self._hasher.update(data)
+
+    def _spool(self, batch: list[bytes]) -> tuple[int, OSError | None]:
+        """
+        Write a batch to the spool (in a worker thread); return how many bytes
+        were written, and the error that stopped the writing if one did.
+        """
+        spooled = 0
+        try:
+            for data in batch:
+                view = memoryview(data)
+                while view:
+                    n = self.spool_write(self._fd, view)
+                    spooled += n
+                    view = view[n:]
+        except OSError as e:
+            return spooled, e
+        return spooled, None
 
     @property
     def clients(self) -> int:
@@ -216,40 +273,78 @@ class Flight:
 
     def receiving(self, transport: Any) -> None:
         self._body = transport
+        # Read the socket in bigger gulps than Twisted's 64 KiB: fewer trips
+        # through the reactor and the HTTP parser per megabyte.
+        connection = getattr(transport, "_producer", None)
+        if connection is not None and hasattr(connection, "bufferSize"):
+            connection.bufferSize = RECV_SIZE
 
     # -- called by the body protocol
 
     def data(self, data: bytes) -> None:
         if self.failure is not None:
             return
-        assert self._hasher is not None
         if self._idle is not None:
             self._idle.reset(self.read_timeout)
         if self.size is not None and self.written + len(data) > self.size:
             self._fail(FlightFailed(502, "upstream sent more bytes than announced"))
             return
-        if self.cacheable:
-            view = memoryview(data)
-            try:
-                while view:
-                    view = view[self.spool_write(self._fd, view) :]
-            except OSError as e:
-                # What was written of this chunk is in the spool; the rest,
-                # and everything after, is held in memory from there on.
-                self._spooled += len(data) - len(view)
-                self._spool_failed(e)
-                self._memory += view
-            else:
-                self._spooled += len(data)
-        else:
-            self._memory += data
-        self._hasher.update(data)
+        # Clients may have the bytes at once, from memory, until they are
+        # spooled; the hash only has to catch up by the end.
+        self._memory.append(data)
         self.written += len(data)
+        self._hashing.push(data)
+        if self.cacheable:
+            self._spooling.push(data)
         self._wake()
-        if len(self._memory) > MEMORY_HIGH and not self._paused and self._body is not None:
-            self._paused = True
+        if len(self._memory) > MEMORY_HIGH:
+            self._pause("memory")
+        if self._hashing.pending > QUEUE_HIGH:
+            self._pause("queue")
+
+    def _hashed(self, _: None, batch: list[bytes]) -> None:
+        if self._hashing.pending <= QUEUE_HIGH // 2:
+            self._unpause("queue")
+        if self._ending is not None and self._hashing.idle:
+            self._end(self._ending)
+
+    def _spooled_batch(self, result: tuple[int, OSError | None], batch: list[bytes]) -> None:
+        spooled, error = result
+        if self.failure is not None:
+            self._close_spool()  # _fail left it to us: the worker was writing
+            return
+        # Spooled bytes are read from the spool from now on.
+        self._spooled += spooled
+        self._memory.drop_before(self._spooled)
+        if error is not None:
+            # The rest stays in memory, and is not cached.
+            self._spooling.take()
+            self._spool_failed(error)
+            self._trim()
+        elif len(self._memory) <= MEMORY_HIGH // 2:
+            self._unpause("memory")
+        self._maybe_commit()
+
+    def _lane_crashed(self, failure: Failure) -> None:
+        self._crashed(failure)
+        if self._spooling.idle:  # else the spool's batch closes it when it returns
+            self._close_spool()
+
+    def _pause(self, why: str) -> None:
+        if why in self._paused or self._body is None:
+            return
+        if not self._paused:
             self._cancel_idle()  # our own pause is not the upstream stalling
             self._body.pauseProducing()
+        self._paused.add(why)
+
+    def _unpause(self, why: str) -> None:
+        if why not in self._paused:
+            return
+        self._paused.discard(why)
+        if not self._paused and self._body is not None:
+            self._idle = self._clock.callLater(self.read_timeout, self._stalled)
+            self._body.resumeProducing()
 
     def _spool_failed(self, error: OSError) -> None:
         """
@@ -258,9 +353,7 @@ class Flight:
         """
         self.cacheable = False
         self.on_store_error("files")
-        self._memory_start = self._spooled
-        os.close(self._fd)
-        self._fd = -1
+        self._close_spool()
         message = f"{error.strerror} ({error.__class__.__name__}, errno {error.errno})"
         if _spool_error != [message]:
             _spool_error[:] = [message]
@@ -277,21 +370,23 @@ class Flight:
         """
         if self.cacheable:
             return
-        lowest = min((max(r.position, self._memory_start) for r in self._readers), default=self.written)
-        drop = lowest - self._memory_start
-        if drop > 0:
-            del self._memory[:drop]
-            self._memory_start = lowest
-        if self._paused and len(self._memory) <= MEMORY_HIGH // 2 and self._body is not None:
-            self._paused = False
-            self._idle = self._clock.callLater(self.read_timeout, self._stalled)
-            self._body.resumeProducing()
+        self._memory.drop_before(min((r.position for r in self._readers), default=self.written))
+        if len(self._memory) <= MEMORY_HIGH // 2:
+            self._unpause("memory")
 
     def ended(self, reason: Failure) -> None:
         if self.failure is not None:
             return
         self._body = None
+        self._paused.clear()
         self._cancel_idle()
+        if not self._hashing.idle:
+            self._ending = reason  # once the hash has caught up
+            return
+        self._end(reason)
+
+    def _end(self, reason: Failure) -> None:
+        self._ending = None
         if not reason.check(ResponseDone, PotentialDataLoss):
             self._fail(FlightFailed(502, f"upstream connection lost after {self.written} bytes"))
             return
@@ -307,12 +402,20 @@ class Flight:
         if not self._hasher.matches():
             self._fail(FlightFailed(502, "upstream file does not match the index's hash"))
             return
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
         self.size = self.written
         self.verified = True
         self._wake()
+        self._maybe_commit()
+
+    def _maybe_commit(self) -> None:
+        """
+        Once the file is verified and the spool written: cache it (if the
+        spool could be written).
+        """
+        if not self.verified or not self._spooling.idle or self.done or self._committing:
+            return
+        self._committing = True
+        self._close_spool()
         if not self.cacheable:
             self._unlink()
             self._finish(None)
@@ -369,12 +472,18 @@ class Flight:
             url=self.wanted.url,
             reason=failure.reason,
         )
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._hashing.take()
+        self._spooling.take()
+        if self._spooling.idle:  # else a worker still writes to it
+            self._close_spool()
         self._unlink()
         self._wake()
         self._finish(None)
+
+    def _close_spool(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def _cancel_idle(self) -> None:
         if self._idle is not None:
@@ -482,9 +591,8 @@ class Flight:
                 if offset < self._spooled:
                     n = min(length, limit - offset, self._spooled - offset)
                     data = os.pread(self._read_fd, n, offset)
-                elif offset >= self._memory_start:
-                    start = offset - self._memory_start
-                    data = bytes(self._memory[start : start + min(length, limit - offset)])
+                elif offset >= self._memory.start:
+                    data = self._memory.read(offset, min(length, limit - offset))
                 else:
                     raise FlightFailed(503, "the disk is full and these bytes are no longer held")
                 if not data:
@@ -523,6 +631,104 @@ class FlightReader:
         if not self._closed:
             self._closed = True
             self._flight._forget_reader(self)
+
+
+class Chunks:
+    """
+    The bytes of a file from offset L{start} on, held in memory as the
+    chunks they arrived in: appending and dropping a prefix copy nothing.
+    """
+
+    def __init__(self) -> None:
+        self._chunks: deque[bytes] = deque()
+        self.start = 0
+        self._length = 0
+
+    def __len__(self) -> int:
+        return self._length
+
+    def append(self, data: bytes) -> None:
+        if data:
+            self._chunks.append(data)
+            self._length += len(data)
+
+    def drop_before(self, offset: int) -> None:
+        """
+        Forget the bytes before C{offset}.
+        """
+        while self._chunks and self.start + len(self._chunks[0]) <= offset:
+            chunk = self._chunks.popleft()
+            self.start += len(chunk)
+            self._length -= len(chunk)
+        if self._chunks and self.start < offset:
+            cut = offset - self.start
+            self._chunks[0] = self._chunks[0][cut:]
+            self.start, self._length = offset, self._length - cut
+        elif not self._chunks:
+            self.start = max(self.start, offset)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """
+        Up to C{length} bytes at C{offset} (within one chunk), C{b""} past
+        the end.
+        """
+        position = self.start
+        for chunk in self._chunks:
+            if offset < position + len(chunk):
+                at = offset - position
+                return chunk[at : at + length]
+            position += len(chunk)
+        return b""
+
+
+@attrs.define(eq=False)
+class _Lane:
+    """
+    Work on a download's bytes that runs a batch at a time in a worker
+    thread: the bytes that arrive while a batch runs make the next batch.
+    """
+
+    _run: Callable[..., Deferred[Any]]
+    _work: Callable[[list[bytes]], Any]
+    _done: Callable[[Any, list[bytes]], None]
+    _failed: Callable[[Failure], None]
+    _batch: list[bytes] = attrs.field(factory=list)
+    #: Bytes waiting for a batch.
+    pending: int = 0
+    busy: bool = False
+
+    @property
+    def idle(self) -> bool:
+        return not self.busy and not self._batch
+
+    def push(self, data: bytes) -> None:
+        self._batch.append(data)
+        self.pending += len(data)
+        if not self.busy:
+            self._next()
+
+    def take(self) -> list[bytes]:
+        """
+        Take back the bytes waiting for a batch.
+        """
+        batch, self._batch, self.pending = self._batch, [], 0
+        return batch
+
+    def _next(self) -> None:
+        batch = self.take()
+        self.busy = True
+        self._run(self._work, batch).addCallbacks(self._ran, self._crashed, callbackArgs=(batch,))
+
+    def _ran(self, result: Any, batch: list[bytes]) -> None:
+        self.busy = False
+        self._done(result, batch)  # first: it may take the waiting bytes back
+        if self._batch and not self.busy:
+            self._next()
+
+    def _crashed(self, failure: Failure) -> None:
+        self.busy = False
+        self._batch, self.pending = [], 0
+        self._failed(failure)
 
 
 class _Sink:

@@ -15,7 +15,7 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
-from txpypi.download import ByteSource, Ended, Flight, FlightReader, Wanted, _spool_error
+from txpypi.download import ByteSource, Ended, Flight, FlightReader, Wanted, _spool_error, inline
 from txpypi.index import DistFile, ProjectPage, file_version
 from txpypi.metadata import FileRecord, IMetadata
 from txpypi.names import strongest_hash
@@ -102,6 +102,8 @@ class FileCache:
     _cluster_flights: SingleFlight[str, FileRecord | None] = attrs.field(factory=SingleFlight)
     #: How flights write their spool files (a test may inject a full disk).
     spool_write: Callable[[int, memoryview], int] = os.write
+    #: How flights hash and spool their bytes (see L{Flight.run}).
+    run_spooling: Callable[..., Deferred[Any]] = inline
 
     async def drain(self, grace: float) -> None:
         """
@@ -427,6 +429,7 @@ class FileCache:
             read_timeout=self._client.read_timeout,
             on_store_error=self._store_error,
             spool_write=self.spool_write,
+            run=self.run_spooling,
         )
         self.flights[wanted.key] = flight
         log.info("fetching {url}", url=wanted.url)

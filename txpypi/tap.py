@@ -439,6 +439,10 @@ def build(settings: config.Settings, reactor: Any) -> tuple[MultiService, Proxy]
     io_pool = ThreadPool(1, 4, "txpypi-io")
     ThreadPoolService(db_pool).setServiceParent(service)
     ThreadPoolService(io_pool).setServiceParent(service)
+    # Hashing and spool writes of downloads in progress: one batch per
+    # download at a time, never queued behind slow file-system work.
+    spool_pool = ThreadPool(1, 4, "txpypi-spool")
+    ThreadPoolService(spool_pool).setServiceParent(service)
     store: Any
     if settings.store == "s3":
         from txpypi.s3store import S3Store, make_client
@@ -481,7 +485,14 @@ def build(settings: config.Settings, reactor: Any) -> tuple[MultiService, Proxy]
         blocking=partial(deferToThreadPool, reactor, io_pool),
     )
     files = FileCache(
-        reactor, client, store, metadata, pages, max_size=settings.max_cache_size, metrics=metrics
+        reactor,
+        client,
+        store,
+        metadata,
+        pages,
+        max_size=settings.max_cache_size,
+        metrics=metrics,
+        run_spooling=partial(deferToThreadPool, reactor, spool_pool),
     )
     CacheUpkeepService(files, reactor).setServiceParent(service)
     if settings.redis is not None:
