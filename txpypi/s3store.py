@@ -214,7 +214,9 @@ class S3Upload:
         try:
             await self._pump_over()
             if self._error is None and self._upload_id is None and length <= self.part_size:
-                await store._run(store._put_small, self._key, self._fd, length, self._hash, self._sha256)
+                await store._run(
+                    store._put_small, self._key, self._fd, length, self._hash, self._sha256, self._spool_path
+                )
             else:
                 self._kick()
                 await self._pump_over()
@@ -230,16 +232,13 @@ class S3Upload:
                     self._parts,
                     self._hash,
                     self._sha256,
+                    self._spool_path,
                 )
         except BaseException:
             await self._abort()
             raise
         self._state = "completed"
         self._close()
-        try:
-            os.unlink(self._spool_path)
-        except FileNotFoundError:
-            pass
 
     async def _abort(self) -> None:
         if self._state != "open":
@@ -333,18 +332,27 @@ class S3Store:
         etag: str = answer["ETag"]
         return etag
 
+    @staticmethod
+    def _consume(spool_path: str) -> None:
+        try:
+            os.unlink(spool_path)
+        except FileNotFoundError:
+            pass
+
     def _complete_multipart(
-        self, name: str, upload_id: str, parts: list[dict[str, Any]], hash: Any, sha256: str
+        self, name: str, upload_id: str, parts: list[dict[str, Any]], hash: Any, sha256: str, spool_path: str
     ) -> None:
         self._check(hash, sha256)
         self.client.complete_multipart_upload(
             Bucket=self.bucket, Key=name, UploadId=upload_id, MultipartUpload={"Parts": parts}
         )
+        self._consume(spool_path)
 
-    def _put_small(self, name: str, fd: int, length: int, hash: Any, sha256: str) -> None:
+    def _put_small(self, name: str, fd: int, length: int, hash: Any, sha256: str, spool_path: str) -> None:
         data = self._read_back(fd, 0, length, hash)
         self._check(hash, sha256)
         self.client.put_object(Bucket=self.bucket, Key=name, Body=data)
+        self._consume(spool_path)
 
     def _abort_multipart(self, name: str, upload_id: str) -> None:
         self.client.abort_multipart_upload(Bucket=self.bucket, Key=name, UploadId=upload_id)
