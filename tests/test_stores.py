@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from zope.interface.verify import verifyObject
 
@@ -234,3 +235,61 @@ async def test_s3_redirect_falls_back_to_sending_and_reloads(
     apply_live(attrs.evolve(live, s3_redirect_ttl=30), running.proxy, drain)
     response, body = await get(url)
     assert response.code == 302 and "X-Amz-Expires=30" in (header(response, "location") or "")
+
+
+# -- S3 only: reading a hit
+
+
+@pytest_twisted.ensureDeferred
+async def test_s3_reader_streams_one_body_for_sequential_reads(s3_bucket: Any, tmp_path: Path) -> None:
+    """
+    A whole object read chunk by chunk costs two GETs, not one per chunk; a
+    small range costs one; a body that breaks under a slow client is opened
+    again where it stood; and closing a reader mid-way closes its body.
+    """
+    from txpypi.s3store import S3Store
+
+    pool = ThreadPool(1, 1)  # one thread: jobs run in order
+    pool.start()
+    try:
+        spool_dir = tmp_path / "spool"
+        spool_dir.mkdir()
+        real = s3_bucket.client()
+        bodies: list[Any] = []
+
+        class Counting:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(real, name)
+
+            def get_object(self, **kwargs: Any) -> Any:
+                answer = real.get_object(**kwargs)
+                bodies.append(answer["Body"])
+                return answer
+
+        store = S3Store(Counting(), s3_bucket.bucket, s3_bucket.prefix, str(spool_dir), pool, get_reactor())
+        data = os.urandom(3 * 1024 * 1024 + 17)
+        key = file_key("ef" * 32, "c-1.0-py3-none-any.whl")
+        await store.commit(spool(store, data), key)
+
+        async def read_all(reader: Any, chunk: int = 256 * 1024) -> bytes:
+            got = b""
+            while piece := await reader.read(len(got), chunk):
+                got += piece
+            return got
+
+        reader = await store.open(key)
+        assert await read_all(reader) == data and len(bodies) == 2
+        reader.close()
+
+        bodies.clear()
+        reader = await store.open(key)
+        assert await reader.read(1000, 10) == data[1000:1010] and len(bodies) == 1
+        assert await reader.read(1010, 10) == data[1010:1020] and len(bodies) == 2
+        bodies[-1].close()  # the connection drops while the client is paused
+        assert await reader.read(1020, 100_000) == data[1020:101_020] and len(bodies) == 3
+        open_body = bodies[-1]
+        reader.close()
+        await deferToThreadPool(get_reactor(), pool, lambda: None)  # the close ran before this
+        assert open_body._raw_stream.closed
+    finally:
+        pool.stop()

@@ -25,7 +25,7 @@ import threading
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -60,27 +60,95 @@ def make_client(endpoint_url: str | None, region: str | None) -> Any:
 @attrs.define
 class S3Reader:
     """
-    Ranged GETs of one object, each on the S3 pool; or a presigned URL for
-    a client to GET the object itself.
+    Reads one object on the S3 pool: a first read is one ranged GET of just
+    the bytes asked for (a client's small C{Range}); a read that goes on
+    where the last one ended opens one GET to the end of the object and
+    keeps reading its body, a chunk per read, at the client's pace.  Or a
+    presigned URL for a client to GET the object itself.
     """
 
     _store: S3Store
     _key: str
     size: int
+    #: Guards the fields below, which only pool threads touch: a client
+    #: that leaves closes its reader while a read may still run.
+    _lock: threading.Lock = attrs.field(factory=threading.Lock)
+    _body: Any = None
+    #: Where the open body, or else the last read, stands.
+    _at: int = -1
+    _closed: bool = False
 
     def read(self, offset: int, length: int) -> Deferred[bytes]:
         if offset >= self.size or length <= 0:
-            from twisted.internet.defer import succeed
-
             return succeed(b"")
-        end = min(self.size, offset + length) - 1
-        return self._store._run(self._store._get_range, self._key, offset, end)
+        return self._store._run(self._read, offset, min(self.size, offset + length))
+
+    def _read(self, offset: int, end: int) -> bytes:
+        with self._lock:
+            if self._closed:
+                raise OSError("the S3 reader is closed")  # its client left
+            if self._body is not None and self._at == offset:
+                try:
+                    data = _read_exactly(self._body, end - offset)
+                except Exception as e:
+                    # An idle connection may have been dropped under a slow
+                    # client: start again from here, once.
+                    log.info("S3 body of {key} failed ({error}); reopening", key=self._key, error=repr(e))
+                    self._drop_body()
+                else:
+                    self._at = end
+                    return data
+            sequential = offset == self._at
+            self._drop_body()
+            last = self.size - 1 if sequential else end - 1
+            body = self._store._get_body(self._key, offset, last)
+            try:
+                data = _read_exactly(body, end - offset)
+            except BaseException:
+                body.close()
+                raise
+            if sequential and end < self.size:
+                self._body = body
+            else:
+                body.close()
+            self._at = end
+            return data
+
+    def _drop_body(self) -> None:
+        if self._body is not None:
+            self._body.close()
+            self._body = None
 
     def url(self, ttl: float) -> Deferred[str]:
         return self._store._run(self._store._presign, self._key, ttl)
 
+    def _close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._drop_body()
+
     def close(self) -> None:
-        pass
+        # On the pool: a read may hold the lock, and closing a body is I/O.
+        self._store._run(self._close).addErrback(
+            lambda f: log.failure("closing an S3 body of {key} failed", f, key=self._key)
+        )
+
+
+def _read_exactly(body: Any, length: int) -> bytes:
+    """
+    C{length} bytes from a streaming body.
+
+    @raise OSError: if it ends first.
+    """
+    chunks = []
+    got = 0
+    while got < length:
+        chunk = body.read(length - got)
+        if not chunk:
+            raise OSError(f"the S3 body ended {length - got} bytes short")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
 
 
 class UploadFailed(Exception):
@@ -375,12 +443,11 @@ class S3Store:
     def open(self, key: str) -> Deferred[IFileReader | None]:
         return Deferred.fromCoroutine(self._open(key))
 
-    def _get_range(self, key: str, first: int, last: int) -> bytes:
+    def _get_body(self, key: str, first: int, last: int) -> Any:
         answer = self.client.get_object(
             Bucket=self.bucket, Key=self._object(key), Range=f"bytes={first}-{last}"
         )
-        data: bytes = answer["Body"].read()
-        return data
+        return answer["Body"]
 
     def _presign_client(self) -> Any:
         """
