@@ -186,6 +186,7 @@ async def test_a_follower_streams_a_download_in_progress_from_the_leader(
     the file once.
     """
     from tests.test_operations import sample, scrape
+    from tests.test_s3_upload import objects, uploads
 
     shared = cluster_settings(redis_server, s3_bucket)
     one = peer_instance(proxy_factory, json_upstream, tmp_path / "one", shared)
@@ -216,6 +217,8 @@ async def test_a_follower_streams_a_download_in_progress_from_the_leader(
     response, body = await get(f"{two.url}/files/big/{name}")
     assert header(response, "x-cache") == "HIT" and body == data
     assert not list((tmp_path / "two").rglob("*.part"))
+    # One object, uploaded by the leader alone; no upload left behind.
+    assert len(await objects(s3_bucket)) == 1 and await uploads(s3_bucket) == []
 
 
 @pytest_twisted.ensureDeferred

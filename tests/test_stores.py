@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from zope.interface.verify import verifyObject
 
@@ -92,5 +93,203 @@ async def test_disk_store_stays_inside_its_root(tmp_path: Path) -> None:
         for key in ("../../etc/passwd", "/etc/passwd", "aa/../../x"):
             with pytest.raises(BadName):
                 store.open(key)
+    finally:
+        pool.stop()
+
+
+# -- S3 only: presigned redirects (--s3-redirect)
+
+
+def s3_settings(s3: Any, **more: Any) -> dict[str, Any]:
+    """
+    A proxy's settings for files in the test's corner of the bucket.
+    """
+    return {
+        "store": "s3",
+        "s3_bucket": s3.bucket,
+        "s3_prefix": s3.prefix,
+        "s3_endpoint_url": s3.endpoint,
+        "s3_region": "us-east-1",
+        **more,
+    }
+
+
+def test_s3_redirect_options() -> None:
+    from twisted.python.usage import UsageError
+
+    from txpypi.tap import Options
+
+    def parse(*argv: str) -> Any:
+        options = Options()
+        options.parseOptions(list(argv))
+        return options.settings
+
+    assert parse().s3_redirect is False and parse().s3_redirect_ttl == 300
+    s = parse("--store", "s3", "--s3-bucket", "b", "--s3-redirect", "--s3-redirect-ttl", "60")
+    assert s.s3_redirect is True and s.s3_redirect_ttl == 60
+    for bad, message in (
+        (["--s3-redirect"], "s3-redirect: only with store: s3"),
+        (["--store", "s3", "--s3-bucket", "b", "--s3-redirect-ttl", "0"], "s3-redirect-ttl"),
+        (["--store", "s3", "--s3-bucket", "b", "--s3-redirect-ttl", "604801"], "s3-redirect-ttl"),
+    ):
+        with pytest.raises(UsageError, match=message):
+            parse(*bad)
+
+
+@pytest_twisted.ensureDeferred
+async def test_s3_redirect_answers_hits_with_a_presigned_url(
+    json_upstream: Any, s3_bucket: Any, proxy_factory: Any, dists: list[Any], tmp_path: Path
+) -> None:
+    """
+    A cached hit gets a 302 to a presigned URL on the S3 endpoint, which
+    gives the exact bytes and honours Range; a miss, a HEAD and a matching
+    If-None-Match are still answered by the proxy; off by default.
+    """
+    from tests.test_http_semantics import get
+    from tests.test_proxy import find, header
+
+    running = proxy_factory(
+        json_upstream.url, tmp_path / "a", **s3_settings(s3_bucket, s3_redirect=True, s3_redirect_ttl=120)
+    )
+    name = "gamma-0.5-py3-none-any.whl"
+    data = find(dists, name).content
+    url = f"{running.url}/files/gamma/{name}"
+    response, body = await get(url)
+    assert (response.code, header(response, "x-cache"), body) == (200, "MISS", data)
+    await running.proxy.files.wait_idle()
+
+    response, body = await get(url)
+    assert (response.code, header(response, "x-cache")) == (302, "HIT")
+    assert header(response, "cache-control") == "no-store" and body == b"found in the file store\n"
+    location = header(response, "location")
+    assert location is not None and location.startswith(f"{s3_bucket.endpoint}/{s3_bucket.bucket}/")
+    assert "X-Amz-Expires=120" in location and "X-Amz-Signature=" in location
+    response, body = await get(location)
+    assert response.code == 200 and body == data
+
+    response, _ = await get(url, {b"Range": [b"bytes=10-19"]})
+    assert response.code == 302
+    response, body = await get(header(response, "location") or "", {b"Range": [b"bytes=10-19"]})
+    assert response.code == 206 and body == data[10:20]
+
+    response, body = await get(url, method=b"HEAD")  # a URL signed for GET would refuse a HEAD
+    assert response.code == 200 and header(response, "content-length") == str(len(data))
+    etag = f'"{find(dists, name).sha256}"'
+    response, body = await get(url, {b"If-None-Match": [etag.encode()]})
+    assert response.code == 304
+    # An If-Range naming another version: only the proxy knows its ETags.
+    response, body = await get(url, {b"Range": [b"bytes=0-9"], b"If-Range": [b'"other"']})
+    assert response.code == 200 and body == data
+
+    # Whole downloads count for /stats, redirected or not; ranges do not.
+    assert await running.proxy.files.project_downloads("gamma") == [("0.5", name, 3)]
+    assert json_upstream.fake.requests["/packages/" + name] == 1
+
+    # Off by default: restarted without the option, the proxy sends the bytes.
+    await running.stop()
+    plain = proxy_factory(json_upstream.url, tmp_path / "a", **s3_settings(s3_bucket))
+    response, body = await get(f"{plain.url}/files/gamma/{name}")
+    assert (response.code, header(response, "x-cache"), body) == (200, "HIT", data)
+
+
+@pytest_twisted.ensureDeferred
+async def test_s3_redirect_falls_back_to_sending_and_reloads(
+    json_upstream: Any, s3_bucket: Any, proxy_factory: Any, dists: list[Any]
+) -> None:
+    """
+    When no URL can be presigned the proxy sends the file itself (and counts
+    a store error); SIGHUP's settings turn redirects off and on.
+    """
+    import attrs
+
+    from tests.test_http_semantics import get
+    from tests.test_proxy import find, header
+    from txpypi.config import Settings
+    from txpypi.tap import DrainService, apply_live
+
+    settings = s3_settings(s3_bucket, s3_redirect=True)
+    running = proxy_factory(json_upstream.url, **settings)
+    name = "gamma-0.5-py3-none-any.whl"
+    data = find(dists, name).content
+    url = f"{running.url}/files/gamma/{name}"
+    await get(url)
+    await running.proxy.files.wait_idle()
+    store = running.proxy.files._store
+
+    class Refusing:
+        def generate_presigned_url(self, *args: Any, **kwargs: Any) -> str:
+            raise RuntimeError("no credentials")
+
+    store._presigner = Refusing()
+    response, body = await get(url)
+    assert (response.code, header(response, "x-cache"), body) == (200, "HIT", data)
+    errors = running.proxy.metrics.registry.get_sample_value("txpypi_store_errors_total", {"store": "files"})
+    assert errors == 1
+    store._presigner = None
+
+    drain = next(s for s in running.service if isinstance(s, DrainService))
+    live = Settings(upstream=json_upstream.url, **settings)
+    apply_live(attrs.evolve(live, s3_redirect=False), running.proxy, drain)
+    response, body = await get(url)
+    assert response.code == 200 and body == data
+    apply_live(attrs.evolve(live, s3_redirect_ttl=30), running.proxy, drain)
+    response, body = await get(url)
+    assert response.code == 302 and "X-Amz-Expires=30" in (header(response, "location") or "")
+
+
+# -- S3 only: reading a hit
+
+
+@pytest_twisted.ensureDeferred
+async def test_s3_reader_streams_one_body_for_sequential_reads(s3_bucket: Any, tmp_path: Path) -> None:
+    """
+    A whole object read chunk by chunk costs two GETs, not one per chunk; a
+    small range costs one; a body that breaks under a slow client is opened
+    again where it stood; and closing a reader mid-way closes its body.
+    """
+    from txpypi.s3store import S3Store
+
+    pool = ThreadPool(1, 1)  # one thread: jobs run in order
+    pool.start()
+    try:
+        spool_dir = tmp_path / "spool"
+        spool_dir.mkdir()
+        real = s3_bucket.client()
+        bodies: list[Any] = []
+
+        class Counting:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(real, name)
+
+            def get_object(self, **kwargs: Any) -> Any:
+                answer = real.get_object(**kwargs)
+                bodies.append(answer["Body"])
+                return answer
+
+        store = S3Store(Counting(), s3_bucket.bucket, s3_bucket.prefix, str(spool_dir), pool, get_reactor())
+        data = os.urandom(3 * 1024 * 1024 + 17)
+        key = file_key("ef" * 32, "c-1.0-py3-none-any.whl")
+        await store.commit(spool(store, data), key)
+
+        async def read_all(reader: Any, chunk: int = 256 * 1024) -> bytes:
+            got = b""
+            while piece := await reader.read(len(got), chunk):
+                got += piece
+            return got
+
+        reader = await store.open(key)
+        assert await read_all(reader) == data and len(bodies) == 2
+        reader.close()
+
+        bodies.clear()
+        reader = await store.open(key)
+        assert await reader.read(1000, 10) == data[1000:1010] and len(bodies) == 1
+        assert await reader.read(1010, 10) == data[1010:1020] and len(bodies) == 2
+        bodies[-1].close()  # the connection drops while the client is paused
+        assert await reader.read(1020, 100_000) == data[1020:101_020] and len(bodies) == 3
+        open_body = bodies[-1]
+        reader.close()
+        await deferToThreadPool(get_reactor(), pool, lambda: None)  # the close ran before this
+        assert open_body._raw_stream.closed
     finally:
         pool.stop()

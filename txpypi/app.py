@@ -11,7 +11,7 @@ from __future__ import annotations
 import hmac
 import json
 import math
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 from urllib.parse import quote
 
@@ -24,7 +24,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from txpypi import __version__
 from txpypi.accesslog import Entry, client_address, combined, json_line
-from txpypi.download import Flight, FlightFailed, FlightReader, Sender, abort_client
+from txpypi.download import ByteSource, Flight, FlightFailed, FlightReader, Sender, abort_client
 from txpypi.files import FileCache, NotListed
 from txpypi.httpheaders import Unsatisfiable, accepts_gzip, etag_matches, parse_range
 from txpypi.index import negotiate
@@ -35,6 +35,7 @@ from txpypi.pages import HIT, STALE, CachedPage, NotFound, PageCache
 from txpypi.peer import HEADER as PEER_HEADER
 from txpypi.peer import verify
 from txpypi.statuspage import StatusFigures, render_status
+from txpypi.stores import IRedirectable
 from txpypi.upstream import UpstreamError
 
 log = Logger()
@@ -210,9 +211,15 @@ class FilesResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, files: FileCache) -> None:
+    def __init__(self, files: FileCache, redirect_ttl: Callable[[], float | None] = lambda: None) -> None:
+        """
+        @param redirect_ttl: gives the lifetime of the presigned URLs that
+            cached hits are redirected to, or L{None} to send every file
+            through the proxy (read per request: SIGHUP may change it).
+        """
         super().__init__()
         self._files = files
+        self._redirect_ttl = redirect_ttl
 
     def render_GET(self, request: Request) -> bytes | int:
         postpath = request.postpath or []
@@ -246,6 +253,13 @@ class FilesResource(Resource):
             if source is not None:
                 source.close()
             return
+        if not head and opened.hit and IRedirectable.providedBy(source):
+            assert source is not None
+            if await self._redirect(request, source, opened.sha256, project, filename):
+                return
+            if request._disconnected:
+                source.close()
+                return
         headers = request.responseHeaders
         headers.setRawHeaders(b"content-type", [b"application/octet-stream"])
         headers.setRawHeaders(b"x-cache", [b"HIT" if opened.hit else b"MISS"])
@@ -291,6 +305,44 @@ class FilesResource(Resource):
         whole = start == 0 and (size is None or sender.sent == size)
         if whole and request.finished and not filename.endswith(".metadata"):
             self._files.downloaded(project, filename)
+
+    async def _redirect(
+        self, request: Request, source: ByteSource, sha256: str | None, project: str, filename: str
+    ) -> bool:
+        """
+        With C{--s3-redirect}, answer a cached hit with a C{302} to a
+        presigned URL of the object, which honours C{Range} itself; C{False}
+        when the proxy must send the file itself: redirects are off, the
+        client's C{If-None-Match} names the file (a C{304} from here), its
+        C{If-Range} names another version (the store's ETag is not ours, so
+        only we can tell), or the URL could not be made.
+        """
+        ttl = self._redirect_ttl()
+        if ttl is None:
+            return False
+        etag = None if sha256 is None else f'"{sha256}"'
+        if etag is not None and etag_matches(_header(request, b"if-none-match"), etag):
+            return False
+        if not self._range_applies(request, etag):
+            return False
+        try:
+            url = await IRedirectable(source).url(ttl)
+        except Exception:
+            self._files._store_error("files")
+            log.failure("could not presign a URL for {filename}; sending it through", filename=filename)
+            return False
+        source.close()
+        if request._disconnected:
+            return True
+        headers = request.responseHeaders
+        headers.setRawHeaders(b"location", [url.encode("ascii")])
+        headers.setRawHeaders(b"x-cache", [b"HIT"])
+        headers.setRawHeaders(b"cache-control", [b"no-store"])  # the URL expires
+        request.write(_text(request, 302, "found in the file store"))
+        request.finish()
+        if request.getHeader(b"range") is None and not filename.endswith(".metadata"):
+            self._files.downloaded(project, filename)
+        return True
 
     @staticmethod
     def _range_applies(request: Request, etag: str | None) -> bool:
@@ -461,6 +513,8 @@ class Proxy:
     admin_token: str | None = None
     log_format: str = "combined"
     trusted_proxies: frozenset[str] = frozenset()
+    #: With C{--s3-redirect}: the lifetime of presigned URLs for cached hits.
+    s3_redirect_ttl: float | None = None
     sites: list[ProxySite] = attrs.field(factory=list)
     app = Klein()
 
@@ -481,7 +535,7 @@ class Proxy:
     def site(self) -> ProxySite:
         root = Root(
             SimpleResource(self.pages),
-            FilesResource(self.files),
+            FilesResource(self.files, lambda: self.s3_redirect_ttl),
             PeerResource(self.files, self.clock),
             self.app.resource(),
         )

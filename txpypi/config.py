@@ -16,6 +16,8 @@ import yaml
 
 DEFAULT_LISTEN = "tcp:5000:interface=127.0.0.1"
 DEFAULT_UPSTREAM = "https://pypi.org/simple/"
+#: The longest life of a SigV4 presigned URL, in seconds (a week).
+MAX_PRESIGNED_TTL = 7 * 24 * 3600
 
 
 def default_cache_dir() -> str:
@@ -54,6 +56,8 @@ class Settings:
     s3_endpoint_url: str | None = None
     s3_region: str | None = None
     s3_threads: int = 8
+    s3_redirect: bool = False
+    s3_redirect_ttl: float = 300.0
     redis: str | None = attrs.field(default=None, repr=False)
     lock_ttl: float = 30.0
     peer_url: str | None = None
@@ -251,6 +255,8 @@ KEYS = {
     "s3-endpoint-url": ("s3_endpoint_url", _url("s3-endpoint-url")),
     "s3-region": ("s3_region", _text_value("s3-region")),
     "s3-threads": ("s3_threads", _threads),
+    "s3-redirect": ("s3_redirect", _flag("s3-redirect")),
+    "s3-redirect-ttl": ("s3_redirect_ttl", _seconds("s3-redirect-ttl")),
     "redis": ("redis", _redis_url),
     "lock-ttl": ("lock_ttl", _seconds("lock-ttl")),
     "peer-url": ("peer_url", _url("peer-url")),
@@ -285,6 +291,11 @@ def check(settings: Settings) -> Settings:
     """
     if settings.store == "s3" and not settings.s3_bucket:
         raise ConfigError("s3-bucket: required with store: s3")
+    if settings.s3_redirect and settings.store != "s3":
+        raise ConfigError("s3-redirect: only with store: s3")
+    if not 1 <= settings.s3_redirect_ttl <= MAX_PRESIGNED_TTL:
+        # A SigV4 presigned URL lives at most a week.
+        raise ConfigError(f"s3-redirect-ttl: expected 1 to {MAX_PRESIGNED_TTL} seconds")
     if settings.lock_ttl < 1:
         raise ConfigError("lock-ttl: must be at least 1 second")
     if (settings.peer_url is None) != (settings.peer_secret is None):

@@ -41,7 +41,7 @@ from zope.interface import implementer
 from txpypi.metadata import FileRecord, IMetadata
 from txpypi.names import Hasher
 from txpypi.peer import HEADER, sign
-from txpypi.stores import IFileStore, file_key
+from txpypi.stores import IFileStore, IStreamingUpload, IUpload, file_key
 from txpypi.upstream import UpstreamClient, UpstreamError, UpstreamNotFound
 
 log = Logger()
@@ -200,6 +200,9 @@ class Flight:
     peer: Peer | None = None
     #: Called with "files" when the file store fails us (for metrics).
     on_store_error: Callable[[str], None] = lambda store: None
+    #: The store's upload of this file while it downloads, when the store
+    #: can take one and the index gave the sha256 (so the key is known).
+    upload: IUpload | None = None
 
     def __attrs_post_init__(self) -> None:
         self._hashing = _Lane(self.run, self._hash, self._hashed, self._lane_crashed)
@@ -253,7 +256,25 @@ class Flight:
             self._unlink()
             raise
         self._hasher = Hasher(self.wanted.expected_hash)
+        self._start_upload()
         Deferred.fromCoroutine(self._fetch()).addErrback(self._crashed)
+
+    def _start_upload(self) -> None:
+        """
+        Let the store take the file while it downloads, if it can and the
+        key is known (L{IStreamingUpload}): the upload hears of the spooled
+        bytes, is completed once the file is verified, else aborted.
+        """
+        expected = self.wanted.expected_hash
+        if expected is None or expected[0] != "sha256" or not IStreamingUpload.providedBy(self._store):
+            return
+        if self.peer is not None:
+            return  # the peer caches it, not us
+        key = file_key(expected[1], self.wanted.filename)
+        try:
+            self.upload = IStreamingUpload(self._store).start_upload(self._spool_path, key, expected[1])
+        except Exception:
+            log.failure("cannot upload {key} while it downloads; uploading it afterwards", key=key)
 
     def _crashed(self, failure: Failure) -> None:
         log.failure("download of {url} crashed", failure, url=self.wanted.url)
@@ -337,6 +358,8 @@ class Flight:
         # Spooled bytes are read from the spool from now on.
         self._spooled += spooled
         self._memory.drop_before(self._spooled)
+        if self.upload is not None:
+            self.upload.spooled(self._spooled)
         if error is not None:
             # The rest stays in memory, and is not cached.
             self._spooling.take()
@@ -456,7 +479,10 @@ class Flight:
             cached_at=self._clock.seconds(),
         )
         try:
-            await self._store.commit(self._spool_path, record.store_key)
+            if self.upload is not None:
+                await self.upload.complete(self.written)
+            else:
+                await self._store.commit(self._spool_path, record.store_key)
             await self._metadata.put_file(record)
         except Exception:
             self.on_store_error("files")
@@ -523,7 +549,11 @@ class Flight:
         self.done = True
         self._on_done(self, record)
         self.release()
-        self._over.end()
+        if record is None and self.upload is not None:
+            # Over once nothing of it is left in the store.
+            self.upload.abort().addBoth(lambda _: self._over.end())
+        else:
+            self._over.end()
 
     def when_done(self) -> Deferred[None]:
         """

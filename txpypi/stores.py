@@ -40,6 +40,19 @@ class IFileReader(Interface):
         """
 
 
+class IRedirectable(Interface):
+    """
+    A reader whose bytes a client may fetch itself, straight from the store
+    (an object store's presigned URL).
+    """
+
+    def url(ttl: float) -> Deferred[str]:
+        """
+        A URL that answers a GET (honouring C{Range}) with the file's bytes
+        for C{ttl} seconds.
+        """
+
+
 class IFileStore(Interface):
     """
     A place that keeps verified files by key.
@@ -61,6 +74,46 @@ class IFileStore(Interface):
     def delete(key: str) -> Deferred[None]:
         """
         Forget the file stored under C{key}, if any.
+        """
+
+
+class IUpload(Interface):
+    """
+    One file going into a store while its spool file is still being
+    written.  Every upload ends with exactly one of L{complete} or
+    L{abort}.
+    """
+
+    def spooled(length: int) -> None:
+        """
+        The spool file now holds the file's first C{length} bytes.
+        """
+
+    def complete(length: int) -> Deferred[None]:
+        """
+        The file is whole (C{length} bytes) and verified: make it visible
+        under its key.  The spool file is consumed.  On failure nothing is
+        visible and nothing is left behind in the store.
+        """
+
+    def abort() -> Deferred[None]:
+        """
+        Give up: nothing becomes visible, and what was sent is removed.  The
+        spool file is left to the caller.  Never fails (errors are logged).
+        """
+
+
+class IStreamingUpload(Interface):
+    """
+    A store that can take a file while it downloads, when its key is known
+    up front (from the sha256 that the index listed).
+    """
+
+    def start_upload(spool_path: str, key: str, sha256: str) -> IUpload:
+        """
+        Start taking the file being spooled at C{spool_path}, to be stored
+        under C{key}; it is made visible only if the bytes read back from
+        the spool have C{sha256}.
         """
 
 

@@ -177,6 +177,19 @@ class Options(usage.Options):
         """
         self.given["s3-threads"] = n
 
+    def opt_s3_redirect(self) -> None:
+        """
+        Answer a cached file's GET with a 302 to a short-lived presigned S3
+        URL instead of sending the bytes (default: off).
+        """
+        self.given["s3-redirect"] = True
+
+    def opt_s3_redirect_ttl(self, seconds: str) -> None:
+        """
+        With --s3-redirect: how long the presigned URLs live (default: 300).
+        """
+        self.given["s3-redirect-ttl"] = seconds
+
     def opt_redis(self, url: str) -> None:
         """
         Share metadata through Redis: redis://[:password@]host:port/db, or
@@ -387,6 +400,7 @@ def apply_live(settings: config.Settings, proxy: Proxy, drain: DrainService) -> 
     client.read_timeout = settings.read_timeout
     files.max_size = settings.max_cache_size
     proxy.admin_token = settings.admin_token
+    proxy.s3_redirect_ttl = settings.s3_redirect_ttl if settings.s3_redirect else None
     proxy.log_format = settings.log_format
     proxy.trusted_proxies = frozenset(settings.trusted_proxies)
     for site in proxy.sites:
@@ -520,6 +534,7 @@ def build(settings: config.Settings, reactor: Any) -> tuple[MultiService, Proxy]
         admin_token=settings.admin_token,
         log_format=settings.log_format,
         trusted_proxies=frozenset(settings.trusted_proxies),
+        s3_redirect_ttl=settings.s3_redirect_ttl if settings.s3_redirect else None,
     )
     site = proxy.site()
     drain = DrainService(files, settings.shutdown_grace)
