@@ -374,3 +374,54 @@ def test_chunks() -> None:
     assert (chunks.start, len(chunks), chunks.read(5, 10)) == (5, 4, b"fg")
     chunks.drop_before(9)
     assert (chunks.start, len(chunks)) == (9, 0)
+
+
+def test_a_stuck_client_is_cut_off_while_the_disk_is_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    With the disk full, a client that reads nothing for a whole read
+    timeout while it holds the memory window back is cut off; the upstream
+    resumes and the others get the whole file.
+    """
+    monkeypatch.setattr(download, "MEMORY_HIGH", 200)
+    download._spool_error.clear()
+    h = harness(tmp_path)
+    h.flight.spool_write = full_disk_after(0)
+    fast, stuck = h.flight.reader(), h.flight.reader()
+    cut: list[bool] = []
+    stuck.on_cut = lambda: cut.append(True)
+    got = bytearray()
+    h.response.send(DATA[:300])
+    assert h.response.transport.paused
+    got += read_all(fast, len(got))
+    h.clock.advance(4.9)
+    assert h.response.transport.paused and not cut  # not yet: the timeout is 5 s
+    h.clock.advance(0.2)
+    assert cut == [True] and not h.response.transport.paused
+    failed = []
+    stuck.read(0, 10).addErrback(failed.append)
+    assert failed and failed[0].check(FlightFailed)
+    h.response.send(DATA[300:])
+    h.response.end(ResponseDone())
+    got += read_all(fast, len(got))
+    assert bytes(got) == DATA and h.flight.verified
+    fast.close()
+    assert h.clock.getDelayedCalls() == []
+
+
+def read_all(reader: Any, offset: int) -> bytes:
+    """
+    Read what a reader can have without waiting.
+    """
+    got = bytearray()
+    while True:
+        out: list[Any] = []
+        d = reader.read(offset + len(got), 1 << 20)
+        d.addBoth(out.append)
+        if not out:
+            d.cancel()
+            return bytes(got)
+        if not out[0]:
+            return bytes(got)
+        got += out[0]

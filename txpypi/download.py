@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -188,6 +188,7 @@ class Flight:
     _paused: set[str] = attrs.field(factory=set)
     _ending: Failure | None = None
     _committing: bool = False
+    _stuck: Any = None
     _hashing: _Lane = attrs.field(init=False)
     _spooling: _Lane = attrs.field(init=False)
     #: How spool bytes are written (a test may inject a full disk).
@@ -381,8 +382,36 @@ class Flight:
             self._cancel_idle()  # our own pause is not the upstream stalling
             self._body.pauseProducing()
         self._paused.add(why)
+        if why == "memory" and not self.cacheable and self._stuck is None:
+            # Clients that hold the window back for a whole read timeout are
+            # cut off, so that one stuck client cannot stall everyone.
+            lowest = min((r.position for r in self._readers), default=self.written)
+            self._stuck = self._clock.callLater(self.read_timeout, self._drop_stuck, lowest)
+
+    def _drop_stuck(self, lowest: int) -> None:
+        self._stuck = None
+        if "memory" not in self._paused:
+            return
+        for reader in list(self._readers):
+            if reader.position <= lowest:
+                log.warn(
+                    "cutting off a client of {filename} that read nothing for {timeout:g} s "
+                    "while the disk is full",
+                    filename=self.wanted.filename,
+                    timeout=self.read_timeout,
+                )
+                reader.cut()
+        self._trim()
+
+    def _forget_stuck(self) -> None:
+        if self._stuck is not None:
+            if self._stuck.active():
+                self._stuck.cancel()
+            self._stuck = None
 
     def _unpause(self, why: str) -> None:
+        if why == "memory":
+            self._forget_stuck()
         if why not in self._paused:
             return
         self._paused.discard(why)
@@ -421,6 +450,7 @@ class Flight:
     def ended(self, reason: Failure) -> None:
         if self.failure is not None:
             return
+        self._forget_stuck()
         self._body = None
         self._paused.clear()
         self._cancel_idle()
@@ -547,6 +577,7 @@ class Flight:
 
     def _finish(self, record: FileRecord | None) -> None:
         self.done = True
+        self._forget_stuck()
         self._on_done(self, record)
         self.release()
         if record is None and self.upload is not None:
@@ -670,6 +701,8 @@ class FlightReader:
     position: int = 0
 
     def read(self, offset: int, length: int) -> Deferred[bytes]:
+        if self._cut:
+            return fail(FlightFailed(503, "cut off: too slow while the disk is full"))
         d = Deferred.fromCoroutine(self._flight.read(offset, length, self.stop))
         d.addCallback(self._advanced, offset)
         return d
@@ -678,6 +711,20 @@ class FlightReader:
         self.position = offset + len(data)
         self._flight._trim()
         return data
+
+    #: Called when the flight cuts this reader off (its sender aborts).
+    on_cut: Callable[[], None] | None = None
+
+    def cut(self) -> None:
+        """
+        Cut this reader off: its client is aborted and its reads fail.
+        """
+        self._cut = True
+        self.close()
+        if self.on_cut is not None:
+            self.on_cut()
+
+    _cut: bool = False
 
     def close(self) -> None:
         if not self._closed:
@@ -838,6 +885,8 @@ class Sender:
         """
         self._request = request
         self._source = source
+        if isinstance(source, FlightReader):
+            source.on_cut = self.abort
         self._paused = False
         self._resume: Deferred[None] | None = None
         self._pending: Deferred[bytes] | None = None
