@@ -135,6 +135,48 @@ async def test_a_dead_leaders_lock_expires_and_another_takes_over(
     await dead.redis.disconnect()
 
 
+@pytest_twisted.ensureDeferred
+async def test_the_size_limit_holds_for_the_whole_cluster(
+    json_upstream: Served,
+    redis_server: Redis,
+    s3_bucket: S3,
+    proxy_factory: Any,
+    tmp_path: Path,
+    dists: list[Dist],
+) -> None:
+    """
+    With a shared cache, --max-cache-size bounds what all the instances
+    store together: each learns the shared total, and the instance that
+    goes over it evicts the least recently used file, even one that another
+    instance cached.
+    """
+    small, large = find(dists, "gamma-0.5-py3-none-any.whl"), find(dists, "big-1.0-py3-none-any.whl")
+    limit = len(small.content) + len(large.content) - 1
+    shared = {**cluster_settings(redis_server, s3_bucket), "max_cache_size": limit}
+    one = proxy_factory(json_upstream.url, tmp_path / "one", **shared)
+    two = proxy_factory(json_upstream.url, tmp_path / "two", **shared)
+    response, _ = await get(f"{one.url}/files/gamma/{small.filename}")
+    assert response.code == 200
+    await Deferred.fromCoroutine(one.proxy.files.wait_idle())
+    await Deferred.fromCoroutine(two.proxy.files.upkeep())
+    assert (two.proxy.files.size, two.proxy.files.count) == (len(small.content), 1)
+    response, _ = await get(f"{two.url}/files/big/{large.filename}")
+    assert response.code == 200
+    await Deferred.fromCoroutine(two.proxy.files.wait_idle())
+    await Deferred.fromCoroutine(two.proxy.files.upkeep())
+    await Deferred.fromCoroutine(two.proxy.files.wait_idle())
+    assert two.proxy.files.evictions == 1
+    for instance in (one, two):
+        await Deferred.fromCoroutine(instance.proxy.files.upkeep())
+        assert (instance.proxy.files.size, instance.proxy.files.count) == (len(large.content), 1)
+    # The other instance serves what is left, and fetches the evicted file again.
+    response, _ = await get(f"{one.url}/files/big/{large.filename}")
+    assert header(response, "x-cache") == "HIT"
+    response, body = await get(f"{one.url}/files/gamma/{small.filename}")
+    assert header(response, "x-cache") == "MISS" and body == small.content
+    assert json_upstream.fake.requests["/packages/" + small.filename] == 2
+
+
 SECRET = "cluster-secret-0123456789"
 
 

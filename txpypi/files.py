@@ -118,6 +118,10 @@ class FileCache:
     peer_secret: str | None = attrs.field(default=None, repr=False)
     #: When following a peer last failed, by file key.
     _peer_failed: dict[str, float] = attrs.field(factory=dict)
+    #: Whether the cache's size is shared with other instances (in Redis):
+    #: it is then read again after every change and every minute, and
+    #: eviction runs on one instance at a time.
+    shared_usage: bool = False
     #: How flights write their spool files (a test may inject a full disk).
     spool_write: Callable[[int, memoryview], int] = os.write
     #: How flights hash and spool their bytes (see L{Flight.run}).
@@ -188,6 +192,16 @@ class FileCache:
         self.size, self.count = size, count
         self._maybe_evict()
 
+    async def upkeep(self) -> None:
+        """
+        What runs every minute: write the access times and download counts
+        to the metadata store, and (when the cache is shared) learn again
+        the size that all the instances together fill.
+        """
+        await self.flush_accesses()
+        if self.shared_usage:
+            await self.load_usage()
+
     async def flush_accesses(self) -> None:
         """
         Write the access times and download counts gathered in memory to the
@@ -242,7 +256,25 @@ class FileCache:
         """
         assert self.max_size is not None
         await self.flush_accesses()
+        lock = f"evict/{self.pages.group}"
+        if self.shared_usage and self.locks is not None:
+            # One instance of the cluster evicts at a time, or they would
+            # all remove the same amount.
+            if not await self.locks.acquire(lock, self.lock_ttl):
+                return
+            self._held.add(lock)
+        try:
+            await self._evict_until_under()
+        finally:
+            self._release_lock(lock)
+
+    async def _evict_until_under(self) -> None:
+        assert self.max_size is not None
         while self.size is not None and self.size > self.max_size:
+            if self.shared_usage:  # other instances add and evict too
+                self.size, self.count = await self._metadata.usage()
+                if self.size <= self.max_size:
+                    break
             victims = await self._metadata.least_recent(64)
             if not victims:
                 break
@@ -507,7 +539,12 @@ class FileCache:
         self._release_lock(flight.wanted.key)
         if record is not None:
             self._remember(record)
-            if self.size is not None:
+            if self.shared_usage:
+                # The shared total counts every instance's files.
+                Deferred.fromCoroutine(self.load_usage()).addErrback(
+                    lambda f: log.failure("could not read the cache's size", f)
+                )
+            elif self.size is not None:
                 self.size += record.size
                 self.count = None if self.count is None else self.count + 1
                 self._maybe_evict()

@@ -289,13 +289,18 @@ class CacheUpkeepService(Service):
 
     def __init__(self, files: FileCache, reactor: Any, interval: float = 60.0) -> None:
         self._files = files
-        self._loop = LoopingCall(self._flush)
+        self._loop = LoopingCall(self._upkeep)
         self._loop.clock = reactor
         self._interval = interval
 
     def _flush(self) -> Deferred[None]:
         d = Deferred.fromCoroutine(self._files.flush_accesses())
         d.addErrback(lambda f: log.failure("could not record access times", f))
+        return d
+
+    def _upkeep(self) -> Deferred[None]:
+        d = Deferred.fromCoroutine(self._files.upkeep())
+        d.addErrback(lambda f: log.failure("cache upkeep failed", f))
         return d
 
     def startService(self) -> None:
@@ -520,6 +525,7 @@ def build(settings: config.Settings, reactor: Any) -> tuple[MultiService, Proxy]
         from txpypi.redismeta import RedisLocks
 
         files.lock_ttl = settings.lock_ttl
+        files.shared_usage = True
         files.peer_url, files.peer_secret = settings.peer_url, settings.peer_secret
         instance = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
         files.locks = RedisLocks(metadata.redis, owner=owner_id(instance, settings.peer_url))
