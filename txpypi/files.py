@@ -19,6 +19,7 @@ from txpypi.download import ByteSource, Ended, Flight, FlightReader, Wanted, _sp
 from txpypi.index import DistFile, ProjectPage, file_version
 from txpypi.metadata import FileRecord, IMetadata
 from txpypi.names import strongest_hash
+from txpypi.outages import Unavailable
 from txpypi.pages import PageCache, SingleFlight
 from txpypi.stores import IFileStore
 from txpypi.upstream import UpstreamClient
@@ -269,13 +270,28 @@ class FileCache:
                 return "the index now lists another hash"
         return None
 
+    async def _get_record(self, key: str) -> FileRecord | None:
+        """
+        The metadata store's record of C{key}; L{None} while the store is
+        down, so that the file is fetched from the upstream.
+        """
+        try:
+            return await self._metadata.get_file(key)
+        except Unavailable:
+            return None
+
     async def _open_record(self, record: FileRecord, project: str, filename: str) -> Opened | None:
         """
         Open a cached file, or return L{None} (and forget the record) when
-        it is gone, damaged or outdated, so that it is fetched again.
+        it is gone, damaged or outdated, so that it is fetched again.  While
+        the file store is down, return L{None} and keep the record: the
+        file is served from the upstream meanwhile.
         """
         why = self._outdated(record, project, filename)
-        reader = None if why is not None else await self._store.open(record.store_key)
+        try:
+            reader = None if why is not None else await self._store.open(record.store_key)
+        except Unavailable:
+            return None
         if reader is not None and reader.size != record.size:
             why = f"it has {reader.size} bytes, not {record.size}"
             reader.close()
@@ -287,9 +303,12 @@ class FileCache:
                 why=why or "it is gone from the store",
             )
             self._records.pop(record.key, None)
-            await self._metadata.delete_file(record.key)
-            if why is not None:
-                await self._store.delete(record.store_key)
+            try:
+                await self._metadata.delete_file(record.key)
+                if why is not None:
+                    await self._store.delete(record.store_key)
+            except Unavailable:
+                pass  # a store is down (logged once); the record is found bad again later
             if self.size is not None:
                 self.size -= record.size
                 self.count = None if self.count is None else self.count - 1
@@ -315,7 +334,7 @@ class FileCache:
         record = self._records.get(key)
         if record is None and key not in self.flights:
             # A flight may land while we read the store: check memory again.
-            record = await self._metadata.get_file(key) or self._records.get(key)
+            record = await self._get_record(key) or self._records.get(key)
         if record is not None:
             opened = await self._open_record(record, project, filename)
             if opened is not None:
@@ -379,7 +398,7 @@ class FileCache:
         assert self.locks is not None
         while True:
             # The record first: a leader releases its lock once it landed.
-            record = await self._metadata.get_file(key) or self._records.get(key)
+            record = await self._get_record(key) or self._records.get(key)
             if record is not None:
                 return record
             try:
@@ -390,6 +409,8 @@ class FileCache:
                         self._release_lock(key)
                         return landed
                     return None
+            except Unavailable:
+                return None  # Redis is down (logged once): fetch it here
             except Exception:
                 log.failure("cluster lock unavailable; fetching {key} here", key=key)
                 return None
