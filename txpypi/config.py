@@ -56,6 +56,8 @@ class Settings:
     s3_threads: int = 8
     redis: str | None = attrs.field(default=None, repr=False)
     lock_ttl: float = 30.0
+    redis_timeout: float = 3.0
+    s3_timeout: float = 10.0
 
 
 def _listen(value: Any) -> tuple[str, ...]:
@@ -236,6 +238,8 @@ KEYS = {
     "s3-threads": ("s3_threads", _threads),
     "redis": ("redis", _redis_url),
     "lock-ttl": ("lock_ttl", _seconds("lock-ttl")),
+    "redis-timeout": ("redis_timeout", _seconds("redis-timeout")),
+    "s3-timeout": ("s3_timeout", _seconds("s3-timeout")),
     "trusted-proxy": ("trusted_proxies", _addresses),
     "admin-token": ("admin_token", _token),
     "admin-token-file": ("admin_token", read_token_file),
@@ -267,6 +271,9 @@ def check(settings: Settings) -> Settings:
         raise ConfigError("s3-bucket: required with store: s3")
     if settings.lock_ttl < 1:
         raise ConfigError("lock-ttl: must be at least 1 second")
+    for key, value in (("redis-timeout", settings.redis_timeout), ("s3-timeout", settings.s3_timeout)):
+        if value < 0.1:
+            raise ConfigError(f"{key}: must be at least 0.1 seconds")
     return settings
 
 
