@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -105,8 +106,20 @@ class RedisProcess:
 
         _wait_until(ready, time.monotonic() + 20, "redis-server", self.process, log)
 
+    def pause(self) -> None:
+        """
+        Freeze the server (SIGSTOP): connections stay open, nothing answers.
+        """
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         if self.process is not None:
+            self.resume()  # a frozen server would not see SIGTERM
             _stop(self.process)
             self.process = None
 

@@ -324,7 +324,117 @@ async def test_redis_down_at_start_up(
     assert header(response, "x-cache") == "HIT"
 
 
+@pytest_twisted.ensureDeferred
+async def test_redis_that_hangs_holds_nobody_up(
+    json_upstream: Served,
+    redis_process: RedisProcess,  # noqa: F811
+    proxy_factory: Any,
+    tmp_path: Path,
+    events: Events,
+    dists: list[Dist],
+) -> None:
+    """
+    A Redis that stops answering but keeps its connections open (frozen
+    with SIGSTOP): the first call waits for the timeout, the calls after it
+    fail at once, so a request is not held up once per call; when Redis
+    answers again, the instance rejoins.
+    """
+    running = proxy_factory(json_upstream.url, tmp_path / "cache", redis=redis_process.url, redis_timeout=1.0)
+    response, _ = await get(f"{running.url}/simple/alpha/")
+    assert header(response, "x-cache") == "MISS"
+
+    redis_process.pause()
+    # Three metadata calls before the first byte (a page read, a record
+    # read, the cluster lock): each waiting its timeout would take 3 s.
+    for name, project in ((GAMMA, "gamma"), (BETA, "beta")):
+        response, body = await timed_get(f"{running.url}/files/{project}/{name}", 2.5)
+        assert response.code == 200 and body == find(dists, name).content
+    code, state = await health(running.url)
+    assert code == 200 and state["metadata_store"]["state"] == "failing"
+    assert events.count(outage_line("metadata", "failing")) == 1
+
+    redis_process.resume()
+    await events.wait(outage_line("metadata", "back"))
+    code, state = await health(running.url)
+    assert code == 200 and state["status"] == "ok"
+    await idle(running)
+    response, _ = await get(f"{running.url}/files/alpha/alpha-1.0-py3-none-any.whl")
+    assert response.code == 200
+    await idle(running)
+    response, _ = await get(f"{running.url}/files/alpha/alpha-1.0-py3-none-any.whl")
+    assert header(response, "x-cache") == "HIT"
+
+
 # -- the outage logic, on a fake clock
+
+
+class FakePool:
+    """
+    Stands in for a txredisapi pool: its commands answer when the test
+    says, and its factory says what txredisapi's says about connections.
+    """
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self.answers: list[Deferred[Any]] = []
+        self.disconnected = False
+        self._factory = type("Factory", (), {"stopped": False, "size": 8, "disconnectCalled": False})()
+
+    def __getattr__(self, method: str) -> Callable[..., Deferred[Any]]:
+        def send(*args: Any, **kwargs: Any) -> Deferred[Any]:
+            self.sent.append(method)
+            d: Deferred[Any] = Deferred()
+            self.answers.append(d)
+            return d
+
+        return send
+
+    def disconnect(self) -> Deferred[None]:
+        self.disconnected = True
+        return succeed(None)
+
+
+def test_redis_link_bounds_calls_and_fails_at_once_while_down() -> None:
+    """
+    A call that gets no answer fails after the timeout; then calls fail at
+    once without reaching Redis, except the probe and one call per
+    timeout; an answer ends it.  A pool txredisapi gave up on is replaced.
+    """
+    import txredisapi
+
+    from txpypi.redismeta import Link
+
+    clock = task.Clock()
+    pools = [FakePool(), FakePool()]
+    link = Link(pools[0], timeout=2, clock=clock, reconnect=lambda: pools[1])
+    results: list[Any] = []
+
+    def call(method: str = "get") -> None:
+        Deferred.fromCoroutine(link.call(method, "k")).addBoth(results.append)
+
+    call()
+    assert not results and not link.down
+    clock.advance(2)
+    assert isinstance(results[-1].value, Unavailable) and "within 2 s" in str(results[-1].value)
+    assert link.down
+    call()
+    assert "Redis is down" in str(results[-1].value) and len(pools[0].sent) == 1  # not sent
+    clock.advance(2)  # one call goes through, as a probe: it fails
+    call()
+    pools[0].answers[-1].errback(txredisapi.ConnectionError("Lost connection"))
+    assert "Lost connection" in str(results[-1].value) and len(pools[0].sent) == 2
+    probe = Deferred.fromCoroutine(link.probe())  # goes through while down
+    assert pools[0].sent[-1] == "ping"
+    pools[0].answers[-1].callback("PONG")
+    assert probe.called and not link.down
+    call()
+    pools[0].answers[-1].callback("v")
+    assert results[-1] == "v"
+
+    # txredisapi stopped reconnecting and lost its last connection.
+    pools[0]._factory.stopped, pools[0]._factory.size = True, 0
+    call()
+    assert pools[0].disconnected and pools[1].sent == ["get"] and link.redis is pools[1]
 
 
 class Broken(MemoryMetadata):

@@ -9,23 +9,28 @@ exact even with several instances writing at once.
 Every call is bounded (L{Link}): txredisapi queues a command until a
 connection is up, which while Redis is down means forever.  A call that
 gets no answer in time, or whose connection is lost, fails with
-L{txpypi.outages.Unavailable}; after that, and until a connection is up
-again, calls fail at once instead of waiting.
+L{txpypi.outages.Unavailable}; after that, calls fail at once instead of
+waiting, until a probe (L{RedisMetadata.ping}, or one call let through
+every few seconds) gets an answer.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import attrs
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from txpypi.metadata import FileRecord, IMetadata, PageRecord
 from txpypi.outages import Unavailable
+
+log = Logger()
 
 _PUT_FILE = """
 local old = redis.call('GET', KEYS[1])
@@ -93,6 +98,10 @@ def connect(url: str, timeout: float = 3.0) -> Any:
     A lazy, reconnecting txredisapi pool for C{url}: connections and replies
     time out after C{timeout} seconds, and a lost connection is tried again
     at growing intervals up to C{timeout} (at least 1 s) apart.
+
+    Database 0 is not selected: every connection starts there, and a
+    SELECT that fails (a Redis that hangs) makes txredisapi give up
+    reconnecting for good (L{Link} then starts a new pool).
     """
     import txredisapi
 
@@ -105,7 +114,7 @@ def connect(url: str, timeout: float = 3.0) -> Any:
     pool = txredisapi.lazyConnectionPool(
         host=where.host,
         port=where.port,
-        dbid=where.db,
+        dbid=where.db or None,
         poolsize=8,
         reconnect=True,
         password=where.password,
@@ -119,6 +128,10 @@ def connect(url: str, timeout: float = 3.0) -> Any:
     factory = getattr(pool, "_factory", None)
     if factory is not None:
         factory.maxDelay = max(1.0, timeout)
+        if getattr(factory, "deferred", None) is not None:
+            # A failed AUTH or SELECT fails this (nobody waits on it in a
+            # lazy pool): the outage is told by txpypi.outages instead.
+            factory.deferred.addErrback(lambda _: None)
     return pool
 
 
@@ -126,35 +139,72 @@ def connect(url: str, timeout: float = 3.0) -> Any:
 class Link:
     """
     Calls to one txredisapi pool, each bounded by C{timeout} seconds.  Once
-    a call failed for want of Redis, calls fail at once until a connection
-    is up again, rather than queue for it.
+    a call failed for want of Redis, calls fail at once (a Redis that hangs
+    keeps its connections open: each call would wait C{timeout}) until a
+    probe gets an answer; one call is let through as a probe every
+    C{timeout} seconds (at least 1) in any case.
     """
 
     redis: Any
     timeout: float = 3.0
     _clock: Any = None
-    #: Redis failed us, and no call worked since.
-    down: bool = False
+    #: Makes a new pool, for when txredisapi gave up on this one.
+    reconnect: Callable[[], Any] | None = None
+    #: While Redis is down: when the next call may try it.
+    _retry_at: float | None = None
 
-    def _connected(self) -> bool:
-        # txredisapi keeps its live connections on the factory behind the
-        # pool; without that (another client), assume there may be one.
+    @property
+    def down(self) -> bool:
+        return self._retry_at is not None
+
+    def _clock_(self) -> Any:
+        if self._clock is None:
+            from twisted.internet import reactor
+
+            self._clock = reactor
+        return self._clock
+
+    def _given_up(self) -> bool:
+        """
+        Whether txredisapi stopped reconnecting this pool and has no live
+        connection left: it does so for good when a new connection's AUTH
+        or SELECT fails, as it does against a Redis that hangs.
+        """
         factory = getattr(self.redis, "_factory", None)
-        return factory is None or bool(getattr(factory, "size", 1))
+        if factory is None or getattr(factory, "disconnectCalled", False):
+            return False
+        return bool(getattr(factory, "stopped", False)) and not getattr(factory, "size", 1)
 
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """
         C{redis.method(*args, **kwargs)}, bounded.
 
-        @raise Unavailable: no answer in time, a lost connection, or none.
+        @raise Unavailable: no answer in time, a lost connection, no
+            connection, or Redis known down.
         """
+        now = self._clock_().seconds()
+        if self._retry_at is not None and now < self._retry_at:
+            raise Unavailable("Redis is down")
+        return await self._send(method, *args, **kwargs)
+
+    async def probe(self) -> None:
+        """
+        Ask Redis whether it answers, even while it is known down.
+
+        @raise Unavailable: it does not.
+        """
+        await self._send("ping")
+
+    async def _send(self, method: str, *args: Any, **kwargs: Any) -> Any:
         import txredisapi
 
-        if self.down and not self._connected():
-            raise Unavailable("not connected to Redis")
-        clock = self._clock
-        if clock is None:
-            from twisted.internet import reactor as clock
+        clock = self._clock_()
+        if self.reconnect is not None and self._given_up():
+            old, self.redis = self.redis, self.reconnect()
+            old.disconnect().addErrback(lambda _: None)
+            log.info("txredisapi gave up reconnecting to Redis; started a new connection pool")
+        if self._retry_at is not None:
+            self._retry_at = clock.seconds() + max(1.0, self.timeout)
         d: Deferred[Any] = getattr(self.redis, method)(*args, **kwargs)
         # Cancelling is safe: a command waiting for a connection is dropped,
         # and the reply of one already sent is read and ignored.
@@ -162,13 +212,16 @@ class Link:
         try:
             result = await d
         except defer.TimeoutError:
-            self.down = True
+            self._failed(clock)
             raise Unavailable(f"Redis did not answer within {self.timeout:g} s") from None
         except txredisapi.ConnectionError as e:
-            self.down = True
+            self._failed(clock)
             raise Unavailable(f"Redis connection: {e}") from None
-        self.down = False
+        self._retry_at = None
         return result
+
+    def _failed(self, clock: Any) -> None:
+        self._retry_at = clock.seconds() + max(1.0, self.timeout)
 
 
 @implementer(IMetadata)
@@ -183,10 +236,12 @@ class RedisMetadata:
     namespace: str = "txpypi"
     timeout: float = 3.0
     _clock: Any = None
+    #: Makes a new pool when txredisapi gave up on one (see L{Link}).
+    reconnect: Callable[[], Any] | None = None
     link: Link = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self.link = Link(self.redis, self.timeout, self._clock)
+        self.link = Link(self.redis, self.timeout, self._clock, self.reconnect)
 
     async def _r(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return await self.link.call(method, *args, **kwargs)
@@ -201,16 +256,16 @@ class RedisMetadata:
         """
         from twisted.internet import reactor
 
-        d: Deferred[None] = self.redis.disconnect()
+        d: Deferred[None] = self.link.redis.disconnect()
         d.addTimeout(timeout, reactor)
         d.addErrback(lambda _: None)
         return d
 
-    async def _ping(self) -> None:
-        await self._r("ping")
-
     def ping(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._ping())
+        """
+        Ask Redis, even while it is known down (this is the probe).
+        """
+        return Deferred.fromCoroutine(self.link.probe())
 
     # -- pages
 

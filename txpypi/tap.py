@@ -492,8 +492,12 @@ def build(settings: config.Settings, reactor: Any) -> tuple[MultiService, Proxy]
     if settings.redis is not None:
         from txpypi.redismeta import RedisMetadata, connect
 
+        redis_url, redis_timeout = settings.redis, settings.redis_timeout
         redis_metadata = RedisMetadata(
-            connect(settings.redis, settings.redis_timeout), timeout=settings.redis_timeout, clock=reactor
+            connect(redis_url, redis_timeout),
+            timeout=redis_timeout,
+            clock=reactor,
+            reconnect=lambda: connect(redis_url, redis_timeout),
         )
         stored, kind, retry = redis_metadata, "Redis", settings.redis_timeout
     else:
