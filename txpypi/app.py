@@ -520,8 +520,8 @@ class Proxy:
             if client.last_error is None
             else {"at": client.last_error[0], "reason": client.last_error[1]},
         }
-        # Ask each watched store now (bounded): a store that came back shows
-        # as such at once, and one that just failed too.
+        # Ask each watched store now (waiting 1 s at most, and not at all
+        # for one known down): one that just failed shows at once.
         await DeferredList([Deferred.fromCoroutine(o.check(CHECK_WAIT)) for o in self.outages])
         watched = {o.store: o for o in self.outages}
         file_store: dict[str, Any] = {"state": "ok"}

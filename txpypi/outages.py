@@ -39,8 +39,9 @@ T = TypeVar("T")
 #: The key the file store is probed with: there is never an object under it.
 PROBE_KEY = "txpypi-probe/absent"
 
-#: How long C{/health} waits for a store to answer its probe.
-CHECK_WAIT = 3.0
+#: How long C{/health} waits for a working store to answer its probe (a
+#: load balancer's health check may give up after a second or two).
+CHECK_WAIT = 1.0
 
 
 class Unavailable(Exception):
@@ -227,18 +228,26 @@ class Outage:
     async def check(self, wait: float | None = None) -> None:
         """
         Ask the store now (one probe at a time however many ask), and wait
-        for its answer for up to C{wait} seconds.
+        for its answer for up to C{wait} seconds; not at all while it is
+        known down (a store that hangs would cost each caller C{wait}).
         """
         if self.probe is None:
             return
+        if self.down:
+            wait = 0.0
+        waiting = wait is None or wait > 0
         mine: Deferred[None] = Deferred()
+        starting = self._checking is None
         if self._checking is None:
-            self._checking = [mine]
+            self._checking = []
+        if waiting:
+            self._checking.append(mine)
+        if starting:
             probing = Deferred.fromCoroutine(self._probe_once())
             probing.addErrback(lambda f: log.failure("probing {what} crashed", f, what=self.what))
             probing.addBoth(self._probed)
-        else:
-            self._checking.append(mine)
+        if not waiting:
+            return
         if wait is not None:
             mine.addTimeout(wait, self._clock)
         try:
