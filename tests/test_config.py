@@ -159,7 +159,13 @@ def test_store_and_redis_options() -> None:
         "redis://:pw@127.0.0.1:6380/2",
         "--lock-ttl",
         "5",
+        "--redis-timeout",
+        "0.5",
+        "--s3-timeout",
+        "2",
     ).settings
+    assert (s.redis_timeout, s.s3_timeout) == (0.5, 2)
+    assert (parse().settings.redis_timeout, parse().settings.s3_timeout) == (3, 10)
     assert (s.store, s.s3_bucket, s.s3_prefix, s.s3_threads) == ("s3", "b", "p/", 3)
     assert s.s3_endpoint_url == "http://127.0.0.1:1" and s.s3_region == "eu-west-1"
     assert s.redis == "redis://:pw@127.0.0.1:6380/2" and "pw" not in repr(s)
@@ -171,6 +177,8 @@ def test_store_and_redis_options() -> None:
         (["--redis", "redis://host/db"], "redis"),
         (["--s3-threads", "0"], "s3-threads"),
         (["--lock-ttl", "0.5"], "lock-ttl: must be at least"),
+        (["--redis-timeout", "0"], "redis-timeout: must be at least"),
+        (["--s3-timeout", "soon"], "s3-timeout"),
     ):
         with pytest.raises(UsageError, match=message):
             parse(*bad)

@@ -171,7 +171,7 @@ async def test_an_s3_failure_mid_download_still_serves_the_file(
     """
     json_upstream.fake.add(huge)
     running = proxy_factory(json_upstream.url, **s3_settings(s3_bucket))
-    store = running.proxy.files._store
+    store = running.proxy.files._store.inner  # the S3 store inside the outage watcher
     real = store.client
     sent = [0]
 

@@ -214,7 +214,7 @@ async def test_s3_redirect_falls_back_to_sending_and_reloads(
     url = f"{running.url}/files/gamma/{name}"
     await get(url)
     await running.proxy.files.wait_idle()
-    store = running.proxy.files._store
+    store = running.proxy.files._store.inner  # the S3 store inside the outage watcher
 
     class Refusing:
         def generate_presigned_url(self, *args: Any, **kwargs: Any) -> str:

@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 import attrs
 from klein import Klein
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -31,6 +31,7 @@ from txpypi.index import negotiate
 from txpypi.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from txpypi.metrics import Metrics, route_of
 from txpypi.names import BadName, check_filename, normalize
+from txpypi.outages import CHECK_WAIT, Outage
 from txpypi.pages import HIT, STALE, CachedPage, NotFound, PageCache
 from txpypi.peer import HEADER as PEER_HEADER
 from txpypi.peer import verify
@@ -516,6 +517,8 @@ class Proxy:
     #: With C{--s3-redirect}: the lifetime of presigned URLs for cached hits.
     s3_redirect_ttl: float | None = None
     sites: list[ProxySite] = attrs.field(factory=list)
+    #: The stores watched for outages (L{txpypi.outages}), for C{/health}.
+    outages: tuple[Outage, ...] = ()
     app = Klein()
 
     def __attrs_post_init__(self) -> None:
@@ -619,6 +622,13 @@ class Proxy:
 
     @app.route("/health", methods=["GET"])
     async def health(self, request: Request) -> bytes:
+        """
+        The proxy's state as JSON.  C{200} while it can serve, even degraded
+        (the upstream or a store failing: files then come from the upstream
+        uncached, and a Redis outage must not take every instance out of a
+        load balancer at once); C{503} when a store it cannot do without
+        (its local SQLite database) fails.
+        """
         client = self.files._client
         upstream: dict[str, Any] = {
             "url": self.pages.upstream.url,
@@ -628,16 +638,27 @@ class Proxy:
             if client.last_error is None
             else {"at": client.last_error[0], "reason": client.last_error[1]},
         }
+        # Ask each watched store now (waiting 1 s at most, and not at all
+        # for one known down): one that just failed shows at once.
+        await DeferredList([Deferred.fromCoroutine(o.check(CHECK_WAIT)) for o in self.outages])
+        watched = {o.store: o for o in self.outages}
+        file_store: dict[str, Any] = {"state": "ok"}
+        if "files" in watched:
+            file_store = watched["files"].health()
         spool_error = self.files.spool_error()
-        file_store = {"state": "degraded", "reason": spool_error} if spool_error else {"state": "ok"}
-        try:
-            await self.files.metadata_ping()
-            metadata: dict[str, Any] = {"state": "ok"}
-        except Exception as e:
-            self.metrics.store_errors.labels("metadata").inc()
-            metadata = {"state": "failing", "reason": repr(e)}
-        serving = metadata["state"] == "ok"
-        degraded = upstream["state"] == "degraded" or file_store["state"] != "ok"
+        if spool_error and file_store["state"] == "ok":
+            file_store = {"state": "degraded", "reason": spool_error}
+        if "metadata" in watched:
+            metadata = watched["metadata"].health()
+        else:
+            try:
+                await self.files.metadata_ping()
+                metadata = {"state": "ok"}
+            except Exception as e:
+                metadata = {"state": "failing", "reason": repr(e)}
+        fatal = watched["metadata"].fatal if "metadata" in watched else True
+        serving = metadata["state"] == "ok" or not fatal
+        degraded = upstream["state"] == "degraded" or file_store["state"] != "ok" or metadata["state"] != "ok"
         body = {
             "status": "failing" if not serving else "degraded" if degraded else "ok",
             "version": __version__,

@@ -62,6 +62,8 @@ class Settings:
     lock_ttl: float = 30.0
     peer_url: str | None = None
     peer_secret: str | None = attrs.field(default=None, repr=False)
+    redis_timeout: float = 3.0
+    s3_timeout: float = 10.0
 
 
 def _listen(value: Any) -> tuple[str, ...]:
@@ -262,6 +264,8 @@ KEYS = {
     "peer-url": ("peer_url", _url("peer-url")),
     "peer-secret": ("peer_secret", _secret("peer-secret")),
     "peer-secret-file": ("peer_secret", _secret_file("peer-secret-file", _secret("peer-secret"))),
+    "redis-timeout": ("redis_timeout", _seconds("redis-timeout")),
+    "s3-timeout": ("s3_timeout", _seconds("s3-timeout")),
     "trusted-proxy": ("trusted_proxies", _addresses),
     "admin-token": ("admin_token", _token),
     "admin-token-file": ("admin_token", read_token_file),
@@ -302,6 +306,9 @@ def check(settings: Settings) -> Settings:
         raise ConfigError("peer-url: peer-url and peer-secret (or peer-secret-file) go together")
     if settings.peer_url is not None and settings.redis is None:
         raise ConfigError("peer-url: peers find each other through redis, which is not set")
+    for key, value in (("redis-timeout", settings.redis_timeout), ("s3-timeout", settings.s3_timeout)):
+        if value < 0.1:
+            raise ConfigError(f"{key}: must be at least 0.1 seconds")
     return settings
 
 

@@ -40,6 +40,7 @@ from zope.interface import implementer
 
 from txpypi.metadata import FileRecord, IMetadata
 from txpypi.names import Hasher
+from txpypi.outages import Unavailable
 from txpypi.peer import HEADER, sign
 from txpypi.stores import IFileStore, IStreamingUpload, IUpload, file_key
 from txpypi.upstream import UpstreamClient, UpstreamError, UpstreamNotFound
@@ -274,6 +275,8 @@ class Flight:
         key = file_key(expected[1], self.wanted.filename)
         try:
             self.upload = IStreamingUpload(self._store).start_upload(self._spool_path, key, expected[1])
+        except Unavailable:
+            pass  # the store is down (logged once): the file is not cached
         except Exception:
             log.failure("cannot upload {key} while it downloads; uploading it afterwards", key=key)
 
@@ -514,6 +517,15 @@ class Flight:
             else:
                 await self._store.commit(self._spool_path, record.store_key)
             await self._metadata.put_file(record)
+        except Unavailable as e:
+            # A store is down: its outage is logged once, not per file.  The
+            # object, if it went in, stays: under its content-addressed key it
+            # may be another instance's recorded copy, and the next fetch of
+            # the file records it again.
+            log.info("not caching {filename}: {reason}", filename=self.wanted.filename, reason=str(e))
+            self._unlink()
+            self._finish(None)
+            return
         except Exception:
             self.on_store_error("files")
             log.failure("could not cache {filename}", filename=self.wanted.filename)

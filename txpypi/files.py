@@ -29,6 +29,7 @@ from txpypi.download import (
 from txpypi.index import DistFile, ProjectPage, file_version
 from txpypi.metadata import FileRecord, IMetadata
 from txpypi.names import strongest_hash
+from txpypi.outages import Unavailable
 from txpypi.pages import PageCache, SingleFlight
 from txpypi.peer import owner_url, peer_path
 from txpypi.stores import IFileStore
@@ -122,6 +123,7 @@ class FileCache:
     #: it is then read again after every change and every minute, and
     #: eviction runs on one instance at a time.
     shared_usage: bool = False
+    _reloads: list[Deferred[None]] = attrs.field(factory=list)
     #: How flights write their spool files (a test may inject a full disk).
     spool_write: Callable[[int, memoryview], int] = os.write
     #: How flights hash and spool their bytes (see L{Flight.run}).
@@ -200,7 +202,10 @@ class FileCache:
         """
         await self.flush_accesses()
         if self.shared_usage:
-            await self.load_usage()
+            try:
+                await self.load_usage()
+            except Unavailable:
+                pass  # Redis is down (logged once); read again once it is back
 
     async def flush_accesses(self) -> None:
         """
@@ -240,7 +245,7 @@ class FileCache:
             return
         if self._evicting is None:
             self._evicting = Deferred.fromCoroutine(self._evict())
-            self._evicting.addErrback(lambda f: log.failure("eviction failed", f))
+            self._evicting.addErrback(_unless_unavailable, "eviction")
             self._evicting.addBoth(self._evicted)
 
     def _evicted(self, _: object) -> None:
@@ -321,13 +326,28 @@ class FileCache:
                 return "the index now lists another hash"
         return None
 
+    async def _get_record(self, key: str) -> FileRecord | None:
+        """
+        The metadata store's record of C{key}; L{None} while the store is
+        down, so that the file is fetched from the upstream.
+        """
+        try:
+            return await self._metadata.get_file(key)
+        except Unavailable:
+            return None
+
     async def _open_record(self, record: FileRecord, project: str, filename: str) -> Opened | None:
         """
         Open a cached file, or return L{None} (and forget the record) when
-        it is gone, damaged or outdated, so that it is fetched again.
+        it is gone, damaged or outdated, so that it is fetched again.  While
+        the file store is down, return L{None} and keep the record: the
+        file is served from the upstream meanwhile.
         """
         why = self._outdated(record, project, filename)
-        reader = None if why is not None else await self._store.open(record.store_key)
+        try:
+            reader = None if why is not None else await self._store.open(record.store_key)
+        except Unavailable:
+            return None
         if reader is not None and reader.size != record.size:
             why = f"it has {reader.size} bytes, not {record.size}"
             reader.close()
@@ -339,9 +359,12 @@ class FileCache:
                 why=why or "it is gone from the store",
             )
             self._records.pop(record.key, None)
-            await self._metadata.delete_file(record.key)
-            if why is not None:
-                await self._store.delete(record.store_key)
+            try:
+                await self._metadata.delete_file(record.key)
+                if why is not None:
+                    await self._store.delete(record.store_key)
+            except Unavailable:
+                pass  # a store is down (logged once); the record is found bad again later
             if self.size is not None:
                 self.size -= record.size
                 self.count = None if self.count is None else self.count - 1
@@ -367,7 +390,7 @@ class FileCache:
         record = self._records.get(key)
         if record is None and key not in self.flights:
             # A flight may land while we read the store: check memory again.
-            record = await self._metadata.get_file(key) or self._records.get(key)
+            record = await self._get_record(key) or self._records.get(key)
         if record is not None:
             opened = await self._open_record(record, project, filename)
             if opened is not None:
@@ -426,11 +449,14 @@ class FileCache:
 
     async def wait_idle(self) -> None:
         """
-        Wait until no download is in flight and no eviction running.
+        Wait until no download is in flight, no eviction running and the
+        shared size read again after the last download.
         """
-        while self.flights or self._evicting is not None:
+        while self.flights or self._evicting is not None or self._reloads:
             if self.flights:
                 await next(iter(self.flights.values())).when_done()
+            elif self._reloads:
+                await self._reloads[0]
             else:
                 await self._eviction_done.wait()
 
@@ -446,7 +472,7 @@ class FileCache:
         assert self.locks is not None
         while True:
             # The record first: a leader releases its lock once it landed.
-            record = await self._metadata.get_file(key) or self._records.get(key)
+            record = await self._get_record(key) or self._records.get(key)
             if record is not None:
                 self._peer_failed.pop(key, None)
                 return record
@@ -462,6 +488,8 @@ class FileCache:
                     return None
                 if self.peer_secret is not None:
                     holder = await self.locks.holder(key)
+            except Unavailable:
+                return None  # Redis is down (logged once): fetch it here
             except Exception:
                 log.failure("cluster lock unavailable; fetching {key} here", key=key)
                 return None
@@ -541,15 +569,24 @@ class FileCache:
             self._remember(record)
             if self.shared_usage:
                 # The shared total counts every instance's files.
-                Deferred.fromCoroutine(self.load_usage()).addErrback(
-                    lambda f: log.failure("could not read the cache's size", f)
-                )
+                reload = Deferred.fromCoroutine(self.load_usage())
+                reload.addErrback(_unless_unavailable, "reading the size")
+                self._reloads.append(reload)
+                reload.addBoth(lambda _: self._reloads.remove(reload))
             elif self.size is not None:
                 self.size += record.size
                 self.count = None if self.count is None else self.count + 1
                 self._maybe_evict()
         if self.flights.get(flight.wanted.key) is flight:
             del self.flights[flight.wanted.key]
+
+
+def _unless_unavailable(failure: Any, doing: str) -> None:
+    """
+    Log a failure, unless a store is down (an outage is logged once).
+    """
+    if not failure.check(Unavailable):
+        log.failure("{doing} failed", failure, doing=doing)
 
 
 __all__ = ["FileCache", "FlightReader", "NotListed", "Opened"]

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -79,6 +79,7 @@ class Metrics:
     upstream: Counter
     upstream_latency: Histogram
     store_errors: Counter
+    store_up: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> Metrics:
@@ -125,7 +126,14 @@ class Metrics:
             ),
             store_errors=Counter(
                 "txpypi_store_errors",
-                "Errors of the file store (files) and the metadata store (metadata).",
+                "Errors of the file store (files, spool writes included) and the metadata store"
+                " (metadata), counting calls refused at once during an outage.",
+                ["store"],
+                registry=registry,
+            ),
+            store_up=Gauge(
+                "txpypi_store_up",
+                "1 while the store (files, metadata) works, 0 during an outage.",
                 ["store"],
                 registry=registry,
             ),

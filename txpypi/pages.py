@@ -1,7 +1,9 @@
 """
 Index pages: fetched from the upstream once per TTL however many clients ask
 (single flight), kept in memory with their rendered bodies, and persisted in
-the metadata store so that they survive a restart.
+the metadata store so that they survive a restart.  While the metadata store
+is down, pages are served from memory or fetched from the upstream, and not
+persisted (the outage is logged once, by L{txpypi.outages}).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from txpypi.index import (
     render_project_list_json,
 )
 from txpypi.metadata import IMetadata, PageRecord
+from txpypi.outages import Unavailable
 from txpypi.upstream import FetchedPage, Upstream, UpstreamClient, UpstreamError, UpstreamNotFound
 
 log = Logger()
@@ -244,7 +247,10 @@ class PageCache:
             return page, HIT
         key = self.key(project)
         if key not in self._flights and key not in self._memory:
-            record = await self._metadata.get_page(key)
+            try:
+                record = await self._metadata.get_page(key)
+            except Unavailable:
+                record = None  # the metadata store is down: ask the upstream
             if record is not None:
                 loaded = await self._blocking(self._load, project, record)
                 if loaded is not None and key not in self._memory:
@@ -311,6 +317,8 @@ class PageCache:
             self._remember(page)
             try:
                 await self._metadata.touch_page(page.key, page.fetched_at)
+            except Unavailable:
+                pass  # the metadata store is down: the outage is logged once
             except Exception:
                 log.failure("could not store page {key}", key=page.key)
             return page
@@ -333,6 +341,8 @@ class PageCache:
         )
         try:
             await self._metadata.put_page(record)
+        except Unavailable:
+            pass  # the metadata store is down: the outage is logged once
         except Exception:
             log.failure("could not store page {key}", key=page.key)
         return page

@@ -40,9 +40,13 @@ log = Logger()
 PART_SIZE = 8 * 1024 * 1024
 
 
-def make_client(endpoint_url: str | None, region: str | None) -> Any:
+def make_client(endpoint_url: str | None, region: str | None, timeout: float = 10.0) -> Any:
     """
-    A boto3 S3 client from an explicit Session.
+    A boto3 S3 client from an explicit Session.  Its calls are bounded: a
+    connection or an answer that takes over C{timeout} seconds fails, and a
+    failed call is tried once more (boto3's own default tries 5 times over
+    60 s timeouts, that is minutes of a thread and a client waiting for an
+    S3 that is down).
     """
     import boto3
     from botocore.config import Config
@@ -52,7 +56,12 @@ def make_client(endpoint_url: str | None, region: str | None) -> Any:
         "s3",
         endpoint_url=endpoint_url,
         region_name=region,
-        config=Config(retries={"max_attempts": 3, "mode": "standard"}, max_pool_connections=32),
+        config=Config(
+            connect_timeout=timeout,
+            read_timeout=timeout,
+            retries={"total_max_attempts": 2, "mode": "standard"},
+            max_pool_connections=32,
+        ),
     )
 
 

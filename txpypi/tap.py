@@ -26,6 +26,7 @@ from txpypi.app import Proxy
 from txpypi.files import FileCache
 from txpypi.metadata import SqliteMetadata
 from txpypi.metrics import Metrics
+from txpypi.outages import Outage, WatchedMetadata, WatchedStore
 from txpypi.pages import PageCache
 from txpypi.stores import DiskStore
 from txpypi.upstream import Upstream, UpstreamClient
@@ -219,6 +220,22 @@ class Options(usage.Options):
         """
         self.given["peer-secret-file"] = path
 
+    def opt_redis_timeout(self, seconds: str) -> None:
+        """
+        With --redis: seconds Redis may take to connect or answer before the
+        instance goes on without it; while it is down, it is tried again
+        this often (default: 3).
+        """
+        self.given["redis-timeout"] = seconds
+
+    def opt_s3_timeout(self, seconds: str) -> None:
+        """
+        With --store s3: seconds S3 may take to connect or answer (a failed
+        call is tried once more); while it is down, it is tried again this
+        often (default: 10).
+        """
+        self.given["s3-timeout"] = seconds
+
     def opt_config(self, path: str) -> None:
         """
         A YAML file with the same settings as these options.
@@ -354,6 +371,8 @@ class ReloadService(Service):
         "lock_ttl",
         "peer_url",
         "peer_secret",
+        "redis_timeout",
+        "s3_timeout",
     )
 
     def __init__(self, options: Options, proxy: Proxy, drain: DrainService, reactor: Any) -> None:
@@ -415,6 +434,20 @@ def apply_live(settings: config.Settings, proxy: Proxy, drain: DrainService) -> 
     files.maybe_evict()
 
 
+class OutageService(Service):
+    """
+    Stops probing the stores that are down, on stop.
+    """
+
+    def __init__(self, outages: list[Outage]) -> None:
+        self._outages = outages
+
+    def stopService(self) -> None:
+        super().stopService()
+        for outage in self._outages:
+            outage.stop()
+
+
 class TimerLoopService(Service):
     """
     Runs a L{LoopingCall} while the service runs.
@@ -465,6 +498,8 @@ def build(settings: config.Settings, reactor: Any) -> tuple[MultiService, Proxy]
     # download at a time, never queued behind slow file-system work.
     spool_pool = ThreadPool(1, 4, "txpypi-spool")
     ThreadPoolService(spool_pool).setServiceParent(service)
+    metrics = Metrics.create()
+    outages: list[Outage] = []
     store: Any
     if settings.store == "s3":
         from txpypi.s3store import S3Store, make_client
@@ -474,20 +509,54 @@ def build(settings: config.Settings, reactor: Any) -> tuple[MultiService, Proxy]
         spool = cache_dir / "tmp"
         shutil.rmtree(spool, ignore_errors=True)
         spool.mkdir(parents=True, exist_ok=True)
-        client_s3 = make_client(settings.s3_endpoint_url, settings.s3_region)
+        client_s3 = make_client(settings.s3_endpoint_url, settings.s3_region, settings.s3_timeout)
         assert settings.s3_bucket is not None
-        store = S3Store(client_s3, settings.s3_bucket, settings.s3_prefix, str(spool), s3_pool, reactor)
+        s3_store = S3Store(client_s3, settings.s3_bucket, settings.s3_prefix, str(spool), s3_pool, reactor)
+        store = WatchedStore(
+            s3_store,
+            Outage(
+                "files",
+                "the file store (S3)",
+                reactor,
+                consequence="files are served from the upstream and not cached",
+                retry=settings.s3_timeout,
+                metrics=metrics,
+            ),
+        )
+        outages.append(store.outage)
     else:
         store = DiskStore(cache_dir, io_pool, reactor)
         store.prepare()
-    metadata: Any
+    stored: Any
+    redis_metadata: Any = None
     if settings.redis is not None:
         from txpypi.redismeta import RedisMetadata, connect
 
-        metadata = RedisMetadata(connect(settings.redis))
+        redis_url, redis_timeout = settings.redis, settings.redis_timeout
+        redis_metadata = RedisMetadata(
+            connect(redis_url, redis_timeout),
+            timeout=redis_timeout,
+            clock=reactor,
+            reconnect=lambda: connect(redis_url, redis_timeout),
+        )
+        stored, kind, retry = redis_metadata, "Redis", settings.redis_timeout
     else:
-        metadata = SqliteMetadata(cache_dir / "metadata.sqlite", db_pool, reactor)
-    metrics = Metrics.create()
+        stored, kind, retry = SqliteMetadata(cache_dir / "metadata.sqlite", db_pool, reactor), "SQLite", 5.0
+    metadata = WatchedMetadata(
+        stored,
+        Outage(
+            "metadata",
+            f"the metadata store ({kind})",
+            reactor,
+            consequence="pages and files are served from memory and the upstream, and new ones not recorded",
+            retry=max(1.0, retry),
+            # Without its own database an instance should leave the load
+            # balancer; without the Redis all instances share, none should.
+            fatal=redis_metadata is None,
+            metrics=metrics,
+        ),
+    )
+    outages.append(metadata.outage)
     client = UpstreamClient(
         reactor,
         metrics=metrics,
@@ -496,6 +565,7 @@ def build(settings: config.Settings, reactor: Any) -> tuple[MultiService, Proxy]
         read_timeout=settings.read_timeout,
     )
     CleanupService(client, metadata).setServiceParent(service)
+    OutageService(outages).setServiceParent(service)
     pages = PageCache(
         reactor,
         client,
@@ -517,6 +587,9 @@ def build(settings: config.Settings, reactor: Any) -> tuple[MultiService, Proxy]
         run_spooling=partial(deferToThreadPool, reactor, spool_pool),
     )
     CacheUpkeepService(files, reactor).setServiceParent(service)
+    # Back from an outage: learn the cache's size again (it may have been
+    # unknown since start-up, or changed meanwhile).
+    metadata.outage.on_recovery(lambda: Deferred.fromCoroutine(files.load_usage()))
     if settings.redis is not None:
         import socket
         import uuid
@@ -528,7 +601,9 @@ def build(settings: config.Settings, reactor: Any) -> tuple[MultiService, Proxy]
         files.shared_usage = True
         files.peer_url, files.peer_secret = settings.peer_url, settings.peer_secret
         instance = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
-        files.locks = RedisLocks(metadata.redis, owner=owner_id(instance, settings.peer_url))
+        files.locks = RedisLocks(
+            redis_metadata.redis, owner=owner_id(instance, settings.peer_url), link=redis_metadata.link
+        )
         renew = LoopingCall(files.renew_locks)
         renew.clock = reactor
         TimerLoopService(renew, files.lock_ttl / 3).setServiceParent(service)
@@ -541,6 +616,7 @@ def build(settings: config.Settings, reactor: Any) -> tuple[MultiService, Proxy]
         log_format=settings.log_format,
         trusted_proxies=frozenset(settings.trusted_proxies),
         s3_redirect_ttl=settings.s3_redirect_ttl if settings.s3_redirect else None,
+        outages=tuple(outages),
     )
     site = proxy.site()
     drain = DrainService(files, settings.shutdown_grace)
