@@ -60,6 +60,7 @@ def make_client(endpoint_url: str | None, region: str | None, timeout: float = 1
             connect_timeout=timeout,
             read_timeout=timeout,
             retries={"total_max_attempts": 2, "mode": "standard"},
+            signature_version="s3v4",  # presigned URLs too: SigV2 is not accepted everywhere
             max_pool_connections=32,
         ),
     )
