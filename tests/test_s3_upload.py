@@ -260,3 +260,46 @@ async def test_small_files_are_one_put_and_spool_bytes_are_checked(s3_store: Any
     small = s3_bucket.prefix + file_key(hashlib.sha256(data).hexdigest(), "s.whl")
     assert await objects(s3_bucket) == [small]
     await upload.abort()  # after the end: nothing to do
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_big_download_is_never_whole_on_local_disk(
+    json_upstream: Served,
+    s3_bucket: S3,
+    proxy_factory: Any,
+    http: Any,
+    huge: Dist,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """
+    The part of the spool that S3 already has and the client already read
+    is freed while the download goes on; a client that comes after that
+    waits for the file to land and reads it from S3.
+    """
+    from tests.test_shared import receive_until
+    from txpypi import download
+
+    monkeypatch.setattr(download, "PUNCH_MIN", PART_SIZE)  # instead of 64 MiB
+    monkeypatch.setattr(download, "PUNCH_STEP", 1024 * 1024)
+    json_upstream.fake.add(huge)
+    gate: Deferred[None] = Deferred()
+    json_upstream.fake.holds[HUGE] = gate
+    running = proxy_factory(json_upstream.url, **s3_settings(s3_bucket))
+
+    response, flight = await start_held(running, http, "huge", HUGE)
+    got, reached, done = receive_until(response, PART_SIZE)
+    await within(reached)
+    await within(flight.wait_punched(PART_SIZE))
+    spool = os.stat(flight._spool_path)
+    assert spool.st_size == len(huge.content) // 2  # what the upstream sent so far
+    assert spool.st_blocks * 512 <= spool.st_size - PART_SIZE + 64 * 1024  # but the first part is freed
+    assert not flight.joinable
+
+    late = http.get(f"{running.url}/files/huge/{HUGE}")
+    gate.callback(None)
+    await within(done)
+    assert bytes(got) == huge.content
+    late_response = await within(late)
+    assert late_response.headers.getRawHeaders(b"x-cache") == [b"HIT"]
+    assert await late_response.content() == huge.content
+    assert json_upstream.fake.requests["/packages/" + HUGE] == 1

@@ -56,6 +56,14 @@ RECV_SIZE = 1024 * 1024
 #: before the upstream is paused; it is resumed below half of it.
 QUEUE_HIGH = 8 * 1024 * 1024
 
+#: Files at least this big, that the store takes while they download (S3):
+#: the spool's prefix that the store has and every client has read is freed
+#: (a hole punched in the file), L{PUNCH_STEP} bytes at a time, so that the
+#: file is never held whole on local disk.  Clients that come later wait for
+#: the file to land and read it from the store.
+PUNCH_MIN = 64 * 1024 * 1024
+PUNCH_STEP = 8 * 1024 * 1024
+
 #: When the spool cannot be written, a flight keeps its bytes in memory for
 #: its clients; past this many it pauses the upstream until they catch up.
 MEMORY_HIGH = 8 * 1024 * 1024
@@ -189,6 +197,13 @@ class Flight:
     _paused: set[str] = attrs.field(factory=set)
     _ending: Failure | None = None
     _committing: bool = False
+    #: Whether a client may still join: not once the spool's start is freed.
+    joinable: bool = True
+    _punched: int = 0
+    _punch_floor: int = 0
+    _punching: bool = False
+    _awaiting_upload: bool = False
+    _punch_waiters: list[tuple[int, Deferred[None]]] = attrs.field(factory=list)
     _stuck: Any = None
     _hashing: _Lane = attrs.field(init=False)
     _spooling: _Lane = attrs.field(init=False)
@@ -357,7 +372,7 @@ class Flight:
     def _spooled_batch(self, result: tuple[int, OSError | None], batch: list[bytes]) -> None:
         spooled, error = result
         if self.failure is not None:
-            self._close_spool()  # _fail left it to us: the worker was writing
+            self._release_spool()  # _fail left it to us: the worker was writing
             return
         # Spooled bytes are read from the spool from now on.
         self._spooled += spooled
@@ -371,12 +386,98 @@ class Flight:
             self._trim()
         elif len(self._memory) <= MEMORY_HIGH // 2:
             self._unpause("memory")
+        self._maybe_punch()
         self._maybe_commit()
 
     def _lane_crashed(self, failure: Failure) -> None:
         self._crashed(failure)
-        if self._spooling.idle:  # else the spool's batch closes it when it returns
+        self._release_spool()
+
+    def _release_spool(self) -> None:
+        """
+        Close the spool's descriptor, unless a worker still uses it (then
+        the worker's return closes it).
+        """
+        if self._spooling.idle and not self._punching:
             self._close_spool()
+
+    # -- freeing what the store already has
+
+    def _maybe_punch(self) -> None:
+        """
+        Free the spool's prefix that the store's upload has and every
+        client has read, once it is L{PUNCH_STEP} long.
+        """
+        upload = self.upload
+        if (
+            upload is None
+            or _punch_hole is None
+            or self._punching
+            or self.failure is not None
+            or not self.cacheable
+            or self._fd < 0
+            or self._committing
+            or (self.size or 0) < PUNCH_MIN
+        ):
+            return
+        lowest = min((r.position for r in self._readers), default=self.written)
+        reachable = min(lowest, self._spooled)
+        upto = min(upload.sent, reachable)
+        upto -= upto % PUNCH_STEP
+        if upto - self._punched < PUNCH_STEP:
+            if upload.sent < reachable - reachable % PUNCH_STEP and not self._awaiting_upload:
+                # The upload is what holds us back: look again when it moved.
+                self._awaiting_upload = True
+                upload.wait_sent(self._punched + PUNCH_STEP).addBoth(self._upload_moved)
+            return
+        self.joinable = False  # a new client could not read from the start
+        self._punching = True
+        self._punch_floor = upto
+        start = self._punched
+        d = self.run(_punch_hole, self._fd, start, upto - start)
+        d.addCallbacks(self._punched_to, self._punch_failed, callbackArgs=(upto,))
+
+    def _upload_moved(self, _: object) -> None:
+        self._awaiting_upload = False
+        self._maybe_punch()
+
+    def _punched_to(self, _: None, upto: int) -> None:
+        self._punching = False
+        self._punched = upto
+        for wanted, d in list(self._punch_waiters):
+            if upto >= wanted:
+                self._punch_waiters.remove((wanted, d))
+                d.callback(None)
+        self._after_punch()
+
+    def _punch_failed(self, failure: Failure) -> None:
+        global _punch_hole
+        self._punching = False
+        self._punch_floor = self._punched
+        if failure.check(OSError) and _punch_hole is not None:
+            _punch_hole = None  # the file system cannot: stop trying
+            log.info("the spool's file system cannot free parts of files ({error})", error=failure.value)
+        else:
+            log.failure("freeing part of a spool file failed", failure)
+        self._after_punch()
+
+    def _after_punch(self) -> None:
+        if self.failure is not None:
+            self._release_spool()
+            return
+        self._maybe_punch()
+        self._maybe_commit()
+
+    def wait_punched(self, length: int) -> Deferred[None]:
+        """
+        Fire once the spool's first C{length} bytes are freed.
+        """
+        d: Deferred[None] = Deferred()
+        if self._punched >= length:
+            d.callback(None)
+        else:
+            self._punch_waiters.append((length, d))
+        return d
 
     def _pause(self, why: str) -> None:
         if why in self._paused or self._body is None:
@@ -489,7 +590,7 @@ class Flight:
         Once the file is verified and the spool written: cache it (if the
         spool could be written).
         """
-        if not self.verified or not self._spooling.idle or self.done or self._committing:
+        if not self.verified or not self._spooling.idle or self._punching or self.done or self._committing:
             return
         self._committing = True
         self._close_spool()
@@ -563,8 +664,7 @@ class Flight:
         )
         self._hashing.take()
         self._spooling.take()
-        if self._spooling.idle:  # else a worker still writes to it
-            self._close_spool()
+        self._release_spool()
         self._unlink()
         # Finished (no longer a flight to join) before its waiters hear of it.
         self._finish(None)
@@ -679,6 +779,8 @@ class Flight:
         while True:
             if self.failure is not None:
                 raise self.failure
+            if offset < self._punch_floor:
+                raise FlightFailed(503, "these bytes are no longer held here")
             limit = self.readable()
             if stop is not None:
                 limit = min(limit, stop if self.verified else stop - 1)
@@ -722,6 +824,7 @@ class FlightReader:
     def _advanced(self, data: bytes, offset: int) -> bytes:
         self.position = offset + len(data)
         self._flight._trim()
+        self._flight._maybe_punch()
         return data
 
     #: Called when the flight cuts this reader off (its sender aborts).
@@ -742,6 +845,38 @@ class FlightReader:
         if not self._closed:
             self._closed = True
             self._flight._forget_reader(self)
+
+
+def _find_punch_hole() -> Callable[[int, int, int], None] | None:
+    """
+    C{punch(fd, offset, length)}: free a range of a file, keeping its size
+    (Linux C{fallocate} with C{FALLOC_FL_PUNCH_HOLE}), or L{None} where
+    there is no such call.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        fallocate = libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+    fallocate.restype = ctypes.c_int
+    keep_size_punch_hole = 0x01 | 0x02
+
+    def punch(fd: int, offset: int, length: int) -> None:
+        if fallocate(fd, keep_size_punch_hole, offset, length) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, os.strerror(error))
+
+    return punch
+
+
+_punch_hole = _find_punch_hole()
 
 
 class Chunks:

@@ -425,6 +425,12 @@ class FileCache:
                 elif isinstance(waited, Peer):
                     peer = waited
             flight = self.flights.get(key) or self._start(wanted, peer)
+        if not flight.joinable:
+            # Its first bytes are freed already: the file is about to land.
+            if not fetch:
+                return Opened(None, flight.size, None, False)
+            await flight.when_done()
+            return await self.open(project, filename, fetch)
         reader = flight.reader()
         try:
             await flight.wait_started()
@@ -531,7 +537,9 @@ class FileCache:
         if group != self.pages.group:
             return None
         flight = self.flights.get(self.key(project, filename))
-        return None if flight is None or flight.peer is not None else flight
+        if flight is None or flight.peer is not None or not flight.joinable:
+            return None
+        return flight
 
     def _start(self, wanted: Wanted, peer: Peer | None = None) -> Flight:
         flight = Flight(

@@ -84,9 +84,17 @@ class IUpload(Interface):
     L{abort}.
     """
 
+    sent = Attribute("How many of the file's first bytes the store has (and no longer needs from the spool).")
+
     def spooled(length: int) -> None:
         """
         The spool file now holds the file's first C{length} bytes.
+        """
+
+    def wait_sent(length: int) -> Deferred[None]:
+        """
+        Fire once the store has the file's first C{length} bytes (or the
+        upload is over).
         """
 
     def complete(length: int) -> Deferred[None]:
