@@ -190,9 +190,15 @@ async def test_redis_outage_keeps_instances_serving_and_they_rejoin(
         metrics = await scrape(running.url)
         assert sample(metrics, "txpypi_store_up", store="metadata") == 0
     assert sample(await scrape(two.url), "txpypi_store_errors_total", store="metadata") >= 4
-    # Many failed calls, one line per instance; no page-by-page failures.
+    # The routes that need the metadata store say so in one line.
+    response, body = await get(f"{two.url}/stats")
+    assert response.code == 503 and body.startswith(b"unavailable:") and body.count(b"\n") == 1
+    # Many failed calls, one line per instance; no page-by-page failures, no
+    # traceback per file that could not be cached.
     assert events.count(outage_line("metadata", "failing")) == 2
     assert not [e for e in events.events if "could not store page" in e.get("log_format", "")]
+    assert not [e for e in events.events if "could not cache" in e.get("log_format", "")]
+    assert [e for e in events.events if "not caching" in e.get("log_format", "")]
 
     redis_process.start()
     await events.wait(outage_line("metadata", "back"), n=2)

@@ -31,7 +31,7 @@ from txpypi.index import negotiate
 from txpypi.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from txpypi.metrics import Metrics, route_of
 from txpypi.names import BadName, check_filename, normalize
-from txpypi.outages import CHECK_WAIT, Outage
+from txpypi.outages import CHECK_WAIT, Outage, Unavailable
 from txpypi.pages import HIT, STALE, CachedPage, NotFound, PageCache
 from txpypi.peer import HEADER as PEER_HEADER
 from txpypi.peer import verify
@@ -728,5 +728,8 @@ class Proxy:
         code = getattr(failure.value, "code", None)
         if code in (404, 405):
             return _text(request, code, "not found" if code == 404 else "method not allowed")
+        if failure.check(Unavailable):
+            # A store is down (its outage is logged once): say so, briefly.
+            return _text(request, 503, f"unavailable: {failure.value}")
         log.failure("error in {path}", failure, path=request.path)
         return _text(request, 500, "internal error")
