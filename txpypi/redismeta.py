@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import attrs
 from twisted.internet import defer
@@ -74,11 +74,16 @@ class RedisURL:
     db: int
     password: str | None
     tls: bool
+    #: With TLS: a PEM file of the CA that signed the server's certificate
+    #: (default: the system's trusted CAs).
+    ca_file: str | None = None
 
 
 def parse_redis_url(url: str) -> RedisURL:
     """
-    C{redis://[:password@]host[:port][/db]}, or C{rediss://} for TLS.
+    C{redis://[:password@]host[:port][/db]}, or C{rediss://} for TLS (the
+    server's certificate is checked for C{host}, against the system's CAs or
+    the one named by C{?ssl_ca_certs=/path/to/ca.pem}).
 
     @raise ValueError: if it is not one.
     """
@@ -89,8 +94,16 @@ def parse_redis_url(url: str) -> RedisURL:
     path = parts.path.strip("/")
     if path and not path.isdigit():
         raise ValueError(f"the database must be a number, got {path!r}")
+    query = parse_qs(parts.query, keep_blank_values=True)
+    unknown = set(query) - {"ssl_ca_certs"}
+    if unknown:
+        raise ValueError(f"unknown parameter {sorted(unknown)[0]!r} (only ssl_ca_certs, with rediss://)")
+    ca_file = query["ssl_ca_certs"][-1] if "ssl_ca_certs" in query else None
+    if ca_file is not None and parts.scheme != "rediss":
+        raise ValueError("ssl_ca_certs needs rediss://")
     password = unquote(parts.password) if parts.password else None
-    return RedisURL(parts.hostname, parts.port or 6379, int(path or 0), password, parts.scheme == "rediss")
+    tls = parts.scheme == "rediss"
+    return RedisURL(parts.hostname, parts.port or 6379, int(path or 0), password, tls, ca_file)
 
 
 def connect(url: str, timeout: float = 3.0) -> Any:
@@ -110,7 +123,12 @@ def connect(url: str, timeout: float = 3.0) -> Any:
     if where.tls:
         from twisted.internet import ssl
 
-        context = ssl.ClientContextFactory()
+        # The server's certificate is verified, for its host name.
+        trust: Any = ssl.platformTrust()
+        if where.ca_file is not None:
+            with open(where.ca_file, "rb") as f:  # once, at start-up
+                trust = ssl.Certificate.loadPEM(f.read())
+        context = ssl.optionsForClientTLS(where.host, trustRoot=trust)
     pool = txredisapi.lazyConnectionPool(
         host=where.host,
         port=where.port,
