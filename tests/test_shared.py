@@ -23,14 +23,9 @@ def cluster_settings(redis: Redis, s3: S3) -> dict[str, Any]:
     """
     What instances sharing one cache have in common.
     """
-    return {
-        "store": "s3",
-        "s3_bucket": s3.bucket,
-        "s3_prefix": s3.prefix,
-        "s3_endpoint_url": s3.endpoint,
-        "s3_region": "us-east-1",
-        "redis": redis.url,
-    }
+    from tests.test_stores import s3_settings
+
+    return s3_settings(s3, redis=redis.url)
 
 
 @pytest_twisted.ensureDeferred
