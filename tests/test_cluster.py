@@ -14,6 +14,7 @@ import hashlib
 import re
 import sys
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -140,12 +141,8 @@ class Upstream:
         return f"http://127.0.0.1:{self.port.getHost().port}/simple/"
 
 
-@pytest.fixture
-def upstream(dists: list[Dist], huge: Dist) -> Iterator[Upstream]:
-    """
-    conftest's small alpha -> beta -> gamma tree and the 50 MB wheel.
-    """
-    fake = WatchedUpstream([*dists, huge])
+def serve(dists: Iterable[Dist]) -> Iterator[Upstream]:
+    fake = WatchedUpstream(dists)
     port = listen(Site(fake))
     yield Upstream(fake, port)
     for gate in fake.holds.values():  # a test that failed half-way
@@ -154,34 +151,42 @@ def upstream(dists: list[Dist], huge: Dist) -> Iterator[Upstream]:
     pytest_twisted.blockon(port.stopListening())
 
 
+@pytest.fixture
+def upstream(dists: list[Dist], huge: Dist) -> Iterator[Upstream]:
+    """
+    conftest's small alpha -> beta -> gamma tree and the 50 MB wheel.
+    """
+    yield from serve([*dists, huge])
+
+
 @attrs.frozen
 class Cluster:
     processes: list[Twistd]
     urls: list[str]
 
 
-def instance_args(upstream: Upstream, redis: Redis, s3: S3, cache: Path) -> list[str]:
+def instance_args(upstream: Upstream, redis_url: str, s3: S3) -> list[str]:
+    """
+    The options of an instance of a cluster (but its cache directory).
+    """
     return [
-        *("--upstream", upstream.url, "--cache-dir", str(cache), "--listen", "tcp:0:interface=127.0.0.1"),
+        *("--upstream", upstream.url, "--listen", "tcp:0:interface=127.0.0.1"),
         *("--store", "s3", "--s3-bucket", s3.bucket, "--s3-prefix", s3.prefix),
         *("--s3-endpoint-url", s3.endpoint, "--s3-region", "us-east-1"),
-        *("--redis", redis.url, "--lock-ttl", str(LOCK_TTL)),
+        *("--redis", redis_url, "--lock-ttl", str(LOCK_TTL)),
     ]
 
 
-@pytest.fixture
-def cluster(upstream: Upstream, redis_server: Redis, s3_bucket: S3, tmp_path: Path) -> Iterator[Cluster]:
+@contextmanager
+def run_cluster(args: list[str], tmp_path: Path) -> Iterator[Cluster]:
     """
-    Three real instances sharing the Redis and the S3 prefix, each with its
-    own cache directory (spool files), started at once.  The S3 credentials
-    reach them through the environment (clean_env, set by the seaweedfs
-    fixture).  They are killed at the end; their logs are printed, which
-    pytest shows when the test failed.
+    Three real instances with C{args}, each with its own cache directory
+    (spool files), started at once.  The S3 credentials reach them through
+    the environment (clean_env, set by the seaweedfs fixture).  They are
+    killed at the end; their logs are printed, which pytest shows when the
+    test failed.
     """
-    processes = [
-        Twistd.start(instance_args(upstream, redis_server, s3_bucket, tmp_path / f"i{n}"), tmp_path)
-        for n in (1, 2, 3)
-    ]
+    processes = [Twistd.start([*args, "--cache-dir", str(tmp_path / f"i{n}")], tmp_path) for n in (1, 2, 3)]
     try:
         listening = gatherResults([p.listening for p in processes])
         ports = pytest_twisted.blockon(within(listening, 60, "the instances to listen"))
@@ -190,6 +195,15 @@ def cluster(upstream: Upstream, redis_server: Redis, s3_bucket: S3, tmp_path: Pa
         for process in processes:
             pytest_twisted.blockon(process.kill())
         print(logs(processes, 20000))
+
+
+@pytest.fixture
+def cluster(upstream: Upstream, redis_server: Redis, s3_bucket: S3, tmp_path: Path) -> Iterator[Cluster]:
+    """
+    Three real instances sharing the Redis and the S3 prefix.
+    """
+    with run_cluster(instance_args(upstream, redis_server.url, s3_bucket), tmp_path) as running:
+        yield running
 
 
 class Checked(Protocol):
