@@ -5,15 +5,22 @@ upstream one fetch of a 50 MB file; an install through one instance makes
 the next one through another ask the upstream for no file; and when the
 instance fetching a file is killed with SIGKILL, its lock expires, another
 instance takes the fetch over, and no client ever gets wrong bytes.
+
+Outages: the Redis, then the S3 server, stopped under the three instances
+and started again on the same port.  They keep serving exact bytes, say so
+in C{/health}, their metrics and one log line each, and rejoin by
+themselves.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import re
 import sys
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,9 +41,10 @@ from twisted.web.server import Request, Site
 
 from tests.conftest import clean_env, get_reactor, listen
 from tests.processes import Twistd, first_to_log, logs
-from tests.servers import S3, Redis
+from tests.servers import S3, Redis, RedisProcess, S3Gateway, SeaweedFS, redis_process, s3_gateway  # noqa: F401
 from tests.test_install import assert_imports, run
-from tests.test_proxy import header
+from tests.test_operations import sample
+from tests.test_proxy import find, header
 from txpypi.stores import file_key
 from txpypi.testing import Dist, FakeUpstream, build_wheel
 
@@ -140,12 +148,8 @@ class Upstream:
         return f"http://127.0.0.1:{self.port.getHost().port}/simple/"
 
 
-@pytest.fixture
-def upstream(dists: list[Dist], huge: Dist) -> Iterator[Upstream]:
-    """
-    conftest's small alpha -> beta -> gamma tree and the 50 MB wheel.
-    """
-    fake = WatchedUpstream([*dists, huge])
+def serve(dists: Iterable[Dist]) -> Iterator[Upstream]:
+    fake = WatchedUpstream(dists)
     port = listen(Site(fake))
     yield Upstream(fake, port)
     for gate in fake.holds.values():  # a test that failed half-way
@@ -154,34 +158,51 @@ def upstream(dists: list[Dist], huge: Dist) -> Iterator[Upstream]:
     pytest_twisted.blockon(port.stopListening())
 
 
+@pytest.fixture
+def upstream(dists: list[Dist], huge: Dist) -> Iterator[Upstream]:
+    """
+    conftest's small alpha -> beta -> gamma tree and the 50 MB wheel.
+    """
+    yield from serve([*dists, huge])
+
+
+@pytest.fixture
+def small_upstream(dists: list[Dist]) -> Iterator[Upstream]:
+    """
+    conftest's small alpha -> beta -> gamma tree only (no 50 MB wheel to
+    build).
+    """
+    yield from serve(dists)
+
+
 @attrs.frozen
 class Cluster:
     processes: list[Twistd]
     urls: list[str]
 
 
-def instance_args(upstream: Upstream, redis: Redis, s3: S3, cache: Path) -> list[str]:
+def instance_args(upstream: Upstream, redis_url: str, s3: S3) -> list[str]:
+    """
+    The options of an instance of a cluster (but its cache directory).
+    """
     return [
-        *("--upstream", upstream.url, "--cache-dir", str(cache), "--listen", "tcp:0:interface=127.0.0.1"),
+        *("--upstream", upstream.url, "--listen", "tcp:0:interface=127.0.0.1"),
         *("--store", "s3", "--s3-bucket", s3.bucket, "--s3-prefix", s3.prefix),
         *("--s3-endpoint-url", s3.endpoint, "--s3-region", "us-east-1"),
-        *("--redis", redis.url, "--lock-ttl", str(LOCK_TTL)),
+        *("--redis", redis_url, "--lock-ttl", str(LOCK_TTL)),
     ]
 
 
-@pytest.fixture
-def cluster(upstream: Upstream, redis_server: Redis, s3_bucket: S3, tmp_path: Path) -> Iterator[Cluster]:
+@contextmanager
+def run_cluster(args: list[str], tmp_path: Path) -> Iterator[Cluster]:
     """
-    Three real instances sharing the Redis and the S3 prefix, each with its
-    own cache directory (spool files), started at once.  The S3 credentials
-    reach them through the environment (clean_env, set by the seaweedfs
-    fixture).  They are killed at the end; their logs are printed, which
-    pytest shows when the test failed.
+    Three real instances with C{args}, each with its own cache directory
+    (spool files), started at once.  The S3 credentials reach them through
+    the environment (clean_env, set by the seaweedfs fixture).  They are
+    killed at the end; their logs are printed, which pytest shows when the
+    test failed.
     """
-    processes = [
-        Twistd.start(instance_args(upstream, redis_server, s3_bucket, tmp_path / f"i{n}"), tmp_path)
-        for n in (1, 2, 3)
-    ]
+    processes = [Twistd.start([*args, "--cache-dir", str(tmp_path / f"i{n}")], tmp_path) for n in (1, 2, 3)]
     try:
         listening = gatherResults([p.listening for p in processes])
         ports = pytest_twisted.blockon(within(listening, 60, "the instances to listen"))
@@ -190,6 +211,15 @@ def cluster(upstream: Upstream, redis_server: Redis, s3_bucket: S3, tmp_path: Pa
         for process in processes:
             pytest_twisted.blockon(process.kill())
         print(logs(processes, 20000))
+
+
+@pytest.fixture
+def cluster(upstream: Upstream, redis_server: Redis, s3_bucket: S3, tmp_path: Path) -> Iterator[Cluster]:
+    """
+    Three real instances sharing the Redis and the S3 prefix.
+    """
+    with run_cluster(instance_args(upstream, redis_server.url, s3_bucket), tmp_path) as running:
+        yield running
 
 
 class Checked(Protocol):
@@ -497,3 +527,270 @@ async def test_kill_9_the_leader_mid_download(
     # The dead leader's multipart upload of the file may remain, never
     # completed (a bucket lifecycle rule removes such uploads); no other.
     assert uploads in ([], [key]), uploads
+
+
+# -- outages: the Redis and the S3 server every instance shares, stopped under them
+
+#: C{--redis-timeout} and C{--s3-timeout}: how long a call waits, and how
+#: often a store that is down is tried again.
+OUTAGE_TIMEOUT = 1
+
+WARM_UP_KEY = "txpypi-warm-up"
+
+BETA = "beta-1.1-py3-none-any.whl"
+GAMMA = "gamma-0.5-py3-none-any.whl"
+
+#: The log lines that start and end an outage (L{txpypi.outages.Outage}).
+REDIS_FAILING = rb"the metadata store \(Redis\) is failing: "
+REDIS_BACK = rb"the metadata store \(Redis\) is back after "
+S3_FAILING = rb"the file store \(S3\) is failing: "
+S3_BACK = rb"the file store \(S3\) is back after "
+
+
+@attrs.frozen
+class OutageCluster:
+    """
+    Three instances whose Redis and S3 server the test may stop and start.
+    """
+
+    cluster: Cluster
+    redis: RedisProcess
+    gateway: S3Gateway
+    #: The instances' bucket and prefix, through the session's own S3
+    #: server: readable while the gateway is stopped.
+    direct: S3
+
+    @property
+    def urls(self) -> list[str]:
+        return self.cluster.urls
+
+    @property
+    def processes(self) -> list[Twistd]:
+        return self.cluster.processes
+
+
+@pytest.fixture
+def outage_cluster(
+    small_upstream: Upstream,
+    redis_process: RedisProcess,  # noqa: F811
+    s3_gateway: S3Gateway,  # noqa: F811
+    seaweedfs: SeaweedFS,
+    tmp_path: Path,
+) -> Iterator[OutageCluster]:
+    """
+    Three real instances sharing a Redis and an S3 gateway (in front of the
+    session's SeaweedFS filer) that can each be stopped and started again
+    on the same port, with short store timeouts.
+    """
+    bucket = s3_gateway.bucket
+    # A first write may wait for SeaweedFS to grow volumes for the bucket,
+    # which can take longer than the instances' short S3 timeout: make it
+    # here, with boto3's default timeout, outside the test's prefix.
+    client: Any = bucket.client()
+    client.put_object(Bucket=bucket.bucket, Key=WARM_UP_KEY, Body=b"warm-up")
+    client.delete_object(Bucket=bucket.bucket, Key=WARM_UP_KEY)
+    args = instance_args(small_upstream, redis_process.url, bucket)
+    args += ["--redis-timeout", str(OUTAGE_TIMEOUT), "--s3-timeout", str(OUTAGE_TIMEOUT)]
+    direct = attrs.evolve(bucket, endpoint=seaweedfs.endpoint)
+    with run_cluster(args, tmp_path) as cluster:
+        yield OutageCluster(cluster, redis_process, s3_gateway, direct)
+
+
+async def fetch(base: str, dist: Dist) -> Download:
+    """
+    A whole GET of C{dist} through the instance at C{base} (bounded).
+    """
+    dl = download(base, dist)
+    await within(dl.done, 30, f"{dist.filename} from {base}")
+    return dl
+
+
+async def metrics(http: HTTPClient, base: str) -> str:
+    response = await within(http.get(f"{base}/metrics"), 10, f"{base}/metrics")
+    assert response.code == 200
+    body: bytes = await response.content()
+    return body.decode()
+
+
+async def health(http: HTTPClient, base: str) -> tuple[int, dict[str, Any]]:
+    response = await within(http.get(f"{base}/health"), 10, f"{base}/health")
+    body = await response.content()
+    return response.code, json.loads(body)
+
+
+async def all_logged(outage: OutageCluster, line: bytes, what: str) -> None:
+    logged = gatherResults([p.wait_for(line) for p in outage.processes])
+    await within(logged, 30, f"{what} in every log")
+
+
+async def noticed(http: HTTPClient, outage: OutageCluster, line: bytes) -> None:
+    """
+    Return once every instance logged C{line}: each is asked for its
+    C{/health}, which asks the stores, so that an instance that had no
+    reason to call the stopped store finds out too.
+    """
+    for url in outage.urls:
+        await health(http, url)
+    await all_logged(outage, line, repr(line))
+
+
+def not_cached(filename: str) -> bytes:
+    """
+    The log line of a verified download that could not be cached (a store
+    is down).
+    """
+    return rb"(?:could not cache|not caching) " + re.escape(filename.encode()) + rb"\b"
+
+
+def count(process: Twistd, line: bytes) -> int:
+    return len(re.findall(line, process.output))
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_outage_under_three_instances(
+    outage_cluster: OutageCluster, small_upstream: Upstream, http: HTTPClient, dists: list[Dist]
+) -> None:
+    """
+    Redis stops under three instances.  Each still serves a file it had
+    served before from S3 (a hit, exact bytes) and fetches an uncached one
+    from the upstream once for all of its three clients (exact bytes);
+    /health answers 200 "degraded" naming the metadata store, and each log
+    has one outage line.  Redis starts again on the same port (empty): each
+    instance finds out by itself and is "ok" again, and a new miss through
+    one instance lands and is a hit on the others.
+    """
+    outage, fake = outage_cluster, small_upstream.fake
+    beta, gamma = find(dists, BETA), find(dists, GAMMA)
+    first = await fetch(outage.urls[0], gamma)
+    assert (first.verdict(), first.x_cache) == ("whole", "MISS")
+    await within(outage.processes[0].wait_for(cached(GAMMA)), 30, "gamma to land")
+    for url in outage.urls:  # each instance learns the file's record
+        dl = await fetch(url, gamma)
+        assert (dl.verdict(), dl.x_cache) == ("whole", "HIT"), url
+
+    await deferToThread(outage.redis.stop)
+    await noticed(http, outage, REDIS_FAILING)
+    for url in outage.urls:
+        dl = await fetch(url, gamma)
+        assert (dl.verdict(), dl.x_cache) == ("whole", "HIT"), url
+    assert fake.file_counts() == {GAMMA: 1}
+
+    # An uncached file, three clients on each instance at once: the upstream
+    # holds its second half until all nine have their headers, so each
+    # joined its instance's fetch in progress.
+    gate: Deferred[None] = Deferred()
+    fake.holds[BETA] = gate
+    downloads = [download(url, beta) for url in outage.urls for _ in range(3)]
+    await within(when_answered(downloads, len(downloads)), 30, "the nine clients' headers")
+    gate.callback(None)
+    await within(gatherResults([dl.done for dl in downloads]), 30, "the nine downloads")
+    assert [dl.verdict() for dl in downloads] == ["whole"] * 9
+    assert {dl.x_cache for dl in downloads} == {"MISS"}
+    assert fake.file_counts() == {GAMMA: 1, BETA: 3}  # one fetch per instance
+    # The clients had their last byte once it was verified; then each
+    # instance tried to record it.
+    await all_logged(outage, not_cached(BETA), "beta not cached")
+
+    for url, process in zip(outage.urls, outage.processes, strict=True):
+        code, state = await health(http, url)
+        assert code == 200 and state["status"] == "degraded", (url, state)
+        assert state["metadata_store"]["state"] == "failing", (url, state)
+        assert "Redis" in state["metadata_store"]["reason"], (url, state)
+        assert state["file_store"]["state"] == "ok", (url, state)
+        scraped = await metrics(http, url)
+        assert sample(scraped, "txpypi_store_up", store="metadata") == 0, url
+        assert sample(scraped, "txpypi_store_errors_total", store="metadata") >= 1, url
+        assert not re.search(cached(BETA), process.output), url
+
+    await deferToThread(outage.redis.start)
+    await all_logged(outage, REDIS_BACK, "Redis back")
+    for url, process in zip(outage.urls, outage.processes, strict=True):
+        code, state = await health(http, url)
+        assert code == 200 and state["status"] == "ok", (url, state)
+        assert sample(await metrics(http, url), "txpypi_store_up", store="metadata") == 1, url
+        assert (count(process, REDIS_FAILING), count(process, REDIS_BACK)) == (1, 1), url
+
+    # Caching across the cluster works again: the file fetched uncached
+    # during the outage lands now, and is a hit on the other instances.
+    dl = await fetch(outage.urls[1], beta)
+    assert (dl.verdict(), dl.x_cache) == ("whole", "MISS")
+    await within(outage.processes[1].wait_for(cached(BETA)), 30, "beta to land")
+    for url in (outage.urls[2], outage.urls[0]):
+        dl = await fetch(url, beta)
+        assert (dl.verdict(), dl.x_cache) == ("whole", "HIT"), url
+    assert fake.file_counts() == {GAMMA: 1, BETA: 4}
+
+
+@pytest_twisted.ensureDeferred
+async def test_s3_outage_under_three_instances(
+    outage_cluster: OutageCluster, small_upstream: Upstream, http: HTTPClient, dists: list[Dist]
+) -> None:
+    """
+    The S3 server stops under three instances.  A client on each asks at
+    once for a file the index lists and nobody cached: each gets the whole
+    file from the upstream, and nothing is cached (no object, no record:
+    afterwards it is a miss again).  A cached file whose object cannot be
+    read is streamed from the upstream too.  /health answers 200
+    "degraded" naming the file store, the error counter moved, and each
+    log has one outage line.  The server starts again on the same port:
+    each instance finds out by itself, a miss lands again and is a hit on
+    the others, and the file cached before the outage is a hit again.
+    """
+    outage, fake = outage_cluster, small_upstream.fake
+    beta, gamma = find(dists, BETA), find(dists, GAMMA)
+    first = await fetch(outage.urls[0], gamma)
+    assert (first.verdict(), first.x_cache) == ("whole", "MISS")
+    await within(outage.processes[0].wait_for(cached(GAMMA)), 30, "gamma to land")
+    errors = "txpypi_store_errors_total"
+    before = [sample(await metrics(http, url), errors, store="files") for url in outage.urls]
+
+    await deferToThread(outage.gateway.stop)
+    downloads = [download(url, beta) for url in outage.urls]
+    await within(gatherResults([dl.done for dl in downloads]), 60, "beta through each instance")
+    assert [dl.verdict() for dl in downloads] == ["whole"] * 3
+    assert {dl.x_cache for dl in downloads} == {"MISS"}
+    # The cluster lock held: one instance fetched it at a time, and each
+    # had to fetch it itself, since it never landed.
+    assert fake.file_counts() == {GAMMA: 1, BETA: 3}
+    await all_logged(outage, not_cached(BETA), "beta not cached")
+    # Cached, but its object cannot be read: from the upstream, whole.
+    dl = await fetch(outage.urls[1], gamma)
+    assert (dl.verdict(), dl.x_cache) == ("whole", "MISS")
+    assert fake.file_counts() == {GAMMA: 2, BETA: 3}
+
+    await noticed(http, outage, S3_FAILING)
+    for url, errors_before in zip(outage.urls, before, strict=True):
+        code, state = await health(http, url)
+        assert code == 200 and state["status"] == "degraded", (url, state)
+        assert state["file_store"]["state"] == "failing" and state["file_store"]["reason"], (url, state)
+        assert state["metadata_store"]["state"] == "ok", (url, state)
+        scraped = await metrics(http, url)
+        assert sample(scraped, "txpypi_store_up", store="files") == 0, url
+        assert sample(scraped, errors, store="files") > errors_before, url
+    # Nothing of beta went into the bucket (read through the session's own
+    # S3 server): gamma's object only, and no upload left open.
+    objects, uploads = await deferToThread(list_prefix, outage.direct)
+    assert [key.rsplit("/", 1)[1] for key, _ in objects] == [GAMMA] and uploads == []
+
+    await deferToThread(outage.gateway.start)
+    await all_logged(outage, S3_BACK, "S3 back")
+    for url in outage.urls:
+        code, state = await health(http, url)
+        assert code == 200 and state["status"] == "ok", (url, state)
+        assert sample(await metrics(http, url), "txpypi_store_up", store="files") == 1, url
+
+    # Caching resumes: beta is a miss (it was not cached), lands, and is a
+    # hit on the other instances; gamma's record was kept: a hit again.
+    dl = await fetch(outage.urls[1], beta)
+    assert (dl.verdict(), dl.x_cache) == ("whole", "MISS")
+    await within(outage.processes[1].wait_for(cached(BETA)), 30, "beta to land")
+    for url in (outage.urls[2], outage.urls[0]):
+        dl = await fetch(url, beta)
+        assert (dl.verdict(), dl.x_cache) == ("whole", "HIT"), url
+    dl = await fetch(outage.urls[2], gamma)
+    assert (dl.verdict(), dl.x_cache) == ("whole", "HIT")
+    assert fake.file_counts() == {GAMMA: 2, BETA: 4}
+    for url, process in zip(outage.urls, outage.processes, strict=True):
+        assert (count(process, S3_FAILING), count(process, S3_BACK)) == (1, 1), url
+        # No record ever named an object that was not there.
+        assert count(process, rb"not serving cached") == 0, url
