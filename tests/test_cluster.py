@@ -794,3 +794,5 @@ async def test_s3_outage_under_three_instances(
         assert (count(process, S3_FAILING), count(process, S3_BACK)) == (1, 1), url
         # No record ever named an object that was not there.
         assert count(process, rb"not serving cached") == 0, url
+        # The outage was told once: no traceback per file that could not be cached.
+        assert count(process, rb"could not cache|could not remove|Traceback") == 0, url

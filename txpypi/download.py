@@ -632,6 +632,8 @@ class Flight:
             log.failure("could not cache {filename}", filename=self.wanted.filename)
             try:  # no object without a record: it would never be counted or evicted
                 await self._store.delete(record.store_key)
+            except Unavailable:
+                pass  # the store is down (logged once)
             except Exception:
                 log.failure("could not remove the unrecorded {key}", key=record.store_key)
             self._unlink()

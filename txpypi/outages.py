@@ -426,6 +426,39 @@ class WatchedReader:
         self._inner.close()
 
 
+@implementer(IUpload)
+@attrs.define
+class WatchedUpload:
+    """
+    An upload into a watched store: a failure to complete it is an
+    L{Unavailable} (the outage is logged once) when the store is failing.
+    """
+
+    _inner: Any
+    _store: WatchedStore
+
+    @property
+    def sent(self) -> int:
+        sent: int = self._inner.sent
+        return sent
+
+    def spooled(self, length: int) -> None:
+        self._inner.spooled(length)
+
+    def wait_sent(self, length: int) -> Deferred[None]:
+        d: Deferred[None] = self._inner.wait_sent(length)
+        return d
+
+    def complete(self, length: int) -> Deferred[None]:
+        # A download that was verified is worth one more try, even if a
+        # call failed meanwhile: not refused.
+        return self._store._call(self._inner.complete, length, refuse=False)
+
+    def abort(self) -> Deferred[None]:
+        d: Deferred[None] = self._inner.abort()
+        return d
+
+
 @implementer(IFileStore)
 @attrs.define(slots=False)  # it may also provide the inner store's IStreamingUpload
 class WatchedStore:
@@ -451,9 +484,9 @@ class WatchedStore:
         @raise Unavailable: while the store is down.
         """
         if self.outage.down:
+            self.outage.refused()
             raise Unavailable(f"{self.outage.what} is down")
-        upload: IUpload = IStreamingUpload(self.inner).start_upload(spool_path, key, sha256)
-        return upload
+        return WatchedUpload(IStreamingUpload(self.inner).start_upload(spool_path, key, sha256), self)
 
     @property
     def spool_dir(self) -> str:
