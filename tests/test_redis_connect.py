@@ -1,6 +1,6 @@
 """
-Redis over TLS (C{rediss://}): a real redis-server with a certificate from
-a trustme CA; the proxy checks the server's certificate.
+Connecting to a real redis-server: over TLS (C{rediss://}, a certificate from
+a trustme CA, which the proxy checks), and with a password.
 """
 
 from __future__ import annotations
@@ -89,3 +89,45 @@ def test_redis_url_tls_parameters() -> None:
     for bad in ("redis://h/0?ssl_ca_certs=/ca.pem", "rediss://h/0?verify=no"):
         with pytest.raises(ValueError):
             parse_redis_url(bad)
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_with_a_password(tmp_path: Path) -> None:
+    """
+    C{redis://:password@host:port/db}: the password is sent (AUTH), and a
+    wrong one gets no answers.
+    """
+    port = free_port()
+    log = tmp_path / "redis.log"
+    args = [
+        _binary("redis-server", "Debian package redis-server"),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+    ]
+    args += ["--save", "", "--appendonly", "no", "--dir", str(tmp_path), "--requirepass", "s3cret/pass"]
+    process = subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+    def ready() -> bool:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"-NOAUTH")
+
+    try:
+        _wait_until(ready, time.monotonic() + 20, "redis-server (password)", process, log)
+        good = RedisMetadata(connect(f"redis://:s3cret%2Fpass@127.0.0.1:{port}/2", 2))
+        record = PageRecord("k", "http://u/simple/", "http://u/simple/p/", b"{}", 1.0)
+        try:
+            await good.put_page(record)
+            assert await good.get_page("k") == record
+        finally:
+            await good.close()
+        wrong = RedisMetadata(connect(f"redis://:nope@127.0.0.1:{port}/2", 1))
+        try:
+            with pytest.raises(Unavailable):
+                await wrong.get_page("k")
+        finally:
+            await wrong.close()
+    finally:
+        _stop(process)
