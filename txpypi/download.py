@@ -384,6 +384,7 @@ class Flight:
             self._spooling.take()
             self._spool_failed(error)
             self._trim()
+            self._watch_stuck()  # if the upstream was already paused for the spool
         elif len(self._memory) <= MEMORY_HIGH // 2:
             self._unpause("memory")
         self._maybe_punch()
@@ -486,9 +487,15 @@ class Flight:
             self._cancel_idle()  # our own pause is not the upstream stalling
             self._body.pauseProducing()
         self._paused.add(why)
-        if why == "memory" and not self.cacheable and self._stuck is None:
-            # Clients that hold the window back for a whole read timeout are
-            # cut off, so that one stuck client cannot stall everyone.
+        self._watch_stuck()
+
+    def _watch_stuck(self) -> None:
+        """
+        While the disk is full and clients hold the memory window back:
+        those that read nothing for a whole read timeout are cut off, so
+        that one stuck client cannot stall everyone.
+        """
+        if "memory" in self._paused and not self.cacheable and self._stuck is None:
             lowest = min((r.position for r in self._readers), default=self.written)
             self._stuck = self._clock.callLater(self.read_timeout, self._drop_stuck, lowest)
 
@@ -506,6 +513,7 @@ class Flight:
                 )
                 reader.cut()
         self._trim()
+        self._watch_stuck()  # still held back: by the next slowest, for as long
 
     def _forget_stuck(self) -> None:
         if self._stuck is not None:
