@@ -646,6 +646,19 @@ def count(process: Twistd, line: bytes) -> int:
     return len(re.findall(line, process.output))
 
 
+async def lands_and_hits(outage: Any, beta: Dist) -> None:
+    """
+    Caching works across the cluster: beta is a whole miss through
+    instance 2, lands, and is a whole hit on instances 3 and 1.
+    """
+    dl = await fetch(outage.urls[1], beta)
+    assert (dl.verdict(), dl.x_cache) == ("whole", "MISS")
+    await within(outage.processes[1].wait_for(cached(BETA)), 30, "beta to land")
+    for url in (outage.urls[2], outage.urls[0]):
+        dl = await fetch(url, beta)
+        assert (dl.verdict(), dl.x_cache) == ("whole", "HIT"), url
+
+
 @pytest_twisted.ensureDeferred
 async def test_redis_outage_under_three_instances(
     outage_cluster: OutageCluster, small_upstream: Upstream, http: HTTPClient, dists: list[Dist]
@@ -712,12 +725,7 @@ async def test_redis_outage_under_three_instances(
 
     # Caching across the cluster works again: the file fetched uncached
     # during the outage lands now, and is a hit on the other instances.
-    dl = await fetch(outage.urls[1], beta)
-    assert (dl.verdict(), dl.x_cache) == ("whole", "MISS")
-    await within(outage.processes[1].wait_for(cached(BETA)), 30, "beta to land")
-    for url in (outage.urls[2], outage.urls[0]):
-        dl = await fetch(url, beta)
-        assert (dl.verdict(), dl.x_cache) == ("whole", "HIT"), url
+    await lands_and_hits(outage, beta)
     assert fake.file_counts() == {GAMMA: 1, BETA: 4}
 
 
@@ -781,12 +789,7 @@ async def test_s3_outage_under_three_instances(
 
     # Caching resumes: beta is a miss (it was not cached), lands, and is a
     # hit on the other instances; gamma's record was kept: a hit again.
-    dl = await fetch(outage.urls[1], beta)
-    assert (dl.verdict(), dl.x_cache) == ("whole", "MISS")
-    await within(outage.processes[1].wait_for(cached(BETA)), 30, "beta to land")
-    for url in (outage.urls[2], outage.urls[0]):
-        dl = await fetch(url, beta)
-        assert (dl.verdict(), dl.x_cache) == ("whole", "HIT"), url
+    await lands_and_hits(outage, beta)
     dl = await fetch(outage.urls[2], gamma)
     assert (dl.verdict(), dl.x_cache) == ("whole", "HIT")
     assert fake.file_counts() == {GAMMA: 2, BETA: 4}

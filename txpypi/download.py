@@ -42,7 +42,7 @@ from txpypi.metadata import FileRecord, IMetadata
 from txpypi.names import Hasher
 from txpypi.outages import Unavailable
 from txpypi.peer import HEADER, sign
-from txpypi.stores import IFileStore, IStreamingUpload, IUpload, file_key
+from txpypi.stores import IFileStore, IStreamingUpload, IUpload, Progress, file_key
 from txpypi.upstream import UpstreamClient, UpstreamError, UpstreamNotFound
 
 log = Logger()
@@ -199,11 +199,11 @@ class Flight:
     _committing: bool = False
     #: Whether a client may still join: not once the spool's start is freed.
     joinable: bool = True
-    _punched: int = 0
+    #: How many of the spool's first bytes are freed.
+    _punched: Progress = attrs.field(factory=Progress)
     _punch_floor: int = 0
     _punching: bool = False
     _awaiting_upload: bool = False
-    _punch_waiters: list[tuple[int, Deferred[None]]] = attrs.field(factory=list)
     _stuck: Any = None
     _hashing: _Lane = attrs.field(init=False)
     _spooling: _Lane = attrs.field(init=False)
@@ -425,16 +425,16 @@ class Flight:
         reachable = min(lowest, self._spooled)
         upto = min(upload.sent, reachable)
         upto -= upto % PUNCH_STEP
-        if upto - self._punched < PUNCH_STEP:
+        if upto - self._punched.value < PUNCH_STEP:
             if upload.sent < reachable - reachable % PUNCH_STEP and not self._awaiting_upload:
                 # The upload is what holds us back: look again when it moved.
                 self._awaiting_upload = True
-                upload.wait_sent(self._punched + PUNCH_STEP).addBoth(self._upload_moved)
+                upload.wait_sent(self._punched.value + PUNCH_STEP).addBoth(self._upload_moved)
             return
         self.joinable = False  # a new client could not read from the start
         self._punching = True
         self._punch_floor = upto
-        start = self._punched
+        start = self._punched.value
         d = self.run(_punch_hole, self._fd, start, upto - start)
         d.addCallbacks(self._punched_to, self._punch_failed, callbackArgs=(upto,))
 
@@ -444,17 +444,13 @@ class Flight:
 
     def _punched_to(self, _: None, upto: int) -> None:
         self._punching = False
-        self._punched = upto
-        for wanted, d in list(self._punch_waiters):
-            if upto >= wanted:
-                self._punch_waiters.remove((wanted, d))
-                d.callback(None)
+        self._punched.advance(upto)
         self._after_punch()
 
     def _punch_failed(self, failure: Failure) -> None:
         global _punch_hole
         self._punching = False
-        self._punch_floor = self._punched
+        self._punch_floor = self._punched.value
         if failure.check(OSError) and _punch_hole is not None:
             _punch_hole = None  # the file system cannot: stop trying
             log.info("the spool's file system cannot free parts of files ({error})", error=failure.value)
@@ -473,12 +469,7 @@ class Flight:
         """
         Fire once the spool's first C{length} bytes are freed.
         """
-        d: Deferred[None] = Deferred()
-        if self._punched >= length:
-            d.callback(None)
-        else:
-            self._punch_waiters.append((length, d))
-        return d
+        return self._punched.wait(length)
 
     def _pause(self, why: str) -> None:
         if why in self._paused or self._body is None:

@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from txpypi.stores import IFileReader, IFileStore, IRedirectable, IStreamingUpload, IUpload
+from txpypi.stores import IFileReader, IFileStore, IRedirectable, IStreamingUpload, IUpload, Progress
 
 log = Logger()
 
@@ -184,7 +184,6 @@ class S3Upload:
     _fd: int
     part_size: int = PART_SIZE
     #: Bytes in parts that S3 has acknowledged.
-    sent: int = 0
     _spooled: int = 0
     _final: bool = False
     _state: str = "open"  # then "completed" or "aborted"
@@ -195,7 +194,7 @@ class S3Upload:
     #: sha256 of the bytes read back so far; only touched by the one pool
     #: thread that runs this upload's current step.
     _hash: Any = attrs.field(factory=hashlib.sha256)
-    _progress: list[tuple[int, Deferred[None]]] = attrs.field(factory=list)
+    _progress: Progress = attrs.field(factory=Progress)
 
     # -- IUpload
 
@@ -219,12 +218,14 @@ class S3Upload:
         """
         Fire once at least C{length} bytes are in acknowledged parts.
         """
-        d: Deferred[None] = Deferred()
-        if self.sent >= length:
-            d.callback(None)
-        else:
-            self._progress.append((length, d))
-        return d
+        return self._progress.wait(length)
+
+    @property
+    def sent(self) -> int:
+        """
+        Bytes in parts that S3 has acknowledged.
+        """
+        return self._progress.value
 
     # -- the work
 
@@ -257,11 +258,7 @@ class S3Upload:
                     self._hash,
                 )
                 self._parts.append({"PartNumber": number, "ETag": etag})
-                self.sent += length
-                for wanted, d in list(self._progress):
-                    if self.sent >= wanted:
-                        self._progress.remove((wanted, d))
-                        d.callback(None)
+                self._progress.advance(self.sent + length)
         except Exception as e:
             # Kept for complete() to report; the parts sent so far go with
             # the abort that follows.
@@ -334,9 +331,7 @@ class S3Upload:
                     upload_id=self._upload_id,
                     error=repr(e),
                 )
-        for _, d in self._progress:
-            d.errback(UploadFailed(f"the upload of {self._key} was aborted"))
-        self._progress = []
+        self._progress.fail(UploadFailed(f"the upload of {self._key} was aborted"))
 
     def _close(self) -> None:
         if self._fd >= 0:

@@ -125,6 +125,42 @@ class IStreamingUpload(Interface):
         """
 
 
+class Progress:
+    """
+    A count that only grows (bytes sent, bytes freed), and Deferreds that
+    fire once it reaches a value.
+    """
+
+    def __init__(self) -> None:
+        self.value = 0
+        self._waiters: list[tuple[int, Deferred[None]]] = []
+
+    def wait(self, value: int) -> Deferred[None]:
+        """
+        Fire once the count is at least C{value} (at once if it is).
+        """
+        if self.value >= value:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiters.append((value, d))
+        return d
+
+    def advance(self, value: int) -> None:
+        self.value = value
+        for wanted, d in list(self._waiters):
+            if value >= wanted:
+                self._waiters.remove((wanted, d))
+                d.callback(None)
+
+    def fail(self, error: Exception) -> None:
+        """
+        Fail every waiter: the count will not grow any more.
+        """
+        waiters, self._waiters = self._waiters, []
+        for _, d in waiters:
+            d.errback(error)
+
+
 def file_key(sha256: str, filename: str) -> str:
     """
     The store key for a verified file: content-addressed, with the file name
