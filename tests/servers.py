@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,7 +36,10 @@ def free_port() -> int:
 
 
 def _binary(name: str, package: str) -> str:
-    path = shutil.which(name)
+    # The virtualenv's own scripts (weed comes with a pip package) are found
+    # even when the venv is not on PATH, as with `.venv/bin/python -m pytest`.
+    here = os.path.dirname(sys.executable)
+    path = shutil.which(name) or shutil.which(name, path=here)
     assert path is not None, f"{name} is needed for this test ({package})"
     return path
 
