@@ -18,20 +18,23 @@ from urllib.parse import quote
 import attrs
 from klein import Klein
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from txpypi import __version__
 from txpypi.accesslog import Entry, client_address, combined, json_line
-from txpypi.download import ByteSource, Flight, FlightFailed, FlightReader, Sender, abort_client
-from txpypi.files import FileCache, NotListed
-from txpypi.httpheaders import Unsatisfiable, accepts_gzip, etag_matches, parse_range
+from txpypi.download import CHUNK, ByteSource, Flight, FlightFailed, FlightReader, Sender, abort_client
+from txpypi.fileplan import FilePlan, plan_file, range_applies
+from txpypi.files import Busy, FileCache, NotListed, Opened
+from txpypi.httpheaders import accepts_gzip, etag_matches
 from txpypi.index import negotiate
 from txpypi.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from txpypi.metrics import Metrics, route_of
 from txpypi.names import BadName, check_filename, normalize
-from txpypi.outages import CHECK_WAIT, Outage, Unavailable
+from txpypi.outages import CHECK_WAIT, Outage, Unavailable, describe
 from txpypi.pages import HIT, STALE, CachedPage, NotFound, PageCache
 from txpypi.peer import HEADER as PEER_HEADER
 from txpypi.peer import verify
@@ -44,19 +47,39 @@ log = Logger()
 FILE_CACHE_CONTROL = b"public, max-age=365000000, immutable"
 
 
+#: Headers that make an answer cacheable or revalidatable: an error answer
+#: never carries them, so that no cache in front keeps an error.
+_CACHING_HEADERS = (b"cache-control", b"etag", b"last-modified", b"expires", b"age", b"accept-ranges")
+
+
 def _text(request: Request, code: int, reason: str) -> bytes:
     """
-    A one-line plain-text answer.
+    A one-line plain-text answer.  An error (C{4xx}, C{5xx}) drops whatever
+    caching headers were set for the answer it replaces, and says
+    C{no-store}.
     """
     request.setResponseCode(code)
+    if code >= 400:
+        headers = request.responseHeaders
+        for name in _CACHING_HEADERS:
+            headers.removeHeader(name)
+        headers.setRawHeaders(b"cache-control", [b"no-store"])
     request.setHeader(b"content-type", b"text/plain; charset=utf-8")
     body = (reason + "\n").encode("utf-8", "replace")
     request.setHeader(b"content-length", b"%d" % len(body))
     return body
 
 
+def client_gone(request: Request) -> bool:
+    """
+    Whether there is nobody left to answer: the client went away (Twisted
+    drops the request's channel then), or the answer is already complete.
+    """
+    return bool(request.finished) or getattr(request, "channel", None) is None
+
+
 def _finish_text(request: Request, code: int, reason: str) -> None:
-    if request._disconnected or request.finished:
+    if client_gone(request):
         return
     if request.startedWriting:
         # Too late for a status: never let a body look complete.
@@ -208,6 +231,11 @@ class FilesResource(Resource):
     """
     C{/files/<project>/<filename>}: a file the project's index listed, from
     the cache or streamed from the upstream while it is cached.
+
+    One owner per reader: the reader that L{FileCache.open} hands out is
+    this resource's until it is given to a L{Sender} (which closes it when
+    it ends); on every other path (HEAD, 304, 416, an error, a client gone)
+    it is closed here, in one C{finally}.
     """
 
     isLeaf = True
@@ -239,73 +267,116 @@ class FilesResource(Resource):
     def render_HEAD(self, request: Request) -> bytes | int:
         return self.render_GET(request)
 
-    async def _serve(self, request: Request, project: str, filename: str) -> None:
-        head = request.method == b"HEAD"
+    async def _open(self, request: Request, project: str, filename: str, **how: bool) -> Opened | None:
+        """
+        Open the file, or answer the error and return L{None}.
+        """
         try:
-            opened = await self._files.open(project, filename, fetch=not head)
+            return await self._files.open(project, filename, **how)
         except (NotListed, NotFound):
             _finish_text(request, 404, f"{project} has no file {filename}")
-            return
+        except Busy as e:
+            request.setHeader(b"retry-after", b"%d" % e.retry_after)
+            _finish_text(request, 503, e.reason)
         except (UpstreamError, FlightFailed) as e:
             _finish_text(request, e.status, e.reason)
+        return None
+
+    async def _serve(self, request: Request, project: str, filename: str) -> None:
+        head = request.method == b"HEAD"
+        opened = await self._open(request, project, filename, fetch=not head)
+        if opened is None:
             return
         source = opened.source
-        if request._disconnected:
-            if source is not None:
-                source.close()
-            return
-        if not head and opened.hit and IRedirectable.providedBy(source):
-            assert source is not None
-            if await self._redirect(request, source, opened.sha256, project, filename):
+        try:
+            if client_gone(request):
                 return
-            if request._disconnected:
-                source.close()
-                return
-        headers = request.responseHeaders
-        headers.setRawHeaders(b"content-type", [b"application/octet-stream"])
-        headers.setRawHeaders(b"x-cache", [b"HIT" if opened.hit else b"MISS"])
-        headers.setRawHeaders(b"cache-control", [FILE_CACHE_CONTROL])
-        etag = None if opened.sha256 is None else f'"{opened.sha256}"'
-        if etag is not None:
-            headers.setRawHeaders(b"etag", [etag.encode()])
-        size = opened.size
-        start, end = 0, size
-        if size is not None:
-            headers.setRawHeaders(b"accept-ranges", [b"bytes"])
-        if etag is not None and etag_matches(_header(request, b"if-none-match"), etag):
-            request.setResponseCode(304)
-            source = None
-        elif size is not None and not head and self._range_applies(request, etag):
-            try:
-                wanted = parse_range(_header(request, b"range"), size)
-            except Unsatisfiable:
-                headers.setRawHeaders(b"content-range", [b"bytes */%d" % size])
-                if source is not None:
+            if not head and opened.hit and IRedirectable.providedBy(source):
+                assert source is not None
+                if await self._redirect(request, source, opened.sha256, project, filename):
+                    return
+                if client_gone(request):
+                    return
+            plan = self._plan(request, head, opened)
+            first = b""
+            if plan.body and source is not None:
+                try:
+                    first = await _first_read(source, plan)
+                except Exception as e:
                     source.close()
-                _finish_text(request, 416, f"range not satisfiable: the file has {size} bytes")
+                    source = None
+                    if not opened.hit:
+                        _finish_text(request, *_read_error(e))
+                        return
+                    # Nothing is sent yet: a cached file that cannot be read
+                    # (its store failing, or the object gone) comes from the
+                    # upstream instead.  Its record stays.
+                    log.warn(
+                        "cannot read cached {filename} ({error}); serving it from the upstream",
+                        filename=filename,
+                        error=describe(e),
+                    )
+                    opened = await self._open(request, project, filename, fetch=True, use_store=False)
+                    if opened is None:
+                        return
+                    source = opened.source
+                    if client_gone(request):
+                        return
+                    plan = self._plan(request, head, opened)
+                    if plan.body and source is not None:
+                        try:
+                            first = await _first_read(source, plan)
+                        except Exception as e2:
+                            _finish_text(request, *_read_error(e2))
+                            return
+            if client_gone(request):
                 return
-            if wanted is not None:
-                start, end = wanted
-                request.setResponseCode(206)
-                headers.setRawHeaders(b"content-range", [b"bytes %d-%d/%d" % (start, end - 1, size)])
-                if isinstance(source, FlightReader):
-                    source.stop = end  # hold the range's last byte until verified
-        if end is not None:
-            headers.setRawHeaders(b"content-length", [b"%d" % (end - start)])
-        if source is None or head or request.code == 304:
+            if plan.error:
+                for name, value in plan.headers:
+                    request.setHeader(name, value)
+                _finish_text(request, plan.status, f"range not satisfiable: the file has {opened.size} bytes")
+                return
+            self._headers(request, opened, plan)
+            if not plan.body or source is None:
+                request.finish()
+                return
+            sender = Sender(request, source, plan.start, plan.end, first)
+            source = None  # the sender's now: it closes it when it ends
+        finally:
             if source is not None:
                 source.close()
-            request.finish()
-            return
-        sender = Sender(request, source, start, end)
         self._files.senders.add(sender)
         try:
             await sender.start()
         finally:
             self._files.senders.discard(sender)
-        whole = start == 0 and (size is None or sender.sent == size)
+        size = opened.size
+        whole = plan.start == 0 and (size is None or sender.sent == size)
         if whole and request.finished and not filename.endswith(".metadata"):
             self._files.downloaded(project, filename)
+
+    @staticmethod
+    def _plan(request: Request, head: bool, opened: Opened) -> FilePlan:
+        return plan_file(
+            head=head,
+            size=opened.size,
+            etag=None if opened.sha256 is None else f'"{opened.sha256}"',
+            if_none_match=_header(request, b"if-none-match"),
+            range_header=_header(request, b"range"),
+            if_range=_header(request, b"if-range"),
+        )
+
+    @staticmethod
+    def _headers(request: Request, opened: Opened, plan: FilePlan) -> None:
+        request.setResponseCode(plan.status)
+        headers = request.responseHeaders
+        headers.setRawHeaders(b"content-type", [b"application/octet-stream"])
+        headers.setRawHeaders(b"x-cache", [b"HIT" if opened.hit else b"MISS"])
+        headers.setRawHeaders(b"cache-control", [FILE_CACHE_CONTROL])
+        if opened.sha256 is not None:
+            headers.setRawHeaders(b"etag", [f'"{opened.sha256}"'.encode()])
+        for name, value in plan.headers:
+            headers.setRawHeaders(name, [value])
 
     async def _redirect(
         self, request: Request, source: ByteSource, sha256: str | None, project: str, filename: str
@@ -316,7 +387,8 @@ class FilesResource(Resource):
         when the proxy must send the file itself: redirects are off, the
         client's C{If-None-Match} names the file (a C{304} from here), its
         C{If-Range} names another version (the store's ETag is not ours, so
-        only we can tell), or the URL could not be made.
+        only we can tell), or the URL could not be made.  The caller keeps
+        the reader either way.
         """
         ttl = self._redirect_ttl()
         if ttl is None:
@@ -324,16 +396,15 @@ class FilesResource(Resource):
         etag = None if sha256 is None else f'"{sha256}"'
         if etag is not None and etag_matches(_header(request, b"if-none-match"), etag):
             return False
-        if not self._range_applies(request, etag):
+        if not range_applies(_header(request, b"if-range"), etag):
             return False
         try:
             url = await IRedirectable(source).url(ttl)
         except Exception:
-            self._files._store_error("files")
+            self._files.count_store_error("files")
             log.failure("could not presign a URL for {filename}; sending it through", filename=filename)
             return False
-        source.close()
-        if request._disconnected:
+        if client_gone(request):
             return True
         headers = request.responseHeaders
         headers.setRawHeaders(b"location", [url.encode("ascii")])
@@ -345,13 +416,32 @@ class FilesResource(Resource):
             self._files.downloaded(project, filename)
         return True
 
-    @staticmethod
-    def _range_applies(request: Request, etag: str | None) -> bool:
-        """
-        A C{Range} counts unless an C{If-Range} names another version.
-        """
-        if_range = _header(request, b"if-range")
-        return if_range is None or (etag is not None and if_range.strip() == etag)
+
+async def _first_read(source: ByteSource, plan: FilePlan) -> bytes:
+    """
+    The answer's first bytes, read before its status is sent, so that a
+    source that fails at once still gets a clean error answer (or another
+    source), not a cut connection.
+    """
+    length = CHUNK if plan.end is None else min(CHUNK, plan.end - plan.start)
+    if length <= 0:
+        return b""
+    data = await source.read(plan.start, length)
+    if not data and plan.end is not None:
+        raise FlightFailed(502, "file ended before the range did")
+    return data
+
+
+def _read_error(error: Exception) -> tuple[int, str]:
+    """
+    The answer for a file whose first read failed.
+    """
+    if isinstance(error, (FlightFailed, UpstreamError)):
+        return error.status, error.reason
+    if isinstance(error, Unavailable):
+        return 503, f"the file store is unavailable: {error}"
+    log.failure("reading a file failed", Failure(error))
+    return 502, "could not read the file"
 
 
 class PeerResource(Resource):
@@ -365,7 +455,7 @@ class PeerResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, files: FileCache, clock: Any) -> None:
+    def __init__(self, files: FileCache, clock: IReactorTime) -> None:
         super().__init__()
         self._files = files
         self._clock = clock
@@ -390,17 +480,24 @@ class PeerResource(Resource):
         return _run(request, self._serve(request, flight))
 
     async def _serve(self, request: Request, flight: Flight) -> None:
-        reader = flight.reader()
+        reader: FlightReader | None = flight.reader()
         try:
-            await flight.wait_started()
-        except FlightFailed as e:
-            reader.close()
-            _finish_text(request, e.status, e.reason)
-            return
-        request.setHeader(b"content-type", b"application/octet-stream")
-        if flight.size is not None:
-            request.setHeader(b"content-length", b"%d" % flight.size)
-        sender = Sender(request, reader)
+            try:
+                await flight.wait_started()
+            except FlightFailed as e:
+                _finish_text(request, e.status, e.reason)
+                return
+            if client_gone(request):
+                return
+            request.setHeader(b"content-type", b"application/octet-stream")
+            if flight.size is not None:
+                request.setHeader(b"content-length", b"%d" % flight.size)
+            assert reader is not None
+            sender = Sender(request, reader)
+            reader = None  # the sender's now
+        finally:
+            if reader is not None:
+                reader.close()
         self._files.senders.add(sender)
         try:
             await sender.start()

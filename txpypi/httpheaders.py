@@ -49,6 +49,15 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
     return False
 
 
+def _digits(text: str) -> bool:
+    """
+    Empty, or ASCII digits only: C{str.isdigit} also accepts other scripts'
+    digits and superscripts (C{"²"}), which C{int} then refuses or reads
+    as another number.
+    """
+    return all("0" <= c <= "9" for c in text)
+
+
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """
     Parse a C{Range} header for a file of C{size} bytes.
@@ -67,11 +76,11 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     if not dash:
         return None
     first, last = first.strip(), last.strip()
-    if not (first.isdigit() or first == "") or not (last.isdigit() or last == "") or first == last == "":
+    if not _digits(first) or not _digits(last) or first == last == "":
         return None
     if first == "":
         suffix = int(last)
-        if suffix == 0:
+        if suffix == 0 or size == 0:
             raise Unsatisfiable(header)
         return max(0, size - suffix), size
     start = int(first)

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import attrs
 from packaging.utils import canonicalize_name
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
@@ -164,6 +164,9 @@ class FakeUpstream(Resource):
         self.methods: list[tuple[str, str]] = []
         self.faults: dict[str, Fault] = {}
         self.holds: dict[str, Deferred[None]] = {}
+        #: File name to a Deferred: nothing of that file, not even its
+        #: status line, is sent until it fires.
+        self.head_holds: dict[str, Deferred[None]] = {}
         self.page_faults: dict[str, Fault] = {}
         #: How many conditional page requests were answered 304.
         self.not_modified = 0
@@ -285,6 +288,23 @@ class FakeUpstream(Resource):
         return f"<!DOCTYPE html><html><body><h1>Links for {name}</h1>{''.join(links)}</body></html>"
 
     def _render_file(self, request: Request, filename: str) -> bytes | int:
+        held = self.head_holds.get(filename)
+        if held is None:
+            return self._render_found(request, filename)
+
+        def answer(_: object) -> None:
+            if request._disconnected:
+                return
+            body = self._render_found(request, filename)
+            if body is not NOT_DONE_YET:
+                assert isinstance(body, bytes)
+                request.write(body)
+                request.finish()
+
+        held.addCallback(answer)
+        return NOT_DONE_YET
+
+    def _render_found(self, request: Request, filename: str) -> bytes | int:
         found = self._find(filename)
         if found is None:
             request.setResponseCode(404)
@@ -370,6 +390,22 @@ class BytesReader:
         pass
 
 
+@implementer(IFileReader)
+@attrs.define
+class FailingReader:
+    """
+    A reader of a file that exists but cannot be read.
+    """
+
+    size: int
+
+    def read(self, offset: int, length: int) -> Deferred[bytes]:
+        return fail(OSError("injected: the store cannot read this object"))
+
+    def close(self) -> None:
+        pass
+
+
 @implementer(IFileStore)
 @attrs.define
 class MemoryStore:
@@ -380,6 +416,9 @@ class MemoryStore:
 
     spool_dir: str
     files: dict[str, bytes] = attrs.field(factory=dict)
+    #: Files open, but every read fails (as an object store whose gateway
+    #: answers while its volume servers are down).
+    failing_reads: bool = False
 
     def commit(self, spool_path: str, key: str) -> Deferred[None]:
         with open(spool_path, "rb") as f:
@@ -389,6 +428,8 @@ class MemoryStore:
 
     def open(self, key: str) -> Deferred[IFileReader | None]:
         data = self.files.get(key)
+        if data is not None and self.failing_reads:
+            return succeed(FailingReader(len(data)))
         return succeed(None if data is None else BytesReader(data))
 
     def delete(self, key: str) -> Deferred[None]:

@@ -1,0 +1,364 @@
+"""
+File answers release what they hold on every path: a 304, a 416, a
+malformed range, a HEAD, a client gone before or during the body, and the
+peer route leave the process's descriptors and the downloads' registered
+readers where they were.  Error answers never carry a cache lifetime or a
+validator.  The file-answer plan and the range parser are pure, and
+property-tested.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest_twisted
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from treq.testing import RequestTraversalAgent
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+from twisted.web.test.requesthelper import DummyChannel
+
+from tests.conftest import Served, get_reactor
+from tests.test_proxy import find, header
+from txpypi.app import FilesResource, PeerResource
+from txpypi.fileplan import plan_file
+from txpypi.files import FileCache
+from txpypi.httpheaders import Unsatisfiable, parse_range
+from txpypi.metadata import MemoryMetadata
+from txpypi.pages import PageCache
+from txpypi.peer import HEADER as PEER_HEADER
+from txpypi.peer import peer_path, sign
+from txpypi.testing import Dist, FakeUpstream, MemoryStore
+from txpypi.upstream import Upstream, UpstreamClient
+
+GAMMA = "gamma-0.5-py3-none-any.whl"
+BIG = "big-1.0-py3-none-any.whl"
+
+
+def cache_descriptors(root: Path) -> int:
+    """
+    How many of this process's descriptors are open on files under C{root}
+    (cached files and spool files): sockets of the test's own clients do
+    not count, so the figure is exact.
+    """
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(root)):
+            n += 1
+    return n
+
+
+async def fetch(url: str, headers: dict[bytes, list[bytes]] | None = None, method: bytes = b"GET") -> Any:
+    """
+    One request on a connection of its own, closed after it.
+    """
+    pool = HTTPConnectionPool(get_reactor(), persistent=False)
+    response = await Agent(get_reactor(), pool=pool).request(method, url.encode(), Headers(headers or {}))
+    body = b"" if method == b"HEAD" else await readBody(response)
+    return response, body
+
+
+async def idle(running: Any) -> None:
+    await Deferred.fromCoroutine(running.proxy.files.wait_idle())
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_answer_on_a_hit_releases_its_reader(
+    json_upstream: Served, proxy_factory: Any, tmp_path: Path, dists: list[Dist]
+) -> None:
+    """
+    304, 416, a malformed range (a Latin-1 superscript digit), HEAD, a
+    satisfiable range and a whole GET of a cached file: 50 of each leave no
+    descriptor open on the cache (each 304 used to leak one).
+    """
+    cache = tmp_path / "cache"
+    running = proxy_factory(json_upstream.url, cache)
+    url = f"{running.url}/files/gamma/{GAMMA}"
+    data = find(dists, GAMMA).content
+    await fetch(url)
+    await idle(running)
+    etag = f'"{find(dists, GAMMA).sha256}"'.encode()
+    before = cache_descriptors(cache)
+    cases: list[tuple[dict[bytes, list[bytes]], bytes, int, bytes | None]] = [
+        ({b"If-None-Match": [etag]}, b"GET", 304, b""),
+        ({b"Range": [b"bytes=%d-" % len(data)]}, b"GET", 416, None),
+        ({b"Range": ["bytes=²-".encode("latin-1")]}, b"GET", 200, data),
+        ({}, b"HEAD", 200, b""),
+        ({b"Range": [b"bytes=1-4"]}, b"GET", 206, data[1:5]),
+        ({}, b"GET", 200, data),
+    ]
+    for headers, method, code, body in cases:
+        for _ in range(50):
+            response, got = await fetch(url, headers, method)
+            assert response.code == code, (headers, method)
+            if body is not None:
+                assert got == body
+        assert cache_descriptors(cache) == before, (headers, method)
+    assert json_upstream.fake.requests["/packages/" + GAMMA] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_error_answers_carry_no_cache_lifetime_or_validator(
+    json_upstream: Served, proxy_factory: Any
+) -> None:
+    """
+    A 416 on a cached file (its hit headers were set before the range was
+    looked at) says no-store, and has no ETag or long max-age; a 404 too.
+    """
+    running = proxy_factory(json_upstream.url)
+    url = f"{running.url}/files/gamma/{GAMMA}"
+    await fetch(url)
+    await idle(running)
+    response, _ = await fetch(url, {b"Range": [b"bytes=99999999-"]})
+    assert response.code == 416 and header(response, "content-range") is not None
+    assert header(response, "cache-control") == "no-store"
+    assert header(response, "etag") is None and header(response, "accept-ranges") is None
+    response, _ = await fetch(f"{running.url}/files/gamma/gamma-9.9.tar.gz")
+    assert response.code == 404 and header(response, "cache-control") == "no-store"
+    response, _ = await fetch(url)  # and the hit itself is still cacheable
+    assert header(response, "cache-control") == "public, max-age=365000000, immutable"
+
+
+# -- clients that leave, over Twisted's doubles (deterministic: the test
+#    says when a client is gone)
+
+
+@attrs.define
+class World:
+    """
+    The file and peer routes of one proxy over doubles: the fake upstream
+    reached through iosim (C{RequestTraversalAgent}), memory stores, a
+    hand-driven clock, and requests on L{DummyChannel}s.
+    """
+
+    fake: FakeUpstream
+    agent: RequestTraversalAgent
+    files: FileCache
+    site: Site
+    spool: Path
+
+    def get(self, path: str, headers: dict[bytes, bytes] | None = None) -> tuple[Request, Any]:
+        channel = DummyChannel()
+        channel.site = self.site
+        request = Request(channel, False)
+        for name, value in (headers or {}).items():
+            request.requestHeaders.setRawHeaders(name, [value])
+        request.gotLength(0)
+        request.requestReceived(b"GET", path.encode(), b"HTTP/1.1")
+        return request, channel
+
+
+def world(tmp_path: Path, dists: list[Dist]) -> World:
+    fake = FakeUpstream(dists)
+    reactor = MemoryReactorClock()
+    agent = RequestTraversalAgent(fake)
+    client = UpstreamClient(reactor, agent=agent)
+    metadata = MemoryMetadata()
+    pages = PageCache(reactor, client, metadata, Upstream("test", "http://upstream.test/simple/"), ttl=600)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    files = FileCache(reactor, client, MemoryStore(str(spool)), metadata, pages)
+    root = Resource()
+    root.putChild(b"files", FilesResource(files))
+    root.putChild(b"_peer", PeerResource(files, reactor))
+    return World(fake, agent, files, Site(root), spool)
+
+
+def gone(request: Request) -> None:
+    request.connectionLost(Failure(ConnectionDone("the client left")))
+
+
+def test_clients_gone_before_and_during_the_body_release_their_readers(
+    tmp_path: Path, dists: list[Dist]
+) -> None:
+    """
+    A client that leaves while its download has not started (the upstream
+    has not even answered), and one that leaves in the middle of the body,
+    give their readers back; the download goes on for the one that stays,
+    and in the end no descriptor is left open on the spool.
+    """
+    w = world(tmp_path, dists)
+    answer, rest = Deferred[None](), Deferred[None]()
+    w.fake.head_holds[BIG] = answer  # no status line yet
+    w.fake.holds[BIG] = rest  # then half the body
+    stays, stays_channel = w.get(f"/files/big/{BIG}")
+    leaves, _ = w.get(f"/files/big/{BIG}")
+    flight = w.files.flights[w.files.key("big", BIG)]
+    assert flight.clients == 2 and w.fake.file_requests() == 1
+    gone(leaves)
+    answer.callback(None)
+    w.agent.flush()
+    assert flight.clients == 1  # the one that left gave its reader back
+    joins, _ = w.get(f"/files/big/{BIG}")
+    assert flight.clients == 2 and joins.startedWriting
+    gone(joins)  # in the middle of its body
+    assert flight.clients == 1
+    rest.callback(None)
+    w.agent.flush()
+    assert stays.finished
+    assert stays_channel.transport.written.getvalue().endswith(find(dists, BIG).content)
+    assert flight.clients == 0 and not w.files.flights and cache_descriptors(w.spool) == 0
+
+
+def test_the_peer_route_releases_its_reader_when_the_peer_leaves(tmp_path: Path, dists: list[Dist]) -> None:
+    """
+    A peer that leaves while the download it follows has not started gives
+    its reader back.
+    """
+    w = world(tmp_path, dists)
+    secret = "s" * 32
+    w.files.peer_secret = secret
+    answer: Deferred[None] = Deferred()
+    w.fake.head_holds[BIG] = answer
+    leader, leader_channel = w.get(f"/files/big/{BIG}")
+    flight = w.files.flights[w.files.key("big", BIG)]
+    path = peer_path("default", "big", BIG)
+    peer, _ = w.get(path, {PEER_HEADER: sign(secret, path, 0).encode()})
+    assert flight.clients == 2
+    gone(peer)
+    answer.callback(None)
+    w.agent.flush()
+    assert flight.clients == 0 and leader.finished  # the leader's client has it all
+    assert leader_channel.transport.written.getvalue().endswith(find(dists, BIG).content)
+    assert cache_descriptors(w.spool) == 0
+
+
+def test_a_hit_whose_first_read_fails_comes_from_the_upstream(tmp_path: Path, dists: list[Dist]) -> None:
+    """
+    Nothing is sent yet when a cached file's first read fails (its store
+    failing, or the object gone): the client gets the file from the
+    upstream, whole, not a cut connection; the record stays.
+    """
+    w = world(tmp_path, dists)
+    request, channel = w.get(f"/files/gamma/{GAMMA}")
+    assert request.finished and w.fake.requests["/packages/" + GAMMA] == 1
+    record = w.files._records[w.files.key("gamma", GAMMA)]
+    store = w.files._store
+    assert isinstance(store, MemoryStore)
+    store.failing_reads = True
+    rest: Deferred[None] = Deferred()
+    w.fake.holds[GAMMA] = rest
+    request, channel = w.get(f"/files/gamma/{GAMMA}")
+    assert not request.finished  # the first half came from the upstream, the rest is held
+    rest.callback(None)
+    w.agent.flush()
+    assert request.finished and request.code == 200
+    assert request.responseHeaders.getRawHeaders(b"x-cache") == [b"MISS"]
+    assert channel.transport.written.getvalue().endswith(find(dists, GAMMA).content)
+    assert w.fake.requests["/packages/" + GAMMA] == 2
+    assert w.files._records[record.key].sha256 == record.sha256
+
+
+# -- the pure parts
+
+
+#: Range headers as clients (and attackers) write them: the grammar's
+#: shape, with digits of other scripts, superscripts and junk in its places.
+_numbers = st.text(alphabet="0123456789²٣𝟗½ -x", max_size=5)
+range_headers = st.one_of(
+    st.builds(
+        lambda unit, first, last, more: f"{unit}={first}-{last}{more}",
+        st.sampled_from(["bytes", "Bytes", " bytes", "items", ""]),
+        _numbers,
+        _numbers,
+        st.sampled_from(["", ",0-1", ", 5-", ";x"]),
+    ),
+    st.text(max_size=40),
+)
+
+
+@given(range_headers, st.integers(min_value=0, max_value=10_000))
+@settings(max_examples=500)
+def test_parse_range_on_any_text(header_value: str, size: int) -> None:
+    """
+    Any header gives the whole file (None), a range inside the file, or
+    Unsatisfiable; nothing else is raised.
+    """
+    try:
+        got = parse_range(header_value, size)
+    except Unsatisfiable:
+        return
+    if got is not None:
+        start, end = got
+        assert 0 <= start < end <= size
+
+
+@given(st.binary(max_size=40), st.integers(min_value=1, max_value=10_000))
+@settings(max_examples=300)
+def test_parse_range_on_any_bytes(raw: bytes, size: int) -> None:
+    """
+    As the proxy reads headers: bytes decoded as Latin-1.
+    """
+    try:
+        got = parse_range(raw.decode("latin-1"), size)
+    except Unsatisfiable:
+        return
+    assert got is None or 0 <= got[0] < got[1] <= size
+
+
+@given(st.integers(min_value=0, max_value=1000), st.integers(min_value=0, max_value=1000))
+@settings(max_examples=200)
+def test_parse_range_reads_what_it_is_given(first: int, size: int) -> None:
+    try:
+        got = parse_range(f"bytes={first}-", size)
+    except Unsatisfiable:
+        assert first >= size
+        return
+    assert got == (first, size)
+
+
+@given(
+    head=st.booleans(),
+    size=st.one_of(st.none(), st.integers(min_value=0, max_value=10_000)),
+    tag=st.one_of(st.none(), st.text(alphabet="abc", min_size=1, max_size=3)),
+    if_none_match=st.one_of(st.none(), st.text(max_size=12)),
+    range_header=st.one_of(st.none(), st.text(max_size=20)),
+    if_range=st.one_of(st.none(), st.text(max_size=8)),
+)
+@settings(max_examples=300)
+def test_file_plans_are_consistent(
+    head: bool,
+    size: int | None,
+    tag: str | None,
+    if_none_match: str | None,
+    range_header: str | None,
+    if_range: str | None,
+) -> None:
+    """
+    Whatever the request: a known status; a body only for GET 200/206; the
+    bytes to send inside the file; Content-Length equal to them.
+    """
+    etag = None if tag is None else f'"{tag}"'
+    plan = plan_file(
+        head=head,
+        size=size,
+        etag=etag,
+        if_none_match=if_none_match,
+        range_header=range_header,
+        if_range=if_range,
+    )
+    assert plan.status in (200, 206, 304, 416)
+    headers = dict(plan.headers)
+    if plan.status in (304, 416) or head:
+        assert not plan.body
+    if plan.status == 416:
+        assert size is not None and headers[b"content-range"] == b"bytes */%d" % size
+    if plan.status in (200, 206) and size is not None:
+        assert plan.end is not None and 0 <= plan.start <= plan.end <= size
+        assert headers[b"content-length"] == b"%d" % (plan.end - plan.start)
+    if plan.status == 206:
+        assert not head and plan.start < plan.end  # type: ignore[operator]
