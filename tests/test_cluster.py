@@ -45,6 +45,7 @@ from tests.servers import S3, Redis, RedisProcess, S3Gateway, SeaweedFS, redis_p
 from tests.test_install import assert_imports, run
 from tests.test_operations import sample
 from tests.test_proxy import find, header
+from txpypi.s3store import PROBE_KEY
 from txpypi.stores import file_key
 from txpypi.testing import Dist, FakeUpstream, build_wheel
 
@@ -462,7 +463,7 @@ def list_prefix(s3: S3) -> tuple[list[tuple[str, int]], list[str]]:
     """
     client: Any = s3.client()
     listed = client.list_objects_v2(Bucket=s3.bucket, Prefix=s3.prefix)
-    objects = [(o["Key"], o["Size"]) for o in listed.get("Contents", [])]
+    objects = [(o["Key"], o["Size"]) for o in listed.get("Contents", []) if not o["Key"].endswith(PROBE_KEY)]
     uploads = client.list_multipart_uploads(Bucket=s3.bucket, Prefix=s3.prefix)
     return objects, [u["Key"] for u in uploads.get("Uploads", [])]
 

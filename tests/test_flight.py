@@ -354,12 +354,14 @@ def test_failure_while_the_spool_is_written(tmp_path: Path) -> None:
     run = ManualRun()
     h = harness(tmp_path, run=run)
     h.response.send(DATA[:500])
-    fd = h.flight._fd
+    spool = h.flight._spool_fd
+    assert spool is not None
+    fd = spool.fd
     h.clock.advance(6)  # the upstream stalls
-    assert h.flight.failure is not None and h.flight._fd == fd
+    assert h.flight.failure is not None and spool.fd == fd
     os.fstat(fd)  # still open for the worker
     run.drain()
-    assert h.flight._fd == -1 and h.landed == [None] and h.store.files == {}
+    assert spool.fd == -1 and h.landed == [None] and h.store.files == {}
     with pytest.raises(OSError):
         os.fstat(fd)
     assert list(h.spool.iterdir()) == []

@@ -22,7 +22,7 @@ from tests.conftest import Served, get_reactor
 from tests.servers import S3
 from tests.test_stores import s3_settings
 from txpypi.download import Wanted
-from txpypi.s3store import PART_SIZE, S3Store, UploadFailed
+from txpypi.s3store import PART_SIZE, PROBE_KEY, S3Store, UploadFailed
 from txpypi.stores import file_key
 from txpypi.testing import Dist, build_wheel
 
@@ -50,12 +50,13 @@ def huge() -> Dist:
 def objects(s3: S3) -> Deferred[list[str]]:
     """
     The object names in this test's corner of the bucket (boto3 in a
-    thread: the reactor must go on serving meanwhile).
+    thread: the reactor must go on serving meanwhile), but for the object
+    the store's health probe reads.
     """
 
     def names() -> list[str]:
         answer = s3.client().list_objects_v2(Bucket=s3.bucket, Prefix=s3.prefix)  # type: ignore[attr-defined]
-        return [o["Key"] for o in answer.get("Contents", [])]
+        return [o["Key"] for o in answer.get("Contents", []) if not o["Key"].endswith(PROBE_KEY)]
 
     return deferToThread(names)
 

@@ -64,6 +64,8 @@ class Settings:
     peer_secret: str | None = attrs.field(default=None, repr=False)
     redis_timeout: float = 3.0
     s3_timeout: float = 10.0
+    max_downloads: int = 16
+    min_download_rate: float = 1024.0
 
 
 def _listen(value: Any) -> tuple[str, ...]:
@@ -217,6 +219,33 @@ def _threads(value: Any) -> int:
     return n
 
 
+def _count(key: str, low: int, high: int) -> Any:
+    def check(value: Any) -> int:
+        try:
+            n = int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if not low <= n <= high:
+            raise ConfigError(f"{key}: expected {low} to {high}")
+        return n
+
+    return check
+
+
+def _rate(key: str) -> Any:
+    def check(value: Any) -> float:
+        if str(value).strip() in ("0", "0.0"):
+            return 0.0
+        try:
+            return float(parse_size(value))
+        except ConfigError:
+            raise ConfigError(
+                f"{key}: expected bytes per second such as 1K or 100K, or 0, got {value!r}"
+            ) from None
+
+    return check
+
+
 def _redis_url(value: Any) -> str:
     from txpypi.redismeta import parse_redis_url
 
@@ -265,6 +294,8 @@ KEYS = {
     "peer-secret": ("peer_secret", _secret("peer-secret")),
     "peer-secret-file": ("peer_secret", _secret_file("peer-secret-file", _secret("peer-secret"))),
     "redis-timeout": ("redis_timeout", _seconds("redis-timeout")),
+    "max-downloads": ("max_downloads", _count("max-downloads", 1, 100_000)),
+    "min-download-rate": ("min_download_rate", _rate("min-download-rate")),
     "s3-timeout": ("s3_timeout", _seconds("s3-timeout")),
     "trusted-proxy": ("trusted_proxies", _addresses),
     "admin-token": ("admin_token", _token),

@@ -19,6 +19,7 @@ Cached files are sent by the same L{Sender} from a store reader.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import struct
@@ -170,6 +171,10 @@ class Flight:
     _clock: Any
     _on_done: Callable[[Flight, FileRecord | None], None]
     read_timeout: float = 60.0
+    #: The slowest an upstream may send, in bytes per second, averaged over
+    #: each C{read_timeout} (0: no minimum): a slow drip cannot hold the
+    #: download, its clients and its cluster lock for ever.
+    min_rate: float = 0.0
     size: int | None = None
     #: Bytes received: spooled, or held in memory until they are.
     written: int = 0
@@ -177,7 +182,8 @@ class Flight:
     failure: FlightFailed | None = None
     has_started: bool = False
     _spool_path: str = ""
-    _fd: int = -1
+    #: The spool's write descriptor: closed once nothing queued uses it.
+    _spool_fd: SharedFd | None = None
     _read_fd: int = -1
     _refs: int = 1
     _hasher: Hasher | None = None
@@ -186,6 +192,9 @@ class Flight:
     _over: Ended = attrs.field(factory=Ended)
     _body: Any = None
     _idle: Any = None
+    _rate: Any = None
+    #: What had been received when the current rate window began.
+    _window_from: int = 0
     #: False once the spool failed: the file still streams, but from memory,
     #: and is not cached.
     cacheable: bool = True
@@ -209,6 +218,9 @@ class Flight:
     _spooling: _Lane = attrs.field(init=False)
     #: How spool bytes are written (a test may inject a full disk).
     spool_write: Callable[[int, memoryview], int] = os.write
+    #: How the spool's freed prefix is punched out (L{None}: it cannot be;
+    #: set to L{None} for this file alone when it fails).
+    punch: Callable[[int, int, int], None] | None = attrs.field(factory=lambda: _default_punch())
     #: How hashing and spool writes run: C{run(f, *args)} gives a Deferred of
     #: C{f(*args)}, called in a worker thread in production.
     run: Callable[..., Deferred[Any]] = inline
@@ -220,35 +232,28 @@ class Flight:
     #: The store's upload of this file while it downloads, when the store
     #: can take one and the index gave the sha256 (so the key is known).
     upload: IUpload | None = None
+    #: Where commits in progress are written down (L{None}: nowhere).
+    journal: CommitJournal | None = None
+    #: The record this file's record replaced when it landed, if any.
+    replaced: FileRecord | None = None
 
     def __attrs_post_init__(self) -> None:
-        self._hashing = _Lane(self.run, self._hash, self._hashed, self._lane_crashed)
-        self._spooling = _Lane(self.run, self._spool, self._spooled_batch, self._lane_crashed)
+        self._hashing = _Lane(self._start_hash, self._hashed, self._lane_crashed)
+        self._spooling = _Lane(self._start_spool, self._spooled_batch, self._lane_crashed)
 
-    def _hash(self, batch: list[bytes]) -> None:
-        """
-        Hash a batch (in a worker thread).
-        """
+    def _start_hash(self, batch: list[bytes]) -> Deferred[None]:
         assert self._hasher is not None
-        for data in batch:
-            self._hasher.update(data)
+        return self.run(_hash, self._hasher, batch)
 
-    def _spool(self, batch: list[bytes]) -> tuple[int, OSError | None]:
+    def _start_spool(self, batch: list[bytes]) -> Deferred[tuple[int, OSError | None]]:
         """
-        Write a batch to the spool (in a worker thread); return how many bytes
-        were written, and the error that stopped the writing if one did.
+        Write a batch to the spool in a worker thread, holding the
+        descriptor until the write returns.
         """
-        spooled = 0
-        try:
-            for data in batch:
-                view = memoryview(data)
-                while view:
-                    n = self.spool_write(self._fd, view)
-                    spooled += n
-                    view = view[n:]
-        except OSError as e:
-            return spooled, e
-        return spooled, None
+        spool = self._spool_fd
+        if spool is None or spool.closing:
+            return succeed((0, OSError("the spool is closed")))
+        return spool.run(self.run, _spool, self.spool_write, batch)
 
     @property
     def clients(self) -> int:
@@ -265,13 +270,14 @@ class Flight:
         """
         path = os.path.join(self._store.spool_dir, f"{os.getpid()}-{id(self):x}-{time.time_ns()}.part")
         self._spool_path = path
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             self._read_fd = os.open(path, os.O_RDONLY)
         except OSError:
-            os.close(self._fd)
+            os.close(fd)
             self._unlink()
             raise
+        self._spool_fd = SharedFd(fd)
         self._hasher = Hasher(self.wanted.expected_hash)
         self._start_upload()
         Deferred.fromCoroutine(self._fetch()).addErrback(self._crashed)
@@ -325,12 +331,38 @@ class Flight:
         self.size = length if length is not None else self.wanted.size
         self.has_started = True
         self._wake()
-        self._idle = self._clock.callLater(self.read_timeout, self._stalled)
+        self._watch_upstream()
         response.deliverBody(_Sink(self))
+
+    def _watch_upstream(self) -> None:
+        """
+        Time the upstream while it is ours to wait for: it must send
+        something every C{read_timeout}, and at least C{min_rate} bytes per
+        second over each C{read_timeout}.
+        """
+        self._idle = self._clock.callLater(self.read_timeout, self._stalled)
+        if self.min_rate > 0 and self.read_timeout > 0:
+            self._window_from = self.written
+            self._rate = self._clock.callLater(self.read_timeout, self._check_rate)
 
     def _stalled(self) -> None:
         self._idle = None
         self._fail(FlightFailed(504, f"upstream sent nothing for {self.read_timeout:g} seconds"))
+
+    def _check_rate(self) -> None:
+        self._rate = None
+        got = self.written - self._window_from
+        if got < self.min_rate * self.read_timeout:
+            self._fail(
+                FlightFailed(
+                    504,
+                    f"upstream too slow: {got} bytes in {self.read_timeout:g} s, "
+                    f"under the minimum of {self.min_rate:g} bytes/s",
+                )
+            )
+            return
+        self._window_from = self.written
+        self._rate = self._clock.callLater(self.read_timeout, self._check_rate)
 
     def receiving(self, transport: Any) -> None:
         self._body = transport
@@ -372,7 +404,6 @@ class Flight:
     def _spooled_batch(self, result: tuple[int, OSError | None], batch: list[bytes]) -> None:
         spooled, error = result
         if self.failure is not None:
-            self._release_spool()  # _fail left it to us: the worker was writing
             return
         # Spooled bytes are read from the spool from now on.
         self._spooled += spooled
@@ -396,11 +427,11 @@ class Flight:
 
     def _release_spool(self) -> None:
         """
-        Close the spool's descriptor, unless a worker still uses it (then
-        the worker's return closes it).
+        This flight is done writing and punching its spool: its descriptor
+        is closed once the work already queued on it has returned.
         """
-        if self._spooling.idle and not self._punching:
-            self._close_spool()
+        if self._spool_fd is not None:
+            self._spool_fd.close()
 
     # -- freeing what the store already has
 
@@ -412,11 +443,12 @@ class Flight:
         upload = self.upload
         if (
             upload is None
-            or _punch_hole is None
+            or self.punch is None
             or self._punching
             or self.failure is not None
             or not self.cacheable
-            or self._fd < 0
+            or self._spool_fd is None
+            or self._spool_fd.closing
             or self._committing
             or (self.size or 0) < PUNCH_MIN
         ):
@@ -435,7 +467,7 @@ class Flight:
         self._punching = True
         self._punch_floor = upto
         start = self._punched.value
-        d = self.run(_punch_hole, self._fd, start, upto - start)
+        d = self._spool_fd.run(self.run, self.punch, start, upto - start)
         d.addCallbacks(self._punched_to, self._punch_failed, callbackArgs=(upto,))
 
     def _upload_moved(self, _: object) -> None:
@@ -448,12 +480,15 @@ class Flight:
         self._after_punch()
 
     def _punch_failed(self, failure: Failure) -> None:
-        global _punch_hole
         self._punching = False
         self._punch_floor = self._punched.value
-        if failure.check(OSError) and _punch_hole is not None:
-            _punch_hole = None  # the file system cannot: stop trying
-            log.info("the spool's file system cannot free parts of files ({error})", error=failure.value)
+        self.punch = None  # not for this file again; the spool keeps it whole until it lands
+        if failure.check(OSError):
+            log.info(
+                "cannot free parts of the spool of {filename} ({error}); keeping it whole until it lands",
+                filename=self.wanted.filename,
+                error=failure.value,
+            )
         else:
             log.failure("freeing part of a spool file failed", failure)
         self._after_punch()
@@ -519,7 +554,7 @@ class Flight:
             return
         self._paused.discard(why)
         if not self._paused and self._body is not None:
-            self._idle = self._clock.callLater(self.read_timeout, self._stalled)
+            self._watch_upstream()
             self._body.resumeProducing()
 
     def _spool_failed(self, error: OSError) -> None:
@@ -529,7 +564,7 @@ class Flight:
         """
         self.cacheable = False
         self.on_store_error("files")
-        self._close_spool()
+        self._release_spool()
         message = f"{error.strerror} ({error.__class__.__name__}, errno {error.errno})"
         if _spool_error != [message]:
             _spool_error[:] = [message]
@@ -592,7 +627,7 @@ class Flight:
         if not self.verified or not self._spooling.idle or self._punching or self.done or self._committing:
             return
         self._committing = True
-        self._close_spool()
+        self._release_spool()
         if not self.cacheable or self.peer is not None:
             self._unlink()
             self._finish(None)
@@ -611,17 +646,22 @@ class Flight:
             store_key=file_key(sha256, self.wanted.filename),
             cached_at=self._clock.seconds(),
         )
+        # Written down first: if the process dies (or the metadata store
+        # closes) between the object and its record, start-up finds the
+        # object unrecorded and removes it.
+        marker = None if self.journal is None else await self.run(self.journal.begin, record)
         try:
             if self.upload is not None:
                 await self.upload.complete(self.written)
             else:
                 await self._store.commit(self._spool_path, record.store_key)
-            await self._metadata.put_file(record)
+            self.replaced = await self._metadata.put_file(record)
         except Unavailable as e:
             # A store is down: its outage is logged once, not per file.  The
             # object, if it went in, stays: under its content-addressed key it
             # may be another instance's recorded copy, and the next fetch of
-            # the file records it again.
+            # the file records it again (the journal's marker stays too: a
+            # restart removes the object if nothing recorded it by then).
             log.info("not caching {filename}: {reason}", filename=self.wanted.filename, reason=str(e))
             self._unlink()
             self._finish(None)
@@ -632,12 +672,15 @@ class Flight:
             try:  # no object without a record: it would never be counted or evicted
                 await self._store.delete(record.store_key)
             except Unavailable:
-                pass  # the store is down (logged once)
+                marker = None  # the store is down (logged once): left to the journal
             except Exception:
+                marker = None
                 log.failure("could not remove the unrecorded {key}", key=record.store_key)
+            self._end_marker(marker)
             self._unlink()
             self._finish(None)
             return
+        self._end_marker(marker)
         _spool_error.clear()
         log.info(
             "cached {filename} ({size} bytes, sha256 {sha256}) from {url}",
@@ -648,7 +691,35 @@ class Flight:
         )
         self._finish(record)
 
+    def _end_marker(self, marker: str | None) -> None:
+        if marker is not None and self.journal is not None:
+            self.run(self.journal.end, marker).addErrback(
+                lambda f: log.failure("could not remove the commit marker {marker}", f, marker=marker)
+            )
+
     # -- failure and cleanup
+
+    def stop(self, reason: str) -> bool:
+        """
+        Give up a download that is not verified yet (at shutdown): its
+        clients are cut off and nothing is cached.  A verified one goes on
+        landing.
+
+        @return: whether it was stopped.
+        """
+        if self.verified or self.failure is not None or self.done:
+            return False
+        self._fail(FlightFailed(503, reason))
+        return True
+
+    def expected_bytes(self) -> int:
+        """
+        What this download will add to the cache once it lands: it counts
+        towards the size limit while it is spooled.
+        """
+        if self.done or self.failure is not None or not self.cacheable or self.peer is not None:
+            return 0
+        return max(self.size or self.wanted.size or 0, self.written)
 
     def _fail(self, failure: FlightFailed) -> None:
         if self.failure is not None or self.verified:
@@ -671,16 +742,11 @@ class Flight:
         self._finish(None)
         self._wake()
 
-    def _close_spool(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
     def _cancel_idle(self) -> None:
-        if self._idle is not None:
-            if self._idle.active():
-                self._idle.cancel()
-            self._idle = None
+        for timer in (self._idle, self._rate):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._idle = self._rate = None
 
     def _unlink(self) -> None:
         try:
@@ -769,11 +835,13 @@ class Flight:
         """
         return self.written if self.verified else max(0, self.written - 1)
 
-    async def read(self, offset: int, length: int, stop: int | None = None) -> bytes:
+    async def read(self, offset: int, length: int) -> bytes:
         """
         Read up to C{length} bytes at C{offset}, waiting for them to arrive.
-        With C{stop} (a range's exclusive end), the byte before C{stop} is
-        held back until the file is verified, like the file's last byte.
+        The last byte asked for is held back until the file is verified,
+        like the file's last byte: a reader that asks for the rest of a
+        range thereby never receives a complete-looking range of a file
+        that turns out bad (a chunk in the middle comes one byte short).
 
         @raise FlightFailed: if the fetch failed.
         """
@@ -783,8 +851,8 @@ class Flight:
             if offset < self._punch_floor:
                 raise FlightFailed(503, "these bytes are no longer held here")
             limit = self.readable()
-            if stop is not None:
-                limit = min(limit, stop if self.verified else stop - 1)
+            if not self.verified:
+                limit = min(limit, offset + length - 1)
             if offset < limit:
                 if offset < self._spooled:
                     n = min(length, limit - offset, self._spooled - offset)
@@ -805,8 +873,6 @@ class Flight:
 class FlightReader:
     _flight: Flight
     _closed: bool = False
-    #: The end of the range being read, if it is not the whole file.
-    stop: int | None = None
 
     @property
     def size(self) -> int | None:
@@ -818,7 +884,7 @@ class FlightReader:
     def read(self, offset: int, length: int) -> Deferred[bytes]:
         if self._cut:
             return fail(FlightFailed(503, "cut off: too slow while the disk is full"))
-        d = Deferred.fromCoroutine(self._flight.read(offset, length, self.stop))
+        d = Deferred.fromCoroutine(self._flight.read(offset, length))
         d.addCallback(self._advanced, offset)
         return d
 
@@ -877,7 +943,136 @@ def _find_punch_hole() -> Callable[[int, int, int], None] | None:
     return punch
 
 
-_punch_hole = _find_punch_hole()
+#: The way to free a range of a spool file here, if there is one.
+PUNCH_HOLE: Callable[[int, int, int], None] | None = _find_punch_hole()
+
+
+def _default_punch() -> Callable[[int, int, int], None] | None:
+    return PUNCH_HOLE
+
+
+def _hash(hasher: Hasher, batch: list[bytes]) -> None:
+    """
+    Hash a batch (in a worker thread).
+    """
+    for data in batch:
+        hasher.update(data)
+
+
+def _spool(
+    fd: int, write: Callable[[int, memoryview], int], batch: list[bytes]
+) -> tuple[int, OSError | None]:
+    """
+    Write a batch to the spool (in a worker thread); return how many bytes
+    were written, and the error that stopped the writing if one did.
+    """
+    spooled = 0
+    try:
+        for data in batch:
+            view = memoryview(data)
+            while view:
+                n = write(fd, view)
+                spooled += n
+                view = view[n:]
+    except OSError as e:
+        return spooled, e
+    return spooled, None
+
+
+class SharedFd:
+    """
+    A file descriptor with one owner and work queued on it in worker
+    threads: L{close} closes it only once every queued job has returned, so
+    that a job never runs on a number the process has meanwhile reused for
+    another file, the database or a socket.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._users = 0
+        #: The owner is done with it: no new job may start.
+        self.closing = False
+
+    def run(self, run: Callable[..., Deferred[Any]], f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        """
+        C{run(f, fd, *args)}, holding the descriptor until it returns.
+        """
+        assert not self.closing, "the spool descriptor is closed"
+        self._users += 1
+        d = run(f, self._fd, *args)
+
+        def returned(result: object) -> object:
+            self._users -= 1
+            self._maybe_close()
+            return result
+
+        return d.addBoth(returned)
+
+    @property
+    def fd(self) -> int:
+        """
+        The descriptor, or -1 once it is closed.
+        """
+        return self._fd
+
+    def close(self) -> None:
+        self.closing = True
+        self._maybe_close()
+
+    def _maybe_close(self) -> None:
+        if self.closing and self._users == 0 and self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+@attrs.define
+class CommitJournal:
+    """
+    Markers of the commits in progress, one small file each in
+    C{directory}: written before a verified file goes into the store,
+    removed once its record is written (or the object removed again).  A
+    marker left behind (a crash, or a store that closed under the commit)
+    names an object that may have no record; start-up looks each one up and
+    removes such objects.  The methods block: run them in a worker thread.
+    """
+
+    directory: str
+
+    def begin(self, record: FileRecord) -> str:
+        os.makedirs(self.directory, exist_ok=True)
+        path = os.path.join(self.directory, f"{record.sha256}-{os.getpid()}-{time.time_ns()}.json")
+        entry = {"key": record.key, "store_key": record.store_key, "sha256": record.sha256}
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(entry, f)
+        return path
+
+    def end(self, path: str) -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+    def pending(self) -> list[tuple[str, dict[str, str]]]:
+        """
+        The markers left, with what each names (unreadable ones are dropped).
+        """
+        try:
+            names = sorted(os.listdir(self.directory))
+        except FileNotFoundError:
+            return []
+        found = []
+        for name in names:
+            path = os.path.join(self.directory, name)
+            try:
+                with open(path, encoding="utf-8") as f:
+                    entry = json.load(f)
+                if not all(isinstance(entry.get(k), str) for k in ("key", "store_key", "sha256")):
+                    raise ValueError("not a commit marker")
+            except (OSError, ValueError):
+                self.end(path)
+                continue
+            found.append((path, entry))
+        return found
 
 
 class Chunks:
@@ -935,8 +1130,8 @@ class _Lane:
     thread: the bytes that arrive while a batch runs make the next batch.
     """
 
-    _run: Callable[..., Deferred[Any]]
-    _work: Callable[[list[bytes]], Any]
+    #: Starts the work on a batch in a worker thread.
+    _start: Callable[[list[bytes]], Deferred[Any]]
     _done: Callable[[Any, list[bytes]], None]
     _failed: Callable[[Failure], None]
     _batch: list[bytes] = attrs.field(factory=list)
@@ -964,7 +1159,7 @@ class _Lane:
     def _next(self) -> None:
         batch = self.take()
         self.busy = True
-        self._run(self._work, batch).addCallbacks(self._ran, self._crashed, callbackArgs=(batch,))
+        self._start(batch).addCallbacks(self._ran, self._crashed, callbackArgs=(batch,))
 
     def _ran(self, result: Any, batch: list[bytes]) -> None:
         self.busy = False
@@ -1025,11 +1220,15 @@ class Sender:
     mistakes a partial body for a whole one.
     """
 
-    def __init__(self, request: Request, source: ByteSource, start: int = 0, end: int | None = None) -> None:
+    def __init__(
+        self, request: Request, source: ByteSource, start: int = 0, end: int | None = None, first: bytes = b""
+    ) -> None:
         """
         @param start: the first byte to send.
         @param end: the (exclusive) end of the bytes to send, or L{None} for
             the end of the source.
+        @param first: the bytes from C{start} on that the caller already
+            read (to be sure the source works before answering); sent first.
         """
         self._request = request
         self._source = source
@@ -1041,6 +1240,7 @@ class Sender:
         self._stopped = False
         self._offset = start
         self._end = end
+        self._first = first
         self.sent = 0
         self._over = Ended()
 
@@ -1057,6 +1257,11 @@ class Sender:
 
     async def _run(self) -> None:
         try:
+            first, self._first = self._first, b""
+            if first:
+                self._offset += len(first)
+                self.sent += len(first)
+                self._request.write(first)
             while not self._stopped:
                 if self._paused:
                     self._resume = Deferred()
@@ -1080,7 +1285,10 @@ class Sender:
         except Exception as e:
             # The client has headers and part of the body: all we can do is
             # make sure it cannot mistake that part for the whole.
-            if not isinstance(e, FlightFailed):
+            if isinstance(e, Unavailable):
+                # The store's outage is logged once, where it was found.
+                log.info("cutting off a client: {error}", error=str(e))
+            elif not isinstance(e, FlightFailed):
                 log.failure("sending a file failed; aborting the client")
             self._stopped = True
             self._request.unregisterProducer()

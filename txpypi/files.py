@@ -6,17 +6,19 @@ from the URL that the project's upstream index page listed.
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
 import attrs
-from twisted.internet import defer
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from txpypi.download import (
     ByteSource,
+    CommitJournal,
     Ended,
     Flight,
     FlightFailed,
@@ -30,7 +32,7 @@ from txpypi.index import DistFile, ProjectPage, file_version
 from txpypi.metadata import FileRecord, IMetadata
 from txpypi.names import strongest_hash
 from txpypi.outages import Unavailable
-from txpypi.pages import PageCache, SingleFlight
+from txpypi.pages import NotFound, PageCache, SingleFlight
 from txpypi.peer import owner_url, peer_path
 from txpypi.stores import IFileStore
 from txpypi.upstream import UpstreamClient
@@ -124,6 +126,13 @@ class FileCache:
     #: eviction runs on one instance at a time.
     shared_usage: bool = False
     _reloads: list[Deferred[None]] = attrs.field(factory=list)
+    #: At most this many downloads at a time (C{--max-downloads}).
+    slots: Slots = attrs.field(default=attrs.Factory(lambda self: Slots(self._clock), takes_self=True))
+    #: Starting a download (waiting for a slot), one per file.
+    _starts: SingleFlight[str, Flight] = attrs.field(factory=SingleFlight)
+    #: Where commits in progress are written down, so that a crash or a
+    #: shutdown in the middle of one leaves no unrecorded file for good.
+    journal: CommitJournal | None = None
     #: How flights write their spool files (a test may inject a full disk).
     spool_write: Callable[[int, memoryview], int] = os.write
     #: How flights hash and spool their bytes (see L{Flight.run}).
@@ -141,21 +150,25 @@ class FileCache:
                 grace=grace,
                 n=len(self.senders),
             )
-        if self.senders or self.flights:
-            # Clients reading, and downloads that may be about to land.
+            # Clients reading, and downloads that may be about to land.  Wait
+            # on them without cancelling them: they are not ours to cancel.
             waits = [s.when_done() for s in self.senders] + [f.when_done() for f in self.flights.values()]
-            finished = DeferredList(waits)
-            finished.addTimeout(grace, self._clock)
-            try:
-                await finished
-            except defer.TimeoutError:
-                pass
+            await _first_of(DeferredList(waits, consumeErrors=True), grace, self._clock)
         if self.senders:
             log.warn("shutting down: aborted {n} download(s) past the grace period", n=len(self.senders))
         for sender in list(self.senders):
             sender.abort()
+        stopped = [f for f in list(self.flights.values()) if f.stop("the proxy is shutting down")]
+        if stopped:
+            log.warn("shutting down: stopped {n} upstream fetch(es) past the grace period", n=len(stopped))
+        # Downloads that were verified are landing (bounded by the stores'
+        # timeouts), and stopped ones cleaning up: before the stores close.
+        await DeferredList([f.when_done() for f in self.flights.values()], consumeErrors=True)
 
-    def _store_error(self, store: str) -> None:
+    def count_store_error(self, store: str) -> None:
+        """
+        Count a failed call to a store (C{files} or C{metadata}).
+        """
         if self.metrics is not None:
             self.metrics.store_errors.labels(store).inc()
 
@@ -174,17 +187,42 @@ class FileCache:
         Remove one cached file; C{False} if it was not cached.
         """
         key = self.key(project, filename)
-        record = self._records.pop(key, None) or await self._metadata.get_file(key)
-        if record is None:
+        self._records.pop(key, None)
+        deleted = await self._metadata.delete_file(key)
+        if deleted is None:
             return False
         self._records.pop(key, None)
-        await self._metadata.delete_file(key)
-        await self._store.delete(record.store_key)
-        if self.size is not None:
-            self.size -= record.size
-            self.count = None if self.count is None else self.count - 1
+        self._account(-deleted.size, -1)
+        await self._store.delete(deleted.store_key)
         log.info("purged {key}", key=key)
         return True
+
+    async def recover_commits(self) -> None:
+        """
+        At start-up: the commits that an earlier process left unfinished
+        (killed, or its metadata store closed under it) may have put an
+        object in the store without a record, which nothing would ever
+        count, serve or evict.  Remove each such object.  A marker is kept
+        while the metadata or file store cannot answer, for the next start.
+        """
+        journal = self.journal
+        if journal is None:
+            return
+        mine = f"-{os.getpid()}-"
+        for path, entry in await self.run_spooling(journal.pending):
+            if mine in os.path.basename(path):
+                continue  # this process's own commit, in progress
+            key, store_key = entry["key"], entry["store_key"]
+            try:
+                record = await self._metadata.get_file(key)
+                if record is None or record.store_key != store_key:
+                    if key in self.flights:
+                        continue  # fetched again right now: it records its own
+                    await self._store.delete(store_key)
+                    log.warn("removed {store_key}: its commit never finished", store_key=store_key)
+            except Unavailable:
+                continue
+            await self.run_spooling(journal.end, path)
 
     async def load_usage(self) -> None:
         """
@@ -241,7 +279,7 @@ class FileCache:
         self._maybe_evict()
 
     def _maybe_evict(self) -> None:
-        if self.max_size is None or self.size is None or self.size <= self.max_size:
+        if not self._over_limit():
             return
         if self._evicting is None:
             self._evicting = Deferred.fromCoroutine(self._evict())
@@ -273,24 +311,42 @@ class FileCache:
         finally:
             self._release_lock(lock)
 
+    def spooling(self) -> int:
+        """
+        The bytes of the downloads in progress here that are to be cached:
+        they count towards the size limit before they land.
+        """
+        return sum(f.expected_bytes() for f in self.flights.values())
+
+    def _over_limit(self) -> bool:
+        return (
+            self.max_size is not None
+            and self.size is not None
+            and self.size + self.spooling() > self.max_size
+        )
+
     async def _evict_until_under(self) -> None:
         assert self.max_size is not None
-        while self.size is not None and self.size > self.max_size:
+        while self._over_limit():
             if self.shared_usage:  # other instances add and evict too
                 self.size, self.count = await self._metadata.usage()
-                if self.size <= self.max_size:
+                if not self._over_limit():
                     break
             victims = await self._metadata.least_recent(64)
-            if not victims:
-                break
+            evicted = 0
             for record in victims:
-                if self.size <= self.max_size:
+                if not self._over_limit():
                     break
-                await self._metadata.delete_file(record.key)
-                self._records.pop(record.key, None)
-                await self._store.delete(record.store_key)
-                self.size -= record.size
-                self.count = None if self.count is None else self.count - 1
+                # Only if it is still that record: one that was purged, or
+                # replaced by a new landing, meanwhile is not counted twice.
+                deleted = await self._metadata.delete_file(record.key, record)
+                if deleted is None:
+                    continue
+                if self._records.get(record.key) == record:
+                    del self._records[record.key]
+                self._account(-deleted.size, -1)
+                await self._store.delete(deleted.store_key)
+                evicted += 1
                 self.evictions += 1
                 log.info(
                     "evicted {key} ({size} bytes): cache over {limit} bytes",
@@ -298,6 +354,8 @@ class FileCache:
                     size=record.size,
                     limit=self.max_size,
                 )
+            if not evicted:
+                break
 
     def key(self, project: str, filename: str) -> str:
         return f"{self.pages.group}/{project}/{filename}"
@@ -308,23 +366,67 @@ class FileCache:
         while len(self._records) > self.max_records:
             self._records.popitem(last=False)
 
-    def _outdated(self, record: FileRecord, project: str, filename: str) -> str | None:
+    async def _listed(self, record: FileRecord, project: str, filename: str) -> str | None:
         """
-        Why a cached file must not be served any more, if it must not: it
-        came from another upstream, or the fresh index lists another hash.
+        Check a cached file against the project's current index page (fresh,
+        or stale while the upstream fails): the reason to fetch it again if
+        the page lists it otherwise (another hash, or another URL when the
+        page gives no sha256), else L{None}.
+
+        @raise NotListed: the page no longer lists it (the upstream delisted
+            it: a removed release must not live on in the cache); the
+            record is dropped.
+        @raise txpypi.pages.NotFound: the upstream no longer knows the
+            project (the record is dropped), or, offline, its page is not
+            cached (the record is kept).
+        @raise txpypi.upstream.UpstreamError: there is no page to check it
+            against: the upstream fails and no stale copy is usable.
         """
         if record.upstream != self.pages.upstream.url:
             return f"it came from another upstream ({record.upstream})"
-        page = self.pages.fresh(project)
-        if page is None or not isinstance(page.model, ProjectPage):
-            return None
+        try:
+            page, _ = await self.pages.get(project)
+        except NotFound:
+            if not self.pages.offline:
+                await self._drop(record, "the upstream no longer knows its project")
+            raise
+        assert isinstance(page.model, ProjectPage)
         dist = page.model.find(filename.removesuffix(METADATA_SUFFIX))
         wanted = None if dist is None else wanted_for(record.key, record.upstream, dist, filename)
-        if wanted is not None and wanted.expected_hash is not None:
-            algorithm, value = wanted.expected_hash
-            if algorithm == "sha256" and value != record.sha256:
+        if wanted is None:
+            await self._drop(record, "the upstream no longer lists it")
+            raise NotListed(f"{filename} is no longer listed")
+        if wanted.expected_hash is not None and wanted.expected_hash[0] == "sha256":
+            if wanted.expected_hash[1] != record.sha256:
                 return "the index now lists another hash"
+        elif wanted.url != record.url:
+            return "the index now lists it at another URL"
         return None
+
+    async def _drop(self, record: FileRecord, why: str, delete_object: bool = True) -> None:
+        """
+        Forget a cached file: its record -- only if it is still this record,
+        not one that landed meanwhile -- and, with C{delete_object}, its
+        bytes.  The size and count change by what the metadata store says it
+        deleted, so a file dropped twice at once is counted out once.
+        """
+        log.warn("dropping cached {key}: {why}", key=record.key, why=why)
+        if self._records.get(record.key) == record:
+            del self._records[record.key]
+        try:
+            deleted = await self._metadata.delete_file(record.key, record)
+            if deleted is not None:
+                self._account(-deleted.size, -1)
+                if delete_object:
+                    await self._store.delete(deleted.store_key)
+        except Unavailable:
+            pass  # a store is down (logged once); the record is found bad again later
+
+    def _account(self, size: int, count: int) -> None:
+        if self.size is not None:
+            self.size += size
+        if self.count is not None:
+            self.count += count
 
     async def _get_record(self, key: str) -> FileRecord | None:
         """
@@ -338,57 +440,51 @@ class FileCache:
 
     async def _open_record(self, record: FileRecord, project: str, filename: str) -> Opened | None:
         """
-        Open a cached file, or return L{None} (and forget the record) when
-        it is gone, damaged or outdated, so that it is fetched again.  While
-        the file store is down, return L{None} and keep the record: the
-        file is served from the upstream meanwhile.
+        Open a cached file that its index still lists, or return L{None}
+        (and drop the record) when it is gone, damaged or outdated, so that
+        it is fetched again.  While the file store is down, return L{None}
+        and keep the record: the file is served from the upstream meanwhile.
         """
-        why = self._outdated(record, project, filename)
+        why = await self._listed(record, project, filename)
+        if why is not None:
+            await self._drop(record, f"{why}; fetching it again")
+            return None
         try:
-            reader = None if why is not None else await self._store.open(record.store_key)
+            reader = await self._store.open(record.store_key)
         except Unavailable:
             return None
-        if reader is not None and reader.size != record.size:
-            why = f"it has {reader.size} bytes, not {record.size}"
-            reader.close()
-            reader = None
         if reader is None:
-            log.warn(
-                "not serving cached {key}: {why}; fetching it again",
-                key=record.key,
-                why=why or "it is gone from the store",
-            )
-            self._records.pop(record.key, None)
-            try:
-                await self._metadata.delete_file(record.key)
-                if why is not None:
-                    await self._store.delete(record.store_key)
-            except Unavailable:
-                pass  # a store is down (logged once); the record is found bad again later
-            if self.size is not None:
-                self.size -= record.size
-                self.count = None if self.count is None else self.count - 1
+            await self._drop(record, "it is gone from the store; fetching it again", delete_object=False)
+            return None
+        if reader.size != record.size:
+            reader.close()
+            await self._drop(record, f"it has {reader.size} bytes, not {record.size}; fetching it again")
             return None
         self._remember(record)
         if self.max_size is not None:
             self._accessed[record.key] = self._clock.seconds()
         return Opened(reader, reader.size, record.sha256, True)
 
-    async def open(self, project: str, filename: str, fetch: bool = True) -> Opened:
+    async def open(self, project: str, filename: str, fetch: bool = True, use_store: bool = True) -> Opened:
         """
-        Open a file of C{project} for sending.
+        Open a file of C{project} for sending.  A cached file is served only
+        while the project's index lists it with the same hash.
 
         @param fetch: with C{False} (for HEAD), answer from what is known
             without starting an upstream fetch.
+        @param use_store: with C{False}, do not look in the cache: serve it
+            from the upstream (for a cached file that cannot be read; its
+            record is kept).
         @raise NotListed: the index does not list it.
         @raise txpypi.pages.NotFound: the upstream does not know the project.
         @raise txpypi.upstream.UpstreamError: the upstream page fetch failed.
         @raise txpypi.download.FlightFailed: the file fetch failed before any
             byte could be sent.
+        @raise Busy: too many downloads ran for too long.
         """
         key = self.key(project, filename)
-        record = self._records.get(key)
-        if record is None and key not in self.flights:
+        record = self._records.get(key) if use_store else None
+        if use_store and record is None and key not in self.flights:
             # A flight may land while we read the store: check memory again.
             record = await self._get_record(key) or self._records.get(key)
         if record is not None:
@@ -408,13 +504,13 @@ class FileCache:
             if not fetch:
                 return Opened(None, wanted.size, None, False)
             # Another request may have fetched or started it meanwhile.
-            record = self._records.get(key)
+            record = self._records.get(key) if use_store else None
             if record is not None:
                 opened = await self._open_record(record, project, filename)
                 if opened is not None:
                     return opened
             peer = None
-            if self.locks is not None and key not in self.flights:
+            if self.locks is not None and use_store and key not in self.flights:
                 waited = await self._cluster_flights.run(
                     key, lambda: self._lead_or_follow(key, project, filename)
                 )
@@ -424,13 +520,19 @@ class FileCache:
                         return opened
                 elif isinstance(waited, Peer):
                     peer = waited
-            flight = self.flights.get(key) or self._start(wanted, peer)
+            flight = self.flights.get(key) or await self._starts.run(key, lambda: self._begin(wanted, peer))
+        if flight.done:
+            # Over before we could join it (only a download that takes no
+            # time at all can be): its outcome is all there is.
+            if flight.failure is not None:
+                raise flight.failure
+            return await self.open(project, filename, fetch, use_store=True)
         if not flight.joinable:
             # Its first bytes are freed already: the file is about to land.
             if not fetch:
                 return Opened(None, flight.size, None, False)
             await flight.when_done()
-            return await self.open(project, filename, fetch)
+            return await self.open(project, filename, fetch, use_store)
         reader = flight.reader()
         try:
             await flight.wait_started()
@@ -442,10 +544,11 @@ class FileCache:
             # (for the record, the lock) without following peers for a while.
             log.info("could not follow {url}; looking again", url=flight.peer.url)
             self._peer_failed[key] = self._clock.seconds()
-            return await self.open(project, filename, fetch)
+            return await self.open(project, filename, fetch, use_store)
         except BaseException:
             reader.close()
             raise
+        self._maybe_evict()  # its size is known now, and counts
         # Joining a flight that has all its bytes verified is as good as a hit.
         hit = flight.verified
         if not fetch:
@@ -541,6 +644,38 @@ class FileCache:
             return None
         return flight
 
+    async def _begin(self, wanted: Wanted, peer: Peer | None) -> Flight:
+        """
+        Start the download once one of the C{max_downloads} slots is free
+        (waiting for one at most C{--response-timeout}), unless another
+        request started it meanwhile.
+
+        @raise Busy: no slot came free in time.
+        """
+        flight = self.flights.get(wanted.key)
+        if flight is not None:
+            return flight
+        timeout = self._client.response_timeout
+        try:
+            await self.slots.acquire(timeout)
+        except Busy:
+            log.warn(
+                "refused {filename}: {n} downloads in progress for {timeout:g} s",
+                filename=wanted.filename,
+                n=self.slots.used,
+                timeout=timeout,
+            )
+            raise
+        flight = self.flights.get(wanted.key)
+        if flight is not None:
+            self.slots.release()
+            return flight
+        try:
+            return self._start(wanted, peer)
+        except BaseException:
+            self.slots.release()
+            raise
+
     def _start(self, wanted: Wanted, peer: Peer | None = None) -> Flight:
         flight = Flight(
             wanted,
@@ -550,10 +685,12 @@ class FileCache:
             self._clock,
             self._landed,
             read_timeout=self._client.read_timeout,
-            on_store_error=self._store_error,
+            min_rate=self._client.min_rate,
+            on_store_error=self.count_store_error,
             spool_write=self.spool_write,
             run=self.run_spooling,
             peer=peer,
+            journal=self.journal,
         )
         self.flights[wanted.key] = flight
         if peer is None:
@@ -572,7 +709,14 @@ class FileCache:
         return flight
 
     def _landed(self, flight: Flight, record: FileRecord | None) -> None:
+        """
+        A download is over: cached (C{record}), or not.  Its slot is free
+        again, and its bytes are counted as the cache's, not the spool's.
+        """
         self._release_lock(flight.wanted.key)
+        if self.flights.get(flight.wanted.key) is flight:
+            del self.flights[flight.wanted.key]
+        self.slots.release()
         if record is not None:
             self._remember(record)
             if self.shared_usage:
@@ -581,12 +725,93 @@ class FileCache:
                 reload.addErrback(_unless_unavailable, "reading the size")
                 self._reloads.append(reload)
                 reload.addBoth(lambda _: self._reloads.remove(reload))
-            elif self.size is not None:
-                self.size += record.size
-                self.count = None if self.count is None else self.count + 1
+            else:
+                # A file recorded again (after a store outage, say) replaced
+                # its old record: count the difference, not the file twice.
+                replaced = flight.replaced
+                self._account(record.size - (0 if replaced is None else replaced.size), replaced is None)
                 self._maybe_evict()
-        if self.flights.get(flight.wanted.key) is flight:
-            del self.flights[flight.wanted.key]
+
+
+class Busy(Exception):
+    """
+    Too many downloads are in progress, and none ended in time: the client
+    is told to come back (C{503} with C{Retry-After}).
+    """
+
+    def __init__(self, reason: str, retry_after: int = 5) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+@attrs.define
+class Slots:
+    """
+    At most C{limit} downloads at a time.  A download over the limit waits
+    for a slot in a queue (in order); each waiter waits at most its own
+    timeout.  The queue is bounded by the clients that wait in it: each
+    holds a connection (see C{--max-connections}) and leaves at its
+    timeout.
+    """
+
+    _clock: IReactorTime
+    limit: int = 16
+    used: int = 0
+    _queue: deque[Deferred[None]] = attrs.field(factory=deque)
+
+    def acquire(self, timeout: float) -> Deferred[None]:
+        """
+        Fire once a slot is ours.
+
+        @raise Busy: (as the Deferred's failure) after C{timeout} seconds.
+        """
+        if self.used < self.limit and not self._queue:
+            self.used += 1
+            return succeed(None)
+        waiter: Deferred[None] = Deferred(lambda d: self._queue.remove(d))
+        self._queue.append(waiter)
+        timer = self._clock.callLater(timeout, waiter.cancel)
+
+        def over(result: object) -> object:
+            if timer.active():
+                timer.cancel()
+            if isinstance(result, Failure) and result.check(CancelledError):
+                return Failure(Busy(f"{self.used} downloads are in progress; try again shortly"))
+            return result
+
+        return waiter.addBoth(over)
+
+    def release(self) -> None:
+        self.used -= 1
+        self._wake()
+
+    def set_limit(self, limit: int) -> None:
+        self.limit = limit
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._queue and self.used < self.limit:
+            self.used += 1
+            self._queue.popleft().callback(None)
+
+
+async def _first_of(work: Deferred[Any], seconds: float, clock: IReactorTime) -> None:
+    """
+    Wait until C{work} fires or C{seconds} pass, whichever comes first,
+    without cancelling C{work}.
+    """
+    over: Deferred[None] = Deferred()
+
+    def end(_: object) -> None:
+        if not over.called:
+            over.callback(None)
+
+    work.addBoth(end)
+    timer = clock.callLater(seconds, end, None)
+    await over
+    if timer.active():
+        timer.cancel()
 
 
 def _unless_unavailable(failure: Any, doing: str) -> None:
@@ -597,4 +822,4 @@ def _unless_unavailable(failure: Any, doing: str) -> None:
         log.failure("{doing} failed", failure, doing=doing)
 
 
-__all__ = ["FileCache", "FlightReader", "NotListed", "Opened"]
+__all__ = ["Busy", "FileCache", "FlightReader", "NotListed", "Opened", "Slots"]

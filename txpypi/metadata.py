@@ -53,6 +53,14 @@ class FileRecord:
     cached_at: float
 
 
+def same_file(a: FileRecord, b: FileRecord) -> bool:
+    """
+    Whether two records are one landing of one file (not merely the same
+    key): same bytes, cached at the same moment.
+    """
+    return a.key == b.key and a.sha256 == b.sha256 and a.cached_at == b.cached_at
+
+
 class IMetadata(Interface):
     """
     Persistent records of pages and files.
@@ -88,14 +96,18 @@ class IMetadata(Interface):
         The file record stored under C{key}, or L{None}.
         """
 
-    def put_file(record: FileRecord) -> Deferred[None]:
+    def put_file(record: FileRecord) -> Deferred[FileRecord | None]:
         """
-        Store (replace) a file record.
+        Store (replace) a file record, and give the record it replaced, if
+        any (so that whoever counts the cache's size can count exactly).
         """
 
-    def delete_file(key: str) -> Deferred[None]:
+    def delete_file(key: str, expected: FileRecord | None = None) -> Deferred[FileRecord | None]:
         """
-        Forget a file record.
+        Forget the file record under C{key} -- with C{expected}, only if it
+        is still that record (same sha256 and time of caching), so that a
+        record that landed meanwhile is kept -- and give the record deleted,
+        or L{None} if none was.
         """
 
     def add_downloads(counts: dict[tuple[str, str, str], int]) -> Deferred[None]:
@@ -178,14 +190,18 @@ class MemoryMetadata:
     def get_file(self, key: str) -> Deferred[FileRecord | None]:
         return succeed(self.files.get(key))
 
-    def put_file(self, record: FileRecord) -> Deferred[None]:
+    def put_file(self, record: FileRecord) -> Deferred[FileRecord | None]:
+        old = self.files.get(record.key)
         self.files[record.key] = record
-        return succeed(None)
+        return succeed(old)
 
-    def delete_file(self, key: str) -> Deferred[None]:
-        self.files.pop(key, None)
+    def delete_file(self, key: str, expected: FileRecord | None = None) -> Deferred[FileRecord | None]:
+        old = self.files.get(key)
+        if old is None or (expected is not None and not same_file(old, expected)):
+            return succeed(None)
+        del self.files[key]
         self.accessed.pop(key, None)
-        return succeed(None)
+        return succeed(old)
 
     def touch_files(self, accessed: dict[str, float]) -> Deferred[None]:
         self.accessed.update((k, v) for k, v in accessed.items() if k in self.files)
@@ -328,20 +344,32 @@ class SqliteMetadata:
     def get_file(self, key: str) -> Deferred[FileRecord | None]:
         return self._run(self._get_file, key)
 
-    def _put_file(self, r: FileRecord) -> None:
-        self._db().execute(
-            "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (r.key, r.upstream, r.url, r.sha256, r.size, r.store_key, r.cached_at, r.cached_at),
-        )
+    def _put_file(self, r: FileRecord) -> FileRecord | None:
+        db = self._db()
+        with db:
+            db.execute("BEGIN")
+            old = self._get_file(r.key)
+            db.execute(
+                "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (r.key, r.upstream, r.url, r.sha256, r.size, r.store_key, r.cached_at, r.cached_at),
+            )
+        return old
 
-    def put_file(self, record: FileRecord) -> Deferred[None]:
+    def put_file(self, record: FileRecord) -> Deferred[FileRecord | None]:
         return self._run(self._put_file, record)
 
-    def _delete_file(self, key: str) -> None:
-        self._db().execute("DELETE FROM files WHERE key = ?", (key,))
+    def _delete_file(self, key: str, expected: FileRecord | None) -> FileRecord | None:
+        db = self._db()
+        with db:
+            db.execute("BEGIN")
+            old = self._get_file(key)
+            if old is None or (expected is not None and not same_file(old, expected)):
+                return None
+            db.execute("DELETE FROM files WHERE key = ?", (key,))
+        return old
 
-    def delete_file(self, key: str) -> Deferred[None]:
-        return self._run(self._delete_file, key)
+    def delete_file(self, key: str, expected: FileRecord | None = None) -> Deferred[FileRecord | None]:
+        return self._run(self._delete_file, key, expected)
 
     def _touch_files(self, accessed: dict[str, float]) -> None:
         db = self._db()

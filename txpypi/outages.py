@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 from zope.interface import alsoProvides, implementer
 
 from txpypi.metadata import FileRecord, IMetadata, PageRecord
-from txpypi.stores import IFileReader, IFileStore, IRedirectable, IStreamingUpload, IUpload
+from txpypi.stores import IFileReader, IFileStore, IProbed, IRedirectable, IStreamingUpload, IUpload
 
 log = Logger()
 
@@ -328,11 +328,11 @@ class WatchedMetadata:
     def get_file(self, key: str) -> Deferred[FileRecord | None]:
         return self._call(self.inner.get_file, key)
 
-    def put_file(self, record: FileRecord) -> Deferred[None]:
+    def put_file(self, record: FileRecord) -> Deferred[FileRecord | None]:
         return self._call(self.inner.put_file, record)
 
-    def delete_file(self, key: str) -> Deferred[None]:
-        return self._call(self.inner.delete_file, key)
+    def delete_file(self, key: str, expected: FileRecord | None = None) -> Deferred[FileRecord | None]:
+        return self._call(self.inner.delete_file, key, expected)
 
     def usage(self) -> Deferred[tuple[int, int]]:
         return self._call(self.inner.usage)
@@ -516,13 +516,21 @@ class WatchedStore:
         d.addCallbacks(worked, failed)
         return d
 
+    def _probe(self) -> Deferred[None]:
+        """
+        Ask the store whether it can serve: its own probe (a read of a known
+        object) where it has one, else an open of a key that is never
+        there.
+        """
+        if IProbed.providedBy(self.inner):
+            d: Deferred[None] = IProbed(self.inner).probe()
+            return d
+        return Deferred.fromCoroutine(self._open_absent())
+
     async def _open_absent(self) -> None:
         reader = await self.inner.open(PROBE_KEY)
         if reader is not None:
             reader.close()
-
-    def _probe(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._open_absent())
 
     def commit(self, spool_path: str, key: str) -> Deferred[None]:
         # A failed commit is counted by the download that made it.

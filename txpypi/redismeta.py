@@ -32,6 +32,8 @@ from txpypi.outages import Unavailable
 
 log = Logger()
 
+#: Replace a record, keeping the size and count exact; answers the record
+#: replaced (or false).
 _PUT_FILE = """
 local old = redis.call('GET', KEYS[1])
 if old then
@@ -42,18 +44,29 @@ redis.call('SET', KEYS[1], ARGV[1])
 redis.call('INCRBY', KEYS[2], ARGV[2])
 redis.call('INCR', KEYS[3])
 redis.call('ZADD', KEYS[4], ARGV[3], ARGV[4])
-return 1
+return old
 """
 
+#: Delete a record -- with ARGV[2] and ARGV[3], only if it still has that
+#: sha256 and time of caching -- keeping the size and count exact; answers
+#: the record deleted (or false).
 _DELETE_FILE = """
 local old = redis.call('GET', KEYS[1])
-if old then
-  redis.call('INCRBY', KEYS[2], -cjson.decode(old).size)
-  redis.call('DECR', KEYS[3])
-  redis.call('DEL', KEYS[1])
+if not old then
+  redis.call('ZREM', KEYS[4], ARGV[1])
+  return false
 end
+if ARGV[2] ~= '' then
+  local record = cjson.decode(old)
+  if record.sha256 ~= ARGV[2] or string.format('%.17g', record.cached_at) ~= ARGV[3] then
+    return false
+  end
+end
+redis.call('INCRBY', KEYS[2], -cjson.decode(old).size)
+redis.call('DECR', KEYS[3])
+redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
-return 1
+return old
 """
 
 
@@ -65,6 +78,17 @@ for i = 2, #KEYS do
 end
 return 1
 """
+
+
+def _record(raw: Any) -> FileRecord | None:
+    """
+    The record a script answered (Lua's false arrives as None), if any.
+    """
+    if not raw:
+        return None
+    if isinstance(raw, bytes):
+        raw = raw.decode()
+    return FileRecord(**json.loads(raw))
 
 
 @attrs.frozen
@@ -337,22 +361,27 @@ class RedisMetadata:
     def get_file(self, key: str) -> Deferred[FileRecord | None]:
         return Deferred.fromCoroutine(self._get_file(key))
 
-    async def _put_file(self, r: FileRecord) -> None:
-        await self._r(
+    async def _put_file(self, r: FileRecord) -> FileRecord | None:
+        old = await self._r(
             "eval",
             _PUT_FILE,
             keys=self._file_keys(r.key),
             args=[json.dumps(attrs.asdict(r)), str(r.size), repr(r.cached_at), r.key],
         )
+        return _record(old)
 
-    def put_file(self, record: FileRecord) -> Deferred[None]:
+    def put_file(self, record: FileRecord) -> Deferred[FileRecord | None]:
         return Deferred.fromCoroutine(self._put_file(record))
 
-    async def _delete_file(self, key: str) -> None:
-        await self._r("eval", _DELETE_FILE, keys=self._file_keys(key), args=[key])
+    async def _delete_file(self, key: str, expected: FileRecord | None) -> FileRecord | None:
+        args = [key, "", ""]
+        if expected is not None:
+            args = [key, expected.sha256, f"{expected.cached_at:.17g}"]
+        old = await self._r("eval", _DELETE_FILE, keys=self._file_keys(key), args=args)
+        return _record(old)
 
-    def delete_file(self, key: str) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._delete_file(key))
+    def delete_file(self, key: str, expected: FileRecord | None = None) -> Deferred[FileRecord | None]:
+        return Deferred.fromCoroutine(self._delete_file(key, expected))
 
     async def _touch_files(self, accessed: dict[str, float]) -> None:
         if not accessed:

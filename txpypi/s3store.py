@@ -31,7 +31,15 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from txpypi.stores import IFileReader, IFileStore, IRedirectable, IStreamingUpload, IUpload, Progress
+from txpypi.stores import (
+    IFileReader,
+    IFileStore,
+    IProbed,
+    IRedirectable,
+    IStreamingUpload,
+    IUpload,
+    Progress,
+)
 
 log = Logger()
 
@@ -159,6 +167,30 @@ def _read_exactly(body: Any, length: int) -> bytes:
         chunks.append(chunk)
         got += len(chunk)
     return b"".join(chunks)
+
+
+#: The object the store's health probe reads (and writes, once).
+PROBE_KEY = "txpypi-probe/ok"
+PROBE_BODY = b"txpypi can read this store\n"
+
+
+def check_range(answer: dict[str, Any], first: int, last: int) -> None:
+    """
+    Check that a GET answer holds bytes C{first} to C{last}: a C{206} whose
+    C{Content-Range} says so, or a whole-object C{200} for a range from 0.
+
+    @raise OSError: if it does not.
+    """
+    status = answer.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    content_range = answer.get("ContentRange")
+    if status == 206 and isinstance(content_range, str):
+        unit, _, spec = content_range.partition(" ")
+        got, _, _total = spec.partition("/")
+        if unit == "bytes" and got == f"{first}-{last}":
+            return
+    elif status == 200 and first == 0 and content_range is None:
+        return  # the whole object: its first bytes are the ones asked for
+    raise OSError(f"S3 answered {status} ({content_range or 'no Content-Range'}) for bytes {first}-{last}")
 
 
 class UploadFailed(Exception):
@@ -339,7 +371,7 @@ class S3Upload:
             self._fd = -1
 
 
-@implementer(IFileStore, IStreamingUpload)
+@implementer(IFileStore, IStreamingUpload, IProbed)
 @attrs.define
 class S3Store:
     """
@@ -449,10 +481,48 @@ class S3Store:
         return Deferred.fromCoroutine(self._open(key))
 
     def _get_body(self, key: str, first: int, last: int) -> Any:
+        """
+        The body of a ranged GET of bytes C{first} to C{last}, once the
+        answer says it is that range: a server that ignored C{Range} would
+        otherwise have bytes from offset 0 taken for bytes from C{first}.
+        """
         answer = self.client.get_object(
             Bucket=self.bucket, Key=self._object(key), Range=f"bytes={first}-{last}"
         )
-        return answer["Body"]
+        body = answer["Body"]
+        try:
+            check_range(answer, first, last)
+        except BaseException:
+            body.close()
+            raise
+        return body
+
+    def probe(self) -> Deferred[None]:
+        return self._run(self._probe)
+
+    def _probe(self) -> None:
+        """
+        Fail unless the store can serve: read a known object (written once
+        if it is not there).  A miss is not enough: a gateway whose volume
+        servers are down still answers "no such key", and every read fails.
+        """
+        from botocore.exceptions import ClientError
+
+        name = self._object(PROBE_KEY)
+        try:
+            answer = self.client.get_object(Bucket=self.bucket, Key=name)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
+                raise
+            self.client.put_object(Bucket=self.bucket, Key=name, Body=PROBE_BODY)
+            answer = self.client.get_object(Bucket=self.bucket, Key=name)
+        body = answer["Body"]
+        try:
+            data = body.read()
+        finally:
+            body.close()
+        if data != PROBE_BODY:
+            raise OSError(f"the probe object {name} reads back {len(data)} wrong bytes")
 
     def _presign_client(self) -> Any:
         """

@@ -53,6 +53,17 @@ class IRedirectable(Interface):
         """
 
 
+class IProbed(Interface):
+    """
+    A store that can tell whether it can serve (for outage probes).
+    """
+
+    def probe() -> Deferred[None]:
+        """
+        Fail unless the store can serve: read a known object, say.
+        """
+
+
 class IFileStore(Interface):
     """
     A place that keeps verified files by key.

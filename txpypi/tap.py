@@ -23,6 +23,7 @@ from twisted.python.threadpool import ThreadPool
 
 from txpypi import config
 from txpypi.app import Proxy
+from txpypi.download import CommitJournal
 from txpypi.files import FileCache
 from txpypi.metadata import SqliteMetadata
 from txpypi.metrics import Metrics
@@ -236,6 +237,22 @@ class Options(usage.Options):
         """
         self.given["s3-timeout"] = seconds
 
+    def opt_max_downloads(self, n: str) -> None:
+        """
+        Downloads from the upstream at a time; a client asking for one more
+        waits up to --response-timeout for one to end, then gets 503
+        (default: 16).
+        """
+        self.given["max-downloads"] = n
+
+    def opt_min_download_rate(self, rate: str) -> None:
+        """
+        The slowest an upstream may send a page or a file, in bytes per
+        second over each --read-timeout (1K, 100K, ...; 0: no minimum;
+        default: 1K).
+        """
+        self.given["min-download-rate"] = rate
+
     def opt_config(self, path: str) -> None:
         """
         A YAML file with the same settings as these options.
@@ -324,6 +341,8 @@ class CacheUpkeepService(Service):
         super().startService()
         d = Deferred.fromCoroutine(self._files.load_usage())
         d.addErrback(lambda f: log.failure("could not read the cache's size", f))
+        recovered = Deferred.fromCoroutine(self._files.recover_commits())
+        recovered.addErrback(lambda f: log.failure("could not check the unfinished commits", f))
         self._loop.start(self._interval, now=False)
 
     def stopService(self) -> Deferred[None]:
@@ -422,7 +441,9 @@ def apply_live(settings: config.Settings, proxy: Proxy, drain: DrainService) -> 
     client = files._client
     client.response_timeout = settings.response_timeout
     client.read_timeout = settings.read_timeout
+    client.min_rate = settings.min_download_rate
     files.max_size = settings.max_cache_size
+    files.slots.set_limit(settings.max_downloads)
     proxy.admin_token = settings.admin_token
     proxy.s3_redirect_ttl = settings.s3_redirect_ttl if settings.s3_redirect else None
     proxy.log_format = settings.log_format
@@ -563,6 +584,7 @@ def build(settings: config.Settings, reactor: Any) -> tuple[MultiService, Proxy]
         connect_timeout=settings.connect_timeout,
         response_timeout=settings.response_timeout,
         read_timeout=settings.read_timeout,
+        min_rate=settings.min_download_rate,
     )
     CleanupService(client, metadata).setServiceParent(service)
     OutageService(outages).setServiceParent(service)
@@ -585,7 +607,9 @@ def build(settings: config.Settings, reactor: Any) -> tuple[MultiService, Proxy]
         max_size=settings.max_cache_size,
         metrics=metrics,
         run_spooling=partial(deferToThreadPool, reactor, spool_pool),
+        journal=CommitJournal(str(cache_dir / "commits")),
     )
+    files.slots.set_limit(settings.max_downloads)
     CacheUpkeepService(files, reactor).setServiceParent(service)
     # Back from an outage: learn the cache's size again (it may have been
     # unknown since start-up, or changed meanwhile).

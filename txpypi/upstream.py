@@ -98,6 +98,9 @@ class UpstreamClient:
     connect_timeout: float = 10.0
     response_timeout: float = 30.0
     read_timeout: float = 60.0
+    #: The slowest an upstream body may come, in bytes per second over each
+    #: C{read_timeout} (0: no minimum).
+    min_rate: float = 0.0
     _agent: IAgent | None = None
     metrics: Any = None
     #: When the upstream last answered as expected, and last failed (with why).
