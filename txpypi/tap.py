@@ -23,6 +23,7 @@ from twisted.python.threadpool import ThreadPool
 
 from txpypi import config
 from txpypi.app import Proxy
+from txpypi.fetchpolicy import FileHost
 from txpypi.files import FileCache
 from txpypi.metadata import SqliteMetadata
 from txpypi.metrics import Metrics
@@ -236,6 +237,15 @@ class Options(usage.Options):
         """
         self.given["s3-timeout"] = seconds
 
+    def opt_file_host(self, host: str) -> None:
+        """
+        A host files may come from besides the upstream's own: host or
+        host:port (https), or http://host[:port]; repeat it for several.
+        Once given, files come only from these and the upstream (default:
+        any public host over https).
+        """
+        self.given.setdefault("file-host", []).append(host)
+
     def opt_config(self, path: str) -> None:
         """
         A YAML file with the same settings as these options.
@@ -373,6 +383,7 @@ class ReloadService(Service):
         "peer_secret",
         "redis_timeout",
         "s3_timeout",
+        "file_hosts",
     )
 
     def __init__(self, options: Options, proxy: Proxy, drain: DrainService, reactor: Any) -> None:
@@ -557,8 +568,11 @@ def build(settings: config.Settings, reactor: Any) -> tuple[MultiService, Proxy]
         ),
     )
     outages.append(metadata.outage)
+    file_hosts = None if settings.file_hosts is None else tuple(map(FileHost.parse, settings.file_hosts))
+    upstream = Upstream("upstream", settings.upstream, file_hosts=file_hosts)
     client = UpstreamClient(
         reactor,
+        upstreams=(upstream,),
         metrics=metrics,
         connect_timeout=settings.connect_timeout,
         response_timeout=settings.response_timeout,
@@ -570,7 +584,7 @@ def build(settings: config.Settings, reactor: Any) -> tuple[MultiService, Proxy]
         reactor,
         client,
         metadata,
-        Upstream("upstream", settings.upstream),
+        upstream,
         settings.index_ttl,
         stale_ttl=settings.stale_ttl,
         offline=settings.offline,
