@@ -10,19 +10,22 @@ private address past the check.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Sequence
 from typing import Any
 
 import attrs
+from twisted.internet.address import IPv4Address as TwistedIPv4Address
+from twisted.internet.address import IPv6Address as TwistedIPv6Address
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
-from twisted.internet.error import ConnectError, DNSLookupError
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.error import DNSLookupError
 from twisted.internet.interfaces import (
     IAddress,
     IHostnameResolver,
     IHostResolution,
     IProtocol,
     IProtocolFactory,
+    IReactorPluggableNameResolver,
     IResolutionReceiver,
     IStreamClientEndpoint,
 )
@@ -164,12 +167,15 @@ class Dialer:
             return _Tagged(self._secured(origin, endpoint), "direct")
         return GuardedEndpoint(self, url, permit, upstream)
 
-    def at(self, address: IPAddress, origin: Origin) -> IStreamClientEndpoint:
+    def at(self, addresses: list[IPAddress], origin: Origin) -> IStreamClientEndpoint:
         """
-        An endpoint to one checked C{address} of C{origin}'s host.
+        An endpoint to C{origin}'s host at the checked C{addresses} only:
+        L{HostnameEndpoint} (which tries them the "happy eyeballs" way)
+        with a resolver that answers those addresses and nothing else.
         """
-        kind = TCP4ClientEndpoint if address.version == 4 else TCP6ClientEndpoint
-        return self._secured(origin, kind(self._reactor, str(address), origin.port, timeout=self._timeout))
+        reactor = _CheckedAddresses(self._reactor, _Answer(addresses))
+        endpoint = HostnameEndpoint(reactor, origin.host, origin.port, timeout=self._timeout)
+        return self._secured(origin, endpoint)
 
     def _secured(self, origin: Origin, endpoint: IStreamClientEndpoint) -> IStreamClientEndpoint:
         if origin.scheme != "https":
@@ -214,7 +220,7 @@ class _Refusing:
 class GuardedEndpoint:
     """
     Connects to a host only at an address that L{check_addresses} allows:
-    resolve, check, then connect to the checked addresses in turn.
+    resolve, check, then connect to the checked addresses.
     """
 
     _dialer: Dialer
@@ -244,15 +250,66 @@ class GuardedEndpoint:
         except Refused as e:
             self._dialer.refusals.note(e)
             raise
-        error: ConnectError | None = None
-        for address in allowed:
-            try:
-                protocol: IProtocol = await self._dialer.at(address, origin).connect(factory)
-                return protocol
-            except ConnectError as e:
-                error = e
-        assert error is not None
-        raise error
+        protocol: IProtocol = await self._dialer.at(allowed, origin).connect(factory)
+        return protocol
+
+
+@implementer(IHostResolution)
+@attrs.frozen
+class _Resolution:
+    name: str
+
+    def cancel(self) -> None:
+        pass  # it is over before it is returned
+
+
+@implementer(IHostnameResolver)
+@attrs.frozen
+class _Answer:
+    """
+    A resolver that answers the same checked addresses for any name.
+    """
+
+    _addresses: list[IPAddress]
+
+    def resolveHostName(
+        self,
+        resolutionReceiver: IResolutionReceiver,
+        hostName: str,
+        portNumber: int = 0,
+        addressTypes: Sequence[type[IAddress]] | None = None,
+        transportSemantics: str = "TCP",
+    ) -> IHostResolution:
+        resolution = _Resolution(hostName)
+        resolutionReceiver.resolutionBegan(resolution)
+        for address in self._addresses:
+            kind = TwistedIPv4Address if address.version == 4 else TwistedIPv6Address
+            if addressTypes is None or kind in addressTypes:
+                resolutionReceiver.addressResolved(kind("TCP", str(address), portNumber))
+        resolutionReceiver.resolutionComplete()
+        return resolution
+
+
+@implementer(IReactorPluggableNameResolver)
+class _CheckedAddresses:
+    """
+    The reactor, but for its name resolver: L{HostnameEndpoint} takes the
+    resolver from its reactor.
+    """
+
+    def __init__(self, reactor: Any, resolver: IHostnameResolver) -> None:
+        self._reactor = reactor
+        self._resolver = resolver
+
+    @property
+    def nameResolver(self) -> IHostnameResolver:
+        return self._resolver
+
+    def installNameResolver(self, resolver: IHostnameResolver) -> IHostnameResolver:
+        raise NotImplementedError("the checked addresses are fixed")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)
 
 
 @implementer(IAgentEndpointFactory)
