@@ -647,6 +647,11 @@ def test_file_hosts_from_the_command_line_and_yaml(tmp_path: Path) -> None:
     with pytest.raises(UsageError) as caught:
         Options().parseOptions(["--config", str(config)])
     assert str(caught.value).startswith("file-hosts: ") and "\n" not in str(caught.value)
+    # The upstream's origin must be one the policy can name (and a password
+    # in it is not echoed).
+    with pytest.raises(UsageError) as caught:
+        Options().parseOptions(["--upstream", "https://me:pa55word@index.example/simple/"])
+    assert str(caught.value) == "upstream: user information in the URL"
     config.write_text("file-hosts: {a: 1}\n")
     with pytest.raises(UsageError, match="^file-hosts: expected a list"):
         Options().parseOptions(["--config", str(config)])

@@ -82,6 +82,12 @@ def _upstream(value: Any) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigError(f"upstream: expected an http or https URL, got {value!r}")
+    from txpypi.fetchpolicy import Origin
+
+    try:
+        Origin.of(value)  # its origin is what files may come from
+    except ValueError as e:
+        raise ConfigError(f"upstream: {e}") from None  # not the URL: it may hold a password
     return value
 
 
