@@ -246,7 +246,7 @@ async def test_s3_failing_reads_fall_back_to_the_upstream_and_the_probe_reads(
     store is back and the file a hit, its record kept all along.
     """
     faults, bucket = faulty_s3
-    running = proxy_factory(json_upstream.url, tmp_path / "cache", **s3_settings(bucket, s3_timeout=0.5))
+    running = proxy_factory(json_upstream.url, tmp_path / "cache", **s3_settings(bucket, s3_timeout=2.0))
     files = running.proxy.files
     data = find(dists, GAMMA).content
     url = f"{running.url}/files/gamma/{GAMMA}"

@@ -66,6 +66,9 @@ class Settings:
     s3_timeout: float = 10.0
     max_downloads: int = 16
     min_download_rate: float = 1024.0
+    #: The only hosts other than the upstream's that files may come from
+    #: (L{None}: any public host over https); entries as L{_file_hosts} gives them.
+    file_hosts: tuple[str, ...] | None = None
 
 
 def _listen(value: Any) -> tuple[str, ...]:
@@ -81,6 +84,12 @@ def _upstream(value: Any) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigError(f"upstream: expected an http or https URL, got {value!r}")
+    from txpypi.fetchpolicy import Origin
+
+    try:
+        Origin.of(value)  # its origin is what files may come from
+    except ValueError as e:
+        raise ConfigError(f"upstream: {e}") from None  # not the URL: it may hold a password
     return value
 
 
@@ -266,6 +275,21 @@ def _url(key: str) -> Any:
     return check
 
 
+def _file_hosts(key: str) -> Any:
+    def check(value: Any) -> tuple[str, ...]:
+        from txpypi.fetchpolicy import FileHost
+
+        values = [value] if isinstance(value, str) else value
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise ConfigError(f"{key}: expected a list of hosts (host, host:port or http://host[:port])")
+        try:
+            return tuple(str(FileHost.parse(v)) for v in values)
+        except ValueError as e:
+            raise ConfigError(f"{key}: {e}") from None
+
+    return check
+
+
 #: Config-file keys (the same as the long options), their attribute and checker.
 KEYS = {
     "listen": ("listen", _listen),
@@ -298,6 +322,8 @@ KEYS = {
     "min-download-rate": ("min_download_rate", _rate("min-download-rate")),
     "s3-timeout": ("s3_timeout", _seconds("s3-timeout")),
     "trusted-proxy": ("trusted_proxies", _addresses),
+    "file-hosts": ("file_hosts", _file_hosts("file-hosts")),
+    "file-host": ("file_hosts", _file_hosts("file-host")),
     "admin-token": ("admin_token", _token),
     "admin-token-file": ("admin_token", read_token_file),
 }

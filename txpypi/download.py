@@ -313,7 +313,8 @@ class Flight:
     async def _fetch(self) -> None:
         try:
             if self.peer is None:
-                response: IResponse = await self._client.open_file(self.wanted.url)
+                # The listed file, with its upstream and hash: the policy needs them.
+                response: IResponse = await self._client.open_file(self.wanted)
             else:
                 headers = {HEADER: sign(self.peer.secret, self.peer.path, self._clock.seconds()).encode()}
                 response = await self._client.open_file(self.peer.url, headers, "peer")

@@ -24,6 +24,7 @@ from twisted.python.threadpool import ThreadPool
 from txpypi import config
 from txpypi.app import Proxy
 from txpypi.download import CommitJournal
+from txpypi.fetchpolicy import FileHost
 from txpypi.files import FileCache
 from txpypi.metadata import SqliteMetadata
 from txpypi.metrics import Metrics
@@ -253,6 +254,15 @@ class Options(usage.Options):
         """
         self.given["min-download-rate"] = rate
 
+    def opt_file_host(self, host: str) -> None:
+        """
+        A host files may come from besides the upstream's own: host or
+        host:port (https), or http://host[:port]; repeat it for several.
+        Once given, files come only from these and the upstream (default:
+        any public host over https).
+        """
+        self.given.setdefault("file-host", []).append(host)
+
     def opt_config(self, path: str) -> None:
         """
         A YAML file with the same settings as these options.
@@ -392,6 +402,7 @@ class ReloadService(Service):
         "peer_secret",
         "redis_timeout",
         "s3_timeout",
+        "file_hosts",
     )
 
     def __init__(self, options: Options, proxy: Proxy, drain: DrainService, reactor: Any) -> None:
@@ -578,8 +589,11 @@ def build(settings: config.Settings, reactor: Any) -> tuple[MultiService, Proxy]
         ),
     )
     outages.append(metadata.outage)
+    file_hosts = None if settings.file_hosts is None else tuple(map(FileHost.parse, settings.file_hosts))
+    upstream = Upstream("upstream", settings.upstream, file_hosts=file_hosts)
     client = UpstreamClient(
         reactor,
+        upstreams=(upstream,),
         metrics=metrics,
         connect_timeout=settings.connect_timeout,
         response_timeout=settings.response_timeout,
@@ -592,7 +606,7 @@ def build(settings: config.Settings, reactor: Any) -> tuple[MultiService, Proxy]
         reactor,
         client,
         metadata,
-        Upstream("upstream", settings.upstream),
+        upstream,
         settings.index_ttl,
         stale_ttl=settings.stale_ttl,
         offline=settings.offline,

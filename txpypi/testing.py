@@ -152,6 +152,9 @@ class FakeUpstream(Resource):
     Every request is counted in L{requests} by path.  L{faults} maps a file
     name to a fault to inject; L{holds} maps a file name to a L{Deferred}:
     the first half of that file is sent, then the rest when it fires.
+    L{urls} maps a file name to the URL its project page lists instead of
+    its own; a file named in L{unhashed} is listed without a hash;
+    L{redirects} maps a request path to where a C{302} sends it.
     """
 
     isLeaf = True
@@ -170,6 +173,9 @@ class FakeUpstream(Resource):
         self.page_faults: dict[str, Fault] = {}
         #: How many conditional page requests were answered 304.
         self.not_modified = 0
+        self.urls: dict[str, str] = {}
+        self.unhashed: set[str] = set()
+        self.redirects: dict[str, str] = {}
         for dist in dists:
             self.add(dist)
 
@@ -195,6 +201,10 @@ class FakeUpstream(Resource):
         path = request.path.decode()
         self.requests[path] += 1
         self.methods.append((request.method.decode(), path))
+        if path in self.redirects:
+            request.setResponseCode(302)
+            request.setHeader("location", self.redirects[path])
+            return b"redirected"
         if path == "/simple/":
             return self._render_root(request)
         if path.startswith("/simple/"):
@@ -252,8 +262,8 @@ class FakeUpstream(Resource):
             entry: dict[str, object] = {
                 "filename": d.filename,
                 # Absolute in JSON mode, relative in HTML mode: both must work.
-                "url": f"http://{host}/packages/{d.filename}",
-                "hashes": {"sha256": d.sha256},
+                "url": self.urls.get(d.filename, f"http://{host}/packages/{d.filename}"),
+                "hashes": {} if d.filename in self.unhashed else {"sha256": d.sha256},
                 "size": len(d.content),
                 "upload-time": d.upload_time,
                 "yanked": d.yanked,
@@ -282,9 +292,9 @@ class FakeUpstream(Resource):
                 extra += f' data-yanked="{"" if d.yanked is True else d.yanked}"'
             if d.metadata is not None:
                 extra += f' data-dist-info-metadata="sha256={hashlib.sha256(d.metadata).hexdigest()}"'
-            links.append(
-                f'<a href="../../packages/{d.filename}#sha256={d.sha256}"{extra}>{d.filename}</a><br/>'
-            )
+            href = self.urls.get(d.filename, f"../../packages/{d.filename}")
+            fragment = "" if d.filename in self.unhashed else f"#sha256={d.sha256}"
+            links.append(f'<a href="{href}{fragment}"{extra}>{d.filename}</a><br/>')
         return f"<!DOCTYPE html><html><body><h1>Links for {name}</h1>{''.join(links)}</body></html>"
 
     def _render_file(self, request: Request, filename: str) -> bytes | int:

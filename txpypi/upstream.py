@@ -1,32 +1,48 @@
 """
 Talking to the upstream index: one pooled HTTP client, page fetches through
-treq, and streamed file fetches through a plain redirect-following Agent so
-that the bytes arrive exactly as the upstream sent them.
+treq, and streamed file fetches through a plain Agent, following redirects
+hop by hop, so that the bytes arrive exactly as the upstream sent them.
 
 It only ever fetches the index URLs it builds from its configured base, and
-file URLs that one of those index pages listed.
+file URLs that one of those index pages listed, as far as the upstream's
+L{txpypi.fetchpolicy.FetchPolicy} allows: every connection, redirects
+included, goes through the endpoints of L{txpypi.guarded}.
 """
 
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urljoin
 
 import attrs
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
+from twisted.internet.interfaces import IHostnameResolver
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, RedirectAgent, ResponseDone, ResponseFailed
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IResponse
+from twisted.web.iweb import IAgent, IPolicyForHTTPS, IResponse
 
 from txpypi import __version__
+from txpypi.fetchpolicy import (
+    MAX_REDIRECTS,
+    FetchPolicy,
+    FileHost,
+    ListedFile,
+    Origin,
+    Permit,
+    Refused,
+    is_strong,
+)
+from txpypi.guarded import Dialer, HopEndpoints, PageEndpoints, RefusalLog, TaggedPool
 from txpypi.index import UPSTREAM_ACCEPT
 
 USER_AGENT = f"txpypi/{__version__}".encode()
+#: Answers that redirect a GET.
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
 class UpstreamError(Exception):
@@ -59,6 +75,14 @@ class Upstream:
 
     name: str
     url: str = attrs.field(converter=_slash)
+    #: C{file-hosts}: with it, the only other hosts its files may come from.
+    file_hosts: tuple[FileHost, ...] | None = None
+
+    def policy(self) -> FetchPolicy:
+        """
+        What this upstream's files may be fetched from.
+        """
+        return FetchPolicy.for_upstream(self.url, self.file_hosts)
 
     def list_url(self) -> str:
         return self.url
@@ -79,6 +103,8 @@ class FetchedPage:
 
 
 def _classify(failure_value: BaseException, url: str) -> UpstreamError:
+    if isinstance(failure_value, Refused):
+        return UpstreamError(502, str(failure_value))
     if isinstance(failure_value, (CancelledError, TimeoutError)):
         return UpstreamError(504, f"upstream timed out: {url}")
     if isinstance(failure_value, (ConnectError, DNSLookupError)):
@@ -106,18 +132,47 @@ class UpstreamClient:
     #: When the upstream last answered as expected, and last failed (with why).
     last_success: float | None = None
     last_error: tuple[float, str] | None = None
-    _pool: HTTPConnectionPool = attrs.field(init=False)
+    #: The configured upstreams: pages come from their origins (or over
+    #: https from a public host), files as their policies allow.
+    upstreams: tuple[Upstream, ...] = ()
+    #: Whom TLS trusts (the system's CAs; a test may trust its own).
+    tls: IPolicyForHTTPS = attrs.field(factory=BrowserLikePolicyForHTTPS)
+    #: How host names are resolved (the reactor's resolver when L{None}).
+    resolver: IHostnameResolver | None = None
+    #: Remembers which refused URLs were logged.
+    refusals: RefusalLog = attrs.field(factory=RefusalLog)
+    _pool: TaggedPool = attrs.field(init=False)
     _treq: HTTPClient = attrs.field(init=False)
-    _files: RedirectAgent = attrs.field(init=False)
+    _dialer: Dialer = attrs.field(init=False)
+    _policies: dict[str, FetchPolicy] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._pool = HTTPConnectionPool(self._reactor, persistent=True)
+        self._pool = TaggedPool(self._reactor, persistent=True)
         self._pool.maxPersistentPerHost = 16
+        self._policies = {upstream.url: upstream.policy() for upstream in self.upstreams}
+        self._dialer = Dialer(self._reactor, self.resolver, self.tls, self.connect_timeout, self.refusals)
         agent = self._agent
         if agent is None:
-            agent = Agent(self._reactor, pool=self._pool, connectTimeout=self.connect_timeout)
+            # Every page connection, treq's redirects included, is made
+            # through these endpoints, which apply the page rule.
+            pages = PageEndpoints.of(self._dialer, (policy.origin for policy in self._policies.values()))
+            agent = Agent.usingEndpointFactory(self._reactor, pages, pool=self._pool)
         self._treq = HTTPClient(agent)
-        self._files = RedirectAgent(agent)
+
+    def _policy_for(self, upstream: str) -> FetchPolicy:
+        policy = self._policies.get(upstream)
+        return policy if policy is not None else FetchPolicy.for_upstream(upstream)
+
+    def _file_agent(self, permit: Permit, upstream: Origin | None) -> IAgent:
+        """
+        An agent for one hop of a file fetch: it connects only as C{permit}
+        allows (the pool is shared).
+        """
+        if self._agent is not None:
+            return self._agent
+        endpoints = HopEndpoints(self._dialer, permit, upstream)
+        agent: IAgent = Agent.usingEndpointFactory(self._reactor, endpoints, pool=self._pool)
+        return agent
 
     def state(self) -> str:
         """
@@ -194,26 +249,46 @@ class UpstreamClient:
         )
 
     async def open_file(
-        self, url: str, extra: dict[bytes, bytes] | None = None, kind: str = "file"
+        self, target: ListedFile | str, extra: dict[bytes, bytes] | None = None, kind: str = "file"
     ) -> IResponse:
         """
         GET a file and return the response once its headers arrived; the
         caller reads the body with C{deliverBody}.
 
+        Redirects are followed (at most L{MAX_REDIRECTS}), each hop only as
+        the upstream's policy allows (L{FetchPolicy.file_hop}), and C{extra}
+        headers go only to the listed URL's origin.  A peer is exempt from
+        the policy, and never redirects.
+
+        @param target: the file as an upstream's index listed it (a
+            L{txpypi.download.Wanted}), or, for a peer, its URL.
         @param extra: more request headers.
         @param kind: C{"file"}, or C{"peer"} for a download in progress on
             another instance (counted apart, and not the upstream's health).
         @raise UpstreamNotFound: on 404 (or 410).
-        @raise UpstreamError: on a failure or any other status than 200.
+        @raise UpstreamError: on a failure or any other status than 200;
+            502 when the policy refuses the URL or a redirect.
         """
-        headers = Headers({b"User-Agent": [USER_AGENT], b"Accept-Encoding": [b"identity"]})
-        for name, value in (extra or {}).items():
-            headers.setRawHeaders(name, [value])
+        if isinstance(target, str):
+            if kind != "peer":
+                raise TypeError("open_file takes the file an index listed; a bare URL only for a peer")
+            url, policy, strong = target, None, False
+        else:
+            url, policy = target.url, self._policy_for(target.upstream)
+            strong = is_strong(target.expected_hash)
         started: float = self._reactor.seconds()
-        d = self._files.request(b"GET", url.encode(), headers)
+        d = Deferred.fromCoroutine(self._follow(url, policy, strong, extra or {}))
         timer = self._reactor.callLater(self.response_timeout, d.cancel)
         try:
             response: IResponse = await d
+        except Refused as e:
+            self.refusals.note(e)
+            if self.metrics is not None:
+                self.metrics.upstream.labels(kind, "refused").inc()
+            raise UpstreamError(502, str(e)) from e
+        except UpstreamError as e:
+            self._outcome(kind, "error", started, e.reason)
+            raise
         except Exception as e:
             error = _classify(e, url)
             self._outcome(kind, "timeout" if error.status == 504 else "error", started, error.reason)
@@ -232,6 +307,43 @@ class UpstreamClient:
             raise UpstreamError(502, reason)
         self._outcome(kind, "ok", started)
         return response
+
+    async def _follow(
+        self, url: str, policy: FetchPolicy | None, strong: bool, extra: dict[bytes, bytes]
+    ) -> IResponse:
+        """
+        GET C{url}, following redirects as C{policy} allows (none without
+        one: a peer).
+
+        @raise Refused: when the policy refuses a hop.
+        """
+        first = url
+        first_origin: Origin | None = None
+        came_from: Origin | None = None
+        for _ in range(MAX_REDIRECTS + 1):
+            if policy is None:
+                try:
+                    permit = Permit(Origin.of(url), checked=False)
+                except ValueError as e:
+                    raise Refused(url, str(e)) from None
+            else:
+                permit = policy.file_hop(url, strong, came_from)
+            first_origin = first_origin or permit.origin
+            headers = Headers({b"User-Agent": [USER_AGENT], b"Accept-Encoding": [b"identity"]})
+            if permit.origin == first_origin:  # the proxy's own headers never go elsewhere
+                for name, value in extra.items():
+                    headers.setRawHeaders(name, [value])
+            agent = self._file_agent(permit, None if policy is None else policy.origin)
+            response: IResponse = await agent.request(b"GET", url.encode(), headers)
+            if policy is None or response.code not in REDIRECTS:
+                return response
+            location = response.headers.getRawHeaders(b"location")
+            response.deliverBody(_Discard())
+            if not location:
+                raise UpstreamError(502, f"upstream redirected {url} without a Location")
+            came_from = permit.origin
+            url = urljoin(url, location[0].decode("latin-1"))
+        raise UpstreamError(502, f"upstream redirected {first} more than {MAX_REDIRECTS} times")
 
 
 class _Collect(Protocol):
