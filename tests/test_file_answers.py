@@ -153,6 +153,7 @@ class World:
 
     def get(self, path: str, headers: dict[bytes, bytes] | None = None) -> tuple[Request, Any]:
         channel = DummyChannel()
+        channel.transport = DummyChannel.SSL()  # it can be aborted
         channel.site = self.site
         request = Request(channel, False)
         for name, value in (headers or {}).items():

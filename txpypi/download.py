@@ -708,8 +708,8 @@ class Flight:
 
         @return: whether it was stopped.
         """
-        if self.verified or self.failure is not None or self.done:
-            return False
+        if self.verified or self.failure is not None or self.done or self._ending is not None:
+            return False  # _ending: every byte came, the hash is catching up
         self._fail(FlightFailed(503, reason))
         return True
 

@@ -569,6 +569,13 @@ class FileCache:
             else:
                 await self._eviction_done.wait()
 
+    async def wait_evicted(self) -> None:
+        """
+        Wait until no eviction is running.
+        """
+        while self._evicting is not None:
+            await self._eviction_done.wait()
+
     async def _lead_or_follow(self, key: str, project: str, filename: str) -> FileRecord | Peer | None:
         """
         With other instances sharing the cache: take the cluster-wide lock on
