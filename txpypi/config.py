@@ -64,6 +64,8 @@ class Settings:
     peer_secret: str | None = attrs.field(default=None, repr=False)
     redis_timeout: float = 3.0
     s3_timeout: float = 10.0
+    send_timeout: float = 60.0
+    max_connections: int = 1024
 
 
 def _listen(value: Any) -> tuple[str, ...]:
@@ -217,6 +219,16 @@ def _threads(value: Any) -> int:
     return n
 
 
+def _connections(value: Any) -> int:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"max-connections: expected a number, got {value!r}") from None
+    if n < 1:
+        raise ConfigError("max-connections: must be at least 1")
+    return n
+
+
 def _redis_url(value: Any) -> str:
     from txpypi.redismeta import parse_redis_url
 
@@ -266,6 +278,8 @@ KEYS = {
     "peer-secret-file": ("peer_secret", _secret_file("peer-secret-file", _secret("peer-secret"))),
     "redis-timeout": ("redis_timeout", _seconds("redis-timeout")),
     "s3-timeout": ("s3_timeout", _seconds("s3-timeout")),
+    "send-timeout": ("send_timeout", _seconds("send-timeout")),
+    "max-connections": ("max_connections", _connections),
     "trusted-proxy": ("trusted_proxies", _addresses),
     "admin-token": ("admin_token", _token),
     "admin-token-file": ("admin_token", read_token_file),
@@ -309,6 +323,8 @@ def check(settings: Settings) -> Settings:
     for key, value in (("redis-timeout", settings.redis_timeout), ("s3-timeout", settings.s3_timeout)):
         if value < 0.1:
             raise ConfigError(f"{key}: must be at least 0.1 seconds")
+    if settings.send_timeout < 0.1:
+        raise ConfigError("send-timeout: must be at least 0.1 seconds")
     return settings
 
 
