@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import socket
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
 import pytest_twisted
-from treq.testing import RequestTraversalAgent
+from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -31,6 +33,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web import http
+from twisted.web.client import ResponseNeverReceived
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -39,7 +42,9 @@ from tests.test_proxy import find
 from txpypi.app import (
     MAX_GET_BODY,
     MAX_REQUEST_BODY,
+    MEMO_ENTRIES,
     ConnectionLimits,
+    Memo,
     Proxy,
     ProxyChannel,
     ProxySite,
@@ -48,9 +53,10 @@ from txpypi.config import Settings
 from txpypi.files import FileCache
 from txpypi.metadata import MemoryMetadata
 from txpypi.metrics import Metrics
+from txpypi.outages import Outage
 from txpypi.pages import PageCache
 from txpypi.tap import DrainService, Options, apply_live
-from txpypi.testing import Dist, FakeUpstream, MemoryStore
+from txpypi.testing import Dist, FakeUpstream, MemoryStore, build_wheel
 from txpypi.upstream import Upstream, UpstreamClient
 
 BIG = "big-1.0-py3-none-any.whl"
@@ -573,3 +579,186 @@ def test_options_and_sighup() -> None:
     apply_live(attrs.evolve(options.settings, upstream="http://upstream.test/simple/"), proxy, drain)
     assert (proxy.connections.send_timeout, proxy.connections.max_connections) == (2.5, 3)
     assert proxy.site().connections is proxy.connections
+
+
+# -- the memo of /, /stats and /health
+
+
+@attrs.define
+class CountingMetadata(MemoryMetadata):
+    """
+    Counts the queries; while C{gate} is set, the download queries wait
+    for it.
+    """
+
+    calls: Counter[str] = attrs.field(factory=Counter)
+    gate: Deferred[None] | None = None
+
+    def _after_gate(self, d: Deferred[Any]) -> Deferred[Any]:
+        if self.gate is None:
+            return d
+        gate = self.gate
+        return gate.addCallback(lambda _: d)
+
+    def top_projects(self, limit: int) -> Deferred[list[tuple[str, int]]]:
+        self.calls["top_projects"] += 1
+        return self._after_gate(super().top_projects(limit))
+
+    def project_downloads(self, project: str) -> Deferred[list[tuple[str, str, int]]]:
+        self.calls["project_downloads"] += 1
+        return self._after_gate(super().project_downloads(project))
+
+    def ping(self) -> Deferred[None]:
+        self.calls["ping"] += 1
+        return super().ping()
+
+
+def fetch(stub: StubTreq, url: str, method: str = "GET", **kwargs: Any) -> Deferred[tuple[int, bytes]]:
+    async def go() -> tuple[int, bytes]:
+        response = await stub.request(method, "http://proxy.test" + url, **kwargs)
+        return response.code, await stub.content(response)
+
+    return Deferred.fromCoroutine(go())
+
+
+def now(d: Deferred[Any]) -> Any:
+    out: list[Any] = []
+    d.addBoth(out.append)
+    assert out, "did not complete synchronously"
+    if isinstance(out[0], Failure):
+        out[0].raiseException()
+    return out[0]
+
+
+def test_stats_and_the_status_page_query_once_a_second(tmp_path: Path) -> None:
+    """
+    Ten requests of /stats (and of /stats?project=) within a second cost
+    one query; once the second passed, the next costs a new one.  The
+    status page's top ten likewise.
+    """
+    clock = Clock()
+    metadata = CountingMetadata(downloads={("beta", "1.0", "beta-1.0-py3-none-any.whl"): 3})
+    proxy = unit_proxy(clock, metadata, FakeUpstream([]), str(tmp_path))
+    stub = StubTreq(proxy.app.resource())
+    for _ in range(10):
+        code, body = now(fetch(stub, "/stats?project=beta"))
+        assert code == 200 and b'"downloads": 3' in body
+        clock.advance(0.09)
+    assert metadata.calls == {"top_projects": 1, "project_downloads": 1}
+    clock.advance(0.2)
+    now(fetch(stub, "/stats?project=beta"))
+    assert metadata.calls == {"top_projects": 2, "project_downloads": 2}
+    now(fetch(stub, "/stats?top=5"))  # another query
+    assert metadata.calls["top_projects"] == 3
+    for _ in range(10):
+        assert now(fetch(stub, "/"))[0] == 200
+    assert metadata.calls["top_projects"] == 4
+
+
+def test_concurrent_requests_share_one_query(tmp_path: Path) -> None:
+    """
+    While a query runs, the requests that want it wait for the same one;
+    one whose client leaves does not cancel it for the others.
+    """
+    clock = Clock()
+    metadata = CountingMetadata(downloads={("gamma", "0.5", "gamma-0.5-py3-none-any.whl"): 1})
+    proxy = unit_proxy(clock, metadata, FakeUpstream([]), str(tmp_path))
+    stub = StubTreq(proxy.app.resource())
+    gate: Deferred[None] = Deferred()
+    metadata.gate = gate
+    pending = [fetch(stub, "/stats") for _ in range(10)]
+    stub.flush()
+    assert metadata.calls == {"top_projects": 1} and not any(d.called for d in pending)
+    pending[0].cancel()  # its client leaves
+    left: list[Failure] = []
+    pending[0].addErrback(left.append)
+    assert left and left[0].check(ResponseNeverReceived)
+    gate.callback(None)
+    stub.flush()
+    answers = [now(d) for d in pending[1:]]
+    assert proxy._top._running == {}
+    assert all(code == 200 and body == answers[0][1] for code, body in answers)
+    assert b'"project": "gamma"' in answers[0][1]
+    assert metadata.calls == {"top_projects": 1}
+
+
+def test_health_probes_the_stores_once_a_second(tmp_path: Path) -> None:
+    """
+    Ten /health within a second probe the file store and ping the metadata
+    store once; the second after, again.
+    """
+    clock = Clock()
+    metadata = CountingMetadata()
+    probes: list[int] = []
+
+    def probe() -> Deferred[None]:
+        probes.append(1)
+        return succeed(None)
+
+    outage = Outage("files", "the file store", clock, probe=probe)
+    proxy = unit_proxy(clock, metadata, FakeUpstream([]), str(tmp_path), outages=(outage,))
+    stub = StubTreq(proxy.app.resource())
+    for _ in range(10):
+        code, body = now(fetch(stub, "/health"))
+        assert code == 200 and b'"status": "ok"' in body
+    assert len(probes) == 1 and metadata.calls == {"ping": 1}
+    clock.advance(1)
+    now(fetch(stub, "/health"))
+    assert len(probes) == 2 and metadata.calls == {"ping": 2}
+
+
+def test_the_memo_is_bounded_and_keeps_no_failure() -> None:
+    clock = Clock()
+    memo: Memo[int, int] = Memo(clock)
+    calls: list[int] = []
+
+    async def square(n: int) -> int:
+        calls.append(n)
+        if n < 0:
+            raise ValueError(n)
+        return n * n
+
+    for n in range(MEMO_ENTRIES * 3):
+        assert now(memo.get(n, lambda n=n: square(n))) == n * n  # type: ignore[misc]
+    assert len(memo._kept) <= MEMO_ENTRIES
+    for _ in range(2):
+        with pytest.raises(ValueError):
+            now(memo.get(-1, lambda: square(-1)))
+    assert calls.count(-1) == 2
+
+
+# -- the admin route of the project list
+
+
+def test_the_project_list_and_the_project_named_list(tmp_path: Path) -> None:
+    """
+    DELETE /cache/ forgets the project list only; DELETE /cache/list
+    forgets the project list and the index page of the project list, and
+    says so.
+    """
+    clock = Clock()
+    fake = FakeUpstream([build_wheel("list", "1.0"), build_wheel("alpha", "1.0")])
+    proxy = unit_proxy(clock, MemoryMetadata(), fake, str(tmp_path), admin_token=TOKEN)
+    stub = StubTreq(proxy.app.resource())
+    auth = {"Authorization": "Bearer " + TOKEN}
+
+    def load() -> None:
+        for project in (None, "list"):
+            now(Deferred.fromCoroutine(proxy.pages.get(project)))
+
+    load()
+    code, body = now(fetch(stub, "/cache/", "DELETE", headers=auth))
+    assert (code, body) == (200, b"forgot the project list\n")
+    assert proxy.pages.fresh(None) is None and proxy.pages.fresh("list") is not None
+
+    load()
+    code, body = now(fetch(stub, "/cache/list", "DELETE", headers=auth))
+    assert code == 200 and body.count(b"\n") == 1
+    assert b"index page of list" in body and b"project list" in body
+    assert proxy.pages.fresh(None) is None and proxy.pages.fresh("list") is None
+
+    load()
+    code, body = now(fetch(stub, "/cache/alpha", "DELETE", headers=auth))
+    assert (code, body) == (200, b"forgot the index page of alpha\n")
+    assert proxy.pages.fresh(None) is not None
+    assert now(fetch(stub, "/cache/", "DELETE"))[0] == 401

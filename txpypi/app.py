@@ -13,15 +13,15 @@ import json
 import math
 import socket
 import struct
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Hashable
 from io import BytesIO
-from typing import Any
+from typing import Any, Generic, TypeVar
 from urllib.parse import quote
 
 import attrs
 from klein import Klein
-from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.interfaces import IAddress, IDelayedCall
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -790,6 +790,75 @@ class ProxySite(Site):
 
 access_log = Logger(namespace="txpypi.access")
 
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+#: How long C{/} and C{/stats} keep a download-statistics query, and
+#: C{/health} its probe of the stores, in seconds.
+MEMO_TTL = 1.0
+#: The most distinct queries kept (C{/stats?project=} takes any name).
+MEMO_ENTRIES = 128
+
+
+@attrs.define
+class Memo(Generic[K, V]):
+    """
+    The results of slow calls, kept for C{ttl} seconds per key.  Callers of
+    one key while its call runs share it, each with its own Deferred (one
+    that is cancelled, because its client went away, leaves the call to the
+    others).  Failures are not kept.  At most C{max_entries} keys are kept
+    or running; past that, the oldest kept result is dropped, and while all
+    of them are running a call runs unshared and unkept.
+    """
+
+    _clock: IReactorTime
+    ttl: float = MEMO_TTL
+    max_entries: int = MEMO_ENTRIES
+    _kept: dict[K, tuple[float, V]] = attrs.field(factory=dict)
+    _running: dict[K, list[Deferred[V]]] = attrs.field(factory=dict)
+
+    def get(self, key: K, call: Callable[[], Coroutine[Any, Any, V]]) -> Deferred[V]:
+        kept = self._kept.get(key)
+        if kept is not None:
+            if self._clock.seconds() < kept[0]:
+                return succeed(kept[1])
+            del self._kept[key]
+        waiters = self._running.get(key)
+        if waiters is not None:
+            mine: Deferred[V] = Deferred(lambda d: self._leave(key, d))
+            waiters.append(mine)
+            return mine
+        if not self._room():
+            return ensureDeferred(call())
+        mine = Deferred(lambda d: self._leave(key, d))
+        self._running[key] = [mine]
+        ensureDeferred(call()).addBoth(self._done, key)
+        return mine
+
+    def _room(self) -> bool:
+        now = self._clock.seconds()
+        for key in [k for k, (until, _) in self._kept.items() if until <= now]:
+            del self._kept[key]
+        while self._kept and len(self._kept) + len(self._running) >= self.max_entries:
+            del self._kept[next(iter(self._kept))]
+        return len(self._running) < self.max_entries
+
+    def _leave(self, key: K, waiter: Deferred[V]) -> None:
+        waiters = self._running.get(key, [])
+        if waiter in waiters:
+            waiters.remove(waiter)
+
+    def _done(self, result: V | Failure, key: K) -> None:
+        waiters = self._running.pop(key, [])
+        if not isinstance(result, Failure):
+            self._kept[key] = (self._clock.seconds() + self.ttl, result)
+        for waiter in waiters:
+            if not waiter.called:
+                if isinstance(result, Failure):
+                    waiter.errback(result)
+                else:
+                    waiter.callback(result)
+
 
 @attrs.define(slots=False)
 class Proxy:
@@ -815,6 +884,10 @@ class Proxy:
 
     def __attrs_post_init__(self) -> None:
         self.metrics.watch(self._state)
+        # One query per second at most, however many ask (see MEMO_TTL).
+        self._top: Memo[int, list[tuple[str, int]]] = Memo(self.clock)
+        self._project_rows: Memo[str, list[tuple[str, str, int]]] = Memo(self.clock)
+        self._probed: Memo[None, dict[str, Any] | None] = Memo(self.clock)
 
     def _state(self) -> dict[str, float]:
         files = self.files
@@ -872,7 +945,7 @@ class Proxy:
             hit_ratio=None if hits + misses == 0 else hits / (hits + misses),
             saved=int(saved),
             in_flight=len(self.files.flights),
-            top=await self.files.top_projects(10),
+            top=await self._top.get(10, lambda: self.files.top_projects(10)),
             index_url=index,
         )
         return render_status(figures)
@@ -888,16 +961,15 @@ class Proxy:
             top = min(1000, max(1, int((args.get(b"top") or [b"20"])[0])))
         except ValueError:
             return _text(request, 400, "top must be a number")
-        body: dict[str, Any] = {
-            "top": [{"project": p, "downloads": n} for p, n in await self.files.top_projects(top)]
-        }
+        top_rows = await self._top.get(top, lambda: self.files.top_projects(top))
+        body: dict[str, Any] = {"top": [{"project": p, "downloads": n} for p, n in top_rows]}
         project = args.get(b"project")
         if project:
             try:
                 name = normalize(project[0].decode("utf-8", "replace"))
             except BadName as e:
                 return _text(request, 400, str(e))
-            rows = await self.files.project_downloads(name)
+            rows = await self._project_rows.get(name, lambda: self.files.project_downloads(name))
             versions: dict[str, int] = {}
             for version, _, n in rows:
                 versions[version] = versions.get(version, 0) + n
@@ -933,9 +1005,7 @@ class Proxy:
             if client.last_error is None
             else {"at": client.last_error[0], "reason": client.last_error[1]},
         }
-        # Ask each watched store now (waiting 1 s at most, and not at all
-        # for one known down): one that just failed shows at once.
-        await DeferredList([Deferred.fromCoroutine(o.check(CHECK_WAIT)) for o in self.outages])
+        unwatched_metadata = await self._probed.get(None, self._probe_stores)
         watched = {o.store: o for o in self.outages}
         file_store: dict[str, Any] = {"state": "ok"}
         if "files" in watched:
@@ -946,11 +1016,7 @@ class Proxy:
         if "metadata" in watched:
             metadata = watched["metadata"].health()
         else:
-            try:
-                await self.files.metadata_ping()
-                metadata = {"state": "ok"}
-            except Exception as e:
-                metadata = {"state": "failing", "reason": repr(e)}
+            metadata = unwatched_metadata or {"state": "ok"}
         fatal = watched["metadata"].fatal if "metadata" in watched else True
         serving = metadata["state"] == "ok" or not fatal
         degraded = upstream["state"] == "degraded" or file_store["state"] != "ok" or metadata["state"] != "ok"
@@ -966,6 +1032,21 @@ class Proxy:
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
         return json.dumps(body, indent=2).encode() + b"\n"
+
+    async def _probe_stores(self) -> dict[str, Any] | None:
+        """
+        Ask each watched store now (waiting 1 s at most, and not at all for
+        one known down), so that one that just failed shows at once; and
+        ping an unwatched metadata store, whose state this returns.
+        """
+        await DeferredList([Deferred.fromCoroutine(o.check(CHECK_WAIT)) for o in self.outages])
+        if any(o.store == "metadata" for o in self.outages):
+            return None
+        try:
+            await self.files.metadata_ping()
+        except Exception as e:
+            return {"state": "failing", "reason": repr(e)}
+        return {"state": "ok"}
 
     # -- administration: only with the bearer token
 
@@ -984,8 +1065,12 @@ class Proxy:
             return _text(request, 401, "a valid admin bearer token is required")
         return None
 
-    @app.route("/cache/list", methods=["DELETE"])
+    @app.route("/cache/", methods=["DELETE"])
     async def forget_list(self, request: Request) -> bytes:
+        """
+        Forget the project list: the cache of C{/simple/}, as
+        C{/cache/<project>} is that of C{/simple/<project>/}.
+        """
         refused = self._refused(request)
         if refused is not None:
             return refused
@@ -994,6 +1079,11 @@ class Proxy:
 
     @app.route("/cache/<project>", methods=["DELETE"])
     async def forget_project(self, request: Request, project: str) -> bytes:
+        """
+        Forget one project's index page.  C{/cache/list} was the route of
+        the project list, and a project is named C{list}: it forgets both,
+        which is harmless, so neither shadows the other.
+        """
         refused = self._refused(request)
         if refused is not None:
             return refused
@@ -1002,6 +1092,10 @@ class Proxy:
         except BadName as e:
             return _text(request, 400, str(e))
         await self.pages.forget(name)
+        if project == "list":
+            await self.pages.forget(None)
+            both = "forgot the index page of list and the project list (that is DELETE /cache/ now)"
+            return _text(request, 200, both)
         return _text(request, 200, f"forgot the index page of {name}")
 
     @app.route("/cache/<project>/<filename>", methods=["DELETE"])
