@@ -12,6 +12,7 @@ each behaviour is also shown on a real loopback connection.
 from __future__ import annotations
 
 import socket
+import ssl
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
@@ -37,7 +38,7 @@ from twisted.web.client import ResponseNeverReceived
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from tests.conftest import Served, get_reactor
+from tests.conftest import TLS, Served, get_reactor
 from tests.test_proxy import find
 from txpypi.app import (
     MAX_GET_BODY,
@@ -432,35 +433,48 @@ async def test_body_limits_over_loopback(
     assert sample(running.proxy.metrics, "txpypi_requests_total", route="simple", code="413") == 1
 
 
+@pytest.mark.parametrize("scheme", ["http", "https"])
 @pytest_twisted.ensureDeferred
 async def test_a_client_that_never_reads_is_cut_off_over_loopback(
-    json_upstream: Served, proxy_factory: Any, dists: list[Dist], logged: Any
+    json_upstream: Served, proxy_factory: Any, dists: list[Dist], logged: Any, tls: TLS, scheme: str
 ) -> None:
     """
-    A real client that asks for a large file and never reads is cut off
-    once it took nothing for send-timeout: one log line, and the client
-    finds its connection reset, with only part of the file.
+    A real client (over plain TCP and over TLS) that asks for a large file
+    and never reads is cut off once it took nothing for send-timeout: one
+    log line, and the client finds its connection reset, with only part of
+    the file.
     """
-    running = proxy_factory(json_upstream.url, send_timeout=0.5)
+    endpoint = tls.endpoint() if scheme == "https" else None
+    running = proxy_factory(json_upstream.url, endpoint=endpoint, send_timeout=0.5)
     size = len(find(dists, BIG).content)
     cut = logged("took no bytes")
-    client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    client.settimeout(10)
-    try:
+    raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.settimeout(10)
+    client: socket.socket = raw
+    if scheme == "https":
+        client = ssl.create_default_context(cafile=str(tls.ca)).wrap_socket(
+            raw, server_hostname="127.0.0.1", suppress_ragged_eofs=False
+        )
+
+    def ask() -> None:  # the TLS handshake needs the reactor: in a thread
         client.connect(("127.0.0.1", running.port.getHost().port))
         client.sendall(b"GET /files/big/%s HTTP/1.1\r\nHost: p\r\n\r\n" % BIG.encode())
+
+    def drain() -> tuple[int, type[BaseException] | None]:
+        # Below TLS (whose reads report a reset as a mere EOF): the TCP
+        # connection must end with a reset, not a FIN.
+        got = 0
+        try:
+            while chunk := socket.socket.recv(client, 65536):
+                got += len(chunk)
+        except OSError as e:
+            return got, type(e)
+        return got, None
+
+    try:
+        await deferToThread(ask)
         await cut.first.addTimeout(10, get_reactor())
-
-        def drain() -> tuple[int, type[BaseException] | None]:
-            got = 0
-            try:
-                while chunk := client.recv(65536):
-                    got += len(chunk)
-            except OSError as e:
-                return got, type(e)
-            return got, None
-
         got, error = await deferToThread(drain)
     finally:
         client.close()

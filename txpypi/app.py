@@ -11,8 +11,6 @@ from __future__ import annotations
 import hmac
 import json
 import math
-import socket
-import struct
 from collections.abc import Callable, Coroutine, Hashable
 from io import BytesIO
 from typing import Any, Generic, TypeVar
@@ -474,14 +472,11 @@ class ConnectionLimits:
 
 def _reset(transport: Any) -> None:
     """
-    Abort a connection with a reset, not a FIN (as L{abort_client} does for
-    a request): nothing is left to linger in the kernel for a client that
-    does not read.
+    Abort a connection with a reset, not a FIN, so that nothing lingers in
+    the kernel for a client that does not read: Twisted's TCP transport
+    closes an aborted socket with C{SO_LINGER} 0 (what L{abort_client} sets
+    by hand), and under TLS the TCP transport below is aborted.
     """
-    try:
-        transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except (AttributeError, OSError):
-        pass
     transport.abortConnection()
 
 
