@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 import attrs
 from klein import Klein
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -37,7 +37,7 @@ from txpypi.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from txpypi.metrics import Metrics, route_of
 from txpypi.names import BadName, check_filename, normalize
 from txpypi.outages import CHECK_WAIT, Outage, Unavailable
-from txpypi.pages import HIT, STALE, CachedPage, NotFound, PageCache
+from txpypi.pages import HIT, STALE, CachedPage, NotFound, PageCache, SingleFlight
 from txpypi.peer import HEADER as PEER_HEADER
 from txpypi.peer import verify
 from txpypi.statuspage import StatusFigures, render_status
@@ -791,7 +791,8 @@ V = TypeVar("V")
 #: How long C{/} and C{/stats} keep a download-statistics query, and
 #: C{/health} its probe of the stores, in seconds.
 MEMO_TTL = 1.0
-#: The most distinct queries kept (C{/stats?project=} takes any name).
+#: The most distinct query results kept (C{/stats?project=} takes any
+#: name).
 MEMO_ENTRIES = 128
 
 
@@ -799,60 +800,34 @@ MEMO_ENTRIES = 128
 class Memo(Generic[K, V]):
     """
     The results of slow calls, kept for C{ttl} seconds per key.  Callers of
-    one key while its call runs share it, each with its own Deferred (one
-    that is cancelled, because its client went away, leaves the call to the
-    others).  Failures are not kept.  At most C{max_entries} keys are kept
-    or running; past that, the oldest kept result is dropped, and while all
-    of them are running a call runs unshared and unkept.
+    one key while its call runs share it (a L{SingleFlight}: one whose
+    client goes away cancels only its own wait).  Failures are not kept.
+    At most C{max_entries} results are kept, the oldest dropped first; the
+    calls running at once are as many as the requests waiting for them at
+    most, which C{--max-connections} bounds.
     """
 
     _clock: IReactorTime
     ttl: float = MEMO_TTL
     max_entries: int = MEMO_ENTRIES
     _kept: dict[K, tuple[float, V]] = attrs.field(factory=dict)
-    _running: dict[K, list[Deferred[V]]] = attrs.field(factory=dict)
+    _flights: SingleFlight[K, V] = attrs.field(factory=SingleFlight)
 
     def get(self, key: K, call: Callable[[], Coroutine[Any, Any, V]]) -> Deferred[V]:
         kept = self._kept.get(key)
-        if kept is not None:
-            if self._clock.seconds() < kept[0]:
-                return succeed(kept[1])
-            del self._kept[key]
-        waiters = self._running.get(key)
-        if waiters is not None:
-            mine: Deferred[V] = Deferred(lambda d: self._leave(key, d))
-            waiters.append(mine)
-            return mine
-        if not self._room():
-            return ensureDeferred(call())
-        mine = Deferred(lambda d: self._leave(key, d))
-        self._running[key] = [mine]
-        ensureDeferred(call()).addBoth(self._done, key)
-        return mine
+        if kept is not None and self._clock.seconds() < kept[0]:
+            return succeed(kept[1])
+        return self._flights.run(key, lambda: self._keep(key, call))
 
-    def _room(self) -> bool:
+    async def _keep(self, key: K, call: Callable[[], Coroutine[Any, Any, V]]) -> V:
+        value = await call()
         now = self._clock.seconds()
-        for key in [k for k, (until, _) in self._kept.items() if until <= now]:
-            del self._kept[key]
-        while self._kept and len(self._kept) + len(self._running) >= self.max_entries:
+        for old in [k for k, (until, _) in self._kept.items() if until <= now or k == key]:
+            del self._kept[old]
+        while len(self._kept) >= self.max_entries:
             del self._kept[next(iter(self._kept))]
-        return len(self._running) < self.max_entries
-
-    def _leave(self, key: K, waiter: Deferred[V]) -> None:
-        waiters = self._running.get(key, [])
-        if waiter in waiters:
-            waiters.remove(waiter)
-
-    def _done(self, result: V | Failure, key: K) -> None:
-        waiters = self._running.pop(key, [])
-        if not isinstance(result, Failure):
-            self._kept[key] = (self._clock.seconds() + self.ttl, result)
-        for waiter in waiters:
-            if not waiter.called:
-                if isinstance(result, Failure):
-                    waiter.errback(result)
-                else:
-                    waiter.callback(result)
+        self._kept[key] = (now + self.ttl, value)
+        return value
 
 
 @attrs.define(slots=False)
