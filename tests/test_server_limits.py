@@ -573,7 +573,7 @@ async def test_max_connections_counts_every_listener(json_upstream: Served, prox
         await client.lost
 
 
-def test_options_and_sighup() -> None:
+def test_options_and_sighup(tmp_path: Path) -> None:
     """
     --send-timeout and --max-connections parse, are checked, and SIGHUP
     applies both.
@@ -588,7 +588,7 @@ def test_options_and_sighup() -> None:
     for argv in (["--send-timeout", "0"], ["--max-connections", "0"], ["--max-connections", "many"]):
         with pytest.raises(UsageError):
             Options().parseOptions(argv)
-    proxy = unit_proxy(Clock(), MemoryMetadata(), FakeUpstream([]), "/tmp")
+    proxy = unit_proxy(Clock(), MemoryMetadata(), FakeUpstream([]), str(tmp_path))
     drain = DrainService(proxy.files, 30)
     apply_live(attrs.evolve(options.settings, upstream="http://upstream.test/simple/"), proxy, drain)
     assert (proxy.connections.send_timeout, proxy.connections.max_connections) == (2.5, 3)
