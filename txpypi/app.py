@@ -11,16 +11,19 @@ from __future__ import annotations
 import hmac
 import json
 import math
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Callable, Coroutine, Hashable
+from io import BytesIO
+from typing import Any, Generic, TypeVar
 from urllib.parse import quote
 
 import attrs
 from klein import Klein
-from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
@@ -35,7 +38,7 @@ from txpypi.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from txpypi.metrics import Metrics, route_of
 from txpypi.names import BadName, check_filename, normalize
 from txpypi.outages import CHECK_WAIT, Outage, Unavailable, describe
-from txpypi.pages import HIT, STALE, CachedPage, NotFound, PageCache
+from txpypi.pages import HIT, STALE, CachedPage, NotFound, PageCache, SingleFlight
 from txpypi.peer import HEADER as PEER_HEADER
 from txpypi.peer import verify
 from txpypi.statuspage import StatusFigures, render_status
@@ -530,11 +533,262 @@ class Root(Resource):
         return self._fallback
 
 
+#: The largest request body accepted on a C{GET} or C{HEAD}, in bytes: no
+#: route reads one.
+MAX_GET_BODY = 4 * 1024
+#: The largest request body accepted on any other method, in bytes: the
+#: admin routes read none.  (Under Twisted's 100 000 bytes, past which it
+#: would spool a body to a temporary file.)
+MAX_REQUEST_BODY = 64 * 1024
+
+
+@attrs.define
+class ConnectionLimits:
+    """
+    The bounds on the clients' connections, shared by every listener of the
+    process (every site that L{Proxy.site} makes), and read live: SIGHUP
+    changes them.
+
+    @ivar max_connections: the most connections open at once; past it, a
+        new connection is closed at once.
+    @ivar send_timeout: seconds a client may take no bytes of a response
+        before it is cut off; also the time a request may take to arrive
+        from its first byte, and the idle timeout of a keep-alive
+        connection between requests.
+    @ivar open: the connections open now.
+    """
+
+    max_connections: int = 1024
+    send_timeout: float = 60.0
+    open: int = 0
+    #: Whether the refusals since the limit was last reached were logged.
+    full_logged: bool = False
+
+
+def _reset(transport: Any) -> None:
+    """
+    Abort a connection with a reset, not a FIN, so that nothing lingers in
+    the kernel for a client that does not read: Twisted's TCP transport
+    closes an aborted socket with C{SO_LINGER} 0 (what L{abort_client} sets
+    by hand), and under TLS the TCP transport below is aborted.
+    """
+    transport.abortConnection()
+
+
+def _peer(transport: Any) -> str:
+    peer = transport.getPeer() if transport is not None else None
+    return str(getattr(peer, "host", peer))
+
+
+class ProxyRequest(Request):
+    """
+    A request whose body is held in memory and counted by its
+    L{ProxyChannel}, which refuses one past L{MAX_REQUEST_BODY} bytes.
+    """
+
+    def gotLength(self, length: int | None) -> None:
+        # Twisted spools a body of unknown (chunked) or large declared
+        # length to a temporary file; the channel bounds it to a few KiB.
+        self.content = BytesIO()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        channel = self.channel
+        if isinstance(channel, ProxyChannel) and not channel.body_received(len(data)):
+            return
+        super().handleContentChunk(data)
+
+
+class ProxyChannel(HTTPChannel):
+    """
+    An HTTP/1.1 connection that no client can hold forever:
+
+      - A client that takes no bytes of a response for C{send_timeout}
+        seconds is cut off with a reset.  The channel is its transport's
+        producer: the transport pauses it when the client stops taking
+        bytes and resumes it when the client takes them again, so this
+        covers every response, whatever wrote it.
+      - A request (its line, headers and body) must arrive within
+        C{send_timeout} seconds of its first byte, or it gets a C{408} and
+        the connection is closed (a client trickling a byte at a time would
+        otherwise reset the idle timeout forever); and a keep-alive
+        connection idle for C{send_timeout} between requests is closed (the
+        channel's idle timeout, C{timeOut}, set by L{ProxySite}).
+      - A request body past L{MAX_GET_BODY} on C{GET} and C{HEAD}, or past
+        L{MAX_REQUEST_BODY} on any other method, gets a C{413} and the
+        connection is closed, before the body is read: a declared
+        C{Content-Length} is checked once the headers are complete, and a
+        chunked body is counted as it arrives.
+
+    The limits are the site's L{ConnectionLimits}, read live.
+    """
+
+    site: ProxySite
+    #: Cuts the client off once a pause lasted C{send_timeout}.
+    _stalled: IDelayedCall | None = None
+    #: Closes the connection if the request in progress is not all there
+    #: in C{send_timeout}.
+    _deadline: IDelayedCall | None = None
+    _counted = False
+    _refused = False
+    _body_limit = MAX_REQUEST_BODY
+    _body_seen = 0
+
+    @property
+    def _limits(self) -> ConnectionLimits:
+        return self.site.connections
+
+    def connectionMade(self) -> None:
+        self._limits.open += 1
+        self._counted = True
+        super().connectionMade()
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        if self._counted:
+            self._counted = False
+            limits = self._limits
+            limits.open -= 1
+            if limits.open < limits.max_connections:
+                limits.full_logged = False
+        self._cancel_stalled()
+        self._cancel_deadline()
+        super().connectionLost(reason)
+
+    # -- the client takes no bytes
+
+    def pauseProducing(self) -> None:
+        if self._stalled is None and not self._refused:
+            self._stalled = self.callLater(self._limits.send_timeout, self._send_timed_out)
+        super().pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._cancel_stalled()
+        super().resumeProducing()
+
+    def _cancel_stalled(self) -> None:
+        if self._stalled is not None:
+            if self._stalled.active():
+                self._stalled.cancel()
+            self._stalled = None
+
+    def _send_timed_out(self) -> None:
+        self._stalled = None
+        seconds = self._limits.send_timeout
+        log.info(
+            "cut off {client}: it took no bytes for {seconds:g} s (send-timeout)",
+            client=_peer(self.transport),
+            seconds=seconds,
+        )
+        self.site.metrics.client_timeouts.labels("send").inc()
+        _reset(self.transport)
+
+    # -- the request arrives too slowly
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._deadline is None and not self._handlingRequest and data:
+            self._deadline = self.callLater(self._limits.send_timeout, self._request_timed_out)
+        super().dataReceived(data)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    def _request_timed_out(self) -> None:
+        self._deadline = None
+        seconds = self._limits.send_timeout
+        log.info(
+            "closed the connection of {client}: its request took over {seconds:g} s to arrive (send-timeout)",
+            client=_peer(self.transport),
+            seconds=seconds,
+        )
+        self.site.metrics.client_timeouts.labels("request").inc()
+        self._refuse(408, b"Request Timeout", f"the request did not arrive within {seconds:g} s")
+
+    def allContentReceived(self) -> None:
+        if self._refused:
+            return
+        self._cancel_deadline()
+        super().allContentReceived()
+
+    # -- bodies
+
+    def allHeadersReceived(self) -> None:
+        get = self._command in (b"GET", b"HEAD")
+        self._body_limit = MAX_GET_BODY if get else MAX_REQUEST_BODY
+        self._body_seen = 0
+        if self.length is not None and self.length > self._body_limit:
+            self._refuse_body()
+            return
+        super().allHeadersReceived()
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return
+        super().rawDataReceived(data)
+
+    def body_received(self, size: int) -> bool:
+        """
+        Count C{size} more bytes of the request's body; C{False} once they
+        are past the limit, and the request is refused.
+        """
+        if self._refused:
+            return False
+        self._body_seen += size
+        if self._body_seen > self._body_limit:
+            self._refuse_body()
+            return False
+        return True
+
+    def _refuse_body(self) -> None:
+        on = " on GET and HEAD" if self._body_limit == MAX_GET_BODY else ""
+        reason = f"request body too large: at most {self._body_limit} bytes{on}"
+        self._refuse(413, b"Content Too Large", reason)
+
+    def _refuse(self, code: int, phrase: bytes, reason: str) -> None:
+        """
+        Answer C{code} with a one-line reason, count it, and close the
+        connection without reading any more of it.
+        """
+        if self._refused:
+            return
+        self._refused = True
+        self._cancel_deadline()
+        path = getattr(self, "_path", b"") or b""
+        self.site.metrics.requests.labels(route_of(path.partition(b"?")[0]), str(code)).inc()
+        body = (reason + "\n").encode()
+        assert self.transport is not None
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (code, phrase, len(body), body)
+        )
+        self.loseConnection()
+
+
+class RefusedConnection(Protocol):
+    """
+    A connection past L{ConnectionLimits.max_connections}: closed at once.
+    (A factory may return L{None} instead, but the TLS wrapper would wrap
+    it.)
+    """
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        _reset(self.transport)
+
+
 class ProxySite(Site):
     """
     The site: counts every request in the metrics and writes the access log
-    line once the response is done.
+    line once the response is done.  Its connections are L{ProxyChannel}s,
+    within the L{ConnectionLimits} it shares with the process's other
+    sites.
     """
+
+    protocol = ProxyChannel  # type: ignore[assignment]
+    requestFactory = ProxyRequest
 
     def __init__(
         self,
@@ -543,13 +797,42 @@ class ProxySite(Site):
         metrics: Metrics,
         log_format: str = "combined",
         trusted_proxies: frozenset[str] = frozenset(),
+        connections: ConnectionLimits | None = None,
     ) -> None:
-        super().__init__(resource)
+        # The clock is the reactor of the channels' timeouts too.
+        super().__init__(resource, reactor=clock)
         self._clock = clock
         self._metrics = metrics
         self.log_format = log_format
         self.trusted_proxies = trusted_proxies
+        self.connections = ConnectionLimits() if connections is None else connections
         self.displayTracebacks = False
+
+    @property
+    def metrics(self) -> Metrics:
+        return self._metrics
+
+    def buildProtocol(self, addr: IAddress | None) -> Any:
+        limits = self.connections
+        if limits.open >= limits.max_connections:
+            self._metrics.connections_refused.inc()
+            if not limits.full_logged:
+                limits.full_logged = True
+                log.warn(
+                    "refusing new connections: {open} are open, the most max-connections allows",
+                    open=limits.open,
+                )
+            return RefusedConnection()
+        channel: ProxyChannel = super().buildProtocol(addr)
+        channel.timeOut = limits.send_timeout  # type: ignore[assignment]  # idle timeout between requests
+        return channel
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """
+        Only HTTP/1.1 in TLS's ALPN: the channel is not an HTTP/2 one, even
+        where the h2 package would let Twisted offer it.
+        """
+        return [b"http/1.1"]
 
     def getResourceFor(self, request: Request) -> IResource:  # type: ignore[override]
         request.txpypi_started = self._clock.seconds()  # type: ignore[attr-defined]
@@ -597,6 +880,50 @@ class ProxySite(Site):
 
 access_log = Logger(namespace="txpypi.access")
 
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+#: How long C{/} and C{/stats} keep a download-statistics query, and
+#: C{/health} its probe of the stores, in seconds.
+MEMO_TTL = 1.0
+#: The most distinct query results kept (C{/stats?project=} takes any
+#: name).
+MEMO_ENTRIES = 128
+
+
+@attrs.define
+class Memo(Generic[K, V]):
+    """
+    The results of slow calls, kept for C{ttl} seconds per key.  Callers of
+    one key while its call runs share it (a L{SingleFlight}: one whose
+    client goes away cancels only its own wait).  Failures are not kept.
+    At most C{max_entries} results are kept, the oldest dropped first; the
+    calls running at once are as many as the requests waiting for them at
+    most, which C{--max-connections} bounds.
+    """
+
+    _clock: IReactorTime
+    ttl: float = MEMO_TTL
+    max_entries: int = MEMO_ENTRIES
+    _kept: dict[K, tuple[float, V]] = attrs.field(factory=dict)
+    _flights: SingleFlight[K, V] = attrs.field(factory=SingleFlight)
+
+    def get(self, key: K, call: Callable[[], Coroutine[Any, Any, V]]) -> Deferred[V]:
+        kept = self._kept.get(key)
+        if kept is not None and self._clock.seconds() < kept[0]:
+            return succeed(kept[1])
+        return self._flights.run(key, lambda: self._keep(key, call))
+
+    async def _keep(self, key: K, call: Callable[[], Coroutine[Any, Any, V]]) -> V:
+        value = await call()
+        now = self._clock.seconds()
+        for old in [k for k, (until, _) in self._kept.items() if until <= now or k == key]:
+            del self._kept[old]
+        while len(self._kept) >= self.max_entries:
+            del self._kept[next(iter(self._kept))]
+        self._kept[key] = (now + self.ttl, value)
+        return value
+
 
 @attrs.define(slots=False)
 class Proxy:
@@ -616,10 +943,16 @@ class Proxy:
     sites: list[ProxySite] = attrs.field(factory=list)
     #: The stores watched for outages (L{txpypi.outages}), for C{/health}.
     outages: tuple[Outage, ...] = ()
+    #: The bounds on client connections, shared by all of its sites.
+    connections: ConnectionLimits = attrs.field(factory=ConnectionLimits)
     app = Klein()
 
     def __attrs_post_init__(self) -> None:
         self.metrics.watch(self._state)
+        # One query per second at most, however many ask (see MEMO_TTL).
+        self._top: Memo[int, list[tuple[str, int]]] = Memo(self.clock)
+        self._project_rows: Memo[str, list[tuple[str, str, int]]] = Memo(self.clock)
+        self._probed: Memo[None, dict[str, Any] | None] = Memo(self.clock)
 
     def _state(self) -> dict[str, float]:
         files = self.files
@@ -630,6 +963,7 @@ class Proxy:
             "txpypi_downloads_in_flight": len(files.flights),
             "txpypi_download_clients": sum(f.clients for f in files.flights.values()),
             "evictions": files.evictions,
+            "txpypi_connections_open": self.connections.open,
         }
 
     def site(self) -> ProxySite:
@@ -639,7 +973,9 @@ class Proxy:
             PeerResource(self.files, self.clock),
             self.app.resource(),
         )
-        site = ProxySite(root, self.clock, self.metrics, self.log_format, self.trusted_proxies)
+        site = ProxySite(
+            root, self.clock, self.metrics, self.log_format, self.trusted_proxies, self.connections
+        )
         self.sites.append(site)
         return site
 
@@ -674,7 +1010,7 @@ class Proxy:
             hit_ratio=None if hits + misses == 0 else hits / (hits + misses),
             saved=int(saved),
             in_flight=len(self.files.flights),
-            top=await self.files.top_projects(10),
+            top=await self._top.get(10, lambda: self.files.top_projects(10)),
             index_url=index,
         )
         return render_status(figures)
@@ -690,16 +1026,15 @@ class Proxy:
             top = min(1000, max(1, int((args.get(b"top") or [b"20"])[0])))
         except ValueError:
             return _text(request, 400, "top must be a number")
-        body: dict[str, Any] = {
-            "top": [{"project": p, "downloads": n} for p, n in await self.files.top_projects(top)]
-        }
+        top_rows = await self._top.get(top, lambda: self.files.top_projects(top))
+        body: dict[str, Any] = {"top": [{"project": p, "downloads": n} for p, n in top_rows]}
         project = args.get(b"project")
         if project:
             try:
                 name = normalize(project[0].decode("utf-8", "replace"))
             except BadName as e:
                 return _text(request, 400, str(e))
-            rows = await self.files.project_downloads(name)
+            rows = await self._project_rows.get(name, lambda: self.files.project_downloads(name))
             versions: dict[str, int] = {}
             for version, _, n in rows:
                 versions[version] = versions.get(version, 0) + n
@@ -735,9 +1070,7 @@ class Proxy:
             if client.last_error is None
             else {"at": client.last_error[0], "reason": client.last_error[1]},
         }
-        # Ask each watched store now (waiting 1 s at most, and not at all
-        # for one known down): one that just failed shows at once.
-        await DeferredList([Deferred.fromCoroutine(o.check(CHECK_WAIT)) for o in self.outages])
+        unwatched_metadata = await self._probed.get(None, self._probe_stores)
         watched = {o.store: o for o in self.outages}
         file_store: dict[str, Any] = {"state": "ok"}
         if "files" in watched:
@@ -748,11 +1081,7 @@ class Proxy:
         if "metadata" in watched:
             metadata = watched["metadata"].health()
         else:
-            try:
-                await self.files.metadata_ping()
-                metadata = {"state": "ok"}
-            except Exception as e:
-                metadata = {"state": "failing", "reason": repr(e)}
+            metadata = unwatched_metadata or {"state": "ok"}
         fatal = watched["metadata"].fatal if "metadata" in watched else True
         serving = metadata["state"] == "ok" or not fatal
         degraded = upstream["state"] == "degraded" or file_store["state"] != "ok" or metadata["state"] != "ok"
@@ -768,6 +1097,21 @@ class Proxy:
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
         return json.dumps(body, indent=2).encode() + b"\n"
+
+    async def _probe_stores(self) -> dict[str, Any] | None:
+        """
+        Ask each watched store now (waiting 1 s at most, and not at all for
+        one known down), so that one that just failed shows at once; and
+        ping an unwatched metadata store, whose state this returns.
+        """
+        await DeferredList([Deferred.fromCoroutine(o.check(CHECK_WAIT)) for o in self.outages])
+        if any(o.store == "metadata" for o in self.outages):
+            return None
+        try:
+            await self.files.metadata_ping()
+        except Exception as e:
+            return {"state": "failing", "reason": repr(e)}
+        return {"state": "ok"}
 
     # -- administration: only with the bearer token
 
@@ -786,8 +1130,12 @@ class Proxy:
             return _text(request, 401, "a valid admin bearer token is required")
         return None
 
-    @app.route("/cache/list", methods=["DELETE"])
+    @app.route("/cache/", methods=["DELETE"])
     async def forget_list(self, request: Request) -> bytes:
+        """
+        Forget the project list: the cache of C{/simple/}, as
+        C{/cache/<project>} is that of C{/simple/<project>/}.
+        """
         refused = self._refused(request)
         if refused is not None:
             return refused
@@ -796,6 +1144,11 @@ class Proxy:
 
     @app.route("/cache/<project>", methods=["DELETE"])
     async def forget_project(self, request: Request, project: str) -> bytes:
+        """
+        Forget one project's index page.  C{/cache/list} was the route of
+        the project list, and a project is named C{list}: it forgets both,
+        which is harmless, so neither shadows the other.
+        """
         refused = self._refused(request)
         if refused is not None:
             return refused
@@ -804,6 +1157,10 @@ class Proxy:
         except BadName as e:
             return _text(request, 400, str(e))
         await self.pages.forget(name)
+        if project == "list":
+            await self.pages.forget(None)
+            both = "forgot the index page of list and the project list (that is DELETE /cache/ now)"
+            return _text(request, 200, both)
         return _text(request, 200, f"forgot the index page of {name}")
 
     @app.route("/cache/<project>/<filename>", methods=["DELETE"])

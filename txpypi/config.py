@@ -69,6 +69,8 @@ class Settings:
     #: The only hosts other than the upstream's that files may come from
     #: (L{None}: any public host over https); entries as L{_file_hosts} gives them.
     file_hosts: tuple[str, ...] | None = None
+    send_timeout: float = 60.0
+    max_connections: int = 1024
 
 
 def _listen(value: Any) -> tuple[str, ...]:
@@ -255,6 +257,16 @@ def _rate(key: str) -> Any:
     return check
 
 
+def _connections(value: Any) -> int:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"max-connections: expected a number, got {value!r}") from None
+    if n < 1:
+        raise ConfigError("max-connections: must be at least 1")
+    return n
+
+
 def _redis_url(value: Any) -> str:
     from txpypi.redismeta import parse_redis_url
 
@@ -321,6 +333,8 @@ KEYS = {
     "max-downloads": ("max_downloads", _count("max-downloads", 1, 100_000)),
     "min-download-rate": ("min_download_rate", _rate("min-download-rate")),
     "s3-timeout": ("s3_timeout", _seconds("s3-timeout")),
+    "send-timeout": ("send_timeout", _seconds("send-timeout")),
+    "max-connections": ("max_connections", _connections),
     "trusted-proxy": ("trusted_proxies", _addresses),
     "file-hosts": ("file_hosts", _file_hosts("file-hosts")),
     "file-host": ("file_hosts", _file_hosts("file-host")),
@@ -366,6 +380,8 @@ def check(settings: Settings) -> Settings:
     for key, value in (("redis-timeout", settings.redis_timeout), ("s3-timeout", settings.s3_timeout)):
         if value < 0.1:
             raise ConfigError(f"{key}: must be at least 0.1 seconds")
+    if settings.send_timeout < 0.1:
+        raise ConfigError("send-timeout: must be at least 0.1 seconds")
     return settings
 
 

@@ -15,12 +15,18 @@ class Unsatisfiable(ValueError):
 def accepts_gzip(accept_encoding: str | None) -> bool:
     """
     Does an C{Accept-Encoding} header accept gzip (with a q above zero)?
+    gzip's own entry (or x-gzip's) decides where there is one, wherever it
+    is in the list; otherwise C{*}'s (RFC 9110, 12.5.3).  A malformed q is
+    zero.
     """
     if not accept_encoding:
         return False
+    named: list[float] = []
+    star: list[float] = []
     for part in accept_encoding.split(","):
         name, *params = (p.strip() for p in part.split(";"))
-        if name.lower() not in ("gzip", "x-gzip", "*"):
+        name = name.lower()
+        if name not in ("gzip", "x-gzip", "*"):
             continue
         q = 1.0
         for param in params:
@@ -30,8 +36,9 @@ def accepts_gzip(accept_encoding: str | None) -> bool:
                     q = float(value)
                 except ValueError:
                     q = 0.0
-        return q > 0
-    return False
+        (star if name == "*" else named).append(q)
+    wanted = named or star
+    return bool(wanted) and max(wanted) > 0
 
 
 def etag_matches(if_none_match: str | None, etag: str) -> bool:

@@ -57,6 +57,7 @@ class _State(Collector):
             "txpypi_cache_max_bytes": "The cache's size limit in bytes (0: none).",
             "txpypi_downloads_in_flight": "Upstream file downloads in progress.",
             "txpypi_download_clients": "Clients reading downloads in progress.",
+            "txpypi_connections_open": "Client connections open, on all listeners together.",
         }
         for name, help_text in gauges.items():
             yield GaugeMetricFamily(name, help_text, value=state.get(name, 0))
@@ -80,6 +81,8 @@ class Metrics:
     upstream_latency: Histogram
     store_errors: Counter
     store_up: Gauge
+    connections_refused: Counter
+    client_timeouts: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> Metrics:
@@ -135,6 +138,18 @@ class Metrics:
                 "txpypi_store_up",
                 "1 while the store (files, metadata) works, 0 during an outage.",
                 ["store"],
+                registry=registry,
+            ),
+            connections_refused=Counter(
+                "txpypi_connections_refused",
+                "Client connections closed at once because max-connections were open.",
+                registry=registry,
+            ),
+            client_timeouts=Counter(
+                "txpypi_client_timeouts",
+                "Client connections closed by send-timeout, by kind: send (the client took no bytes)"
+                " or request (its request did not arrive in time).",
+                ["kind"],
                 registry=registry,
             ),
         )

@@ -13,8 +13,9 @@ from collections.abc import Mapping
 from packaging.utils import canonicalize_name
 
 # PEP 508 names: letters, digits, and . _ - inside, starting and ending with
-# a letter or digit.
-_NAME_RE = re.compile(r"^([A-Z0-9]|[A-Z0-9][A-Z0-9._-]*[A-Z0-9])$", re.IGNORECASE)
+# a letter or digit.  ASCII only (with IGNORECASE alone, [A-Z] also matches
+# İ ı ſ K), and matched whole (a $ would let a trailing newline through).
+_NAME_RE = re.compile(r"[A-Z0-9]|[A-Z0-9][A-Z0-9._-]*[A-Z0-9]", re.IGNORECASE | re.ASCII)
 
 MAX_FILENAME_BYTES = 255
 
@@ -33,7 +34,7 @@ def valid_project_name(name: str) -> bool:
     """
     Is C{name} a syntactically valid PEP 508 project name?
     """
-    return len(name) <= 200 and _NAME_RE.match(name) is not None
+    return len(name) <= 200 and _NAME_RE.fullmatch(name) is not None
 
 
 def normalize(name: str) -> str:
@@ -53,7 +54,7 @@ def check_filename(filename: str) -> str:
 
     @return: C{filename} unchanged.
     @raise BadName: when it is empty, too long, or contains a path separator,
-        C{..}, a NUL or a control character.
+        C{..}, a NUL or a control character (C0, DEL or C1).
     """
     if not filename:
         raise BadName("empty file name")
@@ -65,7 +66,7 @@ def check_filename(filename: str) -> str:
         raise BadName("file name contains a NUL byte")
     if ".." in filename or filename.startswith("."):
         raise BadName("file name contains '..' or starts with '.'")
-    if any(ord(c) < 32 or ord(c) == 127 for c in filename):
+    if any(ord(c) < 32 or 127 <= ord(c) <= 159 for c in filename):
         raise BadName("file name contains a control character")
     return filename
 

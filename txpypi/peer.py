@@ -38,25 +38,31 @@ def sign(secret: str, path: str, now: float) -> str:
     return f"{stamp}:{_mac(secret, stamp, path)}"
 
 
+#: The longest time stamp taken, in digits (a Unix time has 10 until 2286;
+#: past 16, a float cannot hold it exactly).
+_STAMP_DIGITS = 16
+
+
 def verify(secret: str, path: str, value: str | None, now: float) -> bool:
     """
     Is C{value} a signature of C{path} under C{secret}, made within
-    L{WINDOW} seconds of C{now}?
+    L{WINDOW} seconds of C{now}?  Anything malformed (not C{<ASCII
+    digits>:<ASCII>}, a stamp too long) is simply C{False}: this never
+    raises.
     """
     if not value or ":" not in value:
         return False
     stamp, _, mac = value.partition(":")
-    try:
-        when = int(stamp)
-    except ValueError:
+    if not (stamp.isascii() and stamp.isdigit() and len(stamp) <= _STAMP_DIGITS and mac.isascii()):
         return False
-    if abs(now - when) > WINDOW:
+    if abs(now - int(stamp)) > WINDOW:
         return False
     return hmac.compare_digest(mac, _mac(secret, stamp, path))
 
 
 def _mac(secret: str, stamp: str, path: str) -> str:
-    return hmac.new(secret.encode(), f"{stamp}\n{path}".encode(), hashlib.sha256).hexdigest()
+    message = f"{stamp}\n{path}".encode("utf-8", "surrogatepass")
+    return hmac.new(secret.encode("utf-8", "surrogatepass"), message, hashlib.sha256).hexdigest()
 
 
 def owner_id(instance: str, peer_url: str | None) -> str:

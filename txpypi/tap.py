@@ -22,7 +22,7 @@ from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
 from txpypi import config
-from txpypi.app import Proxy
+from txpypi.app import ConnectionLimits, Proxy
 from txpypi.download import CommitJournal
 from txpypi.fetchpolicy import FileHost
 from txpypi.files import FileCache
@@ -263,6 +263,21 @@ class Options(usage.Options):
         """
         self.given.setdefault("file-host", []).append(host)
 
+    def opt_send_timeout(self, seconds: str) -> None:
+        """
+        Seconds a client may take no bytes of a response before it is cut
+        off; also the time a request may take to arrive, and the idle
+        timeout of a keep-alive connection (default: 60).
+        """
+        self.given["send-timeout"] = seconds
+
+    def opt_max_connections(self, n: str) -> None:
+        """
+        The most client connections open at once, on all listeners
+        together; past it, new ones are closed at once (default: 1024).
+        """
+        self.given["max-connections"] = n
+
     def opt_config(self, path: str) -> None:
         """
         A YAML file with the same settings as these options.
@@ -463,6 +478,8 @@ def apply_live(settings: config.Settings, proxy: Proxy, drain: DrainService) -> 
         site.log_format = settings.log_format
         site.trusted_proxies = frozenset(settings.trusted_proxies)
     drain.grace = settings.shutdown_grace
+    proxy.connections.max_connections = settings.max_connections
+    proxy.connections.send_timeout = settings.send_timeout
     files.maybe_evict()
 
 
@@ -655,6 +672,7 @@ def build(settings: config.Settings, reactor: Any) -> tuple[MultiService, Proxy]
         trusted_proxies=frozenset(settings.trusted_proxies),
         s3_redirect_ttl=settings.s3_redirect_ttl if settings.s3_redirect else None,
         outages=tuple(outages),
+        connections=ConnectionLimits(settings.max_connections, settings.send_timeout),
     )
     site = proxy.site()
     drain = DrainService(files, settings.shutdown_grace)
