@@ -220,16 +220,6 @@ def _text_value(key: str) -> Any:
     return check
 
 
-def _threads(value: Any) -> int:
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"s3-threads: expected a number, got {value!r}") from None
-    if not 1 <= n <= 256:
-        raise ConfigError("s3-threads: expected 1 to 256")
-    return n
-
-
 def _count(key: str, low: int, high: int) -> Any:
     def check(value: Any) -> int:
         try:
@@ -255,16 +245,6 @@ def _rate(key: str) -> Any:
             ) from None
 
     return check
-
-
-def _connections(value: Any) -> int:
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"max-connections: expected a number, got {value!r}") from None
-    if n < 1:
-        raise ConfigError("max-connections: must be at least 1")
-    return n
 
 
 def _redis_url(value: Any) -> str:
@@ -321,7 +301,7 @@ KEYS = {
     "s3-prefix": ("s3_prefix", lambda v: str(v)),
     "s3-endpoint-url": ("s3_endpoint_url", _url("s3-endpoint-url")),
     "s3-region": ("s3_region", _text_value("s3-region")),
-    "s3-threads": ("s3_threads", _threads),
+    "s3-threads": ("s3_threads", _count("s3-threads", 1, 256)),
     "s3-redirect": ("s3_redirect", _flag("s3-redirect")),
     "s3-redirect-ttl": ("s3_redirect_ttl", _seconds("s3-redirect-ttl")),
     "redis": ("redis", _redis_url),
@@ -334,7 +314,7 @@ KEYS = {
     "min-download-rate": ("min_download_rate", _rate("min-download-rate")),
     "s3-timeout": ("s3_timeout", _seconds("s3-timeout")),
     "send-timeout": ("send_timeout", _seconds("send-timeout")),
-    "max-connections": ("max_connections", _connections),
+    "max-connections": ("max_connections", _count("max-connections", 1, 1_000_000)),
     "trusted-proxy": ("trusted_proxies", _addresses),
     "file-hosts": ("file_hosts", _file_hosts("file-hosts")),
     "file-host": ("file_hosts", _file_hosts("file-host")),
