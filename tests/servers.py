@@ -231,8 +231,16 @@ def _start_seaweedfs(binary: str, directory: Path) -> tuple[subprocess.Popen[byt
     client = make_client(endpoint, "us-east-1")
 
     def ready() -> bool:
-        client.create_bucket(Bucket=BUCKET)
-        return True
+        # The bucket can be made some seconds before objects can be written
+        # (the filer's gRPC server restarts once after start-up): wait for a
+        # write and a read to work, or the first test to write fails.
+        try:
+            client.create_bucket(Bucket=BUCKET)
+        except client.exceptions.BucketAlreadyOwnedByYou:
+            pass
+        client.put_object(Bucket=BUCKET, Key="txpypi-ready", Body=b"ready")
+        body = client.get_object(Bucket=BUCKET, Key="txpypi-ready")["Body"]
+        return bool(body.read() == b"ready")
 
     try:
         _wait_until(ready, time.monotonic() + 90, "SeaweedFS", process, log)

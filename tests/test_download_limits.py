@@ -7,6 +7,7 @@ for a slot, then 503 with Retry-After), their bytes count towards
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -160,3 +161,44 @@ def test_min_download_rate_option(value: str, expected: float) -> None:
     options = Options()
     options.parseOptions(["--min-download-rate", value, "--max-downloads", "3"])
     assert options.settings.min_download_rate == expected and options.settings.max_downloads == 3
+
+
+def test_a_download_that_cannot_start_gives_its_slot_back(tmp_path: Path, dists: list[Dist]) -> None:
+    """
+    The spool file cannot be created (no directory, no descriptors left):
+    the request fails, and the slot is given back once, not twice.
+    """
+    from tests.test_file_answers import world
+
+    w = world(tmp_path, dists)
+    w.files.slots.set_limit(1)
+    os.rmdir(w.spool)
+    request, _ = w.get(f"/files/gamma/{GAMMA}")
+    assert request.finished and request.code == 503
+    assert w.files.slots.used == 0 and not w.files.flights
+    w.spool.mkdir()
+    request, _ = w.get(f"/files/gamma/{GAMMA}")
+    assert request.finished and request.code == 200 and w.files.slots.used == 0
+
+
+def test_a_client_that_leaves_leaves_the_queue_for_a_slot(tmp_path: Path, dists: list[Dist]) -> None:
+    """
+    With one slot busy, a request for another file waits; its client leaves:
+    it is out of the queue, and no download starts for it when the slot is
+    free again.
+    """
+    from tests.test_file_answers import gone, world
+
+    w = world(tmp_path, dists)
+    w.files.slots.set_limit(1)
+    rest: Deferred[None] = Deferred()
+    w.fake.holds[BIG] = rest
+    first, _ = w.get(f"/files/big/{BIG}")
+    waiting, _ = w.get(f"/files/gamma/{GAMMA}")
+    assert w.files.slots.used == 1 and len(w.files.slots._queue) == 1
+    gone(waiting)
+    assert len(w.files.slots._queue) == 0
+    rest.callback(None)
+    w.agent.flush()
+    assert first.finished and w.files.slots.used == 0
+    assert w.fake.requests["/packages/" + GAMMA] == 0  # nobody wanted it any more

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import pytest
 import pytest_twisted
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -269,7 +270,11 @@ def test_a_hit_whose_first_read_fails_comes_from_the_upstream(tmp_path: Path, di
 
 #: Range headers as clients (and attackers) write them: the grammar's
 #: shape, with digits of other scripts, superscripts and junk in its places.
-_numbers = st.text(alphabet="0123456789²٣𝟗½ -x", max_size=5)
+_numbers = st.one_of(
+    st.text(alphabet="0123456789²٣𝟗½ -x", max_size=5),
+    st.integers(min_value=0, max_value=6000).map(lambda n: "9" * n),  # past int()'s 4,300 digits
+    st.integers(min_value=0, max_value=40).map(lambda n: "0" * n + "7"),
+)
 range_headers = st.one_of(
     st.builds(
         lambda unit, first, last, more: f"{unit}={first}-{last}{more}",
@@ -309,6 +314,20 @@ def test_parse_range_on_any_bytes(raw: bytes, size: int) -> None:
     except Unsatisfiable:
         return
     assert got is None or 0 <= got[0] < got[1] <= size
+
+
+def test_parse_range_with_endless_numbers() -> None:
+    """
+    Digit strings past any file (and past what int() reads) are positions
+    beyond the end: a start there is unsatisfiable, an end there is the
+    file's end, a suffix that long is the whole file.
+    """
+    many = "9" * 5000
+    with pytest.raises(Unsatisfiable):
+        parse_range(f"bytes={many}-", 100)
+    assert parse_range(f"bytes=10-{many}", 100) == (10, 100)
+    assert parse_range(f"bytes=-{many}", 100) == (0, 100)
+    assert parse_range("bytes=" + "0" * 30 + "5-" + "0" * 30 + "9", 100) == (5, 10)
 
 
 @given(st.integers(min_value=0, max_value=1000), st.integers(min_value=0, max_value=1000))

@@ -41,6 +41,7 @@ from txpypi.testing import Dist, FakeUpstream, MemoryStore, build_wheel
 from txpypi.upstream import Upstream, UpstreamClient
 
 GAMMA = "gamma-0.5-py3-none-any.whl"
+BIG = "big-1.0-py3-none-any.whl"
 
 
 # -- the spool descriptor has one owner
@@ -278,23 +279,30 @@ async def test_s3_failing_reads_fall_back_to_the_upstream_and_the_probe_reads(
 
 @pytest_twisted.ensureDeferred
 async def test_an_s3_gateway_that_ignores_range_never_gives_wrong_bytes(
-    json_upstream: Served, proxy_factory: Any, tmp_path: Path, faulty_s3: Any, dists: list[Dist]
+    json_upstream: Served,
+    proxy_factory: Any,
+    tmp_path: Path,
+    faulty_s3: Any,
+    events: Events,  # noqa: F811
+    dists: list[Dist],
 ) -> None:
     """
-    A ranged read answered with the whole object (200, from offset 0) is
-    refused, not taken for the bytes asked for: the client's range comes
-    right (from the upstream).
+    A gateway that answers every read with the whole object (200, from
+    offset 0): a whole file is read from that one body, right; a range is
+    refused, never taken for the bytes asked for, and comes right from the
+    upstream; the store is then down, and its probe (a ranged read too)
+    keeps it down rather than bringing it "back" after every read.
     """
     faults, bucket = faulty_s3
-    running = proxy_factory(json_upstream.url, tmp_path / "cache", **s3_settings(bucket))
+    running = proxy_factory(json_upstream.url, tmp_path / "cache", **s3_settings(bucket, s3_timeout=2.0))
     files = running.proxy.files
-    data = find(dists, GAMMA).content
+    data, big = find(dists, GAMMA).content, find(dists, BIG).content
     url = f"{running.url}/files/gamma/{GAMMA}"
+    big_url = f"{running.url}/files/big/{BIG}"
     await fetch(url)
+    await fetch(big_url)
     await files.wait_idle()
     faults.ignore_range = True
-    response, body = await fetch(url, {b"Range": [b"bytes=100-199"]})
-    assert response.code == 206 and body == data[100:200]
 
     store = files._store.inner
     record = await files._metadata.get_file(files.key("gamma", GAMMA))
@@ -304,6 +312,15 @@ async def test_an_s3_gateway_that_ignores_range_never_gives_wrong_bytes(
             await reader.read(100, 100)
     finally:
         reader.close()
+
+    response, body = await fetch(big_url)  # many chunks, one whole body
+    assert response.code == 200 and header(response, "x-cache") == "HIT" and body == big
+    response, body = await fetch(url, {b"Range": [b"bytes=100-199"]})
+    assert response.code == 206 and body == data[100:200]
+    await events.wait(outage_line("files", "failing"))
+    await faults.next_read("txpypi-probe/ok")
+    await faults.next_read("txpypi-probe/ok")
+    assert events.count(outage_line("files", "back")) == 0
 
 
 def test_check_range() -> None:
@@ -449,9 +466,15 @@ def test_a_file_recorded_again_is_counted_once(tmp_path: Path) -> None:
     """
     files, metadata, store, fake = accounting_world(tmp_path)
     wheel = fake.dists["gamma"][0]
+    agent = files._client._agent
+    assert isinstance(agent, RequestTraversalAgent)
     _result(Deferred.fromCoroutine(files.load_usage()))
     for _ in range(3):
-        got = _result(Deferred.fromCoroutine(files.open("gamma", wheel.filename, use_store=False)))
-        got.source.close()
+        rest: Deferred[None] = Deferred()
+        fake.holds[wheel.filename] = rest  # a download takes time
+        opening = Deferred.fromCoroutine(files.open("gamma", wheel.filename, use_store=False))
+        rest.callback(None)
+        agent.flush()
+        _result(opening).source.close()
     assert (files.size, files.count) == (len(wheel.content), 1)
     assert list(store.files.values()) == [wheel.content]

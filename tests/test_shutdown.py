@@ -27,6 +27,8 @@ from txpypi.metadata import FileRecord, MemoryMetadata
 from txpypi.testing import Dist, MemoryStore
 
 BIG = "big-1.0-py3-none-any.whl"
+GAMMA = "gamma-0.5-py3-none-any.whl"
+ALPHA = "alpha-1.0-py3-none-any.whl"
 
 
 def test_the_drain_stops_what_is_left_and_logs_no_unhandled_error(tmp_path: Path, dists: list[Dist]) -> None:
@@ -74,9 +76,12 @@ def test_the_drain_waits_for_a_download_that_is_landing(tmp_path: Path) -> None:
     assert drained.called
 
 
-def _marker(journal: CommitJournal, record: FileRecord, pid: int) -> str:
+def _marker(journal: CommitJournal, record: FileRecord, owner: str) -> str:
+    """
+    A marker for C{record} as the process C{owner} left it.
+    """
     path = journal.begin(record)
-    moved = os.path.join(journal.directory, f"{record.sha256}-{pid}-1.json")
+    moved = os.path.join(journal.directory, f"{owner}-{record.sha256}-1.json")
     os.rename(path, moved)
     return moved
 
@@ -92,15 +97,17 @@ def test_start_up_removes_objects_whose_commit_never_finished(tmp_path: Path) ->
     for record in (orphan, landed, mine):
         store.files[record.store_key] = b"abc"
     metadata.files[landed.key] = landed
-    _marker(journal, orphan, 1)
-    _marker(journal, landed, 1)
-    ours = _marker(journal, mine, os.getpid())  # a commit of this process, in progress
+    _marker(journal, orphan, "dead")  # left by a process that died
+    _marker(journal, landed, "dead")
+    ours = _marker(journal, mine, journal.owner)  # a commit of this process, in progress
+    with open(os.path.join(journal.directory, ".half-written.json"), "w") as f:
+        f.write('{"key": ')  # one being written right now: not touched
     out: list[Any] = []
     Deferred.fromCoroutine(files.recover_commits()).addBoth(out.append)
     assert out == [None]
     assert orphan.store_key not in store.files  # removed: nothing recorded it
     assert landed.store_key in store.files and mine.store_key in store.files
-    assert os.listdir(journal.directory) == [os.path.basename(ours)]
+    assert sorted(os.listdir(journal.directory)) == [".half-written.json", os.path.basename(ours)]
 
 
 def test_a_commit_whose_record_and_cleanup_both_fail_leaves_its_marker(tmp_path: Path) -> None:
@@ -135,3 +142,42 @@ def test_a_commit_whose_record_and_cleanup_both_fail_leaves_its_marker(tmp_path:
     Deferred.fromCoroutine(restarted.recover_commits())
     assert entry["store_key"] not in restarted._store.files  # type: ignore[attr-defined]
     assert os.listdir(journal.directory) == []
+
+
+def test_at_shutdown_no_download_starts_and_stopped_ones_are_waited_for(
+    tmp_path: Path, dists: list[Dist]
+) -> None:
+    """
+    A request waiting for a download slot at shutdown gets 503 (stopping
+    the running download frees a slot: it must not start a new one), a new
+    request for a file not downloading yet gets 503, and the drain ends only
+    once the stopped download has cleaned up after itself.
+    """
+    w = world(tmp_path, dists)
+    w.files.slots.set_limit(1)
+    w.fake.holds[BIG] = Deferred()
+    running, _ = w.get(f"/files/big/{BIG}")
+    queued, _ = w.get(f"/files/gamma/{GAMMA}")
+    flight = w.files.flights[w.files.key("big", BIG)]
+    aborted: Deferred[None] = Deferred()
+
+    class Upload:
+        sent = 0
+
+        def spooled(self, length: int) -> None:
+            pass
+
+        def abort(self) -> Deferred[None]:
+            return aborted
+
+    flight.upload = Upload()  # type: ignore[assignment]
+    drained = Deferred.fromCoroutine(w.files.drain(1.0))
+    assert queued.finished and queued.code == 503  # refused at once: no slot for it any more
+    late, _ = w.get(f"/files/alpha/{ALPHA}")
+    assert late.finished and late.code == 503
+    w.files._clock.advance(1.0)  # type: ignore[attr-defined]
+    assert flight.failure is not None and not w.files.flights  # stopped, nothing new started
+    assert w.fake.requests["/packages/" + GAMMA] == 0 and w.fake.requests["/packages/" + ALPHA] == 0
+    assert not drained.called  # its upload is still being aborted
+    aborted.callback(None)
+    assert drained.called

@@ -229,6 +229,27 @@ class TestMetadataContract:
     async def test_round_trip(self) -> None:
         await self._round_trip()
 
+    @pytest_twisted.ensureDeferred
+    async def test_replacing_and_deleting_say_what_they_changed(self) -> None:
+        """
+        put_file gives the record it replaced; delete_file gives the record
+        it deleted, and with an expected record deletes only that landing
+        of the file (same sha256, same time of caching, whatever the float).
+        """
+        for cached_at in (1.0, 0.1 + 0.2, 1e-7, 1733091234.123456, 123456789012.5):
+            old = FileRecord("g/a/a-1.whl", "up", "u", "aa" * 32, 10, "k/a", cached_at)
+            new = FileRecord("g/a/a-1.whl", "up", "u", "aa" * 32, 12, "k/a", cached_at + 1)
+            assert await self.store.put_file(old) is None
+            assert await self.store.put_file(new) == old
+            assert await self.store.usage() == (12, 1)
+            assert await self.store.delete_file(old.key, old) is None  # it is not that landing any more
+            assert await self.store.get_file(old.key) == new
+            assert await self.store.delete_file(new.key, new) == new
+            assert await self.store.delete_file(new.key) is None  # nothing left to delete
+            assert await self.store.usage() == (0, 0)
+            await self.store.put_file(old)
+            assert await self.store.delete_file(old.key) == old  # unconditional
+
 
 def test_sender_aborts_the_client_on_a_read_error() -> None:
     """

@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 import attrs
 from klein import Klein
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -113,11 +113,21 @@ def _segment(raw: bytes) -> str:
 
 
 def _run(request: Request, coroutine: Coroutine[Any, Any, None]) -> int:
+    """
+    Answer C{request} with C{coroutine}; a client that leaves cancels it
+    (so that it stops waiting for a download slot, say: what it shares with
+    other requests is not cancelled for them).
+    """
+
     def crashed(failure: Any) -> None:
+        if failure.check(CancelledError):
+            return  # the client left
         log.failure("request for {path} crashed", failure, path=request.path)
         _finish_text(request, 500, "internal error")
 
-    Deferred.fromCoroutine(coroutine).addErrback(crashed)
+    answering = Deferred.fromCoroutine(coroutine)
+    answering.addErrback(crashed)
+    request.notifyFinish().addErrback(lambda _: answering.cancel())
     return NOT_DONE_YET
 
 

@@ -24,6 +24,7 @@ import os
 import socket
 import struct
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -324,6 +325,9 @@ class Flight:
         except UpstreamError as e:
             self._fail(FlightFailed(e.status, e.reason))
             return
+        if self.failure is not None:
+            response.deliverBody(_Sink(None))  # stopped meanwhile: drop the connection
+            return
         length = None if response.length is UNKNOWN_LENGTH else int(response.length)
         if self.wanted.size is not None and length is not None and length != self.wanted.size:
             response.deliverBody(_Sink(None))  # drops the connection
@@ -483,6 +487,8 @@ class Flight:
     def _punch_failed(self, failure: Failure) -> None:
         self._punching = False
         self._punch_floor = self._punched.value
+        if self._punched.value == 0:
+            self.joinable = True  # nothing was freed: a new client can read from the start
         self.punch = None  # not for this file again; the spool keeps it whole until it lands
         if failure.check(OSError):
             log.info(
@@ -1038,13 +1044,19 @@ class CommitJournal:
     """
 
     directory: str
+    #: This process's mark on its markers (a process id may repeat across
+    #: restarts, in a container always): its own are never recovered.
+    owner: str = attrs.field(factory=lambda: uuid.uuid4().hex)
 
     def begin(self, record: FileRecord) -> str:
         os.makedirs(self.directory, exist_ok=True)
-        path = os.path.join(self.directory, f"{record.sha256}-{os.getpid()}-{time.time_ns()}.json")
+        name = f"{self.owner}-{record.sha256}-{time.time_ns()}.json"
+        path = os.path.join(self.directory, name)
         entry = {"key": record.key, "store_key": record.store_key, "sha256": record.sha256}
-        with open(path, "w", encoding="utf-8") as f:
+        partial = os.path.join(self.directory, f".{name}")
+        with open(partial, "w", encoding="utf-8") as f:
             json.dump(entry, f)
+        os.replace(partial, path)  # whole, or not there: never read half-written
         return path
 
     def end(self, path: str) -> None:
@@ -1055,7 +1067,8 @@ class CommitJournal:
 
     def pending(self) -> list[tuple[str, dict[str, str]]]:
         """
-        The markers left, with what each names (unreadable ones are dropped).
+        The markers other processes left, with what each names (unreadable
+        ones are dropped).
         """
         try:
             names = sorted(os.listdir(self.directory))
@@ -1063,6 +1076,8 @@ class CommitJournal:
             return []
         found = []
         for name in names:
+            if name.startswith((".", self.owner)):
+                continue  # one being written, or one of this process's commits in progress
             path = os.path.join(self.directory, name)
             try:
                 with open(path, encoding="utf-8") as f:
@@ -1282,7 +1297,7 @@ class Sender:
                 self.sent += len(data)
                 self._request.write(data)
         except CancelledError:
-            pass
+            self._stopped = True  # the request that runs us was cancelled: its client is gone
         except Exception as e:
             # The client has headers and part of the body: all we can do is
             # make sure it cannot mistake that part for the whole.

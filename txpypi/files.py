@@ -129,7 +129,8 @@ class FileCache:
     #: At most this many downloads at a time (C{--max-downloads}).
     slots: Slots = attrs.field(default=attrs.Factory(lambda self: Slots(self._clock), takes_self=True))
     #: Starting a download (waiting for a slot), one per file.
-    _starts: SingleFlight[str, Flight] = attrs.field(factory=SingleFlight)
+    #: Shutting down: no download starts any more.
+    closing: bool = False
     #: Where commits in progress are written down, so that a crash or a
     #: shutdown in the middle of one leaves no unrecorded file for good.
     journal: CommitJournal | None = None
@@ -144,6 +145,8 @@ class FileCache:
         abort the clients still reading.  Nothing partial is ever committed:
         an unfinished download simply never lands.
         """
+        self.closing = True
+        self.slots.refuse_waiters(Busy("the proxy is shutting down"))
         if self.senders or self.flights:
             log.info(
                 "shutting down: waiting up to {grace} s for {n} download(s)",
@@ -158,12 +161,14 @@ class FileCache:
             log.warn("shutting down: aborted {n} download(s) past the grace period", n=len(self.senders))
         for sender in list(self.senders):
             sender.abort()
-        stopped = [f for f in list(self.flights.values()) if f.stop("the proxy is shutting down")]
+        running = list(self.flights.values())
+        stopped = [f for f in running if f.stop("the proxy is shutting down")]
         if stopped:
             log.warn("shutting down: stopped {n} upstream fetch(es) past the grace period", n=len(stopped))
         # Downloads that were verified are landing (bounded by the stores'
-        # timeouts), and stopped ones cleaning up: before the stores close.
-        await DeferredList([f.when_done() for f in self.flights.values()], consumeErrors=True)
+        # timeouts), and stopped ones cleaning up (an S3 upload aborted):
+        # before the stores close.
+        await DeferredList([f.when_done() for f in running], consumeErrors=True)
 
     def count_store_error(self, store: str) -> None:
         """
@@ -208,10 +213,7 @@ class FileCache:
         journal = self.journal
         if journal is None:
             return
-        mine = f"-{os.getpid()}-"
         for path, entry in await self.run_spooling(journal.pending):
-            if mine in os.path.basename(path):
-                continue  # this process's own commit, in progress
             key, store_key = entry["key"], entry["store_key"]
             try:
                 record = await self._metadata.get_file(key)
@@ -465,7 +467,9 @@ class FileCache:
             self._accessed[record.key] = self._clock.seconds()
         return Opened(reader, reader.size, record.sha256, True)
 
-    async def open(self, project: str, filename: str, fetch: bool = True, use_store: bool = True) -> Opened:
+    async def open(
+        self, project: str, filename: str, fetch: bool = True, use_store: bool = True, again: bool = False
+    ) -> Opened:
         """
         Open a file of C{project} for sending.  A cached file is served only
         while the project's index lists it with the same hash.
@@ -480,7 +484,9 @@ class FileCache:
         @raise txpypi.upstream.UpstreamError: the upstream page fetch failed.
         @raise txpypi.download.FlightFailed: the file fetch failed before any
             byte could be sent.
-        @raise Busy: too many downloads ran for too long.
+        @raise Busy: too many downloads ran for too long, or the proxy is
+            shutting down.
+        @param again: this is the call's own retry (it retries once).
         """
         key = self.key(project, filename)
         record = self._records.get(key) if use_store else None
@@ -520,13 +526,15 @@ class FileCache:
                         return opened
                 elif isinstance(waited, Peer):
                     peer = waited
-            flight = self.flights.get(key) or await self._starts.run(key, lambda: self._begin(wanted, peer))
+            flight = self.flights.get(key) or await self._begin(wanted, peer)
         if flight.done:
             # Over before we could join it (only a download that takes no
             # time at all can be): its outcome is all there is.
             if flight.failure is not None:
                 raise flight.failure
-            return await self.open(project, filename, fetch, use_store=True)
+            if again or not use_store:
+                raise FlightFailed(503, "the download ended before it could be joined; ask again")
+            return await self.open(project, filename, fetch, use_store, again=True)
         if not flight.joinable:
             # Its first bytes are freed already: the file is about to land.
             if not fetch:
@@ -655,13 +663,17 @@ class FileCache:
         """
         Start the download once one of the C{max_downloads} slots is free
         (waiting for one at most C{--response-timeout}), unless another
-        request started it meanwhile.
+        request started it meanwhile.  Each request waits on its own, so a
+        client that leaves (its request cancelled) leaves the queue.
 
-        @raise Busy: no slot came free in time.
+        @raise Busy: no slot came free in time, or the proxy is shutting
+            down.
         """
         flight = self.flights.get(wanted.key)
         if flight is not None:
             return flight
+        if self.closing:
+            raise Busy("the proxy is shutting down")
         timeout = self._client.response_timeout
         try:
             await self.slots.acquire(timeout)
@@ -674,11 +686,18 @@ class FileCache:
             )
             raise
         flight = self.flights.get(wanted.key)
-        if flight is not None:
+        if flight is not None or self.closing:
             self.slots.release()
+            if flight is None:
+                raise Busy("the proxy is shutting down")
             return flight
         try:
             return self._start(wanted, peer)
+        except OSError as e:
+            self.slots.release()  # the flight never started: the slot is still ours
+            self.count_store_error("files")
+            log.error("cannot start the download of {filename}: {error}", filename=wanted.filename, error=e)
+            raise FlightFailed(503, f"cannot start the download: {e.strerror or e}") from e
         except BaseException:
             self.slots.release()
             raise
@@ -711,19 +730,24 @@ class FileCache:
         try:
             flight.start()
         except BaseException:
-            self._landed(flight, None)
+            # Never started: not a download that lands (its caller gives
+            # its slot back).
+            self._release_lock(wanted.key)
+            if self.flights.get(wanted.key) is flight:
+                del self.flights[wanted.key]
             raise
         return flight
 
     def _landed(self, flight: Flight, record: FileRecord | None) -> None:
         """
-        A download is over: cached (C{record}), or not.  Its slot is free
-        again, and its bytes are counted as the cache's, not the spool's.
+        A download that started is over: cached (C{record}), or not.  Its
+        slot is free again, and its bytes are counted as the cache's, not
+        the spool's.
         """
         self._release_lock(flight.wanted.key)
         if self.flights.get(flight.wanted.key) is flight:
             del self.flights[flight.wanted.key]
-        self.slots.release()
+        self.slots.release()  # (at shutdown nobody waits: the queue was refused)
         if record is not None:
             self._remember(record)
             if self.shared_usage:
@@ -736,7 +760,9 @@ class FileCache:
                 # A file recorded again (after a store outage, say) replaced
                 # its old record: count the difference, not the file twice.
                 replaced = flight.replaced
-                self._account(record.size - (0 if replaced is None else replaced.size), replaced is None)
+                self._account(
+                    record.size - (0 if replaced is None else replaced.size), 1 if replaced is None else 0
+                )
                 self._maybe_evict()
 
 
@@ -796,6 +822,14 @@ class Slots:
     def set_limit(self, limit: int) -> None:
         self.limit = limit
         self._wake()
+
+    def refuse_waiters(self, error: Exception) -> None:
+        """
+        Fail every request waiting for a slot (at shutdown).
+        """
+        waiting, self._queue = self._queue, deque()
+        for waiter in waiting:
+            waiter.errback(error)
 
     def _wake(self) -> None:
         while self._queue and self.used < self.limit:

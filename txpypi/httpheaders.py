@@ -65,6 +65,17 @@ def _digits(text: str) -> bool:
     return all("0" <= c <= "9" for c in text)
 
 
+#: Byte positions past this are past any file: longer digit strings are
+#: read as it (C{int} refuses strings of over 4,300 digits, and a client
+#: may send one).
+_BEYOND = 10**18
+
+
+def _position(digits: str) -> int:
+    digits = digits.lstrip("0") or "0"
+    return _BEYOND if len(digits) > 18 else int(digits)
+
+
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """
     Parse a C{Range} header for a file of C{size} bytes.
@@ -86,13 +97,13 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     if not _digits(first) or not _digits(last) or first == last == "":
         return None
     if first == "":
-        suffix = int(last)
+        suffix = _position(last)
         if suffix == 0 or size == 0:
             raise Unsatisfiable(header)
         return max(0, size - suffix), size
-    start = int(first)
-    end = size if last == "" else min(size, int(last) + 1)
-    if last != "" and int(last) < start:
+    start = _position(first)
+    end = size if last == "" else min(size, _position(last) + 1)
+    if last != "" and _position(last) < start:
         return None  # malformed: ignored, as RFC 9110 allows
     if start >= size:
         raise Unsatisfiable(header)

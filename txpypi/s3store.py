@@ -119,13 +119,15 @@ class S3Reader:
             sequential = offset == self._at
             self._drop_body()
             last = self.size - 1 if sequential else end - 1
-            body = self._store._get_body(self._key, offset, last)
+            body, whole = self._store._get_body(self._key, offset, last)
             try:
                 data = _read_exactly(body, end - offset)
             except BaseException:
                 body.close()
                 raise
-            if sequential and end < self.size:
+            # A whole object (a server that ignores Range answers a read from
+            # 0 so) is a body from here to the end, as a sequential one is.
+            if (sequential or whole) and end < self.size:
                 self._body = body
             else:
                 body.close()
@@ -480,11 +482,12 @@ class S3Store:
     def open(self, key: str) -> Deferred[IFileReader | None]:
         return Deferred.fromCoroutine(self._open(key))
 
-    def _get_body(self, key: str, first: int, last: int) -> Any:
+    def _get_body(self, key: str, first: int, last: int) -> tuple[Any, bool]:
         """
         The body of a ranged GET of bytes C{first} to C{last}, once the
-        answer says it is that range: a server that ignored C{Range} would
-        otherwise have bytes from offset 0 taken for bytes from C{first}.
+        answer says it is that range (a server that ignored C{Range} would
+        otherwise have bytes from offset 0 taken for bytes from C{first}),
+        and whether it is the whole object instead (a C{200} from 0).
         """
         answer = self.client.get_object(
             Bucket=self.bucket, Key=self._object(key), Range=f"bytes={first}-{last}"
@@ -495,34 +498,36 @@ class S3Store:
         except BaseException:
             body.close()
             raise
-        return body
+        return body, answer.get("ResponseMetadata", {}).get("HTTPStatusCode") == 200
 
     def probe(self) -> Deferred[None]:
         return self._run(self._probe)
 
     def _probe(self) -> None:
         """
-        Fail unless the store can serve: read a known object (written once
-        if it is not there).  A miss is not enough: a gateway whose volume
-        servers are down still answers "no such key", and every read fails.
+        Fail unless the store can serve: a ranged read of a known object
+        (written once if it is not there), checked as every read is.  A miss
+        is not enough: a gateway whose volume servers are down still answers
+        "no such key" while every read fails; and a server that ignores
+        C{Range} fails the probe as it fails ranged reads, rather than
+        coming "back" after each of them.
         """
         from botocore.exceptions import ClientError
 
         name = self._object(PROBE_KEY)
         try:
-            answer = self.client.get_object(Bucket=self.bucket, Key=name)
+            body, _ = self._get_body(PROBE_KEY, 1, 4)
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
                 raise
             self.client.put_object(Bucket=self.bucket, Key=name, Body=PROBE_BODY)
-            answer = self.client.get_object(Bucket=self.bucket, Key=name)
-        body = answer["Body"]
+            body, _ = self._get_body(PROBE_KEY, 1, 4)
         try:
             data = body.read()
         finally:
             body.close()
-        if data != PROBE_BODY:
-            raise OSError(f"the probe object {name} reads back {len(data)} wrong bytes")
+        if data != PROBE_BODY[1:5]:
+            raise OSError(f"the probe object {name} reads back {data!r}, not {PROBE_BODY[1:5]!r}")
 
     def _presign_client(self) -> Any:
         """
