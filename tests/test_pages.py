@@ -368,3 +368,32 @@ async def test_a_close_delimited_page_is_not_cached_and_the_stale_copy_served(
         assert body.count(b"</a>") == 3  # the whole stale copy, not the cut one
     finally:
         await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_page_request_waits_its_turn_then_gets_a_504(
+    json_upstream: Served, proxy_factory: Any, http: HTTPClient
+) -> None:
+    """
+    With --max-upstream-requests 1 and a page stalled upstream, the request
+    for another page waits for a turn for --response-timeout, then gets a
+    504 with a one-line reason and no cache lifetime or validator.
+    """
+    running: Running = proxy_factory(
+        json_upstream.url, max_upstream_requests=1, response_timeout=0.3, read_timeout=1.5
+    )
+    json_upstream.fake.page_faults["beta"] = "stall"
+    stalled = http.get(running.url + "/simple/beta/")
+    response = await http.get(running.url + "/simple/gamma/")
+    body = await response.content()
+    assert response.code == 504 and body.count(b"\n") == 1 and b"upstream requests in progress" in body
+    assert response.headers.getRawHeaders("cache-control") is None
+    assert response.headers.getRawHeaders("etag") is None
+    assert "/simple/gamma/" not in json_upstream.fake.requests
+    response = await stalled  # the read timeout ends the stalled one
+    assert response.code == 504
+    await response.content()
+    del json_upstream.fake.page_faults["beta"]
+    response = await http.get(running.url + "/simple/gamma/")
+    assert response.code == 200
+    await response.content()
