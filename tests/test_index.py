@@ -440,3 +440,32 @@ def test_project_list_is_one_blob() -> None:
     packed = ProjectList.of(names)
     assert packed.names == b"Django\nzope.interface\nok\n" and packed.count == 3
     assert list(packed) == ["Django", "zope.interface", "ok"]
+
+
+_list_names = st.lists(
+    st.text(st.sampled_from("Aaz09._-_..--") | st.characters(blacklist_categories=("Cs",)), max_size=12)
+    | st.text(st.sampled_from("ABab09._-"), min_size=1, max_size=12),
+    max_size=30,
+)
+
+
+@given(_list_names)
+@settings(max_examples=200)
+def test_project_list_rendering_is_the_per_name_rendering(names: list[str]) -> None:
+    """
+    The batch fast path (plain names rendered with a few string operations
+    for the whole batch) renders exactly what rendering each name with
+    canonicalize_name, quote and escape gives, and packing keeps what it
+    should.
+    """
+    from html import escape as html_escape
+    from urllib.parse import quote
+
+    from packaging.utils import canonicalize_name
+
+    from txpypi.index import ProjectList
+
+    links = "".join(f'    <a href="{quote(canonicalize_name(n))}/">{html_escape(n)}</a>\n' for n in names)
+    assert links.encode() in render_project_list_html(names)
+    assert json.loads(render_project_list_json(names))["projects"] == [{"name": n} for n in names]
+    assert list(ProjectList.of(names)) == [n for n in names if _listable(n)]

@@ -382,8 +382,19 @@ async def test_a_page_request_waits_its_turn_then_gets_a_504(
     running: Running = proxy_factory(
         json_upstream.url, max_upstream_requests=1, response_timeout=0.3, read_timeout=1.5
     )
-    json_upstream.fake.page_faults["beta"] = "stall"
+    fake = json_upstream.fake
+    fake.page_faults["beta"] = "stall"
+    arrived: Deferred[None] = Deferred()
+    render = fake._render_project
+
+    def noticed(request: Request, name: str) -> bytes | int:
+        if name == "beta" and not arrived.called:
+            arrived.callback(None)
+        return render(request, name)
+
+    fake._render_project = noticed  # type: ignore[method-assign]
     stalled = http.get(running.url + "/simple/beta/")
+    await arrived  # beta holds the one turn
     response = await http.get(running.url + "/simple/gamma/")
     body = await response.content()
     assert response.code == 504 and body.count(b"\n") == 1 and b"upstream requests in progress" in body

@@ -8,11 +8,13 @@ Pure: no I/O, no reactor.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from html import escape, unescape
 from html.parser import HTMLParser
+from itertools import islice
 from typing import Any
 from urllib.parse import quote, unquote, urldefrag, urljoin, urlsplit
 
@@ -99,37 +101,59 @@ class ProjectPage:
 LIST_BATCH = 10_000
 
 
+#: A batch of names (joined by newlines) that needs no escaping in HTML or
+#: JSON, no quoting in a URL, and holds no empty name: the common case,
+#: which is packed and rendered with a few string operations per batch
+#: rather than a few function calls per name.
+_PLAIN = re.compile(r"[A-Za-z0-9._-]+(?:\n[A-Za-z0-9._-]+)*")
+_DASHES = re.compile(r"--+")
+
+
+def _plain(batch: list[str]) -> str | None:
+    """
+    The batch joined by newlines, if it is plain (see L{_PLAIN}).
+    """
+    text = "\n".join(batch)
+    if _PLAIN.fullmatch(text) is None or text.count("\n") != len(batch) - 1:
+        return None
+    return text
+
+
 def _pack(names: Iterable[str]) -> tuple[bytes, int]:
     """
     Names as one UTF-8 blob, each followed by a newline, and their count.
-    A name that holds a newline or cannot be encoded (a lone surrogate from
-    JSON) is left out: it could not be a project anyone installs.
+    An empty name, one that holds a newline, or one that cannot be encoded
+    (a lone surrogate from JSON) is left out: it could not be a project
+    anyone installs.
     """
-    pieces: list[bytes] = []
-    batch: list[str] = []
-    count = 0
+    out = io.BytesIO()
+    count = _pack_into(out, names)
+    return out.getvalue(), count
 
-    def flush() -> None:
-        nonlocal count
-        try:
-            pieces.append("".join(n + "\n" for n in batch).encode("utf-8"))
+
+def _pack_into(out: io.BytesIO, names: Iterable[str]) -> int:
+    """
+    L{_pack} into C{out}, a batch at a time: big results grow in one
+    buffer rather than as pieces joined at the end, which would leave the
+    allocator with as much again in freed pieces.
+    """
+    count = 0
+    it = iter(names)
+    while batch := list(islice(it, LIST_BATCH)):
+        text = _plain(batch)
+        if text is not None:
+            out.write(text.encode("ascii"))
+            out.write(b"\n")
             count += len(batch)
-        except UnicodeEncodeError:
-            for n in batch:
+            continue
+        for name in batch:
+            if name and "\n" not in name:
                 try:
-                    pieces.append((n + "\n").encode("utf-8"))
+                    out.write((name + "\n").encode("utf-8"))
                     count += 1
                 except UnicodeEncodeError:
                     pass
-        batch.clear()
-
-    for name in names:
-        if name and "\n" not in name:
-            batch.append(name)
-            if len(batch) >= LIST_BATCH:
-                flush()
-    flush()
-    return b"".join(pieces), count
+    return count
 
 
 def _batches(blob: bytes, size: int = 256 * 1024) -> Iterator[list[str]]:
@@ -582,11 +606,7 @@ def _value_end(body: bytes, i: int, depth: int = 0, cut_after: int | None = None
     raise IndexParseError("invalid JSON: unterminated value")
 
 
-def _named(item: Any) -> bool:
-    return isinstance(item, dict) and isinstance(item.get("name"), str)
-
-
-def _project_names(body: bytes, i: int) -> tuple[list[bytes], int, int]:
+def _project_names(body: bytes, i: int, out: io.BytesIO) -> tuple[int, int]:
     """
     Parse the projects array that starts at C{i}, a slice of about
     L{LIST_SLICE} bytes at a time: each slice ends where one object ends
@@ -594,16 +614,15 @@ def _project_names(body: bytes, i: int) -> tuple[list[bytes], int, int]:
     place that is wrong -- inside a string, or inside a nested value --
     makes the slice invalid JSON; then the slice is cut exactly instead).
 
-    @return: the names packed (see L{_pack}) in pieces, their count, and
-        where the array ends.
+    @param out: where the names are packed (see L{_pack}).
+    @return: how many were, and where the array ends.
     """
     if body[i : i + 1] != b"[":
         raise IndexParseError("JSON root page has no projects list")
-    pieces: list[bytes] = []
     count = 0
     position = _skip_ws(body, i + 1)
     if body[position : position + 1] == b"]":
-        return pieces, 0, position + 1
+        return 0, position + 1
     while True:
         items: Any = None
         candidate = _NEXT_OBJECT.search(body, position + LIST_SLICE)
@@ -619,11 +638,10 @@ def _project_names(body: bytes, i: int) -> tuple[list[bytes], int, int]:
                 end -= 1  # the closing bracket
             items = _loads(b"[" + body[position:end] + b"]")
             following = _skip_ws(body, end + 1)
-        blob, n = _pack(item["name"] for item in items if _named(item))
-        pieces.append(blob)
-        count += n
+        names = [n for item in items if type(item) is dict and type(n := item.get("name")) is str]
+        count += _pack_into(out, names)
         if last:
-            return pieces, count, end + 1
+            return count, end + 1
         position = following
 
 
@@ -636,7 +654,7 @@ def _parse_list_json(body: bytes) -> ProjectList:
     if body[i : i + 1] != b"{":
         raise IndexParseError("JSON page is not an object")
     data: dict[str, Any] = {}
-    found: tuple[list[bytes], int] | None = None
+    found: tuple[io.BytesIO, int] | None = None
     i = _skip_ws(body, i + 1)
     if body[i : i + 1] != b"}":
         while True:
@@ -649,8 +667,9 @@ def _parse_list_json(body: bytes) -> ProjectList:
                 raise IndexParseError("invalid JSON: expected ':'")
             i = _skip_ws(body, i + 1)
             if key == "projects":
-                pieces, count, i = _project_names(body, i)
-                found = pieces, count
+                out = io.BytesIO()  # a second projects key replaces the first
+                count, i = _project_names(body, i, out)
+                found = out, count
             else:
                 end, _ = _value_end(body, i)
                 data[key] = _loads(body[i:end])
@@ -666,8 +685,8 @@ def _parse_list_json(body: bytes) -> ProjectList:
         raise IndexParseError("invalid JSON: extra data after the object")
     if found is None:
         raise IndexParseError("JSON root page has no projects list")
-    pieces, count = found
-    return ProjectList(b"".join(pieces), count, api_version=_meta_version(data))
+    out, count = found
+    return ProjectList(out.getvalue(), count, api_version=_meta_version(data))
 
 
 _COMMENT = re.compile(r"<!--.*?(?:-->|\Z)", re.S)
@@ -873,41 +892,55 @@ def _in_batches(names: Iterable[str]) -> Iterator[list[str]]:
         yield batch
 
 
-def render_project_list_html(projects: Iterable[str]) -> bytes:
+def _list_links(batch: list[str]) -> str:
+    text = _plain(batch)
+    if text is not None:
+        # canonicalize_name on the whole batch: lower case, runs of -_. to -.
+        canonical = _DASHES.sub("-", text.lower().replace("_", "-").replace(".", "-")).split("\n")
+        return "".join([f'    <a href="{c}/">{n}</a>\n' for c, n in zip(canonical, batch, strict=True)])
+    return "".join(f'    <a href="{quote(canonicalize_name(n))}/">{escape(n)}</a>\n' for n in batch)
+
+
+_LIST_HEAD = (
+    b"<!DOCTYPE html>\n<html>\n  <head>\n"
+    b'    <meta name="pypi:repository-version" content="1.1">\n'
+    b"    <title>Simple index</title>\n  </head>\n  <body>\n"
+)
+
+
+def project_list_html(projects: Iterable[str]) -> Iterator[bytes]:
     """
-    The root page in HTML, rendered a batch of names at a time.
+    The root page in HTML, a piece (a batch of names) at a time, so that a
+    caller can compress it without ever holding it whole.
     """
-    head = "\n".join(
-        [
-            "<!DOCTYPE html>",
-            "<html>",
-            "  <head>",
-            '    <meta name="pypi:repository-version" content="1.1">',
-            "    <title>Simple index</title>",
-            "  </head>",
-            "  <body>",
-            "",
-        ]
-    )
-    pieces = [head.encode()]
+    yield _LIST_HEAD
     for batch in _in_batches(projects):
-        pieces.append(
-            "".join(f'    <a href="{quote(canonicalize_name(n))}/">{escape(n)}</a>\n' for n in batch).encode(
-                "utf-8"
-            )
-        )
-    pieces.append(b"  </body>\n</html>\n")
-    return b"".join(pieces)
+        yield _list_links(batch).encode("utf-8")
+    yield b"  </body>\n</html>\n"
+
+
+def render_project_list_html(projects: Iterable[str]) -> bytes:
+    return b"".join(project_list_html(projects))
+
+
+def _list_entries(batch: list[str]) -> str:
+    if _plain(batch) is not None:
+        return '{"name":"' + '"},{"name":"'.join(batch) + '"}'
+    return json.dumps([{"name": n} for n in batch], separators=(",", ":"))[1:-1]
+
+
+def project_list_json(projects: Iterable[str]) -> Iterator[bytes]:
+    """
+    The root page in JSON, a piece (a batch of names) at a time.
+    """
+    yield b'{"meta":{"api-version":"1.1"},"projects":['
+    for n, batch in enumerate(_in_batches(projects)):
+        yield (b"," if n else b"") + _list_entries(batch).encode()
+    yield b"]}"
 
 
 def render_project_list_json(projects: Iterable[str]) -> bytes:
-    """
-    The root page in JSON, rendered a batch of names at a time.
-    """
-    pieces = []
-    for batch in _in_batches(projects):
-        pieces.append(json.dumps([{"name": n} for n in batch], separators=(",", ":"))[1:-1].encode())
-    return b'{"meta":{"api-version":"1.1"},"projects":[' + b",".join(pieces) + b"]}"
+    return b"".join(project_list_json(projects))
 
 
 def render_page(page: ProjectPage, content_type: str) -> bytes:

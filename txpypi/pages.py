@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import sys
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, Generic, TypeVar
 
 import attrs
@@ -38,9 +39,9 @@ from txpypi.index import (
     load_page,
     parse_project,
     parse_project_list,
+    project_list_html,
+    project_list_json,
     render_page,
-    render_project_list_html,
-    render_project_list_json,
 )
 from txpypi.metadata import IMetadata, PageRecord
 from txpypi.outages import Unavailable
@@ -131,6 +132,29 @@ class Body:
             len(data),
             hashlib.sha256(data).hexdigest()[:32],
         )
+
+    @classmethod
+    def of_pieces(cls, pieces: Iterable[bytes]) -> Body:
+        """
+        The same as L{of} the pieces joined, compressed and hashed a piece
+        at a time: a big body is never whole in memory uncompressed.
+        """
+        deflater = zlib.compressobj(6, zlib.DEFLATED, 31)
+        digest = hashlib.sha256()
+        compressed = io.BytesIO()
+        kept: list[bytes] | None = []
+        length = 0
+        for piece in pieces:
+            length += len(piece)
+            digest.update(piece)
+            compressed.write(deflater.compress(piece))
+            if kept is not None:
+                kept.append(piece)
+                if length > INFLATE_ABOVE:
+                    kept = None
+        compressed.write(deflater.flush())
+        identity = None if kept is None else b"".join(kept)
+        return cls(compressed.getvalue(), identity, length, digest.hexdigest()[:32])
 
     @property
     def cost(self) -> int:
@@ -252,8 +276,8 @@ def prepare(
     in a thread for large pages.
     """
     if isinstance(model, ProjectList):
-        html = Body.of(render_project_list_html(model))
-        json = Body.of(render_project_list_json(model))
+        html = Body.of_pieces(project_list_html(model))
+        json = Body.of_pieces(project_list_json(model))
     else:
         html = Body.of(render_page(model, HTML_LEGACY))
         json = Body.of(render_page(model, JSON_V1))

@@ -9,6 +9,7 @@ file URLs that one of those index pages listed.
 
 from __future__ import annotations
 
+import io
 import zlib
 from collections import deque
 from typing import Any
@@ -320,7 +321,7 @@ class _Collect(Protocol):
 
     def __init__(self, clock: IReactorTime, idle: float, gzipped: bool = False, limit: int = MAX_PAGE_BYTES):
         self.done: Deferred[bytes] = Deferred()
-        self._chunks: list[bytes] = []
+        self._body = io.BytesIO()  # one growing buffer, not pieces to join
         self._size = 0
         self._limit = limit
         self._inflater = zlib.decompressobj(wbits=31) if gzipped else None
@@ -351,14 +352,14 @@ class _Collect(Protocol):
         if self._size > self._limit:
             self._fail(PageTooLarge(self._limit))
         elif data:
-            self._chunks.append(data)
+            self._body.write(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._timer.active():
             self._timer.cancel()
         if self.done.called:
             return
-        chunks, self._chunks = self._chunks, []
+        body, self._body = self._body, io.BytesIO()
         if reason.check(PotentialDataLoss):
             self.done.errback(Unframed())
         elif not reason.check(ResponseDone):
@@ -366,12 +367,12 @@ class _Collect(Protocol):
         elif self._inflater is not None and not self._inflater.eof:
             self.done.errback(BadGzip("the body ended inside the gzip stream"))
         else:
-            self.done.callback(b"".join(chunks))
+            self.done.callback(body.getvalue())
 
     def _fail(self, error: Exception) -> None:
         if self._timer.active():
             self._timer.cancel()
-        self._chunks = []
+        self._body = io.BytesIO()
         self.done.errback(error)
         transport: Any = self.transport
         if transport is not None:
