@@ -243,3 +243,5 @@ async def test_identity_and_gzip_answers_of_a_big_page_agree(
         assert head.headers.getRawHeaders("content-length") == [str(len(plain_body))]
         assert plain.headers.getRawHeaders("etag") != zipped.headers.getRawHeaders("etag")
     assert big_list.fake.requests["/simple/"] == 1
+    page = running.proxy.pages.fresh(None)
+    assert page is not None and page.html.identity is None and page.json.identity is None  # gzip only

@@ -440,6 +440,9 @@ def test_project_list_is_one_blob() -> None:
     packed = ProjectList.of(names)
     assert packed.names == b"Django\nzope.interface\nok\n" and packed.count == 3
     assert list(packed) == ["Django", "zope.interface", "ok"]
+    # A newline inside a name must not pass for the one between two names.
+    assert list(ProjectList.of(["a\nb", "c"])) == ["c"]
+    assert b'<a href="a%0Ab/">a\nb</a>' in render_project_list_html(["a\nb", "c"])
 
 
 _list_names = st.lists(
