@@ -603,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"\nratio txpypi/proxpi: RSS after {tx.after / px.after:.2f}, peak {tx.peak / px.peak:.2f}, "
                 f"first answer {tx.answers[0].seconds / px.answers[0].seconds:.2f}, "
-                f"warm JSON gzip {tx.answers[-1].seconds / px.answers[-1].seconds:.2f}"
+                f"warm JSON gzip {tx.answers[-1].seconds / px.answers[-1].seconds:.2g}"
             )
             return 0 if verdict == "MET" else 1
         finally:

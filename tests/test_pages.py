@@ -9,12 +9,14 @@ proxy refusing a close-delimited page (stale copy or 502).
 
 from __future__ import annotations
 
+import base64
 import gc
 import json
 import tracemalloc
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import pytest_twisted
 from treq.client import HTTPClient
@@ -27,7 +29,7 @@ from twisted.web.server import Request, Site
 
 import txpypi.pages
 from tests.conftest import Running, Served, listen
-from txpypi.index import ProjectList, parse_project_html, parse_project_json
+from txpypi.index import ProjectList, parse_project_html, parse_project_json, render_project_list_json
 from txpypi.metadata import MemoryMetadata, PageRecord
 from txpypi.pages import NotFound, PageCache, model_cost
 from txpypi.testing import FakeUpstream, build_wheel, generated_names
@@ -310,8 +312,9 @@ def test_unresolvable_links_are_left_out_and_logged_once(as_json: bool) -> None:
 def test_the_project_list_is_compact_and_survives_a_restart() -> None:
     """
     The root page is kept as one blob of names and gzip bodies (the
-    identity bodies of a big page are not kept), stored gzip-compressed,
-    and loaded back to the same page.
+    identity bodies of a big page are not kept), stored as its gzip JSON
+    in base64, and loaded back to the same page; so is one stored as plain
+    JSON (before this form).
     """
     fake = FakeUpstream()
     names = generated_names(60_000)
@@ -323,10 +326,15 @@ def test_the_project_list_is_compact_and_survives_a_restart() -> None:
     assert page.model.count == len(names) and list(page.model) == names
     assert page.html.identity is None and page.html.length > txpypi.pages.INFLATE_ABOVE
     stored = metadata.pages["default/simple/"].body
-    assert stored == page.json.gzip and stored[:2] == b"\x1f\x8b"
+    assert stored == base64.b64encode(page.json.gzip) and len(stored) < len(page.model.names) // 2
     assert page.cost < len(page.model.names) + len(page.html.gzip) + len(page.json.gzip) + 4096
     again, state = result(page_cache(fake, clock, metadata).get(None))
     assert state == "HIT" and again.model == page.model and again.html.tag == page.html.tag
+    metadata.pages["default/simple/"] = attrs.evolve(
+        metadata.pages["default/simple/"], body=render_project_list_json(names)
+    )
+    older, state = result(page_cache(fake, clock, metadata).get(None))
+    assert state == "HIT" and older.model.names == page.model.names
     assert fake.requests["/simple/"] == 1
 
 
@@ -408,3 +416,43 @@ async def test_a_page_request_waits_its_turn_then_gets_a_504(
     response = await http.get(running.url + "/simple/gamma/")
     assert response.code == 200
     await response.content()
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+@pytest_twisted.ensureDeferred
+async def test_the_stored_project_list_loads_back_from_every_store(
+    store: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """
+    The project list goes into SQLite and a real Redis (which keeps page
+    bodies as text) and comes back whole after a restart.
+    """
+    from twisted.python.threadpool import ThreadPool
+
+    from tests.conftest import get_reactor
+    from txpypi.metadata import SqliteMetadata
+
+    metadata: Any
+    pool = None
+    if store == "redis":
+        from txpypi.redismeta import RedisMetadata, connect
+
+        metadata = RedisMetadata(connect(request.getfixturevalue("redis_server").url))
+    else:
+        pool = ThreadPool(1, 1)
+        pool.start()
+        metadata = SqliteMetadata(tmp_path / "m.sqlite", pool, get_reactor())
+    try:
+        fake = FakeUpstream()
+        names = generated_names(30_000)
+        fake.list_projects(names)
+        clock = Clock()
+        page, state = await page_cache(fake, clock, metadata).get(None)
+        assert state == "MISS"
+        again, state = await page_cache(fake, clock, metadata).get(None)
+        assert state == "HIT" and list(again.model) == names and again.json.tag == page.json.tag
+        assert fake.requests["/simple/"] == 1
+    finally:
+        await metadata.close()
+        if pool is not None:
+            pool.stop()

@@ -14,6 +14,7 @@ names on PyPI) is one bytes blob, not one object per project.
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
 import io
@@ -76,8 +77,6 @@ DEFAULT_PAGE_CACHE_SIZE = 256 * 1024 * 1024
 
 #: The default of C{--max-upstream-requests}.
 DEFAULT_UPSTREAM_REQUESTS = 32
-
-_GZIP_MAGIC = b"\x1f\x8b"
 
 
 class SingleFlight(Generic[K, T]):
@@ -214,11 +213,12 @@ class CachedPage:
     def dump(self) -> bytes:
         """
         The page as the metadata store keeps it: a project page as JSON
-        with its upstream URLs (L{dump_page}), the project list as its
-        gzip-compressed JSON body.
+        with its upstream URLs (L{dump_page}); the project list as its
+        gzip-compressed JSON body in base64 (3 MB for PyPI's rather than
+        20 MB, text as the Redis store wants it; see L{load_stored_list}).
         """
         if isinstance(self.model, ProjectList):
-            return self.json.gzip
+            return base64.b64encode(self.json.gzip)
         return dump_page(self.model)
 
 
@@ -285,9 +285,29 @@ def prepare(
     return CachedPage(key, model, fetched_at, etag, last_modified, html, json, cost)
 
 
+#: How a stored project list in base64 of gzip begins (a gzip header,
+#: 1f 8b 08, in base64); one stored as plain JSON begins with "{".
+_BASE64_GZIP = b"H4sI"
+
+
+def load_stored_list(body: bytes) -> ProjectList:
+    """
+    The project list from its stored form (L{CachedPage.dump}), or from
+    plain JSON as stored before.
+
+    @raise IndexParseError: it cannot be read.
+    """
+    if body.startswith(_BASE64_GZIP):
+        try:
+            body = inflate(base64.b64decode(body, validate=True))
+        except ValueError as e:  # binascii.Error included
+            raise IndexParseError(f"stored project list: {e}") from e
+    return parse_project_list(body, LIST_JSON)
+
+
 def inflate(data: bytes, limit: int = MAX_PAGE_BYTES) -> bytes:
     """
-    Decompress a gzip body of at most C{limit} bytes.
+    Decompress a gzip body (one we made) of at most C{limit} bytes.
 
     @raise IndexParseError: it is not gzip, is cut, or is larger.
     """
@@ -518,14 +538,10 @@ class PageCache:
             return None  # stored while another upstream was configured
         try:
             model: ProjectPage | ProjectList
-            body = record.body
-            if body.startswith(_GZIP_MAGIC):
-                body = inflate(body)
             if project is None:
-                model = parse_project_list(body, LIST_JSON)
+                model = load_stored_list(record.body)
             else:
-                model = load_page(project, body)
-            del body
+                model = load_page(project, record.body)
         except IndexParseError:
             log.warn("ignoring unreadable stored page {key}", key=record.key)
             return None
