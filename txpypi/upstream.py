@@ -199,7 +199,8 @@ class UpstreamClient:
                 )
                 if encoding not in (b"", b"identity", b"gzip", b"x-gzip"):
                     response.deliverBody(_Discard())
-                    raise UpstreamError(502, f"upstream sent {url} in an unknown encoding {encoding!r}")
+                    name = encoding.decode("latin-1")
+                    raise UpstreamError(502, f"upstream sent {url} in an unknown encoding: {name}")
                 collector = _Collect(
                     self._reactor,
                     self.read_timeout,
