@@ -5,6 +5,7 @@ Options and the YAML config file.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from twisted.python.usage import UsageError
@@ -219,3 +220,42 @@ def test_redis_url() -> None:
     url = parse_redis_url("rediss://:p%40ss@cache.example:6390/3")
     assert (url.host, url.port, url.db, url.password, url.tls) == ("cache.example", 6390, 3, "p@ss", True)
     assert parse_redis_url("redis://localhost").port == 6379
+
+
+def test_page_options(json_upstream: Any, proxy_factory: Any) -> None:
+    """
+    --page-cache-size, --negative-ttl and --max-upstream-requests parse,
+    have their defaults, name themselves when bad, and SIGHUP applies them
+    to the running page cache.
+    """
+    import attrs
+
+    from txpypi.tap import DrainService, ReloadService, apply_live
+
+    defaults = parse().settings
+    assert (defaults.page_cache_size, defaults.negative_ttl, defaults.max_upstream_requests) == (
+        256 * 1024**2,
+        60,
+        32,
+    )
+    s = parse("--page-cache-size", "64M", "--negative-ttl", "0", "--max-upstream-requests", "4").settings
+    assert (s.page_cache_size, s.negative_ttl, s.max_upstream_requests) == (64 * 1024**2, 0, 4)
+    for bad, named in (
+        (["--page-cache-size", "lots"], "page-cache-size: expected a size"),
+        (["--page-cache-size", "0"], "page-cache-size: must be positive"),
+        (["--negative-ttl", "-1"], "negative-ttl"),
+        (["--max-upstream-requests", "0"], "max-upstream-requests: expected a whole number"),
+        (["--max-upstream-requests", "2.5"], "max-upstream-requests"),
+    ):
+        with pytest.raises(UsageError, match=named):
+            parse(*bad)
+    for name in ("page_cache_size", "negative_ttl", "max_upstream_requests"):
+        assert name not in ReloadService.FIXED  # SIGHUP applies them
+
+    running = proxy_factory(json_upstream.url, page_cache_size=10**6, negative_ttl=0, max_upstream_requests=3)
+    pages = running.proxy.pages
+    assert (pages.max_bytes, pages.negative_ttl, pages.limiter.limit) == (10**6, 0, 3)
+    drain = next(service for service in running.service if isinstance(service, DrainService))
+    live = attrs.evolve(s, page_cache_size=1024, negative_ttl=5, max_upstream_requests=7)
+    apply_live(live, running.proxy, drain)
+    assert (pages.max_bytes, pages.negative_ttl, pages.limiter.limit) == (1024, 5, 7)

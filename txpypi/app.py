@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import json
 import math
+import zlib
 from collections.abc import Callable, Coroutine, Hashable
 from io import BytesIO
 from typing import Any, Generic, TypeVar
@@ -19,13 +20,14 @@ from urllib.parse import quote
 import attrs
 from klein import Klein
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
-from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
+from zope.interface import implementer
 
 from txpypi import __version__
 from txpypi.accesslog import Entry, client_address, combined, json_line
@@ -38,7 +40,7 @@ from txpypi.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from txpypi.metrics import Metrics, route_of
 from txpypi.names import BadName, check_filename, normalize
 from txpypi.outages import CHECK_WAIT, Outage, Unavailable, describe
-from txpypi.pages import HIT, STALE, CachedPage, NotFound, PageCache, SingleFlight
+from txpypi.pages import HIT, STALE, CachedPage, NotFound, PageCache, Representation, SingleFlight
 from txpypi.peer import HEADER as PEER_HEADER
 from txpypi.peer import verify
 from txpypi.statuspage import StatusFigures, render_status
@@ -131,6 +133,89 @@ def _run(request: Request, coroutine: Coroutine[Any, Any, None]) -> int:
     return NOT_DONE_YET
 
 
+#: Page bodies go to a client this many bytes at a time, each once its
+#: connection took the one before; a body this size or smaller is one write.
+PAGE_SLICE = 64 * 1024
+
+
+@implementer(IPushProducer)
+class PageSender:
+    """
+    Sends one page body to one client, a slice at a time as its connection
+    takes them: a push producer that the transport pauses while its buffer
+    is full and resumes once it drained, so that a client that stops
+    reading holds a slice or two in the transport, never a copy of the
+    body.  A body kept gzip-compressed only is inflated slice by slice for a
+    client that does not accept gzip.  The sender holds a reference to the
+    shared body, and lets go of it when done, stopped or disconnected.
+    """
+
+    def __init__(self, request: Request, representation: Representation) -> None:
+        self._request = request
+        self._data: bytes | None = representation.data
+        self._inflater = zlib.decompressobj(wbits=31) if representation.inflate else None
+        self._offset = 0
+        self._paused = False
+        self._sending = False
+        self.sent = 0
+
+    def start(self) -> None:
+        self._request.registerProducer(self, True)
+        self._request.notifyFinish().addErrback(lambda _: self.stopProducing())
+        self.resumeProducing()
+
+    def _next(self, data: bytes) -> bytes:
+        """
+        The next slice to send (C{b""} at the end).
+        """
+        inflater = self._inflater
+        while True:
+            if inflater is not None and inflater.unconsumed_tail:
+                return inflater.decompress(inflater.unconsumed_tail, PAGE_SLICE)
+            piece = data[self._offset : self._offset + PAGE_SLICE]
+            self._offset += len(piece)
+            if inflater is None or not piece:
+                return piece if inflater is None else inflater.flush()
+            out = inflater.decompress(piece, PAGE_SLICE)
+            if out:
+                return out
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        if self._sending:
+            return  # resumed from inside our own write: the loop goes on
+        self._sending = True
+        try:
+            while not self._paused and self._data is not None:
+                piece = self._next(self._data)
+                if not piece:
+                    self._release()
+                    self._request.unregisterProducer()
+                    self._request.finish()
+                    return
+                self.sent += len(piece)
+                self._request.write(piece)
+        finally:
+            self._sending = False
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def stopProducing(self) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        self._data = None
+        self._inflater = None
+
+    @property
+    def holding(self) -> bool:
+        """
+        Whether it still holds the body (it is neither done nor stopped).
+        """
+        return self._data is not None
+
+
 class SimpleResource(Resource):
     """
     C{/simple/} and C{/simple/<project>/} in PEP 503 HTML or PEP 691 JSON.
@@ -180,7 +265,8 @@ class SimpleResource(Resource):
             return _text(request, 406, "none of the Simple API's content types is acceptable")
         page = self._pages.fresh(project)
         if page is not None:
-            return self._respond(request, page, content_type, HIT)
+            body = self._respond(request, page, content_type, HIT)
+            return NOT_DONE_YET if body is None else body
         return _run(request, self._fetch(request, project, content_type))
 
     def render_HEAD(self, request: Request) -> bytes | int:
@@ -201,6 +287,8 @@ class SimpleResource(Resource):
         if request._disconnected:
             return
         body = self._respond(request, page, content_type, state)
+        if body is None:
+            return  # a PageSender has it
         if body:
             request.write(body)
         request.finish()
@@ -218,26 +306,35 @@ class SimpleResource(Resource):
             self._accepts_gzip[header] = answer
         return answer
 
-    def _respond(self, request: Request, page: CachedPage, content_type: str, state: str) -> bytes:
+    def _respond(self, request: Request, page: CachedPage, content_type: str, state: str) -> bytes | None:
+        """
+        Set the answer's status and headers; return a small body to write
+        (C{b""}: none, for C{HEAD} and C{304}), or L{None} when a
+        L{PageSender} was started for a big one.
+        """
         gzipped = self._gzip(request)
-        etag = page.validator(content_type, gzipped)
+        representation = page.representation(content_type, gzipped)
         max_age = max(0, math.ceil(self._pages.remaining(page)))
         headers = request.responseHeaders
         headers.setRawHeaders(b"content-type", [content_type.encode()])
         headers.setRawHeaders(b"vary", [b"Accept, Accept-Encoding"])
         headers.setRawHeaders(b"x-cache", [state.encode()])
         headers.setRawHeaders(b"cache-control", [b"max-age=%d" % max_age])
-        headers.setRawHeaders(b"etag", [etag.encode()])
+        headers.setRawHeaders(b"etag", [representation.etag.encode()])
         if state == STALE:
             headers.setRawHeaders(b"age", [b"%d" % max(0, int(self._pages.age(page)))])
-        if etag_matches(_header(request, b"if-none-match"), etag):
+        if etag_matches(_header(request, b"if-none-match"), representation.etag):
             request.setResponseCode(304)
             return b""
-        body = page.body(content_type, gzipped)
         if gzipped:
             headers.setRawHeaders(b"content-encoding", [b"gzip"])
-        headers.setRawHeaders(b"content-length", [b"%d" % len(body)])
-        return body
+        headers.setRawHeaders(b"content-length", [b"%d" % representation.length])
+        if request.method == b"HEAD":
+            return b""
+        if not representation.inflate and representation.length <= PAGE_SLICE:
+            return representation.data
+        PageSender(request, representation).start()
+        return None
 
 
 class FilesResource(Resource):

@@ -71,6 +71,9 @@ class Settings:
     file_hosts: tuple[str, ...] | None = None
     send_timeout: float = 60.0
     max_connections: int = 1024
+    page_cache_size: int = 256 * 1024 * 1024
+    negative_ttl: float = 60.0
+    max_upstream_requests: int = 32
 
 
 def _listen(value: Any) -> tuple[str, ...]:
@@ -117,11 +120,12 @@ def _seconds(key: str) -> Any:
 _UNITS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5}
 
 
-def parse_size(value: Any) -> int:
+def parse_size(value: Any, key: str = "max-cache-size") -> int:
     """
     A size in bytes from C{123}, C{"500M"}, C{"20G"}, C{"1.5T"} or C{"20GiB"}
     (powers of 1024).
 
+    @param key: the setting it is for, which an error names.
     @raise ConfigError: if it is not one.
     """
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
@@ -133,10 +137,30 @@ def parse_size(value: Any) -> int:
     try:
         size = int(float(number) * 1024 ** _UNITS[unit])
     except ValueError:
-        raise ConfigError(f"max-cache-size: expected a size such as 500M or 20G, got {value!r}") from None
+        raise ConfigError(f"{key}: expected a size such as 500M or 20G, got {value!r}") from None
     if size <= 0:
-        raise ConfigError("max-cache-size: must be positive")
+        raise ConfigError(f"{key}: must be positive")
     return size
+
+
+def _size(key: str) -> Any:
+    def check(value: Any) -> int:
+        return parse_size(value, key)
+
+    return check
+
+
+def _count(key: str, low: int, high: int) -> Any:
+    def check(value: Any) -> int:
+        try:
+            n = int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not low <= n <= high or str(n) != str(value).strip():
+            raise ConfigError(f"{key}: expected a whole number from {low} to {high}, got {value!r}")
+        return n
+
+    return check
 
 
 def _flag(key: str) -> Any:
@@ -220,19 +244,6 @@ def _text_value(key: str) -> Any:
     return check
 
 
-def _count(key: str, low: int, high: int) -> Any:
-    def check(value: Any) -> int:
-        try:
-            n = int(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-        if not low <= n <= high:
-            raise ConfigError(f"{key}: expected {low} to {high}")
-        return n
-
-    return check
-
-
 def _rate(key: str) -> Any:
     def check(value: Any) -> float:
         if str(value).strip() in ("0", "0.0"):
@@ -293,7 +304,7 @@ KEYS = {
     "read-timeout": ("read_timeout", _seconds("read-timeout")),
     "stale-ttl": ("stale_ttl", _seconds("stale-ttl")),
     "offline": ("offline", _flag("offline")),
-    "max-cache-size": ("max_cache_size", parse_size),
+    "max-cache-size": ("max_cache_size", _size("max-cache-size")),
     "shutdown-grace": ("shutdown_grace", _seconds("shutdown-grace")),
     "log-format": ("log_format", _log_format),
     "store": ("store", _choice("store", ("disk", "s3"))),
@@ -315,6 +326,9 @@ KEYS = {
     "s3-timeout": ("s3_timeout", _seconds("s3-timeout")),
     "send-timeout": ("send_timeout", _seconds("send-timeout")),
     "max-connections": ("max_connections", _count("max-connections", 1, 1_000_000)),
+    "page-cache-size": ("page_cache_size", _size("page-cache-size")),
+    "negative-ttl": ("negative_ttl", _seconds("negative-ttl")),
+    "max-upstream-requests": ("max_upstream_requests", _count("max-upstream-requests", 1, 4096)),
     "trusted-proxy": ("trusted_proxies", _addresses),
     "file-hosts": ("file_hosts", _file_hosts("file-hosts")),
     "file-host": ("file_hosts", _file_hosts("file-host")),

@@ -278,6 +278,30 @@ class Options(usage.Options):
         """
         self.given["max-connections"] = n
 
+    def opt_page_cache_size(self, size: str) -> None:
+        """
+        Keep index pages in memory up to this size (bodies and parsed
+        pages; 64M, 1G, ...: powers of 1024), the least recently used out
+        first (default: 256M).
+        """
+        self.given["page-cache-size"] = size
+
+    def opt_negative_ttl(self, seconds: str) -> None:
+        """
+        Seconds a project the upstream does not know is remembered as
+        unknown, answered 404 without asking again; 0 turns it off
+        (default: 60).
+        """
+        self.given["negative-ttl"] = seconds
+
+    def opt_max_upstream_requests(self, n: str) -> None:
+        """
+        Index page requests to the upstream in progress at once; the others
+        wait their turn, each at most --response-timeout, then 504
+        (default: 32).
+        """
+        self.given["max-upstream-requests"] = n
+
     def opt_config(self, path: str) -> None:
         """
         A YAML file with the same settings as these options.
@@ -464,6 +488,10 @@ def apply_live(settings: config.Settings, proxy: Proxy, drain: DrainService) -> 
     pages.ttl = settings.index_ttl
     pages.stale_ttl = settings.stale_ttl
     pages.offline = settings.offline
+    pages.negative_ttl = settings.negative_ttl
+    pages.limiter.limit = settings.max_upstream_requests
+    pages.max_bytes = settings.page_cache_size
+    pages.trim()
     client = files._client
     client.response_timeout = settings.response_timeout
     client.read_timeout = settings.read_timeout
@@ -628,7 +656,10 @@ def build(settings: config.Settings, reactor: Any) -> tuple[MultiService, Proxy]
         stale_ttl=settings.stale_ttl,
         offline=settings.offline,
         blocking=partial(deferToThreadPool, reactor, io_pool),
+        max_bytes=settings.page_cache_size,
+        negative_ttl=settings.negative_ttl,
     )
+    pages.limiter.limit = settings.max_upstream_requests
     files = FileCache(
         reactor,
         client,

@@ -8,12 +8,14 @@ inject faults.
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
 import io
 import json
 import os
 import tarfile
 import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any, Literal
@@ -27,6 +29,7 @@ from zope.interface import implementer
 
 from txpypi.stores import IFileReader, IFileStore
 
+JSON_V1 = "application/vnd.pypi.simple.v1+json"
 Mode = Literal["json", "html"]
 #: "cut": send half the body, then reset the connection; "truncated": send
 #: half, then close the connection cleanly; "stall": send the headers and
@@ -35,6 +38,25 @@ Mode = Literal["json", "html"]
 #: send the body 4 KiB at a time, one chunk per millisecond;
 #: "500"/"503"/"404": answer with that status.
 Fault = Literal["cut", "truncated", "stall", "wrong-bytes", "long", "slow", "500", "503", "404"]
+#: Faults of index pages (in L{FakeUpstream.page_faults}; C{""} is the root
+#: page): "close-delimited": the first half of the page with neither a
+#: Content-Length nor chunking, then a clean close; "endless": a 200 whose
+#: chunked body never ends; "gzip-bomb": a small gzip body that inflates
+#: past L{txpypi.upstream.MAX_PAGE_BYTES}.
+PageFault = Literal["close-delimited", "endless", "gzip-bomb"]
+
+
+def generated_names(n: int) -> list[str]:
+    """
+    C{n} distinct project names shaped like PyPI's (mixed case, dots,
+    underscores and dashes; 16 characters on average), always the same.
+    """
+    words = ("django", "Flask", "py", "tools", "lib", "Client", "api", "sdk", "utils", "core", "x", "data")
+    separators = ("-", "_", ".", "-")
+    return [
+        f"{words[i % 12]}{separators[i % 4]}{words[(i // 12) % 12]}{separators[(i // 7) % 4]}{i:x}"
+        for i in range(n)
+    ]
 
 
 @attrs.frozen
@@ -170,7 +192,14 @@ class FakeUpstream(Resource):
         #: File name to a Deferred: nothing of that file, not even its
         #: status line, is sent until it fires.
         self.head_holds: dict[str, Deferred[None]] = {}
-        self.page_faults: dict[str, Fault] = {}
+        self.page_faults: dict[str, Fault | PageFault] = {}
+        #: Compress page bodies (Content-Encoding: gzip) for requests that
+        #: accept it.
+        self.gzip_pages = False
+        #: Pre-rendered root pages listing L{generated_names} (see
+        #: L{list_projects}), by (JSON?, gzip?).
+        self._listed: dict[tuple[bool, bool], bytes] | None = None
+        self._bomb: bytes | None = None
         #: How many conditional page requests were answered 304.
         self.not_modified = 0
         self.urls: dict[str, str] = {}
@@ -206,9 +235,10 @@ class FakeUpstream(Resource):
             request.setHeader("location", self.redirects[path])
             return b"redirected"
         if path == "/simple/":
-            return self._render_root(request)
+            return self._page_answer(request, "", self._render_root(request))
         if path.startswith("/simple/"):
-            return self._render_project(request, path[len("/simple/") :].strip("/"))
+            name = path[len("/simple/") :].strip("/")
+            return self._page_answer(request, name, self._render_project(request, name))
         if path.startswith("/packages/"):
             return self._render_file(request, path[len("/packages/") :])
         request.setResponseCode(404)
@@ -218,7 +248,86 @@ class FakeUpstream(Resource):
         accept = (request.getHeader("accept") or "").lower()
         return self.mode == "json" and "application/vnd.pypi.simple.v1+json" in accept
 
+    def list_projects(self, names: list[str]) -> None:
+        """
+        Make the root page list C{names} (instead of the projects it has
+        files for), rendered once in each format and encoding, with
+        C{_last-serial} in JSON as PyPI sends it.
+        """
+        as_json = json.dumps(
+            {
+                "meta": {"api-version": "1.1", "_last-serial": 10**8},
+                "projects": [{"_last-serial": 10**7 + i, "name": n} for i, n in enumerate(names)],
+            },
+            separators=(",", ":"),
+        ).encode()
+        as_html = (
+            '<!DOCTYPE html>\n<html>\n  <head>\n    <meta name="pypi:repository-version" content="1.1">\n'
+            "    <title>Simple index</title>\n  </head>\n  <body>\n"
+            + "".join(f'    <a href="/simple/{canonicalize_name(n)}/">{n}</a>\n' for n in names)
+            + "  </body>\n</html>\n"
+        ).encode()
+        self._listed = {}
+        for is_json, body in ((True, as_json), (False, as_html)):
+            self._listed[is_json, False] = body
+            self._listed[is_json, True] = gzip.compress(body, 6, mtime=0)
+
+    def _accepts_gzip(self, request: Request) -> bool:
+        return "gzip" in (request.getHeader("accept-encoding") or "").lower()
+
+    def _page_answer(self, request: Request, name: str, body: bytes | int) -> bytes | int:
+        """
+        A page's answer, with the page faults of L{PageFault} applied, and
+        gzip-compressed when L{gzip_pages} is set and the client accepts it.
+        """
+        if not isinstance(body, bytes) or request.code != 200:
+            return body
+        fault = self.page_faults.get(name)
+        if fault == "close-delimited":
+            transport: Any = request.channel.transport  # type: ignore[union-attr]
+            content_type = request.responseHeaders.getRawHeaders(b"content-type") or [b"text/html"]
+            transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: " + content_type[0] + b"\r\n\r\n")
+            transport.write(body[: len(body) // 2])
+            transport.unregisterProducer()
+            transport.loseConnection()
+            return NOT_DONE_YET
+        if fault == "endless":
+            self._endless(request, body or b" ")
+            return NOT_DONE_YET
+        if fault == "gzip-bomb":
+            request.setHeader("content-encoding", "gzip")
+            return self._gzip_bomb()
+        encoded = request.responseHeaders.hasHeader(b"content-encoding")
+        if self.gzip_pages and not encoded and self._accepts_gzip(request) and request.method != b"HEAD":
+            request.setHeader("content-encoding", "gzip")
+            return gzip.compress(body, 6, mtime=0)
+        return body
+
+    def _endless(self, request: Request, piece: bytes) -> None:
+        from twisted.internet import reactor
+
+        if request._disconnected:
+            return
+        request.write(piece * max(1, 256 * 1024 // len(piece)))
+        reactor.callLater(0, self._endless, request, piece)  # type: ignore[attr-defined]
+
+    def _gzip_bomb(self) -> bytes:
+        if self._bomb is None:
+            from txpypi.upstream import MAX_PAGE_BYTES
+
+            deflater = zlib.compressobj(9, wbits=31)
+            zeros = bytes(1024 * 1024)
+            pieces = [deflater.compress(zeros) for _ in range(MAX_PAGE_BYTES // len(zeros) + 1)]
+            self._bomb = b"".join(pieces) + deflater.flush()
+        return self._bomb
+
     def _render_root(self, request: Request) -> bytes:
+        if self._listed is not None:
+            wants_json, gzipped = self._wants_json(request), self._accepts_gzip(request)
+            request.setHeader("content-type", JSON_V1 if wants_json else "text/html")
+            if gzipped:
+                request.setHeader("content-encoding", "gzip")
+            return self._listed[wants_json, gzipped]
         if self._wants_json(request):
             request.setHeader("content-type", "application/vnd.pypi.simple.v1+json")
             body = {"meta": {"api-version": "1.1"}, "projects": [{"name": p} for p in sorted(self.dists)]}

@@ -11,17 +11,19 @@ included, goes through the endpoints of L{txpypi.guarded}.
 
 from __future__ import annotations
 
+import io
+import zlib
+from collections import deque
 from typing import Any
 from urllib.parse import quote, urljoin
 
 import attrs
-from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
-from twisted.internet.interfaces import IHostnameResolver
+from twisted.internet.interfaces import IDelayedCall, IHostnameResolver, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, ResponseDone, ResponseFailed
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, RedirectAgent, ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IPolicyForHTTPS, IResponse
@@ -43,6 +45,12 @@ from txpypi.index import UPSTREAM_ACCEPT
 USER_AGENT = f"txpypi/{__version__}".encode()
 #: Answers that redirect a GET.
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+#: The most bytes an index page body may have (once decompressed): past
+#: it the fetch fails with a 502, so that neither a gzip bomb nor an
+#: endless body can exhaust memory.  PyPI's root page, the biggest there
+#: is, has some 40 MB of JSON.
+MAX_PAGE_BYTES = 128 * 1024 * 1024
 
 
 class UpstreamError(Exception):
@@ -142,7 +150,7 @@ class UpstreamClient:
     #: Remembers which refused URLs were logged.
     refusals: RefusalLog = attrs.field(factory=RefusalLog)
     _pool: TaggedPool = attrs.field(init=False)
-    _treq: HTTPClient = attrs.field(init=False)
+    _pages: IAgent = attrs.field(init=False)
     _dialer: Dialer = attrs.field(init=False)
     _policies: dict[str, FetchPolicy] = attrs.field(init=False)
 
@@ -157,7 +165,9 @@ class UpstreamClient:
             # through these endpoints, which apply the page rule.
             pages = PageEndpoints.of(self._dialer, (policy.origin for policy in self._policies.values()))
             agent = Agent.usingEndpointFactory(self._reactor, pages, pool=self._pool)
-        self._treq = HTTPClient(agent)
+        # Redirects of pages are followed by Twisted's agent (no content
+        # decoding: gzip is inflated, and bounded, by _Collect).
+        self._pages = RedirectAgent(agent, redirectLimit=MAX_REDIRECTS)
 
     def _policy_for(self, upstream: str) -> FetchPolicy:
         policy = self._policies.get(upstream)
@@ -202,30 +212,68 @@ class UpstreamClient:
         return d
 
     async def fetch_page(
-        self, url: str, etag: str | None = None, last_modified: str | None = None
+        self,
+        url: str,
+        etag: str | None = None,
+        last_modified: str | None = None,
+        limit: int | None = None,
     ) -> FetchedPage:
         """
-        GET an index page, asking for JSON first; with the validators of a
-        copy we hold, as a conditional GET.
+        GET an index page, asking for JSON first, gzip-compressed; with the
+        validators of a copy we hold, as a conditional GET.  The body is
+        decompressed as it arrives, and must end as its framing says
+        (C{Content-Length} or chunked): one that only ends because the
+        upstream closed the connection cannot be told from a cut one.
 
+        @param limit: the most bytes the body may have, decompressed
+            (default L{MAX_PAGE_BYTES}).
         @raise UpstreamNotFound: on 404 (or 410).
-        @raise UpstreamError: on anything else that is not a 200.
+        @raise UpstreamError: on anything else that is not a 200, on a body
+            without a length, too big, cut, or not valid gzip.
         """
-        headers = Headers({b"Accept": [UPSTREAM_ACCEPT.encode()], b"User-Agent": [USER_AGENT]})
+        headers = Headers(
+            {
+                b"Accept": [UPSTREAM_ACCEPT.encode()],
+                b"Accept-Encoding": [b"gzip"],
+                b"User-Agent": [USER_AGENT],
+            }
+        )
         if etag is not None:
             headers.setRawHeaders(b"If-None-Match", [etag.encode("latin-1")])
         if last_modified is not None:
             headers.setRawHeaders(b"If-Modified-Since", [last_modified.encode("latin-1")])
         started: float = self._reactor.seconds()
         try:
-            response = await self._treq.get(
-                url, headers=headers, timeout=self.response_timeout, reactor=self._reactor, unbuffered=True
-            )
-            collector = _Collect(self._reactor, self.read_timeout)
-            response.deliverBody(collector)
-            body = await collector.done
+            d = self._pages.request(b"GET", url.encode(), headers)
+            timer = self._reactor.callLater(self.response_timeout, d.cancel)
+            try:
+                response: IResponse = await d
+            finally:
+                if timer.active():
+                    timer.cancel()
+            if response.code == 200:
+                encoding = (
+                    b",".join(response.headers.getRawHeaders(b"content-encoding") or []).strip().lower()
+                )
+                if encoding not in (b"", b"identity", b"gzip", b"x-gzip"):
+                    response.deliverBody(_Discard())
+                    name = encoding.decode("latin-1")
+                    raise UpstreamError(502, f"upstream sent {url} in an unknown encoding: {name}")
+                collector = _Collect(
+                    self._reactor,
+                    self.read_timeout,
+                    gzipped=encoding in (b"gzip", b"x-gzip"),
+                    limit=MAX_PAGE_BYTES if limit is None else limit,
+                )
+                response.deliverBody(collector)
+                body = await collector.done
+            else:
+                response.deliverBody(_Discard())
+        except UpstreamError as e:
+            self._outcome("page", "error", started, e.reason)
+            raise
         except Exception as e:
-            error = _classify(e, url)
+            error = _page_error(e, url)
             self._outcome("page", "timeout" if error.status == 504 else "error", started, error.reason)
             raise error from e
         if response.code in (404, 410):
@@ -346,38 +394,168 @@ class UpstreamClient:
         raise UpstreamError(502, f"upstream redirected {first} more than {MAX_REDIRECTS} times")
 
 
+class PageTooLarge(Exception):
+    """
+    A page body grew past its limit (decompressed).
+    """
+
+
+class Unframed(Exception):
+    """
+    A page body had neither a C{Content-Length} nor chunked framing: it
+    ended when the connection closed, so it may have been cut.
+    """
+
+
+class BadGzip(Exception):
+    """
+    A gzip-encoded page body was not valid gzip, or ended before its end.
+    """
+
+
+def _page_error(failure_value: BaseException, url: str) -> UpstreamError:
+    if isinstance(failure_value, PageTooLarge):
+        return UpstreamError(502, f"upstream page {url} is larger than {failure_value} bytes")
+    if isinstance(failure_value, Unframed):
+        return UpstreamError(
+            502, f"upstream page {url} had no length and ended when the connection closed (maybe cut)"
+        )
+    if isinstance(failure_value, BadGzip):
+        return UpstreamError(502, f"upstream page {url} is not valid gzip: {failure_value}")
+    return _classify(failure_value, url)
+
+
 class _Collect(Protocol):
     """
-    Collects a page body, failing with L{TimeoutError} when the upstream
-    sends nothing for C{idle} seconds (and dropping that connection).
+    Collects a page body, decompressing it as it arrives when it is gzip
+    (at most C{limit} bytes out, however small the input), and fails: with
+    L{TimeoutError} when the upstream sends nothing for C{idle} seconds,
+    L{PageTooLarge} past C{limit} bytes, L{Unframed} when the body only
+    ended with the connection, L{BadGzip} for broken gzip.  On a failure
+    before the end it drops the connection.
     """
 
-    def __init__(self, clock: Any, idle: float) -> None:
+    def __init__(self, clock: IReactorTime, idle: float, gzipped: bool = False, limit: int = MAX_PAGE_BYTES):
         self.done: Deferred[bytes] = Deferred()
-        self._chunks: list[bytes] = []
+        self._body = io.BytesIO()  # one growing buffer, not pieces to join
+        self._size = 0
+        self._limit = limit
+        self._inflater = zlib.decompressobj(wbits=31) if gzipped else None
         self._idle = idle
-        self._timer = clock.callLater(idle, self._stalled)
+        self._timer: IDelayedCall = clock.callLater(
+            idle, self._fail, TimeoutError("no data from the upstream")
+        )
 
     def dataReceived(self, data: bytes) -> None:
-        self._chunks.append(data)
+        if self.done.called:
+            return
         if self._timer.active():
             self._timer.reset(self._idle)
+        if self._inflater is None:
+            self._add(data)
+            return
+        try:
+            while data and not self.done.called:
+                if self._inflater.eof:  # another gzip member follows
+                    self._inflater = zlib.decompressobj(wbits=31)
+                self._add(self._inflater.decompress(data, self._limit - self._size + 1))
+                data = self._inflater.unconsumed_tail or self._inflater.unused_data
+        except zlib.error as e:
+            self._fail(BadGzip(str(e)))
+
+    def _add(self, data: bytes) -> None:
+        self._size += len(data)
+        if self._size > self._limit:
+            self._fail(PageTooLarge(self._limit))
+        elif data:
+            self._body.write(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._timer.active():
             self._timer.cancel()
         if self.done.called:
             return
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self.done.callback(b"".join(self._chunks))
-        else:
+        body, self._body = self._body, io.BytesIO()
+        if reason.check(PotentialDataLoss):
+            self.done.errback(Unframed())
+        elif not reason.check(ResponseDone):
             self.done.errback(reason)
+        elif self._inflater is not None and not self._inflater.eof:
+            self.done.errback(BadGzip("the body ended inside the gzip stream"))
+        else:
+            self.done.callback(body.getvalue())
 
-    def _stalled(self) -> None:
-        self.done.errback(TimeoutError("no data from the upstream"))
+    def _fail(self, error: Exception) -> None:
+        if self._timer.active():
+            self._timer.cancel()
+        self._body = io.BytesIO()
+        self.done.errback(error)
         transport: Any = self.transport
         if transport is not None:
             transport.stopProducing()  # deliverBody's transport is an IPushProducer
+
+
+class Limiter:
+    """
+    At most C{limit} upstream requests at a time; the others wait their
+    turn in line, each for at most the timeout it gives, then fail with a
+    504.  The line holds one entry per request that waits, so it is as
+    long as the clients waiting on those requests make it.
+    """
+
+    def __init__(self, clock: IReactorTime, limit: int) -> None:
+        self._clock = clock
+        self._limit = limit
+        self.running = 0
+        self._line: deque[Deferred[None]] = deque()
+
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    @limit.setter
+    def limit(self, value: int) -> None:
+        self._limit = value
+        self._wake()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._line)
+
+    async def acquire(self, timeout: float) -> None:
+        """
+        Wait for a turn (then call L{release} once done).
+
+        @raise UpstreamError: 504, when no turn came within C{timeout}.
+        """
+        if self.running < self._limit and not self._line:
+            self.running += 1
+            return
+        turn: Deferred[None] = Deferred()
+        self._line.append(turn)
+        timer = self._clock.callLater(timeout, self._give_up, turn, timeout)
+        try:
+            await turn
+        finally:
+            if timer.active():
+                timer.cancel()
+
+    def _give_up(self, turn: Deferred[None], timeout: float) -> None:
+        self._line.remove(turn)
+        turn.errback(
+            UpstreamError(
+                504, f"waited {timeout:g} s for one of the {self._limit} upstream requests in progress to end"
+            )
+        )
+
+    def release(self) -> None:
+        self.running -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._line and self.running < self._limit:
+            self.running += 1
+            self._line.popleft().callback(None)
 
 
 class _Discard:

@@ -1,0 +1,622 @@
+"""
+The memory and time txpypi takes to serve the root page (C{/simple/}) of an
+index as big as PyPI's, against proxpi in the same run when it is installed.
+
+Run from a checkout::
+
+    python bench/root_page.py [--projects 700000] [--stalled 10] [--keep]
+
+It starts, on free loopback ports and each in its own process (so that
+only the proxy's own memory is counted):
+
+  - the fake upstream of L{txpypi.testing}, its root page listing
+    C{--projects} generated names (JSON, with C{_last-serial} as PyPI sends
+    it, or HTML, gzip-compressed when asked for), rendered once at start;
+  - txpypi under C{twistd -n txpypi}, with C{PYTHONPATH} set to the checkout;
+  - proxpi under gunicorn (as its Docker image runs it), if it is installed
+    (C{pip install proxpi gunicorn}, the bench extra).
+
+For each proxy it GETs the root page as JSON with gzip (the first answer:
+the upstream fetch, parse and render), then as JSON without gzip, as HTML
+with and without gzip (warm answers), checks each body lists every project,
+and prints the proxy's RSS before, at its peak and after (VmRSS and VmHWM
+from C{/proc/<pid>/status}, the peak also sampled every 20 ms), and the
+time of each answer.  txpypi's RSS after serving is held against the
+150 MiB target (MET or MISSED).  Then, for txpypi only: C{--refreshes}
+times the list forgotten (C{DELETE /cache/list}) and fetched again (the
+RSS after each, which must not creep up), C{--stalled} clients that ask
+for the page and read nothing (the RSS they add), and a restart on the
+same cache directory followed by C{--parallel} parallel GETs (the stored
+copy loaded once, and the RSS that costs).  It exits 1 when the target
+is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import http.client
+import importlib.util
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+JSON_ACCEPT = "application/vnd.pypi.simple.v1+json"
+HTML_ACCEPT = "text/html"
+MIB = 1024 * 1024
+#: txpypi's RSS after serving the root page must stay under this.
+RSS_TARGET_MIB = 150.0
+
+
+# --- The upstream, in its own process ----------------------------------------------------------
+
+
+def serve_upstream(port: int, projects: int) -> None:
+    """
+    Serve the fake upstream, its root page listing C{projects} names.
+    """
+    sys.path.insert(0, str(REPO))
+    from twisted.internet import reactor
+    from twisted.web.resource import Resource
+    from twisted.web.server import Request, Site
+
+    from txpypi.testing import FakeUpstream, generated_names
+
+    fake = FakeUpstream()
+    fake.list_projects(generated_names(projects))
+
+    class Counted(Resource):
+        isLeaf = True
+
+        def render(self, request: Request) -> bytes | int:  # type: ignore[override]
+            if request.path == b"/_counts":
+                return json.dumps(fake.requests).encode()
+            return fake.render(request)
+
+    reactor.listenTCP(port, Site(Counted()), interface="127.0.0.1")  # type: ignore[attr-defined]
+    reactor.run()  # type: ignore[attr-defined]
+
+
+# --- Processes ---------------------------------------------------------------------------------
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PIP_", "UV_", "PROXPI_"))
+        and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")
+    }
+    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Service:
+    name: str
+    port: int
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class Services:
+    work: Path
+    started: list[Service] = field(default_factory=list)
+
+    def start(self, name: str, argv: Sequence[str], env: dict[str, str], port: int) -> Service:
+        log = self.work / f"{name}.log"
+        with log.open("ab") as out:
+            process = subprocess.Popen(
+                list(argv),
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.work,
+            )
+        service = Service(name, port, process, log)
+        self.started.append(service)
+        return service
+
+    def wait_ready(self, service: Service, timeout: float = 180.0) -> float:
+        start = time.monotonic()
+        while True:
+            if service.process.poll() is not None:
+                raise RuntimeError(
+                    f"{service.name} exited with {service.process.returncode}:\n{service.tail()}"
+                )
+            try:
+                with socket.create_connection(("127.0.0.1", service.port), timeout=0.5):
+                    return time.monotonic() - start
+            except OSError:
+                pass
+            if time.monotonic() - start > timeout:
+                raise RuntimeError(f"{service.name} not listening after {timeout:.0f} s:\n{service.tail()}")
+            time.sleep(0.05)
+
+    def stop(self, service: Service) -> None:
+        if service.process.poll() is None:
+            service.process.terminate()
+        try:
+            service.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            service.process.kill()
+            service.process.wait(timeout=10)
+        if service in self.started:
+            self.started.remove(service)
+
+    def stop_all(self) -> None:
+        for service in reversed(list(self.started)):
+            self.stop(service)
+
+
+def twistd_txpypi(*args: str) -> list[str]:
+    return [
+        sys.executable,
+        "-c",
+        "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
+        "-n",
+        "--pidfile=",
+        "txpypi",
+        *args,
+    ]
+
+
+# --- Memory ------------------------------------------------------------------------------------
+
+
+def status_kib(pid: int, name: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(f"{name}:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def process_tree(pid: int) -> list[int]:
+    """
+    C{pid} and all its descendants (gunicorn: the arbiter and its worker).
+    """
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rpartition(")")[2].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    tree = [pid]
+    for member in tree:
+        tree.extend(child for child, parent in parents.items() if parent == member)
+    return tree
+
+
+def rss_mib(pids: list[int]) -> float:
+    return sum(status_kib(pid, "VmRSS") for pid in pids) / 1024
+
+
+def reset_peak(pids: list[int]) -> bool:
+    """
+    Reset each process's VmHWM to its current RSS (Linux: write 5 to
+    clear_refs); whether that worked for all.
+    """
+    ok = True
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            ok = False
+    return ok
+
+
+class Sampler:
+    """
+    Samples the summed VmRSS of some processes every 20 ms, keeping the peak.
+    """
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_mib(self.pids))
+            self._stop.wait(0.02)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_mib(self.pids))
+
+
+# --- HTTP --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Answer:
+    what: str
+    status: int
+    size: int  # bytes on the wire
+    seconds: float
+    projects: int
+    x_cache: str
+    rss_after: float = 0.0  # the proxy's RSS once this answer was in, MiB
+
+
+def get_root(url: str, accept: str, gzipped: bool, what: str, timeout: float = 300.0) -> Answer:
+    parts = url.split("/", 3)
+    host, port = parts[2].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    start = time.perf_counter()
+    try:
+        conn.request(
+            "GET",
+            "/" + parts[3],
+            headers={"Accept": accept, "Accept-Encoding": "gzip" if gzipped else "identity"},
+        )
+        response = conn.getresponse()
+        body = response.read()
+        seconds = time.perf_counter() - start
+        status = response.status
+        encoding = response.getheader("content-encoding") or ""
+        x_cache = response.getheader("x-cache") or "-"
+    finally:
+        conn.close()
+    size = len(body)
+    if status != 200:
+        raise RuntimeError(f"{url} ({what}) answered {status}: {body[:200]!r}")
+    if encoding == "gzip":
+        body = gzip.decompress(body)
+    elif gzipped:
+        what += " (sent uncompressed)"
+    if b'"projects"' in body[:200]:
+        projects = len(json.loads(body)["projects"])
+    else:
+        projects = body.count(b"</a>")
+    return Answer(what, status, size, seconds, projects, x_cache)
+
+
+class StalledClient:
+    """
+    Asks for the root page as identity HTML, then reads nothing.
+    """
+
+    def __init__(self, port: int, path: str) -> None:
+        self.socket = socket.socket()
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.socket.connect(("127.0.0.1", port))
+        request = f"GET {path} HTTP/1.1\r\nHost: x\r\nAccept: text/html\r\nAccept-Encoding: identity\r\n\r\n"
+        self.socket.sendall(request.encode())
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+# --- Measuring ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    name: str
+    before: float
+    peak: float
+    hwm: float | None
+    after: float
+    settled: float
+    answers: list[Answer]
+
+
+def measure(name: str, pids: list[int], root_url: str, expected: int) -> Run:
+    before = rss_mib(pids)
+    hwm_ok = reset_peak(pids)
+    answers = []
+    with Sampler(pids) as sampler:
+        for what, accept, gzipped in (
+            ("JSON, gzip (first)", JSON_ACCEPT, True),
+            ("JSON, identity", JSON_ACCEPT, False),
+            ("HTML, gzip", HTML_ACCEPT, True),
+            ("HTML, identity", HTML_ACCEPT, False),
+            ("JSON, gzip (again)", JSON_ACCEPT, True),
+        ):
+            answer = get_root(root_url, accept, gzipped, what)
+            answer.rss_after = rss_mib(pids)
+            if answer.projects != expected:
+                raise RuntimeError(f"{name}: {what} listed {answer.projects} projects, not {expected}")
+            answers.append(answer)
+        after = rss_mib(pids)
+    hwm = sum(status_kib(pid, "VmHWM") for pid in pids) / 1024 if hwm_ok else None
+    time.sleep(3)
+    settled = rss_mib(pids)
+    return Run(name, before, max(sampler.peak, hwm or 0.0), hwm, after, settled, answers)
+
+
+def report(run: Run) -> None:
+    print(f"\n{run.name}")
+    for a in run.answers:
+        print(
+            f"  {a.what:20s} {a.seconds * 1000:7.0f} ms {a.size / MIB:6.1f} MiB on the wire,"
+            f" X-Cache {a.x_cache:4s} RSS then {a.rss_after:4.0f} MiB"
+        )
+    hwm = "" if run.hwm is None else f" (VmHWM {run.hwm:.0f})"
+    print(
+        f"  RSS: before {run.before:.0f} MiB, peak {run.peak:.0f} MiB{hwm}, "
+        f"after {run.after:.0f} MiB, 3 s later {run.settled:.0f} MiB"
+    )
+
+
+@contextmanager
+def workspace(keep: bool) -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="txpypi-root-page-"))
+    try:
+        yield path
+    finally:
+        if keep:
+            print(f"\n(kept {path})")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def start_txpypi(services: Services, port: int, upstream: Service, cache: Path, name: str) -> Service:
+    token = services.work / "admin-token"
+    if not token.exists():
+        token.write_text(secrets.token_urlsafe(24) + "\n")
+    return services.start(
+        name,
+        twistd_txpypi(
+            "--upstream",
+            f"{upstream.base}/simple/",
+            "--listen",
+            f"tcp:{port}:interface=127.0.0.1",
+            "--cache-dir",
+            str(cache),
+            "--log-format",
+            "none",
+            "--admin-token-file",
+            str(token),
+        ),
+        clean_env(PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1"),
+        port,
+    )
+
+
+def refreshes(service: Service, n: int, expected: int) -> tuple[float, list[float]]:
+    """
+    Forget the project list (the admin route) and fetch it again, C{n}
+    times: the slowest fetch's seconds, and the RSS after each.
+    """
+    token = (service.log.parent / "admin-token").read_text().strip()
+    slowest = 0.0
+    after = []
+    for _ in range(n):
+        conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=60)
+        try:
+            conn.request("DELETE", "/cache/list", headers={"Authorization": f"Bearer {token}"})
+            response = conn.getresponse()
+            response.read()
+            if response.status != 200:
+                raise RuntimeError(f"DELETE /cache/list answered {response.status}")
+        finally:
+            conn.close()
+        answer = get_root(f"{service.base}/simple/", JSON_ACCEPT, True, "refresh")
+        if answer.projects != expected or answer.x_cache != "MISS":
+            raise RuntimeError(f"refresh: {answer}")
+        slowest = max(slowest, answer.seconds)
+        after.append(rss_mib([service.process.pid]))
+    return slowest, after
+
+
+def stalled_clients(service: Service, n: int) -> tuple[float, float, float]:
+    """
+    The RSS before, with C{n} clients that read nothing of the root page
+    (once the proxy has had a second to fill their buffers), and after
+    they left.
+    """
+    pids = [service.process.pid]
+    before = rss_mib(pids)
+    clients = [StalledClient(service.port, "/simple/") for _ in range(n)]
+    try:
+        time.sleep(1.0)
+        held = rss_mib(pids)
+    finally:
+        for client in clients:
+            client.close()
+    time.sleep(1.0)
+    return before, held, rss_mib(pids)
+
+
+def parallel_after_restart(service: Service, url: str, n: int, expected: int) -> tuple[float, float, float]:
+    """
+    C{n} parallel GETs of the root page right after a restart: the seconds
+    the slowest took, the peak RSS and the RSS after.
+    """
+    pids = [service.process.pid]
+    errors: list[BaseException] = []
+    seconds: list[float] = []
+
+    def one(i: int) -> None:
+        try:
+            answer = get_root(url, JSON_ACCEPT if i % 2 else HTML_ACCEPT, i % 4 < 2, f"parallel {i}")
+            if answer.projects != expected:
+                raise RuntimeError(f"listed {answer.projects}")
+            seconds.append(answer.seconds)
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    with Sampler(pids) as sampler:
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    if errors:
+        raise RuntimeError(f"parallel GETs failed: {errors[0]!r}")
+    return max(seconds), sampler.peak, rss_mib(pids)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--projects", type=int, default=700_000)
+    parser.add_argument("--stalled", type=int, default=10, help="clients that read nothing")
+    parser.add_argument("--refreshes", type=int, default=3, help="fetches of the list again")
+    parser.add_argument("--parallel", type=int, default=8, help="parallel GETs after the restart")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--serve-upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_upstream:
+        serve_upstream(args.serve_upstream, args.projects)
+        return 0
+
+    with workspace(args.keep) as work:
+        services = Services(work)
+        try:
+            up_port, tx_port, px_port = free_ports(3)
+            upstream = services.start(
+                "upstream",
+                [
+                    sys.executable,
+                    str(Path(__file__).resolve()),
+                    "--serve-upstream",
+                    str(up_port),
+                    "--projects",
+                    str(args.projects),
+                ],
+                clean_env(PYTHONPATH=str(REPO)),
+                up_port,
+            )
+            took = services.wait_ready(upstream)
+            print(f"upstream: {args.projects} projects, ready after {took:.1f} s")
+
+            cache = work / "txpypi-cache"
+            txpypi = start_txpypi(services, tx_port, upstream, cache, "txpypi")
+            services.wait_ready(txpypi)
+            tx = measure("txpypi", [txpypi.process.pid], f"{txpypi.base}/simple/", args.projects)
+            report(tx)
+            verdict = "MET" if tx.after < RSS_TARGET_MIB else "MISSED"
+            print(
+                f"  target: RSS after serving under {RSS_TARGET_MIB:.0f} MiB: {tx.after:.0f} MiB, {verdict}"
+            )
+
+            if args.refreshes:
+                slowest, after = refreshes(txpypi, args.refreshes, args.projects)
+                print(
+                    f"  {args.refreshes} refreshes (DELETE /cache/list, then GET): slowest {slowest:.2f} s, "
+                    f"RSS after each {', '.join(f'{r:.0f}' for r in after)} MiB"
+                )
+
+            if args.stalled:
+                before, held, left = stalled_clients(txpypi, args.stalled)
+                print(
+                    f"  {args.stalled} clients that read nothing: RSS {held:.0f} MiB "
+                    f"({held - before:+.0f} MiB), {left:.0f} MiB once they left"
+                )
+
+            services.stop(txpypi)
+            restarted = start_txpypi(services, tx_port, upstream, cache, "txpypi-restarted")
+            services.wait_ready(restarted)
+            before = rss_mib([restarted.process.pid])
+            gets_before = upstream_root_gets(upstream)
+            slowest, peak, after = parallel_after_restart(
+                restarted, f"{restarted.base}/simple/", args.parallel, args.projects
+            )
+            loaded_from_store = upstream_root_gets(upstream) == gets_before
+            how = "loaded from the store" if loaded_from_store else "fetched again"
+            print(
+                f"\ntxpypi restarted: {args.parallel} parallel GETs of the stored page ({how}): "
+                f"slowest {slowest:.2f} s, RSS before {before:.0f} MiB, peak {peak:.0f} MiB,"
+                f" after {after:.0f} MiB"
+            )
+            services.stop(restarted)
+
+            if importlib.util.find_spec("proxpi") is None or importlib.util.find_spec("gunicorn") is None:
+                print("\nproxpi: not installed (pip install proxpi gunicorn), not measured")
+                return 0 if verdict == "MET" else 1
+            px_cache = work / "proxpi-cache"
+            px_cache.mkdir()
+            proxpi = services.start(
+                "proxpi",
+                [
+                    sys.executable,
+                    "-m",
+                    "gunicorn",
+                    "--preload",
+                    "--workers",
+                    "1",
+                    "--threads",
+                    "2",
+                    "--bind",
+                    f"127.0.0.1:{px_port}",
+                    "proxpi.server:app",
+                ],
+                clean_env(PROXPI_INDEX_URL=f"{upstream.base}/simple/", PROXPI_CACHE_DIR=str(px_cache)),
+                px_port,
+            )
+            services.wait_ready(proxpi)
+            time.sleep(1.0)  # gunicorn forks its worker after it listens
+            px = measure("proxpi", process_tree(proxpi.process.pid), f"{proxpi.base}/index/", args.projects)
+            report(px)
+            print(
+                f"\nratio txpypi/proxpi: RSS after {tx.after / px.after:.2f}, peak {tx.peak / px.peak:.2f}, "
+                f"first answer {tx.answers[0].seconds / px.answers[0].seconds:.2f}, "
+                f"warm JSON gzip {tx.answers[-1].seconds / px.answers[-1].seconds:.2g}"
+            )
+            return 0 if verdict == "MET" else 1
+        finally:
+            services.stop_all()
+
+
+def upstream_root_gets(upstream: Service) -> int:
+    """
+    How many times the upstream was asked for its root page.
+    """
+    with urllib.request.urlopen(f"{upstream.base}/_counts", timeout=30) as response:
+        return int(json.loads(response.read()).get("/simple/", 0))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
