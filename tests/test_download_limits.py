@@ -202,3 +202,29 @@ def test_a_client_that_leaves_leaves_the_queue_for_a_slot(tmp_path: Path, dists:
     w.agent.flush()
     assert first.finished and w.files.slots.used == 0
     assert w.fake.requests["/packages/" + GAMMA] == 0  # nobody wanted it any more
+
+
+def test_a_page_that_drips_is_given_up() -> None:
+    """
+    An index page that comes a byte a second (the idle timer never fires)
+    fails after one --read-timeout window under --min-download-rate.
+    """
+    from twisted.internet.error import TimeoutError as Timeout
+
+    from txpypi.upstream import _Collect
+
+    clock = Clock()
+    collect = _Collect(clock, 5.0, min_rate=100.0)
+    out = fired(collect.done)
+    for _ in range(4):
+        collect.dataReceived(b"x")
+        clock.advance(1)
+    assert out == []
+    clock.advance(1)
+    assert len(out) == 1 and out[0].check(Timeout) and "under 100 bytes/s" in str(out[0].value)
+    assert clock.getDelayedCalls() == []
+    fast = _Collect(clock, 5.0, min_rate=100.0)
+    for _ in range(10):
+        fast.dataReceived(b"x" * 200)
+        clock.advance(1)
+    assert not fast.done.called

@@ -64,8 +64,9 @@ def _text(request: Request, code: int, reason: str) -> bytes:
     C{no-store}.
     """
     request.setResponseCode(code)
+    headers = request.responseHeaders
+    headers.removeHeader(b"content-encoding")  # the text is sent as it is
     if code >= 400:
-        headers = request.responseHeaders
         for name in _CACHING_HEADERS:
             headers.removeHeader(name)
         headers.setRawHeaders(b"cache-control", [b"no-store"])
@@ -216,6 +217,11 @@ class PageSender:
         return self._data is not None
 
 
+#: How many distinct C{Accept} / C{Accept-Encoding} values (of at most 256
+#: bytes each: longer ones are worked out every time) have their answer kept.
+NEGOTIATED_ENTRIES = 1024
+
+
 class SimpleResource(Resource):
     """
     C{/simple/} and C{/simple/<project>/} in PEP 503 HTML or PEP 691 JSON.
@@ -242,7 +248,7 @@ class SimpleResource(Resource):
             None if accept is None else accept.decode("latin-1"),
             None if fmt is None else fmt.decode("latin-1"),
         )
-        if len(self._negotiated) < 1024:
+        if len(self._negotiated) < NEGOTIATED_ENTRIES and len(accept or b"") + len(fmt or b"") <= 256:
             self._negotiated[cache_key] = chosen
         return chosen
 
@@ -284,7 +290,7 @@ class SimpleResource(Resource):
         except UpstreamError as e:
             _finish_text(request, e.status, e.reason)
             return
-        if request._disconnected:
+        if client_gone(request):
             return
         body = self._respond(request, page, content_type, state)
         if body is None:
@@ -302,7 +308,7 @@ class SimpleResource(Resource):
         except KeyError:
             pass
         answer = accepts_gzip(header.decode("latin-1"))
-        if len(self._accepts_gzip) < 1024:
+        if len(self._accepts_gzip) < NEGOTIATED_ENTRIES and len(header) <= 256:
             self._accepts_gzip[header] = answer
         return answer
 

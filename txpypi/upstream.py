@@ -264,6 +264,7 @@ class UpstreamClient:
                     self.read_timeout,
                     gzipped=encoding in (b"gzip", b"x-gzip"),
                     limit=MAX_PAGE_BYTES if limit is None else limit,
+                    min_rate=self.min_rate,
                 )
                 response.deliverBody(collector)
                 body = await collector.done
@@ -429,26 +430,54 @@ class _Collect(Protocol):
     """
     Collects a page body, decompressing it as it arrives when it is gzip
     (at most C{limit} bytes out, however small the input), and fails: with
-    L{TimeoutError} when the upstream sends nothing for C{idle} seconds,
+    L{TimeoutError} when the upstream sends nothing for C{idle} seconds, or
+    less than C{min_rate} bytes a second over C{idle} seconds (a slow drip),
     L{PageTooLarge} past C{limit} bytes, L{Unframed} when the body only
     ended with the connection, L{BadGzip} for broken gzip.  On a failure
     before the end it drops the connection.
     """
 
-    def __init__(self, clock: IReactorTime, idle: float, gzipped: bool = False, limit: int = MAX_PAGE_BYTES):
+    def __init__(
+        self,
+        clock: IReactorTime,
+        idle: float,
+        gzipped: bool = False,
+        limit: int = MAX_PAGE_BYTES,
+        min_rate: float = 0.0,
+    ):
         self.done: Deferred[bytes] = Deferred()
         self._body = io.BytesIO()  # one growing buffer, not pieces to join
         self._size = 0
         self._limit = limit
         self._inflater = zlib.decompressobj(wbits=31) if gzipped else None
         self._idle = idle
+        self._clock = clock
         self._timer: IDelayedCall = clock.callLater(
             idle, self._fail, TimeoutError("no data from the upstream")
         )
+        self._min_rate = min_rate
+        self._received = 0
+        self._window_from = 0
+        self._rate: IDelayedCall | None = None
+        if min_rate > 0 and idle > 0:
+            self._rate = clock.callLater(idle, self._check_rate)
+
+    def _check_rate(self) -> None:
+        got = self._received - self._window_from
+        if got < self._min_rate * self._idle:
+            self._fail(
+                TimeoutError(
+                    f"the upstream sent {got} bytes in {self._idle:g} s, under {self._min_rate:g} bytes/s"
+                )
+            )
+            return
+        self._window_from = self._received
+        self._rate = self._clock.callLater(self._idle, self._check_rate)
 
     def dataReceived(self, data: bytes) -> None:
         if self.done.called:
             return
+        self._received += len(data)
         if self._timer.active():
             self._timer.reset(self._idle)
         if self._inflater is None:
@@ -470,9 +499,13 @@ class _Collect(Protocol):
         elif data:
             self._body.write(data)
 
+    def _stop_timers(self) -> None:
+        for timer in (self._timer, self._rate):
+            if timer is not None and timer.active():
+                timer.cancel()
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._timer.active():
-            self._timer.cancel()
+        self._stop_timers()
         if self.done.called:
             return
         body, self._body = self._body, io.BytesIO()
@@ -486,8 +519,7 @@ class _Collect(Protocol):
             self.done.callback(body.getvalue())
 
     def _fail(self, error: Exception) -> None:
-        if self._timer.active():
-            self._timer.cancel()
+        self._stop_timers()
         self._body = io.BytesIO()
         self.done.errback(error)
         transport: Any = self.transport
