@@ -961,6 +961,28 @@ def start_txpypi(
     )
 
 
+def start_proxpi(services: Services, work: Path, port: int, upstream: Service, threads: int = 2) -> Service:
+    """
+    Start (not wait for) proxpi on 127.0.0.1:C{port} in front of
+    C{upstream}, served the way its Docker image does it: gunicorn, one
+    worker, C{threads} threads.
+    """
+    cache = work / "proxpi-cache"
+    cache.mkdir(exist_ok=True)
+    env = clean_env(
+        PROXPI_INDEX_URL=f"{upstream.base}/simple/", PROXPI_CACHE_DIR=str(cache), PYTHONUNBUFFERED="1"
+    )
+    argv = [sys.executable, "-m", "gunicorn", "--preload", "--workers", "1", "--threads", str(threads)]
+    argv += [
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--logger-class",
+        "proxpi.server._GunicornLogger",
+        "proxpi.server:app",
+    ]
+    return services.start("proxpi", argv, env, port, work)
+
+
 def as_proxy(service: Service, work: Path) -> Proxy:
     """
     C{service}, a txpypi, as a L{Proxy} with its admin token.
@@ -1012,34 +1034,7 @@ def start_all(
         )
         started.append(txpypi)
     if only & COMPARED:
-        px_cache = work / "proxpi-cache"
-        px_cache.mkdir()
-        px_env = clean_env(
-            PROXPI_INDEX_URL=f"{upstream.base}/simple/",
-            PROXPI_CACHE_DIR=str(px_cache),
-            PYTHONUNBUFFERED="1",
-        )
-        proxpi = services.start(
-            "proxpi",
-            [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "--preload",
-                "--workers",
-                "1",
-                "--threads",
-                str(args.proxpi_threads),
-                "--bind",
-                f"127.0.0.1:{px_port}",
-                "--logger-class",
-                "proxpi.server._GunicornLogger",
-                "proxpi.server:app",
-            ],
-            px_env,
-            px_port,
-            work,
-        )
+        proxpi = start_proxpi(services, work, px_port, upstream, args.proxpi_threads)
         started.append(proxpi)
     for service in started:
         took = services.wait_ready(service)

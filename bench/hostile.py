@@ -361,31 +361,7 @@ def main(argv: list[str] | None = None) -> int:
             except ImportError:
                 print("(proxpi is not installed: txpypi alone)")
             else:
-                px_cache = work / "proxpi-cache"
-                px_cache.mkdir()
-                proxpi_service = services.start(
-                    "proxpi",
-                    [
-                        sys.executable,
-                        "-m",
-                        "gunicorn",
-                        "--preload",
-                        "--workers",
-                        "1",
-                        "--threads",
-                        "2",
-                        "--bind",
-                        f"127.0.0.1:{px_port}",
-                        "proxpi.server:app",
-                    ],
-                    core.clean_env(
-                        PROXPI_INDEX_URL=f"{upstream.base}/simple/",
-                        PROXPI_CACHE_DIR=str(px_cache),
-                        PYTHONUNBUFFERED="1",
-                    ),
-                    px_port,
-                    work,
-                )
+                proxpi_service = core.start_proxpi(services, work, px_port, upstream)
                 services.wait_ready(proxpi_service)
                 targets.append(
                     Target(
