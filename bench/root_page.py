@@ -23,7 +23,7 @@ and prints the proxy's RSS before, at its peak and after (VmRSS and VmHWM
 from C{/proc/<pid>/status}, the peak also sampled every 20 ms), and the
 time of each answer.  txpypi's RSS after serving is held against the
 150 MiB target (MET or MISSED).  Then, for txpypi only: C{--refreshes}
-times the list forgotten (C{DELETE /cache/list}) and fetched again (the
+times the list forgotten (C{DELETE /cache/}) and fetched again (the
 RSS after each, which must not creep up), C{--stalled} clients that ask
 for the page and read nothing (the RSS they add), and a restart on the
 same cache directory followed by C{--parallel} parallel GETs (the stored
@@ -38,22 +38,20 @@ import gzip
 import http.client
 import importlib.util
 import json
-import os
 import secrets
-import shutil
 import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench as core
+
+REPO = core.REPO
 JSON_ACCEPT = "application/vnd.pypi.simple.v1+json"
 HTML_ACCEPT = "text/html"
 MIB = 1024 * 1024
@@ -90,189 +88,18 @@ def serve_upstream(port: int, projects: int) -> None:
     reactor.run()  # type: ignore[attr-defined]
 
 
-# --- Processes ---------------------------------------------------------------------------------
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("PIP_", "UV_", "PROXPI_"))
-        and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")
-    }
-    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
-    env.update(extra)
-    return env
-
-
-@dataclass
-class Service:
-    name: str
-    port: int
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-
-@dataclass
-class Services:
-    work: Path
-    started: list[Service] = field(default_factory=list)
-
-    def start(self, name: str, argv: Sequence[str], env: dict[str, str], port: int) -> Service:
-        log = self.work / f"{name}.log"
-        with log.open("ab") as out:
-            process = subprocess.Popen(
-                list(argv),
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                cwd=self.work,
-            )
-        service = Service(name, port, process, log)
-        self.started.append(service)
-        return service
-
-    def wait_ready(self, service: Service, timeout: float = 180.0) -> float:
-        start = time.monotonic()
-        while True:
-            if service.process.poll() is not None:
-                raise RuntimeError(
-                    f"{service.name} exited with {service.process.returncode}:\n{service.tail()}"
-                )
-            try:
-                with socket.create_connection(("127.0.0.1", service.port), timeout=0.5):
-                    return time.monotonic() - start
-            except OSError:
-                pass
-            if time.monotonic() - start > timeout:
-                raise RuntimeError(f"{service.name} not listening after {timeout:.0f} s:\n{service.tail()}")
-            time.sleep(0.05)
-
-    def stop(self, service: Service) -> None:
-        if service.process.poll() is None:
-            service.process.terminate()
-        try:
-            service.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            service.process.kill()
-            service.process.wait(timeout=10)
-        if service in self.started:
-            self.started.remove(service)
-
-    def stop_all(self) -> None:
-        for service in reversed(list(self.started)):
-            self.stop(service)
-
-
-def twistd_txpypi(*args: str) -> list[str]:
-    return [
-        sys.executable,
-        "-c",
-        "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
-        "-n",
-        "--pidfile=",
-        "txpypi",
-        *args,
-    ]
-
-
-# --- Memory ------------------------------------------------------------------------------------
-
-
-def status_kib(pid: int, name: str) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(f"{name}:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
-def process_tree(pid: int) -> list[int]:
-    """
-    C{pid} and all its descendants (gunicorn: the arbiter and its worker).
-    """
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parents[int(entry)] = int(f.read().rpartition(")")[2].split()[1])
-            except (OSError, ValueError, IndexError):
-                pass
-    tree = [pid]
-    for member in tree:
-        tree.extend(child for child, parent in parents.items() if parent == member)
-    return tree
+# --- Memory (the processes are bench.py's) ---------------------------------------------------
 
 
 def rss_mib(pids: list[int]) -> float:
-    return sum(status_kib(pid, "VmRSS") for pid in pids) / 1024
+    return sum(core._status_kb(pid, "VmRSS") or 0 for pid in pids) / 1024
 
 
 def reset_peak(pids: list[int]) -> bool:
     """
-    Reset each process's VmHWM to its current RSS (Linux: write 5 to
-    clear_refs); whether that worked for all.
+    Reset each process's VmHWM to its current RSS; whether that worked for all.
     """
-    ok = True
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            ok = False
-    return ok
-
-
-class Sampler:
-    """
-    Samples the summed VmRSS of some processes every 20 ms, keeping the peak.
-    """
-
-    def __init__(self, pids: list[int]) -> None:
-        self.pids = pids
-        self.peak = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_mib(self.pids))
-            self._stop.wait(0.02)
-
-    def __enter__(self) -> Sampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_mib(self.pids))
+    return all([core.reset_hwm(pid) for pid in pids])
 
 
 # --- HTTP --------------------------------------------------------------------------------------
@@ -356,7 +183,7 @@ def measure(name: str, pids: list[int], root_url: str, expected: int) -> Run:
     before = rss_mib(pids)
     hwm_ok = reset_peak(pids)
     answers = []
-    with Sampler(pids) as sampler:
+    with core.RssSampler(pids, interval=0.02) as sampler:
         for what, accept, gzipped in (
             ("JSON, gzip (first)", JSON_ACCEPT, True),
             ("JSON, identity", JSON_ACCEPT, False),
@@ -370,10 +197,10 @@ def measure(name: str, pids: list[int], root_url: str, expected: int) -> Run:
                 raise RuntimeError(f"{name}: {what} listed {answer.projects} projects, not {expected}")
             answers.append(answer)
         after = rss_mib(pids)
-    hwm = sum(status_kib(pid, "VmHWM") for pid in pids) / 1024 if hwm_ok else None
+    hwm = sum(core._status_kb(pid, "VmHWM") or 0 for pid in pids) / 1024 if hwm_ok else None
     time.sleep(3)
     settled = rss_mib(pids)
-    return Run(name, before, max(sampler.peak, hwm or 0.0), hwm, after, settled, answers)
+    return Run(name, before, max(sampler.peak_kb / 1024, hwm or 0.0), hwm, after, settled, answers)
 
 
 def report(run: Run) -> None:
@@ -390,42 +217,19 @@ def report(run: Run) -> None:
     )
 
 
-@contextmanager
-def workspace(keep: bool) -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="txpypi-root-page-"))
-    try:
-        yield path
-    finally:
-        if keep:
-            print(f"\n(kept {path})")
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def start_txpypi(services: Services, port: int, upstream: Service, cache: Path, name: str) -> Service:
-    token = services.work / "admin-token"
+def start_txpypi(
+    services: core.Services, work: Path, port: int, upstream: core.Service, name: str
+) -> core.Service:
+    token = work / "admin-token"
     if not token.exists():
         token.write_text(secrets.token_urlsafe(24) + "\n")
-    return services.start(
-        name,
-        twistd_txpypi(
-            "--upstream",
-            f"{upstream.base}/simple/",
-            "--listen",
-            f"tcp:{port}:interface=127.0.0.1",
-            "--cache-dir",
-            str(cache),
-            "--log-format",
-            "none",
-            "--admin-token-file",
-            str(token),
-        ),
-        clean_env(PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1"),
-        port,
+    cache = work / "txpypi-cache"
+    return core.start_txpypi(
+        services, work, name, port, upstream, "--cache-dir", str(cache), "--log-format", "none"
     )
 
 
-def refreshes(service: Service, n: int, expected: int) -> tuple[float, list[float]]:
+def refreshes(service: core.Service, n: int, expected: int) -> tuple[float, list[float]]:
     """
     Forget the project list (the admin route) and fetch it again, C{n}
     times: the slowest fetch's seconds, and the RSS after each.
@@ -436,11 +240,11 @@ def refreshes(service: Service, n: int, expected: int) -> tuple[float, list[floa
     for _ in range(n):
         conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=60)
         try:
-            conn.request("DELETE", "/cache/list", headers={"Authorization": f"Bearer {token}"})
+            conn.request("DELETE", "/cache/", headers={"Authorization": f"Bearer {token}"})
             response = conn.getresponse()
             response.read()
             if response.status != 200:
-                raise RuntimeError(f"DELETE /cache/list answered {response.status}")
+                raise RuntimeError(f"DELETE /cache/ answered {response.status}")
         finally:
             conn.close()
         answer = get_root(f"{service.base}/simple/", JSON_ACCEPT, True, "refresh")
@@ -451,7 +255,7 @@ def refreshes(service: Service, n: int, expected: int) -> tuple[float, list[floa
     return slowest, after
 
 
-def stalled_clients(service: Service, n: int) -> tuple[float, float, float]:
+def stalled_clients(service: core.Service, n: int) -> tuple[float, float, float]:
     """
     The RSS before, with C{n} clients that read nothing of the root page
     (once the proxy has had a second to fill their buffers), and after
@@ -470,7 +274,9 @@ def stalled_clients(service: Service, n: int) -> tuple[float, float, float]:
     return before, held, rss_mib(pids)
 
 
-def parallel_after_restart(service: Service, url: str, n: int, expected: int) -> tuple[float, float, float]:
+def parallel_after_restart(
+    service: core.Service, url: str, n: int, expected: int
+) -> tuple[float, float, float]:
     """
     C{n} parallel GETs of the root page right after a restart: the seconds
     the slowest took, the peak RSS and the RSS after.
@@ -488,7 +294,7 @@ def parallel_after_restart(service: Service, url: str, n: int, expected: int) ->
         except BaseException as e:  # reported below
             errors.append(e)
 
-    with Sampler(pids) as sampler:
+    with core.RssSampler(pids, interval=0.02) as sampler:
         threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
         for t in threads:
             t.start()
@@ -496,7 +302,7 @@ def parallel_after_restart(service: Service, url: str, n: int, expected: int) ->
             t.join()
     if errors:
         raise RuntimeError(f"parallel GETs failed: {errors[0]!r}")
-    return max(seconds), sampler.peak, rss_mib(pids)
+    return max(seconds), sampler.peak_kb / 1024, rss_mib(pids)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -512,10 +318,10 @@ def main(argv: list[str] | None = None) -> int:
         serve_upstream(args.serve_upstream, args.projects)
         return 0
 
-    with workspace(args.keep) as work:
-        services = Services(work)
+    with core.workspace(args.keep) as work:
+        services = core.Services()
         try:
-            up_port, tx_port, px_port = free_ports(3)
+            up_port, tx_port, px_port = core.free_ports(3)
             upstream = services.start(
                 "upstream",
                 [
@@ -526,14 +332,14 @@ def main(argv: list[str] | None = None) -> int:
                     "--projects",
                     str(args.projects),
                 ],
-                clean_env(PYTHONPATH=str(REPO)),
+                core.clean_env(PYTHONPATH=str(REPO)),
                 up_port,
+                work,
             )
-            took = services.wait_ready(upstream)
+            took = services.wait_ready(upstream, timeout=180.0)
             print(f"upstream: {args.projects} projects, ready after {took:.1f} s")
 
-            cache = work / "txpypi-cache"
-            txpypi = start_txpypi(services, tx_port, upstream, cache, "txpypi")
+            txpypi = start_txpypi(services, work, tx_port, upstream, "txpypi")
             services.wait_ready(txpypi)
             tx = measure("txpypi", [txpypi.process.pid], f"{txpypi.base}/simple/", args.projects)
             report(tx)
@@ -545,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.refreshes:
                 slowest, after = refreshes(txpypi, args.refreshes, args.projects)
                 print(
-                    f"  {args.refreshes} refreshes (DELETE /cache/list, then GET): slowest {slowest:.2f} s, "
+                    f"  {args.refreshes} refreshes (DELETE /cache/, then GET): slowest {slowest:.2f} s, "
                     f"RSS after each {', '.join(f'{r:.0f}' for r in after)} MiB"
                 )
 
@@ -557,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
 
             services.stop(txpypi)
-            restarted = start_txpypi(services, tx_port, upstream, cache, "txpypi-restarted")
+            restarted = start_txpypi(services, work, tx_port, upstream, "txpypi-restarted")
             services.wait_ready(restarted)
             before = rss_mib([restarted.process.pid])
             gets_before = upstream_root_gets(upstream)
@@ -576,29 +382,12 @@ def main(argv: list[str] | None = None) -> int:
             if importlib.util.find_spec("proxpi") is None or importlib.util.find_spec("gunicorn") is None:
                 print("\nproxpi: not installed (pip install proxpi gunicorn), not measured")
                 return 0 if verdict == "MET" else 1
-            px_cache = work / "proxpi-cache"
-            px_cache.mkdir()
-            proxpi = services.start(
-                "proxpi",
-                [
-                    sys.executable,
-                    "-m",
-                    "gunicorn",
-                    "--preload",
-                    "--workers",
-                    "1",
-                    "--threads",
-                    "2",
-                    "--bind",
-                    f"127.0.0.1:{px_port}",
-                    "proxpi.server:app",
-                ],
-                clean_env(PROXPI_INDEX_URL=f"{upstream.base}/simple/", PROXPI_CACHE_DIR=str(px_cache)),
-                px_port,
-            )
+            proxpi = core.start_proxpi(services, work, px_port, upstream)
             services.wait_ready(proxpi)
             time.sleep(1.0)  # gunicorn forks its worker after it listens
-            px = measure("proxpi", process_tree(proxpi.process.pid), f"{proxpi.base}/index/", args.projects)
+            px = measure(
+                "proxpi", core.process_tree(proxpi.process.pid), f"{proxpi.base}/index/", args.projects
+            )
             report(px)
             print(
                 f"\nratio txpypi/proxpi: RSS after {tx.after / px.after:.2f}, peak {tx.peak / px.peak:.2f}, "
@@ -610,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
             services.stop_all()
 
 
-def upstream_root_gets(upstream: Service) -> int:
+def upstream_root_gets(upstream: core.Service) -> int:
     """
     How many times the upstream was asked for its root page.
     """
