@@ -46,11 +46,11 @@ def test_slots_queue_in_order_and_time_out() -> None:
     clock.advance(1)
     assert len(e) == 1 and e[0].check(Busy)  # waited its timeout
     assert e[0].value.retry_after > 0
-    slots.set_limit(3)
-    assert d == [None] and slots.used == 3
+    slots.limit = 3
+    assert d == [None] and slots.running == 3
     for _ in range(3):
         slots.release()
-    assert slots.used == 0 and clock.getDelayedCalls() == []
+    assert slots.running == 0 and clock.getDelayedCalls() == []
 
 
 def test_a_waiter_that_leaves_leaves_the_queue() -> None:
@@ -60,8 +60,9 @@ def test_a_waiter_that_leaves_leaves_the_queue() -> None:
     waiting = slots.acquire(5)
     waiting.addErrback(lambda f: f.trap(CancelledError, Busy))
     waiting.cancel()
+    assert slots.waiting == 0  # out of the line at once
     slots.release()
-    assert slots.used == 0
+    assert slots.running == 0 and clock.getDelayedCalls() == []
 
 
 @pytest_twisted.ensureDeferred
@@ -171,14 +172,14 @@ def test_a_download_that_cannot_start_gives_its_slot_back(tmp_path: Path, dists:
     from tests.test_file_answers import world
 
     w = world(tmp_path, dists)
-    w.files.slots.set_limit(1)
+    w.files.slots.limit = 1
     os.rmdir(w.spool)
     request, _ = w.get(f"/files/gamma/{GAMMA}")
     assert request.finished and request.code == 503
-    assert w.files.slots.used == 0 and not w.files.flights
+    assert w.files.slots.running == 0 and not w.files.flights
     w.spool.mkdir()
     request, _ = w.get(f"/files/gamma/{GAMMA}")
-    assert request.finished and request.code == 200 and w.files.slots.used == 0
+    assert request.finished and request.code == 200 and w.files.slots.running == 0
 
 
 def test_a_client_that_leaves_leaves_the_queue_for_a_slot(tmp_path: Path, dists: list[Dist]) -> None:
@@ -190,17 +191,17 @@ def test_a_client_that_leaves_leaves_the_queue_for_a_slot(tmp_path: Path, dists:
     from tests.test_file_answers import gone, world
 
     w = world(tmp_path, dists)
-    w.files.slots.set_limit(1)
+    w.files.slots.limit = 1
     rest: Deferred[None] = Deferred()
     w.fake.holds[BIG] = rest
     first, _ = w.get(f"/files/big/{BIG}")
     waiting, _ = w.get(f"/files/gamma/{GAMMA}")
-    assert w.files.slots.used == 1 and len(w.files.slots._queue) == 1
+    assert w.files.slots.running == 1 and w.files.slots.waiting == 1
     gone(waiting)
-    assert len(w.files.slots._queue) == 0
+    assert w.files.slots.waiting == 0
     rest.callback(None)
     w.agent.flush()
-    assert first.finished and w.files.slots.used == 0
+    assert first.finished and w.files.slots.running == 0
     assert w.fake.requests["/packages/" + GAMMA] == 0  # nobody wanted it any more
 
 

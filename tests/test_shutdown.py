@@ -154,7 +154,7 @@ def test_at_shutdown_no_download_starts_and_stopped_ones_are_waited_for(
     once the stopped download has cleaned up after itself.
     """
     w = world(tmp_path, dists)
-    w.files.slots.set_limit(1)
+    w.files.slots.limit = 1
     w.fake.holds[BIG] = Deferred()
     running, _ = w.get(f"/files/big/{BIG}")
     queued, _ = w.get(f"/files/gamma/{GAMMA}")

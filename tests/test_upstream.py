@@ -135,7 +135,7 @@ def test_limiter_queues_past_its_limit_and_times_out() -> None:
     limiter = Limiter(clock, 2)
     got: list[Any] = []
     for _ in range(4):
-        Deferred.fromCoroutine(limiter.acquire(30)).addBoth(got.append)
+        limiter.acquire(30).addBoth(got.append)
     assert got == [None, None] and limiter.running == 2 and limiter.waiting == 2
     limiter.release()
     assert got == [None, None, None] and limiter.running == 2 and limiter.waiting == 1
@@ -143,7 +143,7 @@ def test_limiter_queues_past_its_limit_and_times_out() -> None:
     assert len(got) == 3
     limiter.limit = 3  # SIGHUP raised it: the one in line goes
     assert got[3] is None and limiter.running == 3 and limiter.waiting == 0
-    Deferred.fromCoroutine(limiter.acquire(5)).addBoth(got.append)
+    limiter.acquire(5).addBoth(got.append)
     clock.advance(5)
     error = got[4].value
     assert isinstance(error, UpstreamError) and error.status == 504

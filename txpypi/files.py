@@ -6,15 +6,14 @@ from the URL that the project's upstream index page listed.
 from __future__ import annotations
 
 import os
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from txpypi.download import (
     ByteSource,
@@ -35,6 +34,7 @@ from txpypi.outages import Unavailable
 from txpypi.pages import NotFound, PageCache, SingleFlight
 from txpypi.peer import owner_url, peer_path
 from txpypi.stores import IFileStore
+from txpypi.turns import Turns
 from txpypi.upstream import UpstreamClient
 
 log = Logger()
@@ -681,7 +681,7 @@ class FileCache:
             log.warn(
                 "refused {filename}: {n} downloads in progress for {timeout:g} s",
                 filename=wanted.filename,
-                n=self.slots.used,
+                n=self.slots.running,
                 timeout=timeout,
             )
             raise
@@ -778,63 +778,18 @@ class Busy(Exception):
         self.retry_after = retry_after
 
 
-@attrs.define
-class Slots:
+class Slots(Turns):
     """
-    At most C{limit} downloads at a time.  A download over the limit waits
-    for a slot in a queue (in order); each waiter waits at most its own
-    timeout.  The queue is bounded by the clients that wait in it: each
-    holds a connection (see C{--max-connections}) and leaves at its
-    timeout.
+    At most C{limit} downloads at a time (C{--max-downloads}); a download
+    over it waits for a slot (see L{Turns}), then fails with L{Busy}.
     """
 
-    _clock: IReactorTime
-    limit: int = 16
-    used: int = 0
-    _queue: deque[Deferred[None]] = attrs.field(factory=deque)
+    def __init__(self, clock: IReactorTime, limit: int = 16) -> None:
+        super().__init__(clock, limit, _busy)
 
-    def acquire(self, timeout: float) -> Deferred[None]:
-        """
-        Fire once a slot is ours.
 
-        @raise Busy: (as the Deferred's failure) after C{timeout} seconds.
-        """
-        if self.used < self.limit and not self._queue:
-            self.used += 1
-            return succeed(None)
-        waiter: Deferred[None] = Deferred(lambda d: self._queue.remove(d))
-        self._queue.append(waiter)
-        timer = self._clock.callLater(timeout, waiter.cancel)
-
-        def over(result: object) -> object:
-            if timer.active():
-                timer.cancel()
-            if isinstance(result, Failure) and result.check(CancelledError):
-                return Failure(Busy(f"{self.used} downloads are in progress; try again shortly"))
-            return result
-
-        return waiter.addBoth(over)
-
-    def release(self) -> None:
-        self.used -= 1
-        self._wake()
-
-    def set_limit(self, limit: int) -> None:
-        self.limit = limit
-        self._wake()
-
-    def refuse_waiters(self, error: Exception) -> None:
-        """
-        Fail every request waiting for a slot (at shutdown).
-        """
-        waiting, self._queue = self._queue, deque()
-        for waiter in waiting:
-            waiter.errback(error)
-
-    def _wake(self) -> None:
-        while self._queue and self.used < self.limit:
-            self.used += 1
-            self._queue.popleft().callback(None)
+def _busy(timeout: float, running: int) -> Exception:
+    return Busy(f"{running} downloads are in progress; try again shortly")
 
 
 async def _first_of(work: Deferred[Any], seconds: float, clock: IReactorTime) -> None:

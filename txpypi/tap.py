@@ -497,7 +497,7 @@ def apply_live(settings: config.Settings, proxy: Proxy, drain: DrainService) -> 
     client.read_timeout = settings.read_timeout
     client.min_rate = settings.min_download_rate
     files.max_size = settings.max_cache_size
-    files.slots.set_limit(settings.max_downloads)
+    files.slots.limit = settings.max_downloads
     proxy.admin_token = settings.admin_token
     proxy.s3_redirect_ttl = settings.s3_redirect_ttl if settings.s3_redirect else None
     proxy.log_format = settings.log_format
@@ -671,7 +671,7 @@ def build(settings: config.Settings, reactor: Any) -> tuple[MultiService, Proxy]
         run_spooling=partial(deferToThreadPool, reactor, spool_pool),
         journal=CommitJournal(str(cache_dir / "commits")),
     )
-    files.slots.set_limit(settings.max_downloads)
+    files.slots.limit = settings.max_downloads
     CacheUpkeepService(files, reactor).setServiceParent(service)
     # Back from an outage: learn the cache's size again (it may have been
     # unknown since start-up, or changed meanwhile).

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import zlib
-from collections import deque
 from typing import Any
 from urllib.parse import quote, urljoin
 
@@ -41,6 +40,7 @@ from txpypi.fetchpolicy import (
 )
 from txpypi.guarded import Dialer, HopEndpoints, PageEndpoints, RefusalLog, TaggedPool
 from txpypi.index import UPSTREAM_ACCEPT
+from txpypi.turns import Turns
 
 USER_AGENT = f"txpypi/{__version__}".encode()
 #: Answers that redirect a GET.
@@ -527,67 +527,20 @@ class _Collect(Protocol):
             transport.stopProducing()  # deliverBody's transport is an IPushProducer
 
 
-class Limiter:
+class Limiter(Turns):
     """
-    At most C{limit} upstream requests at a time; the others wait their
-    turn in line, each for at most the timeout it gives, then fail with a
-    504.  The line holds one entry per request that waits, so it is as
-    long as the clients waiting on those requests make it.
+    At most C{limit} upstream page requests at a time; the others wait
+    their turn (see L{Turns}), then fail with a 504.
     """
 
     def __init__(self, clock: IReactorTime, limit: int) -> None:
-        self._clock = clock
-        self._limit = limit
-        self.running = 0
-        self._line: deque[Deferred[None]] = deque()
+        super().__init__(clock, limit, _waited_too_long)
 
-    @property
-    def limit(self) -> int:
-        return self._limit
 
-    @limit.setter
-    def limit(self, value: int) -> None:
-        self._limit = value
-        self._wake()
-
-    @property
-    def waiting(self) -> int:
-        return len(self._line)
-
-    async def acquire(self, timeout: float) -> None:
-        """
-        Wait for a turn (then call L{release} once done).
-
-        @raise UpstreamError: 504, when no turn came within C{timeout}.
-        """
-        if self.running < self._limit and not self._line:
-            self.running += 1
-            return
-        turn: Deferred[None] = Deferred()
-        self._line.append(turn)
-        timer = self._clock.callLater(timeout, self._give_up, turn, timeout)
-        try:
-            await turn
-        finally:
-            if timer.active():
-                timer.cancel()
-
-    def _give_up(self, turn: Deferred[None], timeout: float) -> None:
-        self._line.remove(turn)
-        turn.errback(
-            UpstreamError(
-                504, f"waited {timeout:g} s for one of the {self._limit} upstream requests in progress to end"
-            )
-        )
-
-    def release(self) -> None:
-        self.running -= 1
-        self._wake()
-
-    def _wake(self) -> None:
-        while self._line and self.running < self._limit:
-            self.running += 1
-            self._line.popleft().callback(None)
+def _waited_too_long(timeout: float, running: int) -> Exception:
+    return UpstreamError(
+        504, f"waited {timeout:g} s for one of the {running} upstream requests in progress to end"
+    )
 
 
 class _Discard:
