@@ -22,10 +22,10 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 
 from tests.servers import redis_server, s3_bucket, seaweedfs  # noqa: F401  (fixtures)
-from txpypi.app import Proxy
 from txpypi.config import Settings
 from txpypi.tap import build
 from txpypi.testing import Dist, FakeUpstream, build_sdist, build_wheel
+from txpypi.web.app import Proxy
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -160,7 +160,7 @@ class S3:
     prefix: str
 
     def client(self) -> object:
-        from txpypi.s3store import make_client
+        from txpypi.storage.s3 import make_client
 
         return make_client(self.endpoint, "us-east-1")
 
@@ -226,7 +226,7 @@ def _start_seaweedfs(binary: str, directory: Path) -> tuple[subprocess.Popen[byt
     ]
     process = subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{ports['s']}"
-    from txpypi.s3store import make_client
+    from txpypi.storage.s3 import make_client
 
     client = make_client(endpoint, "us-east-1")
 

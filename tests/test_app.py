@@ -20,12 +20,12 @@ from twisted.internet.defer import Deferred
 from twisted.web.server import Request
 from twisted.web.test.requesthelper import DummyChannel
 
-import txpypi.app
+import txpypi.web.app
 from tests.conftest import Running, Served, get_reactor
-from txpypi.app import PAGE_SLICE, PageSender
-from txpypi.index import JSON_V1
-from txpypi.pages import INFLATE_ABOVE, Body
+from txpypi.cache.pages import INFLATE_ABOVE, Body
+from txpypi.core.index import JSON_V1
 from txpypi.testing import FakeUpstream, build_wheel, generated_names
+from txpypi.web.app import PAGE_SLICE, PageSender
 
 
 class PausingTransport(DummyChannel.TCP):
@@ -83,9 +83,9 @@ def test_a_page_goes_out_in_slices_under_back_pressure(gzip_only: bool) -> None:
     body = Body.of(data)
     assert (body.identity is None) is (len(data) > INFLATE_ABOVE) and body.identity is None
     representation = (
-        txpypi.pages.Representation(body.gzip, len(data), True, "e")
+        txpypi.cache.pages.Representation(body.gzip, len(data), True, "e")
         if gzip_only
-        else txpypi.pages.Representation(data, len(data), False, "e")
+        else txpypi.cache.pages.Representation(data, len(data), False, "e")
     )
     transport = PausingTransport(limit=64 * 1024)
     request = _request(transport)
@@ -109,7 +109,7 @@ def test_a_stopped_sender_lets_go_of_the_body() -> None:
     data = b"x" * (4 * PAGE_SLICE)
     transport = PausingTransport(limit=PAGE_SLICE)
     request = _request(transport)
-    sender = PageSender(request, txpypi.pages.Representation(data, len(data), False, "e"))
+    sender = PageSender(request, txpypi.cache.pages.Representation(data, len(data), False, "e"))
     sender.start()
     assert sender._paused and sender.holding
     sender.stopProducing()  # the connection went away
@@ -122,7 +122,7 @@ def test_a_client_that_leaves_releases_the_body() -> None:
     data = b"x" * (4 * PAGE_SLICE)
     transport = PausingTransport(limit=PAGE_SLICE)
     request = _request(transport)
-    sender = PageSender(request, txpypi.pages.Representation(data, len(data), False, "e"))
+    sender = PageSender(request, txpypi.cache.pages.Representation(data, len(data), False, "e"))
     sender.start()
     request.connectionLost(Exception("gone"))
     assert not sender.holding

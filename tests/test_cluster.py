@@ -45,8 +45,8 @@ from tests.servers import S3, Redis, RedisProcess, S3Gateway, SeaweedFS, redis_p
 from tests.test_install import assert_imports, run
 from tests.test_operations import sample
 from tests.test_proxy import find, header
-from txpypi.s3store import PROBE_KEY
-from txpypi.stores import file_key
+from txpypi.storage.s3 import PROBE_KEY
+from txpypi.storage.stores import file_key
 from txpypi.testing import Dist, FakeUpstream, build_wheel
 
 T = TypeVar("T")
@@ -541,7 +541,7 @@ WARM_UP_KEY = "txpypi-warm-up"
 BETA = "beta-1.1-py3-none-any.whl"
 GAMMA = "gamma-0.5-py3-none-any.whl"
 
-#: The log lines that start and end an outage (L{txpypi.outages.Outage}).
+#: The log lines that start and end an outage (L{txpypi.storage.outages.Outage}).
 REDIS_FAILING = rb"the metadata store \(Redis\) is failing: "
 REDIS_BACK = rb"the metadata store \(Redis\) is back after "
 S3_FAILING = rb"the file store \(S3\) is failing: "

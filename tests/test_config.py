@@ -215,7 +215,7 @@ def test_peer_options(tmp_path: Path) -> None:
 
 
 def test_redis_url() -> None:
-    from txpypi.redismeta import parse_redis_url
+    from txpypi.storage.redismeta import parse_redis_url
 
     url = parse_redis_url("rediss://:p%40ss@cache.example:6390/3")
     assert (url.host, url.port, url.db, url.password, url.tls) == ("cache.example", 6390, 3, "p@ss", True)

@@ -21,7 +21,7 @@ from tests.conftest import Served, get_reactor
 from tests.test_file_answers import fetch
 from tests.test_flight import DATA, harness
 from tests.test_proxy import find, header
-from txpypi.files import Busy, Slots
+from txpypi.cache.files import Busy, Slots
 from txpypi.testing import Dist
 
 GAMMA = "gamma-0.5-py3-none-any.whl"
@@ -212,7 +212,7 @@ def test_a_page_that_drips_is_given_up() -> None:
     """
     from twisted.internet.error import TimeoutError as Timeout
 
-    from txpypi.upstream import _Collect
+    from txpypi.fetch.upstream import _Collect
 
     clock = Clock()
     collect = _Collect(clock, 5.0, min_rate=100.0)

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from txpypi.fetchpolicy import (
+from txpypi.core.fetchpolicy import (
     MAX_REDIRECTS,
     FetchPolicy,
     FileHost,

@@ -31,16 +31,16 @@ from twisted.web.test.requesthelper import DummyChannel
 
 from tests.conftest import Served, get_reactor
 from tests.test_proxy import find, header
-from txpypi.app import FilesResource, PeerResource
-from txpypi.fileplan import plan_file
-from txpypi.files import FileCache
-from txpypi.httpheaders import Unsatisfiable, parse_range
-from txpypi.metadata import MemoryMetadata
-from txpypi.pages import PageCache
-from txpypi.peer import HEADER as PEER_HEADER
-from txpypi.peer import peer_path, sign
+from txpypi.cache.files import FileCache
+from txpypi.cache.pages import PageCache
+from txpypi.core.fileplan import plan_file
+from txpypi.core.httpheaders import Unsatisfiable, parse_range
+from txpypi.core.peer import HEADER as PEER_HEADER
+from txpypi.core.peer import peer_path, sign
+from txpypi.fetch.upstream import Upstream, UpstreamClient
+from txpypi.storage.metadata import MemoryMetadata
 from txpypi.testing import Dist, FakeUpstream, MemoryStore
-from txpypi.upstream import Upstream, UpstreamClient
+from txpypi.web.app import FilesResource, PeerResource
 
 GAMMA = "gamma-0.5-py3-none-any.whl"
 BIG = "big-1.0-py3-none-any.whl"

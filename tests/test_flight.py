@@ -20,9 +20,10 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from txpypi import download
-from txpypi.download import Flight, FlightFailed, Wanted
-from txpypi.metadata import FileRecord, MemoryMetadata
+from txpypi.concurrency.waiters import in_thread_now
+from txpypi.fetch import download
+from txpypi.fetch.download import Flight, FlightFailed, Wanted
+from txpypi.storage.metadata import FileRecord, MemoryMetadata
 from txpypi.testing import MemoryStore
 
 DATA = b"0123456789" * 100
@@ -133,7 +134,7 @@ def harness(
         clock,
         lambda f, record: landed.append(record),
         read_timeout=5.0,
-        run=run or download.inline,
+        run=run or in_thread_now,
     )
     flight.start()
     return Harness(flight, response, clock, store, landed, tmp_path)

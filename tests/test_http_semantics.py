@@ -19,7 +19,7 @@ from twisted.web.http_headers import Headers
 
 from tests.conftest import Served, get_reactor
 from tests.test_proxy import _Collector, cached_files, find, header
-from txpypi.httpheaders import Unsatisfiable, accepts_gzip, etag_matches, parse_range
+from txpypi.core.httpheaders import Unsatisfiable, accepts_gzip, etag_matches, parse_range
 from txpypi.testing import Dist
 
 BIG = "big-1.0-py3-none-any.whl"

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from txpypi.index import (
+from txpypi.core.index import (
     HTML_LEGACY,
     HTML_V1,
     JSON_V1,
@@ -186,7 +186,7 @@ def test_nonsense_repository_version_is_read_as_1_0() -> None:
     ],
 )
 def test_bad_json_is_refused(body: bytes) -> None:
-    from txpypi.index import IndexParseError
+    from txpypi.core.index import IndexParseError
 
     with pytest.raises(IndexParseError):
         parse_project_json("demo", body, BASE)
@@ -261,7 +261,7 @@ def _html_view(f: DistFile) -> DistFile:
     What HTML can carry of a file: one hash, no size or upload time, and
     core-metadata hashes reduced to the strongest.
     """
-    from txpypi.names import strongest_hash
+    from txpypi.core.names import strongest_hash
 
     best = strongest_hash(f.hashes)
     metadata = f.core_metadata
@@ -311,7 +311,7 @@ def test_arbitrary_hrefs_never_raise_but_index_parse_error(href: str, base: str)
     """
     from html import escape as html_escape
 
-    from txpypi.index import IndexParseError
+    from txpypi.core.index import IndexParseError
 
     escaped = html_escape(href)
     link = f'<a href="{escaped}">demo-1.0.tar.gz</a>'
@@ -399,8 +399,8 @@ def test_the_project_list_parser_agrees_with_json_loads(
     or refuses (IndexParseError) what json.loads refuses, on documents with
     random bytes changed, deleted or inserted, cut into slices of any size.
     """
-    import txpypi.index
-    from txpypi.index import IndexParseError
+    import txpypi.core.index
+    from txpypi.core.index import IndexParseError
 
     nested = {"x": [{}, {"y": "},{"}]}  # brackets and a "},{" that are not between projects
     document = {
@@ -417,14 +417,14 @@ def test_the_project_list_parser_agrees_with_json_loads(
         else:
             body.insert(position, byte)
     expected = _reference_names(bytes(body))
-    original = txpypi.index.LIST_SLICE
-    txpypi.index.LIST_SLICE = slice_size
+    original = txpypi.core.index.LIST_SLICE
+    txpypi.core.index.LIST_SLICE = slice_size
     try:
         got: tuple[str, ...] | None = parse_project_list(bytes(body), JSON_V1).projects
     except IndexParseError:
         got = None
     finally:
-        txpypi.index.LIST_SLICE = original
+        txpypi.core.index.LIST_SLICE = original
     if got is None and expected is not None:
         # Our api-version check is stricter than the reference's: it must say so.
         with pytest.raises(IndexParseError, match="api-version"):
@@ -434,7 +434,7 @@ def test_the_project_list_parser_agrees_with_json_loads(
 
 
 def test_project_list_is_one_blob() -> None:
-    from txpypi.index import ProjectList
+    from txpypi.core.index import ProjectList
 
     names = ["Django", "zope.interface", "a\nb", "", "ok"]
     packed = ProjectList.of(names)
@@ -466,7 +466,7 @@ def test_project_list_rendering_is_the_per_name_rendering(names: list[str]) -> N
 
     from packaging.utils import canonicalize_name
 
-    from txpypi.index import ProjectList
+    from txpypi.core.index import ProjectList
 
     links = "".join(f'    <a href="{quote(canonicalize_name(n))}/">{html_escape(n)}</a>\n' for n in names)
     assert links.encode() in render_project_list_html(names)

@@ -31,14 +31,14 @@ from tests.test_flight import DATA, ManualRun, harness
 from tests.test_outages import Events, events, outage_line  # noqa: F401  (fixture)
 from tests.test_proxy import cached_files, find, header
 from tests.test_stores import s3_settings
-from txpypi import download
-from txpypi.files import FileCache
-from txpypi.metadata import FileRecord, MemoryMetadata
-from txpypi.pages import PageCache
-from txpypi.s3store import check_range
-from txpypi.stores import IUpload
+from txpypi.cache.files import FileCache
+from txpypi.cache.pages import PageCache
+from txpypi.fetch import download
+from txpypi.fetch.upstream import Upstream, UpstreamClient
+from txpypi.storage.metadata import FileRecord, MemoryMetadata
+from txpypi.storage.s3 import check_range
+from txpypi.storage.stores import IUpload
 from txpypi.testing import Dist, FakeUpstream, MemoryStore, build_wheel
-from txpypi.upstream import Upstream, UpstreamClient
 
 GAMMA = "gamma-0.5-py3-none-any.whl"
 BIG = "big-1.0-py3-none-any.whl"

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from txpypi.names import BadName, Hasher, check_filename, normalize, strongest_hash
+from txpypi.core.names import BadName, Hasher, check_filename, normalize, strongest_hash
 
 
 @pytest.mark.parametrize(

@@ -17,8 +17,8 @@ from twisted.logger import globalLogPublisher
 from tests.conftest import Served
 from tests.test_http_semantics import get
 from tests.test_proxy import find, header
-from txpypi.accesslog import Entry, client_address, combined, json_line
 from txpypi.testing import Dist
+from txpypi.web.accesslog import Entry, client_address, combined, json_line
 
 TOKEN = "s3cret-token-for-the-tests"
 
@@ -278,7 +278,7 @@ async def test_metrics_for_stale_evictions_errors_and_downloads_in_flight(
     await Deferred.fromCoroutine(files.wait_idle())
 
     # A store error: the spool cannot be written.
-    from txpypi import download
+    from txpypi.fetch import download
 
     def full(fd: int, data: memoryview) -> int:
         raise OSError(28, "No space left on device")

@@ -25,10 +25,10 @@ from tests.servers import RedisProcess, S3Gateway, redis_process, s3_gateway  # 
 from tests.test_http_semantics import get
 from tests.test_operations import sample, scrape
 from tests.test_proxy import find, header
-from txpypi.metadata import MemoryMetadata
-from txpypi.metrics import Metrics
-from txpypi.outages import Outage, Unavailable, WatchedMetadata
+from txpypi.storage.metadata import MemoryMetadata
+from txpypi.storage.outages import Outage, Unavailable, WatchedMetadata
 from txpypi.testing import Dist
+from txpypi.web.metrics import Metrics
 
 GAMMA = "gamma-0.5-py3-none-any.whl"
 BIG = "big-1.0-py3-none-any.whl"
@@ -410,7 +410,7 @@ def test_redis_link_bounds_calls_and_fails_at_once_while_down() -> None:
     """
     import txredisapi
 
-    from txpypi.redismeta import Link
+    from txpypi.storage.redismeta import Link
 
     clock = task.Clock()
     pools = [FakePool(), FakePool()]

@@ -27,13 +27,13 @@ from twisted.logger import globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-import txpypi.pages
+import txpypi.cache.pages
 from tests.conftest import Running, Served, listen
-from txpypi.index import ProjectList, parse_project_html, parse_project_json, render_project_list_json
-from txpypi.metadata import MemoryMetadata, PageRecord
-from txpypi.pages import NotFound, PageCache, model_cost
+from txpypi.cache.pages import NotFound, PageCache, model_cost
+from txpypi.core.index import ProjectList, parse_project_html, parse_project_json, render_project_list_json
+from txpypi.fetch.upstream import Upstream, UpstreamClient, UpstreamError
+from txpypi.storage.metadata import MemoryMetadata, PageRecord
 from txpypi.testing import FakeUpstream, build_wheel, generated_names
-from txpypi.upstream import Upstream, UpstreamClient, UpstreamError
 
 UPSTREAM = "http://upstream.test/simple/"
 
@@ -207,7 +207,7 @@ def test_unknown_projects_are_remembered_for_negative_ttl(monkeypatch: pytest.Mo
         result(pages.get("nope"))
     assert fake.requests["/simple/nope/"] == 3
     # Bounded in count: the oldest go first.
-    monkeypatch.setattr(txpypi.pages, "MAX_NEGATIVE", 2)
+    monkeypatch.setattr(txpypi.cache.pages, "MAX_NEGATIVE", 2)
     for name in ("n1", "n2"):
         with pytest.raises(NotFound):
             result(pages.get(name))
@@ -242,7 +242,7 @@ def test_upstream_page_requests_are_capped() -> None:
     one gets it when a fetch ends, the other gives up after the response
     timeout with a 504 and a one-line reason.
     """
-    from txpypi.upstream import UpstreamNotFound
+    from txpypi.fetch.upstream import UpstreamNotFound
 
     clock = Clock()
     client = HeldClient()
@@ -324,7 +324,7 @@ def test_the_project_list_is_compact_and_survives_a_restart() -> None:
     page, state = result(page_cache(fake, clock, metadata).get(None))
     assert state == "MISS" and isinstance(page.model, ProjectList)
     assert page.model.count == len(names) and list(page.model) == names
-    assert page.html.identity is None and page.html.length > txpypi.pages.INFLATE_ABOVE
+    assert page.html.identity is None and page.html.length > txpypi.cache.pages.INFLATE_ABOVE
     stored = metadata.pages["default/simple/"].body
     assert stored == base64.b64encode(page.json.gzip) and len(stored) < len(page.model.names) // 2
     assert page.cost < len(page.model.names) + len(page.html.gzip) + len(page.json.gzip) + 4096
@@ -430,12 +430,12 @@ async def test_the_stored_project_list_loads_back_from_every_store(
     from twisted.python.threadpool import ThreadPool
 
     from tests.conftest import get_reactor
-    from txpypi.metadata import SqliteMetadata
+    from txpypi.storage.metadata import SqliteMetadata
 
     metadata: Any
     pool = None
     if store == "redis":
-        from txpypi.redismeta import RedisMetadata, connect
+        from txpypi.storage.redismeta import RedisMetadata, connect
 
         metadata = RedisMetadata(connect(request.getfixturevalue("redis_server").url))
     else:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from txpypi.peer import WINDOW, owner_id, owner_url, peer_path, sign, verify
+from txpypi.core.peer import WINDOW, owner_id, owner_url, peer_path, sign, verify
 
 SECRET = "s" * 20
 

@@ -18,9 +18,9 @@ import pytest_twisted
 import trustme
 
 from tests.servers import _binary, _stop, _wait_until, free_port
-from txpypi.metadata import PageRecord
-from txpypi.outages import Unavailable
-from txpypi.redismeta import RedisMetadata, connect, parse_redis_url
+from txpypi.storage.metadata import PageRecord
+from txpypi.storage.outages import Unavailable
+from txpypi.storage.redismeta import RedisMetadata, connect, parse_redis_url
 
 
 @attrs.frozen

@@ -21,9 +21,9 @@ from twisted.web.client import ResponseFailed
 from tests.conftest import Served, get_reactor
 from tests.servers import S3
 from tests.test_stores import s3_settings
-from txpypi.download import Wanted
-from txpypi.s3store import PART_SIZE, PROBE_KEY, S3Store, UploadFailed
-from txpypi.stores import file_key
+from txpypi.fetch.download import Wanted
+from txpypi.storage.s3 import PART_SIZE, PROBE_KEY, S3Store, UploadFailed
+from txpypi.storage.stores import file_key
 from txpypi.testing import Dist, build_wheel
 
 HUGE = "huge-1.0-py3-none-any.whl"
@@ -278,7 +278,7 @@ async def test_a_big_download_is_never_whole_on_local_disk(
     waits for the file to land and reads it from S3.
     """
     from tests.test_shared import receive_until
-    from txpypi import download
+    from txpypi.fetch import download
 
     monkeypatch.setattr(download, "PUNCH_MIN", PART_SIZE)  # instead of 64 MiB
     monkeypatch.setattr(download, "PUNCH_STEP", 1024 * 1024)

@@ -40,7 +40,15 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from tests.conftest import TLS, Served, get_reactor
 from tests.test_proxy import find
-from txpypi.app import (
+from txpypi.cache.files import FileCache
+from txpypi.cache.pages import PageCache
+from txpypi.config import Settings
+from txpypi.fetch.upstream import Upstream, UpstreamClient
+from txpypi.storage.metadata import MemoryMetadata
+from txpypi.storage.outages import Outage
+from txpypi.tap import DrainService, Options, apply_live
+from txpypi.testing import Dist, FakeUpstream, MemoryStore, build_wheel
+from txpypi.web.app import (
     MAX_GET_BODY,
     MAX_REQUEST_BODY,
     MEMO_ENTRIES,
@@ -50,15 +58,7 @@ from txpypi.app import (
     ProxyChannel,
     ProxySite,
 )
-from txpypi.config import Settings
-from txpypi.files import FileCache
-from txpypi.metadata import MemoryMetadata
-from txpypi.metrics import Metrics
-from txpypi.outages import Outage
-from txpypi.pages import PageCache
-from txpypi.tap import DrainService, Options, apply_live
-from txpypi.testing import Dist, FakeUpstream, MemoryStore, build_wheel
-from txpypi.upstream import Upstream, UpstreamClient
+from txpypi.web.metrics import Metrics
 
 BIG = "big-1.0-py3-none-any.whl"
 TOKEN = "s3cret-token-for-the-tests"

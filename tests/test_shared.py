@@ -116,7 +116,7 @@ async def test_a_dead_leaders_lock_expires_and_another_takes_over(
     A lock held by an instance that died (nobody renews it) expires after
     its TTL; a waiting instance then fetches the file itself, once.
     """
-    from txpypi.redismeta import RedisLocks, connect
+    from txpypi.storage.redismeta import RedisLocks, connect
 
     shared = cluster_settings(redis_server, s3_bucket)
     running = proxy_factory(json_upstream.url, tmp_path / "i", **shared)
@@ -301,7 +301,7 @@ async def test_an_unreachable_leader_is_waited_for_in_the_store(
 async def test_the_peer_route_answers_only_signed_requests_for_downloads_in_progress(
     json_upstream: Served, proxy_factory: Any, dists: list[Dist]
 ) -> None:
-    from txpypi.peer import HEADER, peer_path, sign
+    from txpypi.core.peer import HEADER, peer_path, sign
 
     running = proxy_factory(json_upstream.url)
     name = "gamma-0.5-py3-none-any.whl"

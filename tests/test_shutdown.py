@@ -21,9 +21,9 @@ from twisted.logger import LogEvent, globalLogPublisher
 from tests.test_file_answers import world
 from tests.test_flight import DATA, ManualRun, harness
 from tests.test_proxy import find
-from txpypi.download import CommitJournal
-from txpypi.files import FileCache
-from txpypi.metadata import FileRecord, MemoryMetadata
+from txpypi.cache.files import FileCache
+from txpypi.fetch.download import CommitJournal
+from txpypi.storage.metadata import FileRecord, MemoryMetadata
 from txpypi.testing import Dist, MemoryStore
 
 BIG = "big-1.0-py3-none-any.whl"

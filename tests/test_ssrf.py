@@ -36,12 +36,12 @@ from zope.interface import implementer
 
 from tests.conftest import TLS, Running, Served, get_reactor, listen
 from txpypi.config import Settings
-from txpypi.download import Wanted
-from txpypi.fetchpolicy import MAX_REDIRECTS, FileHost
-from txpypi.guarded import RefusalLog
-from txpypi.peer import HEADER
+from txpypi.core.fetchpolicy import MAX_REDIRECTS, FileHost
+from txpypi.core.peer import HEADER
+from txpypi.fetch.download import Wanted
+from txpypi.fetch.guarded import RefusalLog
+from txpypi.fetch.upstream import Upstream, UpstreamClient, UpstreamError
 from txpypi.testing import Dist, FakeUpstream, build_wheel
-from txpypi.upstream import Upstream, UpstreamClient, UpstreamError
 
 ALPHA = build_wheel("alpha", "1.0")
 BETA = build_wheel("beta", "1.0")
@@ -597,7 +597,7 @@ def test_an_internal_upstream_may_keep_its_files_on_another_internal_host() -> N
 
 
 def test_each_refused_url_is_logged_once_and_the_memory_is_bounded() -> None:
-    from txpypi.fetchpolicy import Refused
+    from txpypi.core.fetchpolicy import Refused
 
     logged: list[str] = []
 

@@ -16,8 +16,8 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface.verify import verifyObject
 
 from tests.conftest import get_reactor
-from txpypi.names import BadName
-from txpypi.stores import DiskStore, IFileStore, file_key
+from txpypi.core.names import BadName
+from txpypi.storage.stores import DiskStore, IFileStore, file_key
 
 
 @pytest.fixture(params=["disk", "s3"])
@@ -30,7 +30,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
             disk.prepare()
             yield disk
         else:
-            from txpypi.s3store import S3Store
+            from txpypi.storage.s3 import S3Store
 
             bucket = request.getfixturevalue("s3_bucket")
             spool = tmp_path / "spool"
@@ -247,7 +247,7 @@ async def test_s3_reader_streams_one_body_for_sequential_reads(s3_bucket: Any, t
     small range costs one; a body that breaks under a slow client is opened
     again where it stood; and closing a reader mid-way closes its body.
     """
-    from txpypi.s3store import S3Store
+    from txpypi.storage.s3 import S3Store
 
     pool = ThreadPool(1, 1)  # one thread: jobs run in order
     pool.start()

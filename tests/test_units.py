@@ -19,11 +19,11 @@ from twisted.web.server import Request
 from twisted.web.test.requesthelper import DummyChannel
 from zope.interface.verify import verifyObject
 
-from txpypi.download import CHUNK, Sender
-from txpypi.metadata import FileRecord, IMetadata, MemoryMetadata, PageRecord, SqliteMetadata
-from txpypi.pages import PageCache
+from txpypi.cache.pages import PageCache
+from txpypi.fetch.download import CHUNK, Sender
+from txpypi.fetch.upstream import Upstream, UpstreamClient
+from txpypi.storage.metadata import FileRecord, IMetadata, MemoryMetadata, PageRecord, SqliteMetadata
 from txpypi.testing import FakeUpstream, build_wheel
-from txpypi.upstream import Upstream, UpstreamClient
 
 
 def page_cache(fake: FakeUpstream, clock: Clock, metadata: IMetadata) -> PageCache:
@@ -156,7 +156,7 @@ def metadata(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
         yield MemoryMetadata()
         return
     if request.param == "redis":
-        from txpypi.redismeta import RedisMetadata, connect
+        from txpypi.storage.redismeta import RedisMetadata, connect
 
         server = request.getfixturevalue("redis_server")
         redis = RedisMetadata(connect(server.url))
@@ -291,7 +291,7 @@ def test_expired_page_is_revalidated_with_its_validators() -> None:
 
 
 def test_stale_if_error_then_give_up() -> None:
-    from txpypi.upstream import UpstreamError
+    from txpypi.fetch.upstream import UpstreamError
 
     fake = FakeUpstream([build_wheel("alpha", "1.0")])
     clock = Clock()
@@ -312,7 +312,7 @@ def test_stale_if_error_then_give_up() -> None:
 
 
 def test_offline_serves_what_is_cached_and_asks_nobody() -> None:
-    from txpypi.pages import NotFound
+    from txpypi.cache.pages import NotFound
 
     fake = FakeUpstream([build_wheel("alpha", "1.0"), build_wheel("beta", "1.0")])
     clock = Clock()

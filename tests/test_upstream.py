@@ -16,9 +16,9 @@ from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-import txpypi.upstream
+import txpypi.fetch.upstream
+from txpypi.fetch.upstream import Limiter, UpstreamClient, UpstreamError
 from txpypi.testing import FakeUpstream, build_wheel
-from txpypi.upstream import Limiter, UpstreamClient, UpstreamError
 
 PAGE = "http://upstream.test/simple/alpha/"
 
@@ -112,7 +112,7 @@ def test_a_gzip_bomb_stops_at_the_limit(monkeypatch: pytest.MonkeyPatch) -> None
     A small gzip body that inflates past MAX_PAGE_BYTES fails with a 502
     naming the limit, having inflated no more than that.
     """
-    monkeypatch.setattr(txpypi.upstream, "MAX_PAGE_BYTES", 1024 * 1024)
+    monkeypatch.setattr(txpypi.fetch.upstream, "MAX_PAGE_BYTES", 1024 * 1024)
     fake = FakeUpstream([build_wheel("alpha", "1.0")])
     fake.page_faults["alpha"] = "gzip-bomb"
     assert len(fake._gzip_bomb()) < 64 * 1024  # inflates to 2 MiB

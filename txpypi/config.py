@@ -89,7 +89,7 @@ def _upstream(value: Any) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigError(f"upstream: expected an http or https URL, got {value!r}")
-    from txpypi.fetchpolicy import Origin
+    from txpypi.core.fetchpolicy import Origin
 
     try:
         Origin.of(value)  # its origin is what files may come from
@@ -173,7 +173,7 @@ def _flag(key: str) -> Any:
 
 
 def _log_format(value: Any) -> str:
-    from txpypi.accesslog import FORMATS
+    from txpypi.web.accesslog import FORMATS
 
     if value not in FORMATS:
         raise ConfigError(f"log-format: expected one of {', '.join(FORMATS)}, got {value!r}")
@@ -259,7 +259,7 @@ def _rate(key: str) -> Any:
 
 
 def _redis_url(value: Any) -> str:
-    from txpypi.redismeta import parse_redis_url
+    from txpypi.storage.redismeta import parse_redis_url
 
     try:
         parse_redis_url(str(value))
@@ -280,7 +280,7 @@ def _url(key: str) -> Any:
 
 def _file_hosts(key: str) -> Any:
     def check(value: Any) -> tuple[str, ...]:
-        from txpypi.fetchpolicy import FileHost
+        from txpypi.core.fetchpolicy import FileHost
 
         values = [value] if isinstance(value, str) else value
         if not isinstance(values, list) or not all(isinstance(v, str) for v in values):

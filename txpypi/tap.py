@@ -22,16 +22,16 @@ from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
 from txpypi import config
-from txpypi.app import ConnectionLimits, Proxy
-from txpypi.download import CommitJournal
-from txpypi.fetchpolicy import FileHost
-from txpypi.files import FileCache
-from txpypi.metadata import SqliteMetadata
-from txpypi.metrics import Metrics
-from txpypi.outages import Outage, WatchedMetadata, WatchedStore
-from txpypi.pages import PageCache
-from txpypi.stores import DiskStore
-from txpypi.upstream import Upstream, UpstreamClient
+from txpypi.cache.files import FileCache
+from txpypi.cache.pages import PageCache
+from txpypi.core.fetchpolicy import FileHost
+from txpypi.fetch.download import CommitJournal
+from txpypi.fetch.upstream import Upstream, UpstreamClient
+from txpypi.storage.metadata import SqliteMetadata
+from txpypi.storage.outages import Outage, WatchedMetadata, WatchedStore
+from txpypi.storage.stores import DiskStore
+from txpypi.web.app import ConnectionLimits, Proxy
+from txpypi.web.metrics import Metrics
 
 log = Logger()
 
@@ -579,7 +579,7 @@ def build(settings: config.Settings, reactor: Any) -> tuple[MultiService, Proxy]
     outages: list[Outage] = []
     store: Any
     if settings.store == "s3":
-        from txpypi.s3store import S3Store, make_client
+        from txpypi.storage.s3 import S3Store, make_client
 
         s3_pool = ThreadPool(1, settings.s3_threads, "txpypi-s3")
         ThreadPoolService(s3_pool).setServiceParent(service)
@@ -607,7 +607,7 @@ def build(settings: config.Settings, reactor: Any) -> tuple[MultiService, Proxy]
     stored: Any
     redis_metadata: Any = None
     if settings.redis is not None:
-        from txpypi.redismeta import RedisMetadata, connect
+        from txpypi.storage.redismeta import RedisMetadata, connect
 
         redis_url, redis_timeout = settings.redis, settings.redis_timeout
         redis_metadata = RedisMetadata(
@@ -680,8 +680,8 @@ def build(settings: config.Settings, reactor: Any) -> tuple[MultiService, Proxy]
         import socket
         import uuid
 
-        from txpypi.peer import owner_id
-        from txpypi.redismeta import RedisLocks
+        from txpypi.core.peer import owner_id
+        from txpypi.storage.redismeta import RedisLocks
 
         files.lock_ttl = settings.lock_ttl
         files.shared_usage = True

@@ -27,7 +27,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from txpypi.stores import IFileReader, IFileStore
+from txpypi.storage.stores import IFileReader, IFileStore
 
 JSON_V1 = "application/vnd.pypi.simple.v1+json"
 Mode = Literal["json", "html"]
@@ -42,7 +42,7 @@ Fault = Literal["cut", "truncated", "stall", "wrong-bytes", "long", "slow", "500
 #: page): "close-delimited": the first half of the page with neither a
 #: Content-Length nor chunking, then a clean close; "endless": a 200 whose
 #: chunked body never ends; "gzip-bomb": a small gzip body that inflates
-#: past L{txpypi.upstream.MAX_PAGE_BYTES}.
+#: past L{txpypi.fetch.upstream.MAX_PAGE_BYTES}.
 PageFault = Literal["close-delimited", "endless", "gzip-bomb"]
 
 
@@ -313,7 +313,7 @@ class FakeUpstream(Resource):
 
     def _gzip_bomb(self) -> bytes:
         if self._bomb is None:
-            from txpypi.upstream import MAX_PAGE_BYTES
+            from txpypi.fetch.upstream import MAX_PAGE_BYTES
 
             deflater = zlib.compressobj(9, wbits=31)
             zeros = bytes(1024 * 1024)

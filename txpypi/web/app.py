@@ -30,24 +30,25 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
 from txpypi import __version__
-from txpypi.accesslog import Entry, client_address, combined, json_line
-from txpypi.download import CHUNK, ByteSource, Flight, FlightFailed, FlightReader, Sender, abort_client
-from txpypi.fileplan import FilePlan, plan_file, range_applies
-from txpypi.files import Busy, FileCache, NotListed, Opened
-from txpypi.httpheaders import accepts_gzip, etag_matches
-from txpypi.index import negotiate
-from txpypi.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from txpypi.metrics import Metrics, route_of
-from txpypi.names import BadName, check_filename, normalize
-from txpypi.outages import CHECK_WAIT, Outage, Unavailable, describe
-from txpypi.pages import HIT, STALE, CachedPage, NotFound, PageCache, Representation, SingleFlight
-from txpypi.peer import HEADER as PEER_HEADER
-from txpypi.peer import verify
-from txpypi.statuspage import StatusFigures, render_status
-from txpypi.stores import IRedirectable
-from txpypi.upstream import UpstreamError
+from txpypi.cache.files import Busy, FileCache, NotListed, Opened
+from txpypi.cache.pages import HIT, STALE, CachedPage, NotFound, PageCache, Representation
+from txpypi.concurrency.waiters import SingleFlight
+from txpypi.core.fileplan import FilePlan, plan_file, range_applies
+from txpypi.core.httpheaders import accepts_gzip, etag_matches
+from txpypi.core.index import negotiate
+from txpypi.core.names import BadName, check_filename, normalize
+from txpypi.core.peer import HEADER as PEER_HEADER
+from txpypi.core.peer import verify
+from txpypi.fetch.download import CHUNK, ByteSource, Flight, FlightFailed, FlightReader, Sender, abort_client
+from txpypi.fetch.upstream import UpstreamError
+from txpypi.storage.outages import CHECK_WAIT, Outage, Unavailable, describe
+from txpypi.storage.stores import IRedirectable
+from txpypi.web.accesslog import Entry, client_address, combined, json_line
+from txpypi.web.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from txpypi.web.metrics import Metrics, route_of
+from txpypi.web.statuspage import StatusFigures, render_status
 
-log = Logger()
+log = Logger(namespace="txpypi.app")
 
 FILE_CACHE_CONTROL = b"public, max-age=365000000, immutable"
 
@@ -565,7 +566,7 @@ class PeerResource(Resource):
     C{/_peer/<group>/<project>/<filename>}: a download in progress here,
     streamed to another instance of the cluster whose client asked for the
     same file.  Only requests signed with the cluster's secret are answered
-    (see L{txpypi.peer}); the file must be downloading here, so nothing is
+    (see L{txpypi.core.peer}); the file must be downloading here, so nothing is
     ever fetched for a peer.
     """
 
@@ -1054,7 +1055,7 @@ class Proxy:
     #: With C{--s3-redirect}: the lifetime of presigned URLs for cached hits.
     s3_redirect_ttl: float | None = None
     sites: list[ProxySite] = attrs.field(factory=list)
-    #: The stores watched for outages (L{txpypi.outages}), for C{/health}.
+    #: The stores watched for outages (L{txpypi.storage.outages}), for C{/health}.
     outages: tuple[Outage, ...] = ()
     #: The bounds on client connections, shared by all of its sites.
     connections: ConnectionLimits = attrs.field(factory=ConnectionLimits)

@@ -25,7 +25,7 @@ T = TypeVar("T")
 class PageRecord:
     """
     A cached index page, as the upstream sent it (parsed and re-serialized
-    with upstream URLs by L{txpypi.index.dump_page}).
+    with upstream URLs by L{txpypi.core.index.dump_page}).
     """
 
     key: str

@@ -5,8 +5,8 @@ hop by hop, so that the bytes arrive exactly as the upstream sent them.
 
 It only ever fetches the index URLs it builds from its configured base, and
 file URLs that one of those index pages listed, as far as the upstream's
-L{txpypi.fetchpolicy.FetchPolicy} allows: every connection, redirects
-included, goes through the endpoints of L{txpypi.guarded}.
+L{txpypi.core.fetchpolicy.FetchPolicy} allows: every connection, redirects
+included, goes through the endpoints of L{txpypi.fetch.guarded}.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IPolicyForHTTPS, IResponse
 
 from txpypi import __version__
-from txpypi.fetchpolicy import (
+from txpypi.concurrency.turns import Turns
+from txpypi.core.fetchpolicy import (
     MAX_REDIRECTS,
     FetchPolicy,
     FileHost,
@@ -38,9 +39,8 @@ from txpypi.fetchpolicy import (
     Refused,
     is_strong,
 )
-from txpypi.guarded import Dialer, HopEndpoints, PageEndpoints, RefusalLog, TaggedPool
-from txpypi.index import UPSTREAM_ACCEPT
-from txpypi.turns import Turns
+from txpypi.core.index import UPSTREAM_ACCEPT
+from txpypi.fetch.guarded import Dialer, HopEndpoints, PageEndpoints, RefusalLog, TaggedPool
 
 USER_AGENT = f"txpypi/{__version__}".encode()
 #: Answers that redirect a GET.
@@ -310,7 +310,7 @@ class UpstreamClient:
         the policy, and never redirects.
 
         @param target: the file as an upstream's index listed it (a
-            L{txpypi.download.Wanted}), or, for a peer, its URL.
+            L{txpypi.fetch.download.Wanted}), or, for a peer, its URL.
         @param extra: more request headers.
         @param kind: C{"file"}, or C{"peer"} for a download in progress on
             another instance (counted apart, and not the upstream's health).

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import attrs
 
-from txpypi.httpheaders import Unsatisfiable, etag_matches, parse_range
+from txpypi.core.httpheaders import Unsatisfiable, etag_matches, parse_range
 
 
 @attrs.frozen

@@ -40,14 +40,15 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from txpypi.metadata import FileRecord, IMetadata
-from txpypi.names import Hasher
-from txpypi.outages import Unavailable
-from txpypi.peer import HEADER, sign
-from txpypi.stores import IFileStore, IStreamingUpload, IUpload, Progress, file_key
-from txpypi.upstream import UpstreamClient, UpstreamError, UpstreamNotFound
+from txpypi.concurrency.waiters import Progress, in_thread_now
+from txpypi.core.names import Hasher
+from txpypi.core.peer import HEADER, sign
+from txpypi.fetch.upstream import UpstreamClient, UpstreamError, UpstreamNotFound
+from txpypi.storage.metadata import FileRecord, IMetadata
+from txpypi.storage.outages import Unavailable
+from txpypi.storage.stores import IFileStore, IStreamingUpload, IUpload, file_key
 
-log = Logger()
+log = Logger(namespace="txpypi.download")
 
 CHUNK = 256 * 1024
 
@@ -151,14 +152,6 @@ class Wanted:
     size: int | None
 
 
-def inline(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-    """
-    Run C{f} at once on this thread (the default way a flight runs its
-    blocking work, for tests driving a flight by hand).
-    """
-    return succeed(f(*args))
-
-
 @attrs.define(eq=False)
 class Flight:
     """
@@ -224,7 +217,7 @@ class Flight:
     punch: Callable[[int, int, int], None] | None = attrs.field(factory=lambda: _default_punch())
     #: How hashing and spool writes run: C{run(f, *args)} gives a Deferred of
     #: C{f(*args)}, called in a worker thread in production.
-    run: Callable[..., Deferred[Any]] = inline
+    run: Callable[..., Deferred[Any]] = in_thread_now
     #: Where to fetch the bytes instead of the upstream: a download in
     #: progress on another instance, which caches the file (we do not).
     peer: Peer | None = None

@@ -15,7 +15,13 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from txpypi.download import (
+from txpypi.cache.pages import NotFound, PageCache
+from txpypi.concurrency.turns import Turns
+from txpypi.concurrency.waiters import SingleFlight, in_thread_now
+from txpypi.core.index import DistFile, ProjectPage, file_version
+from txpypi.core.names import strongest_hash
+from txpypi.core.peer import owner_url, peer_path
+from txpypi.fetch.download import (
     ByteSource,
     CommitJournal,
     Ended,
@@ -25,19 +31,13 @@ from txpypi.download import (
     Peer,
     Wanted,
     _spool_error,
-    inline,
 )
-from txpypi.index import DistFile, ProjectPage, file_version
-from txpypi.metadata import FileRecord, IMetadata
-from txpypi.names import strongest_hash
-from txpypi.outages import Unavailable
-from txpypi.pages import NotFound, PageCache, SingleFlight
-from txpypi.peer import owner_url, peer_path
-from txpypi.stores import IFileStore
-from txpypi.turns import Turns
-from txpypi.upstream import UpstreamClient
+from txpypi.fetch.upstream import UpstreamClient
+from txpypi.storage.metadata import FileRecord, IMetadata
+from txpypi.storage.outages import Unavailable
+from txpypi.storage.stores import IFileStore
 
-log = Logger()
+log = Logger(namespace="txpypi.files")
 
 METADATA_SUFFIX = ".metadata"
 
@@ -107,7 +107,7 @@ class FileCache:
     metrics: Any = None
     #: Files being sent to clients right now.
     senders: set[Any] = attrs.field(factory=set)
-    #: Cluster-wide locks (L{txpypi.redismeta.RedisLocks}) when several
+    #: Cluster-wide locks (L{txpypi.storage.redismeta.RedisLocks}) when several
     #: instances share the cache, so that one of them fetches each file.
     locks: Any = None
     lock_ttl: float = 30.0
@@ -137,7 +137,7 @@ class FileCache:
     #: How flights write their spool files (a test may inject a full disk).
     spool_write: Callable[[int, memoryview], int] = os.write
     #: How flights hash and spool their bytes (see L{Flight.run}).
-    run_spooling: Callable[..., Deferred[Any]] = inline
+    run_spooling: Callable[..., Deferred[Any]] = in_thread_now
 
     async def drain(self, grace: float) -> None:
         """
@@ -378,10 +378,10 @@ class FileCache:
         @raise NotListed: the page no longer lists it (the upstream delisted
             it: a removed release must not live on in the cache); the
             record is dropped.
-        @raise txpypi.pages.NotFound: the upstream no longer knows the
+        @raise txpypi.cache.pages.NotFound: the upstream no longer knows the
             project (the record is dropped), or, offline, its page is not
             cached (the record is kept).
-        @raise txpypi.upstream.UpstreamError: there is no page to check it
+        @raise txpypi.fetch.upstream.UpstreamError: there is no page to check it
             against: the upstream fails and no stale copy is usable.
         """
         if record.upstream != self.pages.upstream.url:
@@ -480,9 +480,9 @@ class FileCache:
             from the upstream (for a cached file that cannot be read; its
             record is kept).
         @raise NotListed: the index does not list it.
-        @raise txpypi.pages.NotFound: the upstream does not know the project.
-        @raise txpypi.upstream.UpstreamError: the upstream page fetch failed.
-        @raise txpypi.download.FlightFailed: the file fetch failed before any
+        @raise txpypi.cache.pages.NotFound: the upstream does not know the project.
+        @raise txpypi.fetch.upstream.UpstreamError: the upstream page fetch failed.
+        @raise txpypi.fetch.download.FlightFailed: the file fetch failed before any
             byte could be sent.
         @raise Busy: too many downloads ran for too long, or the proxy is
             shutting down.

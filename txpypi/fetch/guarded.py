@@ -1,6 +1,6 @@
 """
 Guarded connections: the endpoints through which every upstream connection
-is made, so that L{txpypi.fetchpolicy}'s rule holds at connect time, for
+is made, so that L{txpypi.core.fetchpolicy}'s rule holds at connect time, for
 redirects too.  A checked host name is resolved here, its addresses are
 checked, and the connection goes to a checked address (TLS still verifies
 the certificate against the host name, SNI included): DNS cannot slip a
@@ -34,7 +34,7 @@ from twisted.web.client import URI, HTTPConnectionPool
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
-from txpypi.fetchpolicy import (
+from txpypi.core.fetchpolicy import (
     IPAddress,
     Origin,
     Permit,
@@ -45,7 +45,7 @@ from txpypi.fetchpolicy import (
     page_hop,
 )
 
-log = Logger()
+log = Logger(namespace="txpypi.guarded")
 
 #: How many refused URLs are remembered so that each is logged once.
 MAX_LOGGED_REFUSALS = 1000

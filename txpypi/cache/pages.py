@@ -3,7 +3,7 @@ Index pages: fetched from the upstream once per TTL however many clients ask
 (single flight), kept in memory with their rendered bodies, and persisted in
 the metadata store so that they survive a restart.  While the metadata store
 is down, pages are served from memory or fetched from the upstream, and not
-persisted (the outage is logged once, by L{txpypi.outages}).
+persisted (the outage is logged once, by L{txpypi.storage.outages}).
 
 Memory is bounded: pages in memory are counted in bytes (their bodies and
 an estimate of their parsed model, see L{model_cost}) and the least
@@ -21,15 +21,15 @@ import io
 import sys
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine, Iterable
-from typing import Any, Generic, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import attrs
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
-from txpypi.index import (
+from txpypi.concurrency.waiters import SingleFlight, in_thread_now
+from txpypi.core.index import (
     HTML_LEGACY,
     JSON_V1,
     DistFile,
@@ -44,9 +44,7 @@ from txpypi.index import (
     project_list_json,
     render_page,
 )
-from txpypi.metadata import IMetadata, PageRecord
-from txpypi.outages import Unavailable
-from txpypi.upstream import (
+from txpypi.fetch.upstream import (
     MAX_PAGE_BYTES,
     FetchedPage,
     Limiter,
@@ -55,8 +53,10 @@ from txpypi.upstream import (
     UpstreamError,
     UpstreamNotFound,
 )
+from txpypi.storage.metadata import IMetadata, PageRecord
+from txpypi.storage.outages import Unavailable
 
-log = Logger()
+log = Logger(namespace="txpypi.pages")
 
 K = TypeVar("K")
 T = TypeVar("T")
@@ -77,35 +77,6 @@ DEFAULT_PAGE_CACHE_SIZE = 256 * 1024 * 1024
 
 #: The default of C{--max-upstream-requests}.
 DEFAULT_UPSTREAM_REQUESTS = 32
-
-
-class SingleFlight(Generic[K, T]):
-    """
-    Run at most one coroutine per key at a time; callers who ask while it
-    runs share its result.  A caller that cancels its own Deferred does not
-    cancel the shared work.
-    """
-
-    def __init__(self) -> None:
-        self._waiting: dict[K, list[Deferred[T]]] = {}
-
-    def __contains__(self, key: K) -> bool:
-        return key in self._waiting
-
-    def run(self, key: K, work: Callable[[], Coroutine[Any, Any, T]]) -> Deferred[T]:
-        mine: Deferred[T] = Deferred()
-        waiters = self._waiting.get(key)
-        if waiters is not None:
-            waiters.append(mine)
-            return mine
-        self._waiting[key] = [mine]
-        Deferred.fromCoroutine(work()).addBoth(self._done, key)
-        return mine
-
-    def _done(self, result: T | Failure, key: K) -> None:
-        for waiter in self._waiting.pop(key):
-            if not waiter.called:
-                waiter.callback(result)  # a Failure runs the errbacks
 
 
 @attrs.frozen
@@ -324,13 +295,6 @@ def inflate(data: bytes, limit: int = MAX_PAGE_BYTES) -> bytes:
 Blocking = Callable[..., Deferred[Any]]
 
 
-def inline(f: Callable[..., T], *args: Any) -> Deferred[T]:
-    """
-    Run C{f} now; for tests and small deployments.
-    """
-    return maybeDeferred(f, *args)
-
-
 HIT = "HIT"
 MISS = "MISS"
 STALE = "STALE"
@@ -372,7 +336,7 @@ class PageCache:
     #: unknown (C{--negative-ttl}; 0: not at all), at most L{MAX_NEGATIVE}.
     negative_ttl: float = 60.0
     #: Runs parsing and rendering (pure, CPU-bound) off the reactor thread.
-    _blocking: Blocking = inline
+    _blocking: Blocking = in_thread_now
     #: Caps the page requests to the upstream in progress at once
     #: (C{--max-upstream-requests}); the others wait their turn for at most
     #: the client's response timeout.

@@ -29,10 +29,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import alsoProvides, implementer
 
-from txpypi.metadata import FileRecord, IMetadata, PageRecord
-from txpypi.stores import IFileReader, IFileStore, IProbed, IRedirectable, IStreamingUpload, IUpload
+from txpypi.storage.metadata import FileRecord, IMetadata, PageRecord
+from txpypi.storage.stores import IFileReader, IFileStore, IProbed, IRedirectable, IStreamingUpload, IUpload
 
-log = Logger()
+log = Logger(namespace="txpypi.outages")
 
 T = TypeVar("T")
 

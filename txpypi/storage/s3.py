@@ -31,17 +31,17 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from txpypi.stores import (
+from txpypi.concurrency.waiters import Progress
+from txpypi.storage.stores import (
     IFileReader,
     IFileStore,
     IProbed,
     IRedirectable,
     IStreamingUpload,
     IUpload,
-    Progress,
 )
 
-log = Logger()
+log = Logger(namespace="txpypi.s3store")
 
 #: The size of the parts of a multipart upload (S3 wants at least 5 MiB for
 #: all but the last).  One part at a time is held in memory per upload.

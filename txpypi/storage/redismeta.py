@@ -9,7 +9,7 @@ exact even with several instances writing at once.
 Every call is bounded (L{Link}): txredisapi queues a command until a
 connection is up, which while Redis is down means forever.  A call that
 gets no answer in time, or whose connection is lost, fails with
-L{txpypi.outages.Unavailable}; after that, calls fail at once instead of
+L{txpypi.storage.outages.Unavailable}; after that, calls fail at once instead of
 waiting, until a probe (L{RedisMetadata.ping}, or one call let through
 every few seconds) gets an answer.
 """
@@ -27,10 +27,10 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from txpypi.metadata import FileRecord, IMetadata, PageRecord
-from txpypi.outages import Unavailable
+from txpypi.storage.metadata import FileRecord, IMetadata, PageRecord
+from txpypi.storage.outages import Unavailable
 
-log = Logger()
+log = Logger(namespace="txpypi.redismeta")
 
 #: Replace a record, keeping the size and count exact; answers the record
 #: replaced (or false).
@@ -172,7 +172,7 @@ def connect(url: str, timeout: float = 3.0) -> Any:
         factory.maxDelay = max(1.0, timeout)
         if getattr(factory, "deferred", None) is not None:
             # A failed AUTH or SELECT fails this (nobody waits on it in a
-            # lazy pool): the outage is told by txpypi.outages instead.
+            # lazy pool): the outage is told by txpypi.storage.outages instead.
             factory.deferred.addErrback(lambda _: None)
     return pool
 

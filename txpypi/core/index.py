@@ -27,7 +27,7 @@ from packaging.utils import (
     parse_wheel_filename,
 )
 
-from txpypi.names import strongest_hash
+from txpypi.core.names import strongest_hash
 
 JSON_V1 = "application/vnd.pypi.simple.v1+json"
 HTML_V1 = "application/vnd.pypi.simple.v1+html"

@@ -19,7 +19,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Attribute, Interface, implementer
 
-from txpypi.names import BadName
+from txpypi.core.names import BadName
 
 
 class IFileReader(Interface):
@@ -134,42 +134,6 @@ class IStreamingUpload(Interface):
         under C{key}; it is made visible only if the bytes read back from
         the spool have C{sha256}.
         """
-
-
-class Progress:
-    """
-    A count that only grows (bytes sent, bytes freed), and Deferreds that
-    fire once it reaches a value.
-    """
-
-    def __init__(self) -> None:
-        self.value = 0
-        self._waiters: list[tuple[int, Deferred[None]]] = []
-
-    def wait(self, value: int) -> Deferred[None]:
-        """
-        Fire once the count is at least C{value} (at once if it is).
-        """
-        if self.value >= value:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._waiters.append((value, d))
-        return d
-
-    def advance(self, value: int) -> None:
-        self.value = value
-        for wanted, d in list(self._waiters):
-            if value >= wanted:
-                self._waiters.remove((wanted, d))
-                d.callback(None)
-
-    def fail(self, error: Exception) -> None:
-        """
-        Fail every waiter: the count will not grow any more.
-        """
-        waiters, self._waiters = self._waiters, []
-        for _, d in waiters:
-            d.errback(error)
 
 
 def file_key(sha256: str, filename: str) -> str:

@@ -1,7 +1,7 @@
 """
 What the proxy may fetch: pure decisions from a URL, the upstream's policy
 and the addresses a host name resolved to.  No I/O and no Twisted here;
-L{txpypi.guarded} applies these decisions at connect time.
+L{txpypi.fetch.guarded} applies these decisions at connect time.
 
 The rule, for files:
 
@@ -65,7 +65,7 @@ class Refused(Exception):
 
 class ListedFile(Protocol):
     """
-    A file an upstream's index listed (L{txpypi.download.Wanted} is one).
+    A file an upstream's index listed (L{txpypi.fetch.download.Wanted} is one).
     """
 
     @property
@@ -80,7 +80,7 @@ class ListedFile(Protocol):
 
 def is_strong(expected_hash: tuple[str, str] | None) -> bool:
     """
-    Does the index's hash (as L{txpypi.names.strongest_hash} picks it) let
+    Does the index's hash (as L{txpypi.core.names.strongest_hash} picks it) let
     the proxy trust a file from another origin?
     """
     return expected_hash is not None and expected_hash[0] in STRONG_HASHES
