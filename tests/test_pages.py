@@ -437,7 +437,7 @@ async def test_the_stored_project_list_loads_back_from_every_store(
     if store == "redis":
         from txpypi.storage.redismeta import RedisMetadata, connect
 
-        metadata = RedisMetadata(connect(request.getfixturevalue("redis_server").url))
+        metadata = RedisMetadata(connect(request.getfixturevalue("redis_server").url), clock=get_reactor())
     else:
         pool = ThreadPool(1, 1)
         pool.start()

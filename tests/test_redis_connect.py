@@ -17,6 +17,7 @@ import pytest
 import pytest_twisted
 import trustme
 
+from tests.conftest import get_reactor
 from tests.servers import _binary, _stop, _wait_until, free_port
 from txpypi.storage.metadata import PageRecord
 from txpypi.storage.outages import Unavailable
@@ -64,7 +65,8 @@ def tls_redis(tmp_path: Path) -> Iterator[TLSRedis]:
 @pytest_twisted.ensureDeferred
 async def test_rediss_checks_the_servers_certificate(tls_redis: TLSRedis) -> None:
     good = RedisMetadata(
-        connect(f"rediss://localhost:{tls_redis.port}/0?ssl_ca_certs={tls_redis.ca_file}", 2)
+        connect(f"rediss://localhost:{tls_redis.port}/0?ssl_ca_certs={tls_redis.ca_file}", 2),
+        clock=get_reactor(),
     )
     record = PageRecord("k", "http://u/simple/", "http://u/simple/p/", b"{}", 1.0)
     try:
@@ -74,7 +76,8 @@ async def test_rediss_checks_the_servers_certificate(tls_redis: TLSRedis) -> Non
         await good.close()
     # A server whose certificate another CA signed is not talked to.
     wrong = RedisMetadata(
-        connect(f"rediss://localhost:{tls_redis.port}/0?ssl_ca_certs={tls_redis.other_ca_file}", 1)
+        connect(f"rediss://localhost:{tls_redis.port}/0?ssl_ca_certs={tls_redis.other_ca_file}", 1),
+        clock=get_reactor(),
     )
     try:
         with pytest.raises(Unavailable):
@@ -116,14 +119,14 @@ async def test_redis_with_a_password(tmp_path: Path) -> None:
 
     try:
         _wait_until(ready, time.monotonic() + 20, "redis-server (password)", process, log)
-        good = RedisMetadata(connect(f"redis://:s3cret%2Fpass@127.0.0.1:{port}/2", 2))
+        good = RedisMetadata(connect(f"redis://:s3cret%2Fpass@127.0.0.1:{port}/2", 2), clock=get_reactor())
         record = PageRecord("k", "http://u/simple/", "http://u/simple/p/", b"{}", 1.0)
         try:
             await good.put_page(record)
             assert await good.get_page("k") == record
         finally:
             await good.close()
-        wrong = RedisMetadata(connect(f"redis://:nope@127.0.0.1:{port}/2", 1))
+        wrong = RedisMetadata(connect(f"redis://:nope@127.0.0.1:{port}/2", 1), clock=get_reactor())
         try:
             with pytest.raises(Unavailable):
                 await wrong.get_page("k")

@@ -12,7 +12,7 @@ from typing import Any
 import pytest_twisted
 from twisted.internet.defer import Deferred
 
-from tests.conftest import Served
+from tests.conftest import Served, get_reactor
 from tests.servers import S3, Redis
 from tests.test_http_semantics import get
 from tests.test_proxy import find, header
@@ -121,7 +121,7 @@ async def test_a_dead_leaders_lock_expires_and_another_takes_over(
     shared = cluster_settings(redis_server, s3_bucket)
     running = proxy_factory(json_upstream.url, tmp_path / "i", **shared)
     name = "gamma-0.5-py3-none-any.whl"
-    dead = RedisLocks(connect(redis_server.url), owner="dead-instance")
+    dead = RedisLocks(connect(redis_server.url), owner="dead-instance", clock=get_reactor())
     key = running.proxy.files.key("gamma", name)
     assert await dead.acquire(key, 0.5)
     response, body = await get(f"{running.url}/files/gamma/{name}")
@@ -344,8 +344,6 @@ async def get_started(url: str) -> Deferred[Any]:
     of its body.
     """
     from twisted.web.client import Agent, readBody
-
-    from tests.conftest import get_reactor
 
     response = await Agent(get_reactor()).request(b"GET", url.encode())
     return readBody(response)

@@ -19,6 +19,7 @@ from twisted.web.server import Request
 from twisted.web.test.requesthelper import DummyChannel
 from zope.interface.verify import verifyObject
 
+from tests.conftest import get_reactor
 from txpypi.cache.pages import PageCache
 from txpypi.fetch.download import CHUNK, Sender
 from txpypi.fetch.upstream import Upstream, UpstreamClient
@@ -159,7 +160,7 @@ def metadata(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
         from txpypi.storage.redismeta import RedisMetadata, connect
 
         server = request.getfixturevalue("redis_server")
-        redis = RedisMetadata(connect(server.url))
+        redis = RedisMetadata(connect(server.url), clock=get_reactor())
         yield redis
         pytest_twisted.blockon(redis.close())
         return

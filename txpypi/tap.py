@@ -688,7 +688,10 @@ def build(settings: config.Settings, reactor: Any) -> tuple[MultiService, Proxy]
         files.peer_url, files.peer_secret = settings.peer_url, settings.peer_secret
         instance = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
         files.locks = RedisLocks(
-            redis_metadata.redis, owner=owner_id(instance, settings.peer_url), link=redis_metadata.link
+            redis_metadata.redis,
+            owner=owner_id(instance, settings.peer_url),
+            link=redis_metadata.link,
+            clock=reactor,
         )
         renew = LoopingCall(files.renew_locks)
         renew.clock = reactor

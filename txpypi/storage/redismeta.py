@@ -24,6 +24,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import attrs
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -189,7 +190,8 @@ class Link:
 
     redis: Any
     timeout: float = 3.0
-    _clock: Any = None
+    #: Times the calls and the probes.
+    clock: IReactorTime = attrs.field(kw_only=True)
     #: Makes a new pool, for when txredisapi gave up on this one.
     reconnect: Callable[[], Any] | None = None
     #: While Redis is down: when the next call may try it.
@@ -198,13 +200,6 @@ class Link:
     @property
     def down(self) -> bool:
         return self._retry_at is not None
-
-    def _clock_(self) -> Any:
-        if self._clock is None:
-            from twisted.internet import reactor
-
-            self._clock = reactor
-        return self._clock
 
     def _given_up(self) -> bool:
         """
@@ -224,7 +219,7 @@ class Link:
         @raise Unavailable: no answer in time, a lost connection, no
             connection, or Redis known down.
         """
-        now = self._clock_().seconds()
+        now = self.clock.seconds()
         if self._retry_at is not None and now < self._retry_at:
             raise Unavailable("Redis is down")
         return await self._send(method, *args, **kwargs)
@@ -240,7 +235,7 @@ class Link:
     async def _send(self, method: str, *args: Any, **kwargs: Any) -> Any:
         import txredisapi
 
-        clock = self._clock_()
+        clock = self.clock
         if self.reconnect is not None and self._given_up():
             old, self.redis = self.redis, self.reconnect()
             old.disconnect().addErrback(lambda _: None)
@@ -277,13 +272,13 @@ class RedisMetadata:
     redis: Any
     namespace: str = "txpypi"
     timeout: float = 3.0
-    _clock: Any = None
     #: Makes a new pool when txredisapi gave up on one (see L{Link}).
     reconnect: Callable[[], Any] | None = None
+    clock: IReactorTime = attrs.field(kw_only=True)
     link: Link = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self.link = Link(self.redis, self.timeout, self._clock, self.reconnect)
+        self.link = Link(self.redis, self.timeout, self.reconnect, clock=self.clock)
 
     async def _r(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return await self.link.call(method, *args, **kwargs)
@@ -296,10 +291,8 @@ class RedisMetadata:
         Disconnect; give up after C{timeout} seconds (a pool whose server is
         gone keeps reconnecting, and must not hold up a shutdown).
         """
-        from twisted.internet import reactor
-
         d: Deferred[None] = self.link.redis.disconnect()
-        d.addTimeout(timeout, reactor)
+        d.addTimeout(timeout, self.clock)
         d.addErrback(lambda _: None)
         return d
 
@@ -479,10 +472,11 @@ class RedisLocks:
     #: Shared with the metadata store on the same pool, so that both know
     #: when Redis is down.
     link: Link | None = None
+    clock: IReactorTime = attrs.field(kw_only=True)
 
     def __attrs_post_init__(self) -> None:
         if self.link is None:
-            self.link = Link(self.redis)
+            self.link = Link(self.redis, clock=self.clock)
 
     def _k(self, name: str) -> str:
         return f"{self.namespace}:lock:{name}"
