@@ -29,6 +29,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import alsoProvides, implementer
 
+from txpypi.concurrency.waiters import Once
 from txpypi.storage.metadata import FileRecord, IMetadata, PageRecord
 from txpypi.storage.stores import IFileReader, IFileStore, IProbed, IRedirectable, IStreamingUpload, IUpload
 
@@ -103,8 +104,8 @@ class Outage:
     failures: int = 0
     _recovered: list[Callable[[], object]] = attrs.field(factory=list)
     _timer: Any = None
-    #: Callers waiting for the probe in progress, if one is.
-    _checking: list[Deferred[None]] | None = None
+    #: The probe in progress, if one is, and the callers waiting for it.
+    _checking: Once[None] | None = None
     _stopped: bool = False
     #: Fires once the recovery hooks of the last outage are done.
     recovery: Deferred[None] = attrs.field(factory=lambda: succeed(None))
@@ -220,10 +221,9 @@ class Outage:
             self.ok()
 
     def _probed(self, _: object) -> None:
-        waiters, self._checking = self._checking or [], None
-        for waiter in waiters:
-            if not waiter.called:
-                waiter.callback(None)
+        checking, self._checking = self._checking, None
+        if checking is not None:
+            checking.happen(None)
 
     async def check(self, wait: float | None = None) -> None:
         """
@@ -235,19 +235,15 @@ class Outage:
             return
         if self.down:
             wait = 0.0
-        waiting = wait is None or wait > 0
-        mine: Deferred[None] = Deferred()
-        starting = self._checking is None
-        if self._checking is None:
-            self._checking = []
-        if waiting:
-            self._checking.append(mine)
-        if starting:
+        checking = self._checking
+        if checking is None:
+            checking = self._checking = Once()
             probing = Deferred.fromCoroutine(self._probe_once())
             probing.addErrback(lambda f: log.failure("probing {what} crashed", f, what=self.what))
             probing.addBoth(self._probed)
-        if not waiting:
+        if wait is not None and wait <= 0:
             return
+        mine = checking.wait()
         if wait is not None:
             mine.addTimeout(wait, self._clock)
         try:

@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from txpypi.concurrency.waiters import Progress
+from txpypi.concurrency.waiters import Once, Progress
 from txpypi.storage.stores import (
     IFileReader,
     IFileStore,
@@ -99,7 +99,7 @@ class S3Reader:
     def read(self, offset: int, length: int) -> Deferred[bytes]:
         if offset >= self.size or length <= 0:
             return succeed(b"")
-        return self._store._run(self._read, offset, min(self.size, offset + length))
+        return self._store.run(self._read, offset, min(self.size, offset + length))
 
     def _read(self, offset: int, end: int) -> bytes:
         with self._lock:
@@ -119,7 +119,7 @@ class S3Reader:
             sequential = offset == self._at
             self._drop_body()
             last = self.size - 1 if sequential else end - 1
-            body, whole = self._store._get_body(self._key, offset, last)
+            body, whole = self._store.get_body(self._key, offset, last)
             try:
                 data = _read_exactly(body, end - offset)
             except BaseException:
@@ -140,7 +140,7 @@ class S3Reader:
             self._body = None
 
     def url(self, ttl: float) -> Deferred[str]:
-        return self._store._run(self._store._presign, self._key, ttl)
+        return self._store.run(self._store.presign, self._key, ttl)
 
     def _close(self) -> None:
         with self._lock:
@@ -149,7 +149,7 @@ class S3Reader:
 
     def close(self) -> None:
         # On the pool: a read may hold the lock, and closing a body is I/O.
-        self._store._run(self._close).addErrback(
+        self._store.run(self._close).addErrback(
             lambda f: log.failure("closing an S3 body of {key} failed", f, key=self._key)
         )
 
@@ -223,7 +223,8 @@ class S3Upload:
     _state: str = "open"  # then "completed" or "aborted"
     _upload_id: str | None = None
     _parts: list[dict[str, Any]] = attrs.field(factory=list)
-    _pump: Deferred[None] | None = None
+    #: The part sender at work, if it is.
+    _pump: Once[None] | None = None
     _error: Exception | None = None
     #: sha256 of the bytes read back so far; only touched by the one pool
     #: thread that runs this upload's current step.
@@ -269,20 +270,24 @@ class S3Upload:
 
     def _kick(self) -> None:
         if self._pump is None and self._state == "open" and self._error is None and self._ready():
-            pump = Deferred.fromCoroutine(self._send_parts())
-            if not pump.called:  # it clears self._pump itself when it ends
-                self._pump = pump
+            pumping = self._pump = Once()  # _send_parts clears it when it ends
+
+            def over(result: object) -> object:
+                pumping.happen(None)
+                return result
+
+            Deferred.fromCoroutine(self._send_parts()).addBoth(over)
 
     async def _send_parts(self) -> None:
         store = self._store
         try:
             while self._state == "open" and self._ready():
                 if self._upload_id is None:
-                    self._upload_id = await store._run(store._create_multipart, self._key)
+                    self._upload_id = await store.run(store.create_multipart, self._key)
                 length = min(self.part_size, self._spooled - self.sent)
                 number = len(self._parts) + 1
-                etag = await store._run(
-                    store._upload_part,
+                etag = await store.run(
+                    store.upload_part,
                     self._key,
                     self._upload_id,
                     number,
@@ -302,17 +307,7 @@ class S3Upload:
             self._pump = None
 
     def _pump_over(self) -> Deferred[None]:
-        d: Deferred[None] = Deferred()
-        if self._pump is None:
-            d.callback(None)
-        else:
-
-            def over(result: object) -> object:
-                d.callback(None)
-                return result
-
-            self._pump.addBoth(over)
-        return d
+        return succeed(None) if self._pump is None else self._pump.wait()
 
     async def _complete(self, length: int) -> None:
         if self._state != "open":
@@ -323,8 +318,8 @@ class S3Upload:
         try:
             await self._pump_over()
             if self._error is None and self._upload_id is None and length <= self.part_size:
-                await store._run(
-                    store._put_small, self._key, self._fd, length, self._hash, self._sha256, self._spool_path
+                await store.run(
+                    store.put_small, self._key, self._fd, length, self._hash, self._sha256, self._spool_path
                 )
             else:
                 self._kick()
@@ -334,8 +329,8 @@ class S3Upload:
                 if self.sent != length:
                     raise UploadFailed(f"sent {self.sent} of {length} bytes of {self._key}")
                 assert self._upload_id is not None
-                await store._run(
-                    store._complete_multipart,
+                await store.run(
+                    store.complete_multipart,
                     self._key,
                     self._upload_id,
                     self._parts,
@@ -357,7 +352,7 @@ class S3Upload:
         self._close()
         if self._upload_id is not None:
             try:
-                await self._store._run(self._store._abort_multipart, self._key, self._upload_id)
+                await self._store.run(self._store.abort_multipart, self._key, self._upload_id)
             except Exception as e:
                 log.error(
                     "could not abort the S3 upload of {key} ({upload_id}): {error}",
@@ -393,7 +388,14 @@ class S3Store:
     def _object(self, key: str) -> str:
         return f"{self.prefix.strip('/')}/{key}" if self.prefix.strip("/") else key
 
-    def _run(self, f: Any, *args: Any) -> Deferred[Any]:
+    def run(self, f: Any, *args: Any) -> Deferred[Any]:
+        """
+        Run a blocking call on the S3 pool.  The store's blocking methods
+        (L{get_body}, L{create_multipart}, L{upload_part},
+        L{complete_multipart}, L{put_small}, L{abort_multipart},
+        L{presign}) are public so that its reader and upload can run them
+        here; nothing may call them on the reactor thread.
+        """
         return deferToThreadPool(self._reactor, self._pool, f, *args)
 
     def _upload(self, spool_path: str, key: str) -> None:
@@ -403,7 +405,7 @@ class S3Store:
         os.unlink(spool_path)
 
     def commit(self, spool_path: str, key: str) -> Deferred[None]:
-        return self._run(self._upload, spool_path, key)
+        return self.run(self._upload, spool_path, key)
 
     def start_upload(self, spool_path: str, key: str, sha256: str) -> IUpload:
         fd = os.open(spool_path, os.O_RDONLY)  # local, like the flight's own
@@ -411,7 +413,7 @@ class S3Store:
 
     # The steps of an S3Upload, each on the S3 pool.  Keys are object names.
 
-    def _create_multipart(self, name: str) -> str:
+    def create_multipart(self, name: str) -> str:
         answer = self.client.create_multipart_upload(Bucket=self.bucket, Key=name)
         upload_id: str = answer["UploadId"]
         return upload_id
@@ -429,7 +431,7 @@ class S3Store:
         if hash.hexdigest() != sha256:
             raise UploadFailed(f"the spool file's sha256 is {hash.hexdigest()}, not {sha256}")
 
-    def _upload_part(
+    def upload_part(
         self, name: str, upload_id: str, number: int, fd: int, offset: int, length: int, hash: Any
     ) -> str:
         data = self._read_back(fd, offset, length, hash)
@@ -446,7 +448,7 @@ class S3Store:
         except FileNotFoundError:
             pass
 
-    def _complete_multipart(
+    def complete_multipart(
         self, name: str, upload_id: str, parts: list[dict[str, Any]], hash: Any, sha256: str, spool_path: str
     ) -> None:
         self._check(hash, sha256)
@@ -455,13 +457,13 @@ class S3Store:
         )
         self._consume(spool_path)
 
-    def _put_small(self, name: str, fd: int, length: int, hash: Any, sha256: str, spool_path: str) -> None:
+    def put_small(self, name: str, fd: int, length: int, hash: Any, sha256: str, spool_path: str) -> None:
         data = self._read_back(fd, 0, length, hash)
         self._check(hash, sha256)
         self.client.put_object(Bucket=self.bucket, Key=name, Body=data)
         self._consume(spool_path)
 
-    def _abort_multipart(self, name: str, upload_id: str) -> None:
+    def abort_multipart(self, name: str, upload_id: str) -> None:
         self.client.abort_multipart_upload(Bucket=self.bucket, Key=name, UploadId=upload_id)
 
     def _head(self, key: str) -> int | None:
@@ -476,13 +478,13 @@ class S3Store:
         return int(answer["ContentLength"])
 
     async def _open(self, key: str) -> IFileReader | None:
-        size = await self._run(self._head, key)
+        size = await self.run(self._head, key)
         return None if size is None else S3Reader(self, key, size)
 
     def open(self, key: str) -> Deferred[IFileReader | None]:
         return Deferred.fromCoroutine(self._open(key))
 
-    def _get_body(self, key: str, first: int, last: int) -> tuple[Any, bool]:
+    def get_body(self, key: str, first: int, last: int) -> tuple[Any, bool]:
         """
         The body of a ranged GET of bytes C{first} to C{last}, once the
         answer says it is that range (a server that ignored C{Range} would
@@ -501,7 +503,7 @@ class S3Store:
         return body, answer.get("ResponseMetadata", {}).get("HTTPStatusCode") == 200
 
     def probe(self) -> Deferred[None]:
-        return self._run(self._probe)
+        return self.run(self._probe)
 
     def _probe(self) -> None:
         """
@@ -516,12 +518,12 @@ class S3Store:
 
         name = self._object(PROBE_KEY)
         try:
-            body, _ = self._get_body(PROBE_KEY, 1, 4)
+            body, _ = self.get_body(PROBE_KEY, 1, 4)
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
                 raise
             self.client.put_object(Bucket=self.bucket, Key=name, Body=PROBE_BODY)
-            body, _ = self._get_body(PROBE_KEY, 1, 4)
+            body, _ = self.get_body(PROBE_KEY, 1, 4)
         try:
             data = body.read()
         finally:
@@ -548,7 +550,7 @@ class S3Store:
                 )
             return self._presigner
 
-    def _presign(self, key: str, ttl: float) -> str:
+    def presign(self, key: str, ttl: float) -> str:
         # Signing is local, but resolving credentials may block (an instance
         # role is fetched over HTTP): this runs on the S3 pool too.
         url: str = self._presign_client().generate_presigned_url(
@@ -562,4 +564,4 @@ class S3Store:
         self.client.delete_object(Bucket=self.bucket, Key=self._object(key))
 
     def delete(self, key: str) -> Deferred[None]:
-        return self._run(self._delete, key)
+        return self.run(self._delete, key)
