@@ -1,5 +1,6 @@
 """
-One contract for every file store: the local disk and S3 (a real SeaweedFS).
+One contract for every file store: the local disk, S3 (a real SeaweedFS) and
+memory; and one for every upload taken while a file spools (S3 and memory).
 """
 
 from __future__ import annotations
@@ -17,15 +18,20 @@ from zope.interface.verify import verifyObject
 
 from tests.conftest import get_reactor
 from txpypi.core.names import BadName
-from txpypi.storage.stores import DiskStore, IFileStore, file_key
+from txpypi.storage.memory import MemoryStore, MemoryStreamingStore
+from txpypi.storage.stores import DiskStore, IFileStore, IStreamingUpload, IUpload, UploadFailed, file_key
 
 
-@pytest.fixture(params=["disk", "s3"])
+@pytest.fixture(params=["disk", "s3", "memory"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
     pool = ThreadPool(1, 4)
     pool.start()
     try:
-        if request.param == "disk":
+        if request.param == "memory":
+            spool = tmp_path / "spool"
+            spool.mkdir()
+            yield MemoryStore(str(spool))
+        elif request.param == "disk":
             disk = DiskStore(tmp_path / "cache", pool, get_reactor())
             disk.prepare()
             yield disk
@@ -78,6 +84,105 @@ async def test_replacing_a_key(store: Any) -> None:
     reader = await store.open(key)
     assert reader.size == 7 and await reader.read(0, 100) == b"second!"
     reader.close()
+
+
+@pytest.fixture(params=["s3", "memory"])
+def streaming(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    """
+    A store that takes files while they spool (L{IStreamingUpload}).
+    """
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    if request.param == "memory":
+        yield MemoryStreamingStore(str(spool_dir))
+        return
+    from txpypi.storage.s3 import S3Store
+
+    pool = ThreadPool(1, 4)
+    pool.start()
+    try:
+        bucket = request.getfixturevalue("s3_bucket")
+        # Small parts, so that a few hundred kilobytes make a multipart upload.
+        yield S3Store(
+            bucket.client(),
+            bucket.bucket,
+            bucket.prefix,
+            str(spool_dir),
+            pool,
+            get_reactor(),
+            part_size=5 * 2**20,
+        )
+    finally:
+        pool.stop()
+
+
+def grow(path: str, data: bytes) -> None:
+    with open(path, "ab") as f:
+        f.write(data)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upload_lands_only_when_complete(streaming: Any) -> None:
+    """
+    Bytes told as spooled are sent; the file is visible under its key only
+    once C{complete} verified it, and the spool file is then consumed.
+    """
+    import hashlib
+
+    data = os.urandom(6 * 2**20 + 123)  # more than one part on S3
+    key = file_key(hashlib.sha256(data).hexdigest(), "u-1.0-py3-none-any.whl")
+    path = spool(streaming, b"")
+    upload = IStreamingUpload(streaming).start_upload(path, key, hashlib.sha256(data).hexdigest())
+    assert verifyObject(IUpload, upload)
+    half = len(data) // 2
+    grow(path, data[:half])
+    upload.spooled(half)
+    assert await streaming.open(key) is None  # nothing visible yet
+    grow(path, data[half:])
+    upload.spooled(len(data))
+    await upload.complete(len(data))
+    assert upload.sent == len(data)
+    await upload.wait_sent(len(data))  # fires at once now
+    assert not os.path.exists(path)
+    reader = await streaming.open(key)
+    assert reader is not None and reader.size == len(data)
+    assert await reader.read(0, len(data)) == data
+    reader.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upload_with_the_wrong_bytes_leaves_nothing(streaming: Any) -> None:
+    """
+    Bytes that do not have the sha256 the upload started with fail
+    C{complete}, and nothing becomes visible.
+    """
+    data = b"not what the index listed" * 1000
+    key = file_key("00" * 32, "w-1.0-py3-none-any.whl")
+    path = spool(streaming, b"")
+    upload = IStreamingUpload(streaming).start_upload(path, key, "00" * 32)
+    grow(path, data)
+    upload.spooled(len(data))
+    with pytest.raises(UploadFailed):
+        await upload.complete(len(data))
+    assert await streaming.open(key) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_aborted_upload_leaves_nothing_and_the_spool_to_its_caller(streaming: Any) -> None:
+    import hashlib
+
+    data = b"abandoned" * 1000
+    key = file_key(hashlib.sha256(data).hexdigest(), "a-1.0-py3-none-any.whl")
+    path = spool(streaming, b"")
+    upload = IStreamingUpload(streaming).start_upload(path, key, hashlib.sha256(data).hexdigest())
+    grow(path, data)
+    upload.spooled(len(data))
+    await upload.abort()
+    assert os.path.exists(path)  # the spool file is the caller's to remove
+    assert await streaming.open(key) is None
+    with pytest.raises(UploadFailed):
+        await upload.complete(len(data))  # over: exactly one of complete or abort
+    assert await streaming.open(key) is None
 
 
 @pytest_twisted.ensureDeferred

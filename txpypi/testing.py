@@ -12,7 +12,6 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import tarfile
 import zipfile
 import zlib
@@ -22,12 +21,12 @@ from typing import Any, Literal
 
 import attrs
 from packaging.utils import canonicalize_name
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
-from zope.interface import implementer
 
-from txpypi.storage.stores import IFileReader, IFileStore
+# merge: re-point the tests at txpypi.storage.memory, then drop this.
+from txpypi.storage.memory import BytesReader, FailingReader, MemoryStore  # noqa: F401
 
 JSON_V1 = "application/vnd.pypi.simple.v1+json"
 Mode = Literal["json", "html"]
@@ -487,70 +486,3 @@ class FakeUpstream(Resource):
             return
         request.write(content[offset : offset + 4096])
         reactor.callLater(0.001, self._trickle, request, content, offset + 4096)  # type: ignore[attr-defined]
-
-
-@implementer(IFileReader)
-@attrs.define
-class BytesReader:
-    """
-    A reader of bytes in memory.
-    """
-
-    data: bytes
-
-    @property
-    def size(self) -> int:
-        return len(self.data)
-
-    def read(self, offset: int, length: int) -> Deferred[bytes]:
-        return succeed(self.data[offset : offset + length])
-
-    def close(self) -> None:
-        pass
-
-
-@implementer(IFileReader)
-@attrs.define
-class FailingReader:
-    """
-    A reader of a file that exists but cannot be read.
-    """
-
-    size: int
-
-    def read(self, offset: int, length: int) -> Deferred[bytes]:
-        return fail(OSError("injected: the store cannot read this object"))
-
-    def close(self) -> None:
-        pass
-
-
-@implementer(IFileStore)
-@attrs.define
-class MemoryStore:
-    """
-    A file store in a dictionary, with its spool directory on disk (flights
-    spool to real files).
-    """
-
-    spool_dir: str
-    files: dict[str, bytes] = attrs.field(factory=dict)
-    #: Files open, but every read fails (as an object store whose gateway
-    #: answers while its volume servers are down).
-    failing_reads: bool = False
-
-    def commit(self, spool_path: str, key: str) -> Deferred[None]:
-        with open(spool_path, "rb") as f:
-            self.files[key] = f.read()
-        os.unlink(spool_path)
-        return succeed(None)
-
-    def open(self, key: str) -> Deferred[IFileReader | None]:
-        data = self.files.get(key)
-        if data is not None and self.failing_reads:
-            return succeed(FailingReader(len(data)))
-        return succeed(None if data is None else BytesReader(data))
-
-    def delete(self, key: str) -> Deferred[None]:
-        self.files.pop(key, None)
-        return succeed(None)

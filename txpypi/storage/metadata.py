@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface, implementer
@@ -258,7 +259,7 @@ class SqliteMetadata:
 
     path: Path
     _pool: ThreadPool
-    _reactor: Any
+    _reactor: IReactorFromThreads
     _connection: sqlite3.Connection | None = None
 
     def _db(self) -> sqlite3.Connection:

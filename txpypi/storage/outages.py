@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import attrs
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import alsoProvides, implementer
@@ -92,7 +93,7 @@ class Outage:
 
     store: str
     what: str
-    _clock: Any
+    _clock: IReactorTime
     consequence: str = "degrading"
     retry: float = 5.0
     fatal: bool = False

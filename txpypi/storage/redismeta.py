@@ -257,7 +257,7 @@ class Link:
         self._retry_at = None
         return result
 
-    def _failed(self, clock: Any) -> None:
+    def _failed(self, clock: IReactorTime) -> None:
         self._retry_at = clock.seconds() + max(1.0, self.timeout)
 
 

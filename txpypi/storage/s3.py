@@ -26,6 +26,7 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -39,6 +40,7 @@ from txpypi.storage.stores import (
     IRedirectable,
     IStreamingUpload,
     IUpload,
+    UploadFailed,
 )
 
 log = Logger(namespace="txpypi.s3store")
@@ -193,12 +195,6 @@ def check_range(answer: dict[str, Any], first: int, last: int) -> None:
     elif status == 200 and first == 0 and content_range is None:
         return  # the whole object: its first bytes are the ones asked for
     raise OSError(f"S3 answered {status} ({content_range or 'no Content-Range'}) for bytes {first}-{last}")
-
-
-class UploadFailed(Exception):
-    """
-    A streaming upload could not be completed.
-    """
 
 
 @implementer(IUpload)
@@ -380,7 +376,7 @@ class S3Store:
     prefix: str
     spool_dir: str
     _pool: ThreadPool
-    _reactor: Any
+    _reactor: IReactorFromThreads
     _presigner: Any = None
     _presigner_lock: threading.Lock = attrs.field(factory=threading.Lock)
     part_size: int = PART_SIZE

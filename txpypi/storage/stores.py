@@ -111,8 +111,9 @@ class IUpload(Interface):
     def complete(length: int) -> Deferred[None]:
         """
         The file is whole (C{length} bytes) and verified: make it visible
-        under its key.  The spool file is consumed.  On failure nothing is
-        visible and nothing is left behind in the store.
+        under its key.  The spool file is consumed.  On failure (L{UploadFailed}
+        when the bytes are not the file, or the upload is already over)
+        nothing is visible and nothing is left behind in the store.
         """
 
     def abort() -> Deferred[None]:
@@ -120,6 +121,12 @@ class IUpload(Interface):
         Give up: nothing becomes visible, and what was sent is removed.  The
         spool file is left to the caller.  Never fails (errors are logged).
         """
+
+
+class UploadFailed(Exception):
+    """
+    A streaming upload could not be completed.
+    """
 
 
 class IStreamingUpload(Interface):
