@@ -161,6 +161,14 @@ def build_sdist(name: str, version: str, requires: Iterable[str] = ()) -> Dist:
     return Dist(project=str(canonicalize_name(name)), filename=f"{root}.tar.gz", content=buffer.getvalue())
 
 
+def _gone(request: Request) -> bool:
+    """
+    Whether the client left: Twisted drops a request's channel when its
+    connection is lost.
+    """
+    return getattr(request, "channel", None) is None
+
+
 class FakeUpstream(Resource):
     """
     A fake package index.
@@ -305,7 +313,7 @@ class FakeUpstream(Resource):
     def _endless(self, request: Request, piece: bytes) -> None:
         from twisted.internet import reactor
 
-        if request._disconnected:
+        if _gone(request):
             return
         request.write(piece * max(1, 256 * 1024 // len(piece)))
         reactor.callLater(0, self._endless, request, piece)  # type: ignore[attr-defined]
@@ -411,7 +419,7 @@ class FakeUpstream(Resource):
             return self._render_found(request, filename)
 
         def answer(_: object) -> None:
-            if request._disconnected:
+            if _gone(request):
                 return
             body = self._render_found(request, filename)
             if body is not NOT_DONE_YET:
@@ -455,7 +463,7 @@ class FakeUpstream(Resource):
         request.write(content[:half])
 
         def rest(_: object) -> None:
-            if request._disconnected:
+            if _gone(request):
                 return
             if fault == "cut":
                 request.channel.transport.abortConnection()  # type: ignore[union-attr]
@@ -479,7 +487,7 @@ class FakeUpstream(Resource):
     def _trickle(self, request: Request, content: bytes, offset: int) -> None:
         from twisted.internet import reactor
 
-        if request._disconnected:
+        if _gone(request):
             return
         if offset >= len(content):
             request.finish()
