@@ -40,7 +40,8 @@ from txpypi.core.peer import peer_path, sign
 from txpypi.fetch.upstream import Upstream, UpstreamClient
 from txpypi.storage.metadata import MemoryMetadata
 from txpypi.testing import Dist, FakeUpstream, MemoryStore
-from txpypi.web.app import FilesResource, PeerResource
+from txpypi.web.files import FilesResource
+from txpypi.web.peer import PeerResource
 
 GAMMA = "gamma-0.5-py3-none-any.whl"
 BIG = "big-1.0-py3-none-any.whl"
