@@ -16,7 +16,6 @@ from typing import Any
 
 import attrs
 from klein import Klein
-from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -30,9 +29,10 @@ from txpypi.cache.pages import PageCache
 from txpypi.core.names import BadName, check_filename, normalize
 from txpypi.fetch.download import Sender
 from txpypi.fetch.upstream import UpstreamClient
-from txpypi.storage.outages import CHECK_WAIT, Outage, Unavailable
+from txpypi.storage.outages import Outage, Unavailable
 from txpypi.web.answers import answer_text, error_text, header, status_of, text
 from txpypi.web.files import FilesResource
+from txpypi.web.health import Health
 from txpypi.web.memo import Memo
 from txpypi.web.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from txpypi.web.metrics import Metrics
@@ -106,7 +106,7 @@ class Proxy:
         # One query per second at most, however many ask (see MEMO_TTL).
         self._top: Memo[int, list[tuple[str, int]]] = Memo(self.clock)
         self._project_rows: Memo[str, list[tuple[str, str, int]]] = Memo(self.clock)
-        self._probed: Memo[None, dict[str, Any] | None] = Memo(self.clock)
+        self._health = Health(self.clock, self.pages, self.files, self.client, self.outages)
 
     def _state(self) -> dict[str, float]:
         files = self.files
@@ -209,63 +209,14 @@ class Proxy:
     @app.route("/health", methods=["GET"])
     async def health(self, request: Request) -> bytes:
         """
-        The proxy's state as JSON.  C{200} while it can serve, even degraded
-        (the upstream or a store failing: files then come from the upstream
-        uncached, and a Redis outage must not take every instance out of a
-        load balancer at once); C{503} when a store it cannot do without
-        (its local SQLite database) fails.
+        The proxy's state as JSON (see L{Health.report}): C{200} while it
+        can serve, even degraded; C{503} when it cannot.
         """
-        client = self.client
-        upstream: dict[str, Any] = {
-            "url": self.pages.upstream.url,
-            "state": "offline" if self.pages.offline else client.state(),
-            "last_success": client.last_success,
-            "last_error": None
-            if client.last_error is None
-            else {"at": client.last_error[0], "reason": client.last_error[1]},
-        }
-        unwatched_metadata = await self._probed.get(None, self._probe_stores)
-        watched = {o.store: o for o in self.outages}
-        file_store: dict[str, Any] = {"state": "ok"}
-        if "files" in watched:
-            file_store = watched["files"].health()
-        spool_error = self.files.spool_error()
-        if spool_error and file_store["state"] == "ok":
-            file_store = {"state": "degraded", "reason": spool_error}
-        if "metadata" in watched:
-            metadata = watched["metadata"].health()
-        else:
-            metadata = unwatched_metadata or {"state": "ok"}
-        fatal = watched["metadata"].fatal if "metadata" in watched else True
-        serving = metadata["state"] == "ok" or not fatal
-        degraded = upstream["state"] == "degraded" or file_store["state"] != "ok" or metadata["state"] != "ok"
-        body = {
-            "status": "failing" if not serving else "degraded" if degraded else "ok",
-            "version": __version__,
-            "upstream": upstream,
-            "file_store": file_store,
-            "metadata_store": metadata,
-            "cache": {"bytes": self.files.size, "files": self.files.count, "max_bytes": self.files.max_size},
-        }
+        serving, body = await self._health.report()
         request.setResponseCode(200 if serving else 503)
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
         return json.dumps(body, indent=2).encode() + b"\n"
-
-    async def _probe_stores(self) -> dict[str, Any] | None:
-        """
-        Ask each watched store now (waiting 1 s at most, and not at all for
-        one known down), so that one that just failed shows at once; and
-        ping an unwatched metadata store, whose state this returns.
-        """
-        await DeferredList([Deferred.fromCoroutine(o.check(CHECK_WAIT)) for o in self.outages])
-        if any(o.store == "metadata" for o in self.outages):
-            return None
-        try:
-            await self.files.metadata_ping()
-        except Exception as e:
-            return {"state": "failing", "reason": repr(e)}
-        return {"state": "ok"}
 
     # -- administration: only with the bearer token
 
