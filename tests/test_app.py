@@ -20,12 +20,12 @@ from twisted.internet.defer import Deferred
 from twisted.web.server import Request
 from twisted.web.test.requesthelper import DummyChannel
 
-import txpypi.web.app
+import txpypi.cache.pages
 from tests.conftest import Running, Served, get_reactor
 from txpypi.cache.pages import INFLATE_ABOVE, Body
 from txpypi.core.index import JSON_V1
 from txpypi.testing import FakeUpstream, build_wheel, generated_names
-from txpypi.web.app import PAGE_SLICE, PageSender
+from txpypi.web.pages import PAGE_SLICE, PageSender
 
 
 class PausingTransport(DummyChannel.TCP):

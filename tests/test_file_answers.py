@@ -19,7 +19,7 @@ import pytest_twisted
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from treq.testing import RequestTraversalAgent
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
@@ -28,19 +28,22 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from twisted.web.test.requesthelper import DummyChannel
+from zope.interface import implementer
 
 from tests.conftest import Served, get_reactor
 from tests.test_proxy import find, header
 from txpypi.cache.files import FileCache
 from txpypi.cache.pages import PageCache
-from txpypi.core.fileplan import plan_file
+from txpypi.core.fileplan import plan_file, range_applies
 from txpypi.core.httpheaders import Unsatisfiable, parse_range
 from txpypi.core.peer import HEADER as PEER_HEADER
 from txpypi.core.peer import peer_path, sign
 from txpypi.fetch.upstream import Upstream, UpstreamClient
 from txpypi.storage.metadata import MemoryMetadata
-from txpypi.testing import Dist, FakeUpstream, MemoryStore
-from txpypi.web.app import FilesResource, PeerResource
+from txpypi.storage.stores import IFileReader, IRedirectable
+from txpypi.testing import BytesReader, Dist, FakeUpstream, MemoryStore
+from txpypi.web.files import FilesResource
+from txpypi.web.peer import PeerResource
 
 GAMMA = "gamma-0.5-py3-none-any.whl"
 BIG = "big-1.0-py3-none-any.whl"
@@ -164,7 +167,7 @@ class World:
         return request, channel
 
 
-def world(tmp_path: Path, dists: list[Dist]) -> World:
+def world(tmp_path: Path, dists: list[Dist], store: Any = None, redirect_ttl: float | None = None) -> World:
     fake = FakeUpstream(dists)
     reactor = MemoryReactorClock()
     agent = RequestTraversalAgent(fake)
@@ -173,9 +176,10 @@ def world(tmp_path: Path, dists: list[Dist]) -> World:
     pages = PageCache(reactor, client, metadata, Upstream("test", "http://upstream.test/simple/"), ttl=600)
     spool = tmp_path / "spool"
     spool.mkdir()
-    files = FileCache(reactor, client, MemoryStore(str(spool)), metadata, pages)
+    store = MemoryStore(str(spool)) if store is None else store(str(spool))
+    files = FileCache(reactor, client, store, metadata, pages)
     root = Resource()
-    root.putChild(b"files", FilesResource(files))
+    root.putChild(b"files", FilesResource(files, lambda: redirect_ttl))
     root.putChild(b"_peer", PeerResource(files, reactor))
     return World(fake, agent, files, Site(root), spool)
 
@@ -263,6 +267,68 @@ def test_a_hit_whose_first_read_fails_comes_from_the_upstream(tmp_path: Path, di
     assert channel.transport.written.getvalue().endswith(find(dists, GAMMA).content)
     assert w.fake.requests["/packages/" + GAMMA] == 2
     assert w.files._records[record.key].sha256 == record.sha256
+
+
+@implementer(IRedirectable)
+class RedirectableReader(BytesReader):
+    """
+    A reader of bytes in memory that an object store would also serve from
+    a presigned URL (one that names its lifetime).
+    """
+
+    def url(self, ttl: float) -> Deferred[str]:
+        return succeed(f"https://store.test/object?expires={ttl:g}")
+
+
+@attrs.define
+class RedirectingStore(MemoryStore):
+    """
+    A memory store whose readers are redirectable, like S3's.
+    """
+
+    def open(self, key: str) -> Deferred[IFileReader | None]:
+        data = self.files.get(key)
+        return succeed(None if data is None else RedirectableReader(data))
+
+
+@pytest.mark.parametrize(
+    "headers,status,location",
+    [
+        ({}, 302, True),
+        ({b"range": b"bytes=0-9"}, 302, True),  # the store honours Range itself
+        ({b"range": b"bytes=99999999-"}, 302, True),  # and answers its own 416
+        ({b"if-none-match": b"ETAG"}, 304, False),  # answered here, from the plan
+        ({b"if-none-match": b'"other"'}, 302, True),
+        ({b"range": b"bytes=0-9", b"if-range": b'"other"'}, 200, False),  # only we know our ETags
+        ({b"range": b"bytes=0-9", b"if-range": b"ETAG"}, 302, True),
+    ],
+)
+def test_a_redirected_hit_follows_the_file_plan(
+    tmp_path: Path, dists: list[Dist], headers: dict[bytes, bytes], status: int, location: bool
+) -> None:
+    """
+    With redirects on, a cached hit is sent to the store's presigned URL
+    exactly where the file plan allows it; a matching If-None-Match gets
+    the proxy's own C{304}, and an If-Range naming another version the
+    whole file from the proxy.
+    """
+    w = world(tmp_path, dists, store=RedirectingStore, redirect_ttl=60)
+    rest: Deferred[None] = Deferred()
+    w.fake.holds[GAMMA] = rest  # the body arrives after the headers were sent
+    miss, _ = w.get(f"/files/gamma/{GAMMA}")
+    rest.callback(None)
+    w.agent.flush()
+    assert miss.finished and miss.code == 200  # a miss is always sent through
+    assert miss.responseHeaders.getRawHeaders(b"x-cache") == [b"MISS"]
+    etag = f'"{find(dists, GAMMA).sha256}"'.encode()
+    asked = {name: value.replace(b"ETAG", etag) for name, value in headers.items()}
+    request, channel = w.get(f"/files/gamma/{GAMMA}", asked)
+    assert request.finished and request.code == status
+    got = request.responseHeaders.getRawHeaders(b"location")
+    assert got == ([b"https://store.test/object?expires=60"] if location else None)
+    if status == 200:
+        assert channel.transport.written.getvalue().endswith(find(dists, GAMMA).content)
+    assert w.fake.requests["/packages/" + GAMMA] == 1
 
 
 # -- the pure parts
@@ -382,3 +448,24 @@ def test_file_plans_are_consistent(
         assert headers[b"content-length"] == b"%d" % (plan.end - plan.start)
     if plan.status == 206:
         assert not head and plan.start < plan.end  # type: ignore[operator]
+    # A store that honours Range but knows not our ETags may answer in our
+    # place only where our answer would not depend on those ETags.
+    assert plan.redirect == (not head and plan.status != 304 and range_applies(if_range, etag))
+
+
+def test_a_file_plan_says_where_a_redirect_may_answer() -> None:
+    """
+    Not for a HEAD, a C{304}, or an C{If-Range} naming another version;
+    else yes, a C{416} included (the store answers its own).
+    """
+    etag = '"e"'
+
+    def plan(**how: Any) -> Any:
+        return plan_file(head=how.pop("head", False), size=100, etag=etag, **how)
+
+    assert plan().redirect and plan(range_header="bytes=0-9").redirect
+    assert plan(range_header="bytes=500-").status == 416 and plan(range_header="bytes=500-").redirect
+    assert plan(range_header="bytes=0-9", if_range=etag).redirect
+    assert not plan(head=True).redirect
+    assert not plan(if_none_match=etag).redirect
+    assert not plan(range_header="bytes=0-9", if_range='"other"').redirect

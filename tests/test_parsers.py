@@ -17,7 +17,7 @@ from txpypi.core.httpheaders import accepts_gzip, etag_matches
 from txpypi.core.index import HTML_LEGACY, SERVED_TYPES, negotiate
 from txpypi.core.names import BadName, check_filename, normalize, valid_project_name
 from txpypi.core.peer import WINDOW, sign, verify
-from txpypi.web.app import _segment
+from txpypi.web.answers import segment as _segment
 
 #: Header values as the proxy sees them: any bytes, decoded as latin-1.
 latin1 = st.binary(max_size=200).map(lambda b: b.decode("latin-1"))

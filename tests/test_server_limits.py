@@ -48,17 +48,10 @@ from txpypi.storage.metadata import MemoryMetadata
 from txpypi.storage.outages import Outage
 from txpypi.tap import DrainService, Options, apply_live
 from txpypi.testing import Dist, FakeUpstream, MemoryStore, build_wheel
-from txpypi.web.app import (
-    MAX_GET_BODY,
-    MAX_REQUEST_BODY,
-    MEMO_ENTRIES,
-    ConnectionLimits,
-    Memo,
-    Proxy,
-    ProxyChannel,
-    ProxySite,
-)
+from txpypi.web.app import Proxy
+from txpypi.web.memo import MEMO_ENTRIES, Memo
 from txpypi.web.metrics import Metrics
+from txpypi.web.server import MAX_GET_BODY, MAX_REQUEST_BODY, ConnectionLimits, ProxyChannel, ProxySite
 
 BIG = "big-1.0-py3-none-any.whl"
 TOKEN = "s3cret-token-for-the-tests"
@@ -110,7 +103,7 @@ def unit_proxy(clock: Clock, metadata: Any, fake: FakeUpstream, spool: str, **mo
     client = UpstreamClient(clock, agent=RequestTraversalAgent(fake))
     pages = PageCache(clock, client, metadata, Upstream("test", "http://upstream.test/simple/"), ttl=600)
     files = FileCache(clock, client, MemoryStore(spool), metadata, pages)
-    return Proxy(pages, files, clock, **more)
+    return Proxy(pages, files, clock, client=client, **more)
 
 
 @pytest.fixture

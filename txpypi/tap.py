@@ -30,8 +30,9 @@ from txpypi.fetch.upstream import Upstream, UpstreamClient
 from txpypi.storage.metadata import SqliteMetadata
 from txpypi.storage.outages import Outage, WatchedMetadata, WatchedStore
 from txpypi.storage.stores import DiskStore
-from txpypi.web.app import ConnectionLimits, Proxy
+from txpypi.web.app import Proxy
 from txpypi.web.metrics import Metrics
+from txpypi.web.server import ConnectionLimits
 
 log = Logger()
 
@@ -707,6 +708,8 @@ def build(settings: config.Settings, reactor: Any) -> tuple[MultiService, Proxy]
         s3_redirect_ttl=settings.s3_redirect_ttl if settings.s3_redirect else None,
         outages=tuple(outages),
         connections=ConnectionLimits(settings.max_connections, settings.send_timeout),
+        client=client,
+        senders=files.senders,  # until FileCache.drain takes the web's senders
     )
     site = proxy.site()
     drain = DrainService(files, settings.shutdown_grace)

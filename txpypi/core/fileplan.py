@@ -25,6 +25,10 @@ class FilePlan:
         end of a file of unknown size.
     @ivar body: whether bytes are sent at all (not for HEAD, 304 or 416).
     @ivar headers: the length and range headers of the answer.
+    @ivar redirect: whether a store that honours C{Range} itself, but knows
+        nothing of our ETags, may answer in our place (a presigned URL): not
+        for a HEAD (a URL signed for GET refuses it), a C{304} (answered
+        here), or an C{If-Range} naming another version (only we can tell).
     """
 
     status: int
@@ -32,6 +36,7 @@ class FilePlan:
     end: int | None = None
     body: bool = True
     headers: tuple[tuple[bytes, bytes], ...] = ()
+    redirect: bool = False
 
     @property
     def error(self) -> bool:
@@ -61,19 +66,22 @@ def plan_file(
     """
     if etag is not None and etag_matches(if_none_match, etag):
         return FilePlan(304, body=False)
+    # Whether a Range counts; a store honours it only then as we would.
+    ranged = not head and range_applies(if_range, etag)
     headers: list[tuple[bytes, bytes]] = []
     if size is not None:
         headers.append((b"accept-ranges", b"bytes"))
     start, end, status = 0, size, 200
-    if size is not None and not head and range_applies(if_range, etag):
+    if size is not None and ranged:
         try:
             wanted = parse_range(range_header, size)
         except Unsatisfiable:
-            return FilePlan(416, body=False, headers=((b"content-range", b"bytes */%d" % size),))
+            unsatisfiable = ((b"content-range", b"bytes */%d" % size),)
+            return FilePlan(416, body=False, headers=unsatisfiable, redirect=ranged)
         if wanted is not None:
             start, end = wanted
             status = 206
             headers.append((b"content-range", b"bytes %d-%d/%d" % (start, end - 1, size)))
     if end is not None:
         headers.append((b"content-length", b"%d" % (end - start)))
-    return FilePlan(status, start, end, body=not head, headers=tuple(headers))
+    return FilePlan(status, start, end, body=not head, headers=tuple(headers), redirect=ranged)

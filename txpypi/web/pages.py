@@ -1,0 +1,254 @@
+"""
+C{/simple/} and C{/simple/<project>/}: index pages from the page cache, in
+the representation the client negotiated, sent a slice at a time.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
+from urllib.parse import quote
+
+import attrs
+from twisted.internet.interfaces import IPushProducer
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
+
+from txpypi.cache.pages import HIT, STALE, CachedPage, NotFound, PageCache, Representation
+from txpypi.core.httpheaders import accepts_gzip, etag_matches
+from txpypi.core.index import negotiate
+from txpypi.core.names import BadName, normalize
+from txpypi.fetch.upstream import UpstreamError
+from txpypi.web.answers import client_gone, error_text, finish_error, header, moved, run, segment, text
+
+#: Page bodies go to a client this many bytes at a time, each once its
+#: connection took the one before; a body this size or smaller is one write.
+PAGE_SLICE = 64 * 1024
+
+#: How many distinct C{Accept} / C{Accept-Encoding} values (of at most 256
+#: bytes each: longer ones are worked out every time) have their answer kept.
+NEGOTIATED_ENTRIES = 1024
+#: The longest header value whose answer is kept, in bytes.
+NEGOTIATED_LENGTH = 256
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+@implementer(IPushProducer)
+class PageSender:
+    """
+    Sends one page body to one client, a slice at a time as its connection
+    takes them: a push producer that the transport pauses while its buffer
+    is full and resumes once it drained, so that a client that stops
+    reading holds a slice or two in the transport, never a copy of the
+    body.  A body kept gzip-compressed only is inflated slice by slice for a
+    client that does not accept gzip.  The sender holds a reference to the
+    shared body, and lets go of it when done, stopped or disconnected.
+    """
+
+    def __init__(self, request: Request, representation: Representation) -> None:
+        self._request = request
+        self._data: bytes | None = representation.data
+        self._inflater = zlib.decompressobj(wbits=31) if representation.inflate else None
+        self._offset = 0
+        self._paused = False
+        self._sending = False
+        self.sent = 0
+
+    def start(self) -> None:
+        self._request.registerProducer(self, True)
+        self._request.notifyFinish().addErrback(lambda _: self.stopProducing())
+        self.resumeProducing()
+
+    def _next(self, data: bytes) -> bytes:
+        """
+        The next slice to send (C{b""} at the end).
+        """
+        inflater = self._inflater
+        while True:
+            if inflater is not None and inflater.unconsumed_tail:
+                return inflater.decompress(inflater.unconsumed_tail, PAGE_SLICE)
+            piece = data[self._offset : self._offset + PAGE_SLICE]
+            self._offset += len(piece)
+            if inflater is None or not piece:
+                return piece if inflater is None else inflater.flush()
+            out = inflater.decompress(piece, PAGE_SLICE)
+            if out:
+                return out
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        if self._sending:
+            return  # resumed from inside our own write: the loop goes on
+        self._sending = True
+        try:
+            while not self._paused and self._data is not None:
+                piece = self._next(self._data)
+                if not piece:
+                    self._release()
+                    self._request.unregisterProducer()
+                    self._request.finish()
+                    return
+                self.sent += len(piece)
+                self._request.write(piece)
+        finally:
+            self._sending = False
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def stopProducing(self) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        self._data = None
+        self._inflater = None
+
+    @property
+    def holding(self) -> bool:
+        """
+        Whether it still holds the body (it is neither done nor stopped).
+        """
+        return self._data is not None
+
+
+@attrs.define
+class Negotiated(Generic[K, V]):
+    """
+    The answers of a negotiation, by the request headers it read: the same
+    few C{Accept} values come again and again.  At most C{max_entries} are
+    kept, each of a key at most L{NEGOTIATED_LENGTH} bytes long (a longer
+    one is worked out every time), so that no client can grow it.
+    """
+
+    _decide: Callable[[K], V]
+    max_entries: int = NEGOTIATED_ENTRIES
+    _kept: dict[K, V] = attrs.field(factory=dict)
+
+    def get(self, key: K, length: int) -> V:
+        """
+        The answer for C{key}, whose header values are C{length} bytes long.
+        """
+        try:
+            return self._kept[key]
+        except KeyError:
+            pass
+        answer = self._decide(key)
+        if len(self._kept) < self.max_entries and length <= NEGOTIATED_LENGTH:
+            self._kept[key] = answer
+        return answer
+
+
+def _latin1(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("latin-1")
+
+
+def _content_type(key: tuple[bytes | None, bytes | None]) -> str | None:
+    accept, fmt = key
+    return negotiate(_latin1(accept), _latin1(fmt))
+
+
+def _gzip(header: bytes) -> bool:
+    return accepts_gzip(header.decode("latin-1"))
+
+
+class SimpleResource(Resource):
+    """
+    C{/simple/} and C{/simple/<project>/} in PEP 503 HTML or PEP 691 JSON.
+    """
+
+    isLeaf = True
+
+    def __init__(self, pages: PageCache) -> None:
+        super().__init__()
+        self._pages = pages
+        self._negotiated: Negotiated[tuple[bytes | None, bytes | None], str | None] = Negotiated(
+            _content_type
+        )
+        self._accepts_gzip: Negotiated[bytes, bool] = Negotiated(_gzip)
+
+    def _content_type(self, request: Request) -> str | None:
+        accept = request.getHeader(b"accept")
+        formats = request.args.get(b"format") if request.args else None
+        fmt = formats[0] if formats else None
+        return self._negotiated.get((accept, fmt), len(accept or b"") + len(fmt or b""))
+
+    def _gzip(self, request: Request) -> bool:
+        value = request.getHeader(b"accept-encoding")
+        return False if value is None else self._accepts_gzip.get(value, len(value))
+
+    def render_GET(self, request: Request) -> bytes | int:
+        postpath = request.postpath or []
+        prefix = "/" + "/".join(p.decode("latin-1") for p in request.prepath or [])
+        if not postpath:
+            return moved(request, prefix + "/")
+        if len(postpath) > 2 or (len(postpath) == 2 and postpath[1]):
+            return text(request, 404, "not a Simple API path")
+        try:
+            raw = segment(postpath[0])
+            project = normalize(raw) if raw else None
+        except BadName as e:
+            return error_text(request, e)
+        if project is not None and (raw != project or len(postpath) == 1):
+            return moved(request, f"{prefix}/{quote(project)}/")
+        content_type = self._content_type(request)
+        if content_type is None:
+            return text(request, 406, "none of the Simple API's content types is acceptable")
+        page = self._pages.fresh(project)
+        if page is not None:
+            body = self._respond(request, page, content_type, HIT)
+            return NOT_DONE_YET if body is None else body
+        return run(request, self._fetch(request, project, content_type))
+
+    def render_HEAD(self, request: Request) -> bytes | int:
+        return self.render_GET(request)
+
+    async def _fetch(self, request: Request, project: str | None, content_type: str) -> None:
+        try:
+            page, state = await self._pages.get(project)
+        except (NotFound, UpstreamError) as e:
+            missing = "not cached, and offline" if self._pages.offline else "no such project"
+            finish_error(request, e, missing=f"{missing}: {project}")
+            return
+        if client_gone(request):
+            return
+        body = self._respond(request, page, content_type, state)
+        if body is None:
+            return  # a PageSender has it
+        if body:
+            request.write(body)
+        request.finish()
+
+    def _respond(self, request: Request, page: CachedPage, content_type: str, state: str) -> bytes | None:
+        """
+        Set the answer's status and headers; return a small body to write
+        (C{b""}: none, for C{HEAD} and C{304}), or L{None} when a
+        L{PageSender} was started for a big one.
+        """
+        gzipped = self._gzip(request)
+        representation = page.representation(content_type, gzipped)
+        max_age = max(0, math.ceil(self._pages.remaining(page)))
+        headers = request.responseHeaders
+        headers.setRawHeaders(b"content-type", [content_type.encode()])
+        headers.setRawHeaders(b"vary", [b"Accept, Accept-Encoding"])
+        headers.setRawHeaders(b"x-cache", [state.encode()])
+        headers.setRawHeaders(b"cache-control", [b"max-age=%d" % max_age])
+        headers.setRawHeaders(b"etag", [representation.etag.encode()])
+        if state == STALE:
+            headers.setRawHeaders(b"age", [b"%d" % max(0, int(self._pages.age(page)))])
+        if etag_matches(header(request, b"if-none-match"), representation.etag):
+            request.setResponseCode(304)
+            return b""
+        if gzipped:
+            headers.setRawHeaders(b"content-encoding", [b"gzip"])
+        headers.setRawHeaders(b"content-length", [b"%d" % representation.length])
+        if request.method == b"HEAD":
+            return b""
+        if not representation.inflate and representation.length <= PAGE_SLICE:
+            return representation.data
+        PageSender(request, representation).start()
+        return None

@@ -1,0 +1,385 @@
+"""
+The connections of the clients: bounded in number, in time (a client that
+takes no bytes, a request that trickles in) and in request body size; and
+the site that counts every request and writes the access log.
+"""
+
+from __future__ import annotations
+
+from io import BytesIO
+from typing import Any
+
+import attrs
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
+from twisted.web.resource import IResource
+from twisted.web.server import Request, Site
+
+from txpypi.web.accesslog import Entry, client_address, combined, json_line
+from txpypi.web.answers import header
+from txpypi.web.metrics import Metrics, route_of
+
+log = Logger(namespace="txpypi.app")
+access_log = Logger(namespace="txpypi.access")
+
+
+#: The largest request body accepted on a C{GET} or C{HEAD}, in bytes: no
+#: route reads one.
+MAX_GET_BODY = 4 * 1024
+#: The largest request body accepted on any other method, in bytes: the
+#: admin routes read none.  (Under Twisted's 100 000 bytes, past which it
+#: would spool a body to a temporary file.)
+MAX_REQUEST_BODY = 64 * 1024
+
+
+@attrs.define
+class ConnectionLimits:
+    """
+    The bounds on the clients' connections, shared by every listener of the
+    process (every site that L{Proxy.site} makes), and read live: SIGHUP
+    changes them.
+
+    @ivar max_connections: the most connections open at once; past it, a
+        new connection is closed at once.
+    @ivar send_timeout: seconds a client may take no bytes of a response
+        before it is cut off; also the time a request may take to arrive
+        from its first byte, and the idle timeout of a keep-alive
+        connection between requests.
+    @ivar open: the connections open now.
+    """
+
+    max_connections: int = 1024
+    send_timeout: float = 60.0
+    open: int = 0
+    #: Whether the refusals since the limit was last reached were logged.
+    full_logged: bool = False
+
+
+def _reset(transport: Any) -> None:
+    """
+    Abort a connection with a reset, not a FIN, so that nothing lingers in
+    the kernel for a client that does not read: Twisted's TCP transport
+    closes an aborted socket with C{SO_LINGER} 0 (what L{abort_client} sets
+    by hand), and under TLS the TCP transport below is aborted.
+    """
+    transport.abortConnection()
+
+
+def _peer(transport: Any) -> str:
+    peer = transport.getPeer() if transport is not None else None
+    return str(getattr(peer, "host", peer))
+
+
+class ProxyRequest(Request):
+    """
+    A request whose body is held in memory and counted by its
+    L{ProxyChannel}, which refuses one past L{MAX_REQUEST_BODY} bytes.
+    """
+
+    def gotLength(self, length: int | None) -> None:
+        # Twisted spools a body of unknown (chunked) or large declared
+        # length to a temporary file; the channel bounds it to a few KiB.
+        self.content = BytesIO()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        channel = self.channel
+        if isinstance(channel, ProxyChannel) and not channel.body_received(len(data)):
+            return
+        super().handleContentChunk(data)
+
+
+class ProxyChannel(HTTPChannel):
+    """
+    An HTTP/1.1 connection that no client can hold forever:
+
+      - A client that takes no bytes of a response for C{send_timeout}
+        seconds is cut off with a reset.  The channel is its transport's
+        producer: the transport pauses it when the client stops taking
+        bytes and resumes it when the client takes them again, so this
+        covers every response, whatever wrote it.
+      - A request (its line, headers and body) must arrive within
+        C{send_timeout} seconds of its first byte, or it gets a C{408} and
+        the connection is closed (a client trickling a byte at a time would
+        otherwise reset the idle timeout forever); and a keep-alive
+        connection idle for C{send_timeout} between requests is closed (the
+        channel's idle timeout, C{timeOut}, set by L{ProxySite}).
+      - A request body past L{MAX_GET_BODY} on C{GET} and C{HEAD}, or past
+        L{MAX_REQUEST_BODY} on any other method, gets a C{413} and the
+        connection is closed, before the body is read: a declared
+        C{Content-Length} is checked once the headers are complete, and a
+        chunked body is counted as it arrives.
+
+    The limits are the site's L{ConnectionLimits}, read live.
+    """
+
+    site: ProxySite
+    #: Cuts the client off once a pause lasted C{send_timeout}.
+    _stalled: IDelayedCall | None = None
+    #: Closes the connection if the request in progress is not all there
+    #: in C{send_timeout}.
+    _deadline: IDelayedCall | None = None
+    _counted = False
+    _refused = False
+    _body_limit = MAX_REQUEST_BODY
+    _body_seen = 0
+
+    @property
+    def _limits(self) -> ConnectionLimits:
+        return self.site.connections
+
+    def connectionMade(self) -> None:
+        self._limits.open += 1
+        self._counted = True
+        super().connectionMade()
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        if self._counted:
+            self._counted = False
+            limits = self._limits
+            limits.open -= 1
+            if limits.open < limits.max_connections:
+                limits.full_logged = False
+        self._cancel_stalled()
+        self._cancel_deadline()
+        super().connectionLost(reason)
+
+    # -- the client takes no bytes
+
+    def pauseProducing(self) -> None:
+        if self._stalled is None and not self._refused:
+            self._stalled = self.callLater(self._limits.send_timeout, self._send_timed_out)
+        super().pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._cancel_stalled()
+        super().resumeProducing()
+
+    def _cancel_stalled(self) -> None:
+        if self._stalled is not None:
+            if self._stalled.active():
+                self._stalled.cancel()
+            self._stalled = None
+
+    def _send_timed_out(self) -> None:
+        self._stalled = None
+        seconds = self._limits.send_timeout
+        log.info(
+            "cut off {client}: it took no bytes for {seconds:g} s (send-timeout)",
+            client=_peer(self.transport),
+            seconds=seconds,
+        )
+        self.site.metrics.client_timeouts.labels("send").inc()
+        _reset(self.transport)
+
+    # -- the request arrives too slowly
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._deadline is None and not self._handlingRequest and data:
+            self._deadline = self.callLater(self._limits.send_timeout, self._request_timed_out)
+        super().dataReceived(data)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    def _request_timed_out(self) -> None:
+        self._deadline = None
+        seconds = self._limits.send_timeout
+        log.info(
+            "closed the connection of {client}: its request took over {seconds:g} s to arrive (send-timeout)",
+            client=_peer(self.transport),
+            seconds=seconds,
+        )
+        self.site.metrics.client_timeouts.labels("request").inc()
+        self._refuse(408, b"Request Timeout", f"the request did not arrive within {seconds:g} s")
+
+    def allContentReceived(self) -> None:
+        if self._refused:
+            return
+        self._cancel_deadline()
+        super().allContentReceived()
+
+    # -- bodies
+
+    def allHeadersReceived(self) -> None:
+        get = self._command in (b"GET", b"HEAD")
+        self._body_limit = MAX_GET_BODY if get else MAX_REQUEST_BODY
+        self._body_seen = 0
+        if self.length is not None and self.length > self._body_limit:
+            self._refuse_body()
+            return
+        super().allHeadersReceived()
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return
+        super().rawDataReceived(data)
+
+    def body_received(self, size: int) -> bool:
+        """
+        Count C{size} more bytes of the request's body; C{False} once they
+        are past the limit, and the request is refused.
+        """
+        if self._refused:
+            return False
+        self._body_seen += size
+        if self._body_seen > self._body_limit:
+            self._refuse_body()
+            return False
+        return True
+
+    def _refuse_body(self) -> None:
+        on = " on GET and HEAD" if self._body_limit == MAX_GET_BODY else ""
+        reason = f"request body too large: at most {self._body_limit} bytes{on}"
+        self._refuse(413, b"Content Too Large", reason)
+
+    def _refuse(self, code: int, phrase: bytes, reason: str) -> None:
+        """
+        Answer C{code} with a one-line reason, count it, and close the
+        connection without reading any more of it.
+        """
+        if self._refused:
+            return
+        self._refused = True
+        self._cancel_deadline()
+        path = getattr(self, "_path", b"") or b""
+        self.site.metrics.requests.labels(route_of(path.partition(b"?")[0]), str(code)).inc()
+        body = (reason + "\n").encode()
+        assert self.transport is not None
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (code, phrase, len(body), body)
+        )
+        self.loseConnection()
+
+
+class RefusedConnection(Protocol):
+    """
+    A connection past L{ConnectionLimits.max_connections}: closed at once.
+    (A factory may return L{None} instead, but the TLS wrapper would wrap
+    it.)
+    """
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        _reset(self.transport)
+
+
+class ProxySite(Site):
+    """
+    The site: counts every request in the metrics and writes the access log
+    line once the response is done.  Its connections are L{ProxyChannel}s,
+    within the L{ConnectionLimits} it shares with the process's other
+    sites.
+    """
+
+    protocol = ProxyChannel  # type: ignore[assignment]
+    requestFactory = ProxyRequest
+
+    def __init__(
+        self,
+        resource: IResource,
+        clock: IReactorTime,
+        metrics: Metrics,
+        log_format: str = "combined",
+        trusted_proxies: frozenset[str] = frozenset(),
+        connections: ConnectionLimits | None = None,
+    ) -> None:
+        # The clock is the reactor of the channels' timeouts too.
+        super().__init__(resource, reactor=clock)
+        self._clock = clock
+        self._metrics = metrics
+        self.log_format = log_format
+        self.trusted_proxies = trusted_proxies
+        self.connections = ConnectionLimits() if connections is None else connections
+        self.displayTracebacks = False
+
+    @property
+    def metrics(self) -> Metrics:
+        return self._metrics
+
+    def buildProtocol(self, addr: IAddress | None) -> Any:
+        limits = self.connections
+        if limits.open >= limits.max_connections:
+            self._metrics.connections_refused.inc()
+            if not limits.full_logged:
+                limits.full_logged = True
+                log.warn(
+                    "refusing new connections: {open} are open, the most max-connections allows",
+                    open=limits.open,
+                )
+            return RefusedConnection()
+        channel: ProxyChannel = super().buildProtocol(addr)
+        channel.timeOut = limits.send_timeout  # type: ignore[assignment]  # idle timeout between requests
+        return channel
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """
+        Only HTTP/1.1 in TLS's ALPN: the channel is not an HTTP/2 one, even
+        where the h2 package would let Twisted offer it.
+        """
+        return [b"http/1.1"]
+
+    def getResourceFor(self, request: Request) -> IResource:  # type: ignore[override]
+        request.txpypi_started = self._clock.seconds()  # type: ignore[attr-defined]
+        resource: IResource = super().getResourceFor(request)
+        return resource
+
+    def log(self, request: Request) -> None:  # type: ignore[override]
+        now = self._clock.seconds()
+        duration = now - getattr(request, "txpypi_started", now)
+        cache = request.responseHeaders.getRawHeaders(b"x-cache")
+        state = cache[0].decode() if cache else ""
+        self._count(request, duration, state)
+        if self.log_format == "none":
+            return
+        entry = self._entry(request, now, duration, state)
+        line = json_line(entry) if self.log_format == "json" else combined(entry)
+        access_log.info("{access}", access=line)
+
+    def _count(self, request: Request, duration: float, state: str) -> None:
+        """
+        Count a finished request in the metrics: its route and status, its
+        latency, and for a cache answer (C{state}: its C{X-Cache}) the
+        answer and the bytes served.
+        """
+        route = route_of(request.path)
+        code = request.code
+        self._metrics.requests.labels(route, str(code)).inc()
+        self._metrics.latency.labels(route).observe(duration)
+        if state:
+            kind = "file" if route in ("file", "metadata") else "page"
+            self._metrics.cache.labels(kind, state.lower()).inc()
+            if code in (200, 206):
+                source = "upstream" if state == "MISS" else "cache"
+                self._metrics.bytes_served.labels(source).inc(request.sentLength)
+
+    def _entry(self, request: Request, now: float, duration: float, state: str) -> Entry:
+        """
+        The access log's line of a finished request, as values.
+        """
+        peer = request.getClientAddress()
+        return Entry(
+            client=client_address(
+                getattr(peer, "host", "-"),
+                header(request, b"x-forwarded-for"),
+                self.trusted_proxies,
+            ),
+            method=request.method.decode("latin-1"),
+            path=request.uri.decode("latin-1"),
+            protocol=request.clientproto.decode("latin-1"),
+            status=request.code,
+            size=request.sentLength,
+            duration=duration,
+            cache=state,
+            referer=header(request, b"referer") or "-",
+            user_agent=header(request, b"user-agent") or "-",
+            time=now,
+        )
