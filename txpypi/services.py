@@ -218,7 +218,8 @@ def apply_live(
     files.max_size = live["max_cache_size"]
     files.slots.limit = live["max_downloads"]
     proxy.admin_token = live["admin_token"]
-    proxy.s3_redirect_ttl = live["s3_redirect_ttl"] if live["s3_redirect"] else None
+    redirect_ttl = live["s3_redirect_ttl"]
+    proxy.s3_redirect_ttl = redirect_ttl if live["s3_redirect"] else None
     proxy.log_format = live["log_format"]
     proxy.trusted_proxies = frozenset(live["trusted_proxies"])
     for site in proxy.sites:
