@@ -21,7 +21,7 @@ from txpypi.cache.files import FileCache
 from txpypi.cache.pages import PageCache
 from txpypi.config import ConfigError, Settings
 from txpypi.fetch.upstream import Upstream, UpstreamClient
-from txpypi.options import FIXED, KEYS, LIVE, OPTIONS, Option
+from txpypi.options import FIXED, KEYS, LIVE, OPTIONS, Live, Option
 from txpypi.services import DrainService, ReloadService, apply_live
 from txpypi.storage.metadata import MemoryMetadata
 from txpypi.tap import Options
@@ -222,6 +222,15 @@ def unit_proxy(clock: Clock, tmp_path: Path) -> tuple[Proxy, UpstreamClient]:
     return Proxy(pages, files, clock), client
 
 
+def test_live_takes_the_live_rows_and_keeps_the_fixed_ones() -> None:
+    live = Live(Settings(index_ttl=1, connect_timeout=2))
+    kept = live.reload(Settings(index_ttl=3, connect_timeout=4, upstream="http://x.example/simple/"))
+    assert kept == ["upstream", "connect_timeout"]  # in table order
+    assert (live.settings.index_ttl, live.settings.connect_timeout) == (3, 2)
+    assert live.settings.upstream == Settings().upstream
+    assert live.reload(live.settings) == []
+
+
 class Recording(dict[str, Any]):
     """
     The live values, noting which are read.
@@ -277,7 +286,8 @@ def test_reload_applies_the_live_rows_to_the_running_parts(tmp_path: Path) -> No
         f"shutdown-grace: 11\nmax-connections: 12\nsend-timeout: 13\nadmin-token-file: {token}\n"
         "upstream: http://elsewhere.example/simple/\nconnect-timeout: 1\n"
     )
-    ReloadService(options, proxy, drain, client, Clock()).reload()  # type: ignore[arg-type]
+    live = Live(options.settings)
+    ReloadService(options, live, proxy, drain, client, Clock()).reload()  # type: ignore[arg-type]
     pages, files = proxy.pages, proxy.files
     assert (pages.ttl, pages.stale_ttl, pages.offline, pages.negative_ttl) == (7, 8, True, 9)
     assert (pages.limiter.limit, pages.max_bytes) == (3, 1024**2)
@@ -290,7 +300,7 @@ def test_reload_applies_the_live_rows_to_the_running_parts(tmp_path: Path) -> No
         frozenset({"10.0.0.9"}),
     )
     assert (drain.grace, proxy.connections.max_connections, proxy.connections.send_timeout) == (11, 12, 13)
-    running = options.settings
+    running = live.settings
     assert (running.index_ttl, running.upstream, running.connect_timeout) == (
         7,
         "https://pypi.org/simple/",

@@ -296,6 +296,29 @@ def live_values(settings: Settings) -> Mapping[str, Any]:
     return {name: getattr(settings, name) for name in LIVE}
 
 
+@attrs.define
+class Live:
+    """
+    The settings the process runs with: those it started with, then after
+    each SIGHUP the live rows of the new ones over them (the fixed rows keep
+    their running values until a restart).
+    """
+
+    settings: Settings
+
+    def reload(self, new: Settings) -> list[str]:
+        """
+        Take the live rows of C{new}.
+
+        @return: the fixed settings that C{new} would change, which keep
+            their running values.
+        """
+        old = self.settings
+        kept = [name for name in FIXED if getattr(new, name) != getattr(old, name)]
+        self.settings = attrs.evolve(new, **{name: getattr(old, name) for name in FIXED})
+        return kept
+
+
 class CommandLine(usage.Options):
     """
     A twistd C{usage.Options} with one C{opt_*} handler per row of the

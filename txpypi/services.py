@@ -10,7 +10,6 @@ import signal
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-import attrs
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
@@ -22,7 +21,7 @@ from twisted.python.threadpool import ThreadPool
 from txpypi.cache.files import FileCache
 from txpypi.config import Settings
 from txpypi.fetch.upstream import UpstreamClient
-from txpypi.options import FIXED, live_values
+from txpypi.options import FIXED, Live, live_values
 from txpypi.storage.outages import Outage, WatchedMetadata
 from txpypi.web.app import Proxy
 
@@ -123,11 +122,8 @@ class DrainService(Service):
 
 class Rereadable(Protocol):
     """
-    The running settings, and a way to read them again (the twistd
-    options).
+    What reads the settings again: the twistd options.
     """
-
-    settings: Settings
 
     def reread(self) -> Settings:
         """
@@ -149,12 +145,14 @@ class ReloadService(Service):
     def __init__(
         self,
         options: Rereadable,
+        live: Live,
         proxy: Proxy,
         drain: DrainService,
         client: UpstreamClient,
         reactor: IReactorFromThreads,
     ) -> None:
         self._options = options
+        self._live = live
         self._proxy = proxy
         self._drain = drain
         self._client = client
@@ -176,17 +174,14 @@ class ReloadService(Service):
         self._reactor.callFromThread(self.reload)
 
     def reload(self) -> None:
-        old = self._options.settings
         try:
             new = self._options.reread()
         except usage.UsageError as e:
             log.error("SIGHUP: configuration refused, keeping the running one: {error}", error=str(e))
             return
-        for name in self.FIXED:
-            if getattr(new, name) != getattr(old, name):
-                log.warn("SIGHUP: {name} changes only with a restart; keeping the running value", name=name)
-        apply_live(new, self._proxy, self._drain, self._client)
-        self._options.settings = attrs.evolve(new, **{name: getattr(old, name) for name in self.FIXED})
+        for name in self._live.reload(new):
+            log.warn("SIGHUP: {name} changes only with a restart; keeping the running value", name=name)
+        apply_live(self._live.settings, self._proxy, self._drain, self._client)
         log.info("SIGHUP: configuration reloaded")
 
 

@@ -93,7 +93,10 @@ def makeService(config: Options, reactor: Any = None) -> IService:
 
         reactor = default_reactor
     built = assemble(config.settings, reactor)
-    ReloadService(config, built.proxy, built.drain, built.client, reactor).setServiceParent(built.service)
+    live = options.Live(config.settings)
+    ReloadService(config, live, built.proxy, built.drain, built.client, reactor).setServiceParent(
+        built.service
+    )
     return built.service
 
 
