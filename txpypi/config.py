@@ -38,6 +38,12 @@ class ConfigError(ValueError):
 
 @attrs.frozen
 class Settings:
+    """
+    Every setting's typed value, with its default: one field per row of
+    L{txpypi.options.OPTIONS} (a test checks they are the same set).
+    Secrets stay out of the repr, so that settings can be logged.
+    """
+
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
     upstream: str = DEFAULT_UPSTREAM
     cache_dir: str = attrs.field(factory=default_cache_dir)
