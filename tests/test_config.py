@@ -230,7 +230,7 @@ def test_page_options(json_upstream: Any, proxy_factory: Any) -> None:
     """
     import attrs
 
-    from txpypi.tap import DrainService, ReloadService, apply_live
+    from txpypi.services import DrainService, ReloadService, apply_live
 
     defaults = parse().settings
     assert (defaults.page_cache_size, defaults.negative_ttl, defaults.max_upstream_requests) == (

@@ -44,9 +44,10 @@ from txpypi.cache.files import FileCache
 from txpypi.cache.pages import PageCache
 from txpypi.config import Settings
 from txpypi.fetch.upstream import Upstream, UpstreamClient
+from txpypi.services import DrainService, apply_live
 from txpypi.storage.metadata import MemoryMetadata
 from txpypi.storage.outages import Outage
-from txpypi.tap import DrainService, Options, apply_live
+from txpypi.tap import Options
 from txpypi.testing import Dist, FakeUpstream, MemoryStore, build_wheel
 from txpypi.web.app import Proxy
 from txpypi.web.memo import MEMO_ENTRIES, Memo

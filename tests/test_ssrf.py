@@ -623,7 +623,8 @@ def test_each_refused_url_is_logged_once_and_the_memory_is_bounded() -> None:
 def test_file_hosts_from_the_command_line_and_yaml(tmp_path: Path) -> None:
     from twisted.python.usage import UsageError
 
-    from txpypi.tap import Options, ReloadService
+    from txpypi.services import ReloadService
+    from txpypi.tap import Options
 
     options = Options()
     options.parseOptions(["--file-host", "files.example", "--file-host", "http://10.0.0.5:8080"])

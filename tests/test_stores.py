@@ -310,7 +310,7 @@ async def test_s3_redirect_falls_back_to_sending_and_reloads(
     from tests.test_http_semantics import get
     from tests.test_proxy import find, header
     from txpypi.config import Settings
-    from txpypi.tap import DrainService, apply_live
+    from txpypi.services import DrainService, apply_live
 
     settings = s3_settings(s3_bucket, s3_redirect=True)
     running = proxy_factory(json_upstream.url, **settings)

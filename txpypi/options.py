@@ -1,0 +1,361 @@
+"""
+The one table of options: one row per setting, with its name (the same on
+the command line and in the YAML file), how its value is read, its help,
+and whether SIGHUP applies it to a running process or it needs a restart.
+
+Everything else is derived from the table: the twistd command line
+(L{CommandLine}, one C{opt_*} handler per row), the YAML keys (L{KEYS}),
+the settings a restart needs (L{FIXED}) and the ones SIGHUP applies
+(L{LIVE}), and the bounds checked once all settings are in.  The typed
+value, with the defaults, is L{txpypi.config.Settings}; a test checks that
+its fields and the rows are the same set, and that C{README.md} and
+C{etc/txpypi.yaml} name the same options.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Literal
+
+import attrs
+from twisted.python import usage
+
+from txpypi import config
+from txpypi.config import (
+    MAX_PRESIGNED_TTL,
+    ConfigError,
+    Parse,
+    Settings,
+    addresses,
+    anything,
+    choice,
+    count,
+    directory,
+    endpoints,
+    file_hosts,
+    first_line,
+    flag,
+    log_format,
+    rate,
+    redis_url,
+    seconds,
+    secret,
+    size,
+    text,
+    upstream_url,
+    url,
+)
+
+#: What an option takes on the command line: a value (C{--name VALUE}),
+#: nothing (C{--name}; C{true} or C{false} in YAML), or a value each time it
+#: is repeated (a list in YAML).
+Takes = Literal["value", "flag", "list"]
+
+
+def _attribute(option: Option) -> str:
+    return option.name.replace("-", "_")
+
+
+@attrs.frozen
+class Option:
+    """
+    One setting: a row of the table.
+    """
+
+    #: The long option and the YAML key, e.g. C{max-downloads}.
+    name: str
+    #: Reads a value given under a key (which its errors name).
+    parse: Parse
+    #: The C{--help} text.
+    help: str
+    #: Whether SIGHUP applies it; the others need a restart.
+    live: bool
+    takes: Takes = "value"
+    #: A secret: the command line takes only C{--NAME-file} (its first line
+    #: is the value), YAML both C{NAME} and C{NAME-file}.
+    secret: bool = False
+    #: Other YAML keys for it.
+    also: tuple[str, ...] = ()
+    #: Bounds checked once all settings are in, defaults included.
+    least: float | None = None
+    most: float | None = None
+    #: The L{Settings} field (by default the name in snake case).
+    attribute: str = attrs.field(default=attrs.Factory(_attribute, takes_self=True))
+
+    @property
+    def flag(self) -> str:
+        """
+        The long option, without its C{--}.
+        """
+        return f"{self.name}-file" if self.secret else self.name
+
+    @property
+    def default(self) -> Any:
+        """
+        The value when it is not given: the L{Settings} field's default.
+        """
+        return getattr(Settings(), self.attribute)
+
+    def keys(self) -> Iterator[tuple[str, Callable[[Any], Any]]]:
+        """
+        Its YAML keys, each with what reads a value given under it.
+        """
+        for key in (self.name, *self.also):
+            yield key, _under(self.parse, key)
+        if self.secret:
+            yield f"{self.name}-file", _from_file(self.parse, self.name)
+
+    def bounds_error(self, value: Any) -> ConfigError | None:
+        """
+        The error for a value out of its bounds, if it is.
+        """
+        if self.least is None:
+            return None
+        if self.most is not None and not self.least <= value <= self.most:
+            return ConfigError(f"{self.name}: expected {self.least:g} to {self.most:g} seconds")
+        if value < self.least:
+            unit = "second" if self.least == 1 else "seconds"
+            return ConfigError(f"{self.name}: must be at least {self.least:g} {unit}")
+        return None
+
+
+def _under(parse: Parse, key: str) -> Callable[[Any], Any]:
+    return lambda value: parse(key, value)
+
+
+def _from_file(parse: Parse, name: str) -> Callable[[Any], Any]:
+    return lambda path: parse(name, first_line(f"{name}-file", path))
+
+
+# fmt: off
+#: Every setting, in the order SIGHUP reports the ones it keeps.
+OPTIONS: tuple[Option, ...] = (
+    Option("listen", endpoints, takes="list", live=False, help=(
+        "A Twisted server endpoint string to listen on; repeat it to listen on several "
+        "(default: tcp:5000:interface=127.0.0.1).")),
+    Option("upstream", upstream_url, live=False, help=(
+        "The upstream simple index URL (default: https://pypi.org/simple/).")),
+    Option("cache-dir", directory, live=False, help=(
+        "Where cached files and metadata live (default: ~/.cache/txpypi).")),
+    Option("index-ttl", seconds, live=True, help=(
+        "Seconds an index page stays fresh (default: 600).")),
+    Option("connect-timeout", seconds, live=False, help=(
+        "Seconds to wait for a connection to the upstream (default: 10).")),
+    Option("response-timeout", seconds, live=True, help=(
+        "Seconds to wait for the upstream's response headers (default: 30).")),
+    Option("read-timeout", seconds, live=True, help=(
+        "Seconds the upstream may send nothing in the middle of a page or file before the "
+        "fetch fails (default: 60).")),
+    Option("stale-ttl", seconds, live=True, help=(
+        "Seconds past its TTL an index page may still be served (X-Cache: STALE) while the "
+        "upstream is down or failing; 0 turns it off (default: 604800, a week).")),
+    Option("offline", flag, takes="flag", live=True, help=(
+        "Never contact the upstream: serve what is cached, 404 for the rest.")),
+    Option("max-cache-size", size, live=True, help=(
+        "Keep cached files under this size (500M, 20G, ...: powers of 1024), evicting the "
+        "least recently served (default: no limit).")),
+    Option("shutdown-grace", seconds, live=True, help=(
+        "On SIGTERM, seconds to let downloads in progress finish before their clients are "
+        "cut off (default: 30).")),
+    Option("log-format", log_format, live=True, help=(
+        "The access log: combined, json or none (default: combined).")),
+    Option("store", choice("disk", "s3"), live=False, help=(
+        "Where cached files live: disk (under --cache-dir) or s3 (default: disk).")),
+    Option("s3-bucket", text, live=False, help=(
+        "The S3 bucket (required with --store s3).")),
+    Option("s3-prefix", anything, live=False, help=(
+        "A key prefix in the bucket (default: txpypi/).")),
+    Option("s3-endpoint-url", url, live=False, help=(
+        "The S3 endpoint, for S3-compatible servers (default: AWS).")),
+    Option("s3-region", text, live=False, help=(
+        "The S3 region (default: boto3's).")),
+    Option("s3-threads", count(1, 256), live=False, help=(
+        "Threads of the pool that runs boto3 calls (default: 8).")),
+    Option("s3-redirect", flag, takes="flag", live=True, help=(
+        "Answer a cached file's GET with a 302 to a short-lived presigned S3 URL instead of "
+        "sending the bytes (default: off).")),
+    # A SigV4 presigned URL lives at most a week.
+    Option("s3-redirect-ttl", seconds, least=1, most=MAX_PRESIGNED_TTL, live=True, help=(
+        "With --s3-redirect: how long the presigned URLs live (default: 300).")),
+    Option("redis", redis_url, live=False, help=(
+        "Share metadata through Redis: redis://[:password@]host:port/db, or rediss:// for "
+        "TLS (default: the embedded SQLite database).")),
+    Option("lock-ttl", seconds, least=1, live=False, help=(
+        "With --redis: how long a dead instance's download lock outlives it before another "
+        "instance takes over the fetch (default: 30).")),
+    Option("peer-url", url, live=False, help=(
+        "With --redis: the URL where the other instances reach this one, so that their "
+        "clients receive a download in progress here as it arrives (needs "
+        "--peer-secret-file).")),
+    Option("peer-secret", secret, secret=True, live=False, help=(
+        "A file whose first line is the secret shared by the instances that stream "
+        "downloads to each other (16 characters or more).")),
+    Option("redis-timeout", seconds, least=0.1, live=False, help=(
+        "With --redis: seconds Redis may take to connect or answer before the instance goes "
+        "on without it; while it is down, it is tried again this often (default: 3).")),
+    Option("max-downloads", count(1, 100_000), live=True, help=(
+        "Downloads from the upstream at a time; a client asking for one more waits up to "
+        "--response-timeout for one to end, then gets 503 (default: 16).")),
+    Option("min-download-rate", rate, live=True, help=(
+        "The slowest an upstream may send a page or a file, in bytes per second over each "
+        "--read-timeout (1K, 100K, ...; 0: no minimum; default: 1K).")),
+    Option("s3-timeout", seconds, least=0.1, live=False, help=(
+        "With --store s3: seconds S3 may take to connect or answer (a failed call is tried "
+        "once more); while it is down, it is tried again this often (default: 10).")),
+    Option("send-timeout", seconds, least=0.1, live=True, help=(
+        "Seconds a client may take no bytes of a response before it is cut off; also the "
+        "time a request may take to arrive, and the idle timeout of a keep-alive connection "
+        "(default: 60).")),
+    Option("max-connections", count(1, 1_000_000), live=True, help=(
+        "The most client connections open at once, on all listeners together; past it, new "
+        "ones are closed at once (default: 1024).")),
+    Option("page-cache-size", size, live=True, help=(
+        "Keep index pages in memory up to this size (bodies and parsed pages; 64M, 1G, ...: "
+        "powers of 1024), the least recently used out first (default: 256M).")),
+    Option("negative-ttl", seconds, live=True, help=(
+        "Seconds a project the upstream does not know is remembered as unknown, answered 404 "
+        "without asking again; 0 turns it off (default: 60).")),
+    Option("max-upstream-requests", count(1, 4096), live=True, help=(
+        "Index page requests to the upstream in progress at once; the others wait their "
+        "turn, each at most --response-timeout, then 504 (default: 32).")),
+    Option("trusted-proxy", addresses, takes="list", attribute="trusted_proxies", live=True, help=(
+        "A reverse proxy's address whose X-Forwarded-For is believed in the access log; "
+        "repeat it for several.")),
+    Option("file-host", file_hosts, takes="list", also=("file-hosts",), attribute="file_hosts",
+           live=False, help=(
+        "A host files may come from besides the upstream's own: host or host:port (https), "
+        "or http://host[:port]; repeat it for several. Once given, files come only from "
+        "these and the upstream (default: any public host over https).")),
+    Option("admin-token", secret, secret=True, live=True, help=(
+        "A file whose first line is the bearer token for the admin routes (without one, "
+        "they answer 404).")),
+)
+# fmt: on
+
+#: YAML keys (the long options, and a few more spellings), each with the
+#: setting it sets and what reads its value.
+KEYS: Mapping[str, tuple[str, Callable[[Any], Any]]] = {
+    key: (option.attribute, read) for option in OPTIONS for key, read in option.keys()
+}
+
+#: The settings that only a restart changes, in table order.
+FIXED: tuple[str, ...] = tuple(option.attribute for option in OPTIONS if not option.live)
+
+#: The settings SIGHUP applies to the running process.
+LIVE: tuple[str, ...] = tuple(option.attribute for option in OPTIONS if option.live)
+
+
+def apply(settings: Settings, values: Mapping[str, Any]) -> Settings:
+    """
+    Return C{settings} with C{values} (keyed like the options) applied.
+
+    @raise ConfigError: for an unknown key or a bad value.
+    """
+    changes = {}
+    for key, value in values.items():
+        if key not in KEYS:
+            raise ConfigError(f"unknown setting: {key}")
+        attribute, read = KEYS[key]
+        changes[attribute] = read(value)
+    return attrs.evolve(settings, **changes)
+
+
+def check(settings: Settings) -> Settings:
+    """
+    The checks once all settings are in: across settings, then each row's
+    bounds.
+
+    @raise ConfigError: for the first that fails.
+    """
+    config.check(settings)
+    for option in OPTIONS:
+        error = option.bounds_error(getattr(settings, option.attribute))
+        if error is not None:
+            raise error
+    return settings
+
+
+def read(path: str | None, given: Mapping[str, Any]) -> Settings:
+    """
+    The settings: the defaults, then the YAML file at C{path} (if any), then
+    what the command line C{given}.
+
+    @raise ConfigError: for a bad setting.
+    """
+    settings = Settings()
+    if path is not None:
+        settings = apply(settings, config.load_file(path))
+    return check(apply(settings, given))
+
+
+def live_values(settings: Settings) -> Mapping[str, Any]:
+    """
+    The values of the rows marked live, by attribute: all that SIGHUP may
+    apply (any other lookup is a L{KeyError}).
+    """
+    return {name: getattr(settings, name) for name in LIVE}
+
+
+@attrs.define
+class Live:
+    """
+    The settings the process runs with: those it started with, then after
+    each SIGHUP the live rows of the new ones over them (the fixed rows keep
+    their running values until a restart).
+    """
+
+    settings: Settings
+
+    def reload(self, new: Settings) -> list[str]:
+        """
+        Take the live rows of C{new}.
+
+        @return: the fixed settings that C{new} would change, which keep
+            their running values.
+        """
+        old = self.settings
+        kept = [name for name in FIXED if getattr(new, name) != getattr(old, name)]
+        self.settings = attrs.evolve(new, **{name: getattr(old, name) for name in FIXED})
+        return kept
+
+
+class CommandLine(usage.Options):
+    """
+    A twistd C{usage.Options} with one C{opt_*} handler per row of the
+    table; each collects what was given, under the option's name, in
+    L{given} (a list for the repeated ones), for L{read} to apply over the
+    config file.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.given: dict[str, Any] = {}
+
+
+def _handler(option: Option) -> Callable[..., None]:
+    key = option.flag
+    handler: Callable[..., None]
+    if option.takes == "flag":
+
+        def handler(self: CommandLine) -> None:
+            self.given[key] = True
+
+    elif option.takes == "list":
+
+        def handler(self: CommandLine, value: str) -> None:
+            self.given.setdefault(key, []).append(value)
+
+    else:
+
+        def handler(self: CommandLine, value: str) -> None:
+            self.given[key] = value
+
+    handler.__name__ = "opt_" + key.replace("-", "_")
+    handler.__doc__ = option.help
+    return handler
+
+
+for _option in OPTIONS:
+    _method = _handler(_option)
+    setattr(CommandLine, _method.__name__, _method)
+del _option, _method

@@ -1,0 +1,263 @@
+"""
+The services that run the proxy's parts with the application: thread
+pools, cache upkeep, draining downloads on stop, SIGHUP, outage probes,
+timers and the final clean-up.  L{txpypi.tap.build} puts them together.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.python.threadpool import ThreadPool
+
+from txpypi.cache.files import FileCache
+from txpypi.config import Settings
+from txpypi.fetch.upstream import UpstreamClient
+from txpypi.options import FIXED, Live, live_values
+from txpypi.storage.outages import Outage, WatchedMetadata
+from txpypi.web.app import Proxy
+
+# The log lines keep the namespace they had when these lived in tap.py.
+log = Logger(namespace="txpypi.tap")
+
+
+class OrderedMultiService(MultiService):
+    """
+    Stops its children one at a time, in reverse order, each after the one
+    before it finished stopping: the listeners close, then the downloads in
+    progress drain, then the stores close, and only then the thread pools
+    that those stores use.  (MultiService stops them all at once.)
+    """
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop_in_order())
+
+    async def _stop_in_order(self) -> None:
+        for child in reversed(list(self)):
+            try:
+                await maybeDeferred(child.stopService)
+            except Exception:
+                log.failure("error while stopping {service}", service=child)
+
+
+class ThreadPoolService(Service):
+    """
+    Starts and stops a thread pool with the application.
+    """
+
+    def __init__(self, pool: ThreadPool) -> None:
+        self.pool = pool
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.pool.stop()
+
+
+class CacheUpkeepService(Service):
+    """
+    Learns the cache's size at start-up (off the reactor thread), writes
+    access times to the metadata store every C{interval} seconds and on
+    stop.  Its timer logs its own errors.
+    """
+
+    def __init__(self, files: FileCache, clock: IReactorTime, interval: float = 60.0) -> None:
+        self._files = files
+        self._loop = LoopingCall(self._upkeep)
+        self._loop.clock = clock
+        self._interval = interval
+
+    def _flush(self) -> Deferred[None]:
+        d = Deferred.fromCoroutine(self._files.flush_accesses())
+        d.addErrback(lambda f: log.failure("could not record access times", f))
+        return d
+
+    def _upkeep(self) -> Deferred[None]:
+        d = Deferred.fromCoroutine(self._files.upkeep())
+        d.addErrback(lambda f: log.failure("cache upkeep failed", f))
+        return d
+
+    def startService(self) -> None:
+        super().startService()
+        d = Deferred.fromCoroutine(self._files.load_usage())
+        d.addErrback(lambda f: log.failure("could not read the cache's size", f))
+        recovered = Deferred.fromCoroutine(self._files.recover_commits())
+        recovered.addErrback(lambda f: log.failure("could not check the unfinished commits", f))
+        self._loop.start(self._interval, now=False)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        if self._loop.running:
+            self._loop.stop()
+        return self._flush()
+
+
+class DrainService(Service):
+    """
+    Stops right after the listeners (so no new request comes in) and lets
+    the downloads in progress finish, up to the grace period.
+    """
+
+    def __init__(self, files: FileCache, grace: float) -> None:
+        self._files = files
+        self.grace = grace
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        # merge: the cache helper makes this files.drain(self.grace, proxy.senders).
+        return Deferred.fromCoroutine(self._files.drain(self.grace))
+
+
+class Rereadable(Protocol):
+    """
+    What reads the settings again: the twistd options.
+    """
+
+    def reread(self) -> Settings:
+        """
+        @raise usage.UsageError: for a bad setting.
+        """
+
+
+class ReloadService(Service):
+    """
+    On SIGHUP, reads the config file again and applies what can change in a
+    running process (the options marked live: TTLs, timeouts, limits, the
+    admin token, the access log).  A bad file is refused with a log line
+    and the old settings kept.
+    """
+
+    #: Settings that only a restart can change.
+    FIXED = FIXED
+
+    def __init__(
+        self,
+        options: Rereadable,
+        live: Live,
+        proxy: Proxy,
+        drain: DrainService,
+        reactor: IReactorFromThreads,
+    ) -> None:
+        self._options = options
+        self._live = live
+        self._proxy = proxy
+        self._drain = drain
+        self._reactor = reactor
+        self._previous: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        if hasattr(signal, "SIGHUP"):
+            self._previous = signal.signal(signal.SIGHUP, self._on_signal)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._reactor.callFromThread(self.reload)
+
+    def reload(self) -> None:
+        try:
+            new = self._options.reread()
+        except usage.UsageError as e:
+            log.error("SIGHUP: configuration refused, keeping the running one: {error}", error=str(e))
+            return
+        for name in self._live.reload(new):
+            log.warn("SIGHUP: {name} changes only with a restart; keeping the running value", name=name)
+        apply_live(self._live.settings, self._proxy, self._drain)
+        log.info("SIGHUP: configuration reloaded")
+
+
+def apply_live(settings: Settings, proxy: Proxy, drain: DrainService) -> None:
+    """
+    Apply the settings that can change while running: those of the rows
+    marked live, and only those (L{live_values} has no others).
+    """
+    live = live_values(settings)
+    pages, files, client = proxy.pages, proxy.files, proxy.client
+    pages.ttl = live["index_ttl"]
+    pages.stale_ttl = live["stale_ttl"]
+    pages.offline = live["offline"]
+    pages.negative_ttl = live["negative_ttl"]
+    pages.limiter.limit = live["max_upstream_requests"]
+    pages.max_bytes = live["page_cache_size"]
+    pages.trim()
+    client.response_timeout = live["response_timeout"]
+    client.read_timeout = live["read_timeout"]
+    client.min_rate = live["min_download_rate"]
+    files.max_size = live["max_cache_size"]
+    files.slots.limit = live["max_downloads"]
+    proxy.admin_token = live["admin_token"]
+    redirect_ttl = live["s3_redirect_ttl"]
+    proxy.s3_redirect_ttl = redirect_ttl if live["s3_redirect"] else None
+    proxy.log_format = live["log_format"]
+    proxy.trusted_proxies = frozenset(live["trusted_proxies"])
+    for site in proxy.sites:
+        site.log_format = live["log_format"]
+        site.trusted_proxies = frozenset(live["trusted_proxies"])
+    drain.grace = live["shutdown_grace"]
+    proxy.connections.max_connections = live["max_connections"]
+    proxy.connections.send_timeout = live["send_timeout"]
+    files.maybe_evict()
+
+
+class OutageService(Service):
+    """
+    Stops probing the stores that are down, on stop.
+    """
+
+    def __init__(self, outages: Sequence[Outage]) -> None:
+        self._outages = outages
+
+    def stopService(self) -> None:
+        super().stopService()
+        for outage in self._outages:
+            outage.stop()
+
+
+class TimerLoopService(Service):
+    """
+    Runs a L{LoopingCall} while the service runs.
+    """
+
+    def __init__(self, loop: LoopingCall, interval: float) -> None:
+        self._loop = loop
+        self._interval = interval
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop.start(self._interval, now=False)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._loop.running:
+            self._loop.stop()
+
+
+class CleanupService(Service):
+    """
+    Closes the upstream connection pool and the metadata store on stop.
+    """
+
+    def __init__(self, client: UpstreamClient, metadata: WatchedMetadata) -> None:
+        self._client = client
+        self._metadata = metadata
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        return gatherResults([self._client.close(), self._metadata.close()], consumeErrors=True)
