@@ -413,7 +413,7 @@ class DrainService(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        return Deferred.fromCoroutine(self._files.drain(self.grace))
+        return Deferred.fromCoroutine(self._files.drain(self.grace, self._files.senders))
 
 
 class ReloadService(Service):
@@ -660,6 +660,22 @@ def build(settings: config.Settings, reactor: Any) -> tuple[MultiService, Proxy]
         negative_ttl=settings.negative_ttl,
     )
     pages.limiter.limit = settings.max_upstream_requests
+    coordinator = None
+    if settings.redis is not None:
+        import socket
+        import uuid
+
+        from txpypi.cache.coordinator import RedisCoordinator
+        from txpypi.core.peer import owner_id
+        from txpypi.storage.redismeta import RedisLocks
+
+        instance = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
+        locks = RedisLocks(
+            redis_metadata.redis, owner=owner_id(instance, settings.peer_url), link=redis_metadata.link
+        )
+        coordinator = RedisCoordinator(
+            locks, metadata, reactor, settings.peer_url, settings.peer_secret, lock_ttl=settings.lock_ttl
+        )
     files = FileCache(
         reactor,
         client,
@@ -670,6 +686,8 @@ def build(settings: config.Settings, reactor: Any) -> tuple[MultiService, Proxy]
         metrics=metrics,
         run_spooling=partial(deferToThreadPool, reactor, spool_pool),
         journal=CommitJournal(str(cache_dir / "commits")),
+        coordinator=coordinator,
+        shared_usage=coordinator is not None,
     )
     files.slots.limit = settings.max_downloads
     CacheUpkeepService(files, reactor).setServiceParent(service)
@@ -677,22 +695,10 @@ def build(settings: config.Settings, reactor: Any) -> tuple[MultiService, Proxy]
     # unknown since start-up, or changed meanwhile).
     metadata.outage.on_recovery(lambda: Deferred.fromCoroutine(files.load_usage()))
     if settings.redis is not None:
-        import socket
-        import uuid
-
-        from txpypi.core.peer import owner_id
-        from txpypi.storage.redismeta import RedisLocks
-
-        files.lock_ttl = settings.lock_ttl
-        files.shared_usage = True
-        files.peer_url, files.peer_secret = settings.peer_url, settings.peer_secret
-        instance = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
-        files.locks = RedisLocks(
-            redis_metadata.redis, owner=owner_id(instance, settings.peer_url), link=redis_metadata.link
-        )
-        renew = LoopingCall(files.renew_locks)
+        files.peer_secret = settings.peer_secret
+        renew = LoopingCall(files.coordinator.renew)
         renew.clock = reactor
-        TimerLoopService(renew, files.lock_ttl / 3).setServiceParent(service)
+        TimerLoopService(renew, settings.lock_ttl / 3).setServiceParent(service)
     proxy = Proxy(
         pages,
         files,
