@@ -22,6 +22,7 @@ from txpypi.concurrency.waiters import in_thread_now
 from txpypi.fetch.download import CommitJournal, Flight, FlightFailed, Peer, Wanted
 from txpypi.fetch.upstream import UpstreamClient
 from txpypi.storage.metadata import FileRecord, IMetadata
+from txpypi.storage.outages import Unavailable
 from txpypi.storage.stores import IFileStore
 
 log = Logger(namespace="txpypi.files")
@@ -56,12 +57,46 @@ class Downloads:
     #: Shutting down: no download starts any more.
     closing: bool = False
 
+    def peer_reader(self, key: str) -> Flight | None:
+        """
+        The download of C{key} in progress here, for another instance to
+        follow (not one that is itself following a peer).
+        """
+        flight = self.flights.get(key)
+        if flight is None or flight.peer is not None or not flight.joinable:
+            return None
+        return flight
+
     def close(self) -> None:
         """
         Start no download any more, and refuse those waiting for a slot.
         """
         self.closing = True
         self.slots.refuse_waiters(Busy("the proxy is shutting down"))
+
+    async def recover_commits(self) -> None:
+        """
+        At start-up: the commits that an earlier process left unfinished
+        (killed, or its metadata store closed under it) may have put an
+        object in the store without a record, which nothing would ever
+        count, serve or evict.  Remove each such object.  A marker is kept
+        while the metadata or file store cannot answer, for the next start.
+        """
+        journal, run = self.journal, self.run_spooling
+        if journal is None:
+            return
+        for path, entry in await run(journal.pending):
+            key, store_key = entry["key"], entry["store_key"]
+            try:
+                record = await self._metadata.get_file(key)
+                if record is None or record.store_key != store_key:
+                    if key in self.flights:
+                        continue  # fetched again right now: it records its own
+                    await self._store.delete(store_key)
+                    log.warn("removed {store_key}: its commit never finished", store_key=store_key)
+            except Unavailable:
+                continue
+            await run(journal.end, path)
 
     async def begin(self, wanted: Wanted, peer: Peer | None) -> Flight:
         """

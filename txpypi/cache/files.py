@@ -42,7 +42,6 @@ from txpypi.fetch.download import (
 )
 from txpypi.fetch.upstream import UpstreamClient
 from txpypi.storage.metadata import FileRecord, IMetadata
-from txpypi.storage.outages import Unavailable
 from txpypi.storage.stores import IFileStore
 
 log = Logger(namespace="txpypi.files")
@@ -216,7 +215,7 @@ class FileCache:
         if use_store and record is None and key not in self.flights:
             # A flight may land while we read the store: check memory again.
             record = await self._cached.stored(key) or self._records.get(key)
-        opened = await self._open_record(record, project, filename)
+        opened = await self._cached.open_record(record, project, filename)
         if opened is not None:
             return opened
         flight = self.flights.get(key)
@@ -242,7 +241,9 @@ class FileCache:
         """
         key = wanted.key
         # Another request may have fetched or started it meanwhile.
-        opened = await self._open_record(self._records.get(key) if use_store else None, project, filename)
+        opened = await self._cached.open_record(
+            self._records.get(key) if use_store else None, project, filename
+        )
         if opened is not None:
             return opened
         peer = None
@@ -252,15 +253,10 @@ class FileCache:
             if isinstance(claim, Peer):
                 peer = claim
             elif claim is not None:
-                opened = await self._open_record(claim, project, filename)
+                opened = await self._cached.open_record(claim, project, filename)
                 if opened is not None:
                     return opened
         return self.flights.get(key) or await self.downloads.begin(wanted, peer)
-
-    async def _open_record(self, record: FileRecord | None, project: str, filename: str) -> Opened | None:
-        if record is None:
-            return None
-        return await self._cached.open_record(record, project, filename)
 
     async def _join(self, flight: Flight, key: str, fetch: bool) -> Opened | None:
         """
@@ -296,10 +292,7 @@ class FileCache:
         """
         if group != self.pages.group:
             return None
-        flight = self.flights.get(self.key(project, filename))
-        if flight is None or flight.peer is not None or not flight.joinable:
-            return None
-        return flight
+        return self.downloads.peer_reader(self.key(project, filename))
 
     # -- upkeep
 
@@ -340,16 +333,9 @@ class FileCache:
 
     async def upkeep(self) -> None:
         """
-        What runs every minute: write the access times and download counts
-        to the metadata store, and (when the cache is shared) learn again
-        the size that all the instances together fill.
+        What runs every minute (see L{Usage.upkeep}).
         """
-        await self.stats.flush()
-        if self.usage.shared:
-            try:
-                await self.usage.load()
-            except Unavailable:
-                pass  # Redis is down (logged once); read again once it is back
+        await self.usage.upkeep()
 
     async def flush_accesses(self) -> None:
         await self.stats.flush()
@@ -368,27 +354,10 @@ class FileCache:
 
     async def recover_commits(self) -> None:
         """
-        At start-up: the commits that an earlier process left unfinished
-        (killed, or its metadata store closed under it) may have put an
-        object in the store without a record, which nothing would ever
-        count, serve or evict.  Remove each such object.  A marker is kept
-        while the metadata or file store cannot answer, for the next start.
+        At start-up: remove the objects of the commits that an earlier
+        process left unfinished (see L{Downloads.recover_commits}).
         """
-        journal, run = self.downloads.journal, self.downloads.run_spooling
-        if journal is None:
-            return
-        for path, entry in await run(journal.pending):
-            key, store_key = entry["key"], entry["store_key"]
-            try:
-                record = await self._metadata.get_file(key)
-                if record is None or record.store_key != store_key:
-                    if key in self.flights:
-                        continue  # fetched again right now: it records its own
-                    await self._store.delete(store_key)
-                    log.warn("removed {store_key}: its commit never finished", store_key=store_key)
-            except Unavailable:
-                continue
-            await run(journal.end, path)
+        await self.downloads.recover_commits()
 
     async def wait_idle(self) -> None:
         """

@@ -121,13 +121,16 @@ class CachedFiles:
         except Unavailable:
             return None
 
-    async def open_record(self, record: FileRecord, project: str, filename: str) -> Opened | None:
+    async def open_record(self, record: FileRecord | None, project: str, filename: str) -> Opened | None:
         """
         Open a cached file that its index still lists, or return L{None}
         (and drop the record) when it is gone, damaged or outdated, so that
         it is fetched again.  While the file store is down, return L{None}
         and keep the record: the file is served from the upstream meanwhile.
+        With no C{record}, return L{None}.
         """
+        if record is None:
+            return None
         why = await self._listed(record, project, filename)
         if why is not None:
             await self.drop(record, f"{why}; fetching it again")

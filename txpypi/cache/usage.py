@@ -62,6 +62,19 @@ class Usage:
         self.size, self.count = await self._metadata.usage()
         self.maybe_evict()
 
+    async def upkeep(self) -> None:
+        """
+        What runs every minute: write the access times and download counts
+        to the metadata store, and (when the cache is shared) learn again
+        the size that all the instances together fill.
+        """
+        await self._stats.flush()
+        if self.shared:
+            try:
+                await self.load()
+            except Unavailable:
+                pass  # Redis is down (logged once); read again once it is back
+
     def account(self, size: int, count: int) -> None:
         """
         The cache grew (or shrank) by C{size} bytes and C{count} files.
