@@ -21,7 +21,7 @@ from tests.conftest import Served, get_reactor
 from tests.test_file_answers import fetch
 from tests.test_flight import DATA, harness
 from tests.test_proxy import find, header
-from txpypi.cache.files import Busy, Slots
+from txpypi.cache.slots import Busy, Slots
 from txpypi.testing import Dist
 
 GAMMA = "gamma-0.5-py3-none-any.whl"
@@ -113,13 +113,13 @@ async def test_a_download_counts_towards_the_size_limit_before_it_lands(
     json_upstream.fake.holds[BIG] = gate
     agent = Agent(get_reactor(), pool=HTTPConnectionPool(get_reactor(), persistent=False))
     response = await agent.request(b"GET", f"{running.url}/files/big/{BIG}".encode())
-    await files.wait_evicted()
+    await files.usage.wait_evicted()
     assert files.flights and files.evictions == 1 and files.size == 0  # big has not landed
-    assert files.spooling() == len(big)
+    assert files.usage.spooling() == len(big)
     gate.callback(None)
     assert await readBody(response) == big
     await files.wait_idle()
-    assert files.size == len(big) and files.spooling() == 0
+    assert files.size == len(big) and files.usage.spooling() == 0
 
 
 def test_an_upstream_slower_than_the_minimum_rate_is_given_up(tmp_path: Path) -> None:

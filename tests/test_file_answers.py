@@ -38,6 +38,7 @@ from txpypi.core.fileplan import plan_file, range_applies
 from txpypi.core.httpheaders import Unsatisfiable, parse_range
 from txpypi.core.peer import HEADER as PEER_HEADER
 from txpypi.core.peer import peer_path, sign
+from txpypi.fetch.download import Sender
 from txpypi.fetch.upstream import Upstream, UpstreamClient
 from txpypi.storage.metadata import MemoryMetadata
 from txpypi.storage.stores import IFileReader, IRedirectable
@@ -154,6 +155,8 @@ class World:
     files: FileCache
     site: Site
     spool: Path
+    #: The senders of bodies in progress, as the web layer keeps them.
+    senders: set[Sender]
 
     def get(self, path: str, headers: dict[bytes, bytes] | None = None) -> tuple[Request, Any]:
         channel = DummyChannel()
@@ -178,10 +181,11 @@ def world(tmp_path: Path, dists: list[Dist], store: Any = None, redirect_ttl: fl
     spool.mkdir()
     store = MemoryStore(str(spool)) if store is None else store(str(spool))
     files = FileCache(reactor, client, store, metadata, pages)
+    senders: set[Sender] = set()
     root = Resource()
-    root.putChild(b"files", FilesResource(files, lambda: redirect_ttl))
-    root.putChild(b"_peer", PeerResource(files, reactor))
-    return World(fake, agent, files, Site(root), spool)
+    root.putChild(b"files", FilesResource(files, lambda: redirect_ttl, senders))
+    root.putChild(b"_peer", PeerResource(files, reactor, senders))
+    return World(fake, agent, files, Site(root), spool, senders)
 
 
 def gone(request: Request) -> None:

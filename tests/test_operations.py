@@ -283,7 +283,7 @@ async def test_metrics_for_stale_evictions_errors_and_downloads_in_flight(
     def full(fd: int, data: memoryview) -> int:
         raise OSError(28, "No space left on device")
 
-    files.spool_write = full
+    files.downloads.spool_write = full
     try:
         response, body = await get(f"{running.url}/files/gamma/gamma-0.5-py3-none-any.whl")
     finally:

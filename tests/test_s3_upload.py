@@ -213,7 +213,7 @@ async def test_without_a_sha256_the_file_is_uploaded_once_verified(
     files = running.proxy.files
     url = json_upstream.url.replace("/simple/", "/packages/") + HUGE
     wanted = Wanted(files.key("huge", HUGE), HUGE, files.pages.upstream.url, url, None, len(huge.content))
-    flight = files._start(wanted)
+    flight = files.downloads._start(wanted, None)
     assert flight.upload is None
     await within(flight.when_done())
     assert flight.verified and await objects(s3_bucket) == [s3_bucket.prefix + file_key(huge.sha256, HUGE)]

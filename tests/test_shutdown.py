@@ -41,7 +41,7 @@ def test_the_drain_stops_what_is_left_and_logs_no_unhandled_error(tmp_path: Path
     logged: list[LogEvent] = []
     globalLogPublisher.addObserver(logged.append)
     try:
-        drained = Deferred.fromCoroutine(w.files.drain(1.0))
+        drained = Deferred.fromCoroutine(w.files.drain(1.0, w.senders))
         assert not drained.called
         clock.advance(1.0)  # type: ignore[attr-defined]
         assert drained.called  # nothing is left to wait for
@@ -68,7 +68,7 @@ def test_the_drain_waits_for_a_download_that_is_landing(tmp_path: Path) -> None:
     h.response.end(__import__("twisted.web.client", fromlist=["ResponseDone"]).ResponseDone())
     files = FileCache(h.clock, None, h.store, MemoryMetadata(), None)  # type: ignore[arg-type]
     files.flights[h.flight.wanted.key] = h.flight
-    drained = Deferred.fromCoroutine(files.drain(0.0))
+    drained = Deferred.fromCoroutine(files.drain(0.0, set()))
     h.clock.advance(0)
     assert h.flight.failure is None and not drained.called  # all its bytes came: not stopped
     run.drain()  # the hash catches up, the spool is written
@@ -171,7 +171,7 @@ def test_at_shutdown_no_download_starts_and_stopped_ones_are_waited_for(
             return aborted
 
     flight.upload = Upload()  # type: ignore[assignment]
-    drained = Deferred.fromCoroutine(w.files.drain(1.0))
+    drained = Deferred.fromCoroutine(w.files.drain(1.0, w.senders))
     assert queued.finished and queued.code == 503  # refused at once: no slot for it any more
     late, _ = w.get(f"/files/alpha/{ALPHA}")
     assert late.finished and late.code == 503

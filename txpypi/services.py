@@ -7,7 +7,7 @@ timers and the final clean-up.  L{txpypi.tap.build} puts them together.
 from __future__ import annotations
 
 import signal
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any, Protocol
 
 from twisted.application.service import MultiService, Service
@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
+from txpypi.cache.drain import Client
 from txpypi.cache.files import FileCache
 from txpypi.config import Settings
 from txpypi.fetch.upstream import UpstreamClient
@@ -110,14 +111,19 @@ class DrainService(Service):
     the downloads in progress finish, up to the grace period.
     """
 
-    def __init__(self, files: FileCache, grace: float) -> None:
+    def __init__(self, files: FileCache, grace: float, clients: Collection[Client] = ()) -> None:
+        """
+        @param clients: the clients reading file bodies (the web layer's
+            L{Proxy.senders}, kept up to date as they come and go): waited
+            for up to the grace period, then cut off.
+        """
         self._files = files
+        self._clients = clients
         self.grace = grace
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        # merge: the cache helper makes this files.drain(self.grace, proxy.senders).
-        return Deferred.fromCoroutine(self._files.drain(self.grace))
+        return Deferred.fromCoroutine(self._files.drain(self.grace, self._clients))
 
 
 class Rereadable(Protocol):

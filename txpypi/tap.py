@@ -26,6 +26,7 @@ from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
 from txpypi import options
+from txpypi.cache.coordinator import RedisCoordinator
 from txpypi.cache.files import FileCache, Slots
 from txpypi.cache.pages import PageCache
 from txpypi.config import ConfigError, Settings
@@ -143,12 +144,12 @@ def assemble(settings: Settings, reactor: Any) -> Built:
     # Back from an outage: learn the cache's size again (it may have been
     # unknown since start-up, or changed meanwhile).
     metadata.outage.on_recovery(lambda: Deferred.fromCoroutine(files.load_usage()))
-    if files.locks is not None:
-        renew = LoopingCall(files.renew_locks)
+    if redis is not None:
+        renew = LoopingCall(files.coordinator.renew)
         renew.clock = reactor
-        TimerLoopService(renew, files.lock_ttl / 3).setServiceParent(service)
+        TimerLoopService(renew, settings.lock_ttl / 3).setServiceParent(service)
     proxy = web(settings, reactor, metrics, outages, client, pages, files)
-    drain = DrainService(files, settings.shutdown_grace)
+    drain = DrainService(files, settings.shutdown_grace, proxy.senders)
     drain.setServiceParent(service)
     site = proxy.site()
     for endpoint in settings.listen:
@@ -301,11 +302,14 @@ def file_cache(
     The file cache; with Redis, one of a cluster that shares the cache's
     size and takes a lock on each file it fetches.
     """
-    locks = None
+    coordinator = None
     if redis is not None:
         instance = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
         locks = RedisLocks(
             redis.redis, owner=owner_id(instance, settings.peer_url), link=redis.link, clock=reactor
+        )
+        coordinator = RedisCoordinator(
+            locks, metadata, reactor, settings.peer_url, settings.peer_secret, lock_ttl=settings.lock_ttl
         )
     return FileCache(
         reactor,
@@ -318,10 +322,8 @@ def file_cache(
         run_spooling=partial(deferToThreadPool, reactor, pools.spool),
         journal=CommitJournal(str(Path(settings.cache_dir) / "commits")),
         slots=Slots(reactor, settings.max_downloads),
-        locks=locks,
-        lock_ttl=settings.lock_ttl,
-        shared_usage=redis is not None,
-        peer_url=settings.peer_url,
+        coordinator=coordinator,
+        shared_usage=coordinator is not None,
         peer_secret=settings.peer_secret,
     )
 
@@ -347,5 +349,4 @@ def web(
         outages=tuple(outages),
         connections=ConnectionLimits(settings.max_connections, settings.send_timeout),
         client=client,
-        senders=files.senders,  # until FileCache.drain takes the web's senders
     )

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 import attrs
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from txpypi.concurrency.waiters import SingleFlight, in_thread_now
@@ -306,17 +307,13 @@ class NotFound(Exception):
     """
 
 
-def _limiter(cache: PageCache) -> Limiter:
-    return Limiter(cache._clock, DEFAULT_UPSTREAM_REQUESTS)
-
-
 @attrs.define
 class PageCache:
     """
     Index pages of one upstream.
     """
 
-    _clock: Any
+    _clock: IReactorTime
     _client: UpstreamClient
     _metadata: IMetadata
     upstream: Upstream
@@ -340,7 +337,7 @@ class PageCache:
     #: Caps the page requests to the upstream in progress at once
     #: (C{--max-upstream-requests}); the others wait their turn for at most
     #: the client's response timeout.
-    limiter: Limiter = attrs.field(default=attrs.Factory(_limiter, takes_self=True))
+    limiter: Limiter = attrs.field()
     _memory: OrderedDict[str, CachedPage] = attrs.field(factory=OrderedDict)
     #: The bytes the pages in C{_memory} cost.
     bytes_used: int = 0
@@ -348,6 +345,10 @@ class PageCache:
     _unknown: OrderedDict[str, float] = attrs.field(factory=OrderedDict)
     _flights: SingleFlight[str, CachedPage] = attrs.field(factory=SingleFlight)
     _loads: SingleFlight[str, None] = attrs.field(factory=SingleFlight)
+
+    @limiter.default
+    def _default_limiter(self) -> Limiter:
+        return Limiter(self._clock, DEFAULT_UPSTREAM_REQUESTS)
 
     def key(self, project: str | None) -> str:
         return f"{self.group}/simple/{project}/" if project else f"{self.group}/simple/"

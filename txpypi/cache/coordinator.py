@@ -1,0 +1,232 @@
+"""
+Who downloads a file: one instance alone fetches every file it lacks
+(L{LocalCoordinator}); instances that share a cache take a cluster-wide
+lock per file, and the others follow the holder's download or wait for the
+file to land (L{RedisCoordinator}).  L{txpypi.cache.files.FileCache} asks
+its coordinator and does not know which it has.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import attrs
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Interface, implementer
+
+from txpypi.concurrency.waiters import SingleFlight
+from txpypi.core.peer import owner_url
+from txpypi.fetch.download import Peer
+from txpypi.storage.metadata import FileRecord, IMetadata
+from txpypi.storage.outages import Unavailable
+from txpypi.storage.redismeta import RedisLocks
+
+log = Logger(namespace="txpypi.files")
+
+#: What a claim tells: L{None} to fetch the file here (or join the download
+#: of it in progress here), a L{Peer} whose download to follow, or the
+#: record of the file, which landed meanwhile.
+Claim = FileRecord | Peer | None
+
+
+class Here(Protocol):
+    """
+    What this instance knows of a file without asking the cluster.
+    """
+
+    def remembered(self, key: str) -> FileRecord | None:
+        """
+        The record of C{key} in memory, if any.
+        """
+
+    def fetching(self, key: str) -> bool:
+        """
+        Whether a download of C{key} is in progress here.
+        """
+
+
+class ICoordinator(Interface):
+    """
+    Decides which instance downloads each file, and hands out exclusive
+    names (for work that one instance at a time does, like eviction).
+    """
+
+    def claim(key: str, peer_path: str, here: Here) -> Deferred[Claim]:
+        """
+        Who fetches C{key}: see L{Claim}.  Claims of one key made while one
+        is being decided share its answer.  A claim that leads holds C{key}
+        until L{release}.
+
+        @param peer_path: the path of the file on the peer route, to follow
+            another instance's download of it.
+        """
+
+    def follow_failed(key: str) -> None:
+        """
+        Following a peer's download of C{key} failed before its first byte:
+        do not follow peers for it for a while.
+        """
+
+    def take(name: str) -> Deferred[bool]:
+        """
+        Hold C{name} until L{release}; C{False} if it is held already.
+
+        @raise txpypi.storage.outages.Unavailable: the cluster cannot tell.
+        """
+
+    def release(name: str) -> None:
+        """
+        Let go of C{name} (a claimed key or a taken name) if it is held here.
+        """
+
+    def renew() -> None:
+        """
+        Keep what is held here held (called every third of the lock TTL).
+        """
+
+
+@implementer(ICoordinator)
+@attrs.define
+class LocalCoordinator:
+    """
+    One instance alone: it fetches every file itself (the downloads in
+    progress here are joined, see L{txpypi.cache.downloads.Downloads}), and
+    names are held in memory.
+    """
+
+    _held: set[str] = attrs.field(factory=set)
+
+    def claim(self, key: str, peer_path: str, here: Here) -> Deferred[Claim]:
+        return succeed(None)
+
+    def follow_failed(self, key: str) -> None:
+        pass  # there are no peers to follow
+
+    def take(self, name: str) -> Deferred[bool]:
+        if name in self._held:
+            return succeed(False)
+        self._held.add(name)
+        return succeed(True)
+
+    def release(self, name: str) -> None:
+        self._held.discard(name)
+
+    def renew(self) -> None:
+        pass  # nothing here expires
+
+
+@implementer(ICoordinator)
+@attrs.define
+class RedisCoordinator:
+    """
+    Instances sharing one cache: a cluster-wide lock (L{RedisLocks}) per
+    file decides which instance fetches it; while another holds it, follow
+    that instance's download when it can be reached (C{peer_url} and
+    C{peer_secret}), else wait for the file to land in the shared store.
+    A holder that dies lets its lock expire and a waiting instance takes
+    over.
+    """
+
+    _locks: RedisLocks
+    _metadata: IMetadata
+    _clock: IReactorTime
+    #: Where the other instances reach this one, and the secret that signs
+    #: requests between instances.
+    peer_url: str | None = None
+    peer_secret: str | None = attrs.field(default=None, repr=False)
+    lock_ttl: float = 30.0
+    lock_poll: float = 0.2
+    _held: set[str] = attrs.field(factory=set)
+    _claims: SingleFlight[str, Claim] = attrs.field(factory=SingleFlight)
+    #: When following a peer last failed, by file key.
+    _peer_failed: dict[str, float] = attrs.field(factory=dict)
+
+    def claim(self, key: str, peer_path: str, here: Here) -> Deferred[Claim]:
+        return self._claims.run(key, lambda: self._lead_or_follow(key, peer_path, here))
+
+    async def _lead_or_follow(self, key: str, path: str, here: Here) -> Claim:
+        while True:
+            # The record first: a leader releases its lock once it landed.
+            record = await self._stored(key) or here.remembered(key)
+            if record is not None:
+                self._peer_failed.pop(key, None)
+                return record
+            holder = None
+            try:
+                if await self._locks.acquire(key, self.lock_ttl):
+                    self._held.add(key)
+                    self._peer_failed.pop(key, None)
+                    landed = await self._metadata.get_file(key)
+                    if landed is not None:  # between our look and our lock
+                        self.release(key)
+                    return landed
+                if self.peer_secret is not None:
+                    holder = await self._locks.holder(key)
+            except Unavailable:
+                return None  # Redis is down (logged once): fetch it here
+            except Exception:
+                log.failure("cluster lock unavailable; fetching {key} here", key=key)
+                return None
+            if here.fetching(key):
+                return None  # one of ours started meanwhile: join it
+            peer = self._peer(key, path, holder)
+            if peer is not None:
+                return peer
+            await deferLater(self._clock, self.lock_poll)
+
+    async def _stored(self, key: str) -> FileRecord | None:
+        """
+        The metadata store's record of C{key}; L{None} while the store is
+        down, so that the file is fetched from the upstream.
+        """
+        try:
+            return await self._metadata.get_file(key)
+        except Unavailable:
+            return None
+
+    def _peer(self, key: str, path: str, holder: str | None) -> Peer | None:
+        """
+        The holder of C{key}'s lock as a peer to follow, unless it is this
+        instance, cannot be reached, or failed us a moment ago.
+        """
+        url = owner_url(holder)
+        failed = self._peer_failed.get(key)
+        recently_failed = failed is not None and self._clock.seconds() - failed < self.lock_ttl
+        if url is None or url == self.peer_url or recently_failed:
+            return None
+        assert self.peer_secret is not None
+        return Peer(url.rstrip("/") + path, path, self.peer_secret)
+
+    def follow_failed(self, key: str) -> None:
+        self._peer_failed[key] = self._clock.seconds()
+
+    async def _take(self, name: str) -> bool:
+        if not await self._locks.acquire(name, self.lock_ttl):
+            return False
+        self._held.add(name)
+        return True
+
+    def take(self, name: str) -> Deferred[bool]:
+        return Deferred.fromCoroutine(self._take(name))
+
+    def release(self, name: str) -> None:
+        if name in self._held:
+            self._held.discard(name)
+            self._locks.release(name).addErrback(
+                lambda f: log.failure("could not release the lock on {key}", f, key=name)
+            )
+
+    def renew(self) -> None:
+        for key in list(self._held):
+            self._locks.renew(key, self.lock_ttl).addErrback(_renew_failed, key)
+
+
+def _renew_failed(failure: Failure, key: str) -> None:
+    log.failure("could not renew the lock on {key}", failure, key=key)
+
+
+__all__ = ["Claim", "Here", "ICoordinator", "LocalCoordinator", "RedisCoordinator"]
