@@ -25,7 +25,7 @@ from txpypi import config
 from txpypi.cache.files import FileCache
 from txpypi.cache.pages import PageCache
 from txpypi.core.fetchpolicy import FileHost
-from txpypi.fetch.download import CommitJournal
+from txpypi.fetch.commit import CommitJournal
 from txpypi.fetch.upstream import Upstream, UpstreamClient
 from txpypi.storage.metadata import SqliteMetadata
 from txpypi.storage.outages import Outage, WatchedMetadata, WatchedStore

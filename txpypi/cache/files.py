@@ -17,22 +17,17 @@ from twisted.logger import Logger
 
 from txpypi.cache.pages import NotFound, PageCache
 from txpypi.concurrency.turns import Turns
-from txpypi.concurrency.waiters import SingleFlight, in_thread_now
+from txpypi.concurrency.waiters import Once, SingleFlight, in_thread_now
 from txpypi.core.index import DistFile, ProjectPage, file_version
 from txpypi.core.names import strongest_hash
 from txpypi.core.peer import owner_url, peer_path
-from txpypi.fetch.download import (
-    ByteSource,
-    CommitJournal,
-    Ended,
-    Flight,
-    FlightFailed,
-    FlightReader,
-    Peer,
-    Wanted,
-    _spool_error,
-)
+from txpypi.fetch.commit import CommitJournal
+from txpypi.fetch.flight import Flight
+from txpypi.fetch.punch import PunchPolicy
+from txpypi.fetch.reader import FlightReader
+from txpypi.fetch.spool import SpoolHealth
 from txpypi.fetch.upstream import UpstreamClient
+from txpypi.fetch.wanted import ByteSource, FlightFailed, Peer, Wanted
 from txpypi.storage.metadata import FileRecord, IMetadata
 from txpypi.storage.outages import Unavailable
 from txpypi.storage.stores import IFileStore
@@ -103,7 +98,7 @@ class FileCache:
     _accessed: dict[str, float] = attrs.field(factory=dict)
     _downloads: dict[tuple[str, str, str], int] = attrs.field(factory=dict)
     _evicting: Deferred[None] | None = None
-    _eviction_done: Ended = attrs.field(factory=Ended)
+    _eviction_done: Once[None] = attrs.field(factory=Once)
     metrics: Any = None
     #: Files being sent to clients right now.
     senders: set[Any] = attrs.field(factory=set)
@@ -138,6 +133,10 @@ class FileCache:
     spool_write: Callable[[int, memoryview], int] = os.write
     #: How flights hash and spool their bytes (see L{Flight.run}).
     run_spooling: Callable[..., Deferred[Any]] = in_thread_now
+    #: The last error writing a spool file, shared by this cache's flights.
+    spool_health: SpoolHealth = attrs.field(factory=SpoolHealth)
+    #: Which spools are freed while they stream into the store, how much at a time.
+    punch_policy: PunchPolicy = PunchPolicy()
 
     async def drain(self, grace: float) -> None:
         """
@@ -177,12 +176,11 @@ class FileCache:
         if self.metrics is not None:
             self.metrics.store_errors.labels(store).inc()
 
-    @staticmethod
-    def spool_error() -> str | None:
+    def spool_error(self) -> str | None:
         """
         The last error writing a spool file, until a file is cached again.
         """
-        return _spool_error[0] if _spool_error else None
+        return self.spool_health.message
 
     async def metadata_ping(self) -> None:
         await self._metadata.ping()
@@ -290,8 +288,8 @@ class FileCache:
 
     def _evicted(self, _: object) -> None:
         self._evicting = None
-        done, self._eviction_done = self._eviction_done, Ended()
-        done.end()
+        done, self._eviction_done = self._eviction_done, Once()
+        done.happen(None)
 
     async def _evict(self) -> None:
         """
@@ -482,7 +480,7 @@ class FileCache:
         @raise NotListed: the index does not list it.
         @raise txpypi.cache.pages.NotFound: the upstream does not know the project.
         @raise txpypi.fetch.upstream.UpstreamError: the upstream page fetch failed.
-        @raise txpypi.fetch.download.FlightFailed: the file fetch failed before any
+        @raise txpypi.fetch.wanted.FlightFailed: the file fetch failed before any
             byte could be sent.
         @raise Busy: too many downloads ran for too long, or the proxy is
             shutting down.
@@ -717,6 +715,8 @@ class FileCache:
             run=self.run_spooling,
             peer=peer,
             journal=self.journal,
+            spool_health=self.spool_health,
+            punch_policy=self.punch_policy,
         )
         self.flights[wanted.key] = flight
         if peer is None:

@@ -39,13 +39,16 @@ from txpypi.core.index import negotiate
 from txpypi.core.names import BadName, check_filename, normalize
 from txpypi.core.peer import HEADER as PEER_HEADER
 from txpypi.core.peer import verify
-from txpypi.fetch.download import CHUNK, ByteSource, Flight, FlightFailed, FlightReader, Sender, abort_client
+from txpypi.fetch.flight import Flight
+from txpypi.fetch.reader import FlightReader
 from txpypi.fetch.upstream import UpstreamError
+from txpypi.fetch.wanted import ByteSource, FlightFailed
 from txpypi.storage.outages import CHECK_WAIT, Outage, Unavailable, describe
 from txpypi.storage.stores import IRedirectable
 from txpypi.web.accesslog import Entry, client_address, combined, json_line
 from txpypi.web.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from txpypi.web.metrics import Metrics, route_of
+from txpypi.web.sender import CHUNK, Sender, abort_client
 from txpypi.web.statuspage import StatusFigures, render_status
 
 log = Logger(namespace="txpypi.app")
