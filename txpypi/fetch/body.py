@@ -1,8 +1,9 @@
 """
-The upstream's response body as it arrives: the body protocol that feeds a
-flight (L{BodySink}), and L{UpstreamBody}, which pauses and resumes it and
-times it (it must send something every C{read_timeout}, and at least
-C{min_rate} bytes per second over each C{read_timeout}).
+The upstream GET of a file (L{open_response}) and its response body as it
+arrives: the body protocol that feeds a flight (L{BodySink}), and
+L{UpstreamBody}, which pauses and resumes it and times it (it must send
+something every C{read_timeout}, and at least C{min_rate} bytes per second
+over each C{read_timeout}).
 """
 
 from __future__ import annotations
@@ -13,12 +14,36 @@ from typing import Any, Protocol
 import attrs
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.python.failure import Failure
+from twisted.web.iweb import IResponse
 
 from txpypi.concurrency.waiters import Timer
-from txpypi.fetch.wanted import FlightFailed
+from txpypi.core.peer import HEADER, sign
+from txpypi.fetch.upstream import UpstreamClient, UpstreamError, UpstreamNotFound
+from txpypi.fetch.wanted import FlightFailed, Peer, Wanted
 
 #: How much an upstream file connection reads from its socket at once.
 RECV_SIZE = 1024 * 1024
+
+
+async def open_response(
+    client: UpstreamClient, wanted: Wanted, peer: Peer | None, clock: IReactorTime
+) -> IResponse:
+    """
+    Ask the upstream for the file (or, with C{peer}, the instance that
+    fetches it, signing the request); the response, its body to come.
+
+    @raise FlightFailed: if there is none to have.
+    """
+    try:
+        if peer is None:
+            # The listed file, with its upstream and hash: the policy needs them.
+            return await client.open_file(wanted)
+        headers = {HEADER: sign(peer.secret, peer.path, clock.seconds()).encode()}
+        return await client.open_file(peer.url, headers, "peer")
+    except UpstreamNotFound:
+        raise FlightFailed(404, f"upstream has no file at {wanted.url}") from None
+    except UpstreamError as e:
+        raise FlightFailed(e.status, e.reason) from None
 
 
 class BodyReceiver(Protocol):

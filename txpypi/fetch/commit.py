@@ -17,11 +17,31 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from txpypi.fetch.wanted import Wanted
 from txpypi.storage.metadata import FileRecord, IMetadata
 from txpypi.storage.outages import Unavailable
-from txpypi.storage.stores import IFileStore, IUpload
+from txpypi.storage.stores import IFileStore, IStreamingUpload, IUpload, file_key
 
 log = Logger(namespace="txpypi.download")
+
+
+def start_upload(store: IFileStore, wanted: Wanted, spool_path: str) -> IUpload | None:
+    """
+    Let the store take the file while it downloads, if it can and the key
+    is known (L{IStreamingUpload}): the upload hears of the spooled bytes,
+    is completed once the file is verified, else aborted.
+    """
+    expected = wanted.expected_hash
+    if expected is None or expected[0] != "sha256" or not IStreamingUpload.providedBy(store):
+        return None
+    key = file_key(expected[1], wanted.filename)
+    try:
+        return IStreamingUpload(store).start_upload(spool_path, key, expected[1])
+    except Unavailable:
+        pass  # the store is down (logged once): the file is not cached
+    except Exception:
+        log.failure("cannot upload {key} while it downloads; uploading it afterwards", key=key)
+    return None
 
 
 @attrs.define

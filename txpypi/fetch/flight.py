@@ -36,22 +36,20 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH
 
 from txpypi.concurrency.waiters import Once, in_thread_now
 from txpypi.core.names import Hasher
-from txpypi.core.peer import HEADER, sign
-from txpypi.fetch.body import BodySink, UpstreamBody
-from txpypi.fetch.commit import Commit, CommitJournal
+from txpypi.fetch.body import BodySink, UpstreamBody, open_response
+from txpypi.fetch.commit import Commit, CommitJournal, start_upload
 from txpypi.fetch.punch import PUNCH_HOLE, Puncher, PunchHole, PunchPolicy
 from txpypi.fetch.reader import FlightReader, Readers
 from txpypi.fetch.spool import HashLane, Spool, SpoolHealth
 from txpypi.fetch.stage import Lifecycle, Stage
-from txpypi.fetch.upstream import UpstreamClient, UpstreamError, UpstreamNotFound
+from txpypi.fetch.upstream import UpstreamClient
 from txpypi.fetch.wanted import FlightFailed, Peer, Wanted
 from txpypi.storage.metadata import FileRecord, IMetadata
-from txpypi.storage.outages import Unavailable
-from txpypi.storage.stores import IFileStore, IStreamingUpload, IUpload, file_key
+from txpypi.storage.stores import IFileStore, IUpload, file_key
 
 log = Logger(namespace="txpypi.download")
 
@@ -233,41 +231,15 @@ class Flight:
         """
         name = f"{os.getpid()}-{id(self):x}-{time.time_ns()}.part"
         self.spool.open(os.path.join(self._store.spool_dir, name))
-        self._start_upload()
+        if self.peer is None:  # else the peer caches it, not us
+            self.upload = start_upload(self._store, self.wanted, self.spool.path)
         Deferred.fromCoroutine(self._fetch()).addErrback(self._crashed)
-
-    def _start_upload(self) -> None:
-        """
-        Let the store take the file while it downloads, if it can and the
-        key is known (L{IStreamingUpload}): the upload hears of the spooled
-        bytes, is completed once the file is verified, else aborted.
-        """
-        expected = self.wanted.expected_hash
-        if expected is None or expected[0] != "sha256" or not IStreamingUpload.providedBy(self._store):
-            return
-        if self.peer is not None:
-            return  # the peer caches it, not us
-        key = file_key(expected[1], self.wanted.filename)
-        try:
-            self.upload = IStreamingUpload(self._store).start_upload(self.spool.path, key, expected[1])
-        except Unavailable:
-            pass  # the store is down (logged once): the file is not cached
-        except Exception:
-            log.failure("cannot upload {key} while it downloads; uploading it afterwards", key=key)
 
     async def _fetch(self) -> None:
         try:
-            if self.peer is None:
-                # The listed file, with its upstream and hash: the policy needs them.
-                response: IResponse = await self._client.open_file(self.wanted)
-            else:
-                headers = {HEADER: sign(self.peer.secret, self.peer.path, self._clock.seconds()).encode()}
-                response = await self._client.open_file(self.peer.url, headers, "peer")
-        except UpstreamNotFound:
-            self._fail(FlightFailed(404, f"upstream has no file at {self.wanted.url}"))
-            return
-        except UpstreamError as e:
-            self._fail(FlightFailed(e.status, e.reason))
+            response = await open_response(self._client, self.wanted, self.peer, self._clock)
+        except FlightFailed as e:
+            self._fail(e)
             return
         if self._life.failed:
             response.deliverBody(BodySink(None))  # stopped meanwhile: drop the connection
