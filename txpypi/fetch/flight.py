@@ -19,6 +19,7 @@ L{txpypi.fetch.stage} for the moves):
  - L{Spool} and L{HashLane}: where the bytes go, and their hash;
  - L{Puncher}: freeing the spool's prefix the store's upload already has;
  - L{Commit}: putting the verified file into the stores;
+ - L{Pacing}: holding the upstream back while bytes pile up;
  - L{Readers}: its clients' readers.
 """
 
@@ -42,6 +43,7 @@ from txpypi.concurrency.waiters import Once, in_thread_now
 from txpypi.core.names import Hasher
 from txpypi.fetch.body import BodySink, UpstreamBody, open_response
 from txpypi.fetch.commit import Commit, CommitJournal, start_upload
+from txpypi.fetch.pacing import Pacing
 from txpypi.fetch.punch import PUNCH_HOLE, Puncher, PunchHole, PunchPolicy
 from txpypi.fetch.reader import FlightReader, Readers
 from txpypi.fetch.spool import HashLane, Spool, SpoolHealth
@@ -119,7 +121,8 @@ class Flight:
     _hashing: HashLane = attrs.field(init=False)
     _body: UpstreamBody = attrs.field(init=False)
     _puncher: Puncher = attrs.field(init=False)
-    _readers: Readers = attrs.field(init=False)
+    _readers: Readers = attrs.field(factory=Readers)
+    _pacing: Pacing = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         hasher = Hasher(self.wanted.expected_hash)
@@ -129,8 +132,15 @@ class Flight:
             self._clock, lambda: self.written, self._fail, self.read_timeout, self.min_rate
         )
         self._puncher = Puncher(self._punch, self.punch_policy, self.wanted.filename, self._after_punch)
-        self._readers = Readers(
-            self._clock, self.read_timeout, self.wanted.filename, self._held_back, self._after_cut
+        self._pacing = Pacing(
+            self._clock,
+            self._body,
+            self.spool,
+            self._readers,
+            lambda: self.written,
+            self.wanted.filename,
+            self.memory_high,
+            self.queue_high,
         )
 
     # -- what others read
@@ -273,15 +283,12 @@ class Flight:
         self._hashing.push(data)
         self.spool.push(data)
         self._wake()
-        if len(self.spool.memory) > self.memory_high:
-            self._pause("memory")
-        if self._hashing.pending > self.queue_high:
-            self._pause("queue")
+        self._pacing.received(self._hashing.pending)
 
     def ended(self, reason: Failure) -> None:
         if self._life.failed:
             return
-        self._readers.forget_stuck()
+        self._pacing.forget_stuck()
         self._body.ended()
         self._life.move(Stage.RECEIVED)
         if not self._hashing.idle:
@@ -305,8 +312,7 @@ class Flight:
     # -- the workers
 
     def _hashed(self) -> None:
-        if self._hashing.pending <= self.queue_high // 2:
-            self._unpause("queue")
+        self._pacing.hashed(self._hashing.pending)
         if self._body_end is not None and self._hashing.idle:
             self._end(self._body_end)
 
@@ -316,10 +322,7 @@ class Flight:
         if error is not None:
             self.spool.give_up(error, self.spool_health, self.wanted.filename)
             self.on_store_error("files")
-            self._trim()
-            self._watch_stuck()  # if the upstream was already paused for the spool
-        elif len(self.spool.memory) <= self.memory_high // 2:
-            self._unpause("memory")
+        self._pacing.spooled(error)
         self._maybe_punch()
         self._maybe_commit()
 
@@ -337,43 +340,6 @@ class Flight:
             self._finish(None)
         else:
             self._fail(FlightFailed(502, "internal error while fetching"))
-
-    # -- pacing the upstream
-
-    def _pause(self, why: str) -> None:
-        if self._body.pause(why):
-            self._watch_stuck()
-
-    def _unpause(self, why: str) -> None:
-        if why == "memory":
-            self._readers.forget_stuck()
-        self._body.unpause(why)
-
-    def _held_back(self) -> bool:
-        """
-        Whether the clients hold the upstream back (the disk is full, so
-        memory is all there is).
-        """
-        return self._body.paused_for("memory") and not self.cacheable
-
-    def _watch_stuck(self) -> None:
-        if self._held_back():
-            self._readers.watch_stuck(self.written)
-
-    def _after_cut(self) -> None:
-        self._trim()
-        self._watch_stuck()  # still held back: by the next slowest, for as long
-
-    def _trim(self) -> None:
-        """
-        Drop the bytes in memory that every reader is past, and resume the
-        upstream once they caught up.
-        """
-        if self.cacheable:
-            return
-        self.spool.trim(self._readers.lowest(self.written))
-        if len(self.spool.memory) <= self.memory_high // 2:
-            self._unpause("memory")
 
     # -- freeing what the store already has
 
@@ -472,7 +438,7 @@ class Flight:
     def _finish(self, record: FileRecord | None) -> None:
         if not self._life.failed:
             self._life.move(Stage.LANDED)
-        self._readers.forget_stuck()
+        self._pacing.forget_stuck()
         self._on_done(self, record)
         self.spool.release()
         if record is None and self.upload is not None:
@@ -504,7 +470,7 @@ class Flight:
         """
         A reader read on: the bytes every reader is past may be let go.
         """
-        self._trim()
+        self._pacing.trim()
         self._maybe_punch()
 
     def reader_closed(self, reader: FlightReader) -> None:
@@ -512,7 +478,7 @@ class Flight:
         A reader is done: it no longer holds bytes or the spool.
         """
         self._readers.discard(reader)
-        self._trim()
+        self._pacing.trim()
         self.spool.release()
 
     async def wait_started(self) -> None:

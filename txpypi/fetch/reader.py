@@ -1,6 +1,6 @@
 """
 What a client reads from a flight: a L{FlightReader} each, and the flight's
-L{Readers}, which also cut off the clients stuck while the disk is full.
+L{Readers}.
 """
 
 from __future__ import annotations
@@ -10,13 +10,8 @@ from typing import Any, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 
-from txpypi.concurrency.waiters import Timer
 from txpypi.fetch.wanted import FlightFailed
-
-log = Logger(namespace="txpypi.download")
 
 
 class ReadFrom(Protocol):
@@ -88,23 +83,10 @@ class FlightReader:
 @attrs.define(eq=False)
 class Readers:
     """
-    A flight's readers.  While the disk is full and they hold the memory
-    window back, those that read nothing for a whole read timeout are cut
-    off (L{watch_stuck}), so that one stuck client cannot stall everyone.
+    A flight's readers.
     """
 
-    _clock: IReactorTime
-    _timeout: float
-    _filename: str
-    #: Whether the readers still hold the upstream back.
-    _held_back: Callable[[], bool]
-    #: Called after cutting some off.
-    _after_cut: Callable[[], None]
     _readers: list[FlightReader] = attrs.field(factory=list)
-    _stuck: Timer = attrs.field(init=False)
-
-    def __attrs_post_init__(self) -> None:
-        self._stuck = Timer(self._clock)
 
     def __len__(self) -> int:
         return len(self._readers)
@@ -124,28 +106,3 @@ class Readers:
         Where the slowest reader is (C{default} without readers).
         """
         return min((r.position for r in self._readers), default=default)
-
-    def watch_stuck(self, written: int) -> None:
-        """
-        Cut off, in a read timeout, the readers that have not read on from
-        where the slowest is now (at most one watch at a time).
-        """
-        if not self._stuck.running:
-            self._stuck.start(self._timeout, self._cut_stuck, self.lowest(written))
-
-    def forget_stuck(self) -> None:
-        self._stuck.cancel()
-
-    def _cut_stuck(self, lowest: int) -> None:
-        if not self._held_back():
-            return
-        for reader in list(self._readers):
-            if reader.position <= lowest:
-                log.warn(
-                    "cutting off a client of {filename} that read nothing for {timeout:g} s "
-                    "while the disk is full",
-                    filename=self._filename,
-                    timeout=self._timeout,
-                )
-                reader.cut()
-        self._after_cut()
