@@ -84,7 +84,8 @@ class Flight:
     #: each C{read_timeout} (0: no minimum): a slow drip cannot hold the
     #: download, its clients and its cluster lock for ever.
     min_rate: float = 0.0
-    #: How spool bytes are written (a test may inject a full disk).
+    #: How spool bytes are written (a test may inject a full disk; once
+    #: started, the spool's own C{write}).
     spool_write: Callable[[int, memoryview], int] = os.write
     #: How the spool's freed prefix is punched out (L{None}: it cannot be).
     _punch: PunchHole | None = PUNCH_HOLE
@@ -111,17 +112,19 @@ class Flight:
     written: int = 0
     #: The record this file's record replaced when it landed, if any.
     replaced: FileRecord | None = None
-    _failure: FlightFailed | None = None
-    _life: Lifecycle = attrs.field(factory=Lifecycle)
+    _failure: FlightFailed | None = attrs.field(default=None, init=False)
+    #: The flight's one state: see L{txpypi.fetch.stage}.
+    _life: Lifecycle = attrs.field(factory=Lifecycle, init=False)
     #: How the body ended, while the hash catches up (L{Stage.RECEIVED}).
-    _body_end: Failure | None = None
-    _changed: Once[None] = attrs.field(factory=Once)
-    _over: Once[None] = attrs.field(factory=Once)
+    _body_end: Failure | None = attrs.field(default=None, init=False)
+    #: Happens at the next change a waiting reader may care for.
+    _changed: Once[None] = attrs.field(factory=Once, init=False)
+    _over: Once[None] = attrs.field(factory=Once, init=False)
     spool: Spool = attrs.field(init=False)
     _hashing: HashLane = attrs.field(init=False)
     _body: UpstreamBody = attrs.field(init=False)
     _puncher: Puncher = attrs.field(init=False)
-    _readers: Readers = attrs.field(factory=Readers)
+    _readers: Readers = attrs.field(factory=Readers, init=False)
     _pacing: Pacing = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
