@@ -16,8 +16,8 @@ from werkzeug.exceptions import NotFound as NoRoute
 from txpypi.cache.files import Busy, NotListed
 from txpypi.cache.pages import NotFound
 from txpypi.core.names import BadName
-from txpypi.fetch.download import FlightFailed
 from txpypi.fetch.upstream import UpstreamError
+from txpypi.fetch.wanted import FlightFailed
 from txpypi.storage.outages import Unavailable
 from txpypi.web.answers import Answer, error_text, finish_error, status_of
 

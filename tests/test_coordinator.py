@@ -24,7 +24,7 @@ from zope.interface.verify import verifyObject
 from tests.conftest import get_reactor
 from txpypi.cache.coordinator import ICoordinator, LocalCoordinator, RedisCoordinator
 from txpypi.core.peer import owner_id
-from txpypi.fetch.download import Peer
+from txpypi.fetch.wanted import Peer
 from txpypi.storage.metadata import FileRecord, MemoryMetadata
 
 KEY = "default/alpha/alpha-1.0-py3-none-any.whl"

@@ -128,10 +128,7 @@ def test_an_upstream_slower_than_the_minimum_rate_is_given_up(tmp_path: Path) ->
     fires) fails after one window with a 504 naming the rate; nothing is
     cached.
     """
-    h = harness(tmp_path)
-    h.flight.min_rate = 100.0  # 500 bytes per 5 s window
-    h.flight._cancel_idle()
-    h.flight._watch_upstream()
+    h = harness(tmp_path, min_rate=100.0)  # 500 bytes per 5 s window
     for _ in range(5):
         h.response.send(DATA[:1])
         h.clock.advance(0.9)
@@ -142,10 +139,7 @@ def test_an_upstream_slower_than_the_minimum_rate_is_given_up(tmp_path: Path) ->
 
 
 def test_an_upstream_at_the_minimum_rate_goes_on(tmp_path: Path) -> None:
-    h = harness(tmp_path)
-    h.flight.min_rate = 50.0  # 250 bytes per 5 s window
-    h.flight._cancel_idle()
-    h.flight._watch_upstream()
+    h = harness(tmp_path, min_rate=50.0)  # 250 bytes per 5 s window
     for second in range(10):  # 60 bytes a second, over two windows
         h.response.send(DATA[second * 60 : second * 60 + 60])
         h.clock.advance(1)

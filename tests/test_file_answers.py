@@ -38,13 +38,13 @@ from txpypi.core.fileplan import plan_file, range_applies
 from txpypi.core.httpheaders import Unsatisfiable, parse_range
 from txpypi.core.peer import HEADER as PEER_HEADER
 from txpypi.core.peer import peer_path, sign
-from txpypi.fetch.download import Sender
 from txpypi.fetch.upstream import Upstream, UpstreamClient
 from txpypi.storage.metadata import MemoryMetadata
 from txpypi.storage.stores import IFileReader, IRedirectable
 from txpypi.testing import BytesReader, Dist, FakeUpstream, MemoryStore
 from txpypi.web.files import FilesResource
 from txpypi.web.peer import PeerResource
+from txpypi.web.sender import Sender
 
 GAMMA = "gamma-0.5-py3-none-any.whl"
 BIG = "big-1.0-py3-none-any.whl"

@@ -21,8 +21,9 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from txpypi.concurrency.waiters import in_thread_now
-from txpypi.fetch import download
-from txpypi.fetch.download import Flight, FlightFailed, Wanted
+from txpypi.fetch.flight import Flight
+from txpypi.fetch.spool import Chunks
+from txpypi.fetch.wanted import FlightFailed, Wanted
 from txpypi.storage.metadata import FileRecord, MemoryMetadata
 from txpypi.testing import MemoryStore
 
@@ -120,7 +121,11 @@ def harness(
     expected: tuple[str, str] | None = ("sha256", SHA),
     size: int | None = None,
     run: Any = None,
+    **options: Any,
 ) -> Harness:
+    """
+    A started flight of L{DATA}; C{options} go to L{Flight}.
+    """
     response = FakeResponse(length)
     clock = Clock()
     store = MemoryStore(str(tmp_path))
@@ -135,6 +140,7 @@ def harness(
         lambda f, record: landed.append(record),
         read_timeout=5.0,
         run=run or in_thread_now,
+        **options,
     )
     flight.start()
     return Harness(flight, response, clock, store, landed, tmp_path)
@@ -251,18 +257,14 @@ def full_disk_after(n: int) -> Any:
 
 
 @pytest.mark.parametrize("room", [300, 310])  # 310: the disk fills in the middle of a chunk
-def test_full_disk_still_streams_the_whole_file(
-    room: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_full_disk_still_streams_the_whole_file(room: int, tmp_path: Path) -> None:
     """
     ENOSPC half way: every client still gets the whole, verified file, read
     from the spool and then from memory; nothing is cached; memory held for
     a lagging client is bounded by pausing the upstream.
     """
-    monkeypatch.setattr(download, "MEMORY_HIGH", 200)
-    download._spool_error.clear()
-    h = harness(tmp_path)
-    h.flight.spool_write = full_disk_after(room)
+    h = harness(tmp_path, memory_high=200)
+    h.flight.spool.write = full_disk_after(room)
     fast, slow = h.flight.reader(), h.flight.reader()
     got_fast = bytearray()
 
@@ -287,7 +289,7 @@ def test_full_disk_still_streams_the_whole_file(
             break
     # The slow reader has read nothing: the upstream waits for it.
     assert h.response.transport.paused and not h.flight.cacheable
-    assert len(h.flight._memory) <= 200 + 50
+    assert len(h.flight.spool.memory) <= 200 + 50
     got_slow = bytearray()
     pump(slow, got_slow)
     assert not h.response.transport.paused
@@ -299,7 +301,7 @@ def test_full_disk_still_streams_the_whole_file(
     assert h.flight.verified and h.landed == [None] and h.store.files == {}
     fast.close()
     slow.close()
-    assert list(h.spool.iterdir()) == [] and len(h.flight._memory) == 0
+    assert list(h.spool.iterdir()) == [] and len(h.flight.spool.memory) == 0
 
 
 def test_clients_are_not_held_back_by_the_workers(tmp_path: Path) -> None:
@@ -312,7 +314,7 @@ def test_clients_are_not_held_back_by_the_workers(tmp_path: Path) -> None:
     h = harness(tmp_path, run=run)
     client = h.flight.reader()
     h.response.send(DATA)
-    assert h.flight._spooled == 0 and read(h.flight, 0) == DATA[:1]  # from memory, chunk by chunk
+    assert h.flight.spool.spooled == 0 and read(h.flight, 0) == DATA[:1]  # from memory, chunk by chunk
     assert read(h.flight, len(DATA) - 2) == DATA[-2:-1]
     h.response.end(ResponseDone())
     assert not h.flight.verified and read(h.flight, len(DATA) - 1) is None
@@ -322,18 +324,17 @@ def test_clients_are_not_held_back_by_the_workers(tmp_path: Path) -> None:
     run.drain("_spool")
     (record,) = h.landed
     assert record is not None and h.store.files[record.store_key] == DATA
-    assert len(h.flight._memory) == 0
+    assert len(h.flight.spool.memory) == 0
     client.close()
 
 
-def test_upstream_waits_for_a_lagging_hash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_upstream_waits_for_a_lagging_hash(tmp_path: Path) -> None:
     """
     The upstream is paused while the hashing worker is behind by more than
     QUEUE_HIGH bytes, and resumed once it caught up.
     """
-    monkeypatch.setattr(download, "QUEUE_HIGH", 100)
     run = ManualRun()
-    h = harness(tmp_path, run=run)
+    h = harness(tmp_path, run=run, queue_high=100)
     h.response.send(DATA[:50])
     assert not h.response.transport.paused
     h.response.send(DATA[50:300])
@@ -355,7 +356,7 @@ def test_failure_while_the_spool_is_written(tmp_path: Path) -> None:
     run = ManualRun()
     h = harness(tmp_path, run=run)
     h.response.send(DATA[:500])
-    spool = h.flight._spool_fd
+    spool = h.flight.spool.write_fd
     assert spool is not None
     fd = spool.fd
     h.clock.advance(6)  # the upstream stalls
@@ -369,7 +370,7 @@ def test_failure_while_the_spool_is_written(tmp_path: Path) -> None:
 
 
 def test_chunks() -> None:
-    chunks = download.Chunks()
+    chunks = Chunks()
     for part in (b"abc", b"defg", b"hi"):
         chunks.append(part)
     assert len(chunks) == 9 and chunks.read(4, 10) == b"efg" and chunks.read(9, 1) == b""
@@ -379,18 +380,14 @@ def test_chunks() -> None:
     assert (chunks.start, len(chunks)) == (9, 0)
 
 
-def test_a_stuck_client_is_cut_off_while_the_disk_is_full(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_stuck_client_is_cut_off_while_the_disk_is_full(tmp_path: Path) -> None:
     """
     With the disk full, a client that reads nothing for a whole read
     timeout while it holds the memory window back is cut off; the upstream
     resumes and the others get the whole file.
     """
-    monkeypatch.setattr(download, "MEMORY_HIGH", 200)
-    download._spool_error.clear()
-    h = harness(tmp_path)
-    h.flight.spool_write = full_disk_after(0)
+    h = harness(tmp_path, memory_high=200)
+    h.flight.spool.write = full_disk_after(0)
     fast, stuck = h.flight.reader(), h.flight.reader()
     cut: list[bool] = []
     stuck.on_cut = lambda: cut.append(True)

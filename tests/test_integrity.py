@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from treq.testing import RequestTraversalAgent
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock
+from twisted.web.client import ResponseDone
 from zope.interface import implementer
 
 from tests.conftest import Served, get_reactor, listen
@@ -33,7 +34,8 @@ from tests.test_proxy import cached_files, find, header
 from tests.test_stores import s3_settings
 from txpypi.cache.files import FileCache
 from txpypi.cache.pages import PageCache
-from txpypi.fetch import download
+from txpypi.fetch import punch as punching
+from txpypi.fetch.punch import PunchPolicy
 from txpypi.fetch.upstream import Upstream, UpstreamClient
 from txpypi.storage.metadata import FileRecord, MemoryMetadata
 from txpypi.storage.s3 import check_range
@@ -90,9 +92,7 @@ class HeldUpload:
         return succeed(None)
 
 
-def test_a_queued_punch_runs_on_its_own_spool_after_a_write_fails(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_queued_punch_runs_on_its_own_spool_after_a_write_fails(tmp_path: Path) -> None:
     """
     A spool write fails while a hole punch is queued on the same
     descriptor: the descriptor stays open until the punch has run, so the
@@ -100,19 +100,15 @@ def test_a_queued_punch_runs_on_its_own_spool_after_a_write_fails(
     otherwise have been reused for (another download's spool, whose
     clients would read zeros, or the database).
     """
-    monkeypatch.setattr(download, "PUNCH_MIN", 100)
-    monkeypatch.setattr(download, "PUNCH_STEP", 100)
     punched: list[tuple[int, int]] = []
 
     def punch(fd: int, offset: int, length: int) -> None:
         punched.append((os.fstat(fd).st_ino, offset))
 
-    monkeypatch.setattr(download, "PUNCH_HOLE", punch)
-    monkeypatch.setattr(download, "_punch_hole", punch, raising=False)  # the name it had before
     run = ManualRun()
-    h = harness(tmp_path, run=run)
+    h = harness(tmp_path, run=run, punch=punch, punch_policy=PunchPolicy(min_size=100, step=100))
     h.flight.upload = HeldUpload()
-    spool_inode = os.stat(h.flight._spool_path).st_ino
+    spool_inode = os.stat(h.flight.spool.path).st_ino
     h.response.send(DATA[:300])
     run.drain("_spool")  # spooled: a punch of the first 300 bytes is queued
     assert [f.__name__ for f, _, _ in run.jobs].count("punch") == 1
@@ -120,7 +116,7 @@ def test_a_queued_punch_runs_on_its_own_spool_after_a_write_fails(
     def full(fd: int, data: memoryview) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    h.flight.spool_write = full
+    h.flight.spool.write = full
     h.response.send(DATA[300:400])
     run.drain("_spool")  # the disk is full: the spool is given up
     decoy = os.open(tmp_path / "decoy", os.O_RDWR | os.O_CREAT)  # would take a freed number
@@ -131,32 +127,29 @@ def test_a_queued_punch_runs_on_its_own_spool_after_a_write_fails(
         os.close(decoy)
     run.drain()
     h.response.send(DATA[400:])
-    h.response.end(download.ResponseDone())
+    h.response.end(ResponseDone())
     run.drain()
     assert h.flight.verified and h.landed == [None]  # served, not cached
 
 
-def test_a_failing_punch_stops_punching_for_that_file_only(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(download, "PUNCH_MIN", 100)
-    monkeypatch.setattr(download, "PUNCH_STEP", 100)
-
+def test_a_failing_punch_stops_punching_for_that_file_only(tmp_path: Path) -> None:
     def cannot(fd: int, offset: int, length: int) -> None:
         raise OSError(errno.EOPNOTSUPP, "Operation not supported")
 
     (tmp_path / "1").mkdir()
     (tmp_path / "2").mkdir()
-    one, two = harness(tmp_path / "1", run=FailableRun()), harness(tmp_path / "2", run=FailableRun())
+    policy = PunchPolicy(min_size=100, step=100)
+    one = harness(tmp_path / "1", run=FailableRun(), punch=cannot, punch_policy=policy)
+    two = harness(tmp_path / "2", run=FailableRun(), punch_policy=policy)
     default = two.flight.punch
     assert default is not None
-    one.flight.punch = cannot
+    assert one.flight.punch is cannot
     one.flight.upload = HeldUpload()
     one.response.send(DATA[:300])
     run = one.flight.run
     assert isinstance(run, FailableRun)
     run.drain()
-    assert one.flight.punch is None and two.flight.punch is default and download.PUNCH_HOLE is default
+    assert one.flight.punch is None and two.flight.punch is default and punching.PUNCH_HOLE is default
 
 
 # -- a hit only while the index lists it

@@ -278,8 +278,6 @@ async def test_metrics_for_stale_evictions_errors_and_downloads_in_flight(
     await Deferred.fromCoroutine(files.wait_idle())
 
     # A store error: the spool cannot be written.
-    from txpypi.fetch import download
-
     def full(fd: int, data: memoryview) -> int:
         raise OSError(28, "No space left on device")
 
@@ -287,7 +285,7 @@ async def test_metrics_for_stale_evictions_errors_and_downloads_in_flight(
     try:
         response, body = await get(f"{running.url}/files/gamma/gamma-0.5-py3-none-any.whl")
     finally:
-        download._spool_error.clear()
+        files.downloads.spool_health.clear()
     assert response.code == 200 and body == find(dists, "gamma-0.5-py3-none-any.whl").content
     after = await scrape(running.url)
 

@@ -21,7 +21,7 @@ from twisted.web.client import ResponseFailed
 from tests.conftest import Served, get_reactor
 from tests.servers import S3
 from tests.test_stores import s3_settings
-from txpypi.fetch.download import Wanted
+from txpypi.fetch.wanted import Wanted
 from txpypi.storage.s3 import PART_SIZE, PROBE_KEY, S3Store, UploadFailed
 from txpypi.storage.stores import file_key
 from txpypi.testing import Dist, build_wheel
@@ -278,20 +278,20 @@ async def test_a_big_download_is_never_whole_on_local_disk(
     waits for the file to land and reads it from S3.
     """
     from tests.test_shared import receive_until
-    from txpypi.fetch import download
+    from txpypi.fetch.punch import PunchPolicy
 
-    monkeypatch.setattr(download, "PUNCH_MIN", PART_SIZE)  # instead of 64 MiB
-    monkeypatch.setattr(download, "PUNCH_STEP", 1024 * 1024)
     json_upstream.fake.add(huge)
     gate: Deferred[None] = Deferred()
     json_upstream.fake.holds[HUGE] = gate
     running = proxy_factory(json_upstream.url, **s3_settings(s3_bucket))
+    # Instead of 64 MiB files, 8 MiB at a time:
+    running.proxy.files.downloads.punch_policy = PunchPolicy(min_size=PART_SIZE, step=1024 * 1024)
 
     response, flight = await start_held(running, http, "huge", HUGE)
     got, reached, done = receive_until(response, PART_SIZE)
     await within(reached)
     await within(flight.wait_punched(PART_SIZE))
-    spool = os.stat(flight._spool_path)
+    spool = os.stat(flight.spool.path)
     assert spool.st_size == len(huge.content) // 2  # what the upstream sent so far
     assert spool.st_blocks * 512 <= spool.st_size - PART_SIZE + 64 * 1024  # but the first part is freed
     assert not flight.joinable

@@ -22,7 +22,7 @@ from tests.test_file_answers import world
 from tests.test_flight import DATA, ManualRun, harness
 from tests.test_proxy import find
 from txpypi.cache.files import FileCache
-from txpypi.fetch.download import CommitJournal
+from txpypi.fetch.commit import CommitJournal
 from txpypi.storage.metadata import FileRecord, MemoryMetadata
 from txpypi.testing import Dist, MemoryStore
 

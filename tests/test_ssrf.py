@@ -38,9 +38,9 @@ from tests.conftest import TLS, Running, Served, get_reactor, listen
 from txpypi.config import Settings
 from txpypi.core.fetchpolicy import MAX_REDIRECTS, FileHost
 from txpypi.core.peer import HEADER
-from txpypi.fetch.download import Wanted
 from txpypi.fetch.guarded import RefusalLog
 from txpypi.fetch.upstream import Upstream, UpstreamClient, UpstreamError
+from txpypi.fetch.wanted import Wanted
 from txpypi.testing import Dist, FakeUpstream, build_wheel
 
 ALPHA = build_wheel("alpha", "1.0")

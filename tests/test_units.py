@@ -21,10 +21,10 @@ from zope.interface.verify import verifyObject
 
 from tests.conftest import get_reactor
 from txpypi.cache.pages import PageCache
-from txpypi.fetch.download import CHUNK, Sender
 from txpypi.fetch.upstream import Upstream, UpstreamClient
 from txpypi.storage.metadata import FileRecord, IMetadata, MemoryMetadata, PageRecord, SqliteMetadata
 from txpypi.testing import FakeUpstream, build_wheel
+from txpypi.web.sender import CHUNK, Sender
 
 
 def page_cache(fake: FakeUpstream, clock: Clock, metadata: IMetadata) -> PageCache:

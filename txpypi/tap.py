@@ -32,7 +32,7 @@ from txpypi.cache.pages import PageCache
 from txpypi.config import ConfigError, Settings
 from txpypi.core.fetchpolicy import FileHost
 from txpypi.core.peer import owner_id
-from txpypi.fetch.download import CommitJournal
+from txpypi.fetch.commit import CommitJournal
 from txpypi.fetch.upstream import Limiter, Upstream, UpstreamClient
 from txpypi.services import (
     CacheUpkeepService,

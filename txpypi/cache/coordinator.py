@@ -20,7 +20,7 @@ from zope.interface import Interface, implementer
 
 from txpypi.concurrency.waiters import SingleFlight
 from txpypi.core.peer import owner_url
-from txpypi.fetch.download import Peer
+from txpypi.fetch.wanted import Peer
 from txpypi.storage.metadata import FileRecord, IMetadata
 from txpypi.storage.outages import Unavailable
 from txpypi.storage.redismeta import RedisLocks

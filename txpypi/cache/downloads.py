@@ -19,8 +19,12 @@ from txpypi.cache.lookup import Records
 from txpypi.cache.slots import Busy, Slots
 from txpypi.cache.usage import Usage
 from txpypi.concurrency.waiters import in_thread_now
-from txpypi.fetch.download import CommitJournal, Flight, FlightFailed, Peer, Wanted
+from txpypi.fetch.commit import CommitJournal
+from txpypi.fetch.flight import Flight
+from txpypi.fetch.punch import PunchPolicy
+from txpypi.fetch.spool import SpoolHealth
 from txpypi.fetch.upstream import UpstreamClient
+from txpypi.fetch.wanted import FlightFailed, Peer, Wanted
 from txpypi.storage.metadata import FileRecord, IMetadata
 from txpypi.storage.outages import Unavailable
 from txpypi.storage.stores import IFileStore
@@ -52,6 +56,10 @@ class Downloads:
     spool_write: Callable[[int, memoryview], int] = os.write
     #: How flights hash and spool their bytes (see L{Flight.run}).
     run_spooling: Callable[..., Deferred[Any]] = in_thread_now
+    #: The last error writing a spool file, shared by every flight.
+    spool_health: SpoolHealth = attrs.field(factory=SpoolHealth)
+    #: When and how far a flight frees the spool prefix S3 already has.
+    punch_policy: PunchPolicy = PunchPolicy()
     #: At most this many downloads at a time (C{--max-downloads}).
     slots: Slots = attrs.field(default=attrs.Factory(lambda self: Slots(self._clock), takes_self=True))
     #: Shutting down: no download starts any more.
@@ -156,6 +164,8 @@ class Downloads:
             run=self.run_spooling,
             peer=peer,
             journal=self.journal,
+            spool_health=self.spool_health,
+            punch_policy=self.punch_policy,
         )
         self.flights[wanted.key] = flight
         if peer is None:

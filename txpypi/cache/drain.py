@@ -15,7 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from txpypi.concurrency.waiters import Once, expire
-from txpypi.fetch.download import Flight
+from txpypi.fetch.flight import Flight
 
 log = Logger(namespace="txpypi.files")
 

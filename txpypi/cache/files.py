@@ -31,16 +31,11 @@ from txpypi.cache.usage import Usage
 from txpypi.concurrency.waiters import in_thread_now
 from txpypi.core.index import ProjectPage
 from txpypi.core.peer import peer_path
-from txpypi.fetch.download import (
-    CommitJournal,
-    Flight,
-    FlightFailed,
-    FlightReader,
-    Peer,
-    Wanted,
-    _spool_error,
-)
+from txpypi.fetch.commit import CommitJournal
+from txpypi.fetch.flight import Flight
+from txpypi.fetch.reader import FlightReader
 from txpypi.fetch.upstream import UpstreamClient
+from txpypi.fetch.wanted import FlightFailed, Peer, Wanted
 from txpypi.storage.metadata import FileRecord, IMetadata
 from txpypi.storage.stores import IFileStore
 
@@ -177,7 +172,7 @@ class FileCache:
         @raise NotListed: the index does not list it.
         @raise txpypi.cache.pages.NotFound: the upstream does not know the project.
         @raise txpypi.fetch.upstream.UpstreamError: the upstream page fetch failed.
-        @raise txpypi.fetch.download.FlightFailed: the file fetch failed before any
+        @raise txpypi.fetch.wanted.FlightFailed: the file fetch failed before any
             byte could be sent.
         @raise Busy: too many downloads ran for too long, or the proxy is
             shutting down.
@@ -308,12 +303,11 @@ class FileCache:
         if self.metrics is not None:
             self.metrics.store_errors.labels(store).inc()
 
-    @staticmethod
-    def spool_error() -> str | None:
+    def spool_error(self) -> str | None:
         """
         The last error writing a spool file, until a file is cached again.
         """
-        return _spool_error[0] if _spool_error else None
+        return self.downloads.spool_health.message
 
     async def metadata_ping(self) -> None:
         await self._metadata.ping()

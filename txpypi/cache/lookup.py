@@ -16,7 +16,7 @@ from txpypi.cache.pages import NotFound, PageCache
 from txpypi.cache.stats import DownloadStats
 from txpypi.core.index import DistFile, ProjectPage
 from txpypi.core.names import strongest_hash
-from txpypi.fetch.download import ByteSource, Wanted
+from txpypi.fetch.wanted import ByteSource, Wanted
 from txpypi.storage.metadata import FileRecord, IMetadata
 from txpypi.storage.outages import Unavailable
 from txpypi.storage.stores import IFileStore

@@ -18,7 +18,7 @@ from txpypi.cache.lookup import Records
 from txpypi.cache.pages import PageCache
 from txpypi.cache.stats import DownloadStats
 from txpypi.concurrency.waiters import Once
-from txpypi.fetch.download import Flight
+from txpypi.fetch.flight import Flight
 from txpypi.storage.metadata import FileRecord, IMetadata
 from txpypi.storage.outages import Unavailable
 from txpypi.storage.stores import IFileStore

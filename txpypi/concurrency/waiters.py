@@ -13,6 +13,8 @@ Deferreds for an event uses these instead of a list of its own.
    stand-in for a thread pool in tests and small set-ups.
  - L{expire}: a timer that fires an error into a Deferred unless it fired
    first, and goes away either way.
+ - L{Timer}: one timer that is started, pushed back and cancelled over and
+   over (an idle timeout), without C{if call.active(): call.cancel()}.
 
 Turns (at most N at a time) are in L{txpypi.concurrency.turns}.
 """
@@ -173,3 +175,42 @@ def expire(
 
     d.addBoth(over)
     return timer
+
+
+class Timer:
+    """
+    One timer, started, pushed back and cancelled as often as need be: at
+    most one call is pending, and cancelling when none is is fine.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._call: IDelayedCall | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._call is not None
+
+    def start(self, seconds: float, f: Callable[..., object], *args: Any) -> None:
+        """
+        Call C{f(*args)} in C{seconds}, instead of what was pending.
+        """
+        self.cancel()
+
+        def fire() -> None:
+            self._call = None
+            f(*args)
+
+        self._call = self._clock.callLater(seconds, fire)
+
+    def reset(self, seconds: float) -> None:
+        """
+        Push the pending call back to C{seconds} from now (if one is pending).
+        """
+        if self._call is not None:
+            self._call.reset(seconds)
+
+    def cancel(self) -> None:
+        call, self._call = self._call, None
+        if call is not None and call.active():
+            call.cancel()

@@ -65,7 +65,7 @@ class Refused(Exception):
 
 class ListedFile(Protocol):
     """
-    A file an upstream's index listed (L{txpypi.fetch.download.Wanted} is one).
+    A file an upstream's index listed (L{txpypi.fetch.wanted.Wanted} is one).
     """
 
     @property

@@ -310,7 +310,7 @@ class UpstreamClient:
         the policy, and never redirects.
 
         @param target: the file as an upstream's index listed it (a
-            L{txpypi.fetch.download.Wanted}), or, for a peer, its URL.
+            L{txpypi.fetch.wanted.Wanted}), or, for a peer, its URL.
         @param extra: more request headers.
         @param kind: C{"file"}, or C{"peer"} for a download in progress on
             another instance (counted apart, and not the upstream's health).

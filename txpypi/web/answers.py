@@ -23,9 +23,10 @@ from werkzeug.exceptions import HTTPException
 from txpypi.cache.files import Busy, NotListed
 from txpypi.cache.pages import NotFound
 from txpypi.core.names import BadName
-from txpypi.fetch.download import FlightFailed, abort_client
 from txpypi.fetch.upstream import UpstreamError
+from txpypi.fetch.wanted import FlightFailed
 from txpypi.storage.outages import Unavailable
+from txpypi.web.sender import abort_client
 
 log = Logger(namespace="txpypi.app")
 

@@ -27,7 +27,6 @@ from txpypi import __version__
 from txpypi.cache.files import FileCache
 from txpypi.cache.pages import PageCache
 from txpypi.core.names import BadName, check_filename, normalize
-from txpypi.fetch.download import Sender
 from txpypi.fetch.upstream import UpstreamClient
 from txpypi.storage.outages import Outage, Unavailable
 from txpypi.web.answers import answer_text, error_text, header, status_of, text
@@ -38,6 +37,7 @@ from txpypi.web.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from txpypi.web.metrics import Metrics
 from txpypi.web.pages import SimpleResource
 from txpypi.web.peer import PeerResource
+from txpypi.web.sender import Sender
 from txpypi.web.server import ConnectionLimits, ProxySite
 from txpypi.web.statuspage import StatusFigures, render_status
 

@@ -19,8 +19,8 @@ from txpypi.cache.files import Busy, FileCache, NotListed, Opened
 from txpypi.cache.pages import NotFound
 from txpypi.core.fileplan import FilePlan, plan_file
 from txpypi.core.names import BadName, check_filename, normalize
-from txpypi.fetch.download import CHUNK, ByteSource, FlightFailed, Sender
 from txpypi.fetch.upstream import UpstreamError
+from txpypi.fetch.wanted import ByteSource, FlightFailed
 from txpypi.storage.outages import Unavailable, describe
 from txpypi.storage.stores import IRedirectable
 from txpypi.web.answers import (
@@ -36,6 +36,7 @@ from txpypi.web.answers import (
     status_of,
     text,
 )
+from txpypi.web.sender import CHUNK, Sender
 
 log = Logger(namespace="txpypi.app")
 

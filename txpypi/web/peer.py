@@ -13,8 +13,11 @@ from txpypi.cache.files import FileCache
 from txpypi.core.names import BadName
 from txpypi.core.peer import HEADER as PEER_HEADER
 from txpypi.core.peer import verify
-from txpypi.fetch.download import Flight, FlightFailed, FlightReader, Sender
+from txpypi.fetch.flight import Flight
+from txpypi.fetch.reader import FlightReader
+from txpypi.fetch.wanted import FlightFailed
 from txpypi.web.answers import client_gone, error_text, finish_error, header, run, segment, text
+from txpypi.web.sender import Sender
 
 
 class PeerResource(Resource):
