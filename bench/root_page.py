@@ -84,7 +84,7 @@ def serve_upstream(port: int, projects: int) -> None:
                 return json.dumps(fake.requests).encode()
             return fake.render(request)
 
-    reactor.listenTCP(port, Site(Counted()), interface="127.0.0.1")  # type: ignore[attr-defined]
+    reactor.listenTCP(port, Site(Counted()), interface="127.0.0.1")  # type: ignore[attr-defined,arg-type]
     reactor.run()  # type: ignore[attr-defined]
 
 
@@ -326,10 +326,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  target: RSS after serving under {RSS_TARGET_MIB:.0f} MiB: {tx.after:.0f} MiB, {verdict}")
 
         if args.refreshes:
-            slowest, after = refreshes(txpypi, args.refreshes, args.projects)
+            slowest, after_each = refreshes(txpypi, args.refreshes, args.projects)
             print(
                 f"  {args.refreshes} refreshes (DELETE /cache/, then GET): slowest {slowest:.2f} s, "
-                f"RSS after each {', '.join(f'{r:.0f}' for r in after)} MiB"
+                f"RSS after each {', '.join(f'{r:.0f}' for r in after_each)} MiB"
             )
 
         if args.stalled:
