@@ -7,6 +7,7 @@ one of the instance that does (the leader).
 
 from __future__ import annotations
 
+import argparse
 import secrets
 import statistics
 import subprocess
@@ -15,8 +16,8 @@ import time
 
 import upstream as up
 from clients import Streamed, stream
-from harness import REPO, S3_ENV, clean_env, twistd_txpypi
-from proxies import check_stream, file_url, start_instances
+from harness import REPO, S3_ENV, Service, clean_env, twistd_txpypi
+from proxies import Proxy, check_stream, file_url, start_instances
 from report import Table, alarm, ratio, section
 from upstream import BIG_PROJECT, MB, upstream_file
 
@@ -75,28 +76,12 @@ def follower_ttfb(ctx: Run) -> list[str]:
     instances share Redis and S3; the upstream sends a cold big wheel at
     C{--follower-rate}.  Client A asks instance 1 (which takes the lock and
     fetches: the leader); the moment A has its first byte, client B asks
-    instance 2 (the follower).  Adds its own table; returns what txpypi did wrong.
+    instance 2 (the follower).  Adds its own table and stops the two;
+    returns what txpypi did wrong.
     """
-    args, services, work, upstream = ctx.args, ctx.services, ctx.work, ctx.upstream
-    shared = [*ctx.backends.s3("follower/"), "--redis", ctx.backends.redis()]
+    args = ctx.args
     peers = peer_streaming_options()
-    if "--peer-url" in peers:
-        shared += ["--peer-url", "http://127.0.0.1:{port}"]  # each instance's own URL
-    if "--peer-secret-file" in peers:
-        secret = work / "peer-secret"
-        secret.write_text(secrets.token_hex(16) + "\n")  # 32 characters, the same for both
-        shared += ["--peer-secret-file", str(secret)]
-    leader, follower = start_instances(
-        services,
-        work,
-        upstream,
-        {
-            "txpypi-leader": [*shared, "--cache-dir", str(work / "leader-spool")],
-            "txpypi-follower": [*shared, "--cache-dir", str(work / "follower-spool")],
-        },
-        env=S3_ENV,
-    )
-    rate = args.follower_rate * MB
+    leader, follower = start_pair(ctx, peers)
     section(
         f"leader vs follower: two instances sharing Redis and S3; a cold {args.big_mb} MB wheel that the "
         f"upstream sends at {args.follower_rate:g} MB/s ({args.big_mb / args.follower_rate:.1f} s)"
@@ -111,37 +96,86 @@ def follower_ttfb(ctx: Run) -> list[str]:
         print(
             "peer streaming: off (this txpypi has no --peer-url): the follower waits until the file is in S3"
         )
-    problems: list[str] = []
-    pairs: list[tuple[Streamed, Streamed, float]] = []  # A, B, B's start after A's
-    up.set_rate(upstream, rate)
+    up.set_rate(ctx.upstream, args.follower_rate * MB)
     try:
-        for run in range(args.follower_runs):
-            big = upstream_file(upstream, BIG_PROJECT.format(run))
-            url_a = file_url(leader, big.project, big.filename)  # warms the pages: only the file is cold
-            url_b = file_url(follower, big.project, big.filename)
-            up.reset(upstream)
-            a, b, b_start = leader_then_follower(url_a, url_b)
-            gets, others = up.upstream_gets(upstream, big.path)
-            what = f"run {run + 1}"
-            problems += alarm(check_stream(f"leader (A), {what}", a, big, "MISS"))
-            problems += alarm(check_stream(f"follower (B), {what}", b, big))
-            if (gets, others) != (1, 0):
-                problems += alarm(
-                    [f"{what}: the upstream answered {gets} GET(s), {others} other(s) for the file"]
-                )
-            pad = " " * len(what)
-            print(
-                f"{what}: A (leader):   TTFB {a.ttfb * 1000:8.2f} ms, done in {a.total:5.2f} s, "
-                f"X-Cache {a.headers.get('x-cache')}\n"
-                f"{pad}  B (follower): TTFB {b.ttfb * 1000:8.2f} ms, done in {b.total:5.2f} s, "
-                f"X-Cache {b.headers.get('x-cache')}\n"
-                f"{pad}  B asked {b_start * 1000:.1f} ms after A, done {b_start + b.total - a.total:+.2f} s "
-                f"after A; the upstream answered {gets} GET(s) for the file",
-                flush=True,
-            )
-            pairs.append((a, b, b_start))
+        pairs, problems = races(ctx.upstream, leader, follower, args.follower_runs)
     finally:
-        up.set_rate(upstream, 0)
+        up.set_rate(ctx.upstream, 0)
+    ctx.tables.append(summarize(args, pairs, "--peer-url" in peers))
+    ctx.services.stop(leader.service, follower.service)
+    return problems
+
+
+def start_pair(ctx: Run, peers: set[str]) -> tuple[Proxy, Proxy]:
+    """
+    The leader and the follower: two txpypi sharing Redis and S3, and
+    streaming from each other if this txpypi has the options in C{peers}.
+    """
+    work = ctx.work
+    shared = [*ctx.backends.s3("follower/"), "--redis", ctx.backends.redis()]
+    if "--peer-url" in peers:
+        shared += ["--peer-url", "http://127.0.0.1:{port}"]  # each instance's own URL
+    if "--peer-secret-file" in peers:
+        secret = work / "peer-secret"
+        secret.write_text(secrets.token_hex(16) + "\n")  # 32 characters, the same for both
+        shared += ["--peer-secret-file", str(secret)]
+    leader, follower = start_instances(
+        ctx.services,
+        work,
+        ctx.upstream,
+        {
+            "txpypi-leader": [*shared, "--cache-dir", str(work / "leader-spool")],
+            "txpypi-follower": [*shared, "--cache-dir", str(work / "follower-spool")],
+        },
+        env=S3_ENV,
+    )
+    return leader, follower
+
+
+#: One run: A's download, B's, and how many seconds after A's request B's started.
+Pair = tuple[Streamed, Streamed, float]
+
+
+def races(upstream: Service, leader: Proxy, follower: Proxy, runs: int) -> tuple[list[Pair], list[str]]:
+    """
+    C{runs} times, each on another cold big wheel: A asks C{leader}, B
+    asks C{follower} once A has its first byte.  Prints each run; returns
+    the runs and what txpypi did wrong.
+    """
+    problems: list[str] = []
+    pairs: list[Pair] = []
+    for run in range(runs):
+        big = upstream_file(upstream, BIG_PROJECT.format(run))
+        url_a = file_url(leader, big.project, big.filename)  # warms the pages: only the file is cold
+        url_b = file_url(follower, big.project, big.filename)
+        up.reset(upstream)
+        a, b, b_start = leader_then_follower(url_a, url_b)
+        gets, others = up.upstream_gets(upstream, big.path)
+        what = f"run {run + 1}"
+        problems += alarm(check_stream(f"leader (A), {what}", a, big, "MISS"))
+        problems += alarm(check_stream(f"follower (B), {what}", b, big))
+        if (gets, others) != (1, 0):
+            problems += alarm(
+                [f"{what}: the upstream answered {gets} GET(s), {others} other(s) for the file"]
+            )
+        pad = " " * len(what)
+        print(
+            f"{what}: A (leader):   TTFB {a.ttfb * 1000:8.2f} ms, done in {a.total:5.2f} s, "
+            f"X-Cache {a.headers.get('x-cache')}\n"
+            f"{pad}  B (follower): TTFB {b.ttfb * 1000:8.2f} ms, done in {b.total:5.2f} s, "
+            f"X-Cache {b.headers.get('x-cache')}\n"
+            f"{pad}  B asked {b_start * 1000:.1f} ms after A, done {b_start + b.total - a.total:+.2f} s "
+            f"after A; the upstream answered {gets} GET(s) for the file",
+            flush=True,
+        )
+        pairs.append((a, b, b_start))
+    return pairs, problems
+
+
+def summarize(args: argparse.Namespace, pairs: list[Pair], peer_streaming: bool) -> Table:
+    """
+    Print the medians of C{pairs}; the section's summary table.
+    """
     a_ttfb = statistics.median(a.ttfb for a, _, _ in pairs) * 1000
     b_ttfb = statistics.median(b.ttfb for _, b, _ in pairs) * 1000
     a_total = statistics.median(a.total for a, _, _ in pairs)
@@ -151,36 +185,27 @@ def follower_ttfb(ctx: Run) -> list[str]:
         f"median: A TTFB {a_ttfb:.2f} ms, B TTFB {b_ttfb:.2f} ms ({ratio(b_ttfb, a_ttfb)}); "
         f"A {a_total:.2f} s, B {b_total:.2f} s; B done {lag:+.2f} s after A"
     )
-    ctx.tables.append(
-        Table(
-            f"summary: leader vs follower, cold {args.big_mb} MB wheel at {args.follower_rate:g} MB/s, "
-            f"peer streaming {'on' if '--peer-url' in peers else 'off (no --peer-url)'}",
-            ("measure", "leader (A)", "follower (B)", "B/A", ""),
-            [
-                (
-                    "TTFB (from each one's request)",
-                    f"{a_ttfb:.2f} ms",
-                    f"{b_ttfb:.2f} ms",
-                    ratio(b_ttfb, a_ttfb),
-                ),
-                (
-                    "whole file (from each one's request)",
-                    f"{a_total:.2f} s",
-                    f"{b_total:.2f} s",
-                    ratio(b_total, a_total),
-                ),
-                (
-                    "done, after A's request",
-                    f"{a_total:.2f} s",
-                    f"{a_total + lag:.2f} s",
-                    ratio(a_total + lag, a_total),
-                ),
-            ],
-            "(B asks the moment A has its first byte; medians of the runs)",
-        )
+    return Table(
+        f"summary: leader vs follower, cold {args.big_mb} MB wheel at {args.follower_rate:g} MB/s, "
+        f"peer streaming {'on' if peer_streaming else 'off (no --peer-url)'}",
+        ("measure", "leader (A)", "follower (B)", "B/A", ""),
+        [
+            ("TTFB (from each one's request)", f"{a_ttfb:.2f} ms", f"{b_ttfb:.2f} ms", ratio(b_ttfb, a_ttfb)),
+            (
+                "whole file (from each one's request)",
+                f"{a_total:.2f} s",
+                f"{b_total:.2f} s",
+                ratio(b_total, a_total),
+            ),
+            (
+                "done, after A's request",
+                f"{a_total:.2f} s",
+                f"{a_total + lag:.2f} s",
+                ratio(a_total + lag, a_total),
+            ),
+        ],
+        "(B asks the moment A has its first byte; medians of the runs)",
     )
-    services.stop(leader.service, follower.service)
-    return problems
 
 
 run = follower_ttfb
