@@ -1,8 +1,9 @@
 """
 The bench's sections, one module each (C{huge} and C{link} share the huge
 wheels; C{page} and C{file} are both in L{sections.warm}, as C{run_page}
-and C{run_file}).  Each has a C{run(ctx: Run) -> list[str]} that measures, prints, adds its rows to the
-summary or its own table, and returns what txpypi did wrong.
+and C{run_file}).  Each has a C{run(ctx: Run) -> list[str]} that
+measures, prints, adds its rows to the summary or its own table, and
+returns what txpypi did wrong.
 """
 
 from __future__ import annotations
