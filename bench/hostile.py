@@ -38,17 +38,20 @@ import string
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench as core
+import upstream as up
+from clients import expect_200
+from harness import Service, free_ports, session, start_proxpi, start_txpypi
+from report import section, verdict
+from sampling import process_tree, rss_mib
 
 SEND_TIMEOUT = 2.0
-BIG = core.BIG_PROJECT.format(0)
+BIG = up.BIG_PROJECT.format(0)
 
 
 @dataclass
@@ -58,7 +61,7 @@ class Target:
     """
 
     name: str
-    service: core.Service
+    service: Service
     page: Callable[[str], str]  # project -> path of its index page
     file_path: str  # the big file's path
     small_path: str  # a small cached file's path
@@ -70,10 +73,6 @@ class Target:
 
 def descriptors(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def rss_mib(pids: list[int]) -> float:
-    return sum(core._status_kb(p, "VmRSS") or 0 for p in pids) / 1024
 
 
 def request(port: int, raw: bytes, read: int | None = None, timeout: float = 3.0) -> bytes:
@@ -117,9 +116,8 @@ class Round:
     seconds: float
 
 
-def upstream_counts(upstream: core.Service) -> tuple[int, int]:
-    counts = json.loads(urllib.request.urlopen(f"{upstream.base}/_counts", timeout=10).read())
-    requests = counts["requests"]
+def upstream_counts(upstream: Service) -> tuple[int, int]:
+    requests = up.counts(upstream)["requests"]
     pages = sum(n for path, n in requests.items() if path.startswith("/simple/"))
     files = sum(n for path, n in requests.items() if path.startswith("/packages/"))
     return pages, files
@@ -217,9 +215,9 @@ def mix(
 
 
 def run(
-    target: Target, upstream: core.Service, rounds: int, per_round: int, pids: list[int], budget: float
+    target: Target, upstream: Service, rounds: int, per_round: int, pids: list[int], budget: float
 ) -> list[Round]:
-    small = core.expect_200(f"{target.service.base}{target.small_path}")
+    small = expect_200(f"{target.service.base}{target.small_path}")
     etag = small.headers.get("etag") or '"none"'
     seed = random.Random(7)
 
@@ -259,22 +257,22 @@ def verdicts(name: str, results: list[Round], per_round: int) -> list[str]:
     unsent = sum(n for code, n in counts if code < 0)
     total = sum(n for _, n in counts)
     lines = [
-        core.verdict(
+        verdict(
             "descriptors flat",
             f"{first.descriptors} -> {last.descriptors}",
             last.descriptors <= first.descriptors + 5,
         ),
-        core.verdict(
+        verdict(
             "RSS flat once warm (the second half of the rounds: <= +2 MiB)",
             f"{first.rss:.1f}, then {middle.rss:.1f} -> {last.rss:.1f} MiB",
             last.rss <= middle.rss + 2,
         ),
-        core.verdict(
+        verdict(
             "every request answered",
             f"{answered} of {total} ({unsent} not sent within the budget)",
             answered == total,
         ),
-        core.verdict(
+        verdict(
             "big file fetched once",
             f"{last.upstream_files} upstream file requests",
             last.upstream_files <= first.upstream_files,
@@ -283,7 +281,7 @@ def verdicts(name: str, results: list[Round], per_round: int) -> list[str]:
     new_per_round = per_round - per_round // 2
     grown = last.upstream_pages - first.upstream_pages
     lines.append(
-        core.verdict(
+        verdict(
             "names asked before are not asked again",
             f"+{grown} upstream pages over {len(results) - 1} rounds of {new_per_round} new names",
             grown <= new_per_round * (len(results) - 1),
@@ -301,94 +299,70 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args(argv)
     summary: list[str] = []
-    with core.workspace(args.keep) as work:
-        services = core.Services()
-        try:
-            up_port, tx_port, px_port = core.free_ports(3)
-            upstream = services.start(
-                "upstream",
-                [
-                    sys.executable,
-                    str(Path(core.__file__).resolve()),
-                    "--serve-upstream",
-                    str(up_port),
-                    "--file-kb",
-                    "100",
-                    "--big-mb",
-                    str(args.big_mb),
-                    "--upstream-big-files",
-                    "1",
-                    "--uv-rounds",
-                    "0",
-                    "--huge-mb",
-                    "1",
-                    "--upstream-huge-files",
-                    "0",
-                ],
-                core.clean_env(PYTHONPATH=str(core.REPO), PYTHONUNBUFFERED="1"),
-                up_port,
-                work,
-            )
-            (work / "admin-token").write_text("x" * 32 + "\n")
-            txpypi = core.start_txpypi(
-                services,
-                work,
+    with session(args.keep) as (work, services):
+        up_port, tx_port, px_port = free_ports(3)
+        upstream = up.start_upstream(
+            services,
+            work,
+            up_port,
+            *up.sizes(file_kb=100, big_mb=args.big_mb, big_files=1, uv_rounds=0, huge_mb=1, huge_files=0),
+        )
+        (work / "admin-token").write_text("x" * 32 + "\n")
+        txpypi = start_txpypi(
+            services,
+            work,
+            "txpypi",
+            tx_port,
+            upstream,
+            "--cache-dir",
+            str(work / "txpypi-cache"),
+            "--send-timeout",
+            str(SEND_TIMEOUT),
+            "--log-format",
+            "none",
+        )
+        for service in (upstream, txpypi):
+            services.wait_ready(service)
+        small_file = up.wheel_name(up.FILE_PROJECT, "1.0")
+        big_file = up.wheel_name(BIG, "1.0")
+        targets = [
+            Target(
                 "txpypi",
-                tx_port,
-                upstream,
-                "--cache-dir",
-                str(work / "txpypi-cache"),
-                "--send-timeout",
-                str(SEND_TIMEOUT),
-                "--log-format",
-                "none",
+                txpypi,
+                lambda p: f"/simple/{p}/",
+                f"/files/{BIG}/{big_file}",
+                f"/files/{up.FILE_PROJECT}/{small_file}",
             )
-            for service in (upstream, txpypi):
-                services.wait_ready(service)
-            small_file = core.wheel_name(core.FILE_PROJECT, "1.0")
-            big_file = core.wheel_name(BIG, "1.0")
-            targets = [
+        ]
+        try:
+            import proxpi  # noqa: F401
+        except ImportError:
+            print("(proxpi is not installed: txpypi alone)")
+        else:
+            proxpi_service = start_proxpi(services, work, px_port, upstream)
+            services.wait_ready(proxpi_service)
+            targets.append(
                 Target(
-                    "txpypi",
-                    txpypi,
-                    lambda p: f"/simple/{p}/",
-                    f"/files/{BIG}/{big_file}",
-                    f"/files/{core.FILE_PROJECT}/{small_file}",
+                    "proxpi",
+                    proxpi_service,
+                    lambda p: f"/index/{p}/",
+                    f"/index/{BIG}/{big_file}",
+                    f"/index/{up.FILE_PROJECT}/{small_file}",
                 )
-            ]
-            try:
-                import proxpi  # noqa: F401
-            except ImportError:
-                print("(proxpi is not installed: txpypi alone)")
-            else:
-                proxpi_service = core.start_proxpi(services, work, px_port, upstream)
-                services.wait_ready(proxpi_service)
-                targets.append(
-                    Target(
-                        "proxpi",
-                        proxpi_service,
-                        lambda p: f"/index/{p}/",
-                        f"/index/{BIG}/{big_file}",
-                        f"/index/{core.FILE_PROJECT}/{small_file}",
-                    )
-                )
-            for target in targets:
-                core.section(f"{target.name}: {args.rounds} rounds of the hostile mix")
-                core.expect_200(f"{target.service.base}{target.small_path}")
-                core.expect_200(f"{target.service.base}{target.small_path}")
-                pids = core.process_tree(target.pid)
-                before_pages, before_files = upstream_counts(upstream)
-                print(
-                    f"  before: {descriptors(target.pid):4d} fds  {rss_mib(pids):6.1f} MiB",
-                    flush=True,
-                )
-                results = run(target, upstream, args.rounds, args.per_round, pids, args.round_seconds)
-                summary += verdicts(target.name, results, args.per_round)
-                urllib.request.urlopen(f"{upstream.base}/_reset", timeout=10).read()
-                del before_pages, before_files
-        finally:
-            services.stop_all()
-    core.section("verdicts")
+            )
+        for target in targets:
+            section(f"{target.name}: {args.rounds} rounds of the hostile mix")
+            expect_200(f"{target.service.base}{target.small_path}")
+            expect_200(f"{target.service.base}{target.small_path}")
+            pids = process_tree(target.pid)
+            print(
+                f"  before: {descriptors(target.pid):4d} fds  {rss_mib(pids):6.1f} MiB",
+                flush=True,
+            )
+            results = run(target, upstream, args.rounds, args.per_round, pids, args.round_seconds)
+            summary += verdicts(target.name, results, args.per_round)
+            up.reset(upstream)
+    section("verdicts")
     for line in summary:
         print("  " + line)
     return 0

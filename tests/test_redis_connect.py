@@ -18,7 +18,7 @@ import pytest_twisted
 import trustme
 
 from tests.conftest import get_reactor
-from tests.servers import _binary, _stop, _wait_until, free_port
+from tests.servers import find_binary, free_port, stop_process, wait_until
 from txpypi.storage.metadata import PageRecord
 from txpypi.storage.outages import Unavailable
 from txpypi.storage.redismeta import RedisMetadata, connect, parse_redis_url
@@ -42,7 +42,13 @@ def tls_redis(tmp_path: Path) -> Iterator[TLSRedis]:
     other.cert_pem.write_to_path(str(files["other"]))
     port = free_port()
     log = tmp_path / "redis.log"
-    args = [_binary("redis-server", "Debian package redis-server"), "--port", "0", "--tls-port", str(port)]
+    args = [
+        find_binary("redis-server", "Debian package redis-server"),
+        "--port",
+        "0",
+        "--tls-port",
+        str(port),
+    ]
     args += ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
     args += ["--tls-cert-file", str(files["cert"]), "--tls-key-file", str(files["key"])]
     args += ["--tls-ca-cert-file", str(files["ca"]), "--tls-auth-clients", "no"]
@@ -56,10 +62,10 @@ def tls_redis(tmp_path: Path) -> Iterator[TLSRedis]:
                 return tls.recv(16).startswith(b"+PONG")
 
     try:
-        _wait_until(ready, time.monotonic() + 20, "redis-server (TLS)", process, log)
+        wait_until(ready, time.monotonic() + 20, "redis-server (TLS)", process, log)
         yield TLSRedis(port, files["ca"], files["other"])
     finally:
-        _stop(process)
+        stop_process(process)
 
 
 @pytest_twisted.ensureDeferred
@@ -103,7 +109,7 @@ async def test_redis_with_a_password(tmp_path: Path) -> None:
     port = free_port()
     log = tmp_path / "redis.log"
     args = [
-        _binary("redis-server", "Debian package redis-server"),
+        find_binary("redis-server", "Debian package redis-server"),
         "--port",
         str(port),
         "--bind",
@@ -118,7 +124,7 @@ async def test_redis_with_a_password(tmp_path: Path) -> None:
             return s.recv(64).startswith(b"-NOAUTH")
 
     try:
-        _wait_until(ready, time.monotonic() + 20, "redis-server (password)", process, log)
+        wait_until(ready, time.monotonic() + 20, "redis-server (password)", process, log)
         good = RedisMetadata(connect(f"redis://:s3cret%2Fpass@127.0.0.1:{port}/2", 2), clock=get_reactor())
         record = PageRecord("k", "http://u/simple/", "http://u/simple/p/", b"{}", 1.0)
         try:
@@ -133,4 +139,4 @@ async def test_redis_with_a_password(tmp_path: Path) -> None:
         finally:
             await wrong.close()
     finally:
-        _stop(process)
+        stop_process(process)
