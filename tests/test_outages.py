@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import task
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.logger import globalLogPublisher
+from zope.interface import implementer
 
 from tests.conftest import Served, get_reactor
 from tests.fixtures import redis_process, s3_gateway  # noqa: F401  (fixtures)
@@ -26,8 +27,10 @@ from tests.servers import RedisProcess, S3Gateway
 from tests.test_http_semantics import get
 from tests.test_operations import sample, scrape
 from tests.test_proxy import find, header
+from txpypi.storage.memory import MemoryStore
 from txpypi.storage.metadata import MemoryMetadata
-from txpypi.storage.outages import Outage, Unavailable, WatchedMetadata
+from txpypi.storage.outages import Outage, Unavailable, WatchedMetadata, WatchedStore
+from txpypi.storage.stores import IFileReader
 from txpypi.testing import Dist
 from txpypi.web.metrics import Metrics
 
@@ -511,3 +514,55 @@ def test_one_line_per_outage_probes_and_recovery(events: Events) -> None:
     assert errors() == 5  # probes are not calls
     assert watched.kept() == (0, 0) and inner.downloads == {("p", "1.0", "p-1.0.whl"): 3}
     assert not clock.getDelayedCalls()  # no probing while it works
+
+
+@implementer(IFileReader)
+class Hanging:
+    """
+    A stored file whose reads answer only when told (a slow store).
+    """
+
+    size = 10
+
+    def __init__(self) -> None:
+        self.reads: list[Deferred[bytes]] = []
+
+    def read(self, offset: int, length: int) -> Deferred[bytes]:
+        d: Deferred[bytes] = Deferred()
+        self.reads.append(d)
+        return d
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_read_its_caller_cancels_is_not_an_outage(tmp_path: Path) -> None:
+    """
+    Clients that leave cancel the store reads made for them (wrk's
+    connections closing at the end of a run did it to dozens at once):
+    that is no failure of the store, and the next miss is still cached.
+    A read that fails on its own is one.
+    """
+    clock = task.Clock()
+    metrics = Metrics.create()
+    hanging = Hanging()
+
+    class Slow(MemoryStore):
+        def open(self, key: str) -> Deferred[IFileReader | None]:
+            return succeed(hanging)
+
+    inner = Slow(str(tmp_path))
+    outage = Outage("files", "the file store (test)", clock, metrics=metrics)
+    store = WatchedStore(inner, outage)
+    opened: list[Any] = []
+    store.open("k").addCallback(opened.append)
+    reader = opened[0]
+    for _ in range(10):
+        reader.read(0, 10).addErrback(lambda f: f.trap(CancelledError)).cancel()
+    assert not outage.down and outage.failures == 0
+    assert metrics.registry.get_sample_value("txpypi_store_errors_total", {"store": "files"}) in (None, 0)
+
+    failed: list[Any] = []
+    reader.read(0, 10).addErrback(failed.append)
+    hanging.reads[-1].errback(OSError("the volume server is gone"))
+    assert outage.down and isinstance(failed[0].value, Unavailable)

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import attrs
 from twisted.internet import defer
-from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -289,7 +289,7 @@ class WatchedMetadata:
             self.outage.probe = self.inner.ping
         self.outage.on_recovery(self._write_kept)
 
-    def _call(self, f: Callable[..., Deferred[T]], *args: Any) -> Deferred[T]:
+    def call(self, f: Callable[..., Deferred[T]], *args: Any) -> Deferred[T]:
         def worked(result: T) -> T:
             self.outage.ok()
             return result
@@ -297,6 +297,8 @@ class WatchedMetadata:
         def failed(failure: Failure) -> Failure:
             error = failure.value
             assert isinstance(error, BaseException)
+            if isinstance(error, CancelledError):
+                return failure  # the caller gave up (its client left): not the store's doing
             return Failure(self.outage.failed(error))
 
         d: Deferred[T] = maybeDeferred(f, *args)
@@ -308,40 +310,40 @@ class WatchedMetadata:
         return closed
 
     def ping(self) -> Deferred[None]:
-        return self._call(self.inner.ping)
+        return self.call(self.inner.ping)
 
     def get_page(self, key: str) -> Deferred[PageRecord | None]:
-        return self._call(self.inner.get_page, key)
+        return self.call(self.inner.get_page, key)
 
     def put_page(self, record: PageRecord) -> Deferred[None]:
-        return self._call(self.inner.put_page, record)
+        return self.call(self.inner.put_page, record)
 
     def delete_page(self, key: str) -> Deferred[None]:
-        return self._call(self.inner.delete_page, key)
+        return self.call(self.inner.delete_page, key)
 
     def touch_page(self, key: str, fetched_at: float) -> Deferred[None]:
-        return self._call(self.inner.touch_page, key, fetched_at)
+        return self.call(self.inner.touch_page, key, fetched_at)
 
     def get_file(self, key: str) -> Deferred[FileRecord | None]:
-        return self._call(self.inner.get_file, key)
+        return self.call(self.inner.get_file, key)
 
     def put_file(self, record: FileRecord) -> Deferred[FileRecord | None]:
-        return self._call(self.inner.put_file, record)
+        return self.call(self.inner.put_file, record)
 
     def delete_file(self, key: str, expected: FileRecord | None = None) -> Deferred[FileRecord | None]:
-        return self._call(self.inner.delete_file, key, expected)
+        return self.call(self.inner.delete_file, key, expected)
 
     def usage(self) -> Deferred[tuple[int, int]]:
-        return self._call(self.inner.usage)
+        return self.call(self.inner.usage)
 
     def least_recent(self, limit: int) -> Deferred[list[FileRecord]]:
-        return self._call(self.inner.least_recent, limit)
+        return self.call(self.inner.least_recent, limit)
 
     def top_projects(self, limit: int) -> Deferred[list[tuple[str, int]]]:
-        return self._call(self.inner.top_projects, limit)
+        return self.call(self.inner.top_projects, limit)
 
     def project_downloads(self, project: str) -> Deferred[list[tuple[str, str, int]]]:
-        return self._call(self.inner.project_downloads, project)
+        return self.call(self.inner.project_downloads, project)
 
     def touch_files(self, accessed: dict[str, float]) -> Deferred[None]:
         accessed = dict(accessed)
@@ -351,7 +353,7 @@ class WatchedMetadata:
             for key, when in accessed.items():
                 self._accessed[key] = max(when, self._accessed.get(key, when))
 
-        return self._call(self.inner.touch_files, accessed).addErrback(keep)
+        return self.call(self.inner.touch_files, accessed).addErrback(keep)
 
     def add_downloads(self, counts: dict[tuple[str, str, str], int]) -> Deferred[None]:
         counts = dict(counts)
@@ -361,7 +363,7 @@ class WatchedMetadata:
             for key, n in counts.items():
                 self._downloads[key] = self._downloads.get(key, 0) + n
 
-        return self._call(self.inner.add_downloads, counts).addErrback(keep)
+        return self.call(self.inner.add_downloads, counts).addErrback(keep)
 
     def kept(self) -> tuple[int, int]:
         """
@@ -417,7 +419,7 @@ class WatchedReader:
     def read(self, offset: int, length: int) -> Deferred[bytes]:
         # Never refused: one failed call elsewhere must not cut off every
         # client reading a file that may still be readable.
-        return self._store._call(self._inner.read, offset, length, refuse=False)
+        return self._store.call(self._inner.read, offset, length, refuse=False)
 
     def close(self) -> None:
         self._inner.close()
@@ -449,7 +451,7 @@ class WatchedUpload:
     def complete(self, length: int) -> Deferred[None]:
         # A download that was verified is worth one more try, even if a
         # call failed meanwhile: not refused.
-        return self._store._call(self._inner.complete, length, refuse=False)
+        return self._store.call(self._inner.complete, length, refuse=False)
 
     def abort(self) -> Deferred[None]:
         d: Deferred[None] = self._inner.abort()
@@ -490,9 +492,14 @@ class WatchedStore:
         spool: str = self.inner.spool_dir
         return spool
 
-    def _call(
+    def call(
         self, f: Callable[..., Deferred[T]], *args: Any, count: bool = True, refuse: bool = True
     ) -> Deferred[T]:
+        """
+        Call the inner store through the outage: refused at once while it
+        is down (unless not C{refuse}), and a failure other than a missing
+        key or a cancellation by the caller counts as the store failing.
+        """
         if refuse and self.outage.down:
             if count:
                 self.outage.refused()
@@ -505,7 +512,9 @@ class WatchedStore:
         def failed(failure: Failure) -> Failure:
             error = failure.value
             assert isinstance(error, BaseException)
-            if _missing(error):
+            if _missing(error) or isinstance(error, CancelledError):
+                # Not there, or the caller gave up (its client left): the
+                # store did nothing wrong.
                 return failure
             return Failure(self.outage.failed(error, count=count))
 
@@ -531,16 +540,16 @@ class WatchedStore:
 
     def commit(self, spool_path: str, key: str) -> Deferred[None]:
         # A failed commit is counted by the download that made it.
-        return self._call(self.inner.commit, spool_path, key, count=False)
+        return self.call(self.inner.commit, spool_path, key, count=False)
 
     def open(self, key: str) -> Deferred[IFileReader | None]:
         def watched(reader: Any) -> IFileReader | None:
             return None if reader is None else WatchedReader(reader, self)
 
-        return self._call(self.inner.open, key).addCallback(watched)
+        return self.call(self.inner.open, key).addCallback(watched)
 
     def delete(self, key: str) -> Deferred[None]:
-        return self._call(self.inner.delete, key)
+        return self.call(self.inner.delete, key)
 
 
 __all__ = ["CHECK_WAIT", "Outage", "Unavailable", "WatchedMetadata", "WatchedReader", "WatchedStore"]
