@@ -25,9 +25,6 @@ from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-# merge: re-point the tests at txpypi.storage.memory, then drop this.
-from txpypi.storage.memory import BytesReader, FailingReader, MemoryStore  # noqa: F401
-
 JSON_V1 = "application/vnd.pypi.simple.v1+json"
 Mode = Literal["json", "html"]
 #: "cut": send half the body, then reset the connection; "truncated": send

@@ -24,8 +24,8 @@ from txpypi.concurrency.waiters import in_thread_now
 from txpypi.fetch.flight import Flight
 from txpypi.fetch.spool import Chunks
 from txpypi.fetch.wanted import FlightFailed, Wanted
+from txpypi.storage.memory import MemoryStore
 from txpypi.storage.metadata import FileRecord, MemoryMetadata
-from txpypi.testing import MemoryStore
 
 DATA = b"0123456789" * 100
 SHA = hashlib.sha256(DATA).hexdigest()

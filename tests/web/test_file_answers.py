@@ -31,7 +31,7 @@ from twisted.web.test.requesthelper import DummyChannel
 from zope.interface import implementer
 
 from tests.conftest import Served, get_reactor
-from tests.test_proxy import find, header
+from tests.integration.test_proxy import find, header
 from txpypi.cache.files import FileCache
 from txpypi.cache.pages import PageCache
 from txpypi.core.fileplan import plan_file, range_applies
@@ -39,9 +39,10 @@ from txpypi.core.httpheaders import Unsatisfiable, parse_range
 from txpypi.core.peer import HEADER as PEER_HEADER
 from txpypi.core.peer import peer_path, sign
 from txpypi.fetch.upstream import Upstream, UpstreamClient
+from txpypi.storage.memory import BytesReader, MemoryStore
 from txpypi.storage.metadata import MemoryMetadata
 from txpypi.storage.stores import IFileReader, IRedirectable
-from txpypi.testing import BytesReader, Dist, FakeUpstream, MemoryStore
+from txpypi.testing import Dist, FakeUpstream
 from txpypi.web.files import FilesResource
 from txpypi.web.peer import PeerResource
 from txpypi.web.sender import Sender

@@ -25,22 +25,23 @@ from twisted.web.client import ResponseDone
 from zope.interface import implementer
 
 from tests.conftest import Served, get_reactor, listen
+from tests.fetch.test_flight import DATA, ManualRun, harness
+from tests.integration.test_outages import Events, events, outage_line  # noqa: F401  (fixture)
+from tests.integration.test_proxy import cached_files, find, header
 from tests.s3faults import FaultyS3
 from tests.servers import S3
-from tests.test_file_answers import fetch
-from tests.test_flight import DATA, ManualRun, harness
-from tests.test_outages import Events, events, outage_line  # noqa: F401  (fixture)
-from tests.test_proxy import cached_files, find, header
-from tests.test_stores import s3_settings
+from tests.storage.test_stores import s3_settings
+from tests.web.test_file_answers import fetch
 from txpypi.cache.files import FileCache
 from txpypi.cache.pages import PageCache
 from txpypi.fetch import punch as punching
 from txpypi.fetch.punch import PunchPolicy
 from txpypi.fetch.upstream import Upstream, UpstreamClient
+from txpypi.storage.memory import MemoryStore
 from txpypi.storage.metadata import FileRecord, MemoryMetadata
 from txpypi.storage.s3 import check_range
 from txpypi.storage.stores import IUpload
-from txpypi.testing import Dist, FakeUpstream, MemoryStore, build_wheel
+from txpypi.testing import Dist, FakeUpstream, build_wheel
 
 GAMMA = "gamma-0.5-py3-none-any.whl"
 BIG = "big-1.0-py3-none-any.whl"

@@ -13,9 +13,9 @@ import pytest_twisted
 from twisted.internet.defer import Deferred
 
 from tests.conftest import Served, get_reactor
+from tests.integration.test_http_semantics import get
+from tests.integration.test_proxy import find, header
 from tests.servers import S3, Redis
-from tests.test_http_semantics import get
-from tests.test_proxy import find, header
 from txpypi.testing import Dist
 
 
@@ -23,7 +23,7 @@ def cluster_settings(redis: Redis, s3: S3) -> dict[str, Any]:
     """
     What instances sharing one cache have in common.
     """
-    from tests.test_stores import s3_settings
+    from tests.storage.test_stores import s3_settings
 
     return s3_settings(s3, redis=redis.url)
 
@@ -77,7 +77,7 @@ async def test_one_upstream_fetch_for_the_whole_cluster(
     takes the cluster lock fetches it; the others wait for it to land in
     the shared store and serve it from there. The upstream serves it once.
     """
-    from tests.test_proxy import _count_arrivals
+    from tests.integration.test_proxy import _count_arrivals
 
     shared = cluster_settings(redis_server, s3_bucket)
     instances = [proxy_factory(json_upstream.url, tmp_path / f"i{i}", **shared) for i in range(3)]
@@ -222,8 +222,8 @@ async def test_a_follower_streams_a_download_in_progress_from_the_leader(
     follower verifies them itself and caches nothing; the upstream serves
     the file once.
     """
-    from tests.test_operations import sample, scrape
-    from tests.test_s3_upload import objects, uploads
+    from tests.integration.test_operations import sample, scrape
+    from tests.integration.test_s3_upload import objects, uploads
 
     shared = cluster_settings(redis_server, s3_bucket)
     one = peer_instance(proxy_factory, json_upstream, tmp_path / "one", shared)
@@ -272,8 +272,8 @@ async def test_an_unreachable_leader_is_waited_for_in_the_store(
     When the leader's peer URL cannot be reached, a follower falls back to
     waiting for the file to land in the shared store.
     """
+    from tests.integration.test_operations import sample, scrape
     from tests.servers import free_port
-    from tests.test_operations import sample, scrape
 
     shared = cluster_settings(redis_server, s3_bucket)
     nowhere = f"http://127.0.0.1:{free_port()}"  # nothing listens there

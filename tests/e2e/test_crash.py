@@ -13,8 +13,8 @@ from treq.client import HTTPClient
 from twisted.internet.defer import Deferred
 
 from tests.conftest import Served
+from tests.integration.test_proxy import _Collector, find, header
 from tests.processes import Twistd
-from tests.test_proxy import _Collector, find, header
 from txpypi.testing import Dist
 
 SMALL = "gamma-0.5-py3-none-any.whl"

@@ -250,8 +250,8 @@ async def test_s3_redirect_answers_hits_with_a_presigned_url(
     gives the exact bytes and honours Range; a miss, a HEAD and a matching
     If-None-Match are still answered by the proxy; off by default.
     """
-    from tests.test_http_semantics import get
-    from tests.test_proxy import find, header
+    from tests.integration.test_http_semantics import get
+    from tests.integration.test_proxy import find, header
 
     running = proxy_factory(
         json_upstream.url, tmp_path / "a", **s3_settings(s3_bucket, s3_redirect=True, s3_redirect_ttl=120)
@@ -307,8 +307,8 @@ async def test_s3_redirect_falls_back_to_sending_and_reloads(
     """
     import attrs
 
-    from tests.test_http_semantics import get
-    from tests.test_proxy import find, header
+    from tests.integration.test_http_semantics import get
+    from tests.integration.test_proxy import find, header
     from txpypi.config import Settings
     from txpypi.services import DrainService, apply_live
 

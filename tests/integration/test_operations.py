@@ -15,8 +15,8 @@ from twisted.internet.defer import Deferred
 from twisted.logger import globalLogPublisher
 
 from tests.conftest import Served
-from tests.test_http_semantics import get
-from tests.test_proxy import find, header
+from tests.integration.test_http_semantics import get
+from tests.integration.test_proxy import find, header
 from txpypi.testing import Dist
 from txpypi.web.accesslog import Entry, client_address, combined, json_line
 
@@ -241,7 +241,7 @@ async def test_status_page(json_upstream: Served, proxy_factory: Any) -> None:
 async def test_metrics_for_stale_evictions_errors_and_downloads_in_flight(
     json_upstream: Served, proxy_factory: Any, http: Any, dists: list[Dist]
 ) -> None:
-    from tests.test_proxy import _Collector
+    from tests.integration.test_proxy import _Collector
 
     running = proxy_factory(json_upstream.url)
     files = running.proxy.files

@@ -18,13 +18,14 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.logger import LogEvent, globalLogPublisher
 
-from tests.test_file_answers import world
-from tests.test_flight import DATA, ManualRun, harness
-from tests.test_proxy import find
+from tests.fetch.test_flight import DATA, ManualRun, harness
+from tests.integration.test_proxy import find
+from tests.web.test_file_answers import world
 from txpypi.cache.files import FileCache
 from txpypi.fetch.commit import CommitJournal
+from txpypi.storage.memory import MemoryStore
 from txpypi.storage.metadata import FileRecord, MemoryMetadata
-from txpypi.testing import Dist, MemoryStore
+from txpypi.testing import Dist
 
 BIG = "big-1.0-py3-none-any.whl"
 GAMMA = "gamma-0.5-py3-none-any.whl"

@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from tests.conftest import ROOT, TLS, Served, clean_env, get_reactor
-from tests.test_install import assert_imports, uv_install
+from tests.e2e.test_install import assert_imports, uv_install
 
 
 def test_units_pass_systemd_analyze(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.utils import getProcessOutputAndValue
 
 from tests.conftest import Served, clean_env, get_reactor
-from tests.test_http_semantics import get
+from tests.integration.test_http_semantics import get
 
 FLAGS = [
     "--headless",

@@ -11,7 +11,7 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.web.client import ResponseDone
 
-from tests.test_flight import DATA, harness
+from tests.fetch.test_flight import DATA, harness
 from txpypi.concurrency.waiters import Timer
 from txpypi.fetch.stage import MOVES, IllegalMove, Lifecycle, Stage
 

@@ -98,7 +98,7 @@ def test_bad_option_value() -> None:
 
 
 def test_sample_config_is_valid() -> None:
-    sample = Path(__file__).resolve().parent.parent / "etc" / "txpypi.yaml"
+    sample = Path(__file__).resolve().parents[2] / "etc" / "txpypi.yaml"
     assert parse("--config", str(sample)).settings is not None
 
 

@@ -39,16 +39,17 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from tests.conftest import TLS, Served, get_reactor
-from tests.test_proxy import find
+from tests.integration.test_proxy import find
 from txpypi.cache.files import FileCache
 from txpypi.cache.pages import PageCache
 from txpypi.config import Settings
 from txpypi.fetch.upstream import Upstream, UpstreamClient
 from txpypi.services import DrainService, apply_live
+from txpypi.storage.memory import MemoryStore
 from txpypi.storage.metadata import MemoryMetadata
 from txpypi.storage.outages import Outage
 from txpypi.tap import Options
-from txpypi.testing import Dist, FakeUpstream, MemoryStore, build_wheel
+from txpypi.testing import Dist, FakeUpstream, build_wheel
 from txpypi.web.app import Proxy
 from txpypi.web.memo import MEMO_ENTRIES, Memo
 from txpypi.web.metrics import Metrics

@@ -40,12 +40,12 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import Request, Site
 
 from tests.conftest import clean_env, get_reactor, listen
+from tests.e2e.test_install import assert_imports, run
 from tests.fixtures import redis_process, s3_gateway  # noqa: F401
+from tests.integration.test_operations import sample
+from tests.integration.test_proxy import find, header
 from tests.processes import Twistd, first_to_log, logs
 from tests.servers import S3, Redis, RedisProcess, S3Gateway, SeaweedFS
-from tests.test_install import assert_imports, run
-from tests.test_operations import sample
-from tests.test_proxy import find, header
 from txpypi.storage.s3 import PROBE_KEY
 from txpypi.storage.stores import file_key
 from txpypi.testing import Dist, FakeUpstream, build_wheel

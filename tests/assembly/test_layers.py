@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parent.parent / "txpypi"
+PACKAGE = Path(__file__).resolve().parents[2] / "txpypi"
 
 #: Lowest first: a module may import its own layer and the ones before it.
 LAYERS = ("core", "concurrency", "storage", "fetch", "cache", "web")

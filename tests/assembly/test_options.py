@@ -23,12 +23,13 @@ from txpypi.config import ConfigError, Settings
 from txpypi.fetch.upstream import Upstream, UpstreamClient
 from txpypi.options import FIXED, KEYS, LIVE, OPTIONS, Live, Option
 from txpypi.services import DrainService, ReloadService, apply_live
+from txpypi.storage.memory import MemoryStore
 from txpypi.storage.metadata import MemoryMetadata
 from txpypi.tap import Options
-from txpypi.testing import FakeUpstream, MemoryStore
+from txpypi.testing import FakeUpstream
 from txpypi.web.app import Proxy
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def parse(*argv: str) -> Options:

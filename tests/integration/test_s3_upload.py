@@ -20,7 +20,7 @@ from twisted.web.client import ResponseFailed
 
 from tests.conftest import Served, get_reactor
 from tests.servers import S3
-from tests.test_stores import s3_settings
+from tests.storage.test_stores import s3_settings
 from txpypi.fetch.wanted import Wanted
 from txpypi.storage.s3 import PART_SIZE, PROBE_KEY, S3Store, UploadFailed
 from txpypi.storage.stores import file_key
@@ -277,7 +277,7 @@ async def test_a_big_download_is_never_whole_on_local_disk(
     is freed while the download goes on; a client that comes after that
     waits for the file to land and reads it from S3.
     """
-    from tests.test_shared import receive_until
+    from tests.integration.test_shared import receive_until
     from txpypi.fetch.punch import PunchPolicy
 
     json_upstream.fake.add(huge)

@@ -23,10 +23,10 @@ from zope.interface import implementer
 
 from tests.conftest import Served, get_reactor
 from tests.fixtures import redis_process, s3_gateway  # noqa: F401  (fixtures)
+from tests.integration.test_http_semantics import get
+from tests.integration.test_operations import sample, scrape
+from tests.integration.test_proxy import find, header
 from tests.servers import RedisProcess, S3Gateway
-from tests.test_http_semantics import get
-from tests.test_operations import sample, scrape
-from tests.test_proxy import find, header
 from txpypi.storage.memory import MemoryStore
 from txpypi.storage.metadata import MemoryMetadata
 from txpypi.storage.outages import Outage, Unavailable, WatchedMetadata, WatchedStore

@@ -18,9 +18,9 @@ from twisted.internet.task import Clock
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, readBody
 
 from tests.conftest import Served, get_reactor
-from tests.test_file_answers import fetch
-from tests.test_flight import DATA, harness
-from tests.test_proxy import find, header
+from tests.fetch.test_flight import DATA, harness
+from tests.integration.test_proxy import find, header
+from tests.web.test_file_answers import fetch
 from txpypi.cache.slots import Busy, Slots
 from txpypi.testing import Dist
 
@@ -163,7 +163,7 @@ def test_a_download_that_cannot_start_gives_its_slot_back(tmp_path: Path, dists:
     The spool file cannot be created (no directory, no descriptors left):
     the request fails, and the slot is given back once, not twice.
     """
-    from tests.test_file_answers import world
+    from tests.web.test_file_answers import world
 
     w = world(tmp_path, dists)
     w.files.slots.limit = 1
@@ -182,7 +182,7 @@ def test_a_client_that_leaves_leaves_the_queue_for_a_slot(tmp_path: Path, dists:
     it is out of the queue, and no download starts for it when the slot is
     free again.
     """
-    from tests.test_file_answers import gone, world
+    from tests.web.test_file_answers import gone, world
 
     w = world(tmp_path, dists)
     w.files.slots.limit = 1

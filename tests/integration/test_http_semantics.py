@@ -18,7 +18,7 @@ from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
 from tests.conftest import Served, get_reactor
-from tests.test_proxy import _Collector, cached_files, find, header
+from tests.integration.test_proxy import _Collector, cached_files, find, header
 from txpypi.core.httpheaders import Unsatisfiable, accepts_gzip, etag_matches, parse_range
 from txpypi.testing import Dist
 
