@@ -206,8 +206,8 @@ def apply_live(settings: Settings, proxy: Proxy, drain: DrainService) -> None:
     client.response_timeout = live["response_timeout"]
     client.read_timeout = live["read_timeout"]
     client.min_rate = live["min_download_rate"]
-    files.max_size = live["max_cache_size"]
-    files.slots.limit = live["max_downloads"]
+    files.usage.max_size = live["max_cache_size"]
+    files.downloads.slots.limit = live["max_downloads"]
     proxy.admin_token = live["admin_token"]
     redirect_ttl = live["s3_redirect_ttl"]
     proxy.s3_redirect_ttl = redirect_ttl if live["s3_redirect"] else None

@@ -292,7 +292,7 @@ def test_reload_applies_the_live_rows_to_the_running_parts(tmp_path: Path) -> No
     assert (pages.ttl, pages.stale_ttl, pages.offline, pages.negative_ttl) == (7, 8, True, 9)
     assert (pages.limiter.limit, pages.max_bytes) == (3, 1024**2)
     assert (client.response_timeout, client.read_timeout, client.min_rate) == (4, 5, 2048)
-    assert (files.max_size, files.slots.limit) == (1024**3, 6)
+    assert (files.usage.max_size, files.downloads.slots.limit) == (1024**3, 6)
     assert (proxy.admin_token, proxy.log_format, proxy.trusted_proxies) == (
         "0123456789abcdef0123",
         "json",

@@ -108,18 +108,20 @@ async def test_a_download_counts_towards_the_size_limit_before_it_lands(
     files = running.proxy.files
     await fetch(f"{running.url}/files/gamma/{GAMMA}")
     await files.wait_idle()
-    assert files.size == len(gamma)
+    assert files.usage.size == len(gamma)
     gate: Deferred[None] = Deferred()
     json_upstream.fake.holds[BIG] = gate
     agent = Agent(get_reactor(), pool=HTTPConnectionPool(get_reactor(), persistent=False))
     response = await agent.request(b"GET", f"{running.url}/files/big/{BIG}".encode())
     await files.usage.wait_evicted()
-    assert files.flights and files.evictions == 1 and files.size == 0  # big has not landed
+    assert (
+        files.downloads.flights and files.usage.evictions == 1 and files.usage.size == 0
+    )  # big has not landed
     assert files.usage.spooling() == len(big)
     gate.callback(None)
     assert await readBody(response) == big
     await files.wait_idle()
-    assert files.size == len(big) and files.usage.spooling() == 0
+    assert files.usage.size == len(big) and files.usage.spooling() == 0
 
 
 def test_an_upstream_slower_than_the_minimum_rate_is_given_up(tmp_path: Path) -> None:
@@ -166,14 +168,14 @@ def test_a_download_that_cannot_start_gives_its_slot_back(tmp_path: Path, dists:
     from tests.web.test_file_answers import world
 
     w = world(tmp_path, dists)
-    w.files.slots.limit = 1
+    w.files.downloads.slots.limit = 1
     os.rmdir(w.spool)
     request, _ = w.get(f"/files/gamma/{GAMMA}")
     assert request.finished and request.code == 503
-    assert w.files.slots.running == 0 and not w.files.flights
+    assert w.files.downloads.slots.running == 0 and not w.files.downloads.flights
     w.spool.mkdir()
     request, _ = w.get(f"/files/gamma/{GAMMA}")
-    assert request.finished and request.code == 200 and w.files.slots.running == 0
+    assert request.finished and request.code == 200 and w.files.downloads.slots.running == 0
 
 
 def test_a_client_that_leaves_leaves_the_queue_for_a_slot(tmp_path: Path, dists: list[Dist]) -> None:
@@ -185,17 +187,17 @@ def test_a_client_that_leaves_leaves_the_queue_for_a_slot(tmp_path: Path, dists:
     from tests.web.test_file_answers import gone, world
 
     w = world(tmp_path, dists)
-    w.files.slots.limit = 1
+    w.files.downloads.slots.limit = 1
     rest: Deferred[None] = Deferred()
     w.fake.holds[BIG] = rest
     first, _ = w.get(f"/files/big/{BIG}")
     waiting, _ = w.get(f"/files/gamma/{GAMMA}")
-    assert w.files.slots.running == 1 and w.files.slots.waiting == 1
+    assert w.files.downloads.slots.running == 1 and w.files.downloads.slots.waiting == 1
     gone(waiting)
-    assert w.files.slots.waiting == 0
+    assert w.files.downloads.slots.waiting == 0
     rest.callback(None)
     w.agent.flush()
-    assert first.finished and w.files.slots.running == 0
+    assert first.finished and w.files.downloads.slots.running == 0
     assert w.fake.requests["/packages/" + GAMMA] == 0  # nobody wanted it any more
 
 

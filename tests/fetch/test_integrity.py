@@ -203,7 +203,7 @@ async def test_a_file_of_a_project_gone_upstream_is_dropped(
     response, _ = await fetch(url)
     assert response.code == 404
     assert await files._metadata.get_file(files.key("gamma", GAMMA)) is None
-    assert files.count == 0 and files.size == 0
+    assert files.usage.count == 0 and files.usage.size == 0
 
 
 # -- S3 reads that fail, or ignore Range
@@ -407,7 +407,7 @@ def test_size_and_count_stay_exact_under_every_interleaving(data: st.DataObject)
         assert opened.source is not None
         opened.source.close()
         _result(Deferred.fromCoroutine(files.load_usage()))
-        assert (files.size, files.count) == (len(wheel.content), 1)
+        assert (files.usage.size, files.usage.count) == (len(wheel.content), 1)
 
         metadata.hand = True
         files._records.clear()  # as after a restart: the record is read from the store
@@ -437,7 +437,7 @@ def test_size_and_count_stay_exact_under_every_interleaving(data: st.DataObject)
             elif name == "purge":
                 work.append(Deferred.fromCoroutine(files.purge("gamma", wheel.filename)))
             elif name == "evict":
-                files.max_size = 1
+                files.usage.max_size = 1
                 files.maybe_evict()
             else:
                 work.append(Deferred.fromCoroutine(refetch()))
@@ -449,8 +449,8 @@ def test_size_and_count_stay_exact_under_every_interleaving(data: st.DataObject)
         for d in work:
             d.addErrback(lambda f: None)  # a refused open is fine; a wrong count is not
         recorded = list(metadata.files.values())
-        assert files.size == sum(r.size for r in recorded)
-        assert files.count == len(recorded)
+        assert files.usage.size == sum(r.size for r in recorded)
+        assert files.usage.count == len(recorded)
 
 
 def test_a_file_recorded_again_is_counted_once(tmp_path: Path) -> None:
@@ -470,5 +470,5 @@ def test_a_file_recorded_again_is_counted_once(tmp_path: Path) -> None:
         rest.callback(None)
         agent.flush()
         _result(opening).source.close()
-    assert (files.size, files.count) == (len(wheel.content), 1)
+    assert (files.usage.size, files.usage.count) == (len(wheel.content), 1)
     assert list(store.files.values()) == [wheel.content]

@@ -263,7 +263,7 @@ async def test_least_recently_used_files_are_evicted(
     running = proxy_factory(json_upstream.url, tmp_path / "c")
     files = running.proxy.files
     await Deferred.fromCoroutine(files.load_usage())
-    files.max_size = sum(sizes.values()) - 1
+    files.usage.max_size = sum(sizes.values()) - 1
 
     async def fetch(project: str) -> str | None:
         response, body = await get(f"{running.url}/files/{project}/{names[project]}")
@@ -274,15 +274,18 @@ async def test_least_recently_used_files_are_evicted(
     assert await fetch("alpha") == "MISS"
     assert await fetch("beta") == "MISS"
     assert await fetch("alpha") == "HIT"  # alpha is now more recent than beta
-    assert files.size == sizes["alpha"] + sizes["beta"]
+    assert files.usage.size == sizes["alpha"] + sizes["beta"]
     assert await fetch("gamma") == "MISS"  # over the limit: beta goes
-    assert files.evictions == 1 and files.size == sizes["alpha"] + sizes["gamma"]
+    assert files.usage.evictions == 1 and files.usage.size == sizes["alpha"] + sizes["gamma"]
     assert sorted(p.name for p in cached_files(running)) == [names["alpha"], names["gamma"]]
     await running.stop()
 
     again = proxy_factory(json_upstream.url, tmp_path / "c")
     await Deferred.fromCoroutine(again.proxy.files.load_usage())
-    assert (again.proxy.files.size, again.proxy.files.count) == (sizes["alpha"] + sizes["gamma"], 2)
+    assert (again.proxy.files.usage.size, again.proxy.files.usage.count) == (
+        sizes["alpha"] + sizes["gamma"],
+        2,
+    )
     response, _ = await get(f"{again.url}/files/beta/{names['beta']}")
     assert header(response, "x-cache") == "MISS"
     assert json_upstream.fake.requests["/packages/" + names["beta"]] == 2

@@ -273,7 +273,7 @@ async def test_metrics_for_stale_evictions_errors_and_downloads_in_flight(
     await get(running.url + "/simple/beta/")
 
     # An eviction: the limit drops below what is cached.
-    files.max_size = 1
+    files.usage.max_size = 1
     files.maybe_evict()
     await Deferred.fromCoroutine(files.wait_idle())
 

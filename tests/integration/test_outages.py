@@ -320,18 +320,18 @@ async def test_redis_down_at_start_up(
     response, body = await timed_get(f"{running.url}/files/gamma/{GAMMA}", 4)
     assert response.code == 200 and body == find(dists, GAMMA).content
     await idle(running)
-    assert files.size is None  # unknown: Redis could not tell at start-up
+    assert files.usage.size is None  # unknown: Redis could not tell at start-up
     code, state = await health(running.url)
     assert code == 200 and state["metadata_store"]["state"] == "failing"
 
     redis_process.start()
     await events.wait(outage_line("metadata", "back"))
     await files._metadata.outage.recovery  # the cache's size, read again
-    assert (files.size, files.count) == (0, 0)  # Redis came back empty
+    assert (files.usage.size, files.usage.count) == (0, 0)  # Redis came back empty
     response, body = await get(f"{running.url}/files/beta/{BETA}")
     assert response.code == 200 and body == find(dists, BETA).content
     await idle(running)
-    assert (files.size, files.count) == (len(find(dists, BETA).content), 1)
+    assert (files.usage.size, files.usage.count) == (len(find(dists, BETA).content), 1)
     response, _ = await get(f"{running.url}/files/beta/{BETA}")
     assert header(response, "x-cache") == "HIT"
 

@@ -292,7 +292,7 @@ async def test_single_flight_streams_to_all_clients(
     assert all(b"".join(c.chunks) == big.content for c in collectors)
     await Deferred.fromCoroutine(running.proxy.files.wait_idle())
     assert json_upstream.fake.requests["/packages/" + big.filename] == 1
-    assert running.proxy.files.flights == {}
+    assert running.proxy.files.downloads.flights == {}
 
 
 @pytest.mark.parametrize("fault", ["wrong-bytes", "cut", "truncated"])
@@ -392,7 +392,7 @@ async def test_client_that_leaves_does_not_cancel_the_fetch(
     await c.done
     gate.callback(None)
     # The flight goes on to the end for later clients.
-    (flight,) = running.proxy.files.flights.values()
+    (flight,) = running.proxy.files.downloads.flights.values()
     assert await Deferred.fromCoroutine(flight.read(len(big.content), 1)) == b""
     assert flight.verified
     response = await http.get(url)

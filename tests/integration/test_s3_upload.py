@@ -95,7 +95,7 @@ async def start_held(running: Any, http: Any, project: str, filename: str) -> tu
     """
     response = await http.get(f"{running.url}/files/{project}/{filename}", unbuffered=True)
     assert response.code == 200
-    flight = running.proxy.files.flights[running.proxy.files.key(project, filename)]
+    flight = running.proxy.files.downloads.flights[running.proxy.files.key(project, filename)]
     assert flight.upload is not None
     await within(flight.upload.wait_sent(PART_SIZE))
     return response, flight
@@ -188,7 +188,7 @@ async def test_an_s3_failure_mid_download_still_serves_the_file(
 
     store.client = SecondPartFails()
     response = await http.get(f"{running.url}/files/huge/{HUGE}", unbuffered=True)
-    flight = running.proxy.files.flights[running.proxy.files.key("huge", HUGE)]
+    flight = running.proxy.files.downloads.flights[running.proxy.files.key("huge", HUGE)]
     assert response.code == 200 and await response.content() == huge.content
     await within(flight.when_done())
     assert sent[0] == 2 and flight.verified

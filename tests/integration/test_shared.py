@@ -59,7 +59,7 @@ async def test_two_instances_share_s3_and_redis(
     # Nothing of it on the instances' local disks.
     assert not list((tmp_path / "one").rglob("*.whl")) and not list((tmp_path / "two").rglob("*.whl"))
     await Deferred.fromCoroutine(two.proxy.files.load_usage())
-    assert (two.proxy.files.size, two.proxy.files.count) == (len(data), 1)
+    assert (two.proxy.files.usage.size, two.proxy.files.usage.count) == (len(data), 1)
 
 
 @pytest_twisted.ensureDeferred
@@ -154,16 +154,16 @@ async def test_the_size_limit_holds_for_the_whole_cluster(
     assert response.code == 200
     await Deferred.fromCoroutine(one.proxy.files.wait_idle())
     await Deferred.fromCoroutine(two.proxy.files.upkeep())
-    assert (two.proxy.files.size, two.proxy.files.count) == (len(small.content), 1)
+    assert (two.proxy.files.usage.size, two.proxy.files.usage.count) == (len(small.content), 1)
     response, _ = await get(f"{two.url}/files/big/{large.filename}")
     assert response.code == 200
     await Deferred.fromCoroutine(two.proxy.files.wait_idle())
     await Deferred.fromCoroutine(two.proxy.files.upkeep())
     await Deferred.fromCoroutine(two.proxy.files.wait_idle())
-    assert two.proxy.files.evictions == 1
+    assert two.proxy.files.usage.evictions == 1
     for instance in (one, two):
         await Deferred.fromCoroutine(instance.proxy.files.upkeep())
-        assert (instance.proxy.files.size, instance.proxy.files.count) == (len(large.content), 1)
+        assert (instance.proxy.files.usage.size, instance.proxy.files.usage.count) == (len(large.content), 1)
     # The other instance serves what is left, and fetches the evicted file again.
     response, _ = await get(f"{one.url}/files/big/{large.filename}")
     assert header(response, "x-cache") == "HIT"

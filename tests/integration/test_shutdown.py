@@ -37,7 +37,7 @@ def test_the_drain_stops_what_is_left_and_logs_no_unhandled_error(tmp_path: Path
     w.fake.holds[BIG] = Deferred()  # half the body, then nothing
     request, channel = w.get(f"/files/big/{BIG}")
     assert not request.finished
-    flight = w.files.flights[w.files.key("big", BIG)]
+    flight = w.files.downloads.flights[w.files.key("big", BIG)]
     clock = w.files._clock
     logged: list[LogEvent] = []
     globalLogPublisher.addObserver(logged.append)
@@ -47,7 +47,7 @@ def test_the_drain_stops_what_is_left_and_logs_no_unhandled_error(tmp_path: Path
         clock.advance(1.0)  # type: ignore[attr-defined]
         assert drained.called  # nothing is left to wait for
         assert flight.failure is not None and "shutting down" in flight.failure.reason
-        assert flight.done and not w.files.flights and w.files._records == {}
+        assert flight.done and not w.files.downloads.flights and w.files._records == {}
         del drained
         gc.collect()
     finally:
@@ -68,7 +68,7 @@ def test_the_drain_waits_for_a_download_that_is_landing(tmp_path: Path) -> None:
     h.response.send(DATA)
     h.response.end(__import__("twisted.web.client", fromlist=["ResponseDone"]).ResponseDone())
     files = FileCache(h.clock, None, h.store, MemoryMetadata(), None)  # type: ignore[arg-type]
-    files.flights[h.flight.wanted.key] = h.flight
+    files.downloads.flights[h.flight.wanted.key] = h.flight
     drained = Deferred.fromCoroutine(files.drain(0.0, set()))
     h.clock.advance(0)
     assert h.flight.failure is None and not drained.called  # all its bytes came: not stopped
@@ -155,11 +155,11 @@ def test_at_shutdown_no_download_starts_and_stopped_ones_are_waited_for(
     once the stopped download has cleaned up after itself.
     """
     w = world(tmp_path, dists)
-    w.files.slots.limit = 1
+    w.files.downloads.slots.limit = 1
     w.fake.holds[BIG] = Deferred()
     running, _ = w.get(f"/files/big/{BIG}")
     queued, _ = w.get(f"/files/gamma/{GAMMA}")
-    flight = w.files.flights[w.files.key("big", BIG)]
+    flight = w.files.downloads.flights[w.files.key("big", BIG)]
     aborted: Deferred[None] = Deferred()
 
     class Upload:
@@ -177,7 +177,7 @@ def test_at_shutdown_no_download_starts_and_stopped_ones_are_waited_for(
     late, _ = w.get(f"/files/alpha/{ALPHA}")
     assert late.finished and late.code == 503
     w.files._clock.advance(1.0)  # type: ignore[attr-defined]
-    assert flight.failure is not None and not w.files.flights  # stopped, nothing new started
+    assert flight.failure is not None and not w.files.downloads.flights  # stopped, nothing new started
     assert w.fake.requests["/packages/" + GAMMA] == 0 and w.fake.requests["/packages/" + ALPHA] == 0
     assert not drained.called  # its upload is still being aborted
     aborted.callback(None)

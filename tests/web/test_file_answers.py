@@ -208,7 +208,7 @@ def test_clients_gone_before_and_during_the_body_release_their_readers(
     w.fake.holds[BIG] = rest  # then half the body
     stays, stays_channel = w.get(f"/files/big/{BIG}")
     leaves, _ = w.get(f"/files/big/{BIG}")
-    flight = w.files.flights[w.files.key("big", BIG)]
+    flight = w.files.downloads.flights[w.files.key("big", BIG)]
     assert flight.clients == 2 and w.fake.file_requests() == 1
     gone(leaves)
     answer.callback(None)
@@ -222,7 +222,7 @@ def test_clients_gone_before_and_during_the_body_release_their_readers(
     w.agent.flush()
     assert stays.finished
     assert stays_channel.transport.written.getvalue().endswith(find(dists, BIG).content)
-    assert flight.clients == 0 and not w.files.flights and cache_descriptors(w.spool) == 0
+    assert flight.clients == 0 and not w.files.downloads.flights and cache_descriptors(w.spool) == 0
 
 
 def test_the_peer_route_releases_its_reader_when_the_peer_leaves(tmp_path: Path, dists: list[Dist]) -> None:
@@ -236,7 +236,7 @@ def test_the_peer_route_releases_its_reader_when_the_peer_leaves(tmp_path: Path,
     answer: Deferred[None] = Deferred()
     w.fake.head_holds[BIG] = answer
     leader, leader_channel = w.get(f"/files/big/{BIG}")
-    flight = w.files.flights[w.files.key("big", BIG)]
+    flight = w.files.downloads.flights[w.files.key("big", BIG)]
     path = peer_path("default", "big", BIG)
     peer, _ = w.get(path, {PEER_HEADER: sign(secret, path, 0).encode()})
     assert flight.clients == 2

@@ -118,35 +118,7 @@ class FileCache:
         if slots is not None:
             self.downloads.slots = slots
 
-    # -- what other parts read and set
-
-    @property
-    def flights(self) -> dict[str, Flight]:
-        return self.downloads.flights
-
-    @property
-    def slots(self) -> Slots:
-        return self.downloads.slots
-
-    @property
-    def size(self) -> int | None:
-        return self.usage.size
-
-    @property
-    def count(self) -> int | None:
-        return self.usage.count
-
-    @property
-    def evictions(self) -> int:
-        return self.usage.evictions
-
-    @property
-    def max_size(self) -> int | None:
-        return self.usage.max_size
-
-    @max_size.setter
-    def max_size(self, value: int | None) -> None:
-        self.usage.max_size = value
+    # -- what other parts read
 
     def key(self, project: str, filename: str) -> str:
         return f"{self.pages.group}/{project}/{filename}"
@@ -155,7 +127,7 @@ class FileCache:
         return self._records.get(key)
 
     def fetching(self, key: str) -> bool:
-        return key in self.flights
+        return key in self.downloads.flights
 
     # -- opening a file
 
@@ -212,13 +184,13 @@ class FileCache:
         what the index says of it (for a HEAD), else a download started.
         """
         record = self._records.get(key) if use_store else None
-        if use_store and record is None and key not in self.flights:
+        if use_store and record is None and key not in self.downloads.flights:
             # A flight may land while we read the store: check memory again.
             record = await self._cached.stored(key) or self._records.get(key)
         opened = await self._cached.open_record(record, project, filename)
         if opened is not None:
             return opened
-        flight = self.flights.get(key)
+        flight = self.downloads.flights.get(key)
         if flight is not None:
             return flight
         page, _ = await self.pages.get(project)
@@ -247,7 +219,7 @@ class FileCache:
         if opened is not None:
             return opened
         peer = None
-        if use_store and key not in self.flights:
+        if use_store and key not in self.downloads.flights:
             path = peer_path(self.pages.group, project, filename)
             claim = await self.coordinator.claim(key, path, self)
             if isinstance(claim, Peer):
@@ -256,7 +228,7 @@ class FileCache:
                 opened = await self._cached.open_record(claim, project, filename)
                 if opened is not None:
                     return opened
-        return self.flights.get(key) or await self.downloads.begin(wanted, peer)
+        return self.downloads.flights.get(key) or await self.downloads.begin(wanted, peer)
 
     async def _join(self, flight: Flight, key: str, fetch: bool) -> Opened | None:
         """
@@ -363,9 +335,9 @@ class FileCache:
         Wait until no download is in flight, no eviction running and the
         shared size read again after the last download.
         """
-        while self.flights or self.usage.busy:
-            if self.flights:
-                await next(iter(self.flights.values())).when_done()
+        while self.downloads.flights or self.usage.busy:
+            if self.downloads.flights:
+                await next(iter(self.downloads.flights.values())).when_done()
             else:
                 await self.usage.wait_settled()
 
@@ -376,7 +348,7 @@ class FileCache:
         No download starts any more.
         """
         self.downloads.close()
-        await drain(self._clock, grace, clients, self.flights)
+        await drain(self._clock, grace, clients, self.downloads.flights)
 
 
 __all__ = ["Busy", "FileCache", "FlightReader", "NotListed", "Opened", "Slots"]

@@ -111,12 +111,12 @@ class Proxy:
     def _state(self) -> dict[str, float]:
         files = self.files
         return {
-            "txpypi_cache_bytes": files.size or 0,
-            "txpypi_cache_files": files.count or 0,
-            "txpypi_cache_max_bytes": files.max_size or 0,
-            "txpypi_downloads_in_flight": len(files.flights),
-            "txpypi_download_clients": sum(f.clients for f in files.flights.values()),
-            "evictions": files.evictions,
+            "txpypi_cache_bytes": files.usage.size or 0,
+            "txpypi_cache_files": files.usage.count or 0,
+            "txpypi_cache_max_bytes": files.usage.max_size or 0,
+            "txpypi_downloads_in_flight": len(files.downloads.flights),
+            "txpypi_download_clients": sum(f.clients for f in files.downloads.flights.values()),
+            "evictions": files.usage.evictions,
             "txpypi_connections_open": self.connections.open,
         }
 
@@ -158,12 +158,12 @@ class Proxy:
             version=__version__,
             upstream=self.pages.upstream.url,
             upstream_state=state,
-            files=self.files.count,
-            size=self.files.size or 0,
-            max_size=self.files.max_size,
+            files=self.files.usage.count,
+            size=self.files.usage.size or 0,
+            max_size=self.files.usage.max_size,
             hit_ratio=None if hits + misses == 0 else hits / (hits + misses),
             saved=int(saved),
-            in_flight=len(self.files.flights),
+            in_flight=len(self.files.downloads.flights),
             top=await self._top.get(10, lambda: self.files.top_projects(10)),
             index_url=index,
         )

@@ -66,7 +66,11 @@ class Health:
             "upstream": upstream,
             "file_store": file_store,
             "metadata_store": metadata,
-            "cache": {"bytes": files.size, "files": files.count, "max_bytes": files.max_size},
+            "cache": {
+                "bytes": files.usage.size,
+                "files": files.usage.count,
+                "max_bytes": files.usage.max_size,
+            },
         }
 
     def _upstream(self) -> Part:
