@@ -22,7 +22,7 @@ from txpypi.concurrency.waiters import SingleFlight
 from txpypi.core.peer import owner_url
 from txpypi.fetch.wanted import Peer
 from txpypi.storage.metadata import FileRecord, IMetadata
-from txpypi.storage.outages import Unavailable
+from txpypi.storage.outages import Unavailable, known_file
 from txpypi.storage.redismeta import RedisLocks
 
 log = Logger(namespace="txpypi.files")
@@ -151,7 +151,7 @@ class RedisCoordinator:
     async def _lead_or_follow(self, key: str, path: str, here: Here) -> Claim:
         while True:
             # The record first: a leader releases its lock once it landed.
-            record = await self._stored(key) or here.remembered(key)
+            record = await known_file(self._metadata, key) or here.remembered(key)
             if record is not None:
                 self._peer_failed.pop(key, None)
                 return record
@@ -177,16 +177,6 @@ class RedisCoordinator:
             if peer is not None:
                 return peer
             await deferLater(self._clock, self.lock_poll)
-
-    async def _stored(self, key: str) -> FileRecord | None:
-        """
-        The metadata store's record of C{key}; L{None} while the store is
-        down, so that the file is fetched from the upstream.
-        """
-        try:
-            return await self._metadata.get_file(key)
-        except Unavailable:
-            return None
 
     def _peer(self, key: str, path: str, holder: str | None) -> Peer | None:
         """

@@ -37,6 +37,7 @@ from txpypi.fetch.reader import FlightReader
 from txpypi.fetch.upstream import UpstreamClient
 from txpypi.fetch.wanted import FlightFailed, Peer, Wanted
 from txpypi.storage.metadata import FileRecord, IMetadata
+from txpypi.storage.outages import known_file
 from txpypi.storage.stores import IFileStore
 
 log = Logger(namespace="txpypi.files")
@@ -186,7 +187,7 @@ class FileCache:
         record = self._records.get(key) if use_store else None
         if use_store and record is None and key not in self.downloads.flights:
             # A flight may land while we read the store: check memory again.
-            record = await self._cached.stored(key) or self._records.get(key)
+            record = await known_file(self._metadata, key) or self._records.get(key)
         opened = await self._cached.open_record(record, project, filename)
         if opened is not None:
             return opened

@@ -111,16 +111,6 @@ class CachedFiles:
     _usage: Usage
     _stats: DownloadStats
 
-    async def stored(self, key: str) -> FileRecord | None:
-        """
-        The metadata store's record of C{key}; L{None} while the store is
-        down, so that the file is fetched from the upstream.
-        """
-        try:
-            return await self._metadata.get_file(key)
-        except Unavailable:
-            return None
-
     async def open_record(self, record: FileRecord | None, project: str, filename: str) -> Opened | None:
         """
         Open a cached file that its index still lists, or return L{None}

@@ -75,6 +75,17 @@ def describe(error: BaseException) -> str:
     return f"{error.__class__.__name__}: {text}"[:300]
 
 
+async def known_file(metadata: IMetadata, key: str) -> FileRecord | None:
+    """
+    The metadata store's record of C{key}; L{None} while the store is down
+    (L{Unavailable}), so that the file is fetched from the upstream instead.
+    """
+    try:
+        return await metadata.get_file(key)
+    except Unavailable:
+        return None
+
+
 @attrs.define(eq=False)
 class Outage:
     """
@@ -252,6 +263,30 @@ class Outage:
         except defer.TimeoutError:
             pass
 
+    def watch(
+        self, d: Deferred[T], count: bool = True, innocent: Callable[[BaseException], bool] = lambda e: False
+    ) -> Deferred[T]:
+        """
+        A call to the store: its success says the store is up; its failure
+        is the store failing (an L{Unavailable}, counted unless not
+        C{count}), except a cancellation by the caller (its client left)
+        and the errors C{innocent} says are no fault of the store (a key
+        that is not there).
+        """
+
+        def worked(result: T) -> T:
+            self.ok()
+            return result
+
+        def failed(failure: Failure) -> Failure:
+            error = failure.value
+            assert isinstance(error, BaseException)
+            if isinstance(error, CancelledError) or innocent(error):
+                return failure
+            return Failure(self.failed(error, count=count))
+
+        return d.addCallbacks(worked, failed)
+
     def stop(self) -> None:
         """
         Stop probing (the service is stopping).
@@ -290,20 +325,7 @@ class WatchedMetadata:
         self.outage.on_recovery(self._write_kept)
 
     def call(self, f: Callable[..., Deferred[T]], *args: Any) -> Deferred[T]:
-        def worked(result: T) -> T:
-            self.outage.ok()
-            return result
-
-        def failed(failure: Failure) -> Failure:
-            error = failure.value
-            assert isinstance(error, BaseException)
-            if isinstance(error, CancelledError):
-                return failure  # the caller gave up (its client left): not the store's doing
-            return Failure(self.outage.failed(error))
-
-        d: Deferred[T] = maybeDeferred(f, *args)
-        d.addCallbacks(worked, failed)
-        return d
+        return self.outage.watch(maybeDeferred(f, *args))
 
     def close(self) -> Deferred[None]:
         closed: Deferred[None] = maybeDeferred(self.inner.close)
@@ -504,23 +526,7 @@ class WatchedStore:
             if count:
                 self.outage.refused()
             return fail(Unavailable(f"{self.outage.what} is down (it failed with {self.outage.reason})"))
-
-        def worked(result: T) -> T:
-            self.outage.ok()
-            return result
-
-        def failed(failure: Failure) -> Failure:
-            error = failure.value
-            assert isinstance(error, BaseException)
-            if _missing(error) or isinstance(error, CancelledError):
-                # Not there, or the caller gave up (its client left): the
-                # store did nothing wrong.
-                return failure
-            return Failure(self.outage.failed(error, count=count))
-
-        d: Deferred[T] = maybeDeferred(f, *args)
-        d.addCallbacks(worked, failed)
-        return d
+        return self.outage.watch(maybeDeferred(f, *args), count=count, innocent=_missing)
 
     def _probe(self) -> Deferred[None]:
         """
