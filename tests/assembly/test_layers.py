@@ -151,6 +151,31 @@ def test_no_layer_imports_the_global_reactor(name: str, path: Path) -> None:
     assert "twisted.internet.reactor" not in set(imports(path))
 
 
+def test_no_module_imports_itself_round_a_circle() -> None:
+    """
+    No circle of imports, even inside one layer (nor under
+    C{TYPE_CHECKING}): a circle means two modules are one job split in
+    two, or a third module is missing.
+    """
+    names = {name for name, _ in modules()}
+    graph = {
+        name: {target for target in imports(path) if target in names and target != name}
+        for name, path in modules()
+    }
+    done: set[str] = set()
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        assert name not in path, f"import circle: {' -> '.join((*path[path.index(name) :], name))}"
+        if name in done:
+            return
+        for target in sorted(graph[name]):
+            visit(target, (*path, name))
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name, ())
+
+
 def test_the_checks_can_fail(tmp_path: Path) -> None:
     """
     The readers above see what they must: a nested import, a C{from

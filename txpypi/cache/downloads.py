@@ -15,7 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from txpypi.cache.coordinator import ICoordinator
-from txpypi.cache.lookup import Records
+from txpypi.cache.records import Records
 from txpypi.cache.slots import Busy, Slots
 from txpypi.cache.usage import Usage
 from txpypi.concurrency.waiters import in_thread_now

@@ -23,8 +23,9 @@ from twisted.logger import Logger
 from txpypi.cache.coordinator import ICoordinator, LocalCoordinator
 from txpypi.cache.downloads import Downloads
 from txpypi.cache.drain import Client, drain
-from txpypi.cache.lookup import CachedFiles, NotListed, Opened, Records, find_wanted
+from txpypi.cache.lookup import CachedFiles, NotListed, Opened, find_wanted
 from txpypi.cache.pages import PageCache
+from txpypi.cache.records import Records
 from txpypi.cache.slots import Busy, Slots
 from txpypi.cache.stats import DownloadStats
 from txpypi.cache.usage import Usage

@@ -6,23 +6,19 @@ is gone, damaged or outdated is dropped, to be fetched again).
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from typing import TYPE_CHECKING
-
 import attrs
 from twisted.logger import Logger
 
 from txpypi.cache.pages import NotFound, PageCache
+from txpypi.cache.records import Records
 from txpypi.cache.stats import DownloadStats
+from txpypi.cache.usage import Usage
 from txpypi.core.index import DistFile, ProjectPage
 from txpypi.core.names import strongest_hash
 from txpypi.fetch.wanted import ByteSource, Wanted
 from txpypi.storage.metadata import FileRecord, IMetadata
 from txpypi.storage.outages import Unavailable
 from txpypi.storage.stores import IFileStore
-
-if TYPE_CHECKING:
-    from txpypi.cache.usage import Usage
 
 log = Logger(namespace="txpypi.files")
 
@@ -72,30 +68,6 @@ def find_wanted(page: ProjectPage, key: str, upstream: str, filename: str) -> Wa
     """
     dist = page.find(filename.removesuffix(METADATA_SUFFIX))
     return None if dist is None else wanted_for(key, upstream, dist, filename)
-
-
-class Records(OrderedDict[str, FileRecord]):
-    """
-    The records of the files served last, by key, at most C{limit}.
-    """
-
-    def __init__(self, limit: int = 100_000) -> None:
-        super().__init__()
-        self.limit = limit
-
-    def remember(self, record: FileRecord) -> None:
-        self[record.key] = record
-        self.move_to_end(record.key)
-        while len(self) > self.limit:
-            self.popitem(last=False)
-
-    def forget(self, record: FileRecord) -> None:
-        """
-        Forget C{record}, if it is still the one kept for its key (not one
-        that landed meanwhile).
-        """
-        if self.get(record.key) == record:
-            del self[record.key]
 
 
 @attrs.define

@@ -14,8 +14,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txpypi.cache.coordinator import ICoordinator
-from txpypi.cache.lookup import Records
 from txpypi.cache.pages import PageCache
+from txpypi.cache.records import Records
 from txpypi.cache.stats import DownloadStats
 from txpypi.concurrency.waiters import Once
 from txpypi.fetch.flight import Flight
