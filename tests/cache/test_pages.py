@@ -30,7 +30,10 @@ from twisted.web.server import Request, Site
 import txpypi.cache.pages
 from tests.conftest import Running, Served, listen
 from txpypi.cache.pages import NotFound, PageCache, model_cost
-from txpypi.core.index import ProjectList, parse_project_html, parse_project_json, render_project_list_json
+from txpypi.core.simple.listjson import render_project_list_json
+from txpypi.core.simple.pagehtml import parse_project_html
+from txpypi.core.simple.pagejson import parse_project_json
+from txpypi.core.simple.projects import ProjectList
 from txpypi.fetch.upstream import Upstream, UpstreamClient, UpstreamError
 from txpypi.storage.metadata import MemoryMetadata, PageRecord
 from txpypi.testing import FakeUpstream, build_wheel, generated_names

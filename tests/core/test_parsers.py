@@ -14,9 +14,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from txpypi.core.httpheaders import accepts_gzip, etag_matches
-from txpypi.core.index import HTML_LEGACY, SERVED_TYPES, negotiate
 from txpypi.core.names import BadName, check_filename, normalize, valid_project_name
 from txpypi.core.peer import WINDOW, sign, verify
+from txpypi.core.simple.media import HTML_LEGACY, SERVED_TYPES, negotiate
 from txpypi.web.answers import segment as _segment
 
 #: Header values as the proxy sees them: any bytes, decoded as latin-1.

@@ -21,7 +21,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from tests.conftest import Running, Served, get_reactor, listen
-from txpypi.core.index import HTML_LEGACY, HTML_V1, JSON_V1
+from txpypi.core.simple.media import HTML_LEGACY, HTML_V1, JSON_V1
 from txpypi.testing import Dist, FakeUpstream, build_wheel
 
 JSON_ACCEPT = {b"Accept": [JSON_V1.encode()]}

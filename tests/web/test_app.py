@@ -23,7 +23,7 @@ from twisted.web.test.requesthelper import DummyChannel
 import txpypi.cache.pages
 from tests.conftest import Running, Served, get_reactor
 from txpypi.cache.pages import INFLATE_ABOVE, Body
-from txpypi.core.index import JSON_V1
+from txpypi.core.simple.media import JSON_V1
 from txpypi.testing import FakeUpstream, build_wheel, generated_names
 from txpypi.web.pages import PAGE_SLICE, PageSender
 

@@ -30,8 +30,8 @@ from txpypi.cache.slots import Busy, Slots
 from txpypi.cache.stats import DownloadStats
 from txpypi.cache.usage import Usage
 from txpypi.concurrency.waiters import in_thread_now
-from txpypi.core.index import ProjectPage
 from txpypi.core.peer import peer_path
+from txpypi.core.simple.model import ProjectPage
 from txpypi.fetch.commit import CommitJournal
 from txpypi.fetch.flight import Flight
 from txpypi.fetch.reader import FlightReader

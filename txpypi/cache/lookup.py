@@ -13,8 +13,8 @@ from txpypi.cache.pages import NotFound, PageCache
 from txpypi.cache.records import Records
 from txpypi.cache.stats import DownloadStats
 from txpypi.cache.usage import Usage
-from txpypi.core.index import DistFile, ProjectPage
 from txpypi.core.names import strongest_hash
+from txpypi.core.simple.model import DistFile, ProjectPage
 from txpypi.fetch.wanted import ByteSource, Wanted
 from txpypi.storage.metadata import FileRecord, IMetadata
 from txpypi.storage.outages import Unavailable

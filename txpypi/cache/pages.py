@@ -30,21 +30,12 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from txpypi.concurrency.waiters import SingleFlight, in_thread_now
-from txpypi.core.index import (
-    HTML_LEGACY,
-    JSON_V1,
-    DistFile,
-    IndexParseError,
-    ProjectList,
-    ProjectPage,
-    dump_page,
-    load_page,
-    parse_project,
-    parse_project_list,
-    project_list_html,
-    project_list_json,
-    render_page,
-)
+from txpypi.core.simple.formats import dump_page, load_page, parse_project, parse_project_list, render_page
+from txpypi.core.simple.listhtml import project_list_html
+from txpypi.core.simple.listjson import project_list_json
+from txpypi.core.simple.media import HTML_LEGACY, JSON_V1
+from txpypi.core.simple.model import DistFile, IndexParseError, ProjectPage
+from txpypi.core.simple.projects import ProjectList
 from txpypi.fetch.upstream import (
     MAX_PAGE_BYTES,
     FetchedPage,

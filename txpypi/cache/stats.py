@@ -9,7 +9,7 @@ from __future__ import annotations
 import attrs
 from twisted.internet.interfaces import IReactorTime
 
-from txpypi.core.index import file_version
+from txpypi.core.simple.model import file_version
 from txpypi.storage.metadata import IMetadata
 
 

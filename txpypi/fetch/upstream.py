@@ -39,7 +39,7 @@ from txpypi.core.fetchpolicy import (
     Refused,
     is_strong,
 )
-from txpypi.core.index import UPSTREAM_ACCEPT
+from txpypi.core.simple.media import UPSTREAM_ACCEPT
 from txpypi.fetch.guarded import Dialer, HopEndpoints, PageEndpoints, RefusalLog, TaggedPool
 
 USER_AGENT = f"txpypi/{__version__}".encode()

@@ -26,7 +26,7 @@ T = TypeVar("T")
 class PageRecord:
     """
     A cached index page, as the upstream sent it (parsed and re-serialized
-    with upstream URLs by L{txpypi.core.index.dump_page}).
+    with upstream URLs by L{txpypi.core.simple.formats.dump_page}).
     """
 
     key: str

@@ -19,8 +19,8 @@ from zope.interface import implementer
 
 from txpypi.cache.pages import HIT, STALE, CachedPage, NotFound, PageCache, Representation
 from txpypi.core.httpheaders import accepts_gzip, etag_matches
-from txpypi.core.index import negotiate
 from txpypi.core.names import BadName, normalize
+from txpypi.core.simple.media import negotiate
 from txpypi.fetch.upstream import UpstreamError
 from txpypi.web.answers import client_gone, error_text, finish_error, header, moved, run, segment, text
 

@@ -1,5 +1,5 @@
 """
-Parsing, rendering and content negotiation of Simple API pages.
+One project's page: parsed from HTML and JSON, rendered back, stored.
 """
 
 from __future__ import annotations
@@ -11,67 +11,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from txpypi.core.index import (
-    HTML_LEGACY,
-    HTML_V1,
-    JSON_V1,
-    DistFile,
-    ProjectPage,
-    dump_page,
-    load_page,
-    negotiate,
-    parse_project_html,
-    parse_project_json,
-    parse_project_list,
-    render_page,
-    render_project_html,
-    render_project_json,
-    render_project_list_html,
-    render_project_list_json,
-)
+from txpypi.core.names import strongest_hash
+from txpypi.core.simple.formats import dump_page, load_page, render_page
+from txpypi.core.simple.media import HTML_LEGACY, JSON_V1
+from txpypi.core.simple.model import DistFile, IndexParseError, ProjectPage
+from txpypi.core.simple.pagehtml import parse_project_html, render_project_html
+from txpypi.core.simple.pagejson import parse_project_json, render_project_json
 
-PIP_ACCEPT = f"{JSON_V1}, {HTML_V1}; q=0.1, text/html; q=0.01"
 BASE = "https://upstream.example/simple/demo/"
-
-
-class TestNegotiate:
-    @pytest.mark.parametrize(
-        "accept, expected",
-        [
-            (PIP_ACCEPT, JSON_V1),
-            ("application/vnd.pypi.simple.latest+json", JSON_V1),
-            ("application/vnd.pypi.simple.latest+html", HTML_V1),
-            (HTML_V1, HTML_V1),
-            ("text/html", HTML_LEGACY),
-            ("text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8", HTML_LEGACY),
-            ("*/*", HTML_LEGACY),
-            (None, HTML_LEGACY),
-            ("", HTML_LEGACY),
-            ("application/*", HTML_V1),
-            (f"{JSON_V1};q=0.5, text/html;q=0.6", HTML_LEGACY),
-            # The specific range wins over the wildcard for that type.
-            (f"*/*;q=0.9, {JSON_V1};q=0", HTML_LEGACY),
-        ],
-    )
-    def test_accept(self, accept: str | None, expected: str) -> None:
-        assert negotiate(accept) == expected
-
-    @pytest.mark.parametrize(
-        "accept",
-        ["application/json", "image/png", f"{JSON_V1};q=0, text/html;q=0, {HTML_V1};q=0", "*/*;q=0"],
-    )
-    def test_nothing_acceptable(self, accept: str) -> None:
-        assert negotiate(accept) is None
-
-    def test_format_override_wins(self) -> None:
-        assert negotiate("text/html", JSON_V1) == JSON_V1
-        assert negotiate(PIP_ACCEPT, "application/vnd.pypi.simple.latest+html") == HTML_V1
-        assert negotiate(PIP_ACCEPT, "application/xml") is None
-
-    @given(st.text(max_size=60))
-    @settings(max_examples=200)
-    def test_never_crashes(self, accept: str) -> None:
-        assert negotiate(accept) in (None, HTML_LEGACY, HTML_V1, JSON_V1)
 
 
 HTML_PAGE = b"""<!DOCTYPE html><html><head>
@@ -186,17 +133,8 @@ def test_nonsense_repository_version_is_read_as_1_0() -> None:
     ],
 )
 def test_bad_json_is_refused(body: bytes) -> None:
-    from txpypi.core.index import IndexParseError
-
     with pytest.raises(IndexParseError):
         parse_project_json("demo", body, BASE)
-
-
-def test_project_list_round_trip() -> None:
-    names = ("Django", "zope.interface", "a_b")
-    assert parse_project_list(render_project_list_json(names), JSON_V1).projects == names
-    assert parse_project_list(render_project_list_html(names), "text/html").projects == names
-    assert b'href="zope-interface/"' in render_project_list_html(names)
 
 
 # -- round-trip properties
@@ -261,8 +199,6 @@ def _html_view(f: DistFile) -> DistFile:
     What HTML can carry of a file: one hash, no size or upload time, and
     core-metadata hashes reduced to the strongest.
     """
-    from txpypi.core.names import strongest_hash
-
     best = strongest_hash(f.hashes)
     metadata = f.core_metadata
     if isinstance(metadata, dict):
@@ -294,7 +230,7 @@ def test_html_to_model_to_json_to_model(page: ProjectPage) -> None:
     assert from_json.status == from_html.status
 
 
-# -- links that cannot be resolved, and the compact project list
+# -- links that cannot be resolved
 
 _hrefs = st.text(
     st.sampled_from("[]:/?#@%.-_ab1\\ \t\"'<>&=;") | st.characters(blacklist_categories=("Cs",)), max_size=30
@@ -310,8 +246,6 @@ def test_arbitrary_hrefs_never_raise_but_index_parse_error(href: str, base: str)
     urljoin refuses is left out and reported, never a crash.
     """
     from html import escape as html_escape
-
-    from txpypi.core.index import IndexParseError
 
     escaped = html_escape(href)
     link = f'<a href="{escaped}">demo-1.0.tar.gz</a>'
@@ -349,126 +283,3 @@ def test_an_invalid_ipv6_link_is_left_out() -> None:
     )
     assert [f.filename for f in page.files] == ["b-1.0.tar.gz"]
     assert skipped == [("http://[::1/a-1.0.tar.gz", "Invalid IPv6 URL")]
-
-
-_json_bytes = st.sampled_from(list(b'{}[],:" \\nab1u0'))
-
-
-def _reference_names(body: bytes) -> tuple[str, ...] | None:
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return None
-    if not isinstance(data, dict) or not isinstance(data.get("projects"), list):
-        return None
-    meta = data.get("meta", {})
-    version = meta.get("api-version", "1.0") if isinstance(meta, dict) else "1.0"
-    major, _, minor = str(version).partition(".")
-    if not (major.isdigit() or major.lstrip("-").isdigit()) or not (minor.lstrip("-").isdigit() or not minor):
-        return None
-    return tuple(
-        p["name"]
-        for p in data["projects"]
-        if isinstance(p, dict) and isinstance(p.get("name"), str) and _listable(p["name"])
-    )
-
-
-def _listable(name: str) -> bool:
-    """
-    What the project list keeps: names without a newline that UTF-8 can
-    encode (JSON can spell a lone surrogate).
-    """
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return bool(name) and "\n" not in name
-
-
-@given(
-    st.lists(st.text(st.characters(blacklist_categories=("Cs",)), max_size=6), max_size=12),
-    st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 2), _json_bytes), max_size=4),
-    st.sampled_from([16, 64, 1024 * 1024]),
-)
-@settings(max_examples=300, deadline=None)
-def test_the_project_list_parser_agrees_with_json_loads(
-    names: list[str], edits: list[tuple[int, int, int]], slice_size: int
-) -> None:
-    """
-    The slice-at-a-time JSON root parser gives the names json.loads finds,
-    or refuses (IndexParseError) what json.loads refuses, on documents with
-    random bytes changed, deleted or inserted, cut into slices of any size.
-    """
-    import txpypi.core.index
-    from txpypi.core.index import IndexParseError
-
-    nested = {"x": [{}, {"y": "},{"}]}  # brackets and a "},{" that are not between projects
-    document = {
-        "meta": {"api-version": "1.1"},
-        "projects": [{"name": n, **(nested if i % 3 == 0 else {})} for i, n in enumerate(names)],
-    }
-    body = bytearray(json.dumps(document, separators=(",", ":") if len(names) % 2 else (", ", ": ")).encode())
-    for position, kind, byte in edits:
-        position %= len(body)
-        if kind == 0:
-            body[position] = byte
-        elif kind == 1:
-            del body[position]
-        else:
-            body.insert(position, byte)
-    expected = _reference_names(bytes(body))
-    original = txpypi.core.index.LIST_SLICE
-    txpypi.core.index.LIST_SLICE = slice_size
-    try:
-        got: tuple[str, ...] | None = parse_project_list(bytes(body), JSON_V1).projects
-    except IndexParseError:
-        got = None
-    finally:
-        txpypi.core.index.LIST_SLICE = original
-    if got is None and expected is not None:
-        # Our api-version check is stricter than the reference's: it must say so.
-        with pytest.raises(IndexParseError, match="api-version"):
-            parse_project_list(bytes(body), JSON_V1)
-        return
-    assert got == expected
-
-
-def test_project_list_is_one_blob() -> None:
-    from txpypi.core.index import ProjectList
-
-    names = ["Django", "zope.interface", "a\nb", "", "ok"]
-    packed = ProjectList.of(names)
-    assert packed.names == b"Django\nzope.interface\nok\n" and packed.count == 3
-    assert list(packed) == ["Django", "zope.interface", "ok"]
-    # A newline inside a name must not pass for the one between two names.
-    assert list(ProjectList.of(["a\nb", "c"])) == ["c"]
-    assert b'<a href="a%0Ab/">a\nb</a>' in render_project_list_html(["a\nb", "c"])
-
-
-_list_names = st.lists(
-    st.text(st.sampled_from("Aaz09._-_..--") | st.characters(blacklist_categories=("Cs",)), max_size=12)
-    | st.text(st.sampled_from("ABab09._-"), min_size=1, max_size=12),
-    max_size=30,
-)
-
-
-@given(_list_names)
-@settings(max_examples=200)
-def test_project_list_rendering_is_the_per_name_rendering(names: list[str]) -> None:
-    """
-    The batch fast path (plain names rendered with a few string operations
-    for the whole batch) renders exactly what rendering each name with
-    canonicalize_name, quote and escape gives, and packing keeps what it
-    should.
-    """
-    from html import escape as html_escape
-    from urllib.parse import quote
-
-    from packaging.utils import canonicalize_name
-
-    from txpypi.core.index import ProjectList
-
-    links = "".join(f'    <a href="{quote(canonicalize_name(n))}/">{html_escape(n)}</a>\n' for n in names)
-    assert links.encode() in render_project_list_html(names)
-    assert json.loads(render_project_list_json(names))["projects"] == [{"name": n} for n in names]
-    assert list(ProjectList.of(names)) == [n for n in names if _listable(n)]
