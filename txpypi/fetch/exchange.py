@@ -67,11 +67,11 @@ def outcome_of(error: UpstreamError) -> str:
 @attrs.define
 class Timeouts:
     """
-    The limits of upstream exchanges.  One value the page and file sides
-    share, so that a SIGHUP that changes the live ones reaches both.
+    The live limits of upstream exchanges (the connect timeout is the
+    dialer's, fixed).  One value the page and file sides share, so that a
+    SIGHUP that changes them reaches both.
     """
 
-    connect: float = 10.0
     #: Seconds for the answer's headers to arrive.
     response: float = 30.0
     #: Seconds the body may send nothing.

@@ -111,8 +111,8 @@ class UpstreamClient:
         @param refusals: remembers which refused URLs were logged.
         """
         self.upstreams = upstreams
-        self._agent = agent
-        self._timeouts = Timeouts(connect_timeout, response_timeout, read_timeout, min_rate)
+        self._agent = agent  # a test's, which it may reach for again
+        self._timeouts = Timeouts(response_timeout, read_timeout, min_rate)
         self._health = Health(reactor, metrics)
         refusals = RefusalLog() if refusals is None else refusals
         policies = {upstream.url: upstream.policy() for upstream in upstreams}
