@@ -14,12 +14,13 @@ import socket
 import uuid
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import attrs
 from twisted.application import strports
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorCore, IReactorFromThreads
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.python import usage
@@ -33,6 +34,7 @@ from txpypi.config import ConfigError, Settings
 from txpypi.core.fetchpolicy import FileHost
 from txpypi.core.peer import owner_id
 from txpypi.fetch.commit import CommitJournal
+from txpypi.fetch.guarded import IConnectingReactor
 from txpypi.fetch.upstream import Limiter, Upstream, UpstreamClient
 from txpypi.services import (
     CacheUpkeepService,
@@ -89,11 +91,19 @@ class Options(options.CommandLine):
             raise usage.UsageError(str(e)) from None
 
 
-def makeService(config: Options, reactor: Any = None) -> IService:
+class IProxyReactor(IConnectingReactor, IReactorCore, IReactorFromThreads):
+    """
+    What the proxy needs of its reactor: to connect, to keep time, to run
+    and listen, and to take results from threads.  A type for annotations,
+    as L{IConnectingReactor} is.
+    """
+
+
+def makeService(config: Options, reactor: IProxyReactor | None = None) -> IService:
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
-        reactor = default_reactor
+        reactor = cast(IProxyReactor, default_reactor)
     built = assemble(config.settings, reactor)
     live = options.Live(config.settings)
     ReloadService(config, live, built.proxy, built.drain, reactor).setServiceParent(built.service)
@@ -112,7 +122,7 @@ class Built:
     drain: DrainService
 
 
-def build(settings: Settings, reactor: Any) -> tuple[MultiService, Proxy]:
+def build(settings: Settings, reactor: IProxyReactor) -> tuple[MultiService, Proxy]:
     """
     Build the whole proxy for C{settings}: its services and the L{Proxy}.
     """
@@ -120,7 +130,7 @@ def build(settings: Settings, reactor: Any) -> tuple[MultiService, Proxy]:
     return built.service, built.proxy
 
 
-def assemble(settings: Settings, reactor: Any) -> Built:
+def assemble(settings: Settings, reactor: IProxyReactor) -> Built:
     """
     Build the whole proxy for C{settings}.  The services start in the order
     they are added and stop in the reverse one: the thread pools first (so
@@ -186,7 +196,7 @@ def thread_pools(settings: Settings) -> Pools:
     )
 
 
-def file_store(settings: Settings, reactor: Any, pools: Pools, metrics: Metrics) -> IFileStore:
+def file_store(settings: Settings, reactor: IProxyReactor, pools: Pools, metrics: Metrics) -> IFileStore:
     """
     The disk store under the cache directory, or the S3 store (watched for
     outages) with its spool under it.
@@ -216,7 +226,7 @@ def file_store(settings: Settings, reactor: Any, pools: Pools, metrics: Metrics)
 
 
 def metadata_store(
-    settings: Settings, reactor: Any, pools: Pools, metrics: Metrics
+    settings: Settings, reactor: IProxyReactor, pools: Pools, metrics: Metrics
 ) -> tuple[WatchedMetadata, RedisMetadata | None]:
     """
     The metadata store, watched for outages: the embedded SQLite database,
@@ -249,7 +259,9 @@ def metadata_store(
     return WatchedMetadata(stored, outage), redis
 
 
-def upstream_client(settings: Settings, reactor: Any, metrics: Metrics) -> tuple[Upstream, UpstreamClient]:
+def upstream_client(
+    settings: Settings, reactor: IConnectingReactor, metrics: Metrics
+) -> tuple[Upstream, UpstreamClient]:
     file_hosts = None if settings.file_hosts is None else tuple(map(FileHost.parse, settings.file_hosts))
     upstream = Upstream("upstream", settings.upstream, file_hosts=file_hosts)
     client = UpstreamClient(
@@ -266,7 +278,7 @@ def upstream_client(settings: Settings, reactor: Any, metrics: Metrics) -> tuple
 
 def page_cache(
     settings: Settings,
-    reactor: Any,
+    reactor: IProxyReactor,
     pools: Pools,
     upstream: Upstream,
     client: UpstreamClient,
@@ -289,7 +301,7 @@ def page_cache(
 
 def file_cache(
     settings: Settings,
-    reactor: Any,
+    reactor: IProxyReactor,
     pools: Pools,
     metrics: Metrics,
     client: UpstreamClient,
@@ -330,7 +342,7 @@ def file_cache(
 
 def web(
     settings: Settings,
-    reactor: Any,
+    reactor: IProxyReactor,
     metrics: Metrics,
     outages: list[Outage],
     client: UpstreamClient,

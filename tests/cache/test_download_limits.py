@@ -208,10 +208,10 @@ def test_a_page_that_drips_is_given_up() -> None:
     """
     from twisted.internet.error import TimeoutError as Timeout
 
-    from txpypi.fetch.upstream import _Collect
+    from txpypi.fetch.pagebody import PageBody
 
     clock = Clock()
-    collect = _Collect(clock, 5.0, min_rate=100.0)
+    collect = PageBody(clock, 5.0, min_rate=100.0)
     out = fired(collect.done)
     for _ in range(4):
         collect.dataReceived(b"x")
@@ -220,7 +220,7 @@ def test_a_page_that_drips_is_given_up() -> None:
     clock.advance(1)
     assert len(out) == 1 and out[0].check(Timeout) and "under 100 bytes/s" in str(out[0].value)
     assert clock.getDelayedCalls() == []
-    fast = _Collect(clock, 5.0, min_rate=100.0)
+    fast = PageBody(clock, 5.0, min_rate=100.0)
     for _ in range(10):
         fast.dataReceived(b"x" * 200)
         clock.advance(1)

@@ -26,6 +26,8 @@ from twisted.internet.interfaces import (
     IProtocol,
     IProtocolFactory,
     IReactorPluggableNameResolver,
+    IReactorTCP,
+    IReactorTime,
     IResolutionReceiver,
     IStreamClientEndpoint,
 )
@@ -49,6 +51,17 @@ log = Logger(namespace="txpypi.guarded")
 
 #: How many refused URLs are remembered so that each is logged once.
 MAX_LOGGED_REFUSALS = 1000
+
+
+class IConnectingReactor(IReactorTCP, IReactorTime, IReactorPluggableNameResolver):
+    """
+    What L{HostnameEndpoint} needs of its reactor (its docstring says so;
+    its annotation says C{Any}): TCP connections, time, a name resolver.
+    The pool and the agents need no more.
+
+    A type for annotations: reactors provide its parts, not it, so the one
+    place that picks the global reactor casts it.
+    """
 
 
 @attrs.define
@@ -128,7 +141,7 @@ class Dialer:
     reactor's when L{None}), the TLS trust and the connect timeout.
     """
 
-    _reactor: Any
+    _reactor: IConnectingReactor
     _resolver: IHostnameResolver | None
     _tls: IPolicyForHTTPS
     _timeout: float
@@ -297,7 +310,7 @@ class _CheckedAddresses:
     resolver from its reactor.
     """
 
-    def __init__(self, reactor: Any, resolver: IHostnameResolver) -> None:
+    def __init__(self, reactor: IConnectingReactor, resolver: IHostnameResolver) -> None:
         self._reactor = reactor
         self._resolver = resolver
 

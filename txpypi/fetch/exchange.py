@@ -1,0 +1,168 @@
+"""
+What every exchange with the upstream shares, pages and files alike: how it
+fails (L{UpstreamError}, L{UpstreamNotFound}, L{classify}), its timeouts,
+the wait for an answer under the response timeout, and the record of how
+each one ended (the state C{/health} shows, and the metrics).
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import attrs
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.client import ResponseFailed
+
+from txpypi import __version__
+from txpypi.core.fetchpolicy import Refused
+
+T = TypeVar("T")
+
+USER_AGENT = f"txpypi/{__version__}".encode()
+
+
+class UpstreamError(Exception):
+    """
+    The upstream failed us.  C{status} is what we answer the client
+    (502 or 504); C{reason} is a one-line explanation.
+    """
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class UpstreamNotFound(Exception):
+    """
+    The upstream answered 404 for a page or file.
+    """
+
+
+def classify(failure_value: BaseException, url: str) -> UpstreamError:
+    """
+    The L{UpstreamError} an exchange with C{url} that raised
+    C{failure_value} ends with: 504 when it timed out, else 502.
+    """
+    if isinstance(failure_value, Refused):
+        return UpstreamError(502, str(failure_value))
+    if isinstance(failure_value, (CancelledError, TimeoutError)):
+        return UpstreamError(504, f"upstream timed out: {url}")
+    if isinstance(failure_value, (ConnectError, DNSLookupError)):
+        return UpstreamError(502, f"upstream unreachable: {url}: {failure_value.__class__.__name__}")
+    if isinstance(failure_value, ResponseFailed):
+        return UpstreamError(502, f"upstream connection failed: {url}")
+    return UpstreamError(502, f"upstream error: {url}: {failure_value!r}")
+
+
+def outcome_of(error: UpstreamError) -> str:
+    """
+    The metrics outcome of a failed exchange.
+    """
+    return "timeout" if error.status == 504 else "error"
+
+
+@attrs.define
+class Timeouts:
+    """
+    The live limits of upstream exchanges (the connect timeout is the
+    dialer's, fixed).  One value the page and file sides share, so that a
+    SIGHUP that changes them reaches both.
+    """
+
+    #: Seconds for the answer's headers to arrive.
+    response: float = 30.0
+    #: Seconds the body may send nothing.
+    read: float = 60.0
+    #: The slowest a body may come, in bytes per second over each C{read}
+    #: seconds (0: no minimum).
+    min_rate: float = 0.0
+
+
+async def answered_within(clock: IReactorTime, seconds: float, d: Deferred[T]) -> T:
+    """
+    Wait for C{d}, cancelling it when it has not fired after C{seconds}
+    (it then fails with L{CancelledError}, which L{classify} calls a
+    timeout).
+    """
+    timer = clock.callLater(seconds, d.cancel)
+    try:
+        return await d
+    finally:
+        if timer.active():
+            timer.cancel()
+
+
+@attrs.define
+class Health:
+    """
+    How the upstream's exchanges ended: the state C{/health} shows, and the
+    C{upstream} metrics (by kind and outcome, with their latency).
+    """
+
+    _clock: IReactorTime
+    #: The proxy's L{txpypi.web.metrics.Metrics} (a layer above), or L{None}.
+    metrics: Any = None
+    #: When the upstream last answered as expected, and last failed (with why).
+    last_success: float | None = None
+    last_error: tuple[float, str] | None = None
+
+    def state(self) -> str:
+        """
+        C{unknown} before any exchange, C{degraded} when the last one failed,
+        else C{ok}.
+        """
+        if self.last_error is not None and (
+            self.last_success is None or self.last_error[0] > self.last_success
+        ):
+            return "degraded"
+        return "ok" if self.last_success is not None else "unknown"
+
+    def now(self) -> float:
+        """
+        The time an exchange starts at (to pass back to L{record}).
+        """
+        return self._clock.seconds()
+
+    def record(self, kind: str, outcome: str, started: float, reason: str | None = None) -> None:
+        """
+        An exchange of C{kind} (C{page}, C{file}, or C{peer}: another
+        instance, not the upstream) ended with C{outcome}; a failure when
+        there is a C{reason}.
+        """
+        now = self._clock.seconds()
+        if kind == "peer":
+            pass  # another instance, not the upstream
+        elif reason is None:
+            self.last_success = now
+        else:
+            self.last_error = (now, reason)
+        if self.metrics is not None:
+            self.metrics.upstream.labels(kind, outcome).inc()
+            self.metrics.upstream_latency.labels(kind).observe(now - started)
+
+    def refused(self, kind: str) -> None:
+        """
+        The fetch policy refused an exchange of C{kind}: counted, and not
+        the upstream's health.
+        """
+        if self.metrics is not None:
+            self.metrics.upstream.labels(kind, "refused").inc()
+
+
+class Discard:
+    """
+    A body protocol that throws the body away (so the connection can be
+    reused or closed cleanly).
+    """
+
+    def makeConnection(self, transport: object) -> None:
+        pass
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: object) -> None:
+        pass
