@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 import attrs
 import yaml
 
+from txpypi.core.live import Live
+
 DEFAULT_LISTEN = "tcp:5000:interface=127.0.0.1"
 DEFAULT_UPSTREAM = "https://pypi.org/simple/"
 #: The longest life of a SigV4 presigned URL, in seconds (a week).
@@ -36,6 +38,10 @@ class ConfigError(ValueError):
     """
 
 
+#: The defaults of the live settings are theirs (see L{Live}).
+_LIVE = Live()
+
+
 @attrs.frozen
 class Settings:
     """
@@ -47,41 +53,41 @@ class Settings:
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
     upstream: str = DEFAULT_UPSTREAM
     cache_dir: str = attrs.field(factory=default_cache_dir)
-    index_ttl: float = 600.0
+    index_ttl: float = _LIVE.index_ttl
     connect_timeout: float = 10.0
-    response_timeout: float = 30.0
-    read_timeout: float = 60.0
-    stale_ttl: float = 7 * 24 * 3600.0
-    offline: bool = False
-    max_cache_size: int | None = None
-    log_format: str = "combined"
-    trusted_proxies: tuple[str, ...] = ()
-    admin_token: str | None = attrs.field(default=None, repr=False)
-    shutdown_grace: float = 30.0
+    response_timeout: float = _LIVE.response_timeout
+    read_timeout: float = _LIVE.read_timeout
+    stale_ttl: float = _LIVE.stale_ttl
+    offline: bool = _LIVE.offline
+    max_cache_size: int | None = _LIVE.max_cache_size
+    log_format: str = _LIVE.log_format
+    trusted_proxies: tuple[str, ...] = _LIVE.trusted_proxies
+    admin_token: str | None = attrs.field(default=_LIVE.admin_token, repr=False)
+    shutdown_grace: float = _LIVE.shutdown_grace
     store: str = "disk"
     s3_bucket: str | None = None
     s3_prefix: str = "txpypi/"
     s3_endpoint_url: str | None = None
     s3_region: str | None = None
     s3_threads: int = 8
-    s3_redirect: bool = False
-    s3_redirect_ttl: float = 300.0
+    s3_redirect: bool = _LIVE.s3_redirect
+    s3_redirect_ttl: float = _LIVE.s3_redirect_ttl
     redis: str | None = attrs.field(default=None, repr=False)
     lock_ttl: float = 30.0
     peer_url: str | None = None
     peer_secret: str | None = attrs.field(default=None, repr=False)
     redis_timeout: float = 3.0
     s3_timeout: float = 10.0
-    max_downloads: int = 16
-    min_download_rate: float = 1024.0
+    max_downloads: int = _LIVE.max_downloads
+    min_download_rate: float = _LIVE.min_download_rate
     #: The only hosts other than the upstream's that files may come from
     #: (L{None}: any public host over https); entries as L{file_hosts} gives them.
     file_hosts: tuple[str, ...] | None = None
-    send_timeout: float = 60.0
-    max_connections: int = 1024
-    page_cache_size: int = 256 * 1024 * 1024
-    negative_ttl: float = 60.0
-    max_upstream_requests: int = 32
+    send_timeout: float = _LIVE.send_timeout
+    max_connections: int = _LIVE.max_connections
+    page_cache_size: int = _LIVE.page_cache_size
+    negative_ttl: float = _LIVE.negative_ttl
+    max_upstream_requests: int = _LIVE.max_upstream_requests
 
 
 #: What reads one setting's value: the key it was given under (which an

@@ -45,6 +45,7 @@ from txpypi.config import (
     upstream_url,
     url,
 )
+from txpypi.core.live import Live
 
 #: What an option takes on the command line: a value (C{--name VALUE}),
 #: nothing (C{--name}; C{true} or C{false} in YAML), or a value each time it
@@ -296,19 +297,34 @@ def live_values(settings: Settings) -> Mapping[str, Any]:
     return {name: getattr(settings, name) for name in LIVE}
 
 
+def live_of(settings: Settings) -> Live:
+    """
+    A new L{Live} holding the live rows of C{settings}, for the parts.
+    """
+    live = Live()
+    live.update(live_values(settings))
+    return live
+
+
 @attrs.define
-class Live:
+class Running:
     """
     The settings the process runs with: those it started with, then after
     each SIGHUP the live rows of the new ones over them (the fixed rows keep
-    their running values until a restart).
+    their running values until a restart); and the L{Live} object that the
+    running parts hold, which L{reload} updates.
     """
 
     settings: Settings
+    live: Live = attrs.field()
+
+    @live.default
+    def _live(self) -> Live:
+        return live_of(self.settings)
 
     def reload(self, new: Settings) -> list[str]:
         """
-        Take the live rows of C{new}.
+        Take the live rows of C{new}, into the parts' L{Live} too.
 
         @return: the fixed settings that C{new} would change, which keep
             their running values.
@@ -316,6 +332,7 @@ class Live:
         old = self.settings
         kept = [name for name in FIXED if getattr(new, name) != getattr(old, name)]
         self.settings = attrs.evolve(new, **{name: getattr(old, name) for name in FIXED})
+        self.live.update(live_values(self.settings))
         return kept
 
 

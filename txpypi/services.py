@@ -21,10 +21,10 @@ from twisted.python.threadpool import ThreadPool
 from txpypi.cache.drain import Client
 from txpypi.cache.files import FileCache
 from txpypi.config import Settings
+from txpypi.core.live import Live
 from txpypi.fetch.upstream import UpstreamClient
-from txpypi.options import FIXED, Live, live_values
+from txpypi.options import FIXED, Running
 from txpypi.storage.outages import Outage, WatchedMetadata
-from txpypi.web.app import Proxy
 
 # The log lines keep the namespace they had when these lived in tap.py.
 log = Logger(namespace="txpypi.tap")
@@ -111,15 +111,20 @@ class DrainService(Service):
     the downloads in progress finish, up to the grace period.
     """
 
-    def __init__(self, files: FileCache, grace: float, clients: Collection[Client] = ()) -> None:
+    def __init__(self, files: FileCache, live: Live, clients: Collection[Client] = ()) -> None:
         """
+        @param live: the live settings: C{shutdown_grace} is the grace period.
         @param clients: the clients reading file bodies (the web layer's
             L{Proxy.senders}, kept up to date as they come and go): waited
             for up to the grace period, then cut off.
         """
         self._files = files
+        self._live = live
         self._clients = clients
-        self.grace = grace
+
+    @property
+    def grace(self) -> float:
+        return self._live.shutdown_grace
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -141,8 +146,8 @@ class ReloadService(Service):
     """
     On SIGHUP, reads the config file again and applies what can change in a
     running process (the options marked live: TTLs, timeouts, limits, the
-    admin token, the access log).  A bad file is refused with a log line
-    and the old settings kept.
+    admin token, the access log) to the one L{Live} object the parts hold.
+    A bad file is refused with a log line and the old settings kept.
     """
 
     #: Settings that only a restart can change.
@@ -151,15 +156,11 @@ class ReloadService(Service):
     def __init__(
         self,
         options: Rereadable,
-        live: Live,
-        proxy: Proxy,
-        drain: DrainService,
+        running: Running,
         reactor: IReactorFromThreads,
     ) -> None:
         self._options = options
-        self._live = live
-        self._proxy = proxy
-        self._drain = drain
+        self._running = running
         self._reactor = reactor
         self._previous: Any = None
 
@@ -183,43 +184,9 @@ class ReloadService(Service):
         except usage.UsageError as e:
             log.error("SIGHUP: configuration refused, keeping the running one: {error}", error=str(e))
             return
-        for name in self._live.reload(new):
+        for name in self._running.reload(new):
             log.warn("SIGHUP: {name} changes only with a restart; keeping the running value", name=name)
-        apply_live(self._live.settings, self._proxy, self._drain)
         log.info("SIGHUP: configuration reloaded")
-
-
-def apply_live(settings: Settings, proxy: Proxy, drain: DrainService) -> None:
-    """
-    Apply the settings that can change while running: those of the rows
-    marked live, and only those (L{live_values} has no others).
-    """
-    live = live_values(settings)
-    pages, files, client = proxy.pages, proxy.files, proxy.client
-    pages.ttl = live["index_ttl"]
-    pages.stale_ttl = live["stale_ttl"]
-    pages.offline = live["offline"]
-    pages.negative_ttl = live["negative_ttl"]
-    pages.limiter.limit = live["max_upstream_requests"]
-    pages.max_bytes = live["page_cache_size"]
-    pages.trim()
-    client.response_timeout = live["response_timeout"]
-    client.read_timeout = live["read_timeout"]
-    client.min_rate = live["min_download_rate"]
-    files.usage.max_size = live["max_cache_size"]
-    files.downloads.slots.limit = live["max_downloads"]
-    proxy.admin_token = live["admin_token"]
-    redirect_ttl = live["s3_redirect_ttl"]
-    proxy.s3_redirect_ttl = redirect_ttl if live["s3_redirect"] else None
-    proxy.log_format = live["log_format"]
-    proxy.trusted_proxies = frozenset(live["trusted_proxies"])
-    for site in proxy.sites:
-        site.log_format = live["log_format"]
-        site.trusted_proxies = frozenset(live["trusted_proxies"])
-    drain.grace = live["shutdown_grace"]
-    proxy.connections.max_connections = live["max_connections"]
-    proxy.connections.send_timeout = live["send_timeout"]
-    files.maybe_evict()
 
 
 class OutageService(Service):

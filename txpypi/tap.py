@@ -28,14 +28,15 @@ from twisted.python.threadpool import ThreadPool
 
 from txpypi import options
 from txpypi.cache.coordinator import RedisCoordinator
-from txpypi.cache.files import FileCache, Slots
+from txpypi.cache.files import FileCache
 from txpypi.cache.pages import PageCache
 from txpypi.config import ConfigError, Settings
 from txpypi.core.fetchpolicy import FileHost
+from txpypi.core.live import Live
 from txpypi.core.peer import owner_id
 from txpypi.fetch.commit import CommitJournal
 from txpypi.fetch.guarded import IConnectingReactor
-from txpypi.fetch.upstream import Limiter, Upstream, UpstreamClient
+from txpypi.fetch.upstream import Upstream, UpstreamClient
 from txpypi.services import (
     CacheUpkeepService,
     CleanupService,
@@ -52,7 +53,6 @@ from txpypi.storage.redismeta import RedisLocks, RedisMetadata
 from txpypi.storage.stores import DiskStore, IFileStore
 from txpypi.web.app import Proxy
 from txpypi.web.metrics import Metrics
-from txpypi.web.server import ConnectionLimits
 
 
 class Options(options.CommandLine):
@@ -104,9 +104,9 @@ def makeService(config: Options, reactor: IProxyReactor | None = None) -> IServi
         from twisted.internet import reactor as default_reactor
 
         reactor = cast(IProxyReactor, default_reactor)
-    built = assemble(config.settings, reactor)
-    live = options.Live(config.settings)
-    ReloadService(config, live, built.proxy, built.drain, reactor).setServiceParent(built.service)
+    running = options.Running(config.settings)
+    built = assemble(config.settings, reactor, running.live)
+    ReloadService(config, running, reactor).setServiceParent(built.service)
     return built.service
 
 
@@ -120,6 +120,8 @@ class Built:
     proxy: Proxy
     client: UpstreamClient
     drain: DrainService
+    #: The live settings every part holds: SIGHUP changes them here.
+    live: Live
 
 
 def build(settings: Settings, reactor: IProxyReactor) -> tuple[MultiService, Proxy]:
@@ -130,13 +132,15 @@ def build(settings: Settings, reactor: IProxyReactor) -> tuple[MultiService, Pro
     return built.service, built.proxy
 
 
-def assemble(settings: Settings, reactor: IProxyReactor) -> Built:
+def assemble(settings: Settings, reactor: IProxyReactor, live: Live | None = None) -> Built:
     """
-    Build the whole proxy for C{settings}.  The services start in the order
+    Build the whole proxy for C{settings}, its parts holding C{live} (the
+    live rows of C{settings} when L{None}).  The services start in the order
     they are added and stop in the reverse one: the thread pools first (so
     that they stop last), the listeners last (so that they stop first, and
     the downloads in progress drain right after).
     """
+    live = options.live_of(settings) if live is None else live
     service = OrderedMultiService()
     metrics = Metrics.create()
     pools = thread_pools(settings)
@@ -145,11 +149,11 @@ def assemble(settings: Settings, reactor: IProxyReactor) -> Built:
     store = file_store(settings, reactor, pools, metrics)
     metadata, redis = metadata_store(settings, reactor, pools, metrics)
     outages = ([store.outage] if isinstance(store, WatchedStore) else []) + [metadata.outage]
-    upstream, client = upstream_client(settings, reactor, metrics)
+    upstream, client = upstream_client(settings, reactor, metrics, live)
     CleanupService(client, metadata).setServiceParent(service)
     OutageService(outages).setServiceParent(service)
-    pages = page_cache(settings, reactor, pools, upstream, client, metadata)
-    files = file_cache(settings, reactor, pools, metrics, client, store, metadata, redis, pages)
+    pages = page_cache(live, reactor, pools, upstream, client, metadata)
+    files = file_cache(settings, live, reactor, pools, metrics, client, store, metadata, redis, pages)
     CacheUpkeepService(files, reactor).setServiceParent(service)
     # Back from an outage: learn the cache's size again (it may have been
     # unknown since start-up, or changed meanwhile).
@@ -158,13 +162,13 @@ def assemble(settings: Settings, reactor: IProxyReactor) -> Built:
         renew = LoopingCall(files.coordinator.renew)
         renew.clock = reactor
         TimerLoopService(renew, settings.lock_ttl / 3).setServiceParent(service)
-    proxy = web(settings, reactor, metrics, outages, client, pages, files)
-    drain = DrainService(files, settings.shutdown_grace, proxy.senders)
+    proxy = web(live, reactor, metrics, outages, client, pages, files)
+    drain = DrainService(files, live, proxy.senders)
     drain.setServiceParent(service)
     site = proxy.site()
     for endpoint in settings.listen:
         strports.service(endpoint, site, reactor=reactor).setServiceParent(service)
-    return Built(service, proxy, client, drain)
+    return Built(service, proxy, client, drain, live)
 
 
 @attrs.frozen
@@ -260,7 +264,7 @@ def metadata_store(
 
 
 def upstream_client(
-    settings: Settings, reactor: IConnectingReactor, metrics: Metrics
+    settings: Settings, reactor: IConnectingReactor, metrics: Metrics, live: Live
 ) -> tuple[Upstream, UpstreamClient]:
     file_hosts = None if settings.file_hosts is None else tuple(map(FileHost.parse, settings.file_hosts))
     upstream = Upstream("upstream", settings.upstream, file_hosts=file_hosts)
@@ -269,15 +273,13 @@ def upstream_client(
         upstreams=(upstream,),
         metrics=metrics,
         connect_timeout=settings.connect_timeout,
-        response_timeout=settings.response_timeout,
-        read_timeout=settings.read_timeout,
-        min_rate=settings.min_download_rate,
+        live=live,
     )
     return upstream, client
 
 
 def page_cache(
-    settings: Settings,
+    live: Live,
     reactor: IProxyReactor,
     pools: Pools,
     upstream: Upstream,
@@ -289,18 +291,14 @@ def page_cache(
         client,
         metadata,
         upstream,
-        settings.index_ttl,
-        stale_ttl=settings.stale_ttl,
-        offline=settings.offline,
+        live=live,
         blocking=partial(deferToThreadPool, reactor, pools.io),
-        max_bytes=settings.page_cache_size,
-        negative_ttl=settings.negative_ttl,
-        limiter=Limiter(reactor, settings.max_upstream_requests),
     )
 
 
 def file_cache(
     settings: Settings,
+    live: Live,
     reactor: IProxyReactor,
     pools: Pools,
     metrics: Metrics,
@@ -329,11 +327,10 @@ def file_cache(
         store,
         metadata,
         pages,
-        max_size=settings.max_cache_size,
+        live=live,
         metrics=metrics,
         run_spooling=partial(deferToThreadPool, reactor, pools.spool),
         journal=CommitJournal(str(Path(settings.cache_dir) / "commits")),
-        slots=Slots(reactor, settings.max_downloads),
         coordinator=coordinator,
         shared_usage=coordinator is not None,
         peer_secret=settings.peer_secret,
@@ -341,7 +338,7 @@ def file_cache(
 
 
 def web(
-    settings: Settings,
+    live: Live,
     reactor: IProxyReactor,
     metrics: Metrics,
     outages: list[Outage],
@@ -349,16 +346,4 @@ def web(
     pages: PageCache,
     files: FileCache,
 ) -> Proxy:
-    return Proxy(
-        pages,
-        files,
-        reactor,
-        metrics,
-        admin_token=settings.admin_token,
-        log_format=settings.log_format,
-        trusted_proxies=frozenset(settings.trusted_proxies),
-        s3_redirect_ttl=settings.s3_redirect_ttl if settings.s3_redirect else None,
-        outages=tuple(outages),
-        connections=ConnectionLimits(settings.max_connections, settings.send_timeout),
-        client=client,
-    )
+    return Proxy(pages, files, reactor, metrics, outages=tuple(outages), client=client, live=live)

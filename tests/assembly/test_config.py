@@ -230,7 +230,8 @@ def test_page_options(json_upstream: Any, proxy_factory: Any) -> None:
     """
     import attrs
 
-    from txpypi.services import DrainService, ReloadService, apply_live
+    from txpypi.options import Running
+    from txpypi.services import ReloadService
 
     defaults = parse().settings
     assert (defaults.page_cache_size, defaults.negative_ttl, defaults.max_upstream_requests) == (
@@ -255,7 +256,6 @@ def test_page_options(json_upstream: Any, proxy_factory: Any) -> None:
     running = proxy_factory(json_upstream.url, page_cache_size=10**6, negative_ttl=0, max_upstream_requests=3)
     pages = running.proxy.pages
     assert (pages.max_bytes, pages.negative_ttl, pages.limiter.limit) == (10**6, 0, 3)
-    drain = next(service for service in running.service if isinstance(service, DrainService))
     live = attrs.evolve(s, page_cache_size=1024, negative_ttl=5, max_upstream_requests=7)
-    apply_live(live, running.proxy, drain)
+    Running(s, running.proxy.live).reload(live)  # what SIGHUP does
     assert (pages.max_bytes, pages.negative_ttl, pages.limiter.limit) == (1024, 5, 7)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import attrs
 import pytest
@@ -20,9 +19,11 @@ from twisted.python.usage import UsageError
 from txpypi.cache.files import FileCache
 from txpypi.cache.pages import PageCache
 from txpypi.config import ConfigError, Settings
+from txpypi.core.live import Live
+from txpypi.core.live import names as live_names
 from txpypi.fetch.upstream import Upstream, UpstreamClient
-from txpypi.options import FIXED, KEYS, LIVE, OPTIONS, Live, Option
-from txpypi.services import DrainService, ReloadService, apply_live
+from txpypi.options import FIXED, KEYS, LIVE, OPTIONS, Option, Running
+from txpypi.services import DrainService, ReloadService
 from txpypi.storage.memory import MemoryStore
 from txpypi.storage.metadata import MemoryMetadata
 from txpypi.tap import Options
@@ -216,54 +217,58 @@ def test_yaml_keys() -> None:
 
 
 def unit_proxy(clock: Clock, tmp_path: Path) -> tuple[Proxy, UpstreamClient]:
-    client = UpstreamClient(clock, agent=RequestTraversalAgent(FakeUpstream([])))
+    """
+    The parts of a proxy holding one L{Live}, as C{tap.assemble} makes them.
+    """
+    live = Live()
+    client = UpstreamClient(clock, agent=RequestTraversalAgent(FakeUpstream([])), live=live)
     metadata = MemoryMetadata()
-    pages = PageCache(clock, client, metadata, Upstream("test", "http://upstream.test/simple/"), ttl=600)
-    files = FileCache(clock, client, MemoryStore(str(tmp_path)), metadata, pages)
-    return Proxy(pages, files, clock, client=client), client
+    pages = PageCache(clock, client, metadata, Upstream("test", "http://upstream.test/simple/"), live=live)
+    files = FileCache(clock, client, MemoryStore(str(tmp_path)), metadata, pages, live=live)
+    return Proxy(pages, files, clock, client=client, live=live), client
 
 
-def test_live_takes_the_live_rows_and_keeps_the_fixed_ones() -> None:
-    live = Live(Settings(index_ttl=1, connect_timeout=2))
-    kept = live.reload(Settings(index_ttl=3, connect_timeout=4, upstream="http://x.example/simple/"))
+def test_running_takes_the_live_rows_and_keeps_the_fixed_ones() -> None:
+    running = Running(Settings(index_ttl=1, connect_timeout=2))
+    assert running.live.index_ttl == 1
+    kept = running.reload(Settings(index_ttl=3, connect_timeout=4, upstream="http://x.example/simple/"))
     assert kept == ["upstream", "connect_timeout"]  # in table order
-    assert (live.settings.index_ttl, live.settings.connect_timeout) == (3, 2)
-    assert live.settings.upstream == Settings().upstream
-    assert live.reload(live.settings) == []
+    assert (running.settings.index_ttl, running.settings.connect_timeout) == (3, 2)
+    assert running.settings.upstream == Settings().upstream
+    assert running.live.index_ttl == 3
+    assert running.reload(running.settings) == []
 
 
-class Recording(dict[str, Any]):
+def test_the_live_object_holds_exactly_the_live_rows_with_their_defaults() -> None:
     """
-    The live values, noting which are read.
+    The parts read the live rows, and only those, from one L{Live}; its
+    defaults are the options' defaults.
     """
+    assert set(live_names()) == set(LIVE)
+    defaults, settings = Live(), Settings()
+    assert {name: getattr(defaults, name) for name in LIVE} == {
+        name: getattr(settings, name) for name in LIVE
+    }
+    with pytest.raises(KeyError, match="connect_timeout"):
+        Live().update({"connect_timeout": 1.0})
 
-    def __init__(self, values: dict[str, Any]) -> None:
-        super().__init__(values)
-        self.read: set[str] = set()
 
-    def __getitem__(self, key: str) -> Any:
-        self.read.add(key)
-        return super().__getitem__(key)
-
-
-def test_sighup_applies_exactly_the_live_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_parts_hold_one_live_object_by_reference(tmp_path: Path) -> None:
     """
-    apply_live reads every row marked live and no other (a fixed one is not
-    even there to read).
+    tap.assemble gives every part the same L{Live}: a change there is seen
+    by each of them, with nothing written into the parts.
     """
-    from txpypi import services
+    from tests.conftest import get_reactor
+    from txpypi.tap import assemble
 
-    proxy, client = unit_proxy(Clock(), tmp_path)
-    recorded: list[Recording] = []
-
-    def recording(settings: Settings) -> Recording:
-        values = Recording({name: getattr(settings, name) for name in LIVE})
-        recorded.append(values)
-        return values
-
-    monkeypatch.setattr(services, "live_values", recording)
-    apply_live(Settings(), proxy, DrainService(proxy.files, 30))
-    assert recorded[0].read == set(LIVE)
+    settings = Settings(cache_dir=str(tmp_path / "cache"), listen=())
+    built = assemble(settings, get_reactor())
+    live, proxy = built.live, built.proxy
+    assert proxy.live is live and proxy.pages.live is live and proxy.files.live is live
+    assert proxy.connections.live is live and built.drain.grace == live.shutdown_grace
+    live.update({"index_ttl": 5, "response_timeout": 6, "shutdown_grace": 7, "send_timeout": 8})
+    assert (proxy.pages.ttl, built.client.response_timeout, built.drain.grace) == (5, 6, 7)
+    assert proxy.site().connections.send_timeout == 8
 
 
 def test_reload_applies_the_live_rows_to_the_running_parts(tmp_path: Path) -> None:
@@ -276,7 +281,8 @@ def test_reload_applies_the_live_rows_to_the_running_parts(tmp_path: Path) -> No
     config.write_text("index-ttl: 600\n")
     options = parse("--config", str(config))
     proxy, client = unit_proxy(Clock(), tmp_path)
-    drain = DrainService(proxy.files, 30)
+    drain = DrainService(proxy.files, proxy.live)
+    site = proxy.site()
     token = tmp_path / "token"
     token.write_text("0123456789abcdef0123\n")
     config.write_text(
@@ -286,21 +292,21 @@ def test_reload_applies_the_live_rows_to_the_running_parts(tmp_path: Path) -> No
         f"shutdown-grace: 11\nmax-connections: 12\nsend-timeout: 13\nadmin-token-file: {token}\n"
         "upstream: http://elsewhere.example/simple/\nconnect-timeout: 1\n"
     )
-    live = Live(options.settings)
-    ReloadService(options, live, proxy, drain, Clock()).reload()  # type: ignore[arg-type]
+    running = Running(options.settings, proxy.live)
+    ReloadService(options, running, Clock()).reload()  # type: ignore[arg-type]
     pages, files = proxy.pages, proxy.files
     assert (pages.ttl, pages.stale_ttl, pages.offline, pages.negative_ttl) == (7, 8, True, 9)
     assert (pages.limiter.limit, pages.max_bytes) == (3, 1024**2)
     assert (client.response_timeout, client.read_timeout, client.min_rate) == (4, 5, 2048)
     assert (files.usage.max_size, files.downloads.slots.limit) == (1024**3, 6)
-    assert (proxy.admin_token, proxy.log_format, proxy.trusted_proxies) == (
+    assert (proxy.admin_token, site.log_format, site.trusted_proxies) == (
         "0123456789abcdef0123",
         "json",
-        frozenset({"10.0.0.9"}),
+        ("10.0.0.9",),
     )
     assert (drain.grace, proxy.connections.max_connections, proxy.connections.send_timeout) == (11, 12, 13)
-    running = live.settings
-    assert (running.index_ttl, running.upstream, running.connect_timeout) == (
+    kept = running.settings
+    assert (kept.index_ttl, kept.upstream, kept.connect_timeout) == (
         7,
         "https://pypi.org/simple/",
         10,

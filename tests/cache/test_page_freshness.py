@@ -20,7 +20,7 @@ from txpypi.testing import FakeUpstream, build_wheel
 
 def page_cache(fake: FakeUpstream, clock: Clock, metadata: IMetadata) -> PageCache:
     client = UpstreamClient(clock, agent=RequestTraversalAgent(fake))
-    return PageCache(clock, client, metadata, Upstream("test", "http://upstream.test/simple"), ttl=600)
+    return PageCache(clock, client, metadata, Upstream("test", "http://upstream.test/simple"))
 
 
 def result(d: Any) -> Any:

@@ -43,7 +43,7 @@ UPSTREAM = "http://upstream.test/simple/"
 
 def page_cache(resource: Resource, clock: Clock, metadata: Any, **more: Any) -> PageCache:
     client = UpstreamClient(clock, agent=RequestTraversalAgent(resource))
-    return PageCache(clock, client, metadata, Upstream("test", UPSTREAM), ttl=600, **more)
+    return PageCache(clock, client, metadata, Upstream("test", UPSTREAM), **more)
 
 
 def result(coroutine: Any) -> Any:
@@ -249,7 +249,7 @@ def test_upstream_page_requests_are_capped() -> None:
 
     clock = Clock()
     client = HeldClient()
-    pages = PageCache(clock, client, MemoryMetadata(), Upstream("test", UPSTREAM), ttl=600)  # type: ignore[arg-type]
+    pages = PageCache(clock, client, MemoryMetadata(), Upstream("test", UPSTREAM))  # type: ignore[arg-type]
     pages.limiter.limit = 2
     outcomes: list[Any] = []
     for name in ("a", "b", "c", "d"):

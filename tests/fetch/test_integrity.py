@@ -376,7 +376,7 @@ def accounting_world(directory: Path) -> tuple[FileCache, HandMetadata, MemorySt
     reactor = MemoryReactorClock()
     client = UpstreamClient(reactor, agent=RequestTraversalAgent(fake))
     metadata = HandMetadata()
-    pages = PageCache(reactor, client, metadata, Upstream("test", "http://upstream.test/simple/"), ttl=600)
+    pages = PageCache(reactor, client, metadata, Upstream("test", "http://upstream.test/simple/"))
     store = MemoryStore(str(directory))
     files = FileCache(reactor, client, store, metadata, pages)
     return files, metadata, store, fake

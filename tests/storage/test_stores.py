@@ -310,7 +310,7 @@ async def test_s3_redirect_falls_back_to_sending_and_reloads(
     from tests.integration.test_http_semantics import get
     from tests.integration.test_proxy import find, header
     from txpypi.config import Settings
-    from txpypi.services import DrainService, apply_live
+    from txpypi.options import Running
 
     settings = s3_settings(s3_bucket, s3_redirect=True)
     running = proxy_factory(json_upstream.url, **settings)
@@ -332,12 +332,12 @@ async def test_s3_redirect_falls_back_to_sending_and_reloads(
     assert errors == 1
     store._presigner = None
 
-    drain = next(s for s in running.service if isinstance(s, DrainService))
     live = Settings(upstream=json_upstream.url, **settings)
-    apply_live(attrs.evolve(live, s3_redirect=False), running.proxy, drain)
+    reload = Running(live, running.proxy.live).reload  # what SIGHUP does
+    reload(attrs.evolve(live, s3_redirect=False))
     response, body = await get(url)
     assert response.code == 200 and body == data
-    apply_live(attrs.evolve(live, s3_redirect_ttl=30), running.proxy, drain)
+    reload(attrs.evolve(live, s3_redirect_ttl=30))
     response, body = await get(url)
     assert response.code == 302 and "X-Amz-Expires=30" in (header(response, "location") or "")
 

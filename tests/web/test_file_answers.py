@@ -177,7 +177,7 @@ def world(tmp_path: Path, dists: list[Dist], store: Any = None, redirect_ttl: fl
     agent = RequestTraversalAgent(fake)
     client = UpstreamClient(reactor, agent=agent)
     metadata = MemoryMetadata()
-    pages = PageCache(reactor, client, metadata, Upstream("test", "http://upstream.test/simple/"), ttl=600)
+    pages = PageCache(reactor, client, metadata, Upstream("test", "http://upstream.test/simple/"))
     spool = tmp_path / "spool"
     spool.mkdir()
     store = MemoryStore(str(spool)) if store is None else store(str(spool))

@@ -43,8 +43,9 @@ from tests.integration.test_proxy import find
 from txpypi.cache.files import FileCache
 from txpypi.cache.pages import PageCache
 from txpypi.config import Settings
+from txpypi.core.live import Live
 from txpypi.fetch.upstream import Upstream, UpstreamClient
-from txpypi.services import DrainService, apply_live
+from txpypi.options import Running
 from txpypi.storage.memory import MemoryStore
 from txpypi.storage.metadata import MemoryMetadata
 from txpypi.storage.outages import Outage
@@ -103,7 +104,7 @@ def logged() -> Iterator[Any]:
 
 def unit_proxy(clock: Clock, metadata: Any, fake: FakeUpstream, spool: str, **more: Any) -> Proxy:
     client = UpstreamClient(clock, agent=RequestTraversalAgent(fake))
-    pages = PageCache(clock, client, metadata, Upstream("test", "http://upstream.test/simple/"), ttl=600)
+    pages = PageCache(clock, client, metadata, Upstream("test", "http://upstream.test/simple/"))
     files = FileCache(clock, client, MemoryStore(spool), metadata, pages)
     return Proxy(pages, files, clock, client=client, **more)
 
@@ -150,8 +151,8 @@ class Slow(Resource):
 
 def make_site(clock: Clock, resource: Resource | None = None, send_timeout: float = 5.0) -> ProxySite:
     root = resource if resource is not None else Hello()
-    limits = ConnectionLimits(max_connections=1024, send_timeout=send_timeout)
-    return ProxySite(root, clock, Metrics.create(), log_format="none", connections=limits)
+    limits = ConnectionLimits(Live(max_connections=1024, send_timeout=send_timeout, log_format="none"))
+    return ProxySite(root, clock, Metrics.create(), connections=limits)
 
 
 def connect(site: ProxySite) -> tuple[ProxyChannel, StringTransport]:
@@ -233,7 +234,7 @@ def test_the_send_timeout_covers_a_response_in_progress_and_is_read_live() -> No
     channel.dataReceived(GET)
     request = slow.requests[0]
     request.write(b"part of a body")
-    site.connections.send_timeout = 2  # SIGHUP
+    site.connections.live.send_timeout = 2  # SIGHUP
     channel.pauseProducing()
     clock.advance(2)
     assert transport.disconnected
@@ -584,8 +585,7 @@ def test_options_and_sighup(tmp_path: Path) -> None:
         with pytest.raises(UsageError):
             Options().parseOptions(argv)
     proxy = unit_proxy(Clock(), MemoryMetadata(), FakeUpstream([]), str(tmp_path))
-    drain = DrainService(proxy.files, 30)
-    apply_live(attrs.evolve(options.settings, upstream="http://upstream.test/simple/"), proxy, drain)
+    Running(Settings(), proxy.live).reload(options.settings)  # what SIGHUP does
     assert (proxy.connections.send_timeout, proxy.connections.max_connections) == (2.5, 3)
     assert proxy.site().connections is proxy.connections
 
@@ -747,7 +747,7 @@ def test_the_project_list_and_the_project_named_list(tmp_path: Path) -> None:
     """
     clock = Clock()
     fake = FakeUpstream([build_wheel("list", "1.0"), build_wheel("alpha", "1.0")])
-    proxy = unit_proxy(clock, MemoryMetadata(), fake, str(tmp_path), admin_token=TOKEN)
+    proxy = unit_proxy(clock, MemoryMetadata(), fake, str(tmp_path), live=Live(admin_token=TOKEN))
     stub = StubTreq(proxy.app.resource())
     auth = {"Authorization": "Bearer " + TOKEN}
 

@@ -61,7 +61,7 @@ class Downloads:
     #: When and how far a flight frees the spool prefix S3 already has.
     punch_policy: PunchPolicy = PunchPolicy()
     #: At most this many downloads at a time (C{--max-downloads}).
-    slots: Slots = attrs.field(default=attrs.Factory(lambda self: Slots(self._clock), takes_self=True))
+    slots: Slots = attrs.field(kw_only=True)
     #: Shutting down: no download starts any more.
     closing: bool = False
 

@@ -30,6 +30,7 @@ from txpypi.cache.slots import Busy, Slots
 from txpypi.cache.stats import DownloadStats
 from txpypi.cache.usage import Usage
 from txpypi.concurrency.waiters import in_thread_now
+from txpypi.core.live import Live
 from txpypi.core.peer import peer_path
 from txpypi.core.simple.model import ProjectPage
 from txpypi.fetch.commit import CommitJournal
@@ -58,19 +59,18 @@ class FileCache:
         pages: PageCache,
         *,
         max_records: int = 100_000,
-        max_size: int | None = None,
+        live: Live | None = None,
         metrics: Any = None,
         journal: CommitJournal | None = None,
         spool_write: Callable[[int, memoryview], int] = os.write,
         run_spooling: Callable[..., Deferred[Any]] = in_thread_now,
         coordinator: ICoordinator | None = None,
         shared_usage: bool = False,
-        slots: Slots | None = None,
         peer_secret: str | None = None,
     ) -> None:
         """
-        @param slots: at most so many downloads at a time (C{--max-downloads};
-            the default's when L{None}).
+        @param live: the live settings it reads (C{max-cache-size},
+            C{max-downloads}); the defaults' when L{None}.
         @param peer_secret: signs the requests between instances (see
             L{peer_secret}).
         @param coordinator: who fetches each file (L{LocalCoordinator} when
@@ -88,6 +88,7 @@ class FileCache:
         #: The secret that signs requests between instances, for serving
         #: the downloads in progress here to the other instances.
         self.peer_secret = peer_secret
+        self.live = live or Live()
         flights: dict[str, Flight] = {}
         self._records = Records(max_records)
         self.stats = DownloadStats(clock, metadata)
@@ -99,8 +100,8 @@ class FileCache:
             self.coordinator,
             flights,
             pages,
-            max_size,
             shared=shared_usage,
+            live=self.live,
         )
         self._cached = CachedFiles(pages, store, metadata, self._records, self.usage, self.stats)
         self.downloads = Downloads(
@@ -116,9 +117,13 @@ class FileCache:
             journal=journal,
             spool_write=spool_write,
             run_spooling=run_spooling,
+            slots=Slots(clock, self.live.max_downloads),
         )
-        if slots is not None:
-            self.downloads.slots = slots
+        self.live.on_change(self._retune)
+
+    def _retune(self) -> None:
+        self.downloads.slots.limit = self.live.max_downloads  # a raise lets those in line go
+        self.usage.maybe_evict()
 
     # -- what other parts read
 

@@ -30,6 +30,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from txpypi.concurrency.waiters import SingleFlight, in_thread_now
+from txpypi.core.live import Live
 from txpypi.core.simple.formats import dump_page, load_page, parse_project, parse_project_list, render_page
 from txpypi.core.simple.listhtml import project_list_html
 from txpypi.core.simple.listjson import project_list_json
@@ -63,12 +64,6 @@ INFLATE_ABOVE = 1024 * 1024
 #: The most project names remembered as unknown to the upstream
 #: (C{--negative-ttl}); past it the oldest are forgotten first.
 MAX_NEGATIVE = 10_000
-
-#: The default of C{--page-cache-size}.
-DEFAULT_PAGE_CACHE_SIZE = 256 * 1024 * 1024
-
-#: The default of C{--max-upstream-requests}.
-DEFAULT_UPSTREAM_REQUESTS = 32
 
 
 @attrs.frozen
@@ -308,21 +303,9 @@ class PageCache:
     _client: UpstreamClient
     _metadata: IMetadata
     upstream: Upstream
-    ttl: float
     group: str = "default"
-    #: The most bytes the pages in memory may hold (C{--page-cache-size}),
-    #: bodies and parsed models (see L{model_cost}); the least recently
-    #: used go first.  A page larger than this on its own is served but
-    #: not kept.
-    max_bytes: int = DEFAULT_PAGE_CACHE_SIZE
-    #: How long past its TTL a page may still be served while the upstream
-    #: fails (0: never).
-    stale_ttl: float = 7 * 24 * 3600.0
-    #: Never ask the upstream; serve what is cached.
-    offline: bool = False
-    #: How long a project the upstream does not know is remembered as
-    #: unknown (C{--negative-ttl}; 0: not at all), at most L{MAX_NEGATIVE}.
-    negative_ttl: float = 60.0
+    #: The live settings this cache reads (see the properties below).
+    live: Live = attrs.field(factory=Live)
     #: Runs parsing and rendering (pure, CPU-bound) off the reactor thread.
     _blocking: Blocking = in_thread_now
     #: Caps the page requests to the upstream in progress at once
@@ -339,7 +322,76 @@ class PageCache:
 
     @limiter.default
     def _default_limiter(self) -> Limiter:
-        return Limiter(self._clock, DEFAULT_UPSTREAM_REQUESTS)
+        return Limiter(self._clock, self.live.max_upstream_requests)
+
+    def __attrs_post_init__(self) -> None:
+        self.live.on_change(self._retune)
+
+    def _retune(self) -> None:
+        self.limiter.limit = self.live.max_upstream_requests  # a raise lets those in line go
+        self.trim()
+
+    # -- the live settings it reads
+
+    @property
+    def ttl(self) -> float:
+        """
+        How long a page is fresh (C{--index-ttl}).
+        """
+        return self.live.index_ttl
+
+    @ttl.setter
+    def ttl(self, value: float) -> None:
+        self.live.index_ttl = value
+
+    @property
+    def max_bytes(self) -> int:
+        """
+        The most bytes the pages in memory may hold (C{--page-cache-size}),
+        bodies and parsed models (see L{model_cost}); the least recently
+        used go first.  A page larger than this on its own is served but
+        not kept.
+        """
+        return self.live.page_cache_size
+
+    @max_bytes.setter
+    def max_bytes(self, value: int) -> None:
+        self.live.page_cache_size = value
+
+    @property
+    def stale_ttl(self) -> float:
+        """
+        How long past its TTL a page may still be served while the upstream
+        fails (C{--stale-ttl}; 0: never).
+        """
+        return self.live.stale_ttl
+
+    @stale_ttl.setter
+    def stale_ttl(self, value: float) -> None:
+        self.live.stale_ttl = value
+
+    @property
+    def offline(self) -> bool:
+        """
+        Never ask the upstream; serve what is cached (C{--offline}).
+        """
+        return self.live.offline
+
+    @offline.setter
+    def offline(self, value: bool) -> None:
+        self.live.offline = value
+
+    @property
+    def negative_ttl(self) -> float:
+        """
+        How long a project the upstream does not know is remembered as
+        unknown (C{--negative-ttl}; 0: not at all), at most L{MAX_NEGATIVE}.
+        """
+        return self.live.negative_ttl
+
+    @negative_ttl.setter
+    def negative_ttl(self, value: float) -> None:
+        self.live.negative_ttl = value
 
     def key(self, project: str | None) -> str:
         return f"{self.group}/simple/{project}/" if project else f"{self.group}/simple/"

@@ -28,7 +28,7 @@ class Slots(Turns):
     over it waits for a slot (see L{Turns}), then fails with L{Busy}.
     """
 
-    def __init__(self, clock: IReactorTime, limit: int = 16) -> None:
+    def __init__(self, clock: IReactorTime, limit: int) -> None:
         super().__init__(clock, limit, _busy)
 
 

@@ -18,6 +18,7 @@ from txpypi.cache.pages import PageCache
 from txpypi.cache.records import Records
 from txpypi.cache.stats import DownloadStats
 from txpypi.concurrency.waiters import Once
+from txpypi.core.live import Live
 from txpypi.fetch.flight import Flight
 from txpypi.storage.metadata import FileRecord, IMetadata
 from txpypi.storage.outages import Unavailable
@@ -44,9 +45,9 @@ class Usage:
     _in_flight: Mapping[str, Flight]
     #: For the name of its group (eviction runs per group).
     _pages: PageCache
-    #: Evict the least recently served files when the cache grows past this
-    #: many bytes (L{None}: no limit).
-    max_size: int | None = None
+    #: The live settings: C{max_cache_size} is the most bytes the cache
+    #: may hold (L{None}: no limit), spool files included.
+    live: Live = attrs.field(factory=Live, kw_only=True)
     size: int | None = None
     count: int | None = None
     evictions: int = 0
@@ -54,6 +55,17 @@ class Usage:
     _evicting: Deferred[None] | None = None
     _eviction_done: Once[None] = attrs.field(factory=Once)
     _reloads: list[Deferred[None]] = attrs.field(factory=list)
+
+    @property
+    def max_size(self) -> int | None:
+        """
+        The most bytes the cache may hold (C{--max-cache-size}).
+        """
+        return self.live.max_cache_size
+
+    @max_size.setter
+    def max_size(self, value: int | None) -> None:
+        self.live.max_cache_size = value
 
     async def load(self) -> None:
         """

@@ -17,6 +17,7 @@ from twisted.web.client import ResponseFailed
 
 from txpypi import __version__
 from txpypi.core.fetchpolicy import Refused
+from txpypi.core.live import Live
 
 T = TypeVar("T")
 
@@ -68,17 +69,33 @@ def outcome_of(error: UpstreamError) -> str:
 class Timeouts:
     """
     The live limits of upstream exchanges (the connect timeout is the
-    dialer's, fixed).  One value the page and file sides share, so that a
-    SIGHUP that changes them reaches both.
+    dialer's, fixed), read from the proxy's L{Live} settings, which the page
+    and file sides share: a SIGHUP that changes them reaches both.
     """
 
-    #: Seconds for the answer's headers to arrive.
-    response: float = 30.0
-    #: Seconds the body may send nothing.
-    read: float = 60.0
-    #: The slowest a body may come, in bytes per second over each C{read}
-    #: seconds (0: no minimum).
-    min_rate: float = 0.0
+    live: Live
+
+    @property
+    def response(self) -> float:
+        """
+        Seconds for the answer's headers to arrive (C{--response-timeout}).
+        """
+        return self.live.response_timeout
+
+    @property
+    def read(self) -> float:
+        """
+        Seconds the body may send nothing (C{--read-timeout}).
+        """
+        return self.live.read_timeout
+
+    @property
+    def min_rate(self) -> float:
+        """
+        The slowest a body may come, in bytes per second over each C{read}
+        seconds (C{--min-download-rate}; 0: no minimum).
+        """
+        return self.live.min_download_rate
 
 
 async def answered_within(clock: IReactorTime, seconds: float, d: Deferred[T]) -> T:

@@ -27,6 +27,7 @@ from twisted.web.iweb import IAgent, IPolicyForHTTPS, IResponse
 
 from txpypi.concurrency.turns import Turns
 from txpypi.core.fetchpolicy import FetchPolicy, FileHost, ListedFile
+from txpypi.core.live import Live
 from txpypi.fetch.agents import Agents
 from txpypi.fetch.exchange import USER_AGENT, Health, Timeouts, UpstreamError, UpstreamNotFound
 from txpypi.fetch.fileopen import REDIRECTS, FileOpener
@@ -95,8 +96,13 @@ class UpstreamClient:
         tls: IPolicyForHTTPS | None = None,
         resolver: IHostnameResolver | None = None,
         refusals: RefusalLog | None = None,
+        live: Live | None = None,
     ) -> None:
         """
+        @param live: the live settings whose timeouts and minimum rate it
+            reads (the proxy's, shared with its other parts); without one,
+            C{response_timeout}, C{read_timeout} and C{min_rate} make one of
+            its own.
         @param min_rate: the slowest an upstream body may come, in bytes per
             second over each C{read_timeout} (0: no minimum).
         @param agent: the one agent every request goes to (a test's).
@@ -112,7 +118,11 @@ class UpstreamClient:
         """
         self.upstreams = upstreams
         self._agent = agent  # a test's, which it may reach for again
-        self._timeouts = Timeouts(response_timeout, read_timeout, min_rate)
+        if live is None:
+            live = Live(
+                response_timeout=response_timeout, read_timeout=read_timeout, min_download_rate=min_rate
+            )
+        self._timeouts = Timeouts(live)
         self._health = Health(reactor, metrics)
         refusals = RefusalLog() if refusals is None else refusals
         policies = {upstream.url: upstream.policy() for upstream in upstreams}
@@ -136,7 +146,7 @@ class UpstreamClient:
 
     @response_timeout.setter
     def response_timeout(self, seconds: float) -> None:
-        self._timeouts.response = seconds
+        self._timeouts.live.response_timeout = seconds
 
     @property
     def read_timeout(self) -> float:
@@ -144,7 +154,7 @@ class UpstreamClient:
 
     @read_timeout.setter
     def read_timeout(self, seconds: float) -> None:
-        self._timeouts.read = seconds
+        self._timeouts.live.read_timeout = seconds
 
     @property
     def min_rate(self) -> float:
@@ -152,7 +162,7 @@ class UpstreamClient:
 
     @min_rate.setter
     def min_rate(self, rate: float) -> None:
-        self._timeouts.min_rate = rate
+        self._timeouts.live.min_download_rate = rate
 
     @property
     def last_success(self) -> float | None:

@@ -26,6 +26,7 @@ from werkzeug.exceptions import HTTPException
 from txpypi import __version__
 from txpypi.cache.files import FileCache
 from txpypi.cache.pages import PageCache
+from txpypi.core.live import Live
 from txpypi.core.names import BadName, check_filename, normalize
 from txpypi.fetch.upstream import UpstreamClient
 from txpypi.storage.outages import Outage, Unavailable
@@ -84,22 +85,33 @@ class Proxy:
     files: FileCache
     clock: IReactorTime
     metrics: Metrics = attrs.field(factory=Metrics.create)
-    admin_token: str | None = None
-    log_format: str = "combined"
-    trusted_proxies: frozenset[str] = frozenset()
-    #: With C{--s3-redirect}: the lifetime of presigned URLs for cached hits.
-    s3_redirect_ttl: float | None = None
     sites: list[ProxySite] = attrs.field(factory=list)
     #: The stores watched for outages (L{txpypi.storage.outages}), for C{/health}.
     outages: tuple[Outage, ...] = ()
+    #: The live settings it reads: the admin token, whether hits redirect
+    #: to S3, and (through L{connections}, for its sites) the bounds on
+    #: connections, the log format and the trusted proxies.
+    live: Live = attrs.field(factory=Live, kw_only=True)
     #: The bounds on client connections, shared by all of its sites.
-    connections: ConnectionLimits = attrs.field(factory=ConnectionLimits)
+    connections: ConnectionLimits = attrs.field(kw_only=True)
     #: The upstream's client, whose state C{/health} and C{/} show.
     client: UpstreamClient = attrs.field(kw_only=True)
     #: The senders of file bodies in progress, on every site: the shutdown
     #: lets them finish, for a grace period, then aborts them.
     senders: set[Sender] = attrs.field(factory=set, kw_only=True)
     app = Klein()
+
+    @connections.default
+    def _connections(self) -> ConnectionLimits:
+        return ConnectionLimits(self.live)
+
+    @property
+    def admin_token(self) -> str | None:
+        return self.live.admin_token
+
+    @admin_token.setter
+    def admin_token(self, value: str | None) -> None:
+        self.live.admin_token = value
 
     def __attrs_post_init__(self) -> None:
         self.metrics.watch(self._state)
@@ -123,13 +135,11 @@ class Proxy:
     def site(self) -> ProxySite:
         root = Root(
             SimpleResource(self.pages),
-            FilesResource(self.files, lambda: self.s3_redirect_ttl, self.senders),
+            FilesResource(self.files, lambda: self.live.redirect_ttl, self.senders),
             PeerResource(self.files, self.clock, self.senders),
             self.app.resource(),
         )
-        site = ProxySite(
-            root, self.clock, self.metrics, self.log_format, self.trusted_proxies, self.connections
-        )
+        site = ProxySite(root, self.clock, self.metrics, self.connections)
         self.sites.append(site)
         return site
 

@@ -18,6 +18,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
+from txpypi.core.live import Live
 from txpypi.web.accesslog import Entry, client_address, combined, json_line
 from txpypi.web.answers import header
 from txpypi.web.metrics import Metrics, route_of
@@ -42,20 +43,27 @@ class ConnectionLimits:
     process (every site that L{Proxy.site} makes), and read live: SIGHUP
     changes them.
 
-    @ivar max_connections: the most connections open at once; past it, a
-        new connection is closed at once.
-    @ivar send_timeout: seconds a client may take no bytes of a response
-        before it is cut off; also the time a request may take to arrive
-        from its first byte, and the idle timeout of a keep-alive
-        connection between requests.
+    @ivar live: the live settings whose C{max_connections} (the most
+        connections open at once; past it, a new connection is closed at
+        once) and C{send_timeout} (seconds a client may take no bytes of a
+        response before it is cut off; also the time a request may take to
+        arrive from its first byte, and the idle timeout of a keep-alive
+        connection between requests) it reads.
     @ivar open: the connections open now.
     """
 
-    max_connections: int = 1024
-    send_timeout: float = 60.0
+    live: Live = attrs.field(factory=Live)
     open: int = 0
     #: Whether the refusals since the limit was last reached were logged.
     full_logged: bool = False
+
+    @property
+    def max_connections(self) -> int:
+        return self.live.max_connections
+
+    @property
+    def send_timeout(self) -> float:
+        return self.live.send_timeout
 
 
 def _reset(transport: Any) -> None:
@@ -288,18 +296,31 @@ class ProxySite(Site):
         resource: IResource,
         clock: IReactorTime,
         metrics: Metrics,
-        log_format: str = "combined",
-        trusted_proxies: frozenset[str] = frozenset(),
         connections: ConnectionLimits | None = None,
     ) -> None:
+        """
+        @param connections: the bounds on the connections, and the live
+            settings the site reads (its log format and the proxies it
+            trusts for C{X-Forwarded-For}).
+        """
         # The clock is the reactor of the channels' timeouts too.
         super().__init__(resource, reactor=clock)
         self._clock = clock
         self._metrics = metrics
-        self.log_format = log_format
-        self.trusted_proxies = trusted_proxies
         self.connections = ConnectionLimits() if connections is None else connections
         self.displayTracebacks = False
+
+    @property
+    def log_format(self) -> str:
+        return self.connections.live.log_format
+
+    @log_format.setter
+    def log_format(self, value: str) -> None:
+        self.connections.live.log_format = value
+
+    @property
+    def trusted_proxies(self) -> tuple[str, ...]:
+        return self.connections.live.trusted_proxies
 
     @property
     def metrics(self) -> Metrics:
