@@ -164,7 +164,7 @@ def test_verified_file_is_committed(tmp_path: Path) -> None:
     client = h.flight.reader()  # a client keeps the spool open past the commit
     h.response.send(DATA)
     # Everything but the last byte is available before verification.
-    assert h.flight.readable() == len(DATA) - 1
+    assert h.flight.readers.readable() == len(DATA) - 1
     assert read(h.flight, 0) == DATA[:-1]
     assert read(h.flight, len(DATA) - 1) is None  # waits
     h.response.end(ResponseDone())
@@ -288,7 +288,7 @@ def test_full_disk_still_streams_the_whole_file(room: int, tmp_path: Path) -> No
         if h.response.transport.paused:
             break
     # The slow reader has read nothing: the upstream waits for it.
-    assert h.response.transport.paused and not h.flight.cacheable
+    assert h.response.transport.paused and not h.flight.spool.cacheable
     assert len(h.flight.spool.memory) <= 200 + 50
     got_slow = bytearray()
     pump(slow, got_slow)

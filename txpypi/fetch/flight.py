@@ -20,7 +20,7 @@ L{txpypi.fetch.stage} for the moves):
  - L{Puncher}: freeing the spool's prefix the store's upload already has;
  - L{Commit}: putting the verified file into the stores;
  - L{Pacing}: holding the upstream back while bytes pile up;
- - L{Readers}: its clients' readers.
+ - L{Readers}: the read side, its clients' readers and their waiting reads.
 """
 
 from __future__ import annotations
@@ -113,18 +113,17 @@ class Flight:
     #: The record this file's record replaced when it landed, if any.
     replaced: FileRecord | None = None
     _failure: FlightFailed | None = attrs.field(default=None, init=False)
-    #: The flight's one state: see L{txpypi.fetch.stage}.
-    _life: Lifecycle = attrs.field(factory=Lifecycle, init=False)
+    #: The flight's one state (see L{txpypi.fetch.stage}): others read it,
+    #: only the flight moves it.
+    life: Lifecycle = attrs.field(factory=Lifecycle, init=False)
     #: How the body ended, while the hash catches up (L{Stage.RECEIVED}).
     _body_end: Failure | None = attrs.field(default=None, init=False)
-    #: Happens at the next change a waiting reader may care for.
-    _changed: Once[None] = attrs.field(factory=Once, init=False)
     _over: Once[None] = attrs.field(factory=Once, init=False)
     spool: Spool = attrs.field(init=False)
     _hashing: HashLane = attrs.field(init=False)
     _body: UpstreamBody = attrs.field(init=False)
-    _puncher: Puncher = attrs.field(init=False)
-    _readers: Readers = attrs.field(factory=Readers, init=False)
+    puncher: Puncher = attrs.field(init=False)
+    readers: Readers = attrs.field(init=False)
     _pacing: Pacing = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -134,12 +133,13 @@ class Flight:
         self._body = UpstreamBody(
             self._clock, lambda: self.written, self._fail, self.read_timeout, self.min_rate
         )
-        self._puncher = Puncher(self._punch, self.punch_policy, self.wanted.filename, self._after_punch)
+        self.puncher = Puncher(self._punch, self.punch_policy, self.wanted.filename, self._after_punch)
+        self.readers = Readers(self, self.spool, self.puncher, self._reader_moved, self._reader_closed)
         self._pacing = Pacing(
             self._clock,
             self._body,
             self.spool,
-            self._readers,
+            self.readers,
             lambda: self.written,
             self.wanted.filename,
             self.memory_high,
@@ -147,10 +147,6 @@ class Flight:
         )
 
     # -- what others read
-
-    @property
-    def stage(self) -> Stage:
-        return self._life.stage
 
     @property
     def failure(self) -> FlightFailed | None:
@@ -164,48 +160,32 @@ class Flight:
         """
         Whether the upstream's response headers arrived (even if it failed since).
         """
-        return self._life.reached(Stage.STREAMING)
+        return self.life.reached(Stage.STREAMING)
 
     @property
     def verified(self) -> bool:
-        return self._life.verified
+        return self.life.verified
 
     @property
     def done(self) -> bool:
         """
         Over: landed (cached or not) or failed; no longer a flight to join.
         """
-        return self._life.over
-
-    @property
-    def cacheable(self) -> bool:
-        """
-        False once the spool failed: the file still streams, but from
-        memory, and is not cached.
-        """
-        return self.spool.cacheable
-
-    @property
-    def punch(self) -> PunchHole | None:
-        """
-        How this spool's freed prefix is punched out: L{None} if it cannot
-        be (here, or for this file since punching it failed).
-        """
-        return self._puncher.punch
+        return self.life.over
 
     @property
     def joinable(self) -> bool:
         """
         Whether a client may still join: not once the spool's start is freed.
         """
-        return self._puncher.joinable
+        return self.puncher.joinable
 
     @property
     def clients(self) -> int:
         """
         How many clients are reading this download.
         """
-        return len(self._readers)
+        return len(self.readers)
 
     def sha256(self) -> str | None:
         """
@@ -218,7 +198,7 @@ class Flight:
         What this download will add to the cache once it lands: it counts
         towards the size limit while it is spooled.
         """
-        if self.done or not self.cacheable or self.peer is not None:
+        if self.done or not self.spool.cacheable or self.peer is not None:
             return 0
         return max(self.size or self.wanted.size or 0, self.written)
 
@@ -228,11 +208,20 @@ class Flight:
         """
         return self._over.wait()
 
-    def wait_punched(self, length: int) -> Deferred[None]:
+    def reader(self) -> FlightReader:
         """
-        Fire once the spool's first C{length} bytes are freed.
+        A new reader of this flight's bytes; its owner closes it.
         """
-        return self._puncher.freed.wait(length)
+        return self.readers.reader()
+
+    async def wait_started(self) -> None:
+        """
+        Wait until the upstream's response headers arrived (so L{size} is
+        known if it ever will be).
+
+        @raise FlightFailed: if the fetch failed first.
+        """
+        await self.readers.wait_started()
 
     # -- starting
 
@@ -254,7 +243,7 @@ class Flight:
         except FlightFailed as e:
             self._fail(e)
             return
-        if self._life.failed:
+        if self.life.failed:
             response.deliverBody(BodySink(None))  # stopped meanwhile: drop the connection
             return
         length = None if response.length is UNKNOWN_LENGTH else int(response.length)
@@ -263,8 +252,8 @@ class Flight:
             self._fail(FlightFailed(502, "upstream Content-Length disagrees with the index's size"))
             return
         self.size = length if length is not None else self.wanted.size
-        self._life.move(Stage.STREAMING)
-        self._wake()
+        self.life.move(Stage.STREAMING)
+        self.readers.wake()
         self._body.watch()
         response.deliverBody(BodySink(self))
 
@@ -274,7 +263,7 @@ class Flight:
         self._body.attach(transport)
 
     def data(self, data: bytes) -> None:
-        if self._life.failed:
+        if self.life.failed:
             return
         self._body.arrived()
         if self.size is not None and self.written + len(data) > self.size:
@@ -285,15 +274,15 @@ class Flight:
         self.written += len(data)
         self._hashing.push(data)
         self.spool.push(data)
-        self._wake()
+        self.readers.wake()
         self._pacing.received(self._hashing.pending)
 
     def ended(self, reason: Failure) -> None:
-        if self._life.failed:
+        if self.life.failed:
             return
         self._pacing.forget_stuck()
         self._body.ended()
-        self._life.move(Stage.RECEIVED)
+        self.life.move(Stage.RECEIVED)
         if not self._hashing.idle:
             self._body_end = reason  # checked once the hash has caught up
             return
@@ -308,8 +297,8 @@ class Flight:
             self._fail(FlightFailed(502, error))
             return
         self.size = self.written
-        self._life.move(Stage.VERIFIED)
-        self._wake()
+        self.life.move(Stage.VERIFIED)
+        self.readers.wake()
         self._maybe_commit()
 
     # -- the workers
@@ -347,13 +336,13 @@ class Flight:
     # -- freeing what the store already has
 
     def _maybe_punch(self) -> None:
-        if self.upload is None or self.stage not in _PUNCHABLE or not self.cacheable:
+        if self.upload is None or self.life.stage not in _PUNCHABLE or not self.spool.cacheable:
             return
-        lowest = self._readers.lowest(self.written)
-        self._puncher.consider(self.upload, self.spool, self.size or 0, lowest)
+        lowest = self.readers.lowest(self.written)
+        self.puncher.consider(self.upload, self.spool, self.size or 0, lowest)
 
     def _after_punch(self) -> None:
-        if self._life.failed:
+        if self.life.failed:
             self.spool.release_writer()
             return
         self._maybe_punch()
@@ -366,11 +355,11 @@ class Flight:
         Once the file is verified and the spool written: cache it (if the
         spool could be written).
         """
-        if self.stage is not Stage.VERIFIED or not self.spool.idle or self._puncher.busy:
+        if self.life.stage is not Stage.VERIFIED or not self.spool.idle or self.puncher.busy:
             return
-        self._life.move(Stage.COMMITTING)
+        self.life.move(Stage.COMMITTING)
         self.spool.release_writer()
-        if not self.cacheable or self.peer is not None:
+        if not self.spool.cacheable or self.peer is not None:
             self.spool.unlink()
             self._finish(None)
             return
@@ -414,17 +403,17 @@ class Flight:
 
         @return: whether it was stopped.
         """
-        if self.stage not in (Stage.STARTING, Stage.STREAMING):
+        if self.life.stage not in (Stage.STARTING, Stage.STREAMING):
             return False
         self._fail(FlightFailed(503, reason))
         return True
 
     def _fail(self, failure: FlightFailed) -> None:
-        if not self._life.can(Stage.FAILED):
+        if not self.life.can(Stage.FAILED):
             return  # over already, or verified: its clients have every byte
         self._failure = failure
         self._body_end = None
-        self._life.move(Stage.FAILED)
+        self.life.move(Stage.FAILED)
         self._body.stop()  # stop downloading what nobody will get
         log.warn(
             "download of {url} failed, nothing cached: {reason}",
@@ -436,11 +425,11 @@ class Flight:
         self.spool.unlink()
         # Finished (no longer a flight to join) before its waiters hear of it.
         self._finish(None)
-        self._wake()
+        self.readers.wake()
 
     def _finish(self, record: FileRecord | None) -> None:
-        if not self._life.failed:
-            self._life.move(Stage.LANDED)
+        if not self.life.failed:
+            self.life.move(Stage.LANDED)
         self._pacing.forget_stuck()
         self._on_done(self, record)
         self.spool.release()
@@ -450,84 +439,18 @@ class Flight:
         else:
             self._over.happen(None)
 
-    def _wake(self) -> None:
-        """
-        Something a waiting reader may care for happened: bytes came, the
-        fetch started, verified or failed.
-        """
-        changed, self._changed = self._changed, Once()
-        changed.happen(None)
-
-    # -- readers
-
-    def reader(self) -> FlightReader:
-        """
-        A new reader of this flight's bytes; its owner closes it.
-        """
-        self.spool.hold()
-        reader = FlightReader(self)
-        self._readers.add(reader)
-        return reader
-
-    def reader_moved(self) -> None:
+    def _reader_moved(self) -> None:
         """
         A reader read on: the bytes every reader is past may be let go.
         """
         self._pacing.trim()
         self._maybe_punch()
 
-    def reader_closed(self, reader: FlightReader) -> None:
+    def _reader_closed(self) -> None:
         """
-        A reader is done: it no longer holds bytes or the spool.
+        A reader is done: the bytes it held in memory may be let go.
         """
-        self._readers.discard(reader)
         self._pacing.trim()
-        self.spool.release()
-
-    async def wait_started(self) -> None:
-        """
-        Wait until the upstream's response headers arrived (so L{size} is
-        known if it ever will be).
-
-        @raise FlightFailed: if the fetch failed first.
-        """
-        while True:
-            if self._failure is not None:
-                raise self._failure
-            if self.has_started:
-                return
-            await self._changed.wait()
-
-    def readable(self) -> int:
-        """
-        How many bytes clients may have: all once verified, else all but the
-        last one written.
-        """
-        return self.written if self.verified else max(0, self.written - 1)
-
-    async def read(self, offset: int, length: int) -> bytes:
-        """
-        Read up to C{length} bytes at C{offset}, waiting for them to arrive.
-        The last byte asked for is held back until the file is verified,
-        like the file's last byte: a reader that asks for the rest of a
-        range thereby never receives a complete-looking range of a file
-        that turns out bad (a chunk in the middle comes one byte short).
-
-        @raise FlightFailed: if the fetch failed.
-        """
-        while True:
-            if self._failure is not None:
-                raise self._failure
-            if offset < self._puncher.floor:
-                raise FlightFailed(503, "these bytes are no longer held here")
-            limit = self.readable()
-            if not self.verified:
-                limit = min(limit, offset + length - 1)
-            if offset < limit:
-                return self.spool.read(offset, min(length, limit - offset))
-            if self.verified:
-                return b""
-            await self._changed.wait()
 
 
 def _body_error(reason: Failure, size: int | None, written: int, hashed: bool) -> str | None:
