@@ -23,6 +23,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from txpypi.concurrency.waiters import in_thread_now
 from txpypi.fetch.flight import Flight
 from txpypi.fetch.spool import Chunks
+from txpypi.fetch.tuning import FlightTuning
 from txpypi.fetch.wanted import FlightFailed, Wanted
 from txpypi.storage.memory import MemoryStore
 from txpypi.storage.metadata import FileRecord, MemoryMetadata
@@ -124,7 +125,7 @@ def harness(
     **options: Any,
 ) -> Harness:
     """
-    A started flight of L{DATA}; C{options} go to L{Flight}.
+    A started flight of L{DATA}; C{options} go to its L{FlightTuning}.
     """
     response = FakeResponse(length)
     clock = Clock()
@@ -138,9 +139,7 @@ def harness(
         MemoryMetadata(),
         clock,
         lambda f, record: landed.append(record),
-        read_timeout=5.0,
-        run=run or in_thread_now,
-        **options,
+        tuning=FlightTuning(read_timeout=5.0, run=run or in_thread_now, **options),
     )
     flight.start()
     return Harness(flight, response, clock, store, landed, tmp_path)

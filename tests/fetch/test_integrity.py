@@ -147,7 +147,7 @@ def test_a_failing_punch_stops_punching_for_that_file_only(tmp_path: Path) -> No
     assert one.flight.puncher.punch is cannot
     one.flight.upload = HeldUpload()
     one.response.send(DATA[:300])
-    run = one.flight.run
+    run = one.flight.tuning.run
     assert isinstance(run, FailableRun)
     run.drain()
     assert one.flight.puncher.punch is None

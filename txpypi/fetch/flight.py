@@ -7,7 +7,7 @@ upstream for its clients: the spool on disk is the buffer, so memory stays
 flat however many clients read and however slow they are.  Hashing and spool
 writes run in a worker thread (both release the GIL), a batch at a time, so
 the reactor thread only moves bytes between sockets; the upstream is paused
-only while the worker is behind by L{QUEUE_HIGH} bytes.  Every client reads
+only while the worker is behind by L{FlightTuning.queue_high} bytes.  Every client reads
 through a L{FlightReader} at its own pace, waiting for more bytes when it
 has caught up.  The last byte written is held back from every client until
 the hash and length check out, so a client never receives a complete-looking
@@ -28,7 +28,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -39,29 +38,22 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from txpypi.concurrency.waiters import Once, in_thread_now
+from txpypi.concurrency.waiters import Once
 from txpypi.core.names import Hasher
 from txpypi.fetch.body import BodySink, UpstreamBody, open_response
 from txpypi.fetch.commit import Commit, CommitJournal, start_upload
 from txpypi.fetch.pacing import Pacing
-from txpypi.fetch.punch import PUNCH_HOLE, Puncher, PunchHole, PunchPolicy
+from txpypi.fetch.punch import Puncher
 from txpypi.fetch.reader import FlightReader, Readers
 from txpypi.fetch.spool import HashLane, Spool, SpoolHealth
 from txpypi.fetch.stage import Lifecycle, Stage
+from txpypi.fetch.tuning import FlightTuning
 from txpypi.fetch.upstream import UpstreamClient
 from txpypi.fetch.wanted import FlightFailed, Peer, Wanted
 from txpypi.storage.metadata import FileRecord, IMetadata
 from txpypi.storage.stores import IFileStore, IUpload, file_key
 
 log = Logger(namespace="txpypi.download")
-
-#: Received bytes that may wait for the worker thread to hash them before
-#: the upstream is paused; it is resumed below half of it.
-QUEUE_HIGH = 8 * 1024 * 1024
-
-#: When the spool cannot be written, a flight keeps its bytes in memory for
-#: its clients; past this many it pauses the upstream until they catch up.
-MEMORY_HIGH = 8 * 1024 * 1024
 
 #: Where a spool may still be punched: not once it is committing or over.
 _PUNCHABLE = frozenset({Stage.STARTING, Stage.STREAMING, Stage.RECEIVED, Stage.VERIFIED})
@@ -79,20 +71,7 @@ class Flight:
     _metadata: IMetadata
     _clock: IReactorTime
     _on_done: Callable[[Flight, FileRecord | None], None]
-    read_timeout: float = 60.0
-    #: The slowest an upstream may send, in bytes per second, averaged over
-    #: each C{read_timeout} (0: no minimum): a slow drip cannot hold the
-    #: download, its clients and its cluster lock for ever.
-    min_rate: float = 0.0
-    #: How spool bytes are written (a test may inject a full disk; once
-    #: started, the spool's own C{write}).
-    spool_write: Callable[[int, memoryview], int] = os.write
-    #: How the spool's freed prefix is punched out (L{None}: it cannot be).
-    _punch: PunchHole | None = PUNCH_HOLE
-    punch_policy: PunchPolicy = PunchPolicy()
-    #: How hashing and spool writes run: C{run(f, *args)} gives a Deferred of
-    #: C{f(*args)}, called in a worker thread in production.
-    run: Callable[..., Deferred[Any]] = in_thread_now
+    tuning: FlightTuning = FlightTuning()
     #: Where to fetch the bytes instead of the upstream: a download in
     #: progress on another instance, which caches the file (we do not).
     peer: Peer | None = None
@@ -102,8 +81,6 @@ class Flight:
     journal: CommitJournal | None = None
     #: The last spool error, shared with the file cache's other flights.
     spool_health: SpoolHealth = attrs.field(factory=SpoolHealth)
-    memory_high: int = MEMORY_HIGH
-    queue_high: int = QUEUE_HIGH
     #: The store's upload of this file while it downloads, when the store
     #: can take one and the index gave the sha256 (so the key is known).
     upload: IUpload | None = None
@@ -127,23 +104,15 @@ class Flight:
     _pacing: Pacing = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
+        t, filename, written = self.tuning, self.wanted.filename, lambda: self.written
+        self.spool = Spool(t.run, self._spooled, self._lane_crashed, t.spool_write)
         hasher = Hasher(self.wanted.expected_hash)
-        self.spool = Spool(self.run, self._spooled, self._lane_crashed, self.spool_write)
-        self._hashing = HashLane(hasher, self.run, self._hashed, self._lane_crashed)
-        self._body = UpstreamBody(
-            self._clock, lambda: self.written, self._fail, self.read_timeout, self.min_rate
-        )
-        self.puncher = Puncher(self._punch, self.punch_policy, self.wanted.filename, self._after_punch)
+        self._hashing = HashLane(hasher, t.run, self._hashed, self._lane_crashed)
+        self._body = UpstreamBody(self._clock, written, self._fail, t.read_timeout, t.min_rate)
+        self.puncher = Puncher(t.punch, t.punch_policy, filename, self._after_punch)
         self.readers = Readers(self, self.spool, self.puncher, self._reader_moved, self._reader_closed)
         self._pacing = Pacing(
-            self._clock,
-            self._body,
-            self.spool,
-            self.readers,
-            lambda: self.written,
-            self.wanted.filename,
-            self.memory_high,
-            self.queue_high,
+            self._clock, self._body, self.spool, self.readers, written, filename, t.memory_high, t.queue_high
         )
 
     # -- what others read
@@ -376,7 +345,7 @@ class Flight:
             store_key=file_key(sha256, self.wanted.filename),
             cached_at=self._clock.seconds(),
         )
-        commit = Commit(self._store, self._metadata, self.journal, self.run, self.on_store_error)
+        commit = Commit(self._store, self._metadata, self.journal, self.tuning.run, self.on_store_error)
         landed = await commit.land(record, self.wanted.filename, self.spool.path, self.upload)
         if not landed.cached:
             self.spool.unlink()
