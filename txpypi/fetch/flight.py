@@ -7,9 +7,9 @@ upstream for its clients: the spool on disk is the buffer, so memory stays
 flat however many clients read and however slow they are.  Hashing and spool
 writes run in a worker thread (both release the GIL), a batch at a time, so
 the reactor thread only moves bytes between sockets; the upstream is paused
-only while the worker is behind by L{FlightTuning.queue_high} bytes.  Every client reads
-through a L{FlightReader} at its own pace, waiting for more bytes when it
-has caught up.  The last byte written is held back from every client until
+only while the worker is behind by L{FlightTuning.queue_high} bytes.  Every
+client reads through a L{FlightReader} at its own pace, waiting for more
+bytes when it has caught up.  The last byte written is held back from every client until
 the hash and length check out, so a client never receives a complete-looking
 wrong file; on failure every client's reads fail and nothing is cached.
 
@@ -21,6 +21,7 @@ L{txpypi.fetch.stage} for the moves):
  - L{Commit}: putting the verified file into the stores;
  - L{Pacing}: holding the upstream back while bytes pile up;
  - L{Readers}: the read side, its clients' readers and their waiting reads.
+L{FlightTuning} says how the parts are set up (the same for every flight).
 """
 
 from __future__ import annotations
@@ -336,15 +337,7 @@ class Flight:
 
     async def _commit(self) -> None:
         sha256 = self._hashing.sha256()
-        record = FileRecord(
-            key=self.wanted.key,
-            upstream=self.wanted.upstream,
-            url=self.wanted.url,
-            sha256=sha256,
-            size=self.written,
-            store_key=file_key(sha256, self.wanted.filename),
-            cached_at=self._clock.seconds(),
-        )
+        record = _record(self.wanted, sha256, self.written, self._clock.seconds())
         commit = Commit(self._store, self._metadata, self.journal, self.tuning.run, self.on_store_error)
         landed = await commit.land(record, self.wanted.filename, self.spool.path, self.upload)
         if not landed.cached:
@@ -437,3 +430,18 @@ def _body_error(reason: Failure, size: int | None, written: int, hashed: bool) -
     if size is not None and written != size:
         return f"upstream sent {written} of {size} bytes"
     return None
+
+
+def _record(wanted: Wanted, sha256: str, size: int, now: float) -> FileRecord:
+    """
+    The record of the verified file C{wanted}, cached C{now}.
+    """
+    return FileRecord(
+        key=wanted.key,
+        upstream=wanted.upstream,
+        url=wanted.url,
+        sha256=sha256,
+        size=size,
+        store_key=file_key(sha256, wanted.filename),
+        cached_at=now,
+    )
