@@ -159,8 +159,8 @@ class Downloads:
             self._clock,
             self._landed,
             tuning=FlightTuning(
-                self._client.read_timeout,
-                self._client.min_rate,
+                read_timeout=self._client.read_timeout,
+                min_rate=self._client.min_rate,
                 spool_write=self.spool_write,
                 run=self.run_spooling,
                 punch_policy=self.punch_policy,
