@@ -23,6 +23,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from txpypi.concurrency.waiters import in_thread_now
 from txpypi.fetch.flight import Flight
 from txpypi.fetch.spool import Chunks
+from txpypi.fetch.tuning import FlightTuning
 from txpypi.fetch.wanted import FlightFailed, Wanted
 from txpypi.storage.memory import MemoryStore
 from txpypi.storage.metadata import FileRecord, MemoryMetadata
@@ -124,7 +125,7 @@ def harness(
     **options: Any,
 ) -> Harness:
     """
-    A started flight of L{DATA}; C{options} go to L{Flight}.
+    A started flight of L{DATA}; C{options} go to its L{FlightTuning}.
     """
     response = FakeResponse(length)
     clock = Clock()
@@ -138,9 +139,7 @@ def harness(
         MemoryMetadata(),
         clock,
         lambda f, record: landed.append(record),
-        read_timeout=5.0,
-        run=run or in_thread_now,
-        **options,
+        tuning=FlightTuning(read_timeout=5.0, run=run or in_thread_now, **options),
     )
     flight.start()
     return Harness(flight, response, clock, store, landed, tmp_path)
@@ -164,7 +163,7 @@ def test_verified_file_is_committed(tmp_path: Path) -> None:
     client = h.flight.reader()  # a client keeps the spool open past the commit
     h.response.send(DATA)
     # Everything but the last byte is available before verification.
-    assert h.flight.readable() == len(DATA) - 1
+    assert h.flight.readers.readable() == len(DATA) - 1
     assert read(h.flight, 0) == DATA[:-1]
     assert read(h.flight, len(DATA) - 1) is None  # waits
     h.response.end(ResponseDone())
@@ -288,7 +287,7 @@ def test_full_disk_still_streams_the_whole_file(room: int, tmp_path: Path) -> No
         if h.response.transport.paused:
             break
     # The slow reader has read nothing: the upstream waits for it.
-    assert h.response.transport.paused and not h.flight.cacheable
+    assert h.response.transport.paused and not h.flight.spool.cacheable
     assert len(h.flight.spool.memory) <= 200 + 50
     got_slow = bytearray()
     pump(slow, got_slow)

@@ -142,15 +142,16 @@ def test_a_failing_punch_stops_punching_for_that_file_only(tmp_path: Path) -> No
     policy = PunchPolicy(min_size=100, step=100)
     one = harness(tmp_path / "1", run=FailableRun(), punch=cannot, punch_policy=policy)
     two = harness(tmp_path / "2", run=FailableRun(), punch_policy=policy)
-    default = two.flight.punch
+    default = two.flight.puncher.punch
     assert default is not None
-    assert one.flight.punch is cannot
+    assert one.flight.puncher.punch is cannot
     one.flight.upload = HeldUpload()
     one.response.send(DATA[:300])
-    run = one.flight.run
+    run = one.flight.tuning.run
     assert isinstance(run, FailableRun)
     run.drain()
-    assert one.flight.punch is None and two.flight.punch is default and punching.PUNCH_HOLE is default
+    assert one.flight.puncher.punch is None
+    assert two.flight.puncher.punch is default and punching.PUNCH_HOLE is default
 
 
 # -- a hit only while the index lists it

@@ -82,11 +82,11 @@ def test_what_the_stages_mean() -> None:
 
 def test_a_flight_goes_through_its_stages(tmp_path: Path) -> None:
     h = harness(tmp_path)
-    assert h.flight.stage is S.STREAMING and h.flight.has_started  # the fake answers at once
+    assert h.flight.life.stage is S.STREAMING and h.flight.has_started  # the fake answers at once
     h.response.send(DATA)
-    assert h.flight.stage is S.STREAMING and not h.flight.verified
+    assert h.flight.life.stage is S.STREAMING and not h.flight.verified
     h.response.end(ResponseDone())
-    assert h.flight.stage is S.LANDED and h.flight.done and h.landed[0] is not None
+    assert h.flight.life.stage is S.LANDED and h.flight.done and h.landed[0] is not None
     assert not h.flight.stop("too late")  # a landed flight is not stopped
 
 
@@ -94,11 +94,11 @@ def test_a_stopped_flight_fails_and_stays_failed(tmp_path: Path) -> None:
     h = harness(tmp_path)
     h.response.send(DATA[:10])
     assert h.flight.stop("the proxy is shutting down")
-    assert h.flight.stage is S.FAILED and h.flight.has_started and h.flight.done
+    assert h.flight.life.stage is S.FAILED and h.flight.has_started and h.flight.done
     assert h.flight.failure is not None and h.flight.failure.status == 503
     assert not h.flight.stop("again")
     h.clock.advance(10)  # no timer fires into a failed flight
-    assert h.flight.stage is S.FAILED and h.landed == [None]
+    assert h.flight.life.stage is S.FAILED and h.landed == [None]
 
 
 def test_a_timer_is_started_pushed_back_and_cancelled() -> None:

@@ -393,7 +393,7 @@ async def test_client_that_leaves_does_not_cancel_the_fetch(
     gate.callback(None)
     # The flight goes on to the end for later clients.
     (flight,) = running.proxy.files.downloads.flights.values()
-    assert await Deferred.fromCoroutine(flight.read(len(big.content), 1)) == b""
+    assert await Deferred.fromCoroutine(flight.readers.read(len(big.content), 1)) == b""
     assert flight.verified
     response = await http.get(url)
     assert await response.content() == big.content

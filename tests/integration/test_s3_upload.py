@@ -290,7 +290,7 @@ async def test_a_big_download_is_never_whole_on_local_disk(
     response, flight = await start_held(running, http, "huge", HUGE)
     got, reached, done = receive_until(response, PART_SIZE)
     await within(reached)
-    await within(flight.wait_punched(PART_SIZE))
+    await within(flight.puncher.freed.wait(PART_SIZE))
     spool = os.stat(flight.spool.path)
     assert spool.st_size == len(huge.content) // 2  # what the upstream sent so far
     assert spool.st_blocks * 512 <= spool.st_size - PART_SIZE + 64 * 1024  # but the first part is freed

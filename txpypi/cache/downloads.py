@@ -23,6 +23,7 @@ from txpypi.fetch.commit import CommitJournal
 from txpypi.fetch.flight import Flight
 from txpypi.fetch.punch import PunchPolicy
 from txpypi.fetch.spool import SpoolHealth
+from txpypi.fetch.tuning import FlightTuning
 from txpypi.fetch.upstream import UpstreamClient
 from txpypi.fetch.wanted import FlightFailed, Peer, Wanted
 from txpypi.storage.metadata import FileRecord, IMetadata
@@ -157,15 +158,17 @@ class Downloads:
             self._metadata,
             self._clock,
             self._landed,
-            read_timeout=self._client.read_timeout,
-            min_rate=self._client.min_rate,
+            tuning=FlightTuning(
+                read_timeout=self._client.read_timeout,
+                min_rate=self._client.min_rate,
+                spool_write=self.spool_write,
+                run=self.run_spooling,
+                punch_policy=self.punch_policy,
+            ),
             on_store_error=self._on_store_error,
-            spool_write=self.spool_write,
-            run=self.run_spooling,
             peer=peer,
             journal=self.journal,
             spool_health=self.spool_health,
-            punch_policy=self.punch_policy,
         )
         self.flights[wanted.key] = flight
         if peer is None:

@@ -7,9 +7,9 @@ upstream for its clients: the spool on disk is the buffer, so memory stays
 flat however many clients read and however slow they are.  Hashing and spool
 writes run in a worker thread (both release the GIL), a batch at a time, so
 the reactor thread only moves bytes between sockets; the upstream is paused
-only while the worker is behind by L{QUEUE_HIGH} bytes.  Every client reads
-through a L{FlightReader} at its own pace, waiting for more bytes when it
-has caught up.  The last byte written is held back from every client until
+only while the worker is behind by L{FlightTuning.queue_high} bytes.  Every
+client reads through a L{FlightReader} at its own pace, waiting for more
+bytes when it has caught up.  The last byte written is held back from every client until
 the hash and length check out, so a client never receives a complete-looking
 wrong file; on failure every client's reads fail and nothing is cached.
 
@@ -20,7 +20,8 @@ L{txpypi.fetch.stage} for the moves):
  - L{Puncher}: freeing the spool's prefix the store's upload already has;
  - L{Commit}: putting the verified file into the stores;
  - L{Pacing}: holding the upstream back while bytes pile up;
- - L{Readers}: its clients' readers.
+ - L{Readers}: the read side, its clients' readers and their waiting reads.
+L{FlightTuning} says how the parts are set up (the same for every flight).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -39,29 +39,22 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from txpypi.concurrency.waiters import Once, in_thread_now
+from txpypi.concurrency.waiters import Once
 from txpypi.core.names import Hasher
 from txpypi.fetch.body import BodySink, UpstreamBody, open_response
 from txpypi.fetch.commit import Commit, CommitJournal, start_upload
 from txpypi.fetch.pacing import Pacing
-from txpypi.fetch.punch import PUNCH_HOLE, Puncher, PunchHole, PunchPolicy
+from txpypi.fetch.punch import Puncher
 from txpypi.fetch.reader import FlightReader, Readers
 from txpypi.fetch.spool import HashLane, Spool, SpoolHealth
 from txpypi.fetch.stage import Lifecycle, Stage
+from txpypi.fetch.tuning import FlightTuning
 from txpypi.fetch.upstream import UpstreamClient
 from txpypi.fetch.wanted import FlightFailed, Peer, Wanted
 from txpypi.storage.metadata import FileRecord, IMetadata
 from txpypi.storage.stores import IFileStore, IUpload, file_key
 
 log = Logger(namespace="txpypi.download")
-
-#: Received bytes that may wait for the worker thread to hash them before
-#: the upstream is paused; it is resumed below half of it.
-QUEUE_HIGH = 8 * 1024 * 1024
-
-#: When the spool cannot be written, a flight keeps its bytes in memory for
-#: its clients; past this many it pauses the upstream until they catch up.
-MEMORY_HIGH = 8 * 1024 * 1024
 
 #: Where a spool may still be punched: not once it is committing or over.
 _PUNCHABLE = frozenset({Stage.STARTING, Stage.STREAMING, Stage.RECEIVED, Stage.VERIFIED})
@@ -79,20 +72,7 @@ class Flight:
     _metadata: IMetadata
     _clock: IReactorTime
     _on_done: Callable[[Flight, FileRecord | None], None]
-    read_timeout: float = 60.0
-    #: The slowest an upstream may send, in bytes per second, averaged over
-    #: each C{read_timeout} (0: no minimum): a slow drip cannot hold the
-    #: download, its clients and its cluster lock for ever.
-    min_rate: float = 0.0
-    #: How spool bytes are written (a test may inject a full disk; once
-    #: started, the spool's own C{write}).
-    spool_write: Callable[[int, memoryview], int] = os.write
-    #: How the spool's freed prefix is punched out (L{None}: it cannot be).
-    _punch: PunchHole | None = PUNCH_HOLE
-    punch_policy: PunchPolicy = PunchPolicy()
-    #: How hashing and spool writes run: C{run(f, *args)} gives a Deferred of
-    #: C{f(*args)}, called in a worker thread in production.
-    run: Callable[..., Deferred[Any]] = in_thread_now
+    tuning: FlightTuning = FlightTuning()
     #: Where to fetch the bytes instead of the upstream: a download in
     #: progress on another instance, which caches the file (we do not).
     peer: Peer | None = None
@@ -102,8 +82,6 @@ class Flight:
     journal: CommitJournal | None = None
     #: The last spool error, shared with the file cache's other flights.
     spool_health: SpoolHealth = attrs.field(factory=SpoolHealth)
-    memory_high: int = MEMORY_HIGH
-    queue_high: int = QUEUE_HIGH
     #: The store's upload of this file while it downloads, when the store
     #: can take one and the index gave the sha256 (so the key is known).
     upload: IUpload | None = None
@@ -113,44 +91,32 @@ class Flight:
     #: The record this file's record replaced when it landed, if any.
     replaced: FileRecord | None = None
     _failure: FlightFailed | None = attrs.field(default=None, init=False)
-    #: The flight's one state: see L{txpypi.fetch.stage}.
-    _life: Lifecycle = attrs.field(factory=Lifecycle, init=False)
+    #: The flight's one state (see L{txpypi.fetch.stage}): others read it,
+    #: only the flight moves it.
+    life: Lifecycle = attrs.field(factory=Lifecycle, init=False)
     #: How the body ended, while the hash catches up (L{Stage.RECEIVED}).
     _body_end: Failure | None = attrs.field(default=None, init=False)
-    #: Happens at the next change a waiting reader may care for.
-    _changed: Once[None] = attrs.field(factory=Once, init=False)
     _over: Once[None] = attrs.field(factory=Once, init=False)
     spool: Spool = attrs.field(init=False)
     _hashing: HashLane = attrs.field(init=False)
     _body: UpstreamBody = attrs.field(init=False)
-    _puncher: Puncher = attrs.field(init=False)
-    _readers: Readers = attrs.field(factory=Readers, init=False)
+    puncher: Puncher = attrs.field(init=False)
+    readers: Readers = attrs.field(init=False)
     _pacing: Pacing = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
+        t, filename, written = self.tuning, self.wanted.filename, lambda: self.written
+        self.spool = Spool(t.run, self._spooled, self._lane_crashed, t.spool_write)
         hasher = Hasher(self.wanted.expected_hash)
-        self.spool = Spool(self.run, self._spooled, self._lane_crashed, self.spool_write)
-        self._hashing = HashLane(hasher, self.run, self._hashed, self._lane_crashed)
-        self._body = UpstreamBody(
-            self._clock, lambda: self.written, self._fail, self.read_timeout, self.min_rate
-        )
-        self._puncher = Puncher(self._punch, self.punch_policy, self.wanted.filename, self._after_punch)
+        self._hashing = HashLane(hasher, t.run, self._hashed, self._lane_crashed)
+        self._body = UpstreamBody(self._clock, written, self._fail, t.read_timeout, t.min_rate)
+        self.puncher = Puncher(t.punch, t.punch_policy, filename, self._after_punch)
+        self.readers = Readers(self, self.spool, self.puncher, self._reader_moved, self._reader_closed)
         self._pacing = Pacing(
-            self._clock,
-            self._body,
-            self.spool,
-            self._readers,
-            lambda: self.written,
-            self.wanted.filename,
-            self.memory_high,
-            self.queue_high,
+            self._clock, self._body, self.spool, self.readers, written, filename, t.memory_high, t.queue_high
         )
 
     # -- what others read
-
-    @property
-    def stage(self) -> Stage:
-        return self._life.stage
 
     @property
     def failure(self) -> FlightFailed | None:
@@ -164,48 +130,32 @@ class Flight:
         """
         Whether the upstream's response headers arrived (even if it failed since).
         """
-        return self._life.reached(Stage.STREAMING)
+        return self.life.reached(Stage.STREAMING)
 
     @property
     def verified(self) -> bool:
-        return self._life.verified
+        return self.life.verified
 
     @property
     def done(self) -> bool:
         """
         Over: landed (cached or not) or failed; no longer a flight to join.
         """
-        return self._life.over
-
-    @property
-    def cacheable(self) -> bool:
-        """
-        False once the spool failed: the file still streams, but from
-        memory, and is not cached.
-        """
-        return self.spool.cacheable
-
-    @property
-    def punch(self) -> PunchHole | None:
-        """
-        How this spool's freed prefix is punched out: L{None} if it cannot
-        be (here, or for this file since punching it failed).
-        """
-        return self._puncher.punch
+        return self.life.over
 
     @property
     def joinable(self) -> bool:
         """
         Whether a client may still join: not once the spool's start is freed.
         """
-        return self._puncher.joinable
+        return self.puncher.joinable
 
     @property
     def clients(self) -> int:
         """
         How many clients are reading this download.
         """
-        return len(self._readers)
+        return len(self.readers)
 
     def sha256(self) -> str | None:
         """
@@ -218,7 +168,7 @@ class Flight:
         What this download will add to the cache once it lands: it counts
         towards the size limit while it is spooled.
         """
-        if self.done or not self.cacheable or self.peer is not None:
+        if self.done or not self.spool.cacheable or self.peer is not None:
             return 0
         return max(self.size or self.wanted.size or 0, self.written)
 
@@ -228,11 +178,20 @@ class Flight:
         """
         return self._over.wait()
 
-    def wait_punched(self, length: int) -> Deferred[None]:
+    def reader(self) -> FlightReader:
         """
-        Fire once the spool's first C{length} bytes are freed.
+        A new reader of this flight's bytes; its owner closes it.
         """
-        return self._puncher.freed.wait(length)
+        return self.readers.reader()
+
+    async def wait_started(self) -> None:
+        """
+        Wait until the upstream's response headers arrived (so L{size} is
+        known if it ever will be).
+
+        @raise FlightFailed: if the fetch failed first.
+        """
+        await self.readers.wait_started()
 
     # -- starting
 
@@ -254,7 +213,7 @@ class Flight:
         except FlightFailed as e:
             self._fail(e)
             return
-        if self._life.failed:
+        if self.life.failed:
             response.deliverBody(BodySink(None))  # stopped meanwhile: drop the connection
             return
         length = None if response.length is UNKNOWN_LENGTH else int(response.length)
@@ -263,8 +222,8 @@ class Flight:
             self._fail(FlightFailed(502, "upstream Content-Length disagrees with the index's size"))
             return
         self.size = length if length is not None else self.wanted.size
-        self._life.move(Stage.STREAMING)
-        self._wake()
+        self.life.move(Stage.STREAMING)
+        self.readers.wake()
         self._body.watch()
         response.deliverBody(BodySink(self))
 
@@ -274,7 +233,7 @@ class Flight:
         self._body.attach(transport)
 
     def data(self, data: bytes) -> None:
-        if self._life.failed:
+        if self.life.failed:
             return
         self._body.arrived()
         if self.size is not None and self.written + len(data) > self.size:
@@ -285,15 +244,15 @@ class Flight:
         self.written += len(data)
         self._hashing.push(data)
         self.spool.push(data)
-        self._wake()
+        self.readers.wake()
         self._pacing.received(self._hashing.pending)
 
     def ended(self, reason: Failure) -> None:
-        if self._life.failed:
+        if self.life.failed:
             return
         self._pacing.forget_stuck()
         self._body.ended()
-        self._life.move(Stage.RECEIVED)
+        self.life.move(Stage.RECEIVED)
         if not self._hashing.idle:
             self._body_end = reason  # checked once the hash has caught up
             return
@@ -308,8 +267,8 @@ class Flight:
             self._fail(FlightFailed(502, error))
             return
         self.size = self.written
-        self._life.move(Stage.VERIFIED)
-        self._wake()
+        self.life.move(Stage.VERIFIED)
+        self.readers.wake()
         self._maybe_commit()
 
     # -- the workers
@@ -347,13 +306,13 @@ class Flight:
     # -- freeing what the store already has
 
     def _maybe_punch(self) -> None:
-        if self.upload is None or self.stage not in _PUNCHABLE or not self.cacheable:
+        if self.upload is None or self.life.stage not in _PUNCHABLE or not self.spool.cacheable:
             return
-        lowest = self._readers.lowest(self.written)
-        self._puncher.consider(self.upload, self.spool, self.size or 0, lowest)
+        lowest = self.readers.lowest(self.written)
+        self.puncher.consider(self.upload, self.spool, self.size or 0, lowest)
 
     def _after_punch(self) -> None:
-        if self._life.failed:
+        if self.life.failed:
             self.spool.release_writer()
             return
         self._maybe_punch()
@@ -366,11 +325,11 @@ class Flight:
         Once the file is verified and the spool written: cache it (if the
         spool could be written).
         """
-        if self.stage is not Stage.VERIFIED or not self.spool.idle or self._puncher.busy:
+        if self.life.stage is not Stage.VERIFIED or not self.spool.idle or self.puncher.busy:
             return
-        self._life.move(Stage.COMMITTING)
+        self.life.move(Stage.COMMITTING)
         self.spool.release_writer()
-        if not self.cacheable or self.peer is not None:
+        if not self.spool.cacheable or self.peer is not None:
             self.spool.unlink()
             self._finish(None)
             return
@@ -378,16 +337,8 @@ class Flight:
 
     async def _commit(self) -> None:
         sha256 = self._hashing.sha256()
-        record = FileRecord(
-            key=self.wanted.key,
-            upstream=self.wanted.upstream,
-            url=self.wanted.url,
-            sha256=sha256,
-            size=self.written,
-            store_key=file_key(sha256, self.wanted.filename),
-            cached_at=self._clock.seconds(),
-        )
-        commit = Commit(self._store, self._metadata, self.journal, self.run, self.on_store_error)
+        record = _record(self.wanted, sha256, self.written, self._clock.seconds())
+        commit = Commit(self._store, self._metadata, self.journal, self.tuning.run, self.on_store_error)
         landed = await commit.land(record, self.wanted.filename, self.spool.path, self.upload)
         if not landed.cached:
             self.spool.unlink()
@@ -414,17 +365,17 @@ class Flight:
 
         @return: whether it was stopped.
         """
-        if self.stage not in (Stage.STARTING, Stage.STREAMING):
+        if self.life.stage not in (Stage.STARTING, Stage.STREAMING):
             return False
         self._fail(FlightFailed(503, reason))
         return True
 
     def _fail(self, failure: FlightFailed) -> None:
-        if not self._life.can(Stage.FAILED):
+        if not self.life.can(Stage.FAILED):
             return  # over already, or verified: its clients have every byte
         self._failure = failure
         self._body_end = None
-        self._life.move(Stage.FAILED)
+        self.life.move(Stage.FAILED)
         self._body.stop()  # stop downloading what nobody will get
         log.warn(
             "download of {url} failed, nothing cached: {reason}",
@@ -436,11 +387,11 @@ class Flight:
         self.spool.unlink()
         # Finished (no longer a flight to join) before its waiters hear of it.
         self._finish(None)
-        self._wake()
+        self.readers.wake()
 
     def _finish(self, record: FileRecord | None) -> None:
-        if not self._life.failed:
-            self._life.move(Stage.LANDED)
+        if not self.life.failed:
+            self.life.move(Stage.LANDED)
         self._pacing.forget_stuck()
         self._on_done(self, record)
         self.spool.release()
@@ -450,84 +401,18 @@ class Flight:
         else:
             self._over.happen(None)
 
-    def _wake(self) -> None:
-        """
-        Something a waiting reader may care for happened: bytes came, the
-        fetch started, verified or failed.
-        """
-        changed, self._changed = self._changed, Once()
-        changed.happen(None)
-
-    # -- readers
-
-    def reader(self) -> FlightReader:
-        """
-        A new reader of this flight's bytes; its owner closes it.
-        """
-        self.spool.hold()
-        reader = FlightReader(self)
-        self._readers.add(reader)
-        return reader
-
-    def reader_moved(self) -> None:
+    def _reader_moved(self) -> None:
         """
         A reader read on: the bytes every reader is past may be let go.
         """
         self._pacing.trim()
         self._maybe_punch()
 
-    def reader_closed(self, reader: FlightReader) -> None:
+    def _reader_closed(self) -> None:
         """
-        A reader is done: it no longer holds bytes or the spool.
+        A reader is done: the bytes it held in memory may be let go.
         """
-        self._readers.discard(reader)
         self._pacing.trim()
-        self.spool.release()
-
-    async def wait_started(self) -> None:
-        """
-        Wait until the upstream's response headers arrived (so L{size} is
-        known if it ever will be).
-
-        @raise FlightFailed: if the fetch failed first.
-        """
-        while True:
-            if self._failure is not None:
-                raise self._failure
-            if self.has_started:
-                return
-            await self._changed.wait()
-
-    def readable(self) -> int:
-        """
-        How many bytes clients may have: all once verified, else all but the
-        last one written.
-        """
-        return self.written if self.verified else max(0, self.written - 1)
-
-    async def read(self, offset: int, length: int) -> bytes:
-        """
-        Read up to C{length} bytes at C{offset}, waiting for them to arrive.
-        The last byte asked for is held back until the file is verified,
-        like the file's last byte: a reader that asks for the rest of a
-        range thereby never receives a complete-looking range of a file
-        that turns out bad (a chunk in the middle comes one byte short).
-
-        @raise FlightFailed: if the fetch failed.
-        """
-        while True:
-            if self._failure is not None:
-                raise self._failure
-            if offset < self._puncher.floor:
-                raise FlightFailed(503, "these bytes are no longer held here")
-            limit = self.readable()
-            if not self.verified:
-                limit = min(limit, offset + length - 1)
-            if offset < limit:
-                return self.spool.read(offset, min(length, limit - offset))
-            if self.verified:
-                return b""
-            await self._changed.wait()
 
 
 def _body_error(reason: Failure, size: int | None, written: int, hashed: bool) -> str | None:
@@ -545,3 +430,18 @@ def _body_error(reason: Failure, size: int | None, written: int, hashed: bool) -
     if size is not None and written != size:
         return f"upstream sent {written} of {size} bytes"
     return None
+
+
+def _record(wanted: Wanted, sha256: str, size: int, now: float) -> FileRecord:
+    """
+    The record of the verified file C{wanted}, cached C{now}.
+    """
+    return FileRecord(
+        key=wanted.key,
+        upstream=wanted.upstream,
+        url=wanted.url,
+        sha256=sha256,
+        size=size,
+        store_key=file_key(sha256, wanted.filename),
+        cached_at=now,
+    )

@@ -1,6 +1,7 @@
 """
-What a client reads from a flight: a L{FlightReader} each, and the flight's
-L{Readers}.
+What clients read from a flight: a L{FlightReader} each, and the flight's
+read side, L{Readers}, which holds the file's last byte back until it is
+verified and lets each read wait for its bytes to arrive.
 """
 
 from __future__ import annotations
@@ -11,12 +12,15 @@ from typing import Any, Protocol
 import attrs
 from twisted.internet.defer import Deferred, fail
 
+from txpypi.concurrency.waiters import Once
+from txpypi.fetch.punch import Puncher
+from txpypi.fetch.spool import Spool
 from txpypi.fetch.wanted import FlightFailed
 
 
 class ReadFrom(Protocol):
     """
-    What a reader reads from (a L{txpypi.fetch.flight.Flight}).
+    What a reader reads from (a flight's L{Readers}).
     """
 
     @property
@@ -80,13 +84,49 @@ class FlightReader:
             self._flight.reader_closed(self)
 
 
+class ReadState(Protocol):
+    """
+    What the read side needs to know of its flight (a
+    L{txpypi.fetch.flight.Flight}).
+    """
+
+    @property
+    def size(self) -> int | None: ...
+
+    @property
+    def written(self) -> int:
+        """
+        Bytes received: spooled, or held in memory until they are.
+        """
+
+    @property
+    def failure(self) -> FlightFailed | None: ...
+
+    @property
+    def has_started(self) -> bool: ...
+
+    @property
+    def verified(self) -> bool: ...
+
+
 @attrs.define(eq=False)
 class Readers:
     """
-    A flight's readers.
+    A flight's read side: its clients' readers, and the reads that wait for
+    bytes to arrive.  The flight L{wake}s them at every change they may care
+    for.
     """
 
+    _flight: ReadState
+    _spool: Spool
+    _puncher: Puncher
+    #: Called when a reader read on: the bytes every reader is past may be let go.
+    _on_moved: Callable[[], None]
+    #: Called when a reader closed, before it lets go of the spool.
+    _on_closed: Callable[[], None]
     _readers: list[FlightReader] = attrs.field(factory=list)
+    #: Happens at the next change a waiting reader may care for.
+    _changed: Once[None] = attrs.field(factory=Once)
 
     def __len__(self) -> int:
         return len(self._readers)
@@ -94,15 +134,86 @@ class Readers:
     def __iter__(self) -> Iterator[FlightReader]:
         return iter(self._readers)
 
-    def add(self, reader: FlightReader) -> None:
-        self._readers.append(reader)
-
-    def discard(self, reader: FlightReader) -> None:
-        if reader in self._readers:
-            self._readers.remove(reader)
-
     def lowest(self, default: int) -> int:
         """
         Where the slowest reader is (C{default} without readers).
         """
         return min((r.position for r in self._readers), default=default)
+
+    def reader(self) -> FlightReader:
+        """
+        A new reader of the flight's bytes; its owner closes it.
+        """
+        self._spool.hold()
+        reader = FlightReader(self)
+        self._readers.append(reader)
+        return reader
+
+    @property
+    def size(self) -> int | None:
+        return self._flight.size
+
+    def reader_moved(self) -> None:
+        self._on_moved()
+
+    def reader_closed(self, reader: FlightReader) -> None:
+        """
+        A reader is done: it no longer holds bytes or the spool.
+        """
+        if reader in self._readers:
+            self._readers.remove(reader)
+        self._on_closed()
+        self._spool.release()
+
+    def wake(self) -> None:
+        """
+        Something a waiting reader may care for happened: bytes came, the
+        fetch started, verified or failed.
+        """
+        changed, self._changed = self._changed, Once()
+        changed.happen(None)
+
+    async def wait_started(self) -> None:
+        """
+        Wait until the upstream's response headers arrived (so the flight's
+        size is known if it ever will be).
+
+        @raise FlightFailed: if the fetch failed first.
+        """
+        while True:
+            if self._flight.failure is not None:
+                raise self._flight.failure
+            if self._flight.has_started:
+                return
+            await self._changed.wait()
+
+    def readable(self) -> int:
+        """
+        How many bytes clients may have: all once verified, else all but the
+        last one written.
+        """
+        written = self._flight.written
+        return written if self._flight.verified else max(0, written - 1)
+
+    async def read(self, offset: int, length: int) -> bytes:
+        """
+        Read up to C{length} bytes at C{offset}, waiting for them to arrive.
+        The last byte asked for is held back until the file is verified,
+        like the file's last byte: a reader that asks for the rest of a
+        range thereby never receives a complete-looking range of a file
+        that turns out bad (a chunk in the middle comes one byte short).
+
+        @raise FlightFailed: if the fetch failed.
+        """
+        while True:
+            if self._flight.failure is not None:
+                raise self._flight.failure
+            if offset < self._puncher.floor:
+                raise FlightFailed(503, "these bytes are no longer held here")
+            verified = self._flight.verified
+            limit = self.readable() if verified else min(self.readable(), offset + length - 1)
+            if offset < limit:
+                return self._spool.read(offset, min(length, limit - offset))
+            if verified:
+                return b""
+            await self._changed.wait()
