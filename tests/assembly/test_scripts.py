@@ -4,8 +4,10 @@ The README's test command, C{scripts/test}, as a new user meets it.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,10 +22,12 @@ def test_without_root_it_names_the_packages_to_install_and_runs_nothing(tmp_path
     """
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for tool in ("bash", "dirname", "python3.11"):
+    for tool in ("bash", "dirname"):
         found = shutil.which(tool)
         assert found is not None, tool
         (bin_dir / tool).symlink_to(found)
+    # The interpreter itself, not a shim (pyenv's need more than this PATH).
+    (bin_dir / "python3.11").symlink_to(os.path.realpath(sys.executable))
     fake_id = bin_dir / "id"
     fake_id.write_text("#!/bin/sh\necho 1000\n")
     fake_id.chmod(0o755)
