@@ -138,9 +138,9 @@ def harness(
         store,
         MemoryMetadata(),
         clock,
-        lambda f, record: landed.append(record),
         tuning=FlightTuning(read_timeout=5.0, run=run or in_thread_now, **options),
     )
+    flight.finished().addCallback(landed.append)
     flight.start()
     return Harness(flight, response, clock, store, landed, tmp_path)
 

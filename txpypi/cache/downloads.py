@@ -157,7 +157,6 @@ class Downloads:
             self._store,
             self._metadata,
             self._clock,
-            self._landed,
             tuning=FlightTuning(
                 read_timeout=self._client.read_timeout,
                 min_rate=self._client.min_rate,
@@ -171,6 +170,7 @@ class Downloads:
             spool_health=self.spool_health,
         )
         self.flights[wanted.key] = flight
+        flight.finished().addCallback(lambda record: self._landed(flight, record))
         if peer is None:
             log.info("fetching {url}", url=wanted.url)
         else:

@@ -71,7 +71,6 @@ class Flight:
     _store: IFileStore
     _metadata: IMetadata
     _clock: IReactorTime
-    _on_done: Callable[[Flight, FileRecord | None], None]
     tuning: FlightTuning = FlightTuning()
     #: Where to fetch the bytes instead of the upstream: a download in
     #: progress on another instance, which caches the file (we do not).
@@ -97,6 +96,7 @@ class Flight:
     #: How the body ended, while the hash catches up (L{Stage.RECEIVED}).
     _body_end: Failure | None = attrs.field(default=None, init=False)
     _over: Once[None] = attrs.field(factory=Once, init=False)
+    _finished: Once[FileRecord | None] = attrs.field(factory=Once, init=False)
     spool: Spool = attrs.field(init=False)
     _hashing: HashLane = attrs.field(init=False)
     _body: UpstreamBody = attrs.field(init=False)
@@ -171,6 +171,15 @@ class Flight:
         if self.done or not self.spool.cacheable or self.peer is not None:
             return 0
         return max(self.size or self.wanted.size or 0, self.written)
+
+    def finished(self) -> Deferred[FileRecord | None]:
+        """
+        Fire once the flight is finished, no longer one to join: with the
+        record of the file it cached, or L{None}.  That is before its
+        readers hear of it, and before L{when_done}, which waits for the
+        clean-up too.
+        """
+        return self._finished.wait()
 
     def when_done(self) -> Deferred[None]:
         """
@@ -393,7 +402,7 @@ class Flight:
         if not self.life.failed:
             self.life.move(Stage.LANDED)
         self._pacing.forget_stuck()
-        self._on_done(self, record)
+        self._finished.happen(record)
         self.spool.release()
         if record is None and self.upload is not None:
             # Over once nothing of it is left in the store.
