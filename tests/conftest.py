@@ -183,11 +183,14 @@ _CA_VARIABLES = {"REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_C
 
 def clean_env(**extra: str) -> dict[str, str]:
     """
-    The environment for pip or uv run through the proxy: the machine's pip
-    configuration and every PIP_* and UV_* variable shut out.
+    The environment for pip or uv run through the proxy, and for the
+    proxy's own processes: the machine's pip configuration and every PIP_*,
+    UV_* and TXPYPI_* variable shut out.
     """
     env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "UV_")) and k not in _CA_VARIABLES
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PIP_", "UV_", "TXPYPI_")) and k not in _CA_VARIABLES
     }
     env["PIP_CONFIG_FILE"] = os.devnull
     env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"

@@ -8,7 +8,8 @@ in L{txpypi.options}.  Pure apart from reading the files it is given.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -180,7 +181,22 @@ def count(low: int, high: int) -> Parse:
     return check
 
 
+#: How a flag may be spelled in text (the environment, a substituted value).
+_FLAG_WORDS = {
+    "true": True,
+    "yes": True,
+    "on": True,
+    "1": True,
+    "false": False,
+    "no": False,
+    "off": False,
+    "0": False,
+}
+
+
 def flag(key: str, value: Any) -> bool:
+    if isinstance(value, str) and value.strip().lower() in _FLAG_WORDS:
+        return _FLAG_WORDS[value.strip().lower()]
     if not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     return value
@@ -302,11 +318,44 @@ def check(settings: Settings) -> Settings:
     return settings
 
 
-def load_file(path: str) -> dict[str, Any]:
-    """
-    Read a YAML config file into a mapping.
+#: C{${VAR}} or C{${VAR:-default}} in a value of the config file.
+_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
-    @raise ConfigError: if it cannot be read or is not a mapping.
+
+def expand(value: Any, environ: Mapping[str, str], key: str) -> Any:
+    """
+    C{value} from the config file with every C{${VAR}} and
+    C{${VAR:-default}} in its strings (in lists too) replaced from
+    C{environ}, before the value is parsed (so that C{index-ttl: ${TTL}}
+    reads as a number, as the command line's text does).
+
+    @raise ConfigError: for a variable that is not set and has no default,
+        naming it and C{key}.
+    """
+    if isinstance(value, list):
+        return [expand(item, environ, key) for item in value]
+    if not isinstance(value, str):
+        return value
+
+    def replace(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        found = environ.get(name)
+        if found is not None:
+            return found
+        if default is not None:
+            return default
+        raise ConfigError(f"{key}: the environment variable {name} is not set")
+
+    return _REFERENCE.sub(replace, value)
+
+
+def load_file(path: str, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """
+    Read a YAML config file into a mapping, its C{${VAR}} references
+    replaced from C{environ} (the process's environment when L{None}).
+
+    @raise ConfigError: if it cannot be read or is not a mapping, or names
+        a variable that is not set.
     """
     try:
         with open(path, encoding="utf-8") as f:
@@ -319,4 +368,5 @@ def load_file(path: str) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config: {path} must hold a mapping of settings")
-    return data
+    environ = os.environ if environ is None else environ
+    return {key: expand(value, environ, str(key)) for key, value in data.items()}

@@ -14,6 +14,7 @@ C{etc/txpypi.yaml} name the same options.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
@@ -276,16 +277,68 @@ def check(settings: Settings) -> Settings:
     return settings
 
 
-def read(path: str | None, given: Mapping[str, Any]) -> Settings:
+#: The prefix of the environment variables that set options.
+ENV_PREFIX = "TXPYPI_"
+
+#: The variable that names the config file when C{--config} does not.
+ENV_CONFIG = ENV_PREFIX + "CONFIG"
+
+
+def env_name(key: str) -> str:
     """
-    The settings: the defaults, then the YAML file at C{path} (if any), then
-    what the command line C{given}.
+    The environment variable of a setting's key: C{max-cache-size} is
+    C{TXPYPI_MAX_CACHE_SIZE}, C{admin-token-file} C{TXPYPI_ADMIN_TOKEN_FILE}.
+    """
+    return ENV_PREFIX + key.upper().replace("-", "_")
+
+
+def _env_keys() -> dict[str, tuple[str, Option]]:
+    return {env_name(key): (key, option) for option in OPTIONS for key, _ in option.keys()}
+
+
+def from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
+    """
+    The settings that C{environ} gives as C{TXPYPI_<KEY>} variables, keyed
+    like the YAML file; their text is read as the command line's is (a
+    list option's values separated by commas).
+
+    @raise ConfigError: for a C{TXPYPI_} variable that names no setting.
+    """
+    keys = _env_keys()
+    values: dict[str, Any] = {}
+    for name, given_text in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG:
+            continue
+        if name not in keys:
+            raise ConfigError(f"unknown setting in the environment: {name}")
+        key, option = keys[name]
+        if option.takes == "list" and not key.endswith("-file"):
+            values[key] = [part.strip() for part in given_text.split(",") if part.strip()]
+        else:
+            values[key] = given_text
+    return values
+
+
+def read(path: str | None, given: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
+    """
+    The settings: the defaults, then the YAML file at C{path} (if any;
+    else the one C{TXPYPI_CONFIG} names), then the C{TXPYPI_*} variables
+    of C{environ} (the process's environment when L{None}), then what the
+    command line C{given}.
 
     @raise ConfigError: for a bad setting.
     """
+    environ = os.environ if environ is None else environ
+    path = environ.get(ENV_CONFIG) if path is None else path
     settings = Settings()
     if path is not None:
-        settings = apply(settings, config.load_file(path))
+        settings = apply(settings, config.load_file(path, environ))
+    for key, value in from_environ(environ).items():
+        try:
+            settings = apply(settings, {key: value})
+        except ConfigError as e:  # name the variable, not the key
+            reason = str(e).removeprefix(f"{key}:").strip()
+            raise ConfigError(f"{env_name(key)}: {reason}") from None
     return check(apply(settings, given))
 
 
