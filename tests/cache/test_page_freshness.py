@@ -5,13 +5,11 @@ stale if the upstream fails, and offline.
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 from treq.testing import RequestTraversalAgent
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
+from tests.cache.test_pages import result
 from txpypi.cache.pages import PageCache
 from txpypi.fetch.upstream import Upstream, UpstreamClient
 from txpypi.storage.metadata import IMetadata, MemoryMetadata
@@ -21,15 +19,6 @@ from txpypi.testing import FakeUpstream, build_wheel
 def page_cache(fake: FakeUpstream, clock: Clock, metadata: IMetadata) -> PageCache:
     client = UpstreamClient(clock, agent=RequestTraversalAgent(fake))
     return PageCache(clock, client, metadata, Upstream("test", "http://upstream.test/simple"))
-
-
-def result(d: Any) -> Any:
-    out: list[Any] = []
-    Deferred.fromCoroutine(d).addBoth(out.append)
-    assert out, "did not complete synchronously"
-    if hasattr(out[0], "raiseException"):
-        out[0].raiseException()
-    return out[0]
 
 
 def test_page_freshness_follows_the_clock() -> None:

@@ -36,7 +36,7 @@ from txpypi.web.answers import (
     status_of,
     text,
 )
-from txpypi.web.sender import CHUNK, Sender
+from txpypi.web.sender import CHUNK, Sender, send_among
 
 log = Logger(namespace="txpypi.app")
 
@@ -146,11 +146,7 @@ class FilesResource(Resource):
         if started is None:
             return
         sender, plan = started
-        self._senders.add(sender)
-        try:
-            await sender.start()
-        finally:
-            self._senders.discard(sender)
+        await send_among(sender, self._senders)
         size = held.opened.size
         whole = plan.start == 0 and (size is None or sender.sent == size)
         if whole and request.finished and not filename.endswith(".metadata"):

@@ -17,7 +17,7 @@ from txpypi.fetch.flight import Flight
 from txpypi.fetch.reader import FlightReader
 from txpypi.fetch.wanted import FlightFailed
 from txpypi.web.answers import client_gone, error_text, finish_error, header, run, segment, text
-from txpypi.web.sender import Sender
+from txpypi.web.sender import Sender, send_among
 
 
 class PeerResource(Resource):
@@ -79,8 +79,4 @@ class PeerResource(Resource):
         finally:
             if reader is not None:
                 reader.close()
-        self._senders.add(sender)
-        try:
-            await sender.start()
-        finally:
-            self._senders.discard(sender)
+        await send_among(sender, self._senders)

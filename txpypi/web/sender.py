@@ -161,3 +161,15 @@ class Sender:
         for d in (self._pending, self._resume):
             if d is not None and not d.called:
                 d.cancel()
+
+
+async def send_among(sender: Sender, senders: set[Sender]) -> None:
+    """
+    Send the body, kept in C{senders} while it does: the shutdown waits for
+    those (and cuts off the ones still sending past its grace period).
+    """
+    senders.add(sender)
+    try:
+        await sender.start()
+    finally:
+        senders.discard(sender)
