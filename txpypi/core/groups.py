@@ -1,0 +1,225 @@
+"""
+Several upstream indexes behind one URL, as values: each configured
+upstream (L{UpstreamSpec}), the groups that serve them (L{GroupSpec}),
+the routes that send some project names only to some upstreams
+(L{Route}), and the whole of it (L{Topology}), checked once.
+
+Pure: the assembly reads the config into these, and the cache layer asks
+them which members may answer for a project (L{Topology.candidates}).
+"""
+
+from __future__ import annotations
+
+import re
+from fnmatch import fnmatchcase
+from typing import Literal
+
+import attrs
+
+#: Group and upstream names: lower case letters, digits and dashes.
+NAME = re.compile(r"[a-z0-9][a-z0-9-]*\Z", re.ASCII)
+
+#: The first path segments of the proxy's own routes, which no group may
+#: take (a group is served at C{/<group>/simple/}).
+RESERVED = frozenset(
+    {"simple", "files", "pypi", "cache", "metrics", "health", "stats", "_peer", "static", "admin", "api"}
+)
+
+#: The group the command line's C{--upstream} makes, served at C{/simple/}.
+DEFAULT_GROUP = "default"
+
+Strategy = Literal["first-index", "merge"]
+STRATEGIES: tuple[Strategy, ...] = ("first-index", "merge")
+
+
+class TopologyError(ValueError):
+    """
+    The upstreams, groups and routes do not fit together; the message is
+    one line that names the key.
+    """
+
+
+def check_name(key: str, name: object) -> str:
+    """
+    C{name} if it may name a group or an upstream.
+
+    @raise TopologyError: it may not, naming C{key}.
+    """
+    if not isinstance(name, str) or NAME.match(name) is None:
+        raise TopologyError(f"{key}: {name!r} is not a name (lower case letters, digits and dashes)")
+    if name in RESERVED:
+        raise TopologyError(f"{key}: {name!r} is a path of the proxy's own and cannot name a group")
+    return name
+
+
+@attrs.frozen
+class UpstreamSpec:
+    """
+    One configured upstream simple index.
+
+    @ivar prefix: where its pages and files are kept in the caches (its
+        name; C{default} for the command line's first C{--upstream}, so
+        that caches kept before groups existed stay valid).
+    @ivar authorization: the C{Authorization} header value sent to its own
+        origin only (basic auth or a bearer token), never shown.
+    @ivar ca_file: a PEM file of the CAs its TLS certificate is checked
+        against, instead of the system's.
+    @ivar verify: whether its TLS certificate is checked at all.
+    @ivar index_ttl: how long its pages stay fresh (L{None}: the global
+        C{index-ttl}).
+    """
+
+    name: str
+    url: str
+    prefix: str = attrs.field(default=attrs.Factory(lambda self: self.name, takes_self=True))
+    authorization: str | None = attrs.field(default=None, repr=False)
+    ca_file: str | None = None
+    verify: bool = True
+    index_ttl: float | None = None
+
+
+@attrs.frozen
+class Route:
+    """
+    Project names (globs on normalized names) that only some upstreams may
+    ever be asked about.
+    """
+
+    projects: tuple[str, ...]
+    upstreams: tuple[str, ...]
+
+    def matches(self, project: str) -> bool:
+        return any(fnmatchcase(project, pattern) for pattern in self.projects)
+
+
+@attrs.frozen
+class GroupSpec:
+    """
+    Upstreams served together at C{/<name>/simple/}, in priority order.
+    """
+
+    name: str
+    members: tuple[str, ...]
+    strategy: Strategy = "first-index"
+    #: Checked before the topology's own routes.
+    routes: tuple[Route, ...] = ()
+
+
+@attrs.frozen
+class Topology:
+    """
+    The upstreams, the groups and the routes, checked to fit together.
+    """
+
+    upstreams: tuple[UpstreamSpec, ...]
+    groups: tuple[GroupSpec, ...]
+    default_group: str = DEFAULT_GROUP
+    routes: tuple[Route, ...] = ()
+
+    def __attrs_post_init__(self) -> None:
+        self._check()
+
+    def _check(self) -> None:
+        names = [u.name for u in self.upstreams]
+        if not names:
+            raise TopologyError("upstreams: at least one upstream is needed")
+        for name in names:
+            check_name("upstreams", name)
+            if names.count(name) > 1:
+                raise TopologyError(f"upstreams: {name!r} is named twice")
+        prefixes = [u.prefix for u in self.upstreams]
+        if len(set(prefixes)) != len(prefixes):
+            raise TopologyError("upstreams: two upstreams share one cache prefix")
+        groups = [g.name for g in self.groups]
+        for group in self.groups:
+            check_name("groups", group.name)
+            if groups.count(group.name) > 1:
+                raise TopologyError(f"groups: {group.name!r} is named twice")
+            if not group.members:
+                raise TopologyError(f"groups: {group.name}: members: at least one upstream is needed")
+            for member in group.members:
+                if member not in names:
+                    raise TopologyError(f"groups: {group.name}: members: no upstream is named {member!r}")
+            if len(set(group.members)) != len(group.members):
+                raise TopologyError(f"groups: {group.name}: members: an upstream is listed twice")
+            if group.strategy not in STRATEGIES:
+                raise TopologyError(
+                    f"groups: {group.name}: strategy: expected first-index or merge, got {group.strategy!r}"
+                )
+            self._check_routes(f"groups: {group.name}: routes", group.routes, names)
+        self._check_routes("routes", self.routes, names)
+        if self.default_group not in groups:
+            raise TopologyError(f"default-group: no group is named {self.default_group!r}")
+
+    @staticmethod
+    def _check_routes(key: str, routes: tuple[Route, ...], names: list[str]) -> None:
+        for route in routes:
+            if not route.projects or not route.upstreams:
+                raise TopologyError(f"{key}: a route needs projects and upstreams")
+            for upstream in route.upstreams:
+                if upstream not in names:
+                    raise TopologyError(f"{key}: no upstream is named {upstream!r}")
+
+    def upstream(self, name: str) -> UpstreamSpec:
+        for upstream in self.upstreams:
+            if upstream.name == name:
+                return upstream
+        raise KeyError(name)
+
+    def group(self, name: str) -> GroupSpec:
+        for group in self.groups:
+            if group.name == name:
+                return group
+        raise KeyError(name)
+
+    def route_for(self, group: GroupSpec, project: str) -> Route | None:
+        """
+        The first route C{project} matches: the group's own, then the
+        topology's.
+        """
+        for route in (*group.routes, *self.routes):
+            if route.matches(project):
+                return route
+        return None
+
+    def candidates(self, group: GroupSpec, project: str) -> tuple[str, ...]:
+        """
+        The members of C{group} that may be asked about C{project}, in
+        priority order: all of them, or, when a route matches, only those it
+        names (none when it names no member: the project is unknown here).
+        """
+        route = self.route_for(group, project)
+        if route is None:
+            return group.members
+        return tuple(m for m in group.members if m in route.upstreams)
+
+    def listed_by(self, group: GroupSpec, member: str, project: str) -> bool:
+        """
+        Whether C{member}'s project list may put C{project} in C{group}'s
+        (a routed name only from the upstreams its route names).
+        """
+        route = self.route_for(group, project)
+        return route is None or member in route.upstreams
+
+    @property
+    def routed(self) -> bool:
+        """
+        Whether any route is configured (the project lists are then filtered).
+        """
+        return bool(self.routes) or any(g.routes for g in self.groups)
+
+
+def single(urls: tuple[str, ...]) -> Topology:
+    """
+    The topology of the command line's C{--upstream} (repeated: first-index
+    in that order): upstreams C{upstream}, C{upstream-2}, ... in one group,
+    C{default}.  The first keeps its pages and files where they were kept
+    before groups existed.
+    """
+    specs = tuple(
+        UpstreamSpec("upstream", url, prefix=DEFAULT_GROUP)
+        if i == 0
+        else UpstreamSpec(f"upstream-{i + 1}", url)
+        for i, url in enumerate(urls)
+    )
+    return Topology(specs, (GroupSpec(DEFAULT_GROUP, tuple(s.name for s in specs)),))
