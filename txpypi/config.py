@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import attrs
 import yaml
 
+from txpypi.core.groups import DEFAULT_GROUP, GroupSpec, Route, UpstreamSpec
 from txpypi.core.live import Live
 
 DEFAULT_LISTEN = "tcp:5000:interface=127.0.0.1"
@@ -43,6 +44,10 @@ class ConfigError(ValueError):
 _LIVE = Live()
 
 
+def _urls(value: str | tuple[str, ...]) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
 @attrs.frozen
 class Settings:
     """
@@ -52,7 +57,9 @@ class Settings:
     """
 
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
-    upstream: str = DEFAULT_UPSTREAM
+    #: The command line's upstreams (one group, first-index in this
+    #: order), unless C{upstreams} names them.
+    upstream: tuple[str, ...] = attrs.field(default=(DEFAULT_UPSTREAM,), converter=_urls)
     cache_dir: str = attrs.field(factory=default_cache_dir)
     index_ttl: float = _LIVE.index_ttl
     connect_timeout: float = 10.0
@@ -89,6 +96,11 @@ class Settings:
     page_cache_size: int = _LIVE.page_cache_size
     negative_ttl: float = _LIVE.negative_ttl
     max_upstream_requests: int = _LIVE.max_upstream_requests
+    #: Named upstreams, groups and routes (see L{txpypi.upstreams}).
+    upstreams: tuple[UpstreamSpec, ...] = ()
+    groups: tuple[GroupSpec, ...] = ()
+    default_group: str = DEFAULT_GROUP
+    routes: tuple[Route, ...] = ()
 
 
 #: What reads one setting's value: the key it was given under (which an

@@ -43,15 +43,16 @@ from txpypi.config import (
     secret,
     size,
     text,
-    upstream_url,
     url,
 )
 from txpypi.core.live import Live
+from txpypi.upstreams import group_name, groups_table, routes_list, topology, upstream_urls, upstreams_table
 
 #: What an option takes on the command line: a value (C{--name VALUE}),
 #: nothing (C{--name}; C{true} or C{false} in YAML), or a value each time it
-#: is repeated (a list in YAML).
-Takes = Literal["value", "flag", "list"]
+#: is repeated (a list in YAML); or a table, only in YAML (or as YAML text
+#: in its C{TXPYPI_*} variable), with no command-line option.
+Takes = Literal["value", "flag", "list", "table"]
 
 
 def _attribute(option: Option) -> str:
@@ -135,8 +136,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("listen", endpoints, takes="list", live=False, help=(
         "A Twisted server endpoint string to listen on; repeat it to listen on several "
         "(default: tcp:5000:interface=127.0.0.1).")),
-    Option("upstream", upstream_url, live=False, help=(
-        "The upstream simple index URL (default: https://pypi.org/simple/).")),
+    Option("upstream", upstream_urls, takes="list", live=False, help=(
+        "The upstream simple index URL; repeat it for several, asked first-index in that "
+        "order (default: https://pypi.org/simple/).")),
     Option("cache-dir", directory, live=False, help=(
         "Where cached files and metadata live (default: ~/.cache/txpypi).")),
     Option("index-ttl", seconds, live=True, help=(
@@ -231,6 +233,19 @@ OPTIONS: tuple[Option, ...] = (
     Option("admin-token", secret, secret=True, live=True, help=(
         "A file whose first line is the bearer token for the admin routes (without one, "
         "they answer 404).")),
+    Option("upstreams", upstreams_table, takes="table", live=False, help=(
+        "Named upstreams, each with its url and optional username, password (or "
+        "password-file), token (or token-file), ca-file, verify, index-ttl and file-hosts "
+        "(YAML only; instead of upstream).")),
+    Option("groups", groups_table, takes="table", live=False, help=(
+        "Groups of upstreams served at /<group>/simple/, each with its members in priority "
+        "order, its strategy (first-index or merge) and its own routes (YAML only; default: "
+        "one group, default, of all upstreams).")),
+    Option("default-group", group_name, live=False, help=(
+        "The group served at /simple/ and /pypi/simple/ (default: default).")),
+    Option("routes", routes_list, takes="table", live=False, help=(
+        "Project globs that are only ever asked of the upstreams named with them, in every "
+        "group (YAML only).")),
 )
 # fmt: on
 
@@ -270,6 +285,7 @@ def check(settings: Settings) -> Settings:
     @raise ConfigError: for the first that fails.
     """
     config.check(settings)
+    topology(settings)
     for option in OPTIONS:
         error = option.bounds_error(getattr(settings, option.attribute))
         if error is not None:
@@ -426,6 +442,8 @@ def _handler(option: Option) -> Callable[..., None]:
 
 
 for _option in OPTIONS:
+    if _option.takes == "table":
+        continue  # YAML only
     _method = _handler(_option)
     setattr(CommandLine, _method.__name__, _method)
 del _option, _method

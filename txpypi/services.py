@@ -22,6 +22,7 @@ from txpypi.cache.drain import Client
 from txpypi.cache.files import FileCache
 from txpypi.config import Settings
 from txpypi.core.live import Live
+from txpypi.fetch.clients import UpstreamClients
 from txpypi.fetch.upstream import UpstreamClient
 from txpypi.options import FIXED, Running
 from txpypi.storage.outages import Outage, WatchedMetadata
@@ -227,7 +228,7 @@ class CleanupService(Service):
     Closes the upstream connection pool and the metadata store on stop.
     """
 
-    def __init__(self, client: UpstreamClient, metadata: WatchedMetadata) -> None:
+    def __init__(self, client: UpstreamClient | UpstreamClients, metadata: WatchedMetadata) -> None:
         self._client = client
         self._metadata = metadata
 

@@ -23,19 +23,25 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorCore, IReactorFromThreads
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
-from txpypi import options
+from txpypi import options, upstreams
 from txpypi.cache.coordinator import RedisCoordinator
 from txpypi.cache.files import FileCache
+from txpypi.cache.groups import Group, Groups, Owners
 from txpypi.cache.pages import PageCache
 from txpypi.config import ConfigError, Settings
 from txpypi.core.fetchpolicy import FileHost
+from txpypi.core.groups import Topology
+from txpypi.core.simple.merge import Conflict
 from txpypi.core.live import Live
 from txpypi.core.peer import owner_id
 from txpypi.fetch.commit import CommitJournal
 from txpypi.fetch.guarded import IConnectingReactor
+from txpypi.fetch.clients import UpstreamClients
+from txpypi.fetch.tls import tls_policy
 from txpypi.fetch.upstream import Upstream, UpstreamClient
 from txpypi.services import (
     CacheUpkeepService,
@@ -53,6 +59,9 @@ from txpypi.storage.redismeta import RedisLocks, RedisMetadata
 from txpypi.storage.stores import DiskStore, IFileStore
 from txpypi.web.app import Proxy
 from txpypi.web.metrics import Metrics
+
+
+log = Logger(namespace="txpypi.tap")
 
 
 class Options(options.CommandLine):
@@ -149,11 +158,11 @@ def assemble(settings: Settings, reactor: IProxyReactor, live: Live | None = Non
     store = file_store(settings, reactor, pools, metrics)
     metadata, redis = metadata_store(settings, reactor, pools, metrics)
     outages = ([store.outage] if isinstance(store, WatchedStore) else []) + [metadata.outage]
-    upstream, client = upstream_client(settings, reactor, metrics, live)
+    found = indexes(settings, reactor, pools, metrics, live, metadata)
+    client = found.file_client()
     CleanupService(client, metadata).setServiceParent(service)
     OutageService(outages).setServiceParent(service)
-    pages = page_cache(live, reactor, pools, upstream, client, metadata)
-    files = file_cache(settings, live, reactor, pools, metrics, client, store, metadata, redis, pages)
+    files = file_cache(settings, live, reactor, pools, metrics, client, store, metadata, redis, found.first)
     CacheUpkeepService(files, reactor).setServiceParent(service)
     # Back from an outage: learn the cache's size again (it may have been
     # unknown since start-up, or changed meanwhile).
@@ -162,13 +171,25 @@ def assemble(settings: Settings, reactor: IProxyReactor, live: Live | None = Non
         renew = LoopingCall(files.coordinator.renew)
         renew.clock = reactor
         TimerLoopService(renew, settings.lock_ttl / 3).setServiceParent(service)
-    proxy = web(live, reactor, metrics, outages, client, pages, files)
+    groups = found.groups(metadata, files, reactor, pools, metrics)
+    first_client = found.clients[found.topology.upstreams[0].name]
+    proxy = Proxy(
+        found.first,
+        files,
+        reactor,
+        metrics,
+        outages=tuple(outages),
+        client=first_client,
+        live=live,
+        groups=groups,
+        clients=found.clients,
+    )
     drain = DrainService(files, live, proxy.senders)
     drain.setServiceParent(service)
     site = proxy.site()
     for endpoint in settings.listen:
         strports.service(endpoint, site, reactor=reactor).setServiceParent(service)
-    return Built(service, proxy, client, drain, live)
+    return Built(service, proxy, first_client, drain, live)
 
 
 @attrs.frozen
@@ -263,37 +284,102 @@ def metadata_store(
     return WatchedMetadata(stored, outage), redis
 
 
-def upstream_client(
-    settings: Settings, reactor: IConnectingReactor, metrics: Metrics, live: Live
-) -> tuple[Upstream, UpstreamClient]:
-    file_hosts = None if settings.file_hosts is None else tuple(map(FileHost.parse, settings.file_hosts))
-    upstream = Upstream("upstream", settings.upstream, file_hosts=file_hosts)
-    client = UpstreamClient(
-        reactor,
-        upstreams=(upstream,),
-        metrics=metrics,
-        connect_timeout=settings.connect_timeout,
-        live=live,
-    )
-    return upstream, client
+@attrs.frozen
+class Indexes:
+    """
+    Every upstream's client and page cache, by upstream name, and the
+    groups of them (C{files} is the one file cache they share).
+    """
+
+    topology: Topology
+    clients: dict[str, UpstreamClient]
+    pages: dict[str, PageCache]
+
+    @property
+    def first(self) -> PageCache:
+        return self.pages[self.topology.upstreams[0].name]
+
+    def file_client(self) -> UpstreamClient | UpstreamClients:
+        """
+        What fetches the files: each from its upstream's client.
+        """
+        if len(self.clients) == 1:
+            return next(iter(self.clients.values()))
+        return UpstreamClients({self.pages[name].upstream.url: c for name, c in self.clients.items()})
+
+    def groups(
+        self, metadata: WatchedMetadata, files: FileCache, reactor: IProxyReactor, pools: Pools, metrics: Metrics
+    ) -> Groups:
+        files.sources.update({p.group: p for p in self.pages.values()})
+        found = {}
+        for spec in self.topology.groups:
+            members = {name: self.pages[name] for name in spec.members}
+            owners = Owners(metadata, spec.name, reactor) if len(members) > 1 else None
+            found[spec.name] = Group(
+                spec,
+                self.topology,
+                members,
+                owners,
+                reactor,
+                on_conflict=partial(_conflict, metrics, spec.name),
+                blocking=partial(deferToThreadPool, reactor, pools.io),
+            )
+        return Groups(found, self.topology.default_group, files)
 
 
-def page_cache(
-    live: Live,
+def _conflict(metrics: Metrics, group: str, conflict: Conflict) -> None:
+    metrics.conflicts.labels(group).inc()
+
+
+def indexes(
+    settings: Settings,
     reactor: IProxyReactor,
     pools: Pools,
-    upstream: Upstream,
-    client: UpstreamClient,
+    metrics: Metrics,
+    live: Live,
     metadata: WatchedMetadata,
-) -> PageCache:
-    return PageCache(
-        reactor,
-        client,
-        metadata,
-        upstream,
-        live=live,
-        blocking=partial(deferToThreadPool, reactor, pools.io),
-    )
+) -> Indexes:
+    """
+    One client and one page cache per configured upstream, each with its
+    own credentials, TLS trust and C{index-ttl}.
+    """
+    topology = upstreams.topology(settings)
+    clients: dict[str, UpstreamClient] = {}
+    pages: dict[str, PageCache] = {}
+    for spec in topology.upstreams:
+        if not spec.verify:
+            log.warn(
+                "NOT CHECKING the TLS certificate of upstream {name} ({url}): verify is false, "
+                "so anyone on the way can answer in its name",
+                name=spec.name,
+                url=spec.url,
+            )
+        hosts = None if spec.file_hosts is None else tuple(map(FileHost.parse, spec.file_hosts))
+        upstream = Upstream(spec.name, spec.url, file_hosts=hosts, authorization=spec.authorization)
+        try:
+            tls = tls_policy(spec.ca_file, spec.verify)
+        except ValueError as e:
+            raise ConfigError(f"upstreams: {spec.name}: ca-file: {e}") from None
+        client = UpstreamClient(
+            reactor,
+            upstreams=(upstream,),
+            metrics=metrics,
+            connect_timeout=settings.connect_timeout,
+            live=live,
+            tls=tls,
+        )
+        clients[spec.name] = client
+        pages[spec.name] = PageCache(
+            reactor,
+            client,
+            metadata,
+            upstream,
+            group=spec.prefix,
+            live=live,
+            blocking=partial(deferToThreadPool, reactor, pools.io),
+            index_ttl=spec.index_ttl,
+        )
+    return Indexes(topology, clients, pages)
 
 
 def file_cache(
@@ -302,7 +388,7 @@ def file_cache(
     reactor: IProxyReactor,
     pools: Pools,
     metrics: Metrics,
-    client: UpstreamClient,
+    client: UpstreamClient | UpstreamClients,
     store: IFileStore,
     metadata: WatchedMetadata,
     redis: RedisMetadata | None,
@@ -337,13 +423,3 @@ def file_cache(
     )
 
 
-def web(
-    live: Live,
-    reactor: IProxyReactor,
-    metrics: Metrics,
-    outages: list[Outage],
-    client: UpstreamClient,
-    pages: PageCache,
-    files: FileCache,
-) -> Proxy:
-    return Proxy(pages, files, reactor, metrics, outages=tuple(outages), client=client, live=live)

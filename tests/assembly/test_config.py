@@ -23,7 +23,7 @@ def parse(*argv: str) -> Options:
 def test_defaults() -> None:
     s = parse().settings
     assert s.listen == (DEFAULT_LISTEN,)
-    assert s.upstream == DEFAULT_UPSTREAM == "https://pypi.org/simple/"
+    assert s.upstream == (DEFAULT_UPSTREAM,) == ("https://pypi.org/simple/",)
     assert s.cache_dir == default_cache_dir()
     assert s.index_ttl == 600
 
@@ -59,7 +59,7 @@ def test_options() -> None:
     assert s.max_cache_size == 3 * 512 * 1024**2
     assert (s.connect_timeout, s.response_timeout, s.read_timeout) == (1, 2, 3.5)
     assert s.listen == ("tcp:8080", "ssl:8443:privateKey=k.pem:certKey=c.pem")
-    assert (s.upstream, s.cache_dir, s.index_ttl) == ("http://127.0.0.1:1/simple", "/srv/cache", 30)
+    assert (s.upstream, s.cache_dir, s.index_ttl) == (("http://127.0.0.1:1/simple",), "/srv/cache", 30)
 
 
 def test_config_file_and_override(tmp_path: Path) -> None:

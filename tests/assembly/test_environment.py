@@ -37,7 +37,7 @@ def test_references_in_the_file_are_replaced_before_the_values_are_read(tmp_path
     environ = {"STALE": "90", "HOST": "index.example", "PROXY": "10.0.0.1", "TOKEN": TOKEN}
     settings = read(path, {}, environ)
     assert (settings.index_ttl, settings.stale_ttl, settings.offline) == (30, 90, False)
-    assert settings.upstream == "https://index.example/simple/"
+    assert settings.upstream == ("https://index.example/simple/",)
     assert settings.trusted_proxies == ("10.0.0.1", "10.0.0.2")
     assert settings.admin_token == TOKEN
     assert read(path, {}, {**environ, "TTL": "5", "OFFLINE": "true"}).index_ttl == 5

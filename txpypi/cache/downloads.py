@@ -19,12 +19,12 @@ from txpypi.cache.records import Records
 from txpypi.cache.slots import Busy, Slots
 from txpypi.cache.usage import Usage
 from txpypi.concurrency.waiters import in_thread_now
+from txpypi.fetch.clients import FileClient
 from txpypi.fetch.commit import CommitJournal
 from txpypi.fetch.flight import Flight
 from txpypi.fetch.punch import PunchPolicy
 from txpypi.fetch.spool import SpoolHealth
 from txpypi.fetch.tuning import FlightTuning
-from txpypi.fetch.upstream import UpstreamClient
 from txpypi.fetch.wanted import FlightFailed, Peer, Wanted
 from txpypi.storage.metadata import FileRecord, IMetadata
 from txpypi.storage.outages import Unavailable
@@ -41,7 +41,7 @@ class Downloads:
     """
 
     _clock: IReactorTime
-    _client: UpstreamClient
+    _client: FileClient
     _store: IFileStore
     _metadata: IMetadata
     _records: Records

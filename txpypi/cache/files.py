@@ -33,10 +33,10 @@ from txpypi.concurrency.waiters import in_thread_now
 from txpypi.core.live import Live
 from txpypi.core.peer import peer_path
 from txpypi.core.simple.model import ProjectPage
+from txpypi.fetch.clients import FileClient
 from txpypi.fetch.commit import CommitJournal
 from txpypi.fetch.flight import Flight
 from txpypi.fetch.reader import FlightReader
-from txpypi.fetch.upstream import UpstreamClient
 from txpypi.fetch.wanted import FlightFailed, Peer, Wanted
 from txpypi.storage.metadata import FileRecord, IMetadata
 from txpypi.storage.outages import known_file
@@ -53,7 +53,7 @@ class FileCache:
     def __init__(
         self,
         clock: IReactorTime,
-        client: UpstreamClient,
+        client: FileClient,
         store: IFileStore,
         metadata: IMetadata,
         pages: PageCache,
@@ -119,6 +119,9 @@ class FileCache:
             run_spooling=run_spooling,
             slots=Slots(clock, self.live.max_downloads),
         )
+        #: The page caches of every upstream whose files it keeps, by their
+        #: cache prefix (the assembly adds the others').
+        self.sources: dict[str, PageCache] = {pages.group: pages}
         self.live.on_change(self._retune)
 
     def _retune(self) -> None:
@@ -127,8 +130,8 @@ class FileCache:
 
     # -- what other parts read
 
-    def key(self, project: str, filename: str) -> str:
-        return f"{self.pages.group}/{project}/{filename}"
+    def key(self, project: str, filename: str, pages: PageCache | None = None) -> str:
+        return f"{(pages or self.pages).group}/{project}/{filename}"
 
     def remembered(self, key: str) -> FileRecord | None:
         return self._records.get(key)
@@ -138,7 +141,14 @@ class FileCache:
 
     # -- opening a file
 
-    async def open(self, project: str, filename: str, fetch: bool = True, use_store: bool = True) -> Opened:
+    async def open(
+        self,
+        project: str,
+        filename: str,
+        fetch: bool = True,
+        use_store: bool = True,
+        pages: PageCache | None = None,
+    ) -> Opened:
         """
         Open a file of C{project} for sending.  A cached file is served only
         while the project's index lists it with the same hash.
@@ -155,11 +165,14 @@ class FileCache:
             byte could be sent.
         @raise Busy: too many downloads ran for too long, or the proxy is
             shutting down.
+        @param pages: the index of the upstream it is listed by (the
+            cache's own upstream when L{None}).
         """
-        key = self.key(project, filename)
+        pages = pages or self.pages
+        key = self.key(project, filename, pages)
         retried = False  # a flight over before it could be joined is looked for once more
         while True:
-            found = await self._find(key, project, filename, fetch, use_store)
+            found = await self._find(pages, key, project, filename, fetch, use_store)
             if isinstance(found, Opened):
                 return found
             flight = found
@@ -184,7 +197,7 @@ class FileCache:
                 retried = False
 
     async def _find(
-        self, key: str, project: str, filename: str, fetch: bool, use_store: bool
+        self, pages: PageCache, key: str, project: str, filename: str, fetch: bool, use_store: bool
     ) -> Opened | Flight:
         """
         A cached copy opened, else the download of it in progress here, else
@@ -194,25 +207,25 @@ class FileCache:
         if use_store and record is None and key not in self.downloads.flights:
             # A flight may land while we read the store: check memory again.
             record = await known_file(self._metadata, key) or self._records.get(key)
-        opened = await self._cached.open_record(record, project, filename)
+        opened = await self._cached.open_record(record, project, filename, pages)
         if opened is not None:
             return opened
         flight = self.downloads.flights.get(key)
         if flight is not None:
             return flight
-        page, _ = await self.pages.get(project)
+        page, _ = await pages.get(project)
         assert isinstance(page.model, ProjectPage)
-        wanted = find_wanted(page.model, key, self.pages.upstream.url, filename)
+        wanted = find_wanted(page.model, key, pages.upstream.url, filename)
         if wanted is None:
             raise NotListed(filename)
-        if self.pages.offline:
+        if pages.offline:
             raise NotListed(f"{filename} is not cached, and we are offline")
         if not fetch:
             return Opened(None, wanted.size, None, False)
-        return await self._lead_or_join(wanted, project, filename, use_store)
+        return await self._lead_or_join(pages, wanted, project, filename, use_store)
 
     async def _lead_or_join(
-        self, wanted: Wanted, project: str, filename: str, use_store: bool
+        self, pages: PageCache, wanted: Wanted, project: str, filename: str, use_store: bool
     ) -> Opened | Flight:
         """
         Ask the coordinator who fetches C{wanted}, and start (or join) its
@@ -221,18 +234,18 @@ class FileCache:
         key = wanted.key
         # Another request may have fetched or started it meanwhile.
         opened = await self._cached.open_record(
-            self._records.get(key) if use_store else None, project, filename
+            self._records.get(key) if use_store else None, project, filename, pages
         )
         if opened is not None:
             return opened
         peer = None
         if use_store and key not in self.downloads.flights:
-            path = peer_path(self.pages.group, project, filename)
+            path = peer_path(pages.group, project, filename)
             claim = await self.coordinator.claim(key, path, self)
             if isinstance(claim, Peer):
                 peer = claim
             elif claim is not None:
-                opened = await self._cached.open_record(claim, project, filename)
+                opened = await self._cached.open_record(claim, project, filename, pages)
                 if opened is not None:
                     return opened
         return self.downloads.flights.get(key) or await self.downloads.begin(wanted, peer)
@@ -269,9 +282,10 @@ class FileCache:
         The download of a file in progress here, for another instance to
         follow (not one that is itself following a peer).
         """
-        if group != self.pages.group:
+        pages = self.sources.get(group)
+        if pages is None:
             return None
-        return self.downloads.peer_reader(self.key(project, filename))
+        return self.downloads.peer_reader(self.key(project, filename, pages))
 
     # -- upkeep
 
@@ -291,11 +305,12 @@ class FileCache:
     async def metadata_ping(self) -> None:
         await self._metadata.ping()
 
-    async def purge(self, project: str, filename: str) -> bool:
+    async def purge(self, project: str, filename: str, pages: PageCache | None = None) -> bool:
         """
-        Remove one cached file; C{False} if it was not cached.
+        Remove one cached file (of C{pages}' upstream, by default the
+        cache's own); C{False} if it was not cached.
         """
-        return await self._cached.purge(self.key(project, filename))
+        return await self._cached.purge(self.key(project, filename, pages))
 
     async def load_usage(self) -> None:
         """

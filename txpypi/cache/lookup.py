@@ -83,17 +83,20 @@ class CachedFiles:
     _usage: Usage
     _stats: DownloadStats
 
-    async def open_record(self, record: FileRecord | None, project: str, filename: str) -> Opened | None:
+    async def open_record(
+        self, record: FileRecord | None, project: str, filename: str, pages: PageCache | None = None
+    ) -> Opened | None:
         """
         Open a cached file that its index still lists, or return L{None}
         (and drop the record) when it is gone, damaged or outdated, so that
         it is fetched again.  While the file store is down, return L{None}
         and keep the record: the file is served from the upstream meanwhile.
-        With no C{record}, return L{None}.
+        With no C{record}, return L{None}.  C{pages} is the index of the
+        upstream the file came from (the cache's own by default).
         """
         if record is None:
             return None
-        why = await self._listed(record, project, filename)
+        why = await self._listed(record, project, filename, pages or self._pages)
         if why is not None:
             await self.drop(record, f"{why}; fetching it again")
             return None
@@ -113,7 +116,7 @@ class CachedFiles:
             self._stats.served(record.key)
         return Opened(reader, reader.size, record.sha256, True)
 
-    async def _listed(self, record: FileRecord, project: str, filename: str) -> str | None:
+    async def _listed(self, record: FileRecord, project: str, filename: str, pages: PageCache) -> str | None:
         """
         Check a cached file against the project's current index page (fresh,
         or stale while the upstream fails): the reason to fetch it again if
@@ -129,12 +132,12 @@ class CachedFiles:
         @raise txpypi.fetch.upstream.UpstreamError: there is no page to check it
             against: the upstream fails and no stale copy is usable.
         """
-        if record.upstream != self._pages.upstream.url:
+        if record.upstream != pages.upstream.url:
             return f"it came from another upstream ({record.upstream})"
         try:
-            page, _ = await self._pages.get(project)
+            page, _ = await pages.get(project)
         except NotFound:
-            if not self._pages.offline:
+            if not pages.offline:
                 await self.drop(record, "the upstream no longer knows its project")
             raise
         assert isinstance(page.model, ProjectPage)

@@ -303,9 +303,13 @@ class PageCache:
     _client: UpstreamClient
     _metadata: IMetadata
     upstream: Upstream
+    #: Where its pages (and its files, in L{txpypi.cache.files}) are kept:
+    #: the upstream's cache prefix (L{txpypi.core.groups.UpstreamSpec.prefix}).
     group: str = "default"
     #: The live settings this cache reads (see the properties below).
     live: Live = attrs.field(factory=Live)
+    #: This upstream's own C{index-ttl}, over the live one.
+    index_ttl: float | None = attrs.field(default=None, kw_only=True)
     #: Runs parsing and rendering (pure, CPU-bound) off the reactor thread.
     _blocking: Blocking = in_thread_now
     #: Caps the page requests to the upstream in progress at once
@@ -336,9 +340,10 @@ class PageCache:
     @property
     def ttl(self) -> float:
         """
-        How long a page is fresh (C{--index-ttl}).
+        How long a page is fresh (the upstream's C{index-ttl}, else
+        C{--index-ttl}).
         """
-        return self.live.index_ttl
+        return self.live.index_ttl if self.index_ttl is None else self.index_ttl
 
     @ttl.setter
     def ttl(self, value: float) -> None:

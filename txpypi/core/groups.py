@@ -76,6 +76,9 @@ class UpstreamSpec:
     ca_file: str | None = None
     verify: bool = True
     index_ttl: float | None = None
+    #: C{file-hosts}: with it, the only other hosts its files may come
+    #: from (as L{txpypi.core.fetchpolicy.FileHost} spells them).
+    file_hosts: tuple[str, ...] | None = None
 
 
 @attrs.frozen

@@ -18,7 +18,8 @@ from twisted.web.iweb import IResponse
 
 from txpypi.concurrency.waiters import Timer
 from txpypi.core.peer import HEADER, sign
-from txpypi.fetch.upstream import UpstreamClient, UpstreamError, UpstreamNotFound
+from txpypi.fetch.clients import FileClient
+from txpypi.fetch.upstream import UpstreamError, UpstreamNotFound
 from txpypi.fetch.wanted import FlightFailed, Peer, Wanted
 
 #: How much an upstream file connection reads from its socket at once.
@@ -26,7 +27,7 @@ RECV_SIZE = 1024 * 1024
 
 
 async def open_response(
-    client: UpstreamClient, wanted: Wanted, peer: Peer | None, clock: IReactorTime
+    client: FileClient, wanted: Wanted, peer: Peer | None, clock: IReactorTime
 ) -> IResponse:
     """
     Ask the upstream for the file (or, with C{peer}, the instance that

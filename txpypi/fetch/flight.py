@@ -42,6 +42,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from txpypi.concurrency.waiters import Once
 from txpypi.core.names import Hasher
 from txpypi.fetch.body import BodySink, UpstreamBody, open_response
+from txpypi.fetch.clients import FileClient
 from txpypi.fetch.commit import Commit, CommitJournal, start_upload
 from txpypi.fetch.pacing import Pacing
 from txpypi.fetch.punch import Puncher
@@ -49,7 +50,6 @@ from txpypi.fetch.reader import FlightReader, Readers
 from txpypi.fetch.spool import HashLane, Spool, SpoolHealth
 from txpypi.fetch.stage import Lifecycle, Stage
 from txpypi.fetch.tuning import FlightTuning
-from txpypi.fetch.upstream import UpstreamClient
 from txpypi.fetch.wanted import FlightFailed, Peer, Wanted
 from txpypi.storage.metadata import FileRecord, IMetadata
 from txpypi.storage.stores import IFileStore, IUpload, file_key
@@ -67,7 +67,7 @@ class Flight:
     """
 
     wanted: Wanted
-    _client: UpstreamClient
+    _client: FileClient
     _store: IFileStore
     _metadata: IMetadata
     _clock: IReactorTime

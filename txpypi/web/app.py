@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hmac
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
@@ -25,6 +26,7 @@ from werkzeug.exceptions import HTTPException
 
 from txpypi import __version__
 from txpypi.cache.files import FileCache
+from txpypi.cache.groups import Group, Groups
 from txpypi.cache.pages import PageCache
 from txpypi.core.live import Live
 from txpypi.core.names import BadName, check_filename, normalize
@@ -52,15 +54,30 @@ ROUTE_ERRORS = (HTTPException, Unavailable)
 
 class Root(Resource):
     """
-    Dispatches the hot paths to cheap resources and everything else to Klein.
+    Dispatches the hot paths to cheap resources and everything else to Klein:
+    C{/simple/} and C{/files/} (the default group's, also at C{/pypi/}),
+    C{/<group>/simple/} and C{/<group>/files/}, and C{/_peer/}.
     """
 
-    def __init__(self, simple: Resource, files: Resource, peer: Resource, fallback: IResource) -> None:
+    def __init__(
+        self,
+        simple: Resource,
+        files: Resource,
+        peer: Resource,
+        fallback: IResource,
+        groups: Mapping[bytes, tuple[Resource, Resource]] | None = None,
+    ) -> None:
+        """
+        @param groups: each group's C{simple} and C{files} resources, by
+            name (the default group's among them).
+        """
         super().__init__()
         self._simple = simple
         self._files = files
         self._peer = peer
         self._fallback = fallback
+        self._groups = dict(groups or {})
+        self._groups[b"pypi"] = (simple, files)  # the layout Amargo's users have
 
     def getChildWithDefault(self, path: bytes, request: Request) -> IResource:  # type: ignore[override]
         if path == b"simple":
@@ -69,8 +86,12 @@ class Root(Resource):
             return self._files
         if path == b"_peer":
             return self._peer
-        # Give Klein the whole path back.
         assert request.prepath is not None and request.postpath is not None
+        group = self._groups.get(path)
+        if group is not None and request.postpath and request.postpath[0] in (b"simple", b"files"):
+            request.prepath.append(request.postpath.pop(0))
+            return group[0] if request.prepath[-1] == b"simple" else group[1]
+        # Give Klein the whole path back.
         request.postpath.insert(0, request.prepath.pop())
         return self._fallback
 
@@ -99,11 +120,24 @@ class Proxy:
     #: The senders of file bodies in progress, on every site: the shutdown
     #: lets them finish, for a grace period, then aborts them.
     senders: set[Sender] = attrs.field(factory=set, kw_only=True)
+    #: The groups it serves (by default the one group of C{pages}).
+    groups: Groups = attrs.field(kw_only=True)
+    #: Every upstream's client by upstream name, for C{/health} (by
+    #: default C{client}, as C{pages}' upstream's).
+    clients: Mapping[str, UpstreamClient] = attrs.field(kw_only=True)
     app = Klein()
 
     @connections.default
     def _connections(self) -> ConnectionLimits:
         return ConnectionLimits(self.live)
+
+    @groups.default
+    def _groups(self) -> Groups:
+        return Groups.alone(self.pages, self.files, self.clock)
+
+    @clients.default
+    def _clients(self) -> Mapping[str, UpstreamClient]:
+        return {self.pages.upstream.name: self.client}
 
     @property
     def admin_token(self) -> str | None:
@@ -118,7 +152,16 @@ class Proxy:
         # One query per second at most, however many ask (see MEMO_TTL).
         self._top: Memo[int, list[tuple[str, int]]] = Memo(self.clock)
         self._project_rows: Memo[str, list[tuple[str, str, int]]] = Memo(self.clock)
-        self._health = Health(self.clock, self.pages, self.files, self.client, self.outages)
+        self._health = Health(
+            self.clock, self.pages, self.files, self.client, self.outages, upstreams=self._upstreams()
+        )
+
+    def _upstreams(self) -> dict[str, tuple[PageCache, UpstreamClient]]:
+        found: dict[str, tuple[PageCache, UpstreamClient]] = {}
+        for group in self.groups.by_name.values():
+            for name, pages in group.members.items():
+                found[name] = (pages, self.clients.get(name, self.client))
+        return found
 
     def _state(self) -> dict[str, float]:
         files = self.files
@@ -132,12 +175,15 @@ class Proxy:
             "txpypi_connections_open": self.connections.open,
         }
 
+    def _group_resources(self, group: Group) -> tuple[Resource, Resource]:
+        files = self.groups.files_of(group)
+        return SimpleResource(group), FilesResource(files, lambda: self.live.redirect_ttl, self.senders)
+
     def site(self) -> ProxySite:
+        served = {name.encode(): self._group_resources(g) for name, g in self.groups.by_name.items()}
+        simple, files = served[self.groups.default_name.encode()]
         root = Root(
-            SimpleResource(self.pages),
-            FilesResource(self.files, lambda: self.live.redirect_ttl, self.senders),
-            PeerResource(self.files, self.clock, self.senders),
-            self.app.resource(),
+            simple, files, PeerResource(self.files, self.clock, self.senders), self.app.resource(), served
         )
         site = ProxySite(root, self.clock, self.metrics, self.connections)
         self.sites.append(site)
@@ -248,14 +294,14 @@ class Proxy:
     @app.route("/cache/", methods=["DELETE"])
     async def forget_list(self, request: Request) -> bytes:
         """
-        Forget the project list: the cache of C{/simple/}, as
-        C{/cache/<project>} is that of C{/simple/<project>/}.
+        Forget the default group's project list: the cache of C{/simple/},
+        as C{/cache/<project>} is that of C{/simple/<project>/}.
         """
-        refused = self._refused(request)
-        if refused is not None:
-            return refused
-        await self.pages.forget(None)
-        return text(request, 200, "forgot the project list")
+        return await self._forget(request, self.groups.default, None)
+
+    @app.route("/<group>/cache/", methods=["DELETE"])
+    async def forget_group_list(self, request: Request, group: str) -> bytes:
+        return await self._forget(request, self.groups.get(group), None)
 
     @app.route("/cache/<project>", methods=["DELETE"])
     async def forget_project(self, request: Request, project: str) -> bytes:
@@ -264,31 +310,56 @@ class Proxy:
         the project list, and a project is named C{list}: it forgets both,
         which is harmless, so neither shadows the other.
         """
+        return await self._forget(request, self.groups.default, project)
+
+    @app.route("/<group>/cache/<project>", methods=["DELETE"])
+    async def forget_group_project(self, request: Request, group: str, project: str) -> bytes:
+        """
+        Forget one project's page in a group: in each of its members, and
+        which member owns it.
+        """
+        return await self._forget(request, self.groups.get(group), project)
+
+    async def _forget(self, request: Request, group: Group | None, project: str | None) -> bytes:
         refused = self._refused(request)
         if refused is not None:
             return refused
+        if group is None:
+            return text(request, 404, "no such group")
+        if project is None:
+            await group.forget(None)
+            return text(request, 200, "forgot the project list")
         try:
             name = normalize(project)
         except BadName as e:
             return error_text(request, e)
-        await self.pages.forget(name)
+        await group.forget(name)
         if project == "list":
-            await self.pages.forget(None)
+            await group.forget(None)
             both = "forgot the index page of list and the project list (that is DELETE /cache/ now)"
             return text(request, 200, both)
         return text(request, 200, f"forgot the index page of {name}")
 
     @app.route("/cache/<project>/<filename>", methods=["DELETE"])
     async def purge_file(self, request: Request, project: str, filename: str) -> bytes:
+        return await self._purge(request, self.groups.default, project, filename)
+
+    @app.route("/<group>/cache/<project>/<filename>", methods=["DELETE"])
+    async def purge_group_file(self, request: Request, group: str, project: str, filename: str) -> bytes:
+        return await self._purge(request, self.groups.get(group), project, filename)
+
+    async def _purge(self, request: Request, group: Group | None, project: str, filename: str) -> bytes:
         refused = self._refused(request)
         if refused is not None:
             return refused
+        if group is None:
+            return text(request, 404, "no such group")
         try:
             name = normalize(project)
             check_filename(filename)
         except BadName as e:
             return error_text(request, e)
-        if not await self.files.purge(name, filename):
+        if not await self.groups.files_of(group).purge(name, filename):
             return text(request, 404, f"{name} has no cached file {filename}")
         return text(request, 200, f"purged {filename}")
 

@@ -16,6 +16,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from txpypi.cache.files import Busy, FileCache, NotListed, Opened
+from txpypi.cache.groups import GroupFiles
 from txpypi.cache.pages import NotFound
 from txpypi.core.fileplan import FilePlan, plan_file
 from txpypi.core.names import BadName, check_filename, normalize
@@ -90,7 +91,7 @@ class FilesResource(Resource):
 
     def __init__(
         self,
-        files: FileCache,
+        files: FileCache | GroupFiles,
         redirect_ttl: Callable[[], float | None] = lambda: None,
         senders: set[Sender] | None = None,
     ) -> None:
@@ -123,12 +124,14 @@ class FilesResource(Resource):
     def render_HEAD(self, request: Request) -> bytes | int:
         return self.render_GET(request)
 
-    async def _open(self, request: Request, project: str, filename: str, **how: bool) -> Opened | None:
+    async def _open(
+        self, request: Request, project: str, filename: str, fetch: bool = True, use_store: bool = True
+    ) -> Opened | None:
         """
         Open the file, or answer the error and return L{None}.
         """
         try:
-            return await self._files.open(project, filename, **how)
+            return await self._files.open(project, filename, fetch=fetch, use_store=use_store)
         except OPEN_ERRORS as e:
             finish_error(request, e, missing=f"{project} has no file {filename}")
         return None

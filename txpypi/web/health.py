@@ -5,6 +5,7 @@ upstream's, the file store's and the metadata store's.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
@@ -35,7 +36,13 @@ class Health:
     _client: UpstreamClient
     #: The stores watched for outages (L{txpypi.storage.outages}).
     _outages: tuple[Outage, ...] = ()
+    #: Every upstream's pages and client, by name (by default the one).
+    _upstreams: Mapping[str, tuple[PageCache, UpstreamClient]] = attrs.field(kw_only=True)
     _probed: Memo[None, Part | None] = attrs.field(init=False)
+
+    @_upstreams.default
+    def _one(self) -> Mapping[str, tuple[PageCache, UpstreamClient]]:
+        return {self._pages.upstream.name: (self._pages, self._client)}
 
     def __attrs_post_init__(self) -> None:
         self._probed = Memo(self._clock)
@@ -48,7 +55,8 @@ class Health:
         every instance out of a load balancer at once), not when a store it
         cannot do without (its local SQLite database) fails.
         """
-        upstream = self._upstream()
+        upstream = self._upstream(self._pages, self._client)
+        upstreams = {name: self._upstream(*parts) for name, parts in self._upstreams.items()}
         unwatched_metadata = await self._probed.get(None, self._probe_stores)
         watched = {o.store: o for o in self._outages}
         file_store = self._file_store(watched.get("files"))
@@ -58,12 +66,19 @@ class Health:
             metadata = unwatched_metadata or {"state": "ok"}
         fatal = watched["metadata"].fatal if "metadata" in watched else True
         serving = metadata["state"] == "ok" or not fatal
-        degraded = upstream["state"] == "degraded" or file_store["state"] != "ok" or metadata["state"] != "ok"
+        failing = any(u["state"] == "degraded" for u in upstreams.values())
+        degraded = (
+            upstream["state"] == "degraded"
+            or failing
+            or file_store["state"] != "ok"
+            or metadata["state"] != "ok"
+        )
         files = self._files
         return serving, {
             "status": "failing" if not serving else "degraded" if degraded else "ok",
             "version": __version__,
             "upstream": upstream,
+            "upstreams": upstreams,
             "file_store": file_store,
             "metadata_store": metadata,
             "cache": {
@@ -73,12 +88,11 @@ class Health:
             },
         }
 
-    def _upstream(self) -> Part:
-        client = self._client
+    def _upstream(self, pages: PageCache, client: UpstreamClient) -> Part:
         error = client.last_error
         return {
-            "url": self._pages.upstream.url,
-            "state": "offline" if self._pages.offline else client.state(),
+            "url": pages.upstream.url,
+            "state": "offline" if pages.offline else client.state(),
             "last_success": client.last_success,
             "last_error": None if error is None else {"at": error[0], "reason": error[1]},
         }

@@ -17,6 +17,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
+from txpypi.cache.groups import Group
 from txpypi.cache.pages import HIT, STALE, CachedPage, NotFound, PageCache, Representation
 from txpypi.core.httpheaders import accepts_gzip, etag_matches
 from txpypi.core.names import BadName, normalize
@@ -163,7 +164,7 @@ class SimpleResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, pages: PageCache) -> None:
+    def __init__(self, pages: PageCache | Group) -> None:
         super().__init__()
         self._pages = pages
         self._negotiated: Negotiated[tuple[bytes | None, bytes | None], str | None] = Negotiated(

@@ -1,0 +1,454 @@
+"""
+A group: several upstreams' page caches behind one index, in priority
+order, resolved C{first-index} (the first member that knows a project
+answers alone) or C{merge} (every member's files, the higher one's kept on
+a conflict), with routes sending some names only to some upstreams.
+
+The safe choice is the default: a lower member is asked about a project
+only when every higher one answered "no such project".  Which member owns
+each project is remembered (L{Owners}: in memory and in the metadata
+store, so that it survives a restart and a cluster shares it); when the
+owner fails, its stale copy is served or the request fails naming it,
+never falling through to a lower member, which is how a dependency
+confusion attack would win.
+
+A L{Group} answers like a L{PageCache} (C{fresh}, C{get}, C{remaining},
+C{age}, C{offline}), so that C{/<group>/simple/} is served as C{/simple/}
+is; L{GroupFiles} opens a group's files from the member that listed them.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from txpypi.cache.files import FileCache, NotListed, Opened
+from txpypi.cache.lookup import METADATA_SUFFIX
+from txpypi.cache.pages import HIT, MISS, STALE, CachedPage, NotFound, PageCache, prepare
+from txpypi.concurrency.waiters import SingleFlight, in_thread_now
+from txpypi.core.groups import GroupSpec, Topology, single
+from txpypi.core.simple.merge import Conflict, merge_lists, merge_pages
+from txpypi.core.simple.model import ProjectPage
+from txpypi.core.simple.projects import ProjectList
+from txpypi.fetch.upstream import UpstreamError
+from txpypi.storage.metadata import IMetadata, PageRecord
+from txpypi.storage.outages import Unavailable
+
+log = Logger(namespace="txpypi.pages")
+
+#: The most owners a group remembers in memory (the metadata store keeps
+#: them all); past it the least recently used are read again when asked.
+MAX_OWNERS = 100_000
+
+#: The most merged pages (and project lists) a group keeps in memory,
+#: besides its members' own pages; the least recently used go first.
+MAX_MERGED = 2_000
+
+
+@attrs.define
+class Owners:
+    """
+    Which member of a group owns each project it resolved: kept in memory
+    (at most L{MAX_OWNERS}) and in the metadata store under
+    C{owners/<group>/<project>}.
+    """
+
+    _metadata: IMetadata
+    group: str
+    _clock: IReactorTime
+    max_entries: int = MAX_OWNERS
+    _known: OrderedDict[str, str] = attrs.field(factory=OrderedDict)
+
+    def _key(self, project: str) -> str:
+        return f"owners/{self.group}/{project}"
+
+    def known(self, project: str) -> str | None:
+        """
+        The owner, if it is in memory (the hot path).
+        """
+        owner = self._known.get(project)
+        if owner is not None:
+            self._known.move_to_end(project)
+        return owner
+
+    def _keep(self, project: str, owner: str) -> None:
+        self._known[project] = owner
+        self._known.move_to_end(project)
+        while len(self._known) > self.max_entries:
+            self._known.popitem(last=False)
+
+    async def get(self, project: str) -> str | None:
+        """
+        The owner, from memory or else the metadata store (L{None} while it
+        is down: the group then resolves from its highest member).
+        """
+        owner = self.known(project)
+        if owner is not None:
+            return owner
+        try:
+            record = await self._metadata.get_page(self._key(project))
+        except Unavailable:
+            return None
+        if record is None:
+            return None
+        owner = record.body.decode("utf-8", "replace")
+        self._keep(project, owner)
+        return owner
+
+    async def set(self, project: str, owner: str) -> None:
+        if self._known.get(project) == owner:
+            return
+        self._keep(project, owner)
+        record = PageRecord(self._key(project), owner, "", owner.encode(), self._clock.seconds())
+        try:
+            await self._metadata.put_page(record)
+        except Unavailable:
+            pass  # the outage is logged once; memory holds it meanwhile
+
+    async def forget(self, project: str) -> None:
+        self._known.pop(project, None)
+        try:
+            await self._metadata.delete_page(self._key(project))
+        except Unavailable:
+            pass
+
+
+#: The member pages a merged page is made of, with their members.
+Parts = tuple[tuple[PageCache, CachedPage], ...]
+
+
+@attrs.define(eq=False)
+class Merged:
+    """
+    A page a group made of its members' pages, and the pages it was made
+    of (it is fresh while they are the same and fresh).
+    """
+
+    page: CachedPage
+    parts: Parts
+
+
+def _failed(name: str, project: str | None, error: UpstreamError) -> UpstreamError:
+    what = "the project list" if project is None else project
+    return UpstreamError(502, f"upstream {name} failed for {what}: {error.reason}")
+
+
+def _same(a: tuple[tuple[PageCache, CachedPage], ...], b: tuple[tuple[PageCache, CachedPage], ...]) -> bool:
+    return len(a) == len(b) and all(x[0] is y[0] and x[1] is y[1] for x, y in zip(a, b, strict=True))
+
+
+def _state(states: list[str]) -> str:
+    if STALE in states:
+        return STALE
+    return MISS if MISS in states else HIT
+
+
+@attrs.define(eq=False)
+class Group:
+    """
+    The index of one group, answering like a L{PageCache}.
+    """
+
+    spec: GroupSpec
+    topology: Topology
+    #: Its members' page caches, by upstream name, in priority order.
+    members: Mapping[str, PageCache]
+    #: Who owns each project (L{None} for a group of one member).
+    owners: Owners | None
+    _clock: IReactorTime
+    #: Told of each file left out of a merged page (for the metrics).
+    on_conflict: Callable[[Conflict], None] = lambda conflict: None
+    #: Runs merging and rendering (pure, CPU-bound) off the reactor thread.
+    _blocking: Callable[..., Any] = in_thread_now
+    _merged: OrderedDict[str | None, Merged] = attrs.field(factory=OrderedDict)
+    _merges: SingleFlight[str | None, Merged] = attrs.field(factory=SingleFlight)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def first(self) -> PageCache:
+        return self.members[self.spec.members[0]]
+
+    @property
+    def offline(self) -> bool:
+        return self.first.offline
+
+    @property
+    def alone(self) -> bool:
+        """
+        Whether it has one member: nothing to resolve, nothing to remember.
+        """
+        return len(self.members) == 1
+
+    def candidates(self, project: str) -> tuple[str, ...]:
+        return self.topology.candidates(self.spec, project)
+
+    def _member_of(self, page: CachedPage) -> PageCache:
+        prefix = page.key.split("/", 1)[0]
+        for member in self.members.values():
+            if member.group == prefix:
+                return member
+        return self.first
+
+    # -- what SimpleResource reads
+
+    def remaining(self, page: CachedPage) -> float:
+        for merged in self._merged.values():
+            if merged.page is page:
+                return min(member.remaining(part) for member, part in merged.parts)
+        return self._member_of(page).remaining(page)
+
+    def age(self, page: CachedPage) -> float:
+        now: float = self._clock.seconds()
+        return now - page.fetched_at
+
+    def fresh(self, project: str | None) -> CachedPage | None:
+        """
+        The page, if it can be answered from memory now: the hot path.
+        """
+        if self.alone:
+            if project is not None and not self.candidates(project):
+                return None
+            return self.first.fresh(project)
+        if project is None or self.spec.strategy == "merge":
+            merged = self._merged.get(project)
+            if merged is None or not all(member.fresh(project) is part for member, part in merged.parts):
+                return None
+            self._merged.move_to_end(project)
+            return merged.page
+        owner = None if self.owners is None else self.owners.known(project)
+        if owner is None or owner not in self.candidates(project):
+            return None
+        return self.members[owner].fresh(project)
+
+    async def get(self, project: str | None) -> tuple[CachedPage, str]:
+        """
+        The group's page for C{project} (L{None}: its project list), and how
+        it was answered (C{HIT}, C{MISS} or C{STALE}).
+
+        @raise NotFound: no member that may be asked knows it.
+        @raise UpstreamError: a member that owns it or may own it failed
+            with no usable copy (a 502 naming the member).
+        """
+        if project is None:
+            return await self._list()
+        candidates = self.candidates(project)
+        if not candidates:
+            raise NotFound(project)
+        if self.alone:
+            return await self.first.get(project)
+        if self.spec.strategy == "merge":
+            return await self._merge(project, candidates)
+        return await self._first_index(project, candidates)
+
+    async def _first_index(self, project: str, candidates: tuple[str, ...]) -> tuple[CachedPage, str]:
+        owners = self.owners
+        assert owners is not None  # a group of several members has them
+        owner = await owners.get(project)
+        if owner not in candidates:
+            owner = None
+        if self.offline:
+            # Offline, a member's "not cached" is no "no such project".
+            if owner is None:
+                raise NotFound(project)
+            candidates = (owner,)
+        for name in candidates:
+            try:
+                page, state = await self.members[name].get(project)
+            except NotFound:
+                continue
+            except UpstreamError as e:
+                if owner is not None and candidates.index(owner) > candidates.index(name):
+                    # It said "no such project" when the owner was found.
+                    log.warn(
+                        "{upstream} failed ({reason}); {project} is owned by {owner}, below it",
+                        upstream=name,
+                        reason=e.reason,
+                        project=project,
+                        owner=owner,
+                    )
+                    continue
+                raise _failed(name, project, e) from None
+            if name != owner:
+                await owners.set(project, name)
+            return page, state
+        if owner is not None and not self.offline:
+            await owners.forget(project)
+        raise NotFound(project)
+
+    async def _merge(self, project: str, candidates: tuple[str, ...]) -> tuple[CachedPage, str]:
+        parts: list[tuple[PageCache, CachedPage]] = []
+        states = []
+        for name in candidates:
+            member = self.members[name]
+            try:
+                page, state = await member.get(project)
+            except NotFound:
+                continue
+            except UpstreamError as e:
+                # Without it, a lower member's file could take its place.
+                raise _failed(name, project, e) from None
+            parts.append((member, page))
+            states.append(state)
+        if not parts:
+            raise NotFound(project)
+        if len(parts) == 1:
+            return parts[0][1], states[0]
+        return (await self._merged_page(project, tuple(parts))).page, _state(states)
+
+    async def _list(self) -> tuple[CachedPage, str]:
+        if self.alone and not self.topology.routed:
+            return await self.first.get(None)
+        parts: list[tuple[PageCache, CachedPage]] = []
+        states = []
+        for name, member in self.members.items():
+            try:
+                page, state = await member.get(None)
+            except NotFound:
+                continue
+            except UpstreamError as e:
+                raise _failed(name, None, e) from None
+            parts.append((member, page))
+            states.append(state)
+        if not parts:
+            raise NotFound(None)
+        return (await self._merged_page(None, tuple(parts))).page, _state(states)
+
+    async def _merged_page(
+        self, project: str | None, parts: tuple[tuple[PageCache, CachedPage], ...]
+    ) -> Merged:
+        kept = self._merged.get(project)
+        if kept is not None and _same(kept.parts, parts):
+            return kept
+        return await self._merges.run(project, lambda: self._make(project, parts))
+
+    async def _make(self, project: str | None, parts: Parts) -> Merged:
+        key = f"{self.name}/merged/{project or ''}"
+        fetched_at = min(page.fetched_at for _, page in parts)
+        conflicts: list[Conflict] = []
+        if project is None:
+            names = tuple(member.upstream.name for member, _ in parts)
+            lists = [page.model for _, page in parts]
+            assert all(isinstance(m, ProjectList) for m in lists)
+
+            def keep(i: int, name: str) -> bool:
+                return self.topology.listed_by(self.spec, names[i], name)
+
+            page = await self._blocking(lambda: prepare(key, merge_lists(lists, keep), fetched_at))  # type: ignore[arg-type]
+        else:
+            models = [page.model for _, page in parts]
+            assert all(isinstance(m, ProjectPage) for m in models)
+            model, conflicts = merge_pages(project, models)  # type: ignore[arg-type]
+            page = await self._blocking(prepare, key, model, fetched_at)
+        for conflict in conflicts:
+            log.warn(
+                "{group}: left {filename} of {upstream} out of {project}: {kept} lists it with another hash",
+                group=self.name,
+                filename=conflict.filename,
+                upstream=parts[conflict.left_out][0].upstream.name,
+                project=project,
+                kept=parts[conflict.kept][0].upstream.name,
+            )
+            self.on_conflict(conflict)
+        merged = Merged(page, parts)
+        self._merged[project] = merged
+        self._merged.move_to_end(project)
+        while len(self._merged) > MAX_MERGED:
+            self._merged.popitem(last=False)
+        return merged
+
+    async def source(self, project: str, filename: str) -> PageCache:
+        """
+        The member a file of the group's page came from.
+
+        @raise NotListed: the group's page does not list it.
+        """
+        page, _ = await self.get(project)
+        dist = filename.removesuffix(METADATA_SUFFIX)
+        for merged in self._merged.values():
+            if merged.page is page:
+                for member, part in merged.parts:
+                    assert isinstance(part.model, ProjectPage)
+                    if part.model.find(dist) is not None:
+                        return member
+                raise NotListed(filename)
+        return self._member_of(page)
+
+    async def forget(self, project: str | None) -> None:
+        """
+        Forget the group's page for C{project} (L{None}: the list) in every
+        member, and who owns it.
+        """
+        self._merged.pop(project, None)
+        for member in self.members.values():
+            await member.forget(project)
+        if project is not None and self.owners is not None:
+            await self.owners.forget(project)
+
+
+@attrs.define
+class GroupFiles:
+    """
+    A group's files: each opened from the member whose page listed it, in
+    the one file cache (its key names the member).
+    """
+
+    group: Group
+    files: FileCache
+
+    async def open(self, project: str, filename: str, fetch: bool = True, use_store: bool = True) -> Opened:
+        source = await self.group.source(project, filename)
+        return await self.files.open(project, filename, fetch, use_store, pages=source)
+
+    def downloaded(self, project: str, filename: str) -> None:
+        self.files.downloaded(project, filename)
+
+    def count_store_error(self, store: str) -> None:
+        self.files.count_store_error(store)
+
+    async def purge(self, project: str, filename: str) -> bool:
+        """
+        Remove one cached file of the group's, from whichever member it came.
+        """
+        purged = False
+        for member in self.group.members.values():
+            purged = await self.files.purge(project, filename, pages=member) or purged
+        return purged
+
+
+@attrs.define
+class Groups:
+    """
+    Every group, by name, and the default one (served at C{/simple/}).
+    """
+
+    by_name: Mapping[str, Group]
+    default_name: str
+    files: FileCache
+
+    @classmethod
+    def alone(cls, pages: PageCache, files: FileCache, clock: IReactorTime) -> Groups:
+        """
+        The one group of one upstream's pages (a proxy put together by hand).
+        """
+        topology = single((pages.upstream.url,))
+        spec = topology.groups[0]
+        group = Group(spec, topology, {spec.members[0]: pages}, None, clock)
+        return cls({spec.name: group}, spec.name, files)
+
+    @property
+    def default(self) -> Group:
+        return self.by_name[self.default_name]
+
+    def get(self, name: str) -> Group | None:
+        return self.by_name.get(name)
+
+    def files_of(self, group: Group) -> GroupFiles:
+        return GroupFiles(group, self.files)
