@@ -116,12 +116,16 @@ async def answered_within(clock: IReactorTime, seconds: float, d: Deferred[T]) -
 class Health:
     """
     How the upstream's exchanges ended: the state C{/health} shows, and the
-    C{upstream} metrics (by kind and outcome, with their latency).
+    C{upstream} metrics (by upstream name, kind and outcome, with their
+    latency).
     """
 
     _clock: IReactorTime
     #: The proxy's L{txpypi.web.metrics.Metrics} (a layer above), or L{None}.
     metrics: Any = None
+    #: The configured name of the upstream, its metrics' C{upstream} label
+    #: (a peer's exchanges are counted under the same name).
+    name: str = attrs.field(default="upstream", kw_only=True)
     #: When the upstream last answered as expected, and last failed (with why).
     last_success: float | None = None
     last_error: tuple[float, str] | None = None
@@ -157,8 +161,8 @@ class Health:
         else:
             self.last_error = (now, reason)
         if self.metrics is not None:
-            self.metrics.upstream.labels(kind, outcome).inc()
-            self.metrics.upstream_latency.labels(kind).observe(now - started)
+            self.metrics.upstream.labels(self.name, kind, outcome).inc()
+            self.metrics.upstream_latency.labels(self.name, kind).observe(now - started)
 
     def refused(self, kind: str) -> None:
         """
@@ -166,7 +170,7 @@ class Health:
         the upstream's health.
         """
         if self.metrics is not None:
-            self.metrics.upstream.labels(kind, "refused").inc()
+            self.metrics.upstream.labels(self.name, kind, "refused").inc()
 
 
 class Discard:

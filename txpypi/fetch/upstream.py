@@ -109,7 +109,8 @@ class UpstreamClient:
         @param metrics: the proxy's metrics, or L{None}.
         @param upstreams: the configured upstreams: pages come from their
             origins (or over https from a public host), files as their
-            policies allow.
+            policies allow.  The first one names the client in the metrics
+            (C{upstream} when there is none).
         @param tls: whom TLS trusts (the system's CAs; a test may trust
             its own).
         @param resolver: how host names are resolved (the reactor's
@@ -123,7 +124,7 @@ class UpstreamClient:
                 response_timeout=response_timeout, read_timeout=read_timeout, min_download_rate=min_rate
             )
         self._timeouts = Timeouts(live)
-        self._health = Health(reactor, metrics)
+        self._health = Health(reactor, metrics, name=upstreams[0].name if upstreams else "upstream")
         refusals = RefusalLog() if refusals is None else refusals
         policies = {upstream.url: upstream.policy() for upstream in upstreams}
         self._agents = Agents.dialing(
