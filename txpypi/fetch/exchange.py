@@ -14,9 +14,10 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.client import ResponseFailed
+from twisted.web.http_headers import Headers
 
 from txpypi import __version__
-from txpypi.core.fetchpolicy import Refused
+from txpypi.core.fetchpolicy import Origin, Refused
 from txpypi.core.live import Live
 
 T = TypeVar("T")
@@ -63,6 +64,55 @@ def outcome_of(error: UpstreamError) -> str:
     The metrics outcome of a failed exchange.
     """
     return "timeout" if error.status == 504 else "error"
+
+
+@attrs.frozen
+class Credentials:
+    """
+    The C{Authorization} header value an upstream's own origin gets, and no
+    other origin: never shown (not in reprs, reasons or logs).
+    """
+
+    #: The origin of the upstream's URL.
+    origin: Origin
+    authorization: str = attrs.field(repr=False)
+
+    @classmethod
+    def of(cls, upstream_url: str, authorization: str) -> Credentials:
+        """
+        The credentials of the upstream at C{upstream_url}.
+
+        @raise ValueError: when the URL has no origin (see L{Origin.of}).
+        """
+        return cls(Origin.of(upstream_url), authorization)
+
+    def add_to(self, headers: Headers, origin: Origin) -> None:
+        """
+        Set C{Authorization} in C{headers}, when they go to C{origin} and
+        that is the upstream's own.
+        """
+        if origin == self.origin:
+            headers.setRawHeaders(b"Authorization", [self.authorization.encode("latin-1")])
+
+
+def page_credentials(credentials: dict[str, Credentials], url: str) -> Credentials | None:
+    """
+    The credentials a page GET of C{url} sends: those of the upstream whose
+    URL it starts with, else of the first one on its origin; none for
+    another origin.
+
+    @param credentials: the credentials of the upstreams that have some,
+        by upstream URL.
+    """
+    try:
+        origin = Origin.of(url)
+    except ValueError:
+        return None  # refused when it connects
+    same = [(prefix, each) for prefix, each in credentials.items() if each.origin == origin]
+    for prefix, each in same:
+        if url.startswith(prefix):
+            return each
+    return same[0][1] if same else None
 
 
 @attrs.define
