@@ -15,13 +15,13 @@ from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from txpypi.fetch.exchange import Health, UpstreamError, answered_within, classify
-from txpypi.fetch.upstream import UpstreamClient
+from txpypi.fetch.upstream import Upstream, UpstreamClient
 from txpypi.web.metrics import Metrics
 
 
 def outcomes(metrics: Metrics, kind: str, outcome: str) -> float | None:
     return metrics.registry.get_sample_value(
-        "txpypi_upstream_requests_total", {"kind": kind, "outcome": outcome}
+        "txpypi_upstream_requests_total", {"upstream": "upstream", "kind": kind, "outcome": outcome}
     )
 
 
@@ -51,7 +51,8 @@ def test_health_is_the_last_exchange_and_peers_do_not_count() -> None:
     assert outcomes(metrics, "page", "ok") == 2
     assert outcomes(metrics, "file", "timeout") == 1
     assert outcomes(metrics, "file", "refused") == 1
-    assert metrics.registry.get_sample_value("txpypi_upstream_duration_seconds_sum", {"kind": "file"}) == 1.0
+    latency = {"upstream": "upstream", "kind": "file"}
+    assert metrics.registry.get_sample_value("txpypi_upstream_duration_seconds_sum", latency) == 1.0
 
 
 def test_an_answer_late_is_cancelled_and_one_in_time_stops_the_timer() -> None:
@@ -107,3 +108,44 @@ def test_a_changed_response_timeout_reaches_pages_and_files() -> None:
     clock.advance(0.1)
     assert [(f.check(UpstreamError), f.value.status) for f in out] == [(UpstreamError, 504)] * 2
     assert client.state() == "degraded"  # the page timed out; the peer does not count
+
+
+def test_exchanges_are_counted_under_the_upstreams_configured_name() -> None:
+    """
+    A client is named in the metrics by its first upstream, and a peer
+    exchange it makes counts under the same name; without an upstream it
+    is C{upstream}.
+    """
+    clock = Clock()
+    metrics = Metrics.create()
+    client = UpstreamClient(
+        clock,
+        agent=_Silent(),
+        metrics=metrics,
+        upstreams=(Upstream("private", "http://private.test/simple"),),
+    )
+    client.response_timeout = 1.0
+    out: list[Any] = []
+    Deferred.fromCoroutine(client.fetch_page("http://private.test/simple/a/")).addBoth(out.append)
+    Deferred.fromCoroutine(client.open_file("http://peer.test/f", kind="peer")).addBoth(out.append)
+    clock.advance(1)
+    assert len(out) == 2
+    sample = metrics.registry.get_sample_value
+    labels = {"upstream": "private", "outcome": "timeout"}
+    assert sample("txpypi_upstream_requests_total", {**labels, "kind": "page"}) == 1
+    assert sample("txpypi_upstream_requests_total", {**labels, "kind": "peer"}) == 1
+    assert sample("txpypi_upstream_duration_seconds_count", {"upstream": "private", "kind": "page"}) == 1
+    assert (
+        sample("txpypi_upstream_requests_total", {**labels, "upstream": "upstream", "kind": "page"}) is None
+    )
+    Health(clock, metrics).record("page", "ok", 1.0)
+    assert (
+        sample("txpypi_upstream_requests_total", {"upstream": "upstream", "kind": "page", "outcome": "ok"})
+        == 1
+    )
+
+
+def test_conflicts_are_counted_by_group() -> None:
+    metrics = Metrics.create()
+    metrics.conflicts.labels("default").inc()
+    assert metrics.registry.get_sample_value("txpypi_conflicts_total", {"group": "default"}) == 1

@@ -74,10 +74,10 @@ async def test_metrics_move_with_events(json_upstream: Served, proxy_factory: An
     assert delta("txpypi_cache_answers_total", kind="file", result="hit") == 1
     assert delta("txpypi_served_bytes_total", source="cache") >= size
     assert delta("txpypi_served_bytes_total", source="upstream") >= size  # the file and a page
-    assert delta("txpypi_upstream_requests_total", kind="page", outcome="ok") == 1
-    assert delta("txpypi_upstream_requests_total", kind="page", outcome="not_found") == 1
-    assert delta("txpypi_upstream_requests_total", kind="file", outcome="ok") == 1
-    assert delta("txpypi_upstream_duration_seconds_count", kind="file") == 1
+    assert delta("txpypi_upstream_requests_total", upstream="upstream", kind="page", outcome="ok") == 1
+    assert delta("txpypi_upstream_requests_total", upstream="upstream", kind="page", outcome="not_found") == 1
+    assert delta("txpypi_upstream_requests_total", upstream="upstream", kind="file", outcome="ok") == 1
+    assert delta("txpypi_upstream_duration_seconds_count", upstream="upstream", kind="file") == 1
     assert sample(after, "txpypi_cache_bytes") == size and sample(after, "txpypi_cache_files") == 1
     assert sample(after, "txpypi_downloads_in_flight") == 0
     # No label names a project or a file.

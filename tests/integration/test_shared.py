@@ -248,7 +248,8 @@ async def test_a_follower_streams_a_download_in_progress_from_the_leader(
     await follow_done
     assert bytes(lead_got) == bytes(follow_got) == data
     assert json_upstream.fake.requests["/packages/" + name] == 1
-    assert sample(await scrape(two.url), "txpypi_upstream_requests_total", kind="peer", outcome="ok") == 1
+    peer = {"upstream": "upstream", "kind": "peer"}  # counted under the proxy's upstream
+    assert sample(await scrape(two.url), "txpypi_upstream_requests_total", **peer, outcome="ok") == 1
     await Deferred.fromCoroutine(one.proxy.files.wait_idle())
     await Deferred.fromCoroutine(two.proxy.files.wait_idle())
     response, body = await get(f"{two.url}/files/big/{name}")
@@ -287,7 +288,8 @@ async def test_an_unreachable_leader_is_waited_for_in_the_store(
     lead_got, lead_half, lead_done = receive_until(lead, 1)
     await lead_half
     following = http.get(f"{two.url}/files/big/{name}")
-    while not sample(await scrape(two.url), "txpypi_upstream_requests_total", kind="peer", outcome="error"):
+    peer = {"upstream": "upstream", "kind": "peer"}
+    while not sample(await scrape(two.url), "txpypi_upstream_requests_total", **peer, outcome="error"):
         await Deferred.fromCoroutine(two.proxy.files.wait_idle())  # the failed peer flight is over
     gate.callback(None)
     response = await following

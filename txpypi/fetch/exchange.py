@@ -14,9 +14,10 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.client import ResponseFailed
+from twisted.web.http_headers import Headers
 
 from txpypi import __version__
-from txpypi.core.fetchpolicy import Refused
+from txpypi.core.fetchpolicy import Origin, Refused
 from txpypi.core.live import Live
 
 T = TypeVar("T")
@@ -63,6 +64,55 @@ def outcome_of(error: UpstreamError) -> str:
     The metrics outcome of a failed exchange.
     """
     return "timeout" if error.status == 504 else "error"
+
+
+@attrs.frozen
+class Credentials:
+    """
+    The C{Authorization} header value an upstream's own origin gets, and no
+    other origin: never shown (not in reprs, reasons or logs).
+    """
+
+    #: The origin of the upstream's URL.
+    origin: Origin
+    authorization: str = attrs.field(repr=False)
+
+    @classmethod
+    def of(cls, upstream_url: str, authorization: str) -> Credentials:
+        """
+        The credentials of the upstream at C{upstream_url}.
+
+        @raise ValueError: when the URL has no origin (see L{Origin.of}).
+        """
+        return cls(Origin.of(upstream_url), authorization)
+
+    def add_to(self, headers: Headers, origin: Origin) -> None:
+        """
+        Set C{Authorization} in C{headers}, when they go to C{origin} and
+        that is the upstream's own.
+        """
+        if origin == self.origin:
+            headers.setRawHeaders(b"Authorization", [self.authorization.encode("latin-1")])
+
+
+def page_credentials(credentials: dict[str, Credentials], url: str) -> Credentials | None:
+    """
+    The credentials a page GET of C{url} sends: those of the upstream whose
+    URL it starts with, else of the first one on its origin; none for
+    another origin.
+
+    @param credentials: the credentials of the upstreams that have some,
+        by upstream URL.
+    """
+    try:
+        origin = Origin.of(url)
+    except ValueError:
+        return None  # refused when it connects
+    same = [(prefix, each) for prefix, each in credentials.items() if each.origin == origin]
+    for prefix, each in same:
+        if url.startswith(prefix):
+            return each
+    return same[0][1] if same else None
 
 
 @attrs.define
@@ -116,12 +166,16 @@ async def answered_within(clock: IReactorTime, seconds: float, d: Deferred[T]) -
 class Health:
     """
     How the upstream's exchanges ended: the state C{/health} shows, and the
-    C{upstream} metrics (by kind and outcome, with their latency).
+    C{upstream} metrics (by upstream name, kind and outcome, with their
+    latency).
     """
 
     _clock: IReactorTime
     #: The proxy's L{txpypi.web.metrics.Metrics} (a layer above), or L{None}.
     metrics: Any = None
+    #: The configured name of the upstream, its metrics' C{upstream} label
+    #: (a peer's exchanges are counted under the same name).
+    name: str = attrs.field(default="upstream", kw_only=True)
     #: When the upstream last answered as expected, and last failed (with why).
     last_success: float | None = None
     last_error: tuple[float, str] | None = None
@@ -157,8 +211,8 @@ class Health:
         else:
             self.last_error = (now, reason)
         if self.metrics is not None:
-            self.metrics.upstream.labels(kind, outcome).inc()
-            self.metrics.upstream_latency.labels(kind).observe(now - started)
+            self.metrics.upstream.labels(self.name, kind, outcome).inc()
+            self.metrics.upstream_latency.labels(self.name, kind).observe(now - started)
 
     def refused(self, kind: str) -> None:
         """
@@ -166,7 +220,7 @@ class Health:
         the upstream's health.
         """
         if self.metrics is not None:
-            self.metrics.upstream.labels(kind, "refused").inc()
+            self.metrics.upstream.labels(self.name, kind, "refused").inc()
 
 
 class Discard:

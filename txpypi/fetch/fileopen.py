@@ -18,6 +18,7 @@ from txpypi.core.fetchpolicy import MAX_REDIRECTS, FetchPolicy, ListedFile, Orig
 from txpypi.fetch.agents import Agents
 from txpypi.fetch.exchange import (
     USER_AGENT,
+    Credentials,
     Discard,
     Health,
     Timeouts,
@@ -33,14 +34,20 @@ from txpypi.fetch.guarded import RefusalLog
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
-def hop_headers(permit: Permit, first: Origin, extra: dict[bytes, bytes]) -> Headers:
+def hop_headers(
+    permit: Permit, first: Origin, extra: dict[bytes, bytes], credentials: Credentials | None = None
+) -> Headers:
     """
-    The headers of one hop: C{extra} only to the listed URL's origin.
+    The headers of one hop: C{extra} only to the listed URL's origin, the
+    upstream's C{credentials} only to the upstream's own origin (which may
+    be neither the listed URL's nor the one before).
     """
     headers = Headers({b"User-Agent": [USER_AGENT], b"Accept-Encoding": [b"identity"]})
     if permit.origin == first:  # the proxy's own headers never go elsewhere
         for name, value in extra.items():
             headers.setRawHeaders(name, [value])
+    if credentials is not None:
+        credentials.add_to(headers, permit.origin)
     return headers
 
 
@@ -70,14 +77,19 @@ class FileOpener:
     _refusals: RefusalLog
     #: The policy of each configured upstream, by its URL.
     _policies: dict[str, FetchPolicy]
+    #: The credentials of the upstreams that have some, by upstream URL.
+    _credentials: dict[str, Credentials] = attrs.Factory(dict)
 
     async def open(self, target: ListedFile | str, extra: dict[bytes, bytes], kind: str) -> IResponse:
         """
         See L{txpypi.fetch.upstream.UpstreamClient.open_file}.
         """
         url, policy, strong = self._target(target, kind)
+        credentials = None  # a peer never gets the upstream's
+        if not isinstance(target, str) and kind != "peer":
+            credentials = self._credentials.get(target.upstream)
         started = self._health.now()
-        response = await self._answered(url, policy, strong, extra, kind, started)
+        response = await self._answered(url, policy, strong, extra, credentials, kind, started)
         if response.code in (404, 410):
             self._health.record(kind, "not_found", started)
             response.deliverBody(Discard())
@@ -110,6 +122,7 @@ class FileOpener:
         policy: FetchPolicy | None,
         strong: bool,
         extra: dict[bytes, bytes],
+        credentials: Credentials | None,
         kind: str,
         started: float,
     ) -> IResponse:
@@ -117,7 +130,7 @@ class FileOpener:
         The last hop's response, under the response timeout; a failure
         recorded and raised as an L{UpstreamError}.
         """
-        d = Deferred.fromCoroutine(self._follow(url, policy, strong, extra))
+        d = Deferred.fromCoroutine(self._follow(url, policy, strong, extra, credentials))
         try:
             return await answered_within(self._clock, self._timeouts.response, d)
         except Refused as e:
@@ -133,11 +146,17 @@ class FileOpener:
             raise error from e
 
     async def _follow(
-        self, url: str, policy: FetchPolicy | None, strong: bool, extra: dict[bytes, bytes]
+        self,
+        url: str,
+        policy: FetchPolicy | None,
+        strong: bool,
+        extra: dict[bytes, bytes],
+        credentials: Credentials | None,
     ) -> IResponse:
         """
         GET C{url}, following redirects as C{policy} allows (none without
-        one: a peer).
+        one: a peer), with C{credentials} on each hop to the upstream's own
+        origin.
 
         @raise Refused: when the policy refuses a hop.
         """
@@ -148,7 +167,7 @@ class FileOpener:
             permit = peer_permit(url) if policy is None else policy.file_hop(url, strong, came_from)
             first_origin = first_origin or permit.origin
             agent = self._agents.hop(permit, None if policy is None else policy.origin)
-            headers = hop_headers(permit, first_origin, extra)
+            headers = hop_headers(permit, first_origin, extra, credentials)
             response: IResponse = await agent.request(b"GET", url.encode(), headers)
             if policy is None or response.code not in REDIRECTS:
                 return response

@@ -14,6 +14,7 @@ from twisted.web.iweb import IAgent, IResponse
 from txpypi.core.simple.media import UPSTREAM_ACCEPT
 from txpypi.fetch.exchange import (
     USER_AGENT,
+    Credentials,
     Discard,
     Health,
     Timeouts,
@@ -21,6 +22,7 @@ from txpypi.fetch.exchange import (
     UpstreamNotFound,
     answered_within,
     outcome_of,
+    page_credentials,
 )
 from txpypi.fetch.pagebody import GZIP, PLAIN, PageBody, content_coding, page_error
 
@@ -72,13 +74,16 @@ def fetched(response: IResponse, body: bytes) -> FetchedPage:
 @attrs.define
 class PageFetcher:
     """
-    GETs index pages through one agent (which follows redirects).
+    GETs index pages through one agent (which follows redirects, and drops
+    C{Authorization} on a redirect to another origin).
     """
 
     _clock: IReactorTime
     _agent: IAgent
     _timeouts: Timeouts
     _health: Health
+    #: The credentials of the upstreams that have some, by upstream URL.
+    _credentials: dict[str, Credentials] = attrs.Factory(dict)
 
     async def fetch(self, url: str, etag: str | None, last_modified: str | None, limit: int) -> FetchedPage:
         """
@@ -87,8 +92,12 @@ class PageFetcher:
         @param limit: the most bytes the body may have, decompressed.
         """
         started = self._health.now()
+        headers = page_request_headers(etag, last_modified)
+        credentials = page_credentials(self._credentials, url)
+        if credentials is not None:
+            credentials.add_to(headers, credentials.origin)
         try:
-            response, body = await self._exchange(url, page_request_headers(etag, last_modified), limit)
+            response, body = await self._exchange(url, headers, limit)
         except UpstreamError as e:
             self._health.record("page", "error", started, e.reason)
             raise

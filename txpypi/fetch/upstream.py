@@ -29,7 +29,14 @@ from txpypi.concurrency.turns import Turns
 from txpypi.core.fetchpolicy import FetchPolicy, FileHost, ListedFile
 from txpypi.core.live import Live
 from txpypi.fetch.agents import Agents
-from txpypi.fetch.exchange import USER_AGENT, Health, Timeouts, UpstreamError, UpstreamNotFound
+from txpypi.fetch.exchange import (
+    USER_AGENT,
+    Credentials,
+    Health,
+    Timeouts,
+    UpstreamError,
+    UpstreamNotFound,
+)
 from txpypi.fetch.fileopen import REDIRECTS, FileOpener
 from txpypi.fetch.guarded import IConnectingReactor, RefusalLog
 from txpypi.fetch.pagebody import MAX_PAGE_BYTES
@@ -52,6 +59,20 @@ def _slash(url: str) -> str:
     return url if url.endswith("/") else url + "/"
 
 
+def _header_value(instance: Upstream, attribute: attrs.Attribute[str | None], value: str | None) -> None:
+    """
+    An C{authorization} must be one header line (the message never shows it).
+    """
+    if value is None:
+        return
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        raise ValueError(f"upstream {instance.name}: the authorization is not latin-1") from None
+    if any(c in value for c in "\r\n\0") or not value.strip():
+        raise ValueError(f"upstream {instance.name}: the authorization is not one header line")
+
+
 @attrs.frozen
 class Upstream:
     """
@@ -62,6 +83,15 @@ class Upstream:
     url: str = attrs.field(converter=_slash)
     #: C{file-hosts}: with it, the only other hosts its files may come from.
     file_hosts: tuple[FileHost, ...] | None = None
+    #: The C{Authorization} header value its own origin gets (basic auth or
+    #: a bearer token), on pages and files; never shown.
+    authorization: str | None = attrs.field(default=None, repr=False, validator=_header_value)
+
+    def credentials(self) -> Credentials | None:
+        """
+        What its own origin is sent, if anything.
+        """
+        return None if self.authorization is None else Credentials.of(self.url, self.authorization)
 
     def policy(self) -> FetchPolicy:
         """
@@ -109,7 +139,9 @@ class UpstreamClient:
         @param metrics: the proxy's metrics, or L{None}.
         @param upstreams: the configured upstreams: pages come from their
             origins (or over https from a public host), files as their
-            policies allow.
+            policies allow; each one's C{authorization} goes to its own
+            origin only.  The first one names the client in the metrics
+            (C{upstream} when there is none).
         @param tls: whom TLS trusts (the system's CAs; a test may trust
             its own).
         @param resolver: how host names are resolved (the reactor's
@@ -123,9 +155,12 @@ class UpstreamClient:
                 response_timeout=response_timeout, read_timeout=read_timeout, min_download_rate=min_rate
             )
         self._timeouts = Timeouts(live)
-        self._health = Health(reactor, metrics)
+        self._health = Health(reactor, metrics, name=upstreams[0].name if upstreams else "upstream")
         refusals = RefusalLog() if refusals is None else refusals
         policies = {upstream.url: upstream.policy() for upstream in upstreams}
+        credentials = {
+            upstream.url: each for upstream in upstreams if (each := upstream.credentials()) is not None
+        }
         self._agents = Agents.dialing(
             reactor,
             resolver,
@@ -135,8 +170,10 @@ class UpstreamClient:
             (policy.origin for policy in policies.values()),
             agent,
         )
-        self._pages = PageFetcher(reactor, self._agents.pages, self._timeouts, self._health)
-        self._files = FileOpener(reactor, self._agents, self._timeouts, self._health, refusals, policies)
+        self._pages = PageFetcher(reactor, self._agents.pages, self._timeouts, self._health, credentials)
+        self._files = FileOpener(
+            reactor, self._agents, self._timeouts, self._health, refusals, policies, credentials
+        )
 
     # The live settings (a SIGHUP changes them) and the state /health reads.
 
@@ -212,9 +249,10 @@ class UpstreamClient:
         caller reads the body with C{deliverBody}.
 
         Redirects are followed (at most L{MAX_REDIRECTS}), each hop only as
-        the upstream's policy allows (L{FetchPolicy.file_hop}), and C{extra}
-        headers go only to the listed URL's origin.  A peer is exempt from
-        the policy, and never redirects.
+        the upstream's policy allows (L{FetchPolicy.file_hop}), C{extra}
+        headers go only to the listed URL's origin, and the upstream's
+        C{authorization} only to the upstream's own origin.  A peer is exempt
+        from the policy, never redirects, and gets no credentials.
 
         @param target: the file as an upstream's index listed it (a
             L{txpypi.fetch.wanted.Wanted}), or, for a peer, its URL.

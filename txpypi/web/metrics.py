@@ -1,7 +1,7 @@
 """
 Prometheus metrics on a registry that is passed in.  Label sets are
-bounded: routes, status codes, cache results and outcomes, never a project
-or a file name.
+bounded: routes, status codes, cache results and outcomes, the configured
+upstream and group names, never a project or a file name.
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ class Metrics:
     store_up: Gauge
     connections_refused: Counter
     client_timeouts: Counter
+    conflicts: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> Metrics:
@@ -116,14 +117,15 @@ class Metrics:
             ),
             upstream=Counter(
                 "txpypi_upstream_requests",
-                "Requests to the upstream, by kind (page, file; peer: to another instance) and outcome.",
-                ["kind", "outcome"],
+                "Requests to an upstream, by its configured name, kind (page, file; peer: to another"
+                " instance) and outcome.",
+                ["upstream", "kind", "outcome"],
                 registry=registry,
             ),
             upstream_latency=Histogram(
                 "txpypi_upstream_duration_seconds",
-                "Time to the upstream's response headers, by kind.",
-                ["kind"],
+                "Time to an upstream's response headers, by its configured name and kind.",
+                ["upstream", "kind"],
                 buckets=_LATENCY_BUCKETS,
                 registry=registry,
             ),
@@ -150,6 +152,13 @@ class Metrics:
                 "Client connections closed by send-timeout, by kind: send (the client took no bytes)"
                 " or request (its request did not arrive in time).",
                 ["kind"],
+                registry=registry,
+            ),
+            conflicts=Counter(
+                "txpypi_conflicts",
+                "Files left out of a merged group page: the same file name with another hash on a"
+                " lower member.",
+                ["group"],
                 registry=registry,
             ),
         )
