@@ -253,5 +253,5 @@ def test_the_project_list_is_the_union_filtered_by_routes() -> None:
     s.add("public", build_wheel("acme-evil", "99.0"), build_wheel("requests", "2.0"), build_wheel("shared", "2"))
     page, _ = result(s.group.get(None))
     assert isinstance(page.model, ProjectList)
-    assert sorted(page.model.projects) == ["Shared", "acme-lib", "requests"]
+    assert sorted(page.model.projects) == ["acme-lib", "requests", "shared"]
     assert s.group.fresh(None) is page
