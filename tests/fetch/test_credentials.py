@@ -25,7 +25,7 @@ from zope.interface import implementer
 
 from tests.conftest import TLS, get_reactor, listen
 from txpypi.core.fetchpolicy import FileHost
-from txpypi.fetch.tls import tls_policy
+from txpypi.fetch.tls import tls_policy, upstream_tls
 from txpypi.fetch.upstream import Upstream, UpstreamClient, UpstreamError
 from txpypi.fetch.wanted import Wanted
 from txpypi.testing import FakeUpstream, build_wheel
@@ -369,3 +369,26 @@ def test_an_unusable_ca_file_is_a_one_line_error_naming_it(tmp_path: Path) -> No
         message = str(caught.value)
         assert message.startswith(f"ca-file {path}: ") and says in message and "\n" not in message
     assert tls_policy(str(missing), False) is not None  # not read when nothing is checked
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_tls_is_for_the_upstreams_own_origin_only(loopback: Loopback, other_name: TLS) -> None:
+    """
+    With L{upstream_tls}, C{verify: false} holds on the upstream's origin
+    only: a file on another origin (the same server by another name) is
+    checked against the system's CAs, and refused; L{tls_policy} alone
+    would have taken it.
+    """
+    port = loopback.serve(Files({"/f": ALPHA.content}), other_name.endpoint())
+    upstream = Upstream("private", f"https://127.0.0.1:{port}/simple/")
+    own, elsewhere = (
+        wanted(upstream, f"https://127.0.0.1:{port}/f"),
+        wanted(upstream, f"https://localhost:{port}/f"),
+    )
+    assert upstream_tls(upstream.url, None, True) is None
+    scoped = loopback.client(upstream, tls=upstream_tls(upstream.url, None, False))
+    assert await fetch(scoped, own) == ALPHA.content
+    error = await failed(scoped.open_file(elsewhere))
+    assert error.status == 502 and "connection failed" in error.reason
+    everywhere = loopback.client(upstream, tls=tls_policy(None, False))
+    assert await fetch(everywhere, elsewhere) == ALPHA.content

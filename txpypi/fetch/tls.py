@@ -3,7 +3,9 @@ Whom an upstream's TLS trusts: the system's CAs, only the CAs of a PEM file
 (C{ca-file}), or nobody checked at all (C{verify: false}).
 
 L{tls_policy} makes the L{IPolicyForHTTPS} an L{txpypi.fetch.upstream.UpstreamClient}
-takes as C{tls=}.
+takes as C{tls=}, which applies to every host the client connects to;
+L{upstream_tls} limits it to the upstream's own origin (files listed on, or
+redirected to, another host are then checked against the system's CAs).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import re
 from ipaddress import ip_address
 
+import attrs
 from OpenSSL import SSL
 from OpenSSL.crypto import Error as OpenSSLError
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
@@ -19,6 +22,8 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.web.client import BrowserLikePolicyForHTTPS
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
+
+from txpypi.core.fetchpolicy import Origin
 
 _PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 
@@ -41,6 +46,41 @@ def tls_policy(ca_file: str | None, verify: bool) -> IPolicyForHTTPS | None:
     if ca_file is None:
         return None
     return BrowserLikePolicyForHTTPS(trustRoot=trustRootFromCertificates(load_certificates(ca_file)))
+
+
+def upstream_tls(url: str, ca_file: str | None, verify: bool) -> IPolicyForHTTPS | None:
+    """
+    The policy of L{tls_policy} for the upstream at C{url}'s own origin
+    only, and the system default for every other host.
+
+    @return: L{None} when it is the system default everywhere.
+    @raise ValueError: as L{tls_policy} does, or for a URL without an origin.
+    """
+    own = tls_policy(ca_file, verify)
+    if own is None:
+        return None
+    return OwnOrigin(own, Origin.of(url))
+
+
+@implementer(IPolicyForHTTPS)
+@attrs.frozen
+class OwnOrigin:
+    """
+    One policy for an upstream's own host and port, another (the system
+    default) for every other.
+    """
+
+    _own: IPolicyForHTTPS
+    _origin: Origin
+    _elsewhere: IPolicyForHTTPS = attrs.Factory(BrowserLikePolicyForHTTPS)
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
+        host = hostname.decode("ascii", "replace").strip("[]").lower().rstrip(".")
+        own = host == self._origin.host.rstrip(".") and port == self._origin.port
+        creator: IOpenSSLClientConnectionCreator = (self._own if own else self._elsewhere).creatorForNetloc(
+            hostname, port
+        )
+        return creator
 
 
 def load_certificates(ca_file: str) -> list[Certificate]:
