@@ -1,18 +1,21 @@
 """
-An upstream's credentials, against real servers on loopback: the
+An upstream's credentials and TLS, against real servers on loopback: the
 C{Authorization} header goes to the upstream's own origin only (pages and
 file hops; never another origin, a redirect's next hop there, or a peer),
-and never shows in a reason or a log line.
+and never shows in a reason or a log line; C{ca-file} and C{verify: false}
+decide whom TLS trusts (L{txpypi.fetch.tls}).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
 import pytest_twisted
+import trustme
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.web.client import readBody
 from twisted.web.iweb import IPolicyForHTTPS
@@ -22,6 +25,7 @@ from zope.interface import implementer
 
 from tests.conftest import TLS, get_reactor, listen
 from txpypi.core.fetchpolicy import FileHost
+from txpypi.fetch.tls import tls_policy, upstream_tls
 from txpypi.fetch.upstream import Upstream, UpstreamClient, UpstreamError
 from txpypi.fetch.wanted import Wanted
 from txpypi.testing import FakeUpstream, build_wheel
@@ -291,3 +295,100 @@ def test_an_authorization_that_is_not_one_header_line_is_refused_without_showing
     with pytest.raises(ValueError) as caught:
         Upstream("private", "https://private.test/simple/", authorization="Bearer a\r\nX-Evil: 1")
     assert str(caught.value) == "upstream private: the authorization is not one header line"
+
+
+# -- TLS
+
+
+@pytest.fixture(scope="module")
+def other_name(tmp_path_factory: pytest.TempPathFactory) -> TLS:
+    """
+    A CA of its own and a certificate for C{other.test} only.
+    """
+    directory = tmp_path_factory.mktemp("other")
+    ca = trustme.CA()
+    server = ca.issue_cert("other.test")
+    paths = TLS(directory / "ca.pem", directory / "key.pem", directory / "cert.pem")
+    ca.cert_pem.write_to_path(str(paths.ca))
+    server.private_key_pem.write_to_path(str(paths.key))
+    server.cert_chain_pems[0].write_to_path(str(paths.cert))
+    return paths
+
+
+async def tls_page(loopback: Loopback, tls: IPolicyForHTTPS | None, host: str = "localhost") -> bytes:
+    port = loopback.serve(FakeUpstream([ALPHA]), loopback.tls.endpoint())
+    url = f"https://{host}:{port}/simple/"
+    page = await loopback.client(Upstream("private", url), tls=tls).fetch_page(url + "alpha/")
+    return page.body
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_ca_file_is_trusted_and_the_system_default_is_not(loopback: Loopback) -> None:
+    assert ALPHA.filename.encode() in await tls_page(loopback, tls_policy(str(loopback.tls.ca), True))
+    assert tls_policy(None, True) is None
+    error = await failed(tls_page(loopback, None))
+    assert error.status == 502
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_ca_file_still_checks_the_host_name(loopback: Loopback, other_name: TLS) -> None:
+    """
+    A certificate from the trusted CA, for another name, is refused.
+    """
+    port = loopback.serve(FakeUpstream([ALPHA]), other_name.endpoint())
+    url = f"https://localhost:{port}/simple/"
+    client = loopback.client(Upstream("private", url), tls=tls_policy(str(other_name.ca), True))
+    error = await failed(client.fetch_page(url + "alpha/"))
+    assert error.status == 502
+
+
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1"])  # with SNI, and without (an address)
+@pytest_twisted.ensureDeferred
+async def test_verify_false_checks_no_certificate(loopback: Loopback, other_name: TLS, host: str) -> None:
+    """
+    Without verification any certificate will do: one from a CA nobody
+    trusts, for another name.
+    """
+    port = loopback.serve(FakeUpstream([ALPHA]), other_name.endpoint())
+    url = f"https://{host}:{port}/simple/"
+    page = await loopback.client(Upstream("private", url), tls=tls_policy(None, False)).fetch_page(
+        url + "alpha/"
+    )
+    assert ALPHA.filename.encode() in page.body
+
+
+def test_an_unusable_ca_file_is_a_one_line_error_naming_it(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.pem"
+    empty.write_text("no certificate here\n")
+    broken = tmp_path / "broken.pem"
+    broken.write_text("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n")
+    missing = tmp_path / "missing.pem"
+    for path, says in [(missing, "cannot be read"), (empty, "no PEM certificate"), (broken, "not valid")]:
+        with pytest.raises(ValueError) as caught:
+            tls_policy(str(path), True)
+        message = str(caught.value)
+        assert message.startswith(f"ca-file {path}: ") and says in message and "\n" not in message
+    assert tls_policy(str(missing), False) is not None  # not read when nothing is checked
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_tls_is_for_the_upstreams_own_origin_only(loopback: Loopback, other_name: TLS) -> None:
+    """
+    With L{upstream_tls}, C{verify: false} holds on the upstream's origin
+    only: a file on another origin (the same server by another name) is
+    checked against the system's CAs, and refused; L{tls_policy} alone
+    would have taken it.
+    """
+    port = loopback.serve(Files({"/f": ALPHA.content}), other_name.endpoint())
+    upstream = Upstream("private", f"https://127.0.0.1:{port}/simple/")
+    own, elsewhere = (
+        wanted(upstream, f"https://127.0.0.1:{port}/f"),
+        wanted(upstream, f"https://localhost:{port}/f"),
+    )
+    assert upstream_tls(upstream.url, None, True) is None
+    scoped = loopback.client(upstream, tls=upstream_tls(upstream.url, None, False))
+    assert await fetch(scoped, own) == ALPHA.content
+    error = await failed(scoped.open_file(elsewhere))
+    assert error.status == 502 and "connection failed" in error.reason
+    everywhere = loopback.client(upstream, tls=tls_policy(None, False))
+    assert await fetch(everywhere, elsewhere) == ALPHA.content
