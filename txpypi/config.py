@@ -337,7 +337,7 @@ _REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 def expand(value: Any, environ: Mapping[str, str], key: str) -> Any:
     """
     C{value} from the config file with every C{${VAR}} and
-    C{${VAR:-default}} in its strings (in lists too) replaced from
+    C{${VAR:-default}} in its strings (in lists and mappings too) replaced from
     C{environ}, before the value is parsed (so that C{index-ttl: ${TTL}}
     reads as a number, as the command line's text does).
 
@@ -346,6 +346,8 @@ def expand(value: Any, environ: Mapping[str, str], key: str) -> Any:
     """
     if isinstance(value, list):
         return [expand(item, environ, key) for item in value]
+    if isinstance(value, dict):
+        return {name: expand(item, environ, f"{key}: {name}") for name, item in value.items()}
     if not isinstance(value, str):
         return value
 

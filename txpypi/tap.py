@@ -41,7 +41,7 @@ from txpypi.core.peer import owner_id
 from txpypi.fetch.commit import CommitJournal
 from txpypi.fetch.guarded import IConnectingReactor
 from txpypi.fetch.clients import UpstreamClients
-from txpypi.fetch.tls import tls_policy
+from txpypi.fetch.tls import upstream_tls
 from txpypi.fetch.upstream import Upstream, UpstreamClient
 from txpypi.services import (
     CacheUpkeepService,
@@ -308,7 +308,12 @@ class Indexes:
         return UpstreamClients({self.pages[name].upstream.url: c for name, c in self.clients.items()})
 
     def groups(
-        self, metadata: WatchedMetadata, files: FileCache, reactor: IProxyReactor, pools: Pools, metrics: Metrics
+        self,
+        metadata: WatchedMetadata,
+        files: FileCache,
+        reactor: IProxyReactor,
+        pools: Pools,
+        metrics: Metrics,
     ) -> Groups:
         files.sources.update({p.group: p for p in self.pages.values()})
         found = {}
@@ -357,7 +362,7 @@ def indexes(
         hosts = None if spec.file_hosts is None else tuple(map(FileHost.parse, spec.file_hosts))
         upstream = Upstream(spec.name, spec.url, file_hosts=hosts, authorization=spec.authorization)
         try:
-            tls = tls_policy(spec.ca_file, spec.verify)
+            tls = upstream_tls(spec.url, spec.ca_file, spec.verify)
         except ValueError as e:
             raise ConfigError(f"upstreams: {spec.name}: ca-file: {e}") from None
         client = UpstreamClient(
@@ -421,5 +426,3 @@ def file_cache(
         shared_usage=coordinator is not None,
         peer_secret=settings.peer_secret,
     )
-
-

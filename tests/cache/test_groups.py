@@ -250,7 +250,9 @@ def test_merge_fails_when_a_member_fails() -> None:
 def test_the_project_list_is_the_union_filtered_by_routes() -> None:
     s = Setup(routes=(Route(("acme-*",), ("private",)),))
     s.add("private", build_wheel("acme-lib", "1.0"), build_wheel("Shared", "1.0"))
-    s.add("public", build_wheel("acme-evil", "99.0"), build_wheel("requests", "2.0"), build_wheel("shared", "2"))
+    s.add(
+        "public", build_wheel("acme-evil", "99.0"), build_wheel("requests", "2.0"), build_wheel("shared", "2")
+    )
     page, _ = result(s.group.get(None))
     assert isinstance(page.model, ProjectList)
     assert sorted(page.model.projects) == ["acme-lib", "requests", "shared"]

@@ -121,7 +121,7 @@ class FileCache:
         )
         #: The page caches of every upstream whose files it keeps, by their
         #: cache prefix (the assembly adds the others').
-        self.sources: dict[str, PageCache] = {pages.group: pages}
+        self.sources: dict[str, PageCache] = {} if pages is None else {pages.group: pages}
         self.live.on_change(self._retune)
 
     def _retune(self) -> None:
@@ -304,6 +304,16 @@ class FileCache:
 
     async def metadata_ping(self) -> None:
         await self._metadata.ping()
+
+    async def drop_gone(self, project: str, filename: str, pages: PageCache) -> None:
+        """
+        Drop the cached copy of a file whose project no upstream of its
+        group knows any more (a removed project must not live on).
+        """
+        key = self.key(project, filename, pages)
+        record = self._records.get(key) or await known_file(self._metadata, key)
+        if record is not None and not pages.offline:
+            await self._cached.drop(record, "the upstream no longer knows its project")
 
     async def purge(self, project: str, filename: str, pages: PageCache | None = None) -> bool:
         """

@@ -404,7 +404,21 @@ class GroupFiles:
     files: FileCache
 
     async def open(self, project: str, filename: str, fetch: bool = True, use_store: bool = True) -> Opened:
-        source = await self.group.source(project, filename)
+        """
+        Open a file of the group's (see L{FileCache.open}).
+        """
+        group = self.group
+        if group.alone:
+            if not group.candidates(project):
+                raise NotFound(project)
+            # The member's page is checked by the file cache itself.
+            return await self.files.open(project, filename, fetch, use_store, pages=group.first)
+        try:
+            source = await group.source(project, filename)
+        except NotFound:
+            for member in group.members.values():
+                await self.files.drop_gone(project, filename, member)
+            raise
         return await self.files.open(project, filename, fetch, use_store, pages=source)
 
     def downloaded(self, project: str, filename: str) -> None:
