@@ -35,12 +35,12 @@ from txpypi.cache.pages import PageCache
 from txpypi.config import ConfigError, Settings
 from txpypi.core.fetchpolicy import FileHost
 from txpypi.core.groups import Topology
-from txpypi.core.simple.merge import Conflict
 from txpypi.core.live import Live
 from txpypi.core.peer import owner_id
+from txpypi.core.simple.merge import Conflict
+from txpypi.fetch.clients import UpstreamClients
 from txpypi.fetch.commit import CommitJournal
 from txpypi.fetch.guarded import IConnectingReactor
-from txpypi.fetch.clients import UpstreamClients
 from txpypi.fetch.tls import upstream_tls
 from txpypi.fetch.upstream import Upstream, UpstreamClient
 from txpypi.services import (
@@ -59,7 +59,6 @@ from txpypi.storage.redismeta import RedisLocks, RedisMetadata
 from txpypi.storage.stores import DiskStore, IFileStore
 from txpypi.web.app import Proxy
 from txpypi.web.metrics import Metrics
-
 
 log = Logger(namespace="txpypi.tap")
 
