@@ -16,7 +16,6 @@ import base64
 import re
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlsplit
 
 import attrs
 import yaml
@@ -139,10 +138,7 @@ def _upstream(name: str, given: Any) -> UpstreamSpec:
     _unknown(key, given, UPSTREAM_KEYS)
     if "url" not in given:
         raise ConfigError(f"{key}: url: required")
-    url = upstream_url(f"{key}: url", given["url"])
-    parts = urlsplit(url)
-    if parts.username is not None or parts.password is not None:
-        raise ConfigError(f"{key}: url: put credentials in username and password, not in the URL")
+    url = upstream_url(f"{key}: url", given["url"])  # refuses user information in it
     ttl = given.get("index-ttl")
     hosts = given.get("file-hosts")
     return UpstreamSpec(

@@ -45,10 +45,10 @@ def check_name(key: str, name: object) -> str:
 
     @raise TopologyError: it may not, naming C{key}.
     """
-    if not isinstance(name, str) or NAME.match(name) is None:
-        raise TopologyError(f"{key}: {name!r} is not a name (lower case letters, digits and dashes)")
     if name in RESERVED:
         raise TopologyError(f"{key}: {name!r} is a path of the proxy's own and cannot name a group")
+    if not isinstance(name, str) or NAME.match(name) is None:
+        raise TopologyError(f"{key}: {name!r} is not a name (lower case letters, digits and dashes)")
     return name
 
 
