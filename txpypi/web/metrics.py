@@ -22,10 +22,17 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 ROUTES = ("simple", "project", "file", "metadata", "admin", "metrics", "health", "stats", "home", "other")
 
 
+_OWN = (b"simple", b"files", b"cache", b"_peer")
+
+
 def route_of(path: bytes) -> str:
     """
-    The bounded route label for a request path.
+    The bounded route label for a request path (a group's C{/<group>/simple/}
+    counts as C{/simple/} does: the label never names the group).
     """
+    group, sep, rest = path[1:].partition(b"/")
+    if sep and group not in _OWN and rest.startswith((b"simple", b"files/", b"cache/")):
+        path = b"/" + rest
     if path.startswith(b"/simple/") or path == b"/simple":
         return "simple" if path in (b"/simple/", b"/simple") else "project"
     if path.startswith(b"/files/"):
