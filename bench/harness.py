@@ -195,16 +195,18 @@ def start_txpypi(
     upstream: Service,
     *args: str,
     env: dict[str, str] | None = None,
+    upstream_option: bool = True,
 ) -> Service:
     """
     Start (not wait for) a txpypi called C{name} on 127.0.0.1:C{port}, in
-    front of C{upstream}, with the admin token in C{work}, and C{args}.
+    front of C{upstream} (unless not C{upstream_option}: its config names
+    its upstreams), with the admin token in C{work}, and C{args}.
     """
+    front = ["--upstream", f"{upstream.base}/simple/"] if upstream_option else []
     return services.start(
         name,
         twistd_txpypi(
-            "--upstream",
-            f"{upstream.base}/simple/",
+            *front,
             "--listen",
             f"tcp:{port}:interface=127.0.0.1",
             "--admin-token-file",

@@ -26,6 +26,7 @@ from typing import Any
 import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from txpypi.cache.files import FileCache, NotListed, Opened
 from txpypi.cache.lookup import METADATA_SUFFIX
@@ -100,15 +101,22 @@ class Owners:
         self._keep(project, owner)
         return owner
 
-    async def set(self, project: str, owner: str) -> None:
+    def set(self, project: str, owner: str) -> None:
+        """
+        Remember C{owner}: in memory at once, and in the metadata store in
+        the background (the answer does not wait for the write; memory
+        holds it meanwhile, and while the store is down).
+        """
         if self._known.get(project) == owner:
             return
         self._keep(project, owner)
         record = PageRecord(self._key(project), owner, "", owner.encode(), self._clock.seconds())
-        try:
-            await self._metadata.put_page(record)
-        except Unavailable:
-            pass  # the outage is logged once; memory holds it meanwhile
+        self._metadata.put_page(record).addErrback(self._not_stored, record.key)
+
+    @staticmethod
+    def _not_stored(failure: Failure, key: str) -> None:
+        if not failure.check(Unavailable):  # an outage is logged once, elsewhere
+            log.failure("could not store the owner {key}", failure, key=key)
 
     async def forget(self, project: str) -> None:
         self._known.pop(project, None)
@@ -244,6 +252,9 @@ class Group:
             raise NotFound(project)
         if self.alone:
             return await self.first.get(project)
+        page = self.fresh(project)  # resolved within its TTL: as the hot path answers
+        if page is not None:
+            return page, HIT
         if self.spec.strategy == "merge":
             return await self._merge(project, candidates)
         return await self._first_index(project, candidates)
@@ -277,7 +288,7 @@ class Group:
                     continue
                 raise _failed(name, project, e) from None
             if name != owner:
-                await owners.set(project, name)
+                owners.set(project, name)
             return page, state
         if owner is not None and not self.offline:
             await owners.forget(project)
