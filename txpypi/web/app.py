@@ -222,6 +222,11 @@ class Proxy:
             in_flight=len(self.files.downloads.flights),
             top=await self._top.get(10, lambda: self.files.top_projects(10)),
             index_url=index,
+            upstreams=tuple(
+                (name, pages.upstream.url, "offline" if pages.offline else up.state())
+                for name, (pages, up) in self._upstreams().items()
+            ),
+            groups=tuple(name for name in self.groups.by_name if name != self.groups.default_name),
         )
         return render_status(figures)
 

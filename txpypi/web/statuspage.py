@@ -35,6 +35,10 @@ class StatusFigures:
     in_flight: int
     top: list[tuple[str, int]]
     index_url: str
+    #: Every upstream (name, URL, state) when there are several.
+    upstreams: tuple[tuple[str, str, str], ...] = ()
+    #: The groups other than the default one, by name.
+    groups: tuple[str, ...] = ()
 
 
 _STYLE = """
@@ -63,6 +67,7 @@ def render_status(f: StatusFigures) -> bytes:
         f"<h1>txpypi {escape(f.version)}</h1>",
         "<h2>Upstream</h2>",
         f'<p><code>{escape(f.upstream)}</code>: <span id="upstream-state" class="{state}">{state}</span></p>',
+        *_upstreams(f),
         "<h2>Cache</h2>",
         "<table>",
         f'<tr><th>Files cached</th><td class=n id="cache-files">{files}</td></tr>',
@@ -80,9 +85,29 @@ def render_status(f: StatusFigures) -> bytes:
         f"uv pip install --index-url {index} PACKAGE",
         f"poetry source add --priority=primary txpypi {index}",
         f"pdm config pypi.url {index}</pre>",
+        *_groups(f),
         '<p><a href="/metrics">metrics</a> &middot; <a href="/health">health</a>',
         ' &middot; <a href="/stats">stats</a></p>',
         "</body></html>",
         "",
     ]
     return "\n".join(lines).encode()
+
+
+def _upstreams(f: StatusFigures) -> list[str]:
+    if len(f.upstreams) < 2:
+        return []
+    rows = "".join(
+        f'<tr><td>{escape(name)}</td><td><code>{escape(url)}</code></td><td class="{escape(state)}">'
+        f"{escape(state)}</td></tr>"
+        for name, url, state in f.upstreams
+    )
+    return ['<table id="upstreams"><tr><th>Upstream</th><th>URL</th><th>State</th></tr>', rows, "</table>"]
+
+
+def _groups(f: StatusFigures) -> list[str]:
+    if not f.groups:
+        return []
+    base = f.index_url.removesuffix("simple/")
+    items = "".join(f"<li><code>{escape(base + name)}/simple/</code></li>" for name in f.groups)
+    return ["<p>The other groups:</p>", f'<ul id="groups">{items}</ul>']
