@@ -45,7 +45,8 @@ ONLY_PUBLIC = build_wheel("widget", "3.0")
 SHARED_PUBLIC = build_wheel("shared", "1.0")
 #: The same file name as L{SHARED_PUBLIC}, other bytes.
 SHARED_THIRD = build_wheel("shared", "1.0", padding=64)
-THIRD_OWN = build_wheel("shared", "1.1")
+#: Only third has it; it needs public's widget (a merged install takes both).
+THIRD_OWN = build_wheel("shared", "1.1", ["widget"])
 
 
 def json_accept() -> dict[bytes, list[bytes]]:
@@ -153,14 +154,16 @@ def start(tmp_path: Path) -> Iterator[Callable[..., Running]]:
     """
     running: list[Running] = []
 
-    def factory(text: str, environ: dict[str, str] | None = None) -> Running:
+    def factory(
+        text: str, environ: dict[str, str] | None = None, endpoint: str = "tcp:0:interface=127.0.0.1"
+    ) -> Running:
         path = tmp_path / f"txpypi-{len(running)}.yaml"
         path.write_text(text)
         settings = options.read(str(path), {}, environ=environ or {})
         settings = attrs.evolve(settings, listen=(), cache_dir=str(tmp_path / f"cache-{len(running)}"))
         service, proxy = build(settings, get_reactor())
         service.startService()
-        r = Running(proxy, service, listen(proxy.site()))
+        r = Running(proxy, service, listen(proxy.site(), endpoint))
         running.append(r)
         return r
 
