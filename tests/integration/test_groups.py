@@ -114,7 +114,8 @@ def upstreams() -> Iterator[Upstreams]:
 def yaml_text(up: Upstreams, tmp_path: Path, routes: bool = True, more: str = "", private: str = "") -> str:
     """
     The config: the three upstreams, a default group [private, public], a
-    mirror group [public], a merge group [public, third]; with C{routes},
+    mirror group [public], a merge group [public, third], a solo group
+    [third]; with C{routes},
     C{acme-*} only from private.
     """
     secret = tmp_path / "private.password"
@@ -140,6 +141,8 @@ groups:
   merged:
     members: [public, third]
     strategy: merge
+  solo:
+    members: [third]
 default-group: default
 """
     if routes:
@@ -298,7 +301,72 @@ async def test_private_down_without_stale_is_a_502_naming_it(
     assert len(body.strip().splitlines()) == 1
     assert "upstream private failed for acme-lib" in body.decode()
     assert ATTACK_LIB.filename.encode() not in body
+    assert leaks(body.decode()) == []
     assert asked(upstreams.public, "/simple/acme-lib/") == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_higher_member_failing_is_no_reason_to_ask_lower(
+    upstreams: Upstreams, start: Callable[..., Running], tmp_path: Path
+) -> None:
+    """
+    A project no member was asked about yet: private failing (a 500, then
+    refusing connections) is a 502 naming private, and public, which has
+    the project, is not asked.
+    """
+    running = start(yaml_text(upstreams, tmp_path, routes=False))
+    upstreams.private.fake.page_faults["widget"] = "500"
+    response, body = await get(running.url + "/simple/widget/", json_accept())
+    assert response.code == 502 and "upstream private failed for widget" in body.decode()
+    assert asked(upstreams.private, "/simple/widget/") >= 1
+    await upstreams.private.port.stopListening()
+    response, body = await get(running.url + "/simple/widget/", json_accept())
+    assert response.code == 502 and "upstream private failed for widget" in body.decode()
+    assert asked(upstreams.public, "/simple/widget/") == 0
+    health = json.loads((await get(running.url + "/health"))[1])
+    assert health["upstreams"]["private"]["state"] == "degraded"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lower_owner_is_remembered(
+    upstreams: Upstreams, start: Callable[..., Running], tmp_path: Path
+) -> None:
+    """
+    Once public owns widget (private said 404), private going down does not
+    stop widget's page from being refreshed from public.
+    """
+    running = start(yaml_text(upstreams, tmp_path, routes=False, more="index-ttl: 0\n"))
+    url = running.url + "/simple/widget/"
+    response, _ = await get(url, json_accept())
+    assert response.code == 200
+    await upstreams.private.port.stopListening()
+    before = asked(upstreams.public, "/simple/widget/")
+    response, body = await get(url, json_accept())
+    assert response.code == 200 and header(response, "x-cache") != "STALE", body
+    assert page_files(body) == {ONLY_PUBLIC.filename: ONLY_PUBLIC.sha256}
+    assert asked(upstreams.public, "/simple/widget/") == before + 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_credentials_do_not_follow_a_redirect_to_another_origin(
+    upstreams: Upstreams, start: Callable[..., Running], tmp_path: Path
+) -> None:
+    """
+    Private answers its file with a redirect to the files origin (allowed
+    by C{file-hosts}): the file arrives, and the files origin never sees
+    private's Authorization header.
+    """
+    upstreams.files.fake.add(PRIVATE_LIB)
+    target = f"{upstreams.origin(upstreams.files)}/packages/{PRIVATE_LIB.filename}"
+    upstreams.private.fake.redirects["/packages/" + PRIVATE_LIB.filename] = target
+    running = start(yaml_text(upstreams, tmp_path))
+    _, body = await get(running.url + "/simple/acme-lib/", json_accept())
+    url = urljoin(running.url + "/simple/acme-lib/", page_urls(body)[PRIVATE_LIB.filename])
+    response, content = await get(url)
+    assert response.code == 200 and content == PRIVATE_LIB.content
+    assert upstreams.private.fake.requests["/packages/" + PRIVATE_LIB.filename] == 1
+    assert upstreams.files.fake.requests["/packages/" + PRIVATE_LIB.filename] == 1
+    assert [h for _, h in upstreams.files.fake.seen if "authorization" in h] == []
 
 
 # -- merge and files
@@ -335,7 +403,8 @@ async def test_group_files_come_from_the_member_that_listed_them(
     """
     A file of a merged page is downloaded from the member that listed it,
     its bytes matching that member's hash; the same file name through the
-    mirror group (public alone) is public's bytes.
+    mirror group (public alone) is public's bytes, and through the solo
+    group (third alone) third's.
     """
     running = start(yaml_text(upstreams, tmp_path))
     _, body = await get(running.url + "/merged/simple/shared/", json_accept())
@@ -356,6 +425,15 @@ async def test_group_files_come_from_the_member_that_listed_them(
     response, content = await get(url)
     assert response.code == 200 and content == SHARED_PUBLIC.content
     assert upstreams.third.fake.requests["/packages/" + SHARED_THIRD.filename] == 0
+
+    # Third alone lists its own file of that name: its bytes, not public's
+    # (cached by now under the same name).
+    _, body = await get(running.url + "/solo/simple/shared/", json_accept())
+    assert page_files(body)[SHARED_THIRD.filename] == SHARED_THIRD.sha256
+    url = urljoin(running.url + "/solo/simple/shared/", page_urls(body)[SHARED_THIRD.filename])
+    response, content = await get(url)
+    assert response.code == 200 and content == SHARED_THIRD.content
+    assert upstreams.third.fake.requests["/packages/" + SHARED_THIRD.filename] == 1
 
 
 # -- credentials
@@ -429,6 +507,13 @@ async def test_credentials_are_sent_to_private_only_and_never_shown(
     assert set(health["upstreams"]) == {"private", "public", "third"}
     assert health["upstreams"]["private"]["url"] == upstreams.private.url
     assert [leak for text in shown for leak in leaks(text)] == []
+    metrics = await scrape(running.url)
+    labelled = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith("txpypi_upstream_requests_total{") and 'upstream="private"' in line
+    ]
+    assert any(float(line.rpartition(" ")[2]) > 0 for line in labelled), metrics
 
 
 @pytest_twisted.ensureDeferred
@@ -557,3 +642,9 @@ async def test_forget_a_groups_page_needs_the_token(
     assert response.code == 200
     assert header((await get(url))[0], "x-cache") == "MISS"
     assert upstreams.public.fake.requests["/simple/widget/"] == 2
+    response, _ = await get(
+        running.url + "/nowhere/cache/widget",
+        {b"Authorization": [f"Bearer {ADMIN_TOKEN}".encode()]},
+        b"DELETE",
+    )
+    assert response.code == 404
