@@ -158,12 +158,17 @@ def start(tmp_path: Path) -> Iterator[Callable[..., Running]]:
     running: list[Running] = []
 
     def factory(
-        text: str, environ: dict[str, str] | None = None, endpoint: str = "tcp:0:interface=127.0.0.1"
+        text: str,
+        environ: dict[str, str] | None = None,
+        endpoint: str = "tcp:0:interface=127.0.0.1",
+        cache: str | None = None,
     ) -> Running:
         path = tmp_path / f"txpypi-{len(running)}.yaml"
         path.write_text(text)
         settings = options.read(str(path), {}, environ=environ or {})
-        settings = attrs.evolve(settings, listen=(), cache_dir=str(tmp_path / f"cache-{len(running)}"))
+        settings = attrs.evolve(
+            settings, listen=(), cache_dir=cache or str(tmp_path / f"cache-{len(running)}")
+        )
         service, proxy = build(settings, get_reactor())
         service.startService()
         r = Running(proxy, service, listen(proxy.site(), endpoint))
@@ -280,6 +285,43 @@ async def test_private_down_serves_stale_never_public(
     response, _ = await get(running.url + "/files/acme-lib/" + ATTACK_LIB.filename)
     assert response.code != 200
     assert [p for p, _ in upstreams.public.fake.seen if "acme" in p] == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_owner_survives_a_restart_while_private_is_down(
+    upstreams: Upstreams, start: Callable[..., Running], tmp_path: Path
+) -> None:
+    """
+    A proxy restarted on the same cache while private is down still serves
+    private's acme-lib (stale), never public's.
+    """
+    text = yaml_text(upstreams, tmp_path, routes=False, private="    index-ttl: 0")
+    first = start(text, cache=str(tmp_path / "cache"))
+    response, _ = await get(first.url + "/simple/acme-lib/", json_accept())
+    assert response.code == 200
+    await first.stop()
+    await upstreams.private.port.stopListening()
+    second = start(text, cache=str(tmp_path / "cache"))
+    response, body = await get(second.url + "/simple/acme-lib/", json_accept())
+    assert response.code == 200 and header(response, "x-cache") == "STALE", body
+    assert page_files(body) == {PRIVATE_LIB.filename: PRIVATE_LIB.sha256}
+    assert asked(upstreams.public, "/simple/acme-lib/") == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_routed_names_are_listed_only_from_their_upstreams(
+    upstreams: Upstreams, start: Callable[..., Running], tmp_path: Path
+) -> None:
+    """
+    The default group's project list has public's own projects but not an
+    C{acme-*} name only public has.
+    """
+    upstreams.public.fake.add(build_wheel("acme-evil", "1.0"))
+    running = start(yaml_text(upstreams, tmp_path))
+    response, body = await get(running.url + "/simple/", json_accept())
+    assert response.code == 200
+    names = {p["name"] for p in json.loads(body)["projects"]}
+    assert {"acme-lib", "widget", "shared"} <= names and "acme-evil" not in names
 
 
 @pytest_twisted.ensureDeferred
