@@ -181,13 +181,23 @@ class FakeUpstream(Resource):
     L{urls} maps a file name to the URL its project page lists instead of
     its own; a file named in L{unhashed} is listed without a hash;
     L{redirects} maps a request path to where a C{302} sends it.
+
+    With C{auth}, every request whose C{Authorization} header is not
+    exactly C{auth} is answered C{401} (with C{WWW-Authenticate: Basic}),
+    and still recorded.  L{seen} records each request's path and its
+    headers (names lower-cased), in order.
     """
 
     isLeaf = True
 
-    def __init__(self, dists: Iterable[Dist] = (), mode: Mode = "json") -> None:
+    def __init__(self, dists: Iterable[Dist] = (), mode: Mode = "json", auth: str | None = None) -> None:
         super().__init__()
         self.mode: Mode = mode
+        #: The one C{Authorization} header value accepted (L{None}: none needed).
+        self.auth = auth
+        #: Each request's path and headers (names lower-cased; the last
+        #: value of a repeated header).
+        self.seen: list[tuple[str, dict[str, str]]] = []
         self.dists: dict[str, list[Dist]] = {}
         self.requests: Counter[str] = Counter()
         self.methods: list[tuple[str, str]] = []
@@ -234,6 +244,15 @@ class FakeUpstream(Resource):
         path = request.path.decode()
         self.requests[path] += 1
         self.methods.append((request.method.decode(), path))
+        headers = {
+            name.decode("latin-1").lower(): values[-1].decode("latin-1")
+            for name, values in request.requestHeaders.getAllRawHeaders()
+        }
+        self.seen.append((path, headers))
+        if self.auth is not None and request.getHeader("authorization") != self.auth:
+            request.setResponseCode(401)
+            request.setHeader("www-authenticate", 'Basic realm="fake upstream"')
+            return b"unauthorized"
         if path in self.redirects:
             request.setResponseCode(302)
             request.setHeader("location", self.redirects[path])
