@@ -80,3 +80,25 @@ async def test_uv_installs_from_a_merged_page(
     assert upstreams.third.fake.requests["/packages/" + THIRD_OWN.filename] == 1
     assert upstreams.public.fake.requests["/packages/" + ONLY_PUBLIC.filename] == 1
     assert upstreams.third.fake.requests["/packages/" + SHARED_THIRD.filename] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_install_after_private_went_down_gets_private_stale_never_public(
+    upstreams: Upstreams, start: Callable[..., Running], tls: TLS, tmp_path: Path
+) -> None:
+    """
+    No route: pip installs acme-lib 1.0 from private; then private's port
+    closes, and uv, asking again (private's pages are never fresh:
+    index-ttl 0), still installs 1.0, from the stale page and the cached
+    file; public is never asked about acme-lib.
+    """
+    running = start(
+        yaml_text(upstreams, tmp_path, routes=False, private="    index-ttl: 0"), endpoint=tls.endpoint()
+    )
+    index = f"https://localhost:{running.port.getHost().port}/simple/"
+    await pip_install(index, tls, tmp_path / "a", "acme-lib")
+    await upstreams.private.port.stopListening()
+    out = await uv_install(index, tls, tmp_path / "b", "acme-lib")
+    assert await versions(tmp_path / "b", "acme_lib") == ["1.0"], out
+    assert upstreams.private.fake.requests["/packages/" + PRIVATE_LIB.filename] == 1
+    assert [p for p, _ in upstreams.public.fake.seen if "acme" in p] == []
