@@ -61,15 +61,20 @@ GROUP_KEYS = frozenset({"members", "strategy", "routes"})
 ROUTE_KEYS = frozenset({"projects", "upstreams"})
 
 
+def _yaml(key: str, value: Any) -> Any:
+    """
+    A value given in YAML, or as YAML text (from a C{TXPYPI_*} variable).
+    """
+    if not isinstance(value, str):
+        return value
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: not valid YAML: {str(e).splitlines()[0]}") from None
+
+
 def _table(key: str, value: Any) -> Mapping[Any, Any]:
-    """
-    A mapping given in YAML, or as YAML text (from a C{TXPYPI_*} variable).
-    """
-    if isinstance(value, str):
-        try:
-            value = yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{key}: not valid YAML: {str(e).splitlines()[0]}") from None
+    value = _yaml(key, value)
     if not isinstance(value, Mapping):
         raise ConfigError(f"{key}: expected a mapping")
     return value
@@ -186,11 +191,7 @@ def routes_list(key: str, value: Any) -> tuple[Route, ...]:
     C{routes:}: a list of C{projects:} (globs, matched against normalized
     names) each with the C{upstreams:} they alone may be asked of.
     """
-    if isinstance(value, str):
-        try:
-            value = yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{key}: not valid YAML: {str(e).splitlines()[0]}") from None
+    value = _yaml(key, value)
     if not isinstance(value, list):
         raise ConfigError(f"{key}: expected a list of routes")
     routes = []

@@ -17,6 +17,7 @@ from treq.testing import RequestTraversalAgent
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
+from tests.cache.test_pages import result
 from txpypi.cache.groups import Group, Owners
 from txpypi.cache.pages import NotFound, PageCache
 from txpypi.core.groups import GroupSpec, Route, Topology, UpstreamSpec
@@ -26,15 +27,6 @@ from txpypi.core.simple.projects import ProjectList
 from txpypi.fetch.upstream import Upstream, UpstreamClient, UpstreamError
 from txpypi.storage.metadata import MemoryMetadata
 from txpypi.testing import Dist, FakeUpstream, build_wheel
-
-
-def result(coroutine: Any) -> Any:
-    out: list[Any] = []
-    Deferred.fromCoroutine(coroutine).addBoth(out.append)
-    assert out, "did not complete synchronously"
-    if hasattr(out[0], "raiseException"):
-        out[0].raiseException()
-    return out[0]
 
 
 def raised(coroutine: Any) -> BaseException:

@@ -295,42 +295,42 @@ class Group:
         raise NotFound(project)
 
     async def _merge(self, project: str, candidates: tuple[str, ...]) -> tuple[CachedPage, str]:
+        # A member failing fails the page: without it, a lower member's
+        # file could take its place.
+        parts, states = await self._gather(project, candidates)
+        if len(parts) == 1:
+            return parts[0][1], states[0]
+        return (await self._merged_page(project, parts)).page, _state(states)
+
+    async def _list(self) -> tuple[CachedPage, str]:
+        if self.alone and not self.topology.routed:
+            return await self.first.get(None)
+        parts, states = await self._gather(None, tuple(self.members))
+        return (await self._merged_page(None, parts)).page, _state(states)
+
+    async def _gather(self, project: str | None, names: tuple[str, ...]) -> tuple[Parts, list[str]]:
+        """
+        The page of C{project} of every member in C{names} that knows it,
+        with how each was answered.
+
+        @raise NotFound: none knows it.
+        @raise UpstreamError: one failed with no usable copy (naming it).
+        """
         parts: list[tuple[PageCache, CachedPage]] = []
         states = []
-        for name in candidates:
+        for name in names:
             member = self.members[name]
             try:
                 page, state = await member.get(project)
             except NotFound:
                 continue
             except UpstreamError as e:
-                # Without it, a lower member's file could take its place.
                 raise _failed(name, project, e) from None
             parts.append((member, page))
             states.append(state)
         if not parts:
             raise NotFound(project)
-        if len(parts) == 1:
-            return parts[0][1], states[0]
-        return (await self._merged_page(project, tuple(parts))).page, _state(states)
-
-    async def _list(self) -> tuple[CachedPage, str]:
-        if self.alone and not self.topology.routed:
-            return await self.first.get(None)
-        parts: list[tuple[PageCache, CachedPage]] = []
-        states = []
-        for name, member in self.members.items():
-            try:
-                page, state = await member.get(None)
-            except NotFound:
-                continue
-            except UpstreamError as e:
-                raise _failed(name, None, e) from None
-            parts.append((member, page))
-            states.append(state)
-        if not parts:
-            raise NotFound(None)
-        return (await self._merged_page(None, tuple(parts))).page, _state(states)
+        return tuple(parts), states
 
     async def _merged_page(
         self, project: str | None, parts: tuple[tuple[PageCache, CachedPage], ...]
