@@ -31,7 +31,7 @@ from txpypi import options, upstreams
 from txpypi.cache.coordinator import RedisCoordinator
 from txpypi.cache.files import FileCache
 from txpypi.cache.groups import Group, Groups, Owners
-from txpypi.cache.pages import PageCache
+from txpypi.cache.pages import PageCache, PageMemory
 from txpypi.config import ConfigError, Settings
 from txpypi.core.fetchpolicy import FileHost
 from txpypi.core.groups import Topology
@@ -350,6 +350,7 @@ def indexes(
     topology = upstreams.topology(settings)
     clients: dict[str, UpstreamClient] = {}
     pages: dict[str, PageCache] = {}
+    memory = PageMemory()  # one page-cache-size for every upstream
     for spec in topology.upstreams:
         if not spec.verify:
             log.warn(
@@ -382,6 +383,7 @@ def indexes(
             live=live,
             blocking=partial(deferToThreadPool, reactor, pools.io),
             index_ttl=spec.index_ttl,
+            memory=memory,
         )
     return Indexes(topology, clients, pages)
 

@@ -19,8 +19,9 @@ from twisted.internet.task import Clock
 
 from tests.cache.test_pages import result
 from txpypi.cache.groups import Group, Owners
-from txpypi.cache.pages import NotFound, PageCache
+from txpypi.cache.pages import NotFound, PageCache, PageMemory
 from txpypi.core.groups import GroupSpec, Route, Topology, UpstreamSpec
+from txpypi.core.live import Live
 from txpypi.core.simple.merge import Conflict
 from txpypi.core.simple.model import ProjectPage
 from txpypi.core.simple.projects import ProjectList
@@ -54,10 +55,13 @@ class Setup:
         self.metadata = metadata or MemoryMetadata()
         self.fakes = fakes or {name: FakeUpstream(mode="json") for name in ("private", "public", "third")}
         self.pages: dict[str, PageCache] = {}
+        self.live = Live()  # one for every part, as in the proxy
         for name, fake in self.fakes.items():
             client = UpstreamClient(self.clock, agent=RequestTraversalAgent(fake))
             upstream = Upstream(name, f"http://{name}.test/simple/")
-            self.pages[name] = PageCache(self.clock, client, self.metadata, upstream, group=name)
+            self.pages[name] = PageCache(
+                self.clock, client, self.metadata, upstream, group=name, live=self.live
+            )
         specs = tuple(UpstreamSpec(n, f"http://{n}.test/simple/") for n in self.fakes)
         spec = GroupSpec("default", members, strategy, ())  # type: ignore[arg-type]
         self.topology = Topology(specs, (spec,), routes=routes)
@@ -249,3 +253,27 @@ def test_the_project_list_is_the_union_filtered_by_routes() -> None:
     assert isinstance(page.model, ProjectList)
     assert sorted(page.model.projects) == ["acme-lib", "requests", "shared"]
     assert s.group.fresh(None) is page
+
+
+def test_the_upstreams_share_one_page_memory() -> None:
+    """
+    Every upstream's pages count against one page-cache-size: filling it
+    from public pushes private's least recently used pages out.
+    """
+    s = Setup()
+    memory = PageMemory()
+    for pages in s.pages.values():
+        pages.memory = memory
+    for i in range(6):
+        s.add("private", build_wheel(f"p{i}", "1.0"))
+        s.add("public", build_wheel(f"q{i}", "1.0"))
+    result(s.pages["private"].get("p0"))
+    one_page = memory.bytes_used
+    s.pages["private"].max_bytes = 4 * one_page  # the live setting, shared too
+    for i in range(6):
+        result(s.pages["private"].get(f"p{i}"))
+        result(s.pages["public"].get(f"q{i}"))
+    assert memory.bytes_used <= 4 * one_page
+    assert s.pages["private"].fresh("p0") is None  # pushed out by public's pages
+    assert s.pages["public"].fresh("q5") is not None
+    assert sorted(key.split("/")[0] for key in memory.pages) == ["private", "private", "public", "public"]

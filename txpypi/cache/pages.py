@@ -293,6 +293,18 @@ class NotFound(Exception):
     """
 
 
+@attrs.define(eq=False)
+class PageMemory:
+    """
+    Pages in memory, least recently used first, and the bytes they cost
+    (their C{cost}): one for every upstream's L{PageCache} of a proxy, whose
+    keys never meet (each begins with its upstream's prefix).
+    """
+
+    pages: OrderedDict[str, CachedPage] = attrs.field(factory=OrderedDict)
+    bytes_used: int = 0
+
+
 @attrs.define
 class PageCache:
     """
@@ -316,13 +328,28 @@ class PageCache:
     #: (C{--max-upstream-requests}); the others wait their turn for at most
     #: the client's response timeout.
     limiter: Limiter = attrs.field()
-    _memory: OrderedDict[str, CachedPage] = attrs.field(factory=OrderedDict)
-    #: The bytes the pages in C{_memory} cost.
-    bytes_used: int = 0
+    #: The pages in memory, shared with the other upstreams' caches: one
+    #: least-recently-used order and one C{page-cache-size} for them all.
+    memory: PageMemory = attrs.field(factory=lambda: PageMemory(), kw_only=True)
     #: Keys of projects the upstream said it does not know, and when.
     _unknown: OrderedDict[str, float] = attrs.field(factory=OrderedDict)
     _flights: SingleFlight[str, CachedPage] = attrs.field(factory=SingleFlight)
     _loads: SingleFlight[str, None] = attrs.field(factory=SingleFlight)
+
+    @property
+    def _memory(self) -> OrderedDict[str, CachedPage]:
+        return self.memory.pages
+
+    @property
+    def bytes_used(self) -> int:
+        """
+        The bytes the pages in memory cost (of every cache sharing it).
+        """
+        return self.memory.bytes_used
+
+    @bytes_used.setter
+    def bytes_used(self, value: int) -> None:
+        self.memory.bytes_used = value
 
     @limiter.default
     def _default_limiter(self) -> Limiter:
