@@ -277,3 +277,21 @@ def test_the_upstreams_share_one_page_memory() -> None:
     assert s.pages["private"].fresh("p0") is None  # pushed out by public's pages
     assert s.pages["public"].fresh("q5") is not None
     assert sorted(key.split("/")[0] for key in memory.pages) == ["private", "private", "public", "public"]
+
+
+def test_merged_pages_count_against_the_shared_page_memory() -> None:
+    s = Setup(members=("public", "third"), strategy="merge")
+    s.add("public", build_wheel("torch", "2.0"))
+    s.add("third", build_wheel("torch", "3.0"))
+    page, _ = result(s.group.get("torch"))
+    memory = s.pages["public"].memory
+    assert memory.pages["default/merged/torch"] is page
+    assert memory.bytes_used >= page.cost
+    # Pushed out of memory with the others, it is made again when asked.
+    s.live.update({"page_cache_size": 0})  # as a SIGHUP does: every cache trims
+    assert s.group.fresh("torch") is None
+    again, _ = result(s.group.get("torch"))
+    assert again is not page and sorted(f.filename for f in again.model.files) == [
+        "torch-2.0-py3-none-any.whl",
+        "torch-3.0-py3-none-any.whl",
+    ]

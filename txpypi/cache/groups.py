@@ -19,6 +19,7 @@ is; L{GroupFiles} opens a group's files from the member that listed them.
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -46,8 +47,8 @@ log = Logger(namespace="txpypi.pages")
 #: them all); past it the least recently used are read again when asked.
 MAX_OWNERS = 100_000
 
-#: The most merged pages (and project lists) a group keeps in memory,
-#: besides its members' own pages; the least recently used go first.
+#: The most merged pages (and project lists) a group remembers having made;
+#: their bodies count against C{page-cache-size} with every other page.
 MAX_MERGED = 2_000
 
 
@@ -133,21 +134,41 @@ Parts = tuple[tuple[PageCache, CachedPage], ...]
 @attrs.define(eq=False)
 class Merged:
     """
-    A page a group made of its members' pages, and the pages it was made
-    of (it is fresh while they are the same and fresh).
+    A page a group made of its members' pages: its key in the page memory
+    the members share (where it counts against C{page-cache-size} with
+    theirs), and the pages it was made of, held weakly (it is fresh while
+    they are its members' fresh pages; it does not keep them in memory).
     """
 
-    page: CachedPage
-    parts: Parts
+    key: str
+    parts: tuple[tuple[PageCache, weakref.ref[CachedPage]], ...]
+
+    @classmethod
+    def of(cls, key: str, parts: Parts) -> Merged:
+        return cls(key, tuple((member, weakref.ref(page)) for member, page in parts))
+
+    def made_of(self, parts: Parts) -> bool:
+        return len(parts) == len(self.parts) and all(
+            mine[0] is theirs[0] and mine[1]() is theirs[1]
+            for mine, theirs in zip(self.parts, parts, strict=True)
+        )
+
+    def alive(self) -> Parts | None:
+        """
+        The pages it was made of, or L{None} once one is gone from memory.
+        """
+        found = []
+        for member, ref in self.parts:
+            page = ref()
+            if page is None:
+                return None
+            found.append((member, page))
+        return tuple(found)
 
 
 def _failed(name: str, project: str | None, error: UpstreamError) -> UpstreamError:
     what = "the project list" if project is None else project
     return UpstreamError(502, f"upstream {name} failed for {what}: {error.reason}")
-
-
-def _same(a: tuple[tuple[PageCache, CachedPage], ...], b: tuple[tuple[PageCache, CachedPage], ...]) -> bool:
-    return len(a) == len(b) and all(x[0] is y[0] and x[1] is y[1] for x, y in zip(a, b, strict=True))
 
 
 def _state(states: list[str]) -> str:
@@ -173,8 +194,9 @@ class Group:
     on_conflict: Callable[[Conflict], None] = lambda conflict: None
     #: Runs merging and rendering (pure, CPU-bound) off the reactor thread.
     _blocking: Callable[..., Any] = in_thread_now
-    _merged: OrderedDict[str | None, Merged] = attrs.field(factory=OrderedDict)
-    _merges: SingleFlight[str | None, Merged] = attrs.field(factory=SingleFlight)
+    #: The merged pages made, by their keys (at most L{MAX_MERGED}).
+    _merged: OrderedDict[str, Merged] = attrs.field(factory=OrderedDict)
+    _merges: SingleFlight[str, CachedPage] = attrs.field(factory=SingleFlight)
 
     @property
     def name(self) -> str:
@@ -198,6 +220,23 @@ class Group:
     def candidates(self, project: str) -> tuple[str, ...]:
         return self.topology.candidates(self.spec, project)
 
+    def _merged_key(self, project: str | None) -> str:
+        return f"{self.name}/merged/{project or ''}"
+
+    def _kept(self, key: str) -> tuple[Merged, CachedPage, Parts] | None:
+        """
+        A merged page still in memory, with what it was made of.
+        """
+        merged = self._merged.get(key)
+        if merged is None:
+            return None
+        page = self.first.memory.pages.get(key)
+        parts = merged.alive()
+        if page is None or parts is None:
+            del self._merged[key]
+            return None
+        return merged, page, parts
+
     def _member_of(self, page: CachedPage) -> PageCache:
         prefix = page.key.split("/", 1)[0]
         for member in self.members.values():
@@ -208,9 +247,11 @@ class Group:
     # -- what SimpleResource reads
 
     def remaining(self, page: CachedPage) -> float:
-        for merged in self._merged.values():
-            if merged.page is page:
-                return min(member.remaining(part) for member, part in merged.parts)
+        if page.key in self._merged:
+            kept = self._kept(page.key)
+            if kept is None:
+                return 0.0
+            return min(member.remaining(part) for member, part in kept[2])
         return self._member_of(page).remaining(page)
 
     def age(self, page: CachedPage) -> float:
@@ -226,11 +267,13 @@ class Group:
                 return None
             return self.first.fresh(project)
         if project is None or self.spec.strategy == "merge":
-            merged = self._merged.get(project)
-            if merged is None or not all(member.fresh(project) is part for member, part in merged.parts):
+            key = self._merged_key(project)
+            kept = self._kept(key)
+            if kept is None or not all(member.fresh(project) is part for member, part in kept[2]):
                 return None
-            self._merged.move_to_end(project)
-            return merged.page
+            self._merged.move_to_end(key)
+            self.first.memory.pages.move_to_end(key)
+            return kept[1]
         owner = None if self.owners is None else self.owners.known(project)
         if owner is None or owner not in self.candidates(project):
             return None
@@ -300,13 +343,13 @@ class Group:
         parts, states = await self._gather(project, candidates)
         if len(parts) == 1:
             return parts[0][1], states[0]
-        return (await self._merged_page(project, parts)).page, _state(states)
+        return await self._merged_page(project, parts), _state(states)
 
     async def _list(self) -> tuple[CachedPage, str]:
         if self.alone and not self.topology.routed:
             return await self.first.get(None)
         parts, states = await self._gather(None, tuple(self.members))
-        return (await self._merged_page(None, parts)).page, _state(states)
+        return await self._merged_page(None, parts), _state(states)
 
     async def _gather(self, project: str | None, names: tuple[str, ...]) -> tuple[Parts, list[str]]:
         """
@@ -332,18 +375,18 @@ class Group:
             raise NotFound(project)
         return tuple(parts), states
 
-    async def _merged_page(
-        self, project: str | None, parts: tuple[tuple[PageCache, CachedPage], ...]
-    ) -> Merged:
-        kept = self._merged.get(project)
-        if kept is not None and _same(kept.parts, parts):
-            return kept
-        return await self._merges.run(project, lambda: self._make(project, parts))
+    async def _merged_page(self, project: str | None, parts: Parts) -> CachedPage:
+        key = self._merged_key(project)
+        kept = self._kept(key)
+        if kept is not None and kept[0].made_of(parts):
+            return kept[1]
+        return await self._merges.run(key, lambda: self._make(project, parts))
 
-    async def _make(self, project: str | None, parts: Parts) -> Merged:
-        key = f"{self.name}/merged/{project or ''}"
+    async def _make(self, project: str | None, parts: Parts) -> CachedPage:
+        key = self._merged_key(project)
         fetched_at = min(page.fetched_at for _, page in parts)
         conflicts: list[Conflict] = []
+        page: CachedPage
         if project is None:
             names = tuple(member.upstream.name for member, _ in parts)
             lists = [page.model for _, page in parts]
@@ -368,12 +411,12 @@ class Group:
                 kept=parts[conflict.kept][0].upstream.name,
             )
             self.on_conflict(conflict)
-        merged = Merged(page, parts)
-        self._merged[project] = merged
-        self._merged.move_to_end(project)
+        self.first.keep(page)
+        self._merged[key] = Merged.of(key, parts)
+        self._merged.move_to_end(key)
         while len(self._merged) > MAX_MERGED:
             self._merged.popitem(last=False)
-        return merged
+        return page
 
     async def source(self, project: str, filename: str) -> PageCache:
         """
@@ -383,21 +426,23 @@ class Group:
         """
         page, _ = await self.get(project)
         dist = filename.removesuffix(METADATA_SUFFIX)
-        for merged in self._merged.values():
-            if merged.page is page:
-                for member, part in merged.parts:
-                    assert isinstance(part.model, ProjectPage)
-                    if part.model.find(dist) is not None:
-                        return member
-                raise NotListed(filename)
-        return self._member_of(page)
+        if page.key not in self._merged:
+            return self._member_of(page)
+        kept = self._kept(page.key)
+        for member, part in () if kept is None else kept[2]:
+            assert isinstance(part.model, ProjectPage)
+            if part.model.find(dist) is not None:
+                return member
+        raise NotListed(filename)
 
     async def forget(self, project: str | None) -> None:
         """
         Forget the group's page for C{project} (L{None}: the list) in every
         member, and who owns it.
         """
-        self._merged.pop(project, None)
+        key = self._merged_key(project)
+        self._merged.pop(key, None)
+        self.first.memory.pages.pop(key, None)
         for member in self.members.values():
             await member.forget(project)
         if project is not None and self.owners is not None:

@@ -460,6 +460,14 @@ class PageCache:
         if page is not None:
             self.bytes_used -= page.cost
 
+    def keep(self, page: CachedPage) -> None:
+        """
+        Keep a page made elsewhere (a group's merged page) in the memory
+        this cache shares, under its own key, counted and trimmed with the
+        others.
+        """
+        self._remember(page)
+
     def _remember(self, page: CachedPage) -> None:
         self._drop(page.key)
         if page.cost > self.max_bytes:
