@@ -41,6 +41,7 @@ from txpypi.core.groups import (
     check_name,
     single,
 )
+from txpypi.fetch.tls import load_certificates
 
 #: The keys of one upstream under C{upstreams:}.
 UPSTREAM_KEYS = frozenset(
@@ -146,11 +147,17 @@ def _upstream(name: str, given: Any) -> UpstreamSpec:
     url = upstream_url(f"{key}: url", given["url"])  # refuses user information in it
     ttl = given.get("index-ttl")
     hosts = given.get("file-hosts")
+    ca_file = None if given.get("ca-file") is None else str(given["ca-file"])
+    if ca_file is not None:
+        try:
+            load_certificates(ca_file)  # read at start-up: a bad one stops it here
+        except ValueError as e:
+            raise ConfigError(f"{key}: {e}") from None
     return UpstreamSpec(
         name,
         url,
         authorization=authorization(key, given),
-        ca_file=None if given.get("ca-file") is None else str(given["ca-file"]),
+        ca_file=ca_file,
         verify=flag(f"{key}: verify", given.get("verify", True)),
         index_ttl=None if ttl is None else seconds(f"{key}: index-ttl", ttl),
         file_hosts=None if hosts is None else file_hosts(f"{key}: file-hosts", hosts),

@@ -10,6 +10,7 @@ import base64
 from pathlib import Path
 
 import pytest
+import trustme
 
 from txpypi import options
 from txpypi.config import ConfigError
@@ -22,7 +23,7 @@ upstreams:
     url: https://private.example/simple/
     username: ci
     password-file: {password}
-    ca-file: /etc/txpypi/private-ca.pem
+    ca-file: {ca}
     index-ttl: ${{TTL:-60}}
   public:
     url: https://public.example/simple/
@@ -48,13 +49,16 @@ def write(tmp_path: Path, text: str) -> str:
 def test_the_issues_example(tmp_path: Path) -> None:
     password = tmp_path / "private.password"
     password.write_text("s3cret-pass\nignored\n", encoding="utf-8")
-    settings = options.read(write(tmp_path, EXAMPLE.format(password=password)), {}, environ={})
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    text = EXAMPLE.format(password=password, ca=tmp_path / "ca.pem")
+    settings = options.read(write(tmp_path, text), {}, environ={})
     found = topology(settings)
     private, public = found.upstreams
     assert (private.name, private.url, private.ca_file, private.index_ttl) == (
         "private",
         "https://private.example/simple/",
-        "/etc/txpypi/private-ca.pem",
+        str(tmp_path / "ca.pem"),
         60,
     )
     assert private.authorization == "Basic " + base64.b64encode(b"ci:s3cret-pass").decode()
@@ -177,3 +181,10 @@ def test_upstream_and_upstreams_do_not_mix(tmp_path: Path) -> None:
         options.read(write(tmp_path, text), {}, environ={})
     with pytest.raises(ConfigError, match="groups: groups, routes and default-group need named upstreams"):
         options.read(write(tmp_path, "groups: {default: [upstream]}"), {}, environ={})
+
+
+def test_a_ca_file_that_is_no_certificate_stops_start_up(tmp_path: Path) -> None:
+    (tmp_path / "ca.pem").write_text("not a certificate\n")
+    text = f"upstreams: {{a: {{url: 'https://a.example/simple/', ca-file: {tmp_path}/ca.pem}}}}"
+    with pytest.raises(ConfigError, match=r"^upstreams: a: ca-file .*ca.pem: no PEM certificate in it$"):
+        options.read(write(tmp_path, text), {}, environ={})

@@ -247,6 +247,8 @@ class Group:
     # -- what SimpleResource reads
 
     def remaining(self, page: CachedPage) -> float:
+        if self.alone:
+            return self.first.remaining(page)
         if page.key in self._merged:
             kept = self._kept(page.key)
             if kept is None:
