@@ -9,7 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseNeverReceived
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
@@ -149,3 +152,18 @@ def test_conflicts_are_counted_by_group() -> None:
     metrics = Metrics.create()
     metrics.conflicts.labels("default").inc()
     assert metrics.registry.get_sample_value("txpypi_conflicts_total", {"group": "default"}) == 1
+
+
+def test_a_request_cancelled_on_a_real_connection_is_a_timeout() -> None:
+    """
+    Over a real connection the response timeout's cancel ends the request
+    with C{ResponseNeverReceived([CancelledError])}: a 504, not a 502;
+    another reason (a TLS failure, a reset) stays a 502.
+    """
+    timed_out = ResponseNeverReceived([Failure(CancelledError())])
+    assert (classify(timed_out, "u").status, classify(timed_out, "u").reason) == (
+        504,
+        "upstream timed out: u",
+    )
+    reset = ResponseNeverReceived([Failure(ConnectionLost())])
+    assert classify(reset, "u").status == 502

@@ -13,6 +13,7 @@ import attrs
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed
 from twisted.web.http_headers import Headers
 
@@ -55,6 +56,10 @@ def classify(failure_value: BaseException, url: str) -> UpstreamError:
     if isinstance(failure_value, (ConnectError, DNSLookupError)):
         return UpstreamError(502, f"upstream unreachable: {url}: {failure_value.__class__.__name__}")
     if isinstance(failure_value, ResponseFailed):
+        if any(isinstance(r, Failure) and r.check(CancelledError) for r in failure_value.reasons):
+            # A real connection's request cancelled by the response
+            # timeout ends so (ResponseNeverReceived([CancelledError])).
+            return UpstreamError(504, f"upstream timed out: {url}")
         return UpstreamError(502, f"upstream connection failed: {url}")
     return UpstreamError(502, f"upstream error: {url}: {failure_value!r}")
 
