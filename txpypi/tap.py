@@ -30,7 +30,9 @@ from twisted.python.threadpool import ThreadPool
 from txpypi import options, upstreams
 from txpypi.cache.coordinator import RedisCoordinator
 from txpypi.cache.files import FileCache
-from txpypi.cache.groups import Group, Groups, Owners
+from txpypi.cache.groupfiles import Groups
+from txpypi.cache.groups import Group
+from txpypi.cache.owners import Owners
 from txpypi.cache.pages import PageCache, PageMemory
 from txpypi.config import ConfigError, Settings
 from txpypi.core.fetchpolicy import FileHost

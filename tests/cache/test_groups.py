@@ -18,7 +18,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from tests.cache.test_pages import result
-from txpypi.cache.groups import Group, Owners
+from txpypi.cache.groups import Group
+from txpypi.cache.owners import Owners
 from txpypi.cache.pages import NotFound, PageCache, PageMemory
 from txpypi.core.groups import GroupSpec, Route, Topology, UpstreamSpec
 from txpypi.core.live import Live

@@ -14,7 +14,7 @@ confusion attack would win.
 
 A L{Group} answers like a L{PageCache} (C{fresh}, C{get}, C{remaining},
 C{age}, C{offline}), so that C{/<group>/simple/} is served as C{/simple/}
-is; L{GroupFiles} opens a group's files from the member that listed them.
+is; L{txpypi.cache.groupfiles} opens its files.
 """
 
 from __future__ import annotations
@@ -27,104 +27,22 @@ from typing import Any
 import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
-from txpypi.cache.files import FileCache, NotListed, Opened
-from txpypi.cache.lookup import METADATA_SUFFIX
+from txpypi.cache.lookup import METADATA_SUFFIX, NotListed
+from txpypi.cache.owners import Owners
 from txpypi.cache.pages import HIT, MISS, STALE, CachedPage, NotFound, PageCache, prepare
 from txpypi.concurrency.waiters import SingleFlight, in_thread_now
-from txpypi.core.groups import GroupSpec, Topology, single
+from txpypi.core.groups import GroupSpec, Topology
 from txpypi.core.simple.merge import Conflict, merge_lists, merge_pages
 from txpypi.core.simple.model import ProjectPage
 from txpypi.core.simple.projects import ProjectList
 from txpypi.fetch.upstream import UpstreamError
-from txpypi.storage.metadata import IMetadata, PageRecord
-from txpypi.storage.outages import Unavailable
 
 log = Logger(namespace="txpypi.pages")
-
-#: The most owners a group remembers in memory (the metadata store keeps
-#: them all); past it the least recently used are read again when asked.
-MAX_OWNERS = 100_000
 
 #: The most merged pages (and project lists) a group remembers having made;
 #: their bodies count against C{page-cache-size} with every other page.
 MAX_MERGED = 2_000
-
-
-@attrs.define
-class Owners:
-    """
-    Which member of a group owns each project it resolved: kept in memory
-    (at most L{MAX_OWNERS}) and in the metadata store under
-    C{owners/<group>/<project>}.
-    """
-
-    _metadata: IMetadata
-    group: str
-    _clock: IReactorTime
-    max_entries: int = MAX_OWNERS
-    _known: OrderedDict[str, str] = attrs.field(factory=OrderedDict)
-
-    def _key(self, project: str) -> str:
-        return f"owners/{self.group}/{project}"
-
-    def known(self, project: str) -> str | None:
-        """
-        The owner, if it is in memory (the hot path).
-        """
-        owner = self._known.get(project)
-        if owner is not None:
-            self._known.move_to_end(project)
-        return owner
-
-    def _keep(self, project: str, owner: str) -> None:
-        self._known[project] = owner
-        self._known.move_to_end(project)
-        while len(self._known) > self.max_entries:
-            self._known.popitem(last=False)
-
-    async def get(self, project: str) -> str | None:
-        """
-        The owner, from memory or else the metadata store (L{None} while it
-        is down: the group then resolves from its highest member).
-        """
-        owner = self.known(project)
-        if owner is not None:
-            return owner
-        try:
-            record = await self._metadata.get_page(self._key(project))
-        except Unavailable:
-            return None
-        if record is None:
-            return None
-        owner = record.body.decode("utf-8", "replace")
-        self._keep(project, owner)
-        return owner
-
-    def set(self, project: str, owner: str) -> None:
-        """
-        Remember C{owner}: in memory at once, and in the metadata store in
-        the background (the answer does not wait for the write; memory
-        holds it meanwhile, and while the store is down).
-        """
-        if self._known.get(project) == owner:
-            return
-        self._keep(project, owner)
-        record = PageRecord(self._key(project), owner, "", owner.encode(), self._clock.seconds())
-        self._metadata.put_page(record).addErrback(self._not_stored, record.key)
-
-    @staticmethod
-    def _not_stored(failure: Failure, key: str) -> None:
-        if not failure.check(Unavailable):  # an outage is logged once, elsewhere
-            log.failure("could not store the owner {key}", failure, key=key)
-
-    async def forget(self, project: str) -> None:
-        self._known.pop(project, None)
-        try:
-            await self._metadata.delete_page(self._key(project))
-        except Unavailable:
-            pass
 
 
 #: The member pages a merged page is made of, with their members.
@@ -449,78 +367,3 @@ class Group:
             await member.forget(project)
         if project is not None and self.owners is not None:
             await self.owners.forget(project)
-
-
-@attrs.define
-class GroupFiles:
-    """
-    A group's files: each opened from the member whose page listed it, in
-    the one file cache (its key names the member).
-    """
-
-    group: Group
-    files: FileCache
-
-    async def open(self, project: str, filename: str, fetch: bool = True, use_store: bool = True) -> Opened:
-        """
-        Open a file of the group's (see L{FileCache.open}).
-        """
-        group = self.group
-        if group.alone:
-            if not group.candidates(project):
-                raise NotFound(project)
-            # The member's page is checked by the file cache itself.
-            return await self.files.open(project, filename, fetch, use_store, pages=group.first)
-        try:
-            source = await group.source(project, filename)
-        except NotFound:
-            for member in group.members.values():
-                await self.files.drop_gone(project, filename, member)
-            raise
-        return await self.files.open(project, filename, fetch, use_store, pages=source)
-
-    def downloaded(self, project: str, filename: str) -> None:
-        self.files.downloaded(project, filename)
-
-    def count_store_error(self, store: str) -> None:
-        self.files.count_store_error(store)
-
-    async def purge(self, project: str, filename: str) -> bool:
-        """
-        Remove one cached file of the group's, from whichever member it came.
-        """
-        purged = False
-        for member in self.group.members.values():
-            purged = await self.files.purge(project, filename, pages=member) or purged
-        return purged
-
-
-@attrs.define
-class Groups:
-    """
-    Every group, by name, and the default one (served at C{/simple/}).
-    """
-
-    by_name: Mapping[str, Group]
-    default_name: str
-    files: FileCache
-
-    @classmethod
-    def alone(cls, pages: PageCache, files: FileCache, clock: IReactorTime) -> Groups:
-        """
-        The one group of one upstream's pages (a proxy put together by hand).
-        """
-        topology = single((pages.upstream.url,))
-        spec = topology.groups[0]
-        group = Group(spec, topology, {spec.members[0]: pages}, None, clock)
-        return cls({spec.name: group}, spec.name, files)
-
-    @property
-    def default(self) -> Group:
-        return self.by_name[self.default_name]
-
-    def get(self, name: str) -> Group | None:
-        return self.by_name.get(name)
-
-    def files_of(self, group: Group) -> GroupFiles:
-        return GroupFiles(group, self.files)

@@ -26,7 +26,8 @@ from werkzeug.exceptions import HTTPException
 
 from txpypi import __version__
 from txpypi.cache.files import FileCache
-from txpypi.cache.groups import Group, Groups
+from txpypi.cache.groupfiles import Groups
+from txpypi.cache.groups import Group
 from txpypi.cache.pages import PageCache
 from txpypi.core.live import Live
 from txpypi.core.names import BadName, check_filename, normalize

@@ -16,7 +16,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from txpypi.cache.files import Busy, FileCache, NotListed, Opened
-from txpypi.cache.groups import GroupFiles
+from txpypi.cache.groupfiles import GroupFiles
 from txpypi.cache.pages import NotFound
 from txpypi.core.fileplan import FilePlan, plan_file
 from txpypi.core.names import BadName, check_filename, normalize

@@ -1,0 +1,92 @@
+"""
+The groups a proxy serves (L{Groups}), and a group's files
+(L{GroupFiles}): each opened in the one file cache with the page cache of
+the member whose page listed it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import attrs
+from twisted.internet.interfaces import IReactorTime
+
+from txpypi.cache.files import FileCache, Opened
+from txpypi.cache.groups import Group
+from txpypi.cache.pages import NotFound, PageCache
+from txpypi.core.groups import single
+
+
+@attrs.define
+class GroupFiles:
+    """
+    A group's files: each opened from the member whose page listed it, in
+    the one file cache (its key names the member).
+    """
+
+    group: Group
+    files: FileCache
+
+    async def open(self, project: str, filename: str, fetch: bool = True, use_store: bool = True) -> Opened:
+        """
+        Open a file of the group's (see L{FileCache.open}).
+        """
+        group = self.group
+        if group.alone:
+            if not group.candidates(project):
+                raise NotFound(project)
+            # The member's page is checked by the file cache itself.
+            return await self.files.open(project, filename, fetch, use_store, pages=group.first)
+        try:
+            source = await group.source(project, filename)
+        except NotFound:
+            for member in group.members.values():
+                await self.files.drop_gone(project, filename, member)
+            raise
+        return await self.files.open(project, filename, fetch, use_store, pages=source)
+
+    def downloaded(self, project: str, filename: str) -> None:
+        self.files.downloaded(project, filename)
+
+    def count_store_error(self, store: str) -> None:
+        self.files.count_store_error(store)
+
+    async def purge(self, project: str, filename: str) -> bool:
+        """
+        Remove one cached file of the group's, from whichever member it came.
+        """
+        purged = False
+        for member in self.group.members.values():
+            purged = await self.files.purge(project, filename, pages=member) or purged
+        return purged
+
+
+@attrs.define
+class Groups:
+    """
+    Every group, by name, and the default one (served at C{/simple/}).
+    """
+
+    by_name: Mapping[str, Group]
+    default_name: str
+    files: FileCache
+
+    @classmethod
+    def alone(cls, pages: PageCache, files: FileCache, clock: IReactorTime) -> Groups:
+        """
+        The one group of one upstream's pages (a proxy put together by hand).
+        """
+        topology = single((pages.upstream.url,))
+        spec = topology.groups[0]
+        group = Group(spec, topology, {spec.members[0]: pages}, None, clock)
+        return cls({spec.name: group}, spec.name, files)
+
+    @property
+    def default(self) -> Group:
+        return self.by_name[self.default_name]
+
+    def get(self, name: str) -> Group | None:
+        return self.by_name.get(name)
+
+    def files_of(self, group: Group) -> GroupFiles:
+        return GroupFiles(group, self.files)
