@@ -120,7 +120,8 @@ def upstream_url(key: str, value: Any) -> str:
         raise ConfigError(f"{key}: expected a URL")
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ConfigError(f"{key}: expected an http or https URL, got {value!r}")
+        shown = value.rpartition("@")[2]  # never what may be a password before an @
+        raise ConfigError(f"{key}: expected an http or https URL, got {shown!r}")
     from txpypi.core.fetchpolicy import Origin
 
     try:

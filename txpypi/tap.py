@@ -173,7 +173,7 @@ def assemble(settings: Settings, reactor: IProxyReactor, live: Live | None = Non
         renew.clock = reactor
         TimerLoopService(renew, settings.lock_ttl / 3).setServiceParent(service)
     groups = found.groups(metadata, files, reactor, pools, metrics)
-    first_client = found.clients[found.topology.upstreams[0].name]
+    first_client = found.clients[found.first_name]
     proxy = Proxy(
         found.first,
         files,
@@ -297,8 +297,16 @@ class Indexes:
     pages: dict[str, PageCache]
 
     @property
+    def first_name(self) -> str:
+        """
+        The first member of the default group: the upstream C{/health}
+        and the status page show first.
+        """
+        return self.topology.group(self.topology.default_group).members[0]
+
+    @property
     def first(self) -> PageCache:
-        return self.pages[self.topology.upstreams[0].name]
+        return self.pages[self.first_name]
 
     def file_client(self) -> UpstreamClient | UpstreamClients:
         """

@@ -188,3 +188,11 @@ def test_a_ca_file_that_is_no_certificate_stops_start_up(tmp_path: Path) -> None
     text = f"upstreams: {{a: {{url: 'https://a.example/simple/', ca-file: {tmp_path}/ca.pem}}}}"
     with pytest.raises(ConfigError, match=r"^upstreams: a: ca-file .*ca.pem: no PEM certificate in it$"):
         options.read(write(tmp_path, text), {}, environ={})
+
+
+def test_a_malformed_url_is_not_echoed_with_what_may_be_a_password(tmp_path: Path) -> None:
+    text = "upstreams: {a: {url: 'ci:hunter2@index.example/simple/'}}"
+    with pytest.raises(ConfigError) as raised:
+        options.read(write(tmp_path, text), {}, environ={})
+    expected = "upstreams: a: url: expected an http or https URL, got 'index.example/simple/'"
+    assert str(raised.value) == expected

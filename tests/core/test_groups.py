@@ -55,16 +55,29 @@ def test_a_route_names_upstreams_that_exist() -> None:
         topology(routes=(Route(("acme-*",), ("other",)),))
 
 
-def test_candidates_follow_routes_group_ones_first() -> None:
-    own = Route(("acme-special",), ("public",))
-    group = GroupSpec("default", ("private", "public"), routes=(own,))
-    found = topology(group, routes=(Route(("acme-*",), ("private",)),))
+def test_candidates_follow_routes_a_groups_own_narrowing_never_widening() -> None:
+    own = (Route(("acme-special",), ("public",)), Route(("shared-x",), ("private",)))
+    group = GroupSpec("default", ("private", "public"), routes=own)
+    routes = (Route(("acme-*",), ("private",)), Route(("shared-*",), ("private", "public")))
+    found = topology(group, routes=routes)
     assert found.candidates(group, "requests") == ("private", "public")
     assert found.candidates(group, "acme-lib") == ("private",)
-    assert found.candidates(group, "acme-special") == ("public",)
+    # The global route holds in every group: the group's own cannot send an
+    # acme-* name to public.
+    assert found.candidates(group, "acme-special") == ()
+    # It may narrow one.
+    assert found.candidates(group, "shared-x") == ("private",)
+    assert found.candidates(group, "shared-y") == ("private", "public")
     assert found.listed_by(group, "public", "acme-lib") is False
     assert found.listed_by(group, "private", "acme-lib") is True
+    assert found.listed_by(group, "public", "shared-x") is False
     assert found.routed
+
+
+def test_two_upstreams_may_not_share_a_url() -> None:
+    twin = UpstreamSpec("twin", PRIVATE.url)
+    with pytest.raises(TopologyError, match="upstreams: private: another upstream has the same url"):
+        Topology((PRIVATE, twin), (GroupSpec("default", ("private",)),))
 
 
 def test_a_route_to_an_upstream_outside_the_group_leaves_no_candidate() -> None:

@@ -690,3 +690,76 @@ async def test_forget_a_groups_page_needs_the_token(
         b"DELETE",
     )
     assert response.code == 404
+
+
+# -- found in review
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_group_that_routes_a_project_away_drops_no_other_groups_file(
+    upstreams: Upstreams, start: Callable[..., Running], tmp_path: Path
+) -> None:
+    """
+    A group whose own route hides widget answers 404 for its file, and the
+    copy the default group cached stays (a client could otherwise drop any
+    group's files through another).
+    """
+    strict = (
+        "  strict:\n    members: [private, public]\n"
+        "    routes:\n      - projects: [widget]\n        upstreams: [private]\n"
+    )
+    text = yaml_text(upstreams, tmp_path, routes=False).replace("default-group:", strict + "default-group:")
+    running = start(text)
+    _, body = await get(running.url + "/simple/widget/", json_accept())
+    url = urljoin(running.url + "/simple/widget/", page_urls(body)[ONLY_PUBLIC.filename])
+    assert (await get(url))[0].code == 200
+    assert header((await get(url))[0], "x-cache") == "HIT"  # landed
+    response, _ = await get(running.url + "/strict/files/widget/" + ONLY_PUBLIC.filename)
+    assert response.code == 404
+    response, content = await get(url)
+    assert header(response, "x-cache") == "HIT" and content == ONLY_PUBLIC.content
+    assert upstreams.public.fake.requests["/packages/" + ONLY_PUBLIC.filename] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_group_of_one_filters_its_list_by_routes_on_every_answer(
+    upstreams: Upstreams, start: Callable[..., Running], tmp_path: Path
+) -> None:
+    upstreams.public.fake.add(build_wheel("acme-evil", "1.0"))
+    running = start(yaml_text(upstreams, tmp_path))
+    states = []
+    for _ in range(2):
+        response, body = await get(running.url + "/mirror/simple/", json_accept())
+        names = {p["name"] for p in json.loads(body)["projects"]}
+        assert "widget" in names and "acme-evil" not in names
+        states.append(header(response, "x-cache"))
+    assert states == ["MISS", "HIT"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_files_of_a_merged_page_too_big_to_keep(
+    upstreams: Upstreams, start: Callable[..., Running], tmp_path: Path
+) -> None:
+    """
+    With a page-cache-size smaller than the merged page, it is served but
+    not kept; its files still come from the member that listed them.
+    """
+    running = start(yaml_text(upstreams, tmp_path, more="page-cache-size: 1K\n"))
+    page = running.url + "/merged/simple/shared/"
+    _, body = await get(page, json_accept())
+    urls = page_urls(body)
+    for dist, fake in ((THIRD_OWN, upstreams.third.fake), (SHARED_PUBLIC, upstreams.public.fake)):
+        response, content = await get(urljoin(page, urls[dist.filename]))
+        assert response.code == 200 and content == dist.content
+        assert fake.requests["/packages/" + dist.filename] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_shows_the_default_groups_first_upstream(
+    upstreams: Upstreams, start: Callable[..., Running], tmp_path: Path
+) -> None:
+    running = start(yaml_text(upstreams, tmp_path).replace("default-group: default", "default-group: mirror"))
+    _, body = await get(running.url + "/health")
+    assert json.loads(body)["upstream"]["url"] == upstreams.public.url
+    _, page = await get(running.url + "/")
+    assert f"<code>{upstreams.public.url}</code>: <span".encode() in page

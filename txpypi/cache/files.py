@@ -305,16 +305,6 @@ class FileCache:
     async def metadata_ping(self) -> None:
         await self._metadata.ping()
 
-    async def drop_gone(self, project: str, filename: str, pages: PageCache) -> None:
-        """
-        Drop the cached copy of a file whose project no upstream of its
-        group knows any more (a removed project must not live on).
-        """
-        key = self.key(project, filename, pages)
-        record = self._records.get(key) or await known_file(self._metadata, key)
-        if record is not None and not pages.offline:
-            await self._cached.drop(record, "the upstream no longer knows its project")
-
     async def purge(self, project: str, filename: str, pages: PageCache | None = None) -> bool:
         """
         Remove one cached file (of C{pages}' upstream, by default the

@@ -37,12 +37,10 @@ class GroupFiles:
                 raise NotFound(project)
             # The member's page is checked by the file cache itself.
             return await self.files.open(project, filename, fetch, use_store, pages=group.first)
-        try:
-            source = await group.source(project, filename)
-        except NotFound:
-            for member in group.members.values():
-                await self.files.drop_gone(project, filename, member)
-            raise
+        # A cached file of a project no member knows any more is dropped
+        # when its own member's page is checked (FileCache), never here: a
+        # group's routes may hide a project that other groups still serve.
+        source = await group.source(project, filename)
         return await self.files.open(project, filename, fetch, use_store, pages=source)
 
     def downloaded(self, project: str, filename: str) -> None:

@@ -52,10 +52,12 @@ Parts = tuple[tuple[PageCache, CachedPage], ...]
 @attrs.define(eq=False)
 class Merged:
     """
-    A page a group made of its members' pages: its key in the page memory
-    the members share (where it counts against C{page-cache-size} with
-    theirs), and the pages it was made of, held weakly (it is fresh while
-    they are its members' fresh pages; it does not keep them in memory).
+    What a group answers for a project or its list from several members:
+    the key in the page memory the members share of the page it serves (a
+    page it made, counted against C{page-cache-size} with theirs; or the
+    one member's page, when only one knows the project), and the pages it
+    was made of, held weakly (it is fresh while they are its members'
+    fresh pages; it does not keep them in memory).
     """
 
     key: str
@@ -165,24 +167,25 @@ class Group:
     # -- what SimpleResource reads
 
     def remaining(self, page: CachedPage) -> float:
-        if self.alone:
-            return self.first.remaining(page)
-        if page.key in self._merged:
-            kept = self._kept(page.key)
-            if kept is None:
-                return 0.0
-            return min(member.remaining(part) for member, part in kept[2])
-        return self._member_of(page).remaining(page)
+        if not self._is_merged(page):
+            return self._member_of(page).remaining(page)
+        kept = self._kept(page.key)
+        if kept is None:
+            return 0.0  # not kept: made again when asked
+        return min(member.remaining(part) for member, part in kept[2])
 
     def age(self, page: CachedPage) -> float:
         now: float = self._clock.seconds()
         return now - page.fetched_at
 
+    def _is_merged(self, page: CachedPage) -> bool:
+        return page.key.startswith(f"{self.name}/merged/")
+
     def fresh(self, project: str | None) -> CachedPage | None:
         """
         The page, if it can be answered from memory now: the hot path.
         """
-        if self.alone:
+        if self.alone and (project is not None or not self.topology.routed):
             if project is not None and not self.candidates(project):
                 return None
             return self.first.fresh(project)
@@ -192,7 +195,7 @@ class Group:
             if kept is None or not all(member.fresh(project) is part for member, part in kept[2]):
                 return None
             self._merged.move_to_end(key)
-            self.first.memory.pages.move_to_end(key)
+            self.first.memory.pages.move_to_end(kept[1].key)
             return kept[1]
         owner = None if self.owners is None else self.owners.known(project)
         if owner is None or owner not in self.candidates(project):
@@ -262,6 +265,8 @@ class Group:
         # file could take its place.
         parts, states = await self._gather(project, candidates)
         if len(parts) == 1:
+            # One member knows it: its page, remembered for the hot path.
+            self._note(self._merged_key(project), Merged.of(parts[0][1].key, parts))
             return parts[0][1], states[0]
         return await self._merged_page(project, parts), _state(states)
 
@@ -332,11 +337,14 @@ class Group:
             )
             self.on_conflict(conflict)
         self.first.keep(page)
-        self._merged[key] = Merged.of(key, parts)
+        self._note(key, Merged.of(key, parts))
+        return page
+
+    def _note(self, key: str, merged: Merged) -> None:
+        self._merged[key] = merged
         self._merged.move_to_end(key)
         while len(self._merged) > MAX_MERGED:
             self._merged.popitem(last=False)
-        return page
 
     async def source(self, project: str, filename: str) -> PageCache:
         """
@@ -345,11 +353,14 @@ class Group:
         @raise NotListed: the group's page does not list it.
         """
         page, _ = await self.get(project)
-        dist = filename.removesuffix(METADATA_SUFFIX)
-        if page.key not in self._merged:
+        if not self._is_merged(page):
             return self._member_of(page)
         kept = self._kept(page.key)
-        for member, part in () if kept is None else kept[2]:
+        # A merged page too big to keep is made for each answer: its parts
+        # are its members' pages, asked again.
+        parts = kept[2] if kept is not None else (await self._gather(project, self.candidates(project)))[0]
+        dist = filename.removesuffix(METADATA_SUFFIX)
+        for member, part in parts:
             assert isinstance(part.model, ProjectPage)
             if part.model.find(dist) is not None:
                 return member

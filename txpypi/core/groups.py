@@ -130,6 +130,11 @@ class Topology:
             check_name("upstreams", name)
             if names.count(name) > 1:
                 raise TopologyError(f"upstreams: {name!r} is named twice")
+        urls = [u.url for u in self.upstreams]
+        for upstream in self.upstreams:
+            if urls.count(upstream.url) > 1:
+                # Files are sent to their upstream's client by its URL.
+                raise TopologyError(f"upstreams: {upstream.name}: another upstream has the same url")
         prefixes = [u.prefix for u in self.upstreams]
         if len(set(prefixes)) != len(prefixes):
             raise TopologyError("upstreams: two upstreams share one cache prefix")
@@ -175,34 +180,44 @@ class Topology:
                 return group
         raise KeyError(name)
 
-    def route_for(self, group: GroupSpec, project: str) -> Route | None:
+    def routes_for(self, group: GroupSpec, project: str) -> tuple[Route, ...]:
         """
-        The first route C{project} matches: the group's own, then the
-        topology's.
+        The routes C{project} matches: the first of the group's own, and
+        the first of the topology's (which holds in every group: a group's
+        own route may narrow it, never widen it).
         """
-        for route in (*group.routes, *self.routes):
-            if route.matches(project):
-                return route
-        return None
+        found = []
+        for routes in (group.routes, self.routes):
+            for route in routes:
+                if route.matches(project):
+                    found.append(route)
+                    break
+        return tuple(found)
+
+    def allows(self, group: GroupSpec, member: str, project: str) -> bool:
+        """
+        Whether C{member} of C{group} may be asked about C{project}: every
+        route it matches names the member.
+        """
+        return all(member in route.upstreams for route in self.routes_for(group, project))
 
     def candidates(self, group: GroupSpec, project: str) -> tuple[str, ...]:
         """
         The members of C{group} that may be asked about C{project}, in
-        priority order: all of them, or, when a route matches, only those it
-        names (none when it names no member: the project is unknown here).
+        priority order: all of them, or, when routes match, only those they
+        all name (none: the project is unknown here).
         """
-        route = self.route_for(group, project)
-        if route is None:
+        routes = self.routes_for(group, project)
+        if not routes:
             return group.members
-        return tuple(m for m in group.members if m in route.upstreams)
+        return tuple(m for m in group.members if all(m in route.upstreams for route in routes))
 
     def listed_by(self, group: GroupSpec, member: str, project: str) -> bool:
         """
         Whether C{member}'s project list may put C{project} in C{group}'s
-        (a routed name only from the upstreams its route names).
+        (a routed name only from the upstreams its routes name).
         """
-        route = self.route_for(group, project)
-        return route is None or member in route.upstreams
+        return self.allows(group, member, project)
 
     @property
     def routed(self) -> bool:
