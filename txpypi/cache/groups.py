@@ -117,6 +117,14 @@ class Group:
     #: The merged pages made, by their keys (at most L{MAX_MERGED}).
     _merged: OrderedDict[str, Merged] = attrs.field(factory=OrderedDict)
     _merges: SingleFlight[str, CachedPage] = attrs.field(factory=SingleFlight)
+    #: Its members by their cache prefix, and where its merged pages are
+    #: kept: worked out once, for the hot path.
+    _by_prefix: dict[str, PageCache] = attrs.field(init=False)
+    _merged_prefix: str = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._by_prefix = {member.group: member for member in self.members.values()}
+        self._merged_prefix = f"{self.name}/merged/"
 
     @property
     def name(self) -> str:
@@ -141,7 +149,7 @@ class Group:
         return self.topology.candidates(self.spec, project)
 
     def _merged_key(self, project: str | None) -> str:
-        return f"{self.name}/merged/{project or ''}"
+        return self._merged_prefix + (project or "")
 
     def _kept(self, key: str) -> tuple[Merged, CachedPage, Parts] | None:
         """
@@ -158,11 +166,7 @@ class Group:
         return merged, page, parts
 
     def _member_of(self, page: CachedPage) -> PageCache:
-        prefix = page.key.split("/", 1)[0]
-        for member in self.members.values():
-            if member.group == prefix:
-                return member
-        return self.first
+        return self._by_prefix.get(page.key.partition("/")[0], self.first)
 
     # -- what SimpleResource reads
 
@@ -179,7 +183,7 @@ class Group:
         return now - page.fetched_at
 
     def _is_merged(self, page: CachedPage) -> bool:
-        return page.key.startswith(f"{self.name}/merged/")
+        return page.key.startswith(self._merged_prefix)
 
     def fresh(self, project: str | None) -> CachedPage | None:
         """

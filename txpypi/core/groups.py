@@ -119,8 +119,12 @@ class Topology:
     default_group: str = DEFAULT_GROUP
     routes: tuple[Route, ...] = ()
 
+    #: Whether any route is configured, worked out once (the hot path asks).
+    _routed: bool = attrs.field(init=False, repr=False, eq=False)
+
     def __attrs_post_init__(self) -> None:
         self._check()
+        object.__setattr__(self, "_routed", bool(self.routes) or any(g.routes for g in self.groups))
 
     def _check(self) -> None:
         names = [u.name for u in self.upstreams]
@@ -207,6 +211,8 @@ class Topology:
         priority order: all of them, or, when routes match, only those they
         all name (none: the project is unknown here).
         """
+        if not self._routed:
+            return group.members
         routes = self.routes_for(group, project)
         if not routes:
             return group.members
@@ -224,7 +230,7 @@ class Topology:
         """
         Whether any route is configured (the project lists are then filtered).
         """
-        return bool(self.routes) or any(g.routes for g in self.groups)
+        return self._routed
 
 
 def single(urls: tuple[str, ...]) -> Topology:
