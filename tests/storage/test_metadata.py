@@ -116,3 +116,21 @@ class TestMetadataContract:
             assert await self.store.usage() == (0, 0)
             await self.store.put_file(old)
             assert await self.store.delete_file(old.key) == old  # unconditional
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_groups_owners_are_shared_through_the_store(metadata: Any) -> None:
+    """
+    Who owns a project, as one instance's L{Owners} records it, is what
+    another instance (its own memory empty) reads from the same store; a
+    forget reaches it too.  Against every store: Redis is how a cluster
+    shares it.
+    """
+    from txpypi.cache.owners import Owners
+
+    one, two = Owners(metadata, "default", get_reactor()), Owners(metadata, "default", get_reactor())
+    await one.set("acme-lib", "private")  # the write the answer does not wait for
+    assert await two.get("acme-lib") == "private"
+    assert await Owners(metadata, "mirror", get_reactor()).get("acme-lib") is None  # per group
+    await one.forget("acme-lib")
+    assert await Owners(metadata, "default", get_reactor()).get("acme-lib") is None

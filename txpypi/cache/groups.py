@@ -258,7 +258,7 @@ class Group:
                     continue
                 raise _failed(name, project, e) from None
             if name != owner:
-                owners.set(project, name)
+                owners.set(project, name)  # stored in the background
             return page, state
         if owner is not None and not self.offline:
             await owners.forget(project)

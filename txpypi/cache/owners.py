@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import attrs
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -74,17 +75,20 @@ class Owners:
         self._keep(project, owner)
         return owner
 
-    def set(self, project: str, owner: str) -> None:
+    def set(self, project: str, owner: str) -> Deferred[None]:
         """
         Remember C{owner}: in memory at once, and in the metadata store in
         the background (the answer does not wait for the write; memory
         holds it meanwhile, and while the store is down).
+
+        @return: fires once it is stored (or could not be: logged); never
+            fails, so that a caller may leave it.
         """
         if self._known.get(project) == owner:
-            return
+            return succeed(None)
         self._keep(project, owner)
         record = PageRecord(self._key(project), owner, "", owner.encode(), self._clock.seconds())
-        self._metadata.put_page(record).addErrback(self._not_stored, record.key)
+        return self._metadata.put_page(record).addErrback(self._not_stored, record.key)
 
     @staticmethod
     def _not_stored(failure: Failure, key: str) -> None:
