@@ -9,6 +9,7 @@ lowest first, are the subpackages of C{txpypi}; see C{docs/ARCHITECTURE.md}.
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +33,9 @@ PURE = (
     "base64",
     "collections",
     "dataclasses",
+    # For reading dates and times; that the core never asks it the time
+    # is test_the_core_never_reads_the_clock's.
+    "datetime",
     "enum",
     "fnmatch",
     "functools",
@@ -191,3 +195,17 @@ def test_the_checks_can_fail(tmp_path: Path) -> None:
     assert found >= {"txpypi.tap", "twisted.internet.reactor", "txpypi.web.app"}
     assert not any(target.startswith("os") for target in found)
     assert layer("txpypi.web.app") == "web" and layer("txpypi") is None
+
+
+#: How code would read the clock through an allowed module.
+CLOCK_READS = re.compile(r"\.(now|today|utcnow)\(")
+
+
+def test_the_core_never_reads_the_clock() -> None:
+    """
+    The core may parse dates (C{datetime}), never ask the time: it is
+    passed in, so that tests drive it.
+    """
+    for name, path in modules():
+        if name.startswith("txpypi.core"):
+            assert CLOCK_READS.search(path.read_text(encoding="utf-8")) is None, name
