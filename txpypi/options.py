@@ -46,7 +46,15 @@ from txpypi.config import (
     url,
 )
 from txpypi.core.live import Live
-from txpypi.upstreams import group_name, groups_table, routes_list, topology, upstream_urls, upstreams_table
+from txpypi.upstreams import (
+    group_name,
+    groups_table,
+    policy_table,
+    routes_list,
+    topology,
+    upstream_urls,
+    upstreams_table,
+)
 
 #: What an option takes on the command line: a value (C{--name VALUE}),
 #: nothing (C{--name}; C{true} or C{false} in YAML), or a value each time it
@@ -360,10 +368,11 @@ def read(path: str | None, given: Mapping[str, Any], environ: Mapping[str, str] 
 
 def live_values(settings: Settings) -> Mapping[str, Any]:
     """
-    The values of the rows marked live, by attribute: all that SIGHUP may
-    apply (any other lookup is a L{KeyError}).
+    The values of the rows marked live, by attribute, and the policies the
+    groups and upstreams set: all that SIGHUP may apply (any other lookup
+    is a L{KeyError}).
     """
-    return {name: getattr(settings, name) for name in LIVE}
+    return {**{name: getattr(settings, name) for name in LIVE}, "policy": policy_table(settings)}
 
 
 def live_of(settings: Settings) -> Live:
@@ -401,7 +410,9 @@ class Running:
         old = self.settings
         kept = [name for name in FIXED if getattr(new, name) != getattr(old, name)]
         self.settings = attrs.evolve(new, **{name: getattr(old, name) for name in FIXED})
-        self.live.update(live_values(self.settings))
+        # The policies live inside the groups and upstreams, which keep
+        # their running values: they come from the new settings.
+        self.live.update({**live_values(self.settings), "policy": policy_table(new)})
         return kept
 
 

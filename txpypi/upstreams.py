@@ -41,6 +41,7 @@ from txpypi.core.groups import (
     check_name,
     single,
 )
+from txpypi.core.policy import Policy, PolicyError, PolicyTable, parse_policy
 from txpypi.fetch.tls import load_certificates
 
 #: The keys of one upstream under C{upstreams:}.
@@ -56,9 +57,10 @@ UPSTREAM_KEYS = frozenset(
         "verify",
         "index-ttl",
         "file-hosts",
+        "policy",
     }
 )
-GROUP_KEYS = frozenset({"members", "strategy", "routes"})
+GROUP_KEYS = frozenset({"members", "strategy", "routes", "policy"})
 ROUTE_KEYS = frozenset({"projects", "upstreams"})
 
 
@@ -161,6 +163,7 @@ def _upstream(name: str, given: Any) -> UpstreamSpec:
         verify=flag(f"{key}: verify", given.get("verify", True)),
         index_ttl=None if ttl is None else seconds(f"{key}: index-ttl", ttl),
         file_hosts=None if hosts is None else file_hosts(f"{key}: file-hosts", hosts),
+        policy=_policy(key, given),
     )
 
 
@@ -241,7 +244,7 @@ def groups_table(key: str, value: Any) -> tuple[GroupSpec, ...]:
             raise ConfigError(f"{where}: strategy: expected first-index or merge, got {strategy!r}")
         members = _names(f"{where}: members", given.get("members"))
         routes = routes_list(f"{where}: routes", given.get("routes", []))
-        groups.append(GroupSpec(name, members, strategy, routes))
+        groups.append(GroupSpec(name, members, strategy, routes, policy=_policy(where, given)))
     return tuple(groups)
 
 
@@ -250,6 +253,27 @@ def group_name(key: str, value: Any) -> str:
         return check_name(key, value)
     except TopologyError as e:
         raise ConfigError(str(e)) from None
+
+
+def _policy(key: str, given: Mapping[Any, Any]) -> Policy | None:
+    if "policy" not in given:
+        return None
+    try:
+        return parse_policy(given["policy"])
+    except PolicyError as e:
+        raise ConfigError(f"{key}: policy: {e}") from None
+
+
+def policy_table(settings: Settings) -> PolicyTable:
+    """
+    The policies the groups and upstreams of C{settings} set (SIGHUP takes
+    them from the new settings, while the groups themselves need a restart).
+    """
+    found = topology(settings)
+    return PolicyTable(
+        groups={g.name: g.policy for g in found.groups if g.policy is not None},
+        upstreams={u.name: u.policy for u in found.upstreams if u.policy is not None},
+    )
 
 
 def upstream_urls(key: str, value: Any) -> tuple[str, ...]:

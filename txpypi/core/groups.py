@@ -16,6 +16,8 @@ from typing import Literal
 
 import attrs
 
+from txpypi.core.policy import Policy
+
 #: Group and upstream names: lower case letters, digits and dashes.
 NAME = re.compile(r"[a-z0-9][a-z0-9-]*\Z", re.ASCII)
 
@@ -79,6 +81,8 @@ class UpstreamSpec:
     #: C{file-hosts}: with it, the only other hosts its files may come
     #: from (as L{txpypi.core.fetchpolicy.FileHost} spells them).
     file_hosts: tuple[str, ...] | None = None
+    #: Its C{policy:} over its groups' (live: not compared for a restart).
+    policy: Policy | None = attrs.field(default=None, eq=False)
 
 
 @attrs.frozen
@@ -104,8 +108,10 @@ class GroupSpec:
     name: str
     members: tuple[str, ...]
     strategy: Strategy = "first-index"
-    #: Checked before the topology's own routes.
+    #: Checked with the topology's own routes (they may narrow them).
     routes: tuple[Route, ...] = ()
+    #: Its C{policy:} (live: not compared for a restart).
+    policy: Policy | None = attrs.field(default=None, eq=False)
 
 
 @attrs.frozen

@@ -18,6 +18,8 @@ from typing import Any
 
 import attrs
 
+from txpypi.core.policy import PolicyTable
+
 
 @attrs.define(eq=False)
 class Live:
@@ -44,6 +46,9 @@ class Live:
     shutdown_grace: float = 30.0
     max_connections: int = 1024
     send_timeout: float = 60.0
+    #: The groups' and upstreams' supply-chain policies (their C{policy:}
+    #: keys, not rows of their own: see L{txpypi.upstreams.policy_table}).
+    policy: PolicyTable = attrs.field(factory=PolicyTable, metadata={"nested": True})
     _hooks: list[Callable[[], object]] = attrs.field(factory=list, repr=False)
 
     @property
@@ -65,7 +70,7 @@ class Live:
         Take new values (by attribute name; any other name is a
         L{KeyError}), then tell the parts that asked.
         """
-        unknown = set(values) - set(names())
+        unknown = set(values) - set(names()) - {"policy"}
         if unknown:
             raise KeyError(f"not a live setting: {', '.join(sorted(unknown))}")
         for name, value in values.items():
@@ -76,6 +81,11 @@ class Live:
 
 def names() -> tuple[str, ...]:
     """
-    The live settings' names.
+    The live settings' names: one per live row of the options (the
+    nested policies are not one).
     """
-    return tuple(field.name for field in attrs.fields(Live) if not field.name.startswith("_"))
+    return tuple(
+        field.name
+        for field in attrs.fields(Live)
+        if not field.name.startswith("_") and not field.metadata.get("nested")
+    )
