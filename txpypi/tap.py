@@ -34,11 +34,13 @@ from txpypi.cache.groupfiles import Groups
 from txpypi.cache.groups import Group
 from txpypi.cache.owners import Owners
 from txpypi.cache.pages import PageCache, PageMemory
+from txpypi.cache.policy import PolicedGroup
 from txpypi.config import ConfigError, Settings
 from txpypi.core.fetchpolicy import FileHost
 from txpypi.core.groups import Topology
 from txpypi.core.live import Live
 from txpypi.core.peer import owner_id
+from txpypi.core.policy import Refusal
 from txpypi.core.simple.merge import Conflict
 from txpypi.fetch.clients import UpstreamClients
 from txpypi.fetch.commit import CommitJournal
@@ -172,7 +174,7 @@ def assemble(settings: Settings, reactor: IProxyReactor, live: Live | None = Non
         renew = LoopingCall(files.coordinator.renew)
         renew.clock = reactor
         TimerLoopService(renew, settings.lock_ttl / 3).setServiceParent(service)
-    groups = found.groups(metadata, files, reactor, pools, metrics)
+    groups = found.groups(metadata, files, reactor, pools, metrics, live)
     first_client = found.clients[found.first_name]
     proxy = Proxy(
         found.first,
@@ -323,6 +325,7 @@ class Indexes:
         reactor: IProxyReactor,
         pools: Pools,
         metrics: Metrics,
+        live: Live,
     ) -> Groups:
         files.sources.update({p.group: p for p in self.pages.values()})
         found = {}
@@ -338,11 +341,25 @@ class Indexes:
                 on_conflict=partial(_conflict, metrics, spec.name),
                 blocking=partial(deferToThreadPool, reactor, pools.io),
             )
-        return Groups(found, self.topology.default_group, files)
+        policed = {
+            name: PolicedGroup(
+                group,
+                live,
+                reactor,
+                on_refusal=partial(_refusal, metrics),
+                blocking=partial(deferToThreadPool, reactor, pools.io),
+            )
+            for name, group in found.items()
+        }
+        return Groups(found, self.topology.default_group, files, policed)
 
 
 def _conflict(metrics: Metrics, group: str, conflict: Conflict) -> None:
     metrics.conflicts.labels(group).inc()
+
+
+def _refusal(metrics: Metrics, refusal: Refusal) -> None:
+    metrics.policy_refusals.labels(refusal.rule).inc()
 
 
 def indexes(

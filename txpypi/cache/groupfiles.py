@@ -14,6 +14,7 @@ from twisted.internet.interfaces import IReactorTime
 from txpypi.cache.files import FileCache, Opened
 from txpypi.cache.groups import Group
 from txpypi.cache.pages import NotFound, PageCache
+from txpypi.cache.policy import PolicedGroup
 from txpypi.core.groups import single
 
 
@@ -26,12 +27,18 @@ class GroupFiles:
 
     group: Group
     files: FileCache
+    #: The group's policy, checked before a file is opened (and fetched).
+    policed: PolicedGroup | None = None
 
     async def open(self, project: str, filename: str, fetch: bool = True, use_store: bool = True) -> Opened:
         """
         Open a file of the group's (see L{FileCache.open}).
+
+        @raise PolicyRefused: the group's policy hides it.
         """
         group = self.group
+        if self.policed is not None:
+            await self.policed.check_file(project, filename)
         if group.alone:
             if not group.candidates(project):
                 raise NotFound(project)
@@ -68,6 +75,8 @@ class Groups:
     by_name: Mapping[str, Group]
     default_name: str
     files: FileCache
+    #: Each group's policy view, by group name (none: no policy applies).
+    policed: Mapping[str, PolicedGroup] = attrs.field(factory=dict)
 
     @classmethod
     def alone(cls, pages: PageCache, files: FileCache, clock: IReactorTime) -> Groups:
@@ -87,4 +96,10 @@ class Groups:
         return self.by_name.get(name)
 
     def files_of(self, group: Group) -> GroupFiles:
-        return GroupFiles(group, self.files)
+        return GroupFiles(group, self.files, self.policed.get(group.name))
+
+    def pages_of(self, group: Group) -> Group | PolicedGroup:
+        """
+        What answers the group's pages: its policy view, or the group.
+        """
+        return self.policed.get(group.name) or group

@@ -350,6 +350,27 @@ class Group:
         while len(self._merged) > MAX_MERGED:
             self._merged.popitem(last=False)
 
+    def lister(self, page: CachedPage) -> Callable[[str], str]:
+        """
+        Which member listed each file of C{page} (by file name; for a page
+        of one member, that member whatever the name), as an upstream
+        name; C{""} when it cannot be told (a merged page no longer kept:
+        the group's own policy then applies).
+        """
+        if not self._is_merged(page):
+            name = self._member_of(page).upstream.name
+            return lambda filename: name
+        kept = self._kept(page.key)
+        listed = [] if kept is None else [(m.upstream.name, part.model) for m, part in kept[2]]
+
+        def lister(filename: str) -> str:
+            for name, model in listed:
+                if isinstance(model, ProjectPage) and model.find(filename) is not None:
+                    return name
+            return ""
+
+        return lister
+
     async def source(self, project: str, filename: str) -> PageCache:
         """
         The member a file of the group's page came from.

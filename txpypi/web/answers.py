@@ -22,6 +22,7 @@ from werkzeug.exceptions import HTTPException
 
 from txpypi.cache.files import Busy, NotListed
 from txpypi.cache.pages import NotFound
+from txpypi.cache.policy import PolicyRefused, ProjectBlocked
 from txpypi.core.names import BadName
 from txpypi.fetch.upstream import UpstreamError
 from txpypi.fetch.wanted import FlightFailed
@@ -63,6 +64,10 @@ def status_of(
         the file).
     @param unavailable: what a C{503} for a store that is down starts with.
     """
+    if isinstance(error, ProjectBlocked):
+        return Answer(404, error.refusal.reason)
+    if isinstance(error, PolicyRefused):
+        return Answer(403, error.refusal.reason)
     if isinstance(error, (NotFound, NotListed)):
         return Answer(404, missing)
     if isinstance(error, Busy):

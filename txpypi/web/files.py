@@ -18,6 +18,7 @@ from twisted.web.server import Request
 from txpypi.cache.files import Busy, FileCache, NotListed, Opened
 from txpypi.cache.groupfiles import GroupFiles
 from txpypi.cache.pages import NotFound
+from txpypi.cache.policy import PolicyRefused
 from txpypi.core.fileplan import FilePlan, plan_file
 from txpypi.core.names import BadName, check_filename, normalize
 from txpypi.fetch.upstream import UpstreamError
@@ -45,7 +46,7 @@ FILE_CACHE_CONTROL = b"public, max-age=365000000, immutable"
 
 #: What opening a file may fail with that the client is told about; any
 #: other failure is a crash (a C{500}, logged).
-OPEN_ERRORS = (NotListed, NotFound, Busy, UpstreamError, FlightFailed)
+OPEN_ERRORS = (NotListed, NotFound, Busy, UpstreamError, FlightFailed, PolicyRefused)
 #: What a first read may fail with that the client is told about; any other
 #: failure is logged, and a C{502}.
 READ_ERRORS = (FlightFailed, UpstreamError, Unavailable)

@@ -91,6 +91,7 @@ class Metrics:
     connections_refused: Counter
     client_timeouts: Counter
     conflicts: Counter
+    policy_refusals: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> Metrics:
@@ -166,6 +167,12 @@ class Metrics:
                 "Files left out of a merged group page: the same file name with another hash on a"
                 " lower member.",
                 ["group"],
+                registry=registry,
+            ),
+            policy_refusals=Counter(
+                "txpypi_policy_refusals",
+                "Files (403) and projects (404) a group's policy refused, by rule.",
+                ["rule"],
                 registry=registry,
             ),
         )

@@ -19,6 +19,7 @@ from zope.interface import implementer
 
 from txpypi.cache.groups import Group
 from txpypi.cache.pages import HIT, STALE, CachedPage, NotFound, PageCache, Representation
+from txpypi.cache.policy import PolicedGroup
 from txpypi.core.httpheaders import accepts_gzip, etag_matches
 from txpypi.core.names import BadName, normalize
 from txpypi.core.simple.media import negotiate
@@ -164,7 +165,7 @@ class SimpleResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, pages: PageCache | Group) -> None:
+    def __init__(self, pages: PageCache | Group | PolicedGroup) -> None:
         super().__init__()
         self._pages = pages
         self._negotiated: Negotiated[tuple[bytes | None, bytes | None], str | None] = Negotiated(
