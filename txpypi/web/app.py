@@ -31,6 +31,7 @@ from txpypi.cache.groups import Group
 from txpypi.cache.pages import PageCache
 from txpypi.core.live import Live
 from txpypi.core.names import BadName, check_filename, normalize
+from txpypi.core.policy import NO_POLICY
 from txpypi.fetch.upstream import UpstreamClient
 from txpypi.storage.outages import Outage, Unavailable
 from txpypi.web.answers import answer_text, error_text, header, status_of, text
@@ -277,6 +278,26 @@ class Proxy:
         """
         serving, body = await self._health.report()
         request.setResponseCode(200 if serving else 503)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        return json.dumps(body, indent=2).encode() + b"\n"
+
+    @app.route("/<group>/policy", methods=["GET"])
+    def policy(self, request: Request, group: str) -> bytes:
+        """
+        The supply-chain policy in force in a group, as JSON: the group's
+        own settings, and what applies to each member's files (its own
+        settings over the group's).
+        """
+        found = self.groups.get(group)
+        if found is None:
+            return text(request, 404, "no such group")
+        table = self.live.policy
+        body = {
+            "group": found.name,
+            "policy": table.groups.get(found.name, NO_POLICY).describe(),
+            "upstreams": {name: table.of(found.name, name).describe() for name in found.spec.members},
+        }
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
         return json.dumps(body, indent=2).encode() + b"\n"
