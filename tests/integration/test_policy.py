@@ -181,6 +181,15 @@ async def test_an_exemption_lets_the_young_file_through_and_is_logged(
     assert response.code == 200 and content == YOUNG.content
     lines = [e for e in events if "exemption" in str(e.get("log_format"))]
     assert lines and all(e["reason"] == "CVE fix, reviewed" for e in lines)
+    _, health = await get(f"{proxy.url}/health")
+    assert json.loads(health)["exemptions_expiring"] == [
+        {
+            "group": "default",
+            "rule": "acc-timed==2.0",
+            "until": f"{until}T23:59:59Z",
+            "reason": "CVE fix, reviewed",
+        }
+    ]
     expired = policy.replace(until, "2020-01-01")
     proxy.reload(config(upstream, expired))
     response, _ = await get(f"{proxy.url}/files/acc-timed/{YOUNG.filename}")

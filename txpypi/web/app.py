@@ -155,7 +155,13 @@ class Proxy:
         self._top: Memo[int, list[tuple[str, int]]] = Memo(self.clock)
         self._project_rows: Memo[str, list[tuple[str, str, int]]] = Memo(self.clock)
         self._health = Health(
-            self.clock, self.pages, self.files, self.client, self.outages, upstreams=self._upstreams()
+            self.clock,
+            self.pages,
+            self.files,
+            self.client,
+            self.outages,
+            upstreams=self._upstreams(),
+            policy=lambda: self.live.policy,
         )
 
     def _upstreams(self) -> dict[str, tuple[PageCache, UpstreamClient]]:

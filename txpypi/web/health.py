@@ -5,7 +5,7 @@ upstream's, the file store's and the metadata store's.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -15,9 +15,13 @@ from twisted.internet.interfaces import IReactorTime
 from txpypi import __version__
 from txpypi.cache.files import FileCache
 from txpypi.cache.pages import PageCache
+from txpypi.core.policy import PolicyTable, format_instant
 from txpypi.fetch.upstream import UpstreamClient
 from txpypi.storage.outages import CHECK_WAIT, Outage
 from txpypi.web.memo import Memo
+
+#: How soon an exemption must end for C{/health} to list it.
+EXPIRING_WITHIN = 7 * 24 * 3600.0
 
 #: The state of a part: C{{"state": "ok"}}, or with a C{reason}.
 Part = dict[str, Any]
@@ -38,6 +42,8 @@ class Health:
     _outages: tuple[Outage, ...] = ()
     #: Every upstream's pages and client, by name (by default the one).
     _upstreams: Mapping[str, tuple[PageCache, UpstreamClient]] = attrs.field(kw_only=True)
+    #: The policies in force (for the exemptions about to expire).
+    _policy: Callable[[], PolicyTable] = attrs.field(default=PolicyTable, kw_only=True)
     _probed: Memo[None, Part | None] = attrs.field(init=False)
 
     @_upstreams.default
@@ -81,12 +87,38 @@ class Health:
             "upstreams": upstreams,
             "file_store": file_store,
             "metadata_store": metadata,
+            "exemptions_expiring": self._expiring(),
             "cache": {
                 "bytes": files.usage.size,
                 "files": files.usage.count,
                 "max_bytes": files.usage.max_size,
             },
         }
+
+    def _expiring(self) -> list[dict[str, str]]:
+        """
+        The policy exemptions that end within L{EXPIRING_WITHIN}, by group
+        or upstream, soonest first.
+        """
+        now: float = self._clock.seconds()
+        table = self._policy()
+        found = []
+        for kind, policies in (("group", table.groups), ("upstream", table.upstreams)):
+            for name, policy in policies.items():
+                for e in policy.exempt or ():
+                    if now <= e.until < now + EXPIRING_WITHIN:
+                        found.append(
+                            (
+                                e.until,
+                                {
+                                    kind: name,
+                                    "rule": e.text,
+                                    "until": format_instant(e.until),
+                                    "reason": e.reason,
+                                },
+                            )
+                        )
+        return [entry for _, entry in sorted(found, key=lambda pair: pair[0])]
 
     def _upstream(self, pages: PageCache, client: UpstreamClient) -> Part:
         error = client.last_error
