@@ -63,14 +63,14 @@ def upstream() -> Iterator[Served]:
 
 
 @pytest.fixture
-def start(tmp_path: Path) -> Iterator[Callable[[str], Proxy]]:
+def start(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
     """
     Start a proxy from YAML text; its C{reload} re-reads other YAML text as
     SIGHUP does.
     """
     running: list[Running] = []
 
-    def factory(text: str) -> Proxy:
+    def factory(text: str, endpoint: str = "tcp:0:interface=127.0.0.1") -> Proxy:
         path = tmp_path / "txpypi.yaml"
         path.write_text(text)
         settings = attrs.evolve(
@@ -79,7 +79,7 @@ def start(tmp_path: Path) -> Iterator[Callable[[str], Proxy]]:
         process = options.Running(settings)
         built = assemble(settings, get_reactor(), process.live)
         built.service.startService()
-        r = Running(built.proxy, built.service, listen(built.proxy.site()))
+        r = Running(built.proxy, built.service, listen(built.proxy.site(), endpoint))
         running.append(r)
 
         def reload(new_text: str) -> list[str]:
@@ -122,7 +122,7 @@ def files_of(body: dict[str, Any]) -> list[str]:
 
 @pytest_twisted.ensureDeferred
 async def test_a_release_age_hides_the_young_file_and_refuses_it(
-    upstream: Served, start: Callable[[str], Proxy]
+    upstream: Served, start: Callable[..., Proxy]
 ) -> None:
     proxy = start(config(upstream, "{min-release-age: 7d}"))
     response, body = await page(proxy, "acc-timed")
@@ -152,7 +152,7 @@ async def test_a_release_age_hides_the_young_file_and_refuses_it(
 
 @pytest_twisted.ensureDeferred
 async def test_sighup_changes_the_answer_without_asking_the_upstream(
-    upstream: Served, start: Callable[[str], Proxy]
+    upstream: Served, start: Callable[..., Proxy]
 ) -> None:
     proxy = start(config(upstream, "{min-release-age: 7d}"))
     _, body = await page(proxy, "acc-timed")
@@ -168,7 +168,7 @@ async def test_sighup_changes_the_answer_without_asking_the_upstream(
 
 @pytest_twisted.ensureDeferred
 async def test_an_exemption_lets_the_young_file_through_and_is_logged(
-    upstream: Served, start: Callable[[str], Proxy]
+    upstream: Served, start: Callable[..., Proxy]
 ) -> None:
     until = datetime.fromtimestamp(time.time() + 3 * DAY, UTC).strftime("%Y-%m-%d")
     exemption = f'{{project: acc-timed, versions: "==2.0", until: {until}, reason: "CVE fix, reviewed"}}'
@@ -197,7 +197,7 @@ async def test_an_exemption_lets_the_young_file_through_and_is_logged(
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_fixed_cut_off(upstream: Served, start: Callable[[str], Proxy]) -> None:
+async def test_a_fixed_cut_off(upstream: Served, start: Callable[..., Proxy]) -> None:
     proxy = start(config(upstream, "{exclude-newer: 2021-01-01T00:00:00Z}"))
     _, body = await page(proxy, "acc-timed")
     assert files_of(body) == [OLD.filename]
@@ -206,7 +206,7 @@ async def test_a_fixed_cut_off(upstream: Served, start: Callable[[str], Proxy]) 
 
 
 @pytest_twisted.ensureDeferred
-async def test_blocks_and_allows(upstream: Served, start: Callable[[str], Proxy]) -> None:
+async def test_blocks_and_allows(upstream: Served, start: Callable[..., Proxy]) -> None:
     proxy = start(config(upstream, '{block: ["evil-*", "acc-timed==1.0", "sdist:*"]}'))
     response, body = await page(proxy, "evil-lib")
     assert response.code == 404 and body["text"] == "evil-lib is blocked by 'evil-*'\n"
@@ -226,7 +226,7 @@ async def test_blocks_and_allows(upstream: Served, start: Callable[[str], Proxy]
 
 
 @pytest_twisted.ensureDeferred
-async def test_an_upstreams_own_policy_comes_first(upstream: Served, start: Callable[[str], Proxy]) -> None:
+async def test_an_upstreams_own_policy_comes_first(upstream: Served, start: Callable[..., Proxy]) -> None:
     proxy = start(
         config(upstream, "{min-release-age: 7d, block: [sdist:*]}", "    policy: {min-release-age: 0}")
     )
@@ -245,7 +245,7 @@ def html_upstream() -> Iterator[Served]:
 
 @pytest_twisted.ensureDeferred
 async def test_files_without_an_upload_time_are_hidden_unless_allowed(
-    html_upstream: Served, start: Callable[[str], Proxy]
+    html_upstream: Served, start: Callable[..., Proxy]
 ) -> None:
     proxy = start(config(html_upstream, "{min-release-age: 7d}"))
     response, body = await page(proxy, "acc-timed")
@@ -258,7 +258,7 @@ async def test_files_without_an_upload_time_are_hidden_unless_allowed(
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_policy_in_force_is_a_json_route(upstream: Served, start: Callable[[str], Proxy]) -> None:
+async def test_the_policy_in_force_is_a_json_route(upstream: Served, start: Callable[..., Proxy]) -> None:
     proxy = start(
         config(upstream, "{min-release-age: P7D, block: [evil-*]}", "    policy: {min-release-age: 0}")
     )
