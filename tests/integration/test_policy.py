@@ -269,3 +269,5 @@ async def test_the_policy_in_force_is_a_json_route(upstream: Served, start: Call
     assert shown["upstreams"]["public"]["min-release-age"] == "0s"
     response, _ = await get(f"{proxy.url}/nope/policy")
     assert response.code == 404
+    _, status = await get(f"{proxy.url}/")
+    assert b"<td>default</td><td>min-release-age 7d; block evil-*</td>" in status

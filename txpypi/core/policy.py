@@ -361,6 +361,25 @@ class Policy:
                 ), of_age
         return None, None
 
+    def words(self) -> str:
+        """
+        The policy in a few words, for people (the status page).
+        """
+        parts = []
+        if self.min_release_age:
+            parts.append(f"min-release-age {format_duration(self.min_release_age)}")
+        if self.exclude_newer is not None:
+            parts.append(f"exclude-newer {format_instant(self.exclude_newer)}")
+        if self.allow is not None:
+            parts.append(f"allow {', '.join(r.text for r in self.allow)}")
+        if self.block:
+            parts.append(f"block {', '.join(r.text for r in self.block)}")
+        if self.hide_yanked:
+            parts.append("yanked hidden")
+        if self.exempt:
+            parts.append(f"{len(self.exempt)} exemption(s)")
+        return "; ".join(parts) or "none"
+
     def describe(self) -> dict[str, Any]:
         """
         The policy as JSON values (for C{GET /<group>/policy}).

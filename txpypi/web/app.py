@@ -236,6 +236,9 @@ class Proxy:
                 for name, (pages, up) in self._upstreams().items()
             ),
             groups=tuple(name for name in self.groups.by_name if name != self.groups.default_name),
+            policies=tuple(
+                (name, policy.words()) for name, policy in self.live.policy.groups.items() if policy.active
+            ),
         )
         return render_status(figures)
 

@@ -39,6 +39,8 @@ class StatusFigures:
     upstreams: tuple[tuple[str, str, str], ...] = ()
     #: The groups other than the default one, by name.
     groups: tuple[str, ...] = ()
+    #: Each group's policy in force, in words, when it has one.
+    policies: tuple[tuple[str, str], ...] = ()
 
 
 _STYLE = """
@@ -86,6 +88,7 @@ def render_status(f: StatusFigures) -> bytes:
         f"poetry source add --priority=primary txpypi {index}",
         f"pdm config pypi.url {index}</pre>",
         *_groups(f),
+        *_policies(f),
         '<p><a href="/metrics">metrics</a> &middot; <a href="/health">health</a>',
         ' &middot; <a href="/stats">stats</a></p>',
         "</body></html>",
@@ -111,3 +114,18 @@ def _groups(f: StatusFigures) -> list[str]:
     base = f.index_url.removesuffix("simple/")
     items = "".join(f"<li><code>{escape(base + name)}/simple/</code></li>" for name in f.groups)
     return ["<p>The other groups:</p>", f'<ul id="groups">{items}</ul>']
+
+
+def _policies(f: StatusFigures) -> list[str]:
+    if not f.policies:
+        return []
+    rows = "".join(
+        f"<tr><td>{escape(group)}</td><td>{escape(words)}</td></tr>" for group, words in f.policies
+    )
+    return [
+        "<h2>Policy</h2>",
+        '<table id="policy"><tr><th>Group</th><th>In force</th></tr>',
+        rows,
+        "</table>",
+        "<p>Per group, as JSON: <code>/&lt;group&gt;/policy</code>.</p>",
+    ]
