@@ -351,6 +351,7 @@ class FakeUpstream(Resource):
             if gzipped:
                 request.setHeader("content-encoding", "gzip")
             return self._listed[wants_json, gzipped]
+        request.setHeader("x-pypi-last-serial", "42")  # as PyPI sends it, in both formats
         if self._wants_json(request):
             request.setHeader("content-type", "application/vnd.pypi.simple.v1+json")
             body = {"meta": {"api-version": "1.1"}, "projects": [{"name": p} for p in sorted(self.dists)]}
@@ -372,6 +373,7 @@ class FakeUpstream(Resource):
         if dists is None:
             request.setResponseCode(404)
             return b"no such project"
+        request.setHeader("x-pypi-last-serial", "42")  # as PyPI sends it, in both formats
         if self._wants_json(request):
             request.setHeader("content-type", "application/vnd.pypi.simple.v1+json")
             body = json.dumps(self._project_json(request, name, dists)).encode()

@@ -610,6 +610,8 @@ class PageCache:
                 fetched.url,
                 lambda href, reason: skipped.append((href, reason)),
             )
+            if model.last_serial is None and fetched.last_serial is not None:
+                model = attrs.evolve(model, last_serial=fetched.last_serial)  # an HTML page's
         page = prepare(self.key(project), model, now, fetched.etag, fetched.last_modified)
         return page, page.dump(), skipped
 

@@ -36,6 +36,8 @@ class FetchedPage:
     last_modified: str | None
     #: The upstream answered 304 to our validators: there is no body.
     not_modified: bool = False
+    #: Its C{X-PyPI-Last-Serial} header, when it sent a number.
+    last_serial: int | None = None
 
 
 def page_request_headers(etag: str | None, last_modified: str | None) -> Headers:
@@ -68,7 +70,13 @@ def fetched(response: IResponse, body: bytes) -> FetchedPage:
         content_type=(h.getRawHeaders("content-type") or ["text/html"])[0],
         etag=(h.getRawHeaders("etag") or [None])[0],
         last_modified=(h.getRawHeaders("last-modified") or [None])[0],
+        last_serial=_serial((h.getRawHeaders("x-pypi-last-serial") or [""])[0]),
     )
+
+
+def _serial(value: str) -> int | None:
+    value = value.strip()
+    return int(value) if value.isdigit() and len(value) < 20 else None
 
 
 @attrs.define

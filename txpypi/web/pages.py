@@ -240,6 +240,9 @@ class SimpleResource(Resource):
         headers.setRawHeaders(b"x-cache", [state.encode()])
         headers.setRawHeaders(b"cache-control", [b"max-age=%d" % max_age])
         headers.setRawHeaders(b"etag", [representation.etag.encode()])
+        serial = getattr(page.model, "last_serial", None)
+        if serial is not None:  # what mirroring tools read, as the upstream said it
+            headers.setRawHeaders(b"x-pypi-last-serial", [b"%d" % serial])
         if state == STALE:
             headers.setRawHeaders(b"age", [b"%d" % max(0, int(self._pages.age(page)))])
         if etag_matches(header(request, b"if-none-match"), representation.etag):

@@ -141,9 +141,10 @@ def _file_json(f: DistFile, href_for: HrefFor) -> dict[str, Any]:
     entry: dict[str, Any] = {"filename": f.filename, "url": href_for(f), "hashes": dict(f.hashes)}
     if f.requires_python:
         entry["requires-python"] = f.requires_python
-    metadata: Any = f.core_metadata if isinstance(f.core_metadata, bool) else dict(f.core_metadata)
-    for key in CORE_METADATA_KEYS:
-        entry[key] = metadata
+    if f.core_metadata is not False:  # absent, as the upstream had it: not "false"
+        metadata: Any = True if f.core_metadata is True else dict(f.core_metadata)
+        for key in CORE_METADATA_KEYS:
+            entry[key] = metadata
     if f.gpg_sig is not None:
         entry["gpg-sig"] = f.gpg_sig
     entry["yanked"] = f.yanked
