@@ -65,3 +65,13 @@ def test_project_lists_are_a_union_by_normalized_name() -> None:
     two = ProjectList.of(["acme-lib", "acme-evil", "numpy"])
     merged = merge_lists([one, two], lambda i, name: not (i == 1 and name.startswith("acme-")))
     assert merged.projects == ("Acme_Lib", "requests", "numpy")
+
+
+def test_pep_708_relations_are_carried_together() -> None:
+    high = ProjectPage(
+        "x", (), tracks=("https://pypi.org/simple/x/",), alternate_locations=("https://a/simple/x/",)
+    )
+    low = ProjectPage("x", (), tracks=("https://pypi.org/simple/x/", "https://b/simple/x/"))
+    merged, _ = merge_pages("x", [high, low])
+    assert merged.tracks == ("https://pypi.org/simple/x/", "https://b/simple/x/")
+    assert merged.alternate_locations == ("https://a/simple/x/",)

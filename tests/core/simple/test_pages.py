@@ -165,7 +165,12 @@ def dist_files(draw: st.DrawFn, with_size: bool) -> DistFile:
         gpg_sig=draw(st.none() | st.booleans()),
         size=draw(st.integers(0, 10**10)) if with_size else None,
         upload_time=draw(st.none() | st.just("2024-05-06T07:08:09.123456Z")) if with_size else None,
+        provenance=draw(st.none() | st.just(f"https://upstream.example/integrity/{filename}/provenance")),
     )
+
+
+#: PEP 708 URLs.
+_TRACKED = ["https://pypi.org/simple/demo/", "https://other.example/simple/demo/"]
 
 
 @st.composite
@@ -179,6 +184,8 @@ def pages(draw: st.DrawFn, with_size: bool = True) -> ProjectPage:
         status=draw(st.none() | st.sampled_from(["active", "archived", "quarantined"])),
         status_reason=None,
         last_serial=draw(st.none() | st.integers(0, 10**9)),
+        tracks=tuple(draw(st.lists(st.sampled_from(_TRACKED), unique=True, max_size=2))),
+        alternate_locations=tuple(draw(st.lists(st.sampled_from(_TRACKED), unique=True, max_size=2))),
     )
 
 
@@ -190,8 +197,11 @@ def test_json_round_trip(page: ProjectPage) -> None:
     also how pages are stored.
     """
     assert load_page(page.name, dump_page(page)) == page
-    reparsed = parse_project_json(page.name, render_project_json(page, lambda f: f.url), "")
+    reparsed = parse_project_json(
+        page.name, render_project_json(page, lambda f: f.url, lambda f: f.provenance), ""
+    )
     assert reparsed.files == page.files
+    assert (reparsed.tracks, reparsed.alternate_locations) == (page.tracks, page.alternate_locations)
 
 
 def _html_view(f: DistFile) -> DistFile:
@@ -212,6 +222,7 @@ def _html_view(f: DistFile) -> DistFile:
         yanked=f.yanked,
         core_metadata=metadata,
         gpg_sig=f.gpg_sig,
+        provenance=f.provenance,
     )
 
 
@@ -221,13 +232,16 @@ def test_html_to_model_to_json_to_model(page: ProjectPage) -> None:
     """
     HTML -> model -> JSON -> model keeps every field that HTML carries.
     """
-    html = render_project_html(page, lambda f: f.url)
+    html = render_project_html(page, lambda f: f.url, lambda f: f.provenance)
     from_html = parse_project_html(page.name, html, "")
     assert from_html.files == tuple(_html_view(f) for f in page.files)
     assert from_html.status == page.status
-    from_json = parse_project_json(page.name, render_project_json(from_html, lambda f: f.url), "")
+    assert (from_html.tracks, from_html.alternate_locations) == (page.tracks, page.alternate_locations)
+    json = render_project_json(from_html, lambda f: f.url, lambda f: f.provenance)
+    from_json = parse_project_json(page.name, json, "")
     assert from_json.files == from_html.files
     assert from_json.status == from_html.status
+    assert (from_json.tracks, from_json.alternate_locations) == (page.tracks, page.alternate_locations)
 
 
 # -- links that cannot be resolved

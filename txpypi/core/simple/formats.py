@@ -12,10 +12,13 @@ from txpypi.core.simple.links import HrefFor, SkipLink, ignore, local_href
 from txpypi.core.simple.listhtml import parse_list_html
 from txpypi.core.simple.listjson import parse_list_json
 from txpypi.core.simple.media import JSON_V1
-from txpypi.core.simple.model import ProjectPage
+from txpypi.core.simple.model import DistFile, ProjectPage
 from txpypi.core.simple.pagehtml import parse_project_html, render_project_html
 from txpypi.core.simple.pagejson import dump, parse_project_json, project_json, render_project_json
 from txpypi.core.simple.projects import ProjectList
+
+#: A file's provenance object (PEP 740) is served at its file's link plus this.
+PROVENANCE_SUFFIX = ".provenance"
 
 
 def _is_json(content_type: str) -> bool:
@@ -51,17 +54,22 @@ def render_page(page: ProjectPage, content_type: str) -> bytes:
     Render a page for clients of this proxy: file links point at our own
     C{/files/} route.
     """
-    href: HrefFor = lambda f: local_href(canonicalize_name(page.name), f.filename)  # noqa: E731
+    project = canonicalize_name(page.name)
+    href: HrefFor = lambda f: local_href(project, f.filename)  # noqa: E731
+
+    def provenance(f: DistFile) -> str | None:
+        return None if f.provenance is None else local_href(project, f.filename + PROVENANCE_SUFFIX)
+
     if content_type == JSON_V1:
-        return render_project_json(page, href)
-    return render_project_html(page, href)
+        return render_project_json(page, href, provenance)
+    return render_project_html(page, href, provenance)
 
 
 def dump_page(page: ProjectPage) -> bytes:
     """
     Serialize a page with its upstream URLs, for the metadata store.
     """
-    data = project_json(page, lambda f: f.url)
+    data = project_json(page, lambda f: f.url, lambda f: f.provenance)
     data["meta"]["api-version"] = page.api_version
     if page.versions is None:
         del data["versions"]

@@ -47,7 +47,8 @@ def merge_pages(name: str, pages: Sequence[ProjectPage]) -> tuple[ProjectPage, l
     strongest hash differs (or only one side has a hash to compare).
 
     C{versions} (PEP 700) is the union; the project status is the most
-    restrictive (PEP 792); the api-version the lowest.
+    restrictive (PEP 792); the api-version the lowest; C{tracks} and
+    C{alternate-locations} (PEP 708) the union, in priority order.
     """
     files = []
     seen: dict[str, tuple[int, tuple[str, str] | None]] = {}
@@ -75,6 +76,10 @@ def merge_pages(name: str, pages: Sequence[ProjectPage]) -> tuple[ProjectPage, l
         versions=listed_versions,
         status=strict.status,
         status_reason=strict.status_reason,
+        # PEP 708: what the members said, together (merging was the
+        # group's choice; the page still carries their relations).
+        tracks=tuple(dict.fromkeys(url for p in pages for url in p.tracks)),
+        alternate_locations=tuple(dict.fromkeys(url for p in pages for url in p.alternate_locations)),
     )
     return merged, conflicts
 

@@ -50,6 +50,8 @@ class DistFile:
     gpg_sig: bool | None = None
     size: int | None = None
     upload_time: str | None = None
+    #: Its provenance object's absolute URL (PEP 740), as the upstream listed it.
+    provenance: str | None = None
 
 
 @attrs.frozen
@@ -65,6 +67,9 @@ class ProjectPage:
     status: str | None = None
     status_reason: str | None = None
     last_serial: int | None = None
+    #: PEP 708: the projects it tracks, and its alternate locations (URLs).
+    tracks: tuple[str, ...] = ()
+    alternate_locations: tuple[str, ...] = ()
 
     def find(self, filename: str) -> DistFile | None:
         for f in self.files:

@@ -20,10 +20,14 @@ from txpypi.core.simple.model import (
     parse_api_version,
     served_api_version,
 )
+from txpypi.core.simple.pagejson import ProvenanceFor, no_provenance
 
 _VERSION = "pypi:repository-version"
 _STATUS = "pypi:project-status"
 _STATUS_REASON = "pypi:project-status-reason"
+#: PEP 708: C{<meta>} elements that may be repeated, one URL or name each.
+_TRACKS = "pypi:tracks"
+_ALTERNATES = "pypi:alternate-locations"
 _METADATA = tuple(f"data-{key}" for key in CORE_METADATA_KEYS)
 
 
@@ -33,6 +37,8 @@ class _PageParser(HTMLParser):
         self.base_url = base_url
         self._skip = skip
         self.meta: dict[str, str] = {}
+        #: Every value of the C{<meta>} names that may repeat, in order.
+        self.repeated: dict[str, list[str]] = {_TRACKS: [], _ALTERNATES: []}
         self.anchors: list[tuple[dict[str, str | None], str]] = []
         self._current: dict[str, str | None] | None = None
         self._text: list[str] = []
@@ -46,7 +52,10 @@ class _PageParser(HTMLParser):
             except ValueError as e:
                 self._skip(href, f"<base> ignored: {e}")
         elif tag == "meta" and attributes.get("name"):
-            self.meta[str(attributes["name"])] = attributes.get("content") or ""
+            name, content = str(attributes["name"]), attributes.get("content") or ""
+            self.meta[name] = content
+            if name in self.repeated and content:
+                self.repeated[name].append(content)
         elif tag == "a":
             self._current = attributes
             self._text = []
@@ -124,6 +133,12 @@ def _dist_file(
     if "data-yanked" in attributes:
         yanked = attributes["data-yanked"] or True
     gpg = attributes.get("data-gpg-sig")
+    provenance = attributes.get("data-provenance") or None
+    if provenance is not None:
+        try:
+            provenance = urljoin(base_url, provenance)
+        except ValueError:
+            provenance = None
     return DistFile(
         filename=filename,
         url=url,
@@ -132,6 +147,7 @@ def _dist_file(
         yanked=yanked,
         core_metadata=_metadata_attr(attributes.get(_METADATA[0], attributes.get(_METADATA[1]))),
         gpg_sig=None if gpg is None else gpg.lower() == "true",
+        provenance=provenance,
     )
 
 
@@ -149,6 +165,8 @@ def parse_project_html(name: str, body: bytes, base_url: str, skip: SkipLink = i
         api_version=_version_of(parser.meta),
         status=parser.meta.get(_STATUS) or None,
         status_reason=parser.meta.get(_STATUS_REASON) or None,
+        tracks=tuple(parser.repeated[_TRACKS]),
+        alternate_locations=tuple(parser.repeated[_ALTERNATES]),
     )
 
 
@@ -160,7 +178,7 @@ def _strongest(hashes: Mapping[str, str]) -> str | None:
     return f"{best[0]}={best[1]}" if best else None
 
 
-def _link(f: DistFile, href_for: HrefFor) -> str:
+def _link(f: DistFile, href_for: HrefFor, provenance_for: ProvenanceFor) -> str:
     fragment = _strongest(f.hashes)
     attributes = [f'href="{escape(href_for(f) + ("" if fragment is None else "#" + fragment))}"']
     if f.requires_python:
@@ -173,12 +191,18 @@ def _link(f: DistFile, href_for: HrefFor) -> str:
         attributes += [f'{key}="{escape(metadata)}"' for key in _METADATA]
     if f.gpg_sig is not None:
         attributes.append(f'data-gpg-sig="{"true" if f.gpg_sig else "false"}"')
+    provenance = provenance_for(f)
+    if provenance is not None:
+        attributes.append(f'data-provenance="{escape(provenance)}"')
     return f"    <a {' '.join(attributes)}>{escape(f.filename)}</a><br />"
 
 
-def render_project_html(page: ProjectPage, href_for: HrefFor) -> bytes:
+def render_project_html(
+    page: ProjectPage, href_for: HrefFor, provenance_for: ProvenanceFor = no_provenance
+) -> bytes:
     """
-    Render a PEP 503 page, with PEP 592, 629, 658, 714 and 792 attributes.
+    Render a PEP 503 page, with PEP 592, 629, 658, 708, 714, 740 and 792
+    attributes.
     """
     name = escape(page.name)
     lines = [
@@ -191,12 +215,14 @@ def render_project_html(page: ProjectPage, href_for: HrefFor) -> bytes:
         lines.append(f'    <meta name="{_STATUS}" content="{escape(page.status)}">')
     if page.status_reason:
         lines.append(f'    <meta name="{_STATUS_REASON}" content="{escape(page.status_reason)}">')
+    lines += [f'    <meta name="{_TRACKS}" content="{escape(url)}">' for url in page.tracks]
+    lines += [f'    <meta name="{_ALTERNATES}" content="{escape(url)}">' for url in page.alternate_locations]
     lines += [
         f"    <title>Links for {name}</title>",
         "  </head>",
         "  <body>",
         f"    <h1>Links for {name}</h1>",
     ]
-    lines += [_link(f, href_for) for f in page.files]
+    lines += [_link(f, href_for, provenance_for) for f in page.files]
     lines += ["  </body>", "</html>", ""]
     return "\n".join(lines).encode("utf-8")

@@ -6,8 +6,9 @@ versions): read from an upstream, and written for clients.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import urljoin
 
 from txpypi.core.simple.links import HrefFor, SkipLink, ignore, resolve
 from txpypi.core.simple.model import (
@@ -89,6 +90,14 @@ def _json_file(entry: Any, base_url: str, skip: SkipLink) -> DistFile | None:
     requires_python = entry.get("requires-python")
     upload_time = entry.get("upload-time")
     gpg = entry.get("gpg-sig")
+    provenance = entry.get("provenance")
+    if isinstance(provenance, str) and provenance:
+        try:
+            provenance = urljoin(base_url, provenance)
+        except ValueError:
+            provenance = None
+    else:
+        provenance = None
     return DistFile(
         filename=filename,
         url=url,
@@ -99,6 +108,7 @@ def _json_file(entry: Any, base_url: str, skip: SkipLink) -> DistFile | None:
         gpg_sig=gpg if isinstance(gpg, bool) else None,
         size=size,
         upload_time=upload_time if isinstance(upload_time, str) else None,
+        provenance=provenance,
     )
 
 
@@ -125,6 +135,7 @@ def parse_project_json(name: str, body: bytes, base_url: str, skip: SkipLink = i
         status_reason = status.get("reason") if isinstance(status.get("reason"), str) else None
     meta = data.get("meta")
     serial = meta.get("_last-serial") if isinstance(meta, dict) else None
+    tracks, alternates = _urls(data.get("tracks")), _urls(data.get("alternate-locations"))
     parsed = (_json_file(entry, base_url, skip) for entry in files)
     return ProjectPage(
         name=str(data.get("name") or name),
@@ -134,10 +145,25 @@ def parse_project_json(name: str, body: bytes, base_url: str, skip: SkipLink = i
         status=status_name,
         status_reason=status_reason,
         last_serial=serial if isinstance(serial, int) and not isinstance(serial, bool) else None,
+        tracks=tracks,
+        alternate_locations=alternates,
     )
 
 
-def _file_json(f: DistFile, href_for: HrefFor) -> dict[str, Any]:
+def _urls(value: Any) -> tuple[str, ...]:
+    """
+    A PEP 708 list of URLs (anything else: none).
+    """
+    if not isinstance(value, list):
+        return ()
+    return tuple(v for v in value if isinstance(v, str) and v)
+
+
+#: Where a file's provenance is served (PEP 740), or L{None} for none.
+ProvenanceFor = Callable[[DistFile], str | None]
+
+
+def _file_json(f: DistFile, href_for: HrefFor, provenance_for: ProvenanceFor) -> dict[str, Any]:
     entry: dict[str, Any] = {"filename": f.filename, "url": href_for(f), "hashes": dict(f.hashes)}
     if f.requires_python:
         entry["requires-python"] = f.requires_python
@@ -152,10 +178,19 @@ def _file_json(f: DistFile, href_for: HrefFor) -> dict[str, Any]:
         entry["size"] = f.size
     if f.upload_time is not None:
         entry["upload-time"] = f.upload_time
+    provenance = provenance_for(f)
+    if provenance is not None:
+        entry["provenance"] = provenance
     return entry
 
 
-def project_json(page: ProjectPage, href_for: HrefFor) -> dict[str, Any]:
+def no_provenance(f: DistFile) -> str | None:
+    return None
+
+
+def project_json(
+    page: ProjectPage, href_for: HrefFor, provenance_for: ProvenanceFor = no_provenance
+) -> dict[str, Any]:
     """
     A PEP 691 page as the object L{render_project_json} writes.
     """
@@ -165,9 +200,13 @@ def project_json(page: ProjectPage, href_for: HrefFor) -> dict[str, Any]:
     data: dict[str, Any] = {
         "meta": meta,
         "name": page.name,
-        "files": [_file_json(f, href_for) for f in page.files],
+        "files": [_file_json(f, href_for, provenance_for) for f in page.files],
         "versions": list(page_versions(page)),
     }
+    if page.tracks:
+        data["tracks"] = list(page.tracks)
+    if page.alternate_locations:
+        data["alternate-locations"] = list(page.alternate_locations)
     if page.status is not None:
         status: dict[str, str] = {"status": page.status}
         if page.status_reason is not None:
@@ -176,8 +215,11 @@ def project_json(page: ProjectPage, href_for: HrefFor) -> dict[str, Any]:
     return data
 
 
-def render_project_json(page: ProjectPage, href_for: HrefFor) -> bytes:
+def render_project_json(
+    page: ProjectPage, href_for: HrefFor, provenance_for: ProvenanceFor = no_provenance
+) -> bytes:
     """
-    Render a PEP 691 page, with PEP 700 sizes, upload times and versions.
+    Render a PEP 691 page, with PEP 700 sizes, upload times and versions,
+    PEP 708 tracks and alternate locations, PEP 740 provenance links.
     """
-    return dump(project_json(page, href_for))
+    return dump(project_json(page, href_for, provenance_for))
