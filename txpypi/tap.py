@@ -35,6 +35,7 @@ from txpypi.cache.groups import Group
 from txpypi.cache.owners import Owners
 from txpypi.cache.pages import PageCache, PageMemory
 from txpypi.cache.policy import PolicedGroup
+from txpypi.cache.provenance import Provenances
 from txpypi.config import ConfigError, Settings
 from txpypi.core.fetchpolicy import FileHost
 from txpypi.core.groups import Topology
@@ -351,7 +352,9 @@ class Indexes:
             )
             for name, group in found.items()
         }
-        return Groups(found, self.topology.default_group, files, policed)
+        clients = {self.pages[name].upstream.url: client for name, client in self.clients.items()}
+        provenances = Provenances(metadata, reactor, clients)
+        return Groups(found, self.topology.default_group, files, policed, provenances)
 
 
 def _conflict(metrics: Metrics, group: str, conflict: Conflict) -> None:

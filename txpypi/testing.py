@@ -219,6 +219,11 @@ class FakeUpstream(Resource):
         self.urls: dict[str, str] = {}
         self.unhashed: set[str] = set()
         self.redirects: dict[str, str] = {}
+        #: File name to its provenance object (PEP 740), listed with the
+        #: file and served at C{/integrity/<filename>/provenance}.
+        self.provenances: dict[str, bytes] = {}
+        #: Project name to the URLs its page says it tracks (PEP 708).
+        self.tracks: dict[str, list[str]] = {}
         for dist in dists:
             self.add(dist)
 
@@ -264,6 +269,11 @@ class FakeUpstream(Resource):
             return self._page_answer(request, name, self._render_project(request, name))
         if path.startswith("/packages/"):
             return self._render_file(request, path[len("/packages/") :])
+        if path.startswith("/integrity/") and path.endswith("/provenance"):
+            found = self.provenances.get(path[len("/integrity/") : -len("/provenance")])
+            if found is not None:
+                request.setHeader("content-type", "application/vnd.pypi.integrity.v1+json")
+                return found
         request.setResponseCode(404)
         return b"not found"
 
@@ -406,13 +416,18 @@ class FakeUpstream(Resource):
                 entry["requires-python"] = d.requires_python
             if d.metadata is not None:
                 entry["core-metadata"] = {"sha256": hashlib.sha256(d.metadata).hexdigest()}
+            if d.filename in self.provenances:
+                entry["provenance"] = f"http://{host}/integrity/{d.filename}/provenance"
             files.append(entry)
-        return {
+        page: dict[str, object] = {
             "meta": {"api-version": "1.1", "_last-serial": 42},
             "name": name,
             "files": files,
             "versions": sorted({d.filename.split("-")[1].removesuffix(".tar.gz") for d in dists}),
         }
+        if name in self.tracks:
+            page["tracks"] = self.tracks[name]
+        return page
 
     def _project_html(self, name: str, dists: list[Dist]) -> str:
         links = []
@@ -426,10 +441,14 @@ class FakeUpstream(Resource):
                 extra += f' data-yanked="{"" if d.yanked is True else d.yanked}"'
             if d.metadata is not None:
                 extra += f' data-dist-info-metadata="sha256={hashlib.sha256(d.metadata).hexdigest()}"'
+            if d.filename in self.provenances:
+                extra += f' data-provenance="../../integrity/{d.filename}/provenance"'
             href = self.urls.get(d.filename, f"../../packages/{d.filename}")
             fragment = "" if d.filename in self.unhashed else f"#sha256={d.sha256}"
             links.append(f'<a href="{href}{fragment}"{extra}>{d.filename}</a><br/>')
-        return f"<!DOCTYPE html><html><body><h1>Links for {name}</h1>{''.join(links)}</body></html>"
+        head = "".join(f'<meta name="pypi:tracks" content="{url}">' for url in self.tracks.get(name, []))
+        body = f"<h1>Links for {name}</h1>{''.join(links)}"
+        return f"<!DOCTYPE html><html><head>{head}</head><body>{body}</body></html>"
 
     def _render_file(self, request: Request, filename: str) -> bytes | int:
         held = self.head_holds.get(filename)

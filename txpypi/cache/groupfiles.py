@@ -13,8 +13,10 @@ from twisted.internet.interfaces import IReactorTime
 
 from txpypi.cache.files import FileCache, Opened
 from txpypi.cache.groups import Group
+from txpypi.cache.lookup import NotListed
 from txpypi.cache.pages import NotFound, PageCache
 from txpypi.cache.policy import PolicedGroup
+from txpypi.cache.provenance import Provenances
 from txpypi.core.groups import single
 
 
@@ -29,6 +31,8 @@ class GroupFiles:
     files: FileCache
     #: The group's policy, checked before a file is opened (and fetched).
     policed: PolicedGroup | None = None
+    #: Where provenance objects come from (none: not served).
+    provenances: Provenances | None = None
 
     async def open(self, project: str, filename: str, fetch: bool = True, use_store: bool = True) -> Opened:
         """
@@ -49,6 +53,21 @@ class GroupFiles:
         # group's routes may hide a project that other groups still serve.
         source = await group.source(project, filename)
         return await self.files.open(project, filename, fetch, use_store, pages=source)
+
+    async def provenance(self, project: str, filename: str) -> bytes:
+        """
+        The provenance object of the group's file C{filename} (PEP 740),
+        from the member that listed the file.
+
+        @raise NotListed: no provenance (or none served here).
+        @raise PolicyRefused: the group's policy hides the file.
+        """
+        if self.provenances is None:
+            raise NotListed(f"{filename} has no provenance")
+        if self.policed is not None:
+            await self.policed.check_file(project, filename)
+        source = await self.group.source(project, filename)
+        return await self.provenances.get(source, project, filename)
 
     def downloaded(self, project: str, filename: str) -> None:
         self.files.downloaded(project, filename)
@@ -77,6 +96,7 @@ class Groups:
     files: FileCache
     #: Each group's policy view, by group name (none: no policy applies).
     policed: Mapping[str, PolicedGroup] = attrs.field(factory=dict)
+    provenances: Provenances | None = None
 
     @classmethod
     def alone(cls, pages: PageCache, files: FileCache, clock: IReactorTime) -> Groups:
@@ -96,7 +116,7 @@ class Groups:
         return self.by_name.get(name)
 
     def files_of(self, group: Group) -> GroupFiles:
-        return GroupFiles(group, self.files, self.policed.get(group.name))
+        return GroupFiles(group, self.files, self.policed.get(group.name), self.provenances)
 
     def pages_of(self, group: Group) -> Group | PolicedGroup:
         """

@@ -7,6 +7,7 @@ pure plan of L{txpypi.core.fileplan}; this resource acts on it.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 
 import attrs
@@ -19,8 +20,10 @@ from txpypi.cache.files import Busy, FileCache, NotListed, Opened
 from txpypi.cache.groupfiles import GroupFiles
 from txpypi.cache.pages import NotFound
 from txpypi.cache.policy import PolicyRefused
+from txpypi.cache.provenance import PROVENANCE_TYPE
 from txpypi.core.fileplan import FilePlan, plan_file
 from txpypi.core.names import BadName, check_filename, normalize
+from txpypi.core.simple.formats import PROVENANCE_SUFFIX
 from txpypi.fetch.upstream import UpstreamError
 from txpypi.fetch.wanted import ByteSource, FlightFailed
 from txpypi.storage.outages import Unavailable, describe
@@ -120,7 +123,36 @@ class FilesResource(Resource):
             return error_text(request, e)
         if raw_project != project:
             return text(request, 404, f"project names in file paths are normalized: {project}")
+        if filename.endswith(PROVENANCE_SUFFIX):
+            return run(request, self._provenance(request, project, filename.removesuffix(PROVENANCE_SUFFIX)))
         return run(request, self._serve(request, project, filename))
+
+    async def _provenance(self, request: Request, project: str, filename: str) -> None:
+        """
+        A file's provenance object (PEP 740), immutable like the file.
+        """
+        files = self._files
+        try:
+            if not isinstance(files, GroupFiles):
+                raise NotListed(f"{filename} has no provenance")
+            body = await files.provenance(project, filename)
+        except OPEN_ERRORS as e:
+            finish_error(request, e, missing=f"{project} has no provenance for {filename}")
+            return
+        if client_gone(request):
+            return
+        etag = f'"{hashlib.sha256(body).hexdigest()[:32]}"'
+        request.setHeader(b"content-type", PROVENANCE_TYPE.encode())
+        request.setHeader(b"cache-control", FILE_CACHE_CONTROL)
+        request.setHeader(b"etag", etag.encode())
+        if header(request, b"if-none-match") == etag:
+            request.setResponseCode(304)
+            request.finish()
+            return
+        request.setHeader(b"content-length", b"%d" % len(body))
+        if request.method != b"HEAD":
+            request.write(body)
+        request.finish()
 
     def render_HEAD(self, request: Request) -> bytes | int:
         return self.render_GET(request)
