@@ -32,6 +32,7 @@ from txpypi.cache.coordinator import RedisCoordinator
 from txpypi.cache.files import FileCache
 from txpypi.cache.groupfiles import Groups
 from txpypi.cache.groups import Group
+from txpypi.cache.legacy import LegacyAPI
 from txpypi.cache.owners import Owners
 from txpypi.cache.pages import PageCache, PageMemory
 from txpypi.cache.policy import PolicedGroup
@@ -354,7 +355,11 @@ class Indexes:
         }
         clients = {self.pages[name].upstream.url: client for name, client in self.clients.items()}
         provenances = Provenances(metadata, reactor, clients)
-        return Groups(found, self.topology.default_group, files, policed, provenances)
+        bases = {u.name: u.json_api for u in self.topology.upstreams if u.json_api is not None}
+        legacy = LegacyAPI(
+            reactor, metadata, clients, bases, blocking=partial(deferToThreadPool, reactor, pools.io)
+        )
+        return Groups(found, self.topology.default_group, files, policed, provenances, legacy)
 
 
 def _conflict(metrics: Metrics, group: str, conflict: Conflict) -> None:

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import attrs
 from packaging.utils import canonicalize_name
+from packaging.version import Version
 from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -269,6 +270,8 @@ class FakeUpstream(Resource):
             return self._page_answer(request, name, self._render_project(request, name))
         if path.startswith("/packages/"):
             return self._render_file(request, path[len("/packages/") :])
+        if path.startswith("/pypi/") and path.endswith("/json"):
+            return self._json_api(request, path[len("/pypi/") : -len("/json")].split("/"))
         if path.startswith("/integrity/") and path.endswith("/provenance"):
             found = self.provenances.get(path[len("/integrity/") : -len("/provenance")])
             if found is not None:
@@ -428,6 +431,64 @@ class FakeUpstream(Resource):
         if name in self.tracks:
             page["tracks"] = self.tracks[name]
         return page
+
+    def json_api(self, host: str, name: str, version: str | None = None) -> dict[str, object] | None:
+        """
+        What the legacy JSON API (C{/pypi/<name>/json}, C{/pypi/<name>/<version>/json})
+        answers, as PyPI lays it out; L{None} for a 404.
+        """
+        dists = self.dists.get(name)
+        if dists is None:
+            return None
+        releases: dict[str, list[dict[str, object]]] = {}
+        for d in dists:
+            releases.setdefault(d.filename.split("-")[1].removesuffix(".tar.gz"), []).append(
+                {
+                    "filename": d.filename,
+                    "url": f"http://{host}/packages/{d.filename}",
+                    "digests": {"sha256": d.sha256, "md5": hashlib.md5(d.content).hexdigest()},
+                    "packagetype": "bdist_wheel" if d.filename.endswith(".whl") else "sdist",
+                    "upload_time": d.upload_time[:19],
+                    "upload_time_iso_8601": d.upload_time,
+                    "size": len(d.content),
+                    "yanked": d.yanked is not False,
+                    "yanked_reason": d.yanked if isinstance(d.yanked, str) else None,
+                    "requires_python": d.requires_python,
+                }
+            )
+        newest = max(releases, key=Version)
+        shown = newest if version is None else version
+        if shown not in releases:
+            return None
+        info = {
+            "name": name,
+            "version": shown,
+            "summary": f"{name} {shown}, for tests",
+            "requires_python": None,
+        }
+        if version is not None:
+            return {"info": info, "last_serial": 42, "urls": releases[version], "vulnerabilities": []}
+        return {
+            "info": info,
+            "last_serial": 42,
+            "releases": releases,
+            "urls": releases[newest],
+            "vulnerabilities": [],
+        }
+
+    def _json_api(self, request: Request, parts: list[str]) -> bytes:
+        host = request.getHeader("host") or "localhost"
+        if self.page_faults.get(parts[0]) == "500":  # the JSON API fails with the page
+            request.setResponseCode(500)
+            return b"injected"
+        found = None
+        if len(parts) in (1, 2):
+            found = self.json_api(host, parts[0], parts[1] if len(parts) == 2 else None)
+        if found is None:
+            request.setResponseCode(404)
+            return b"not found"
+        request.setHeader("content-type", "application/json")
+        return json.dumps(found).encode()
 
     def _project_html(self, name: str, dists: list[Dist]) -> str:
         links = []

@@ -39,6 +39,7 @@ from txpypi.core.groups import (
     TopologyError,
     UpstreamSpec,
     check_name,
+    json_api_of,
     single,
 )
 from txpypi.core.policy import Policy, PolicyError, PolicyTable, parse_policy
@@ -58,6 +59,8 @@ UPSTREAM_KEYS = frozenset(
         "index-ttl",
         "file-hosts",
         "policy",
+        "json-api",
+        "json-api-url",
     }
 )
 GROUP_KEYS = frozenset({"members", "strategy", "routes", "policy"})
@@ -155,6 +158,12 @@ def _upstream(name: str, given: Any) -> UpstreamSpec:
             load_certificates(ca_file)  # read at start-up: a bad one stops it here
         except ValueError as e:
             raise ConfigError(f"{key}: {e}") from None
+    json_api = json_api_of(url if url.endswith("/") else url + "/")
+    if "json-api-url" in given:
+        json_api = upstream_url(f"{key}: json-api-url", given["json-api-url"])
+        json_api = json_api if json_api.endswith("/") else json_api + "/"
+    if not flag(f"{key}: json-api", given.get("json-api", True)):
+        json_api = None
     return UpstreamSpec(
         name,
         url,
@@ -164,6 +173,7 @@ def _upstream(name: str, given: Any) -> UpstreamSpec:
         index_ttl=None if ttl is None else seconds(f"{key}: index-ttl", ttl),
         file_hosts=None if hosts is None else file_hosts(f"{key}: file-hosts", hosts),
         policy=_policy(key, given),
+        json_api=json_api,
     )
 
 

@@ -13,6 +13,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from txpypi.cache.files import FileCache, Opened
 from txpypi.cache.groups import Group
+from txpypi.cache.legacy import LegacyAPI
 from txpypi.cache.lookup import NotListed
 from txpypi.cache.pages import NotFound, PageCache
 from txpypi.cache.policy import PolicedGroup
@@ -97,6 +98,8 @@ class Groups:
     #: Each group's policy view, by group name (none: no policy applies).
     policed: Mapping[str, PolicedGroup] = attrs.field(factory=dict)
     provenances: Provenances | None = None
+    #: The legacy JSON API (none: not served).
+    legacy: LegacyAPI | None = None
 
     @classmethod
     def alone(cls, pages: PageCache, files: FileCache, clock: IReactorTime) -> Groups:

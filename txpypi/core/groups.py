@@ -54,6 +54,15 @@ def check_name(key: str, name: object) -> str:
     return name
 
 
+def json_api_of(url: str) -> str | None:
+    """
+    The legacy JSON API base of a simple index at C{url}, as PyPI lays them
+    out (C{.../simple/} and C{.../pypi/<project>/json}); L{None} for an
+    index not under C{simple/}.
+    """
+    return url[: -len("simple/")] + "pypi/" if url.endswith("/simple/") else None
+
+
 @attrs.frozen
 class UpstreamSpec:
     """
@@ -83,6 +92,11 @@ class UpstreamSpec:
     file_hosts: tuple[str, ...] | None = None
     #: Its C{policy:} over its groups' (live: not compared for a restart).
     policy: Policy | None = attrs.field(default=None, eq=False)
+    #: Where its legacy JSON API is (C{.../pypi/}, before C{<project>/json}):
+    #: by default its URL with C{simple/} made C{pypi/}; L{None}: none.
+    json_api: str | None = attrs.field(
+        default=attrs.Factory(lambda self: json_api_of(self.url), takes_self=True)
+    )
 
 
 @attrs.frozen

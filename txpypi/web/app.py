@@ -37,6 +37,7 @@ from txpypi.storage.outages import Outage, Unavailable
 from txpypi.web.answers import answer_text, error_text, header, status_of, text
 from txpypi.web.files import FilesResource
 from txpypi.web.health import Health
+from txpypi.web.legacy import LegacyResource, is_legacy
 from txpypi.web.memo import Memo
 from txpypi.web.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from txpypi.web.metrics import Metrics
@@ -68,6 +69,8 @@ class Root(Resource):
         peer: Resource,
         fallback: IResource,
         groups: Mapping[bytes, tuple[Resource, Resource]] | None = None,
+        legacy: Mapping[bytes, Resource] | None = None,
+        default: bytes = b"default",
     ) -> None:
         """
         @param groups: each group's C{simple} and C{files} resources, by
@@ -80,6 +83,9 @@ class Root(Resource):
         self._fallback = fallback
         self._groups = dict(groups or {})
         self._groups[b"pypi"] = (simple, files)  # the layout Amargo's users have
+        #: Each group's legacy JSON API, by name (the default's also at /pypi/).
+        self._legacy = None if legacy is None else dict(legacy)
+        self._default = default
 
     def getChildWithDefault(self, path: bytes, request: Request) -> IResource:  # type: ignore[override]
         if path == b"simple":
@@ -89,10 +95,20 @@ class Root(Resource):
         if path == b"_peer":
             return self._peer
         assert request.prepath is not None and request.postpath is not None
+        if path == b"pypi" and self._legacy is not None and is_legacy(request.postpath):
+            return self._legacy[self._default]
         group = self._groups.get(path)
         if group is not None and request.postpath and request.postpath[0] in (b"simple", b"files"):
             request.prepath.append(request.postpath.pop(0))
             return group[0] if request.prepath[-1] == b"simple" else group[1]
+        if (
+            self._legacy is not None
+            and path in self._legacy
+            and request.postpath[:1] == [b"pypi"]
+            and is_legacy(request.postpath[1:])
+        ):
+            request.prepath.append(request.postpath.pop(0))
+            return self._legacy[path]
         # Give Klein the whole path back.
         request.postpath.insert(0, request.prepath.pop())
         return self._fallback
@@ -191,9 +207,16 @@ class Proxy:
     def site(self) -> ProxySite:
         served = {name.encode(): self._group_resources(g) for name, g in self.groups.by_name.items()}
         simple, files = served[self.groups.default_name.encode()]
-        root = Root(
-            simple, files, PeerResource(self.files, self.clock, self.senders), self.app.resource(), served
-        )
+        legacy = None
+        if self.groups.legacy is not None:
+            api = self.groups.legacy
+            legacy = {
+                name.encode(): LegacyResource(api, g, self.groups.policed.get(name))
+                for name, g in self.groups.by_name.items()
+            }
+        peer = PeerResource(self.files, self.clock, self.senders)
+        default = self.groups.default_name.encode()
+        root = Root(simple, files, peer, self.app.resource(), served, legacy, default)
         site = ProxySite(root, self.clock, self.metrics, self.connections)
         self.sites.append(site)
         return site
