@@ -196,3 +196,20 @@ def test_a_malformed_url_is_not_echoed_with_what_may_be_a_password(tmp_path: Pat
         options.read(write(tmp_path, text), {}, environ={})
     expected = "upstreams: a: url: expected an http or https URL, got 'index.example/simple/'"
     assert str(raised.value) == expected
+
+
+def test_an_upstreams_json_api(tmp_path: Path) -> None:
+    text = """
+upstreams:
+  derived: https://a.example/simple/
+  other: {url: "https://b.example/index/", json-api-url: "https://b.example/legacy"}
+  none: {url: "https://c.example/simple/", json-api: false}
+  plain: https://d.example/index/
+"""
+    found = topology(options.read(write(tmp_path, text), {}, environ={}))
+    assert [u.json_api for u in found.upstreams] == [
+        "https://a.example/pypi/",
+        "https://b.example/legacy/",
+        None,
+        None,
+    ]

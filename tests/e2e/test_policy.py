@@ -56,3 +56,13 @@ async def test_an_exemption_installs_the_young_version(
     index = f"https://localhost:{proxy.running.port.getHost().port}/simple/"
     await uv_install(index, tls, tmp_path / "t", "acc-timed")
     assert await version(tmp_path / "t") == "2.0"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_block_list_changes_what_is_installed(
+    upstream: Served, start: Callable[..., Proxy], tls: TLS, tmp_path: Path
+) -> None:
+    proxy = start(config(upstream, '{block: ["acc-timed>=2"]}'), endpoint=tls.endpoint())
+    index = f"https://localhost:{proxy.running.port.getHost().port}/simple/"
+    await pip_install(index, tls, tmp_path / "t", "acc-timed")
+    assert await version(tmp_path / "t") == "1.0"

@@ -10,14 +10,15 @@ is down), and the paths: /pypi/, /<group>/pypi/, a project named simple.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import pytest_twisted
+from twisted.internet.utils import getProcessOutputAndValue
 
-from tests.conftest import Served
+from tests.conftest import Served, clean_env, get_reactor
 from tests.integration import test_policy as policy
 from tests.integration.test_http_semantics import get
 from tests.integration.test_policy import OLD, YOUNG, YOUNG_SDIST, Proxy, config
@@ -60,18 +61,31 @@ async def test_the_shape_is_the_upstreams_with_urls_on_the_proxy(
     assert upstream.fake.requests["/pypi/acc-timed/json"] == 1
 
 
+#: How renovate and dependabot read the JSON API, with a plain HTTP client:
+#: info.version, releases, urls, then a download of a listed file.
+RENOVATE_LIKE = """
+import hashlib, json, sys, urllib.request
+data = json.load(urllib.request.urlopen(sys.argv[1]))
+wheel = next(f for f in data["urls"] if f["packagetype"] == "bdist_wheel")
+content = urllib.request.urlopen(wheel["url"]).read()
+assert hashlib.sha256(content).hexdigest() == wheel["digests"]["sha256"], "wrong bytes"
+print(data["info"]["version"], ",".join(sorted(data["releases"])), wheel["filename"])
+"""
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_client_reads_it_as_renovate_and_dependabot_do(
     upstream: Served, start: Callable[..., Proxy]
 ) -> None:
     proxy = start(config(upstream, "{}"))
-    _, body = await get(f"{proxy.url}/pypi/acc-timed/json")
-    data = json.loads(body)
-    assert data["info"]["version"] == "2.0"
-    assert sorted(data["releases"]) == ["1.0", "2.0"]
-    wheel = next(f for f in data["urls"] if f["packagetype"] == "bdist_wheel")
-    response, content = await get(wheel["url"])
-    assert response.code == 200 and hashlib.sha256(content).hexdigest() == wheel["digests"]["sha256"]
+    out, err, code = await getProcessOutputAndValue(
+        sys.executable,
+        ["-I", "-c", RENOVATE_LIKE, f"{proxy.url}/pypi/acc-timed/json"],
+        env=clean_env(),
+        reactor=get_reactor(),
+    )
+    assert code == 0, err.decode()
+    assert out.decode().split() == ["2.0", "1.0,2.0", YOUNG.filename]
 
 
 @pytest_twisted.ensureDeferred
