@@ -179,3 +179,18 @@ def test_bad_policies_name_the_key(given: dict[str, object], message: str) -> No
     with pytest.raises(PolicyError) as raised:
         parse_policy(given)
     assert str(raised.value).startswith(message)
+
+
+@pytest.mark.parametrize("ext", [".tar.gz", ".zip", ".tar.bz2", ".tgz", ".tar.xz", ".tar", ".ZIP", ".egg"])
+def test_every_source_archive_is_an_sdist_with_its_version(ext: str) -> None:
+    policy = parse_policy({"block": ["foo==1.0", "sdist:bar"]})
+    refused = policy.verdict("foo", dist(f"foo-1.0{ext}"), NOW).refusal
+    assert refused is not None and refused.rule == "block"
+    assert policy.verdict("foo", dist(f"foo-1.1{ext}"), NOW).refusal is None or ext == ".egg"
+    assert policy.verdict("bar", dist(f"bar-1.1{ext}"), NOW).refusal is not None
+
+
+def test_an_unreadable_version_fails_closed_both_ways() -> None:
+    odd = dist("foo-latest-build.exe")
+    assert parse_policy({"block": ["foo<2"]}).verdict("foo", odd, NOW).refusal is not None
+    assert parse_policy({"allow": ["foo>=1"]}).verdict("foo", odd, NOW).refusal is not None

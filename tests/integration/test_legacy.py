@@ -139,3 +139,31 @@ async def test_paths_and_an_upstream_without_it(upstream: Served, start: Callabl
         )
         == "/pypi/acc-timed/json"
     )
+
+
+@pytest_twisted.ensureDeferred
+async def test_urls_through_a_trusted_reverse_proxy(upstream: Served, start: Callable[..., Proxy]) -> None:
+    proxy = start(config(upstream, "{}").replace("groups:", "trusted-proxy: [127.0.0.1]\ngroups:"))
+    forwarded = {b"x-forwarded-proto": [b"https"], b"x-forwarded-host": [b"cache.example"]}
+    _, body = await get(f"{proxy.url}/pypi/acc-timed/json", forwarded)
+    urls = {f["url"] for f in json.loads(body)["urls"]}
+    assert urls and all(u.startswith("https://cache.example/default/files/acc-timed/") for u in urls)
+    plain = start(config(upstream, "{}"))
+    _, body = await get(f"{plain.url}/pypi/acc-timed/json", forwarded)
+    assert all(f["url"].startswith(plain.url + "/") for f in json.loads(body)["urls"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_blocked_project_is_a_404_as_its_page(upstream: Served, start: Callable[..., Proxy]) -> None:
+    proxy = start(config(upstream, '{block: ["evil-*"]}'))
+    response, text = await get(f"{proxy.url}/pypi/evil-lib/json")
+    assert response.code == 404 and text == b"evil-lib is blocked by 'evil-*'\n"
+    response, _ = await get(f"{proxy.url}/pypi/acc-timed/../json")
+    assert response.code in (400, 404)
+
+
+def test_info_is_the_newest_final_release() -> None:
+    from txpypi.cache.legacy import _newest
+
+    assert _newest(["1.0", "3.0b1", "2.0.dev1"]) == "1.0"
+    assert _newest(["3.0b1", "2.0a1"]) == "3.0b1"

@@ -9,6 +9,7 @@ request.
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -271,3 +272,52 @@ async def test_the_policy_in_force_is_a_json_route(upstream: Served, start: Call
     assert response.code == 404
     _, status = await get(f"{proxy.url}/")
     assert b"<td>default</td><td>min-release-age 7d; block evil-*</td>" in status
+
+
+# -- found in review
+
+OTHER = attrs.evolve(build_wheel("acc-timed", "0.5"), upload_time="2019-01-02T03:04:05.000000Z")
+
+
+@pytest.fixture
+def two(upstream: Served) -> Iterator[tuple[Served, Served]]:
+    fake = FakeUpstream([OTHER], mode="json")
+    port = listen(Site(fake))
+    yield upstream, Served(fake, port)
+    pytest_twisted.blockon(port.stopListening())
+
+
+@pytest.mark.parametrize("size", ["256M", "1"])
+@pytest_twisted.ensureDeferred
+async def test_an_upstreams_policy_holds_in_a_merged_page_too_big_to_keep(
+    two: tuple[Served, Served], start: Callable[..., Proxy], size: str
+) -> None:
+    public, private = two
+    proxy = start(
+        f"page-cache-size: {size}\nupstreams:\n  public:\n    url: {public.url}\n"
+        f"    policy: {{min-release-age: 7d}}\n  private:\n    url: {private.url}\n"
+        "groups:\n  default:\n    members: [private, public]\n    strategy: merge\n"
+    )
+    _, body = await page(proxy, "acc-timed")
+    assert YOUNG.filename not in files_of(body) and OTHER.filename in files_of(body)
+    response, _ = await get(f"{proxy.url}/files/acc-timed/{YOUNG.filename}")
+    assert response.code == 403
+
+
+@pytest_twisted.ensureDeferred
+async def test_views_hold_no_page_past_the_page_memory(upstream: Served, start: Callable[..., Proxy]) -> None:
+    for i in range(30):
+        upstream.fake.add(attrs.evolve(build_wheel(f"p{i}", "2.0"), upload_time=stamp(DAY)))
+        upstream.fake.add(attrs.evolve(build_wheel(f"p{i}", "1.0"), upload_time="2020-01-01T00:00:00Z"))
+    proxy = start(
+        config(upstream, "{min-release-age: 7d}").replace("groups:", "page-cache-size: 4K\ngroups:")
+    )
+    for i in range(30):
+        _, body = await page(proxy, f"p{i}")
+        assert len(body["files"]) == 1
+    gc.collect()
+    policed = proxy.running.proxy.groups.policed["default"]
+    memory = proxy.running.proxy.pages.memory
+    held = [v.page() for v in policed._views.values()]
+    assert all(p is None or memory.pages.get(p.key) is p for p in held)
+    assert memory.bytes_used <= 4096

@@ -350,18 +350,20 @@ class Group:
         while len(self._merged) > MAX_MERGED:
             self._merged.popitem(last=False)
 
-    def lister(self, page: CachedPage) -> Callable[[str], str]:
+    async def lister(self, project: str, page: CachedPage) -> Callable[[str], str]:
         """
         Which member listed each file of C{page} (by file name; for a page
         of one member, that member whatever the name), as an upstream
-        name; C{""} when it cannot be told (a merged page no longer kept:
-        the group's own policy then applies).
+        name; C{""} for a name no member's page lists (the group's own
+        policy then applies).  A merged page no longer kept has its
+        members' pages asked again, as L{source} does.
         """
         if not self._is_merged(page):
             name = self._member_of(page).upstream.name
             return lambda filename: name
         kept = self._kept(page.key)
-        listed = [] if kept is None else [(m.upstream.name, part.model) for m, part in kept[2]]
+        parts = kept[2] if kept is not None else (await self._gather(project, self.candidates(project)))[0]
+        listed = [(m.upstream.name, part.model) for m, part in parts]
 
         def lister(filename: str) -> str:
             for name, model in listed:

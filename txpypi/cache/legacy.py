@@ -27,7 +27,7 @@ from twisted.logger import Logger
 
 from txpypi.cache.groups import Group
 from txpypi.cache.pages import NotFound, PageCache
-from txpypi.cache.policy import PolicedGroup, PolicyRefused
+from txpypi.cache.policy import PolicedGroup, PolicyRefused, ProjectBlocked
 from txpypi.concurrency.waiters import SingleFlight, in_thread_now
 from txpypi.core.policy import NO_POLICY, Policy, Refusal
 from txpypi.core.simple.links import local_href
@@ -77,11 +77,17 @@ def _dist(entry: Mapping[str, Any]) -> DistFile:
 
 
 def _newest(versions: list[str]) -> str | None:
-    def key(v: str) -> tuple[int, Version | str]:
+    """
+    The newest final release, as PyPI's C{info} describes it; without
+    one, the newest of any.
+    """
+
+    def key(v: str) -> tuple[int, int, Version | str]:
         try:
-            return (1, Version(v))
+            parsed = Version(v)
         except InvalidVersion:
-            return (0, v)
+            return (0, 0, v)
+        return (1, 0 if parsed.is_prerelease or parsed.is_devrelease else 1, parsed)
 
     return max(versions, key=key, default=None)
 
@@ -213,6 +219,11 @@ class LegacyAPI:
             policy = (
                 NO_POLICY if policed is None or not policed.active else policed.policy(member.upstream.name)
             )
+            blocked = policy.project_refusal(project)
+            if blocked is not None:
+                if policed is not None:
+                    policed.on_refusal(blocked)
+                raise ProjectBlocked(blocked)  # the whole project, as its page: a 404
             href = f"{base_url}/{group.name}/files/"
             now: float = self._clock.seconds()
             made = await self._blocking(_render, stored.body, project, version, policy, href, now)
@@ -222,7 +233,10 @@ class LegacyAPI:
                 raise PolicyRefused(made)
             if made[1] is not None:
                 # The newest version is hidden: its info is the newest visible one's.
-                newest, _ = await self._body(member, project, made[1])
+                try:
+                    newest, _ = await self._body(member, project, made[1])
+                except NoJsonApi:
+                    newest = Stored(b"{}", now, None)  # info as it was; urls none
                 made = await self._blocking(
                     _render, stored.body, project, None, policy, href, now, newest.body
                 )
@@ -242,7 +256,7 @@ class LegacyAPI:
         if group.alone or group.spec.strategy == "merge":
             return [group.members[name] for name in candidates]
         page, _ = await group.get(project)
-        owner = group.lister(page)("")
+        owner = (await group.lister(project, page))("")
         return [group.members[owner]] if owner in group.members else []
 
 

@@ -66,10 +66,11 @@ class ProjectBlocked(NotFound):
 @attrs.define(eq=False)
 class View:
     """
-    A page as the policy shows it, and what it was made from.
+    A page as the policy shows it, and what it was made from, both held
+    weakly: a view keeps no page in memory past C{page-cache-size}.
     """
 
-    page: CachedPage
+    page: weakref.ref[CachedPage]
     source: weakref.ref[CachedPage]
     table: PolicyTable
     #: When a verdict changes by itself (L{None}: never).
@@ -147,7 +148,7 @@ class PolicedGroup:
 
     def remaining(self, page: CachedPage) -> float:
         view = self._views.get(page.key)
-        if view is None or view.page is not page:
+        if view is None or view.page() is not page:
             return self.group.remaining(page)
         source = view.source()
         left = 0.0 if source is None else self.group.remaining(source)
@@ -161,7 +162,7 @@ class PolicedGroup:
         if page is None or project is None or not self.active:
             return page
         view = self._kept(project, page)
-        return None if view is None else view.page
+        return None if view is None else view.page()
 
     async def get(self, project: str | None) -> tuple[CachedPage, str]:
         """
@@ -173,36 +174,47 @@ class PolicedGroup:
         if project is None or not self.active:
             return page, state
         view = self._kept(project, page)
-        if view is None:
-            view = await self._view(project, page)
-        return view.page, state
+        shown = None if view is None else view.page()
+        if shown is None:
+            shown = await self._view(project, page)
+        return shown, state
 
     def _key(self, project: str) -> str:
         return f"{self.group.name}/policy/{project}"
 
     def _kept(self, project: str, page: CachedPage) -> View | None:
-        view = self._views.get(self._key(project))
-        if view is None or view.source() is not page or view.table is not self.live.policy:
+        """
+        The view of C{page} made for the policy in force, while it is right
+        and in memory; a view that is not is forgotten.
+        """
+        key = self._key(project)
+        view = self._views.get(key)
+        if view is None:
             return None
-        if view.until is not None and self._clock.seconds() >= view.until:
+        shown = view.page()
+        right = view.source() is page and view.table is self.live.policy
+        if right and view.until is not None and self._clock.seconds() >= view.until:
+            right = False
+        if right and shown is not page:
+            right = shown is not None and self.group.first.memory.pages.get(shown.key) is shown
+        if not right:
+            del self._views[key]
             return None
-        if view.page is not page and self.group.first.memory.pages.get(view.page.key) is not view.page:
-            return None  # pushed out of memory: made again
         return view
 
-    def _verdicts(self, project: str, page: CachedPage) -> list[Verdict]:
+    async def _verdicts(self, project: str, page: CachedPage) -> list[Verdict]:
         assert isinstance(page.model, ProjectPage)
-        lister = self.group.lister(page)
+        lister = await self.group.lister(project, page)
         now: float = self._clock.seconds()
         return [self.policy(lister(f.filename)).verdict(project, f, now) for f in page.model.files]
 
-    async def _view(self, project: str, page: CachedPage) -> View:
+    async def _view(self, project: str, page: CachedPage) -> CachedPage:
         assert isinstance(page.model, ProjectPage)
-        refused = self.policy(self.group.lister(page)("")).project_refusal(project)
+        refused = self.policy((await self.group.lister(project, page))("")).project_refusal(project)
         if refused is not None:
             self._refused(project, refused, project)
             raise ProjectBlocked(refused)
-        verdicts = self._verdicts(project, page)
+        verdicts = await self._verdicts(project, page)
         until = min((v.until for v in verdicts if v.until is not None), default=None)
         for f, verdict in zip(page.model.files, verdicts, strict=True):
             if verdict.exempted is not None:
@@ -215,12 +227,12 @@ class PolicedGroup:
             model = attrs.evolve(page.model, files=visible, versions=_versions(page.model, visible))
             shown = await self._blocking(prepare, self._key(project), model, page.fetched_at)
             self.group.first.keep(shown)
-        view = View(shown, weakref.ref(page), self.live.policy, until)
+        view = View(weakref.ref(shown), weakref.ref(page), self.live.policy, until)
         self._views[self._key(project)] = view
         self._views.move_to_end(self._key(project))
         while len(self._views) > MAX_VIEWS:
             self._views.popitem(last=False)
-        return view
+        return shown
 
     async def check_file(self, project: str, filename: str) -> None:
         """
@@ -239,7 +251,8 @@ class PolicedGroup:
         if dist is None:
             return  # not listed: the file cache says so
         now: float = self._clock.seconds()
-        verdict = self.policy(self.group.lister(page)(dist.filename)).verdict(project, dist, now)
+        lister = await self.group.lister(project, page)
+        verdict = self.policy(lister(dist.filename)).verdict(project, dist, now)
         if verdict.exempted is not None:
             self._note(project, dist.filename, "exempt", verdict.exempted.reason)
         if verdict.refusal is not None:

@@ -118,11 +118,12 @@ def upload_time(dist: DistFile) -> float | None:
 
 
 def file_kind(filename: str) -> str:
-    if filename.endswith(".whl"):
-        return "wheel"
-    if filename.endswith((".tar.gz", ".zip", ".tar.bz2", ".tgz")):
-        return "sdist"
-    return "other"
+    """
+    C{wheel}, or C{sdist} for anything else an index lists (any archive
+    pip could build from, whatever its extension: a block on C{sdist:}
+    must not be stepped round by naming one C{.tar.xz}).
+    """
+    return "wheel" if filename.lower().endswith(".whl") else "sdist"
 
 
 _SEPARATORS = re.compile(r"[-_.]+")
@@ -143,11 +144,16 @@ def _specifier(text: str, where: str) -> SpecifierSet | None:
         raise PolicyError(f"{where}: {text!r} is not a version specifier") from None
 
 
-def _contains(specifier: SpecifierSet | None, version: str | None) -> bool:
+def _contains(specifier: SpecifierSet | None, version: str | None, unknown: bool = False) -> bool:
+    """
+    Whether C{version} is in C{specifier} (none: every version); a version
+    that cannot be read is C{unknown}'s answer (the cautious one: a block
+    rule matches it, an allow rule does not).
+    """
     if specifier is None:
         return True
     if version is None:
-        return False
+        return unknown
     try:
         return specifier.contains(Version(version), prereleases=True)
     except InvalidVersion:
@@ -195,12 +201,17 @@ class Rule:
     def names(self, project: str) -> bool:
         return fnmatchcase(project, self.project)
 
-    def matches(self, project: str, filename: str) -> bool:
+    def matches(self, project: str, filename: str, unknown: bool = False) -> bool:
+        """
+        Whether it names this file of C{project}; a file whose version
+        cannot be read matches a versioned rule when C{unknown} (block
+        rules) and does not otherwise (allow rules): both fail closed.
+        """
         if not self.names(project):
             return False
         if self.kind is not None and file_kind(filename) != self.kind:
             return False
-        return _contains(self.specifier, file_version(filename)) if self.specifier is not None else True
+        return _contains(self.specifier, file_version(filename), unknown)
 
 
 @attrs.frozen
@@ -319,7 +330,7 @@ class Policy:
         if self.allow is not None and not any(rule.matches(project, filename) for rule in self.allow):
             return Verdict(Refusal("allow", f"{filename} is not in the allow list"))
         for rule in self.block or ():
-            if rule.matches(project, filename):
+            if rule.matches(project, filename, unknown=True):
                 return Verdict(Refusal("block", f"{filename} is blocked by {rule.text!r}"))
         refusal, until = self._timed(dist, now)
         if refusal is None:

@@ -211,7 +211,9 @@ class Proxy:
         if self.groups.legacy is not None:
             api = self.groups.legacy
             legacy = {
-                name.encode(): LegacyResource(api, g, self.groups.policed.get(name))
+                name.encode(): LegacyResource(
+                    api, g, self.groups.policed.get(name), lambda: self.live.trusted_proxies
+                )
                 for name, g in self.groups.by_name.items()
             }
         peer = PeerResource(self.files, self.clock, self.senders)

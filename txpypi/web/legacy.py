@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import math
+from collections.abc import Callable, Collection
 from urllib.parse import quote
 
 from twisted.web.resource import Resource
@@ -41,11 +42,23 @@ class LegacyResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, api: LegacyAPI, group: Group, policed: PolicedGroup | None) -> None:
+    def __init__(
+        self,
+        api: LegacyAPI,
+        group: Group,
+        policed: PolicedGroup | None,
+        trusted: Callable[[], Collection[str]] = tuple,
+    ) -> None:
+        """
+        @param trusted: gives the reverse proxies whose C{X-Forwarded-Proto}
+            and C{X-Forwarded-Host} say how the client reached the proxy
+            (C{--trusted-proxy}; read per request).
+        """
         super().__init__()
         self._api = api
         self._group = group
         self._policed = policed
+        self._trusted = trusted
 
     def render_GET(self, request: Request) -> bytes | int:
         postpath = request.postpath or []
@@ -59,8 +72,8 @@ class LegacyResource(Resource):
             version = segment(postpath[1]) if len(postpath) == 3 else None
         except BadName as e:
             return error_text(request, e)
-        if version is not None and (not version or "/" in version):
-            return text(request, 400, "bad version")
+        if version is not None and (version in ("", ".", "..") or "/" in version):
+            return text(request, 400, f"not a version: {version!r}")
         if raw != project:
             prefix = "/" + "/".join(p.decode("latin-1") for p in request.prepath or [])
             rest = "" if version is None else quote(version) + "/"
@@ -70,9 +83,24 @@ class LegacyResource(Resource):
     def render_HEAD(self, request: Request) -> bytes | int:
         return self.render_GET(request)
 
+    def _base(self, request: Request) -> str:
+        """
+        The proxy's URL as the client reached it: its own scheme and the
+        C{Host} it sent, or, through a trusted reverse proxy, what that
+        proxy forwarded.
+        """
+        scheme = "https" if request.isSecure() else "http"
+        host = header(request, b"host") or "localhost"
+        peer = request.getClientAddress()
+        if getattr(peer, "host", None) in self._trusted():
+            forwarded = header(request, b"x-forwarded-proto")
+            if forwarded in ("http", "https"):
+                scheme = forwarded
+            host = (header(request, b"x-forwarded-host") or host).split(",")[0].strip()
+        return f"{scheme}://{host}"
+
     async def _answer(self, request: Request, project: str, version: str | None) -> None:
-        host = (request.getHeader(b"host") or b"localhost").decode("latin-1")
-        base = f"{'https' if request.isSecure() else 'http'}://{host}"
+        base = self._base(request)
         try:
             answer = await self._api.answer(self._group, self._policed, project, version, base)
         except NoJsonApi:
@@ -87,7 +115,7 @@ class LegacyResource(Resource):
         etag = f'"{hashlib.sha256(body).hexdigest()[:32]}"'
         headers = request.responseHeaders
         headers.setRawHeaders(b"content-type", [b"application/json"])
-        headers.setRawHeaders(b"vary", [b"Accept-Encoding"])
+        headers.setRawHeaders(b"vary", [b"Accept-Encoding, Host"])
         headers.setRawHeaders(b"cache-control", [b"max-age=%d" % max(0, math.ceil(answer.remaining))])
         headers.setRawHeaders(b"x-cache", [b"STALE" if answer.stale else b"HIT"])
         gzipped = accepts_gzip(header(request, b"accept-encoding") or "")

@@ -107,13 +107,23 @@ def served_api_version(page: ProjectPage, json: bool) -> str:
     return f"{version[0]}.{version[1]}"
 
 
+#: Source archives pip takes besides the C{.tar.gz} and C{.zip} that
+#: packaging's sdist names cover (longest first).
+OTHER_ARCHIVES = (".tar.bz2", ".tar.lzma", ".tar.xz", ".tar.lz", ".tbz", ".tgz", ".tlz", ".txz", ".tar")
+
+
 def file_version(filename: str) -> str | None:
     """
     The version encoded in a wheel or sdist file name, if it parses.
     """
     try:
-        if filename.endswith(".whl"):
+        lowered = filename.lower()
+        if lowered.endswith(".whl"):
             return str(parse_wheel_filename(filename)[1])
+        for suffix in (".tar.gz", ".zip", *OTHER_ARCHIVES):
+            if lowered.endswith(suffix):  # any case, any archive: read as packaging's
+                filename = filename[: -len(suffix)] + (suffix if suffix == ".zip" else ".tar.gz")
+                break
         return str(parse_sdist_filename(filename)[1])
     except (InvalidWheelFilename, InvalidSdistFilename, ValueError):
         return None
