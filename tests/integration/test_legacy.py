@@ -129,7 +129,7 @@ async def test_paths_and_an_upstream_without_it(upstream: Served, start: Callabl
     # /pypi/simple/json is the JSON API of a project named simple; with a
     # slash it is a Simple API page.
     response, text = await get(f"{proxy.url}/pypi/simple/json")
-    assert response.code == 404 and text == b"no JSON API for simple\n"
+    assert response.code == 404 and text == b"no such project: simple\n"  # not the page of "json"
     response, _ = await get(f"{proxy.url}/pypi/Acc_Timed/json")
     assert (
         response.code == 301
@@ -167,3 +167,14 @@ def test_info_is_the_newest_final_release() -> None:
 
     assert _newest(["1.0", "3.0b1", "2.0.dev1"]) == "1.0"
     assert _newest(["3.0b1", "2.0a1"]) == "3.0b1"
+
+
+@pytest_twisted.ensureDeferred
+async def test_made_up_versions_cost_one_upstream_request_each_per_negative_ttl(
+    upstream: Served, start: Callable[..., Proxy]
+) -> None:
+    proxy = start(config(upstream, "{}"))
+    for _ in range(3):
+        response, _ = await get(f"{proxy.url}/pypi/acc-timed/9.9.9/json")
+        assert response.code == 404
+    assert upstream.fake.requests["/pypi/acc-timed/9.9.9/json"] == 1

@@ -271,7 +271,7 @@ async def test_the_policy_in_force_is_a_json_route(upstream: Served, start: Call
     response, _ = await get(f"{proxy.url}/nope/policy")
     assert response.code == 404
     _, status = await get(f"{proxy.url}/")
-    assert b"<td>default</td><td>min-release-age 7d; block evil-*</td>" in status
+    assert b"<td>default</td><td>min-release-age 7d; block evil-*; public: block evil-*</td>" in status
 
 
 # -- found in review

@@ -350,6 +350,17 @@ class Group:
         while len(self._merged) > MAX_MERGED:
             self._merged.popitem(last=False)
 
+    async def contributors(self, project: str, page: CachedPage) -> list[PageCache]:
+        """
+        The members whose pages C{page} is made of, in priority order: its
+        one member, or a merged page's members that know the project.
+        """
+        if not self._is_merged(page):
+            return [self._member_of(page)]
+        kept = self._kept(page.key)
+        parts = kept[2] if kept is not None else (await self._gather(project, self.candidates(project)))[0]
+        return [member for member, _ in parts]
+
     async def lister(self, project: str, page: CachedPage) -> Callable[[str], str]:
         """
         Which member listed each file of C{page} (by file name; for a page

@@ -41,6 +41,9 @@ log = Logger(namespace="txpypi.pages")
 #: The most bytes of upstream JSON API bodies kept in memory, together.
 MAX_JSON_BYTES = 64 * 1024 * 1024
 
+#: The most JSON API URLs remembered as unknown to their upstream.
+MAX_NEGATIVE = 10_000
+
 #: The largest JSON API body fetched (PyPI's biggest are tens of MB).
 MAX_JSON_BODY = 128 * 1024 * 1024
 
@@ -120,6 +123,10 @@ class LegacyAPI:
     _kept: OrderedDict[str, Stored] = attrs.field(factory=OrderedDict)
     _bytes: int = 0
     _flights: SingleFlight[str, Stored] = attrs.field(factory=SingleFlight)
+    #: The JSON API URLs an upstream answered 404 for, and when (at most
+    #: L{MAX_NEGATIVE}, for C{--negative-ttl}): a client asking for made-up
+    #: versions costs one upstream request each per negative TTL, no more.
+    _unknown: OrderedDict[str, float] = attrs.field(factory=OrderedDict)
 
     # -- the upstream's bodies
 
@@ -155,6 +162,9 @@ class LegacyAPI:
                 stored = Stored(record.body, record.fetched_at, record.etag)
                 self._keep(key, stored)
         now: float = self._clock.seconds()
+        learned = self._unknown.get(key)
+        if learned is not None and now - learned < pages.negative_ttl:
+            raise NoJsonApi(project)
         if stored is not None and (pages.offline or now - stored.fetched_at < pages.ttl):
             self._kept.move_to_end(key)
             return stored, pages.offline
@@ -177,6 +187,10 @@ class LegacyAPI:
                 url, None if stored is None else stored.etag, None, MAX_JSON_BODY
             )
         except UpstreamNotFound:
+            self._unknown[key] = self._clock.seconds()
+            self._unknown.move_to_end(key)
+            while len(self._unknown) > MAX_NEGATIVE:
+                self._unknown.popitem(last=False)
             raise NoJsonApi(url) from None
         now: float = self._clock.seconds()
         if fetched.not_modified and stored is not None:
@@ -247,17 +261,15 @@ class LegacyAPI:
 
     async def _members(self, group: Group, project: str) -> list[PageCache]:
         """
-        Whom to ask: the member that owns the project (first-index), or
-        every member that may be asked, in priority order (merge).
+        Whom to ask: the members whose Simple API pages the group's page is
+        made of (first-index: the owner alone; merge: those that know the
+        project, in priority order).  A member that does not know the
+        project is never asked, as for pages.
         """
-        candidates = group.candidates(project)
-        if not candidates:
+        if not group.candidates(project):
             raise NoJsonApi(project)
-        if group.alone or group.spec.strategy == "merge":
-            return [group.members[name] for name in candidates]
         page, _ = await group.get(project)
-        owner = (await group.lister(project, page))("")
-        return [group.members[owner]] if owner in group.members else []
+        return await group.contributors(project, page)
 
 
 def _rewrite(entry: dict[str, Any], project: str, href: str) -> dict[str, Any]:

@@ -91,6 +91,14 @@ def _versions(page: ProjectPage, visible: tuple[Any, ...]) -> tuple[str, ...] | 
     )
 
 
+def _project_of(key: str) -> str:
+    """
+    The project of a page's key (C{<prefix>/simple/<project>/}, or a
+    group's C{<group>/merged/<project>}).
+    """
+    return key.rstrip("/").rpartition("/")[2]
+
+
 @attrs.define(eq=False)
 class PolicedGroup:
     """
@@ -147,7 +155,7 @@ class PolicedGroup:
         return self.group.age(page)
 
     def remaining(self, page: CachedPage) -> float:
-        view = self._views.get(page.key)
+        view = self._views.get(page.key) or self._views.get(self._key(_project_of(page.key)))
         if view is None or view.page() is not page:
             return self.group.remaining(page)
         source = view.source()

@@ -223,6 +223,25 @@ class Proxy:
         self.sites.append(site)
         return site
 
+    def _policies(self) -> tuple[tuple[str, str], ...]:
+        """
+        Each group's policy in force, in words: its own, and its members'
+        own settings over it.
+        """
+        table = self.live.policy
+        found = []
+        for name, group in self.groups.by_name.items():
+            words = []
+            if table.groups.get(name) is not None and table.groups[name].active:
+                words.append(table.groups[name].words())
+            for member in group.spec.members:
+                own = table.upstreams.get(member)
+                if own is not None:
+                    words.append(f"{member}: {table.of(name, member).words()}")
+            if words:
+                found.append((name, "; ".join(words)))
+        return tuple(found)
+
     def _sample(self, name: str, **labels: str) -> float:
         value = self.metrics.registry.get_sample_value(name, labels)
         return 0.0 if value is None else value
@@ -261,9 +280,7 @@ class Proxy:
                 for name, (pages, up) in self._upstreams().items()
             ),
             groups=tuple(name for name in self.groups.by_name if name != self.groups.default_name),
-            policies=tuple(
-                (name, policy.words()) for name, policy in self.live.policy.groups.items() if policy.active
-            ),
+            policies=self._policies(),
         )
         return render_status(figures)
 
