@@ -155,6 +155,8 @@ class PolicedGroup:
         return self.group.age(page)
 
     def remaining(self, page: CachedPage) -> float:
+        if not self._views:  # no policy has made a view: the hot path of most groups
+            return self.group.remaining(page)
         view = self._views.get(page.key) or self._views.get(self._key(_project_of(page.key)))
         if view is None or view.page() is not page:
             return self.group.remaining(page)
