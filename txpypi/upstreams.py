@@ -186,11 +186,7 @@ def upstreams_table(key: str, value: Any) -> tuple[UpstreamSpec, ...]:
     table = _table(key, value)
     specs = []
     for name, given in table.items():
-        try:
-            check_name(key, name)
-        except TopologyError as e:
-            raise ConfigError(str(e)) from None
-        specs.append(_upstream(name, given))
+        specs.append(_upstream(group_name(key, name), given))
     if not specs:
         raise ConfigError(f"{key}: at least one upstream is needed")
     return tuple(specs)
@@ -239,11 +235,7 @@ def groups_table(key: str, value: Any) -> tuple[GroupSpec, ...]:
     table = _table(key, value)
     groups = []
     for name, given in table.items():
-        try:
-            check_name(key, name)
-        except TopologyError as e:
-            raise ConfigError(str(e)) from None
-        where = f"{key}: {name}"
+        where = f"{key}: {group_name(key, name)}"
         if isinstance(given, list):
             given = {"members": given}
         if not isinstance(given, Mapping):
@@ -259,6 +251,9 @@ def groups_table(key: str, value: Any) -> tuple[GroupSpec, ...]:
 
 
 def group_name(key: str, value: Any) -> str:
+    """
+    A group's or an upstream's name, checked (see L{check_name}).
+    """
     try:
         return check_name(key, value)
     except TopologyError as e:

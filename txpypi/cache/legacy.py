@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from txpypi.cache.groups import Group
 from txpypi.cache.pages import NotFound, PageCache
 from txpypi.cache.policy import PolicedGroup, PolicyRefused, ProjectBlocked
+from txpypi.cache.provenance import is_json_object
 from txpypi.concurrency.waiters import SingleFlight, in_thread_now
 from txpypi.core.policy import NO_POLICY, Policy, Refusal
 from txpypi.core.simple.links import local_href
@@ -196,11 +197,7 @@ class LegacyAPI:
         if fetched.not_modified and stored is not None:
             fresh = attrs.evolve(stored, fetched_at=now)
         else:
-            try:
-                valid = isinstance(json.loads(fetched.body), dict)
-            except ValueError:
-                valid = False
-            if not valid:
+            if not is_json_object(fetched.body):
                 raise UpstreamError(502, f"the JSON API at {url} did not answer a JSON object")
             fresh = Stored(fetched.body, now, fetched.etag)
         self._keep(key, fresh)

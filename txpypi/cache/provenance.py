@@ -36,6 +36,17 @@ MAX_KEPT = 1_000
 PROVENANCE_TYPE = "application/vnd.pypi.integrity.v1+json"
 
 
+def is_json_object(body: bytes) -> bool:
+    """
+    Whether C{body} is one well-formed JSON object (what is checked before
+    an upstream's JSON is kept).
+    """
+    try:
+        return isinstance(json.loads(body), dict)
+    except ValueError:
+        return False
+
+
 @attrs.define
 class Provenances:
     """
@@ -86,11 +97,7 @@ class Provenances:
             return stored.body
         client = self._clients[pages.upstream.url]
         fetched = await client.fetch_page(url, limit=MAX_PROVENANCE_BYTES)
-        try:
-            valid = isinstance(json.loads(fetched.body), dict)
-        except ValueError:
-            valid = False
-        if not valid:
+        if not is_json_object(fetched.body):
             raise UpstreamError(502, f"the provenance at {url} is not a JSON object")
         record = PageRecord(key, pages.upstream.url, url, fetched.body, self._clock.seconds())
         try:
