@@ -75,6 +75,9 @@ class View:
     table: PolicyTable
     #: When a verdict changes by itself (L{None}: never).
     until: float | None
+    #: The files only an exemption lets through, with its reason: logged
+    #: each time the view is answered.
+    exempted: tuple[tuple[str, str], ...] = ()
 
 
 def _versions(page: ProjectPage, visible: tuple[Any, ...]) -> tuple[str, ...] | None:
@@ -172,7 +175,10 @@ class PolicedGroup:
         if page is None or project is None or not self.active:
             return page
         view = self._kept(project, page)
-        return None if view is None else view.page()
+        if view is None:
+            return None
+        self._let_through(view)
+        return view.page()
 
     async def get(self, project: str | None) -> tuple[CachedPage, str]:
         """
@@ -185,9 +191,15 @@ class PolicedGroup:
             return page, state
         view = self._kept(project, page)
         shown = None if view is None else view.page()
-        if shown is None:
+        if view is not None and shown is not None:
+            self._let_through(view)
+        else:
             shown = await self._view(project, page)
         return shown, state
+
+    def _let_through(self, view: View) -> None:
+        for filename, reason in view.exempted:
+            self._note("", filename, "exempt", reason)
 
     def _key(self, project: str) -> str:
         return f"{self.group.name}/policy/{project}"
@@ -226,8 +238,10 @@ class PolicedGroup:
             raise ProjectBlocked(refused)
         verdicts = await self._verdicts(project, page)
         until = min((v.until for v in verdicts if v.until is not None), default=None)
+        exempted = []
         for f, verdict in zip(page.model.files, verdicts, strict=True):
             if verdict.exempted is not None:
+                exempted.append((f.filename, verdict.exempted.reason))
                 self._note(project, f.filename, "exempt", verdict.exempted.reason)
             elif verdict.expired is not None:
                 self._note(project, f.filename, "expired", verdict.expired.text)
@@ -237,7 +251,7 @@ class PolicedGroup:
             model = attrs.evolve(page.model, files=visible, versions=_versions(page.model, visible))
             shown = await self._blocking(prepare, self._key(project), model, page.fetched_at)
             self.group.first.keep(shown)
-        view = View(weakref.ref(shown), weakref.ref(page), self.live.policy, until)
+        view = View(weakref.ref(shown), weakref.ref(page), self.live.policy, until, tuple(exempted))
         self._views[self._key(project)] = view
         self._views.move_to_end(self._key(project))
         while len(self._views) > MAX_VIEWS:
