@@ -69,6 +69,7 @@ class Settings:
     offline: bool = _LIVE.offline
     max_cache_size: int | None = _LIVE.max_cache_size
     log_format: str = _LIVE.log_format
+    access_log: str = _LIVE.access_log
     trusted_proxies: tuple[str, ...] = _LIVE.trusted_proxies
     admin_token: str | None = attrs.field(default=_LIVE.admin_token, repr=False)
     shutdown_grace: float = _LIVE.shutdown_grace

@@ -171,6 +171,9 @@ OPTIONS: tuple[Option, ...] = (
         "cut off (default: 30).")),
     Option("log-format", log_format, live=True, help=(
         "The access log: combined, json or none (default: combined).")),
+    Option("access-log", text, live=True, help=(
+        "Where the access log goes: - (standard output), a file (opened again at SIGHUP, for "
+        "log rotation), or log (twisted.logger events, namespace txpypi.access) (default: -).")),
     Option("store", choice("disk", "s3"), live=False, help=(
         "Where cached files live: disk (under --cache-dir) or s3 (default: disk).")),
     Option("s3-bucket", text, live=False, help=(

@@ -26,6 +26,7 @@ from txpypi.fetch.clients import UpstreamClients
 from txpypi.fetch.upstream import UpstreamClient
 from txpypi.options import FIXED, Running
 from txpypi.storage.outages import Outage, WatchedMetadata
+from txpypi.web.accesslog import AccessLogWriter
 
 # The log lines keep the namespace they had when these lived in tap.py.
 log = Logger(namespace="txpypi.tap")
@@ -235,3 +236,28 @@ class CleanupService(Service):
     def stopService(self) -> Deferred[Any]:
         super().stopService()
         return gatherResults([self._client.close(), self._metadata.close()], consumeErrors=True)
+
+
+class AccessLogService(Service):
+    """
+    Starts the buffered access log, opens it again at each SIGHUP (for log
+    rotation, and a changed C{access-log}), and writes what waits at stop:
+    nothing logged is lost at SIGTERM.
+    """
+
+    def __init__(self, writer: AccessLogWriter, live: Live) -> None:
+        self._writer = writer
+        self._live = live
+
+    def startService(self) -> None:
+        super().startService()
+        self._writer.start()
+        self._live.on_change(self._reopen)
+
+    def _reopen(self) -> None:
+        if self.running:
+            self._writer.reopen(self._live.access_log)
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        return self._writer.stop()

@@ -50,6 +50,7 @@ from txpypi.fetch.guarded import IConnectingReactor
 from txpypi.fetch.tls import upstream_tls
 from txpypi.fetch.upstream import Upstream, UpstreamClient
 from txpypi.services import (
+    AccessLogService,
     CacheUpkeepService,
     CleanupService,
     DrainService,
@@ -63,6 +64,7 @@ from txpypi.storage.metadata import SqliteMetadata
 from txpypi.storage.outages import Outage, WatchedMetadata, WatchedStore
 from txpypi.storage.redismeta import RedisLocks, RedisMetadata
 from txpypi.storage.stores import DiskStore, IFileStore
+from txpypi.web.accesslog import AccessLogWriter
 from txpypi.web.app import Proxy
 from txpypi.web.metrics import Metrics
 
@@ -160,6 +162,10 @@ def assemble(settings: Settings, reactor: IProxyReactor, live: Live | None = Non
     pools = thread_pools(settings)
     for pool in pools.all():
         ThreadPoolService(pool).setServiceParent(service)
+    # The access log stops after the listeners and the drain: every line of
+    # the last requests is written.
+    access = AccessLogWriter(reactor, partial(deferToThreadPool, reactor, pools.io), live.access_log)
+    AccessLogService(access, live).setServiceParent(service)
     store = file_store(settings, reactor, pools, metrics)
     metadata, redis = metadata_store(settings, reactor, pools, metrics)
     outages = ([store.outage] if isinstance(store, WatchedStore) else []) + [metadata.outage]
@@ -188,6 +194,7 @@ def assemble(settings: Settings, reactor: IProxyReactor, live: Live | None = Non
         live=live,
         groups=groups,
         clients=found.clients,
+        access=access,
     )
     drain = DrainService(files, live, proxy.senders)
     drain.setServiceParent(service)

@@ -168,7 +168,7 @@ def test_access_log_formats() -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_one_access_log_line_per_request(json_upstream: Served, proxy_factory: Any) -> None:
-    running = proxy_factory(json_upstream.url)
+    running = proxy_factory(json_upstream.url, access_log="log")  # as twisted.logger events
     running.port.factory.log_format = "json"
     lines: list[dict[str, Any]] = []
 
@@ -184,6 +184,46 @@ async def test_one_access_log_line_per_request(json_upstream: Served, proxy_fact
     (line,) = lines
     assert line["path"] == "/simple/alpha/" and line["status"] == 200 and line["cache"] == "MISS"
     assert line["user_agent"] == "uv/0.5" and line["client"] == "127.0.0.1" and line["size"] > 0
+
+
+@pytest.mark.parametrize("log_format", ["json", "combined"])
+@pytest_twisted.ensureDeferred
+async def test_the_buffered_access_log_writes_the_same_lines_and_loses_none_at_stop(
+    json_upstream: Served, proxy_factory: Any, tmp_path: Path, log_format: str
+) -> None:
+    """
+    Lines written to a file, buffered, are the lines the logger events
+    carried (the same formatting), and stopping the proxy writes every one.
+    """
+    path = tmp_path / "access.log"
+    events: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "txpypi.access" and "access" in event:
+            events.append(event["access"])
+
+    paths = ["/simple/alpha/", "/simple/beta/", "/simple/nope/", "/simple/alpha/"]
+    by_event = proxy_factory(json_upstream.url, tmp_path / "a", access_log="log", log_format=log_format)
+    buffered = proxy_factory(json_upstream.url, tmp_path / "b", access_log=str(path), log_format=log_format)
+    globalLogPublisher.addObserver(observe)
+    try:
+        for url in paths:
+            await get(by_event.url + url, {b"User-Agent": [b"pip/26"]})
+            await get(buffered.url + url, {b"User-Agent": [b"pip/26"]})
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert len(events) == len(paths)
+    await buffered.stop()  # what SIGTERM does: the buffer is written
+    written = path.read_text().splitlines()
+
+    def same(line: str) -> str:  # the time and duration differ between two requests
+        if log_format == "json":
+            fields = json.loads(line)
+            return json.dumps({k: v for k, v in fields.items() if k not in ("time", "duration")})
+        head, _, rest = line.partition(" [")
+        return head + " " + rest.split("] ", 1)[1].rsplit(" ", 1)[0]
+
+    assert [same(line) for line in written] == [same(line) for line in events]
 
 
 @pytest_twisted.ensureDeferred

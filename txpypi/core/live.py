@@ -42,6 +42,7 @@ class Live:
     s3_redirect: bool = False
     s3_redirect_ttl: float = 300.0
     log_format: str = "combined"
+    access_log: str = "-"
     trusted_proxies: tuple[str, ...] = ()
     shutdown_grace: float = 30.0
     max_connections: int = 1024

@@ -1,16 +1,24 @@
 """
-Access log lines, pure: the client's address (honouring X-Forwarded-For
-only from trusted proxies), and the line in the combined format or as JSON.
+Access log lines: the client's address (honouring X-Forwarded-For only
+from trusted proxies) and the line in the combined format or as JSON,
+pure; and L{AccessLogWriter}, which writes them, buffered.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
-from collections.abc import Collection
-from typing import Any
+from collections.abc import Callable, Collection
+from typing import Any, BinaryIO
 
 import attrs
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+log = Logger(namespace="txpypi.access")
 
 FORMATS = ("combined", "json", "none")
 
@@ -65,3 +73,107 @@ def json_line(entry: Entry) -> str:
     fields: dict[str, Any] = attrs.asdict(entry)
     fields["duration"] = round(entry.duration, 6)
     return json.dumps(fields, separators=(",", ":"))
+
+
+#: Where the access log goes: standard output, the twisted.logger events of
+#: namespace C{txpypi.access} (as before), or else a file path.
+STDOUT = "-"
+LOGGER = "log"
+
+#: How often the buffered lines are written, in seconds.
+FLUSH_EVERY = 1.0
+
+#: The most bytes of lines held before they are written at once, whatever
+#: the time: a burst of requests cannot grow the buffer past this.
+MAX_BUFFERED = 1024 * 1024
+
+
+class AccessLogWriter:
+    """
+    Access log lines, buffered and written once a second (and when
+    L{MAX_BUFFERED} bytes wait, and at shutdown) to standard output or a
+    file: a line costs a string join, not a logger event.  The writes run
+    one after the other through C{run} (a thread pool: a full pipe or a
+    slow disk never stalls the reactor thread); the target is opened again
+    by L{reopen} (at SIGHUP, so that log rotation works).
+    """
+
+    def __init__(self, clock: IReactorTime, run: Callable[..., Deferred[Any]], target: str = STDOUT) -> None:
+        self._clock = clock
+        self._run = run
+        self.target = target
+        self._lines: list[bytes] = []
+        self._size = 0
+        self._file: BinaryIO | None = None
+        self._writing: Deferred[Any] = succeed(None)
+        self._loop: LoopingCall | None = None
+
+    def start(self) -> None:
+        self._then(self._open, self.target)
+        loop = self._loop = LoopingCall(self.flush)
+        loop.clock = self._clock
+        loop.start(FLUSH_EVERY, now=False)
+
+    def write(self, line: str) -> None:
+        data = (line + "\n").encode("utf-8", "replace")
+        self._lines.append(data)
+        self._size += len(data)
+        if self._size >= MAX_BUFFERED:
+            self.flush()
+
+    def flush(self) -> Deferred[Any]:
+        """
+        Write what waits; fires once it (and every write before) is written.
+        """
+        if self._lines:
+            data, self._lines, self._size = b"".join(self._lines), [], 0
+            self._then(self._write, data)
+        return self._writing
+
+    def reopen(self, target: str) -> None:
+        """
+        Write what waits to the current target, then open C{target}.
+        """
+        self.flush()
+        self.target = target
+        self._then(self._open, target)
+
+    def stop(self) -> Deferred[Any]:
+        """
+        Stop the timer, write what waits, and close the file.
+        """
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self.flush()
+        self._then(self._close)
+        return self._writing
+
+    def _then(self, f: Callable[..., None], *args: Any) -> None:
+        # One write after the other, in order; a failure is logged and the
+        # next write still runs.
+        self._writing = self._writing.addCallback(lambda _: self._run(f, *args)).addErrback(
+            lambda failure: log.failure("access log: could not write", failure)
+        )
+
+    # In the thread.
+
+    def _open(self, target: str) -> None:
+        self._close()
+        if target == STDOUT:
+            self._file = None
+        elif target != LOGGER:
+            self._file = open(target, "ab")
+
+    def _write(self, data: bytes) -> None:
+        if self._file is None:
+            view = memoryview(data)
+            while view:  # a pipe may take part of it
+                view = view[os.write(1, view) :]
+            return
+        self._file.write(data)
+        self._file.flush()
+
+    def _close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -34,6 +34,7 @@ from txpypi.core.names import BadName, check_filename, normalize
 from txpypi.core.policy import NO_POLICY
 from txpypi.fetch.upstream import UpstreamClient
 from txpypi.storage.outages import Outage, Unavailable
+from txpypi.web.accesslog import AccessLogWriter
 from txpypi.web.answers import answer_text, error_text, header, status_of, text
 from txpypi.web.files import FilesResource
 from txpypi.web.health import Health
@@ -140,6 +141,9 @@ class Proxy:
     senders: set[Sender] = attrs.field(factory=set, kw_only=True)
     #: The groups it serves (by default the one group of C{pages}).
     groups: Groups = attrs.field(kw_only=True)
+    #: Where its sites' access log lines go, buffered (L{None}: as
+    #: twisted.logger events).
+    access: AccessLogWriter | None = attrs.field(default=None, kw_only=True)
     #: Every upstream's client by upstream name, for C{/health} (by
     #: default C{client}, as C{pages}' upstream's).
     clients: Mapping[str, UpstreamClient] = attrs.field(kw_only=True)
@@ -219,7 +223,7 @@ class Proxy:
         peer = PeerResource(self.files, self.clock, self.senders)
         default = self.groups.default_name.encode()
         root = Root(simple, files, peer, self.app.resource(), served, legacy, default)
-        site = ProxySite(root, self.clock, self.metrics, self.connections)
+        site = ProxySite(root, self.clock, self.metrics, self.connections, self.access)
         self.sites.append(site)
         return site
 

@@ -19,7 +19,7 @@ from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
 from txpypi.core.live import Live
-from txpypi.web.accesslog import Entry, client_address, combined, json_line
+from txpypi.web.accesslog import LOGGER, AccessLogWriter, Entry, client_address, combined, json_line
 from txpypi.web.answers import header
 from txpypi.web.metrics import Metrics, route_of
 
@@ -297,12 +297,16 @@ class ProxySite(Site):
         clock: IReactorTime,
         metrics: Metrics,
         connections: ConnectionLimits | None = None,
+        writer: AccessLogWriter | None = None,
     ) -> None:
         """
         @param connections: the bounds on the connections, and the live
             settings the site reads (its log format and the proxies it
             trusts for C{X-Forwarded-For}).
+        @param writer: where access log lines go, buffered (without one,
+            or with C{access-log: log}, as twisted.logger events).
         """
+        self.writer = writer
         # The clock is the reactor of the channels' timeouts too.
         super().__init__(resource, reactor=clock)
         self._clock = clock
@@ -363,7 +367,10 @@ class ProxySite(Site):
             return
         entry = self._entry(request, now, duration, state)
         line = json_line(entry) if self.log_format == "json" else combined(entry)
-        access_log.info("{access}", access=line)
+        if self.writer is None or self.connections.live.access_log == LOGGER:
+            access_log.info("{access}", access=line)
+        else:
+            self.writer.write(line)
 
     def _count(self, request: Request, duration: float, state: str) -> None:
         """
