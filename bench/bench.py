@@ -32,6 +32,8 @@ section names are what C{--only} takes):
     instance that does not fetch it against one of the instance that does;
  11. C{group}: a two-member first-index group whose first member knows
     nothing, against the single upstream: warm page and file, cold page.
+ 12. C{accesslog}: the warm page with the buffered access log, with logger
+    events, and with none.
 
 The upstream sends its big files in 256 KB chunks as the socket drains, as a
 real server would, so that its own TTFB is not the time to copy the file; or,
@@ -56,7 +58,7 @@ import upstream as up
 from harness import Service, Services
 from proxies import Proxy, as_proxy
 from report import Row, Table, load, print_table
-from sections import Run, follower, group, huge, link, s3, ttfb, uv, warm
+from sections import Run, accesslog, follower, group, huge, link, s3, ttfb, uv, warm
 from upstream import HTML_ACCEPT, HUGE_FILES, JSON_ACCEPT
 
 #: The sections --only can pick, in the order they run: what each measures, and how to run it.
@@ -68,6 +70,10 @@ SECTIONS: dict[str, tuple[str, Callable[[Run], list[str]]]] = {
     "huge": ("a cold 200 MB wheel, one client; peak RSS with 50 clients (txpypi and proxpi)", huge.run),
     "link": ("a cold 200 MB wheel through txpypi vs direct, the upstream at link rates", link.run),
     "s3": ("warm hits from S3 (SeaweedFS) vs from disk: wrk on ~1 MB, one client on 50 MB", s3.run),
+    "accesslog": (
+        "wrk on the warm page: the buffered access log, logger events, none (txpypi, same run)",
+        accesslog.run,
+    ),
     "group": (
         "warm page, warm file and cold page through a two-member first-index group vs one upstream",
         group.run,
@@ -107,7 +113,7 @@ def start_all(
     (work / "admin-token").write_text(token + "\n")
     started = [upstream]
     txpypi = proxpi = None
-    if only & (COMPARED | {"link", "group"}):
+    if only & (COMPARED | {"link", "group", "accesslog"}):
         txpypi = harness.start_txpypi(
             services, work, "txpypi", tx_port, upstream, "--cache-dir", str(work / "txpypi-cache")
         )
@@ -129,7 +135,7 @@ def missing_tools(only: set[str]) -> str | None:
     """
     What the sections in C{only} need and this machine lacks, as an error message.
     """
-    if harness.which("wrk") is None and only & {"page", "file", "s3", "group"}:
+    if harness.which("wrk") is None and only & {"page", "file", "s3", "group", "accesslog"}:
         return "error: wrk is not installed (Debian/Ubuntu: apt-get install wrk)"
     missing = [name for name in ("proxpi", "gunicorn") if importlib.util.find_spec(name) is None]
     if missing and only & COMPARED:

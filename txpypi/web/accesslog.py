@@ -57,11 +57,34 @@ def _quote(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"')
 
 
-def combined(entry: Entry) -> str:
+def stamp(seconds: float) -> str:
+    """
+    A time as the combined format writes it.
+    """
+    return time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(seconds))
+
+
+class Stamps:
+    """
+    L{stamp}, worked out once per second (many lines share one).
+    """
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._text = ""
+
+    def __call__(self, seconds: float) -> str:
+        second = int(seconds)
+        if second != self._second:
+            self._second, self._text = second, stamp(second)
+        return self._text
+
+
+def combined(entry: Entry, stamps: Callable[[float], str] = stamp) -> str:
     """
     The Apache/nginx combined format, plus the cache state and the duration.
     """
-    when = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(entry.time))
+    when = stamps(entry.time)
     return (
         f'{entry.client} - - [{when}] "{_quote(entry.method)} {_quote(entry.path)} {_quote(entry.protocol)}" '
         f'{entry.status} {entry.size} "{_quote(entry.referer)}" "{_quote(entry.user_agent)}" '

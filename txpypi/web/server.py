@@ -19,7 +19,7 @@ from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
 from txpypi.core.live import Live
-from txpypi.web.accesslog import LOGGER, AccessLogWriter, Entry, client_address, combined, json_line
+from txpypi.web.accesslog import LOGGER, AccessLogWriter, Entry, Stamps, client_address, combined, json_line
 from txpypi.web.answers import header
 from txpypi.web.metrics import Metrics, route_of
 
@@ -307,6 +307,7 @@ class ProxySite(Site):
             or with C{access-log: log}, as twisted.logger events).
         """
         self.writer = writer
+        self._stamps = Stamps()
         # The clock is the reactor of the channels' timeouts too.
         super().__init__(resource, reactor=clock)
         self._clock = clock
@@ -366,7 +367,7 @@ class ProxySite(Site):
         if self.log_format == "none":
             return
         entry = self._entry(request, now, duration, state)
-        line = json_line(entry) if self.log_format == "json" else combined(entry)
+        line = json_line(entry) if self.log_format == "json" else combined(entry, self._stamps)
         if self.writer is None or self.connections.live.access_log == LOGGER:
             access_log.info("{access}", access=line)
         else:
