@@ -110,6 +110,11 @@ FLUSH_EVERY = 1.0
 #: the time: a burst of requests cannot grow the buffer past this.
 MAX_BUFFERED = 1024 * 1024
 
+#: The most bytes handed to the writing thread and not written yet (a full
+#: pipe, a stalled disk); past it, lines are dropped and counted, and the
+#: count is logged once the writes catch up.
+MAX_PENDING = 16 * 1024 * 1024
+
 
 class AccessLogWriter:
     """
@@ -130,6 +135,9 @@ class AccessLogWriter:
         self._file: BinaryIO | None = None
         self._writing: Deferred[Any] = succeed(None)
         self._loop: LoopingCall | None = None
+        #: Bytes handed to the thread and not written yet; lines dropped.
+        self.pending = 0
+        self.dropped = 0
 
     def start(self) -> None:
         self._then(self._open, self.target)
@@ -139,6 +147,9 @@ class AccessLogWriter:
 
     def write(self, line: str) -> None:
         data = (line + "\n").encode("utf-8", "replace")
+        if self.pending + self._size + len(data) > MAX_PENDING:
+            self.dropped += 1  # the writes fall behind: bounded, and said
+            return
         self._lines.append(data)
         self._size += len(data)
         if self._size >= MAX_BUFFERED:
@@ -150,8 +161,17 @@ class AccessLogWriter:
         """
         if self._lines:
             data, self._lines, self._size = b"".join(self._lines), [], 0
+            self.pending += len(data)
             self._then(self._write, data)
+            self._writing.addBoth(self._written, len(data))
         return self._writing
+
+    def _written(self, result: Any, size: int) -> Any:
+        self.pending -= size
+        if self.dropped and not self.pending:
+            log.warn("access log: {count} line(s) dropped while writing fell behind", count=self.dropped)
+            self.dropped = 0
+        return result
 
     def reopen(self, target: str) -> None:
         """
