@@ -319,13 +319,21 @@ class Indexes:
     def first(self) -> PageCache:
         return self.pages[self.first_name]
 
+    @property
+    def by_url(self) -> dict[str, UpstreamClient]:
+        """
+        Every upstream's client, by upstream URL (as files and provenance
+        objects name their upstream).
+        """
+        return {self.pages[name].upstream.url: client for name, client in self.clients.items()}
+
     def file_client(self) -> UpstreamClient | UpstreamClients:
         """
         What fetches the files: each from its upstream's client.
         """
         if len(self.clients) == 1:
             return next(iter(self.clients.values()))
-        return UpstreamClients({self.pages[name].upstream.url: c for name, c in self.clients.items()})
+        return UpstreamClients(self.by_url)
 
     def groups(
         self,
@@ -360,7 +368,7 @@ class Indexes:
             )
             for name, group in found.items()
         }
-        clients = {self.pages[name].upstream.url: client for name, client in self.clients.items()}
+        clients = self.by_url
         provenances = Provenances(metadata, reactor, clients)
         bases = {u.name: u.json_api for u in self.topology.upstreams if u.json_api is not None}
         legacy = LegacyAPI(

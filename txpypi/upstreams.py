@@ -99,6 +99,19 @@ def _unknown(key: str, given: Mapping[Any, Any], known: frozenset[str]) -> None:
             raise ConfigError(f"{key}: unknown key {name!r}")
 
 
+def _entry(key: str, given: Any, short: type, main: str, known: frozenset[str]) -> Mapping[Any, Any]:
+    """
+    One entry of a table: a mapping of C{known} keys, or its short form (a
+    value of type C{short}, standing for C{{main: value}}).
+    """
+    if isinstance(given, short):
+        given = {main: given}
+    if not isinstance(given, Mapping):
+        raise ConfigError(f"{key}: expected a mapping with {main}")
+    _unknown(key, given, known)
+    return given
+
+
 def _secret(key: str, given: Mapping[Any, Any], name: str) -> str | None:
     """
     The secret given as C{name} or read from C{name}-file (its first line).
@@ -142,11 +155,7 @@ def authorization(key: str, given: Mapping[Any, Any]) -> str | None:
 
 def _upstream(name: str, given: Any) -> UpstreamSpec:
     key = f"upstreams: {name}"
-    if isinstance(given, str):
-        given = {"url": given}
-    if not isinstance(given, Mapping):
-        raise ConfigError(f"{key}: expected a mapping with a url")
-    _unknown(key, given, UPSTREAM_KEYS)
+    given = _entry(key, given, str, "url", UPSTREAM_KEYS)
     if "url" not in given:
         raise ConfigError(f"{key}: url: required")
     url = upstream_url(f"{key}: url", given["url"])  # refuses user information in it
@@ -236,11 +245,7 @@ def groups_table(key: str, value: Any) -> tuple[GroupSpec, ...]:
     groups = []
     for name, given in table.items():
         where = f"{key}: {group_name(key, name)}"
-        if isinstance(given, list):
-            given = {"members": given}
-        if not isinstance(given, Mapping):
-            raise ConfigError(f"{where}: expected a mapping with members")
-        _unknown(where, given, GROUP_KEYS)
+        given = _entry(where, given, list, "members", GROUP_KEYS)
         strategy = given.get("strategy", "first-index")
         if strategy not in STRATEGIES:
             raise ConfigError(f"{where}: strategy: expected first-index or merge, got {strategy!r}")

@@ -309,13 +309,7 @@ def _render(
                     return found
         return None
 
-    if not policy.active:
-        policy_hides = False
-    else:
-        policy_hides = True
-        blocked = policy.project_refusal(project)
-        if blocked is not None:
-            return blocked
+    policy_hides = policy.active  # a project it blocks whole is refused before (LegacyAPI.answer)
     urls = data.get("urls")
     shown_urls = visible(urls)
     if version is not None:
