@@ -350,6 +350,14 @@ class Group:
         while len(self._merged) > MAX_MERGED:
             self._merged.popitem(last=False)
 
+    async def _merged_parts(self, project: str, page: CachedPage) -> Parts:
+        """
+        The member pages a merged C{page} was made of; for one too big to
+        keep (made for each answer), its members' pages, asked again.
+        """
+        kept = self._kept(page.key)
+        return kept[2] if kept is not None else (await self._gather(project, self.candidates(project)))[0]
+
     async def contributors(self, project: str, page: CachedPage) -> list[PageCache]:
         """
         The members whose pages C{page} is made of, in priority order: its
@@ -357,8 +365,7 @@ class Group:
         """
         if not self._is_merged(page):
             return [self._member_of(page)]
-        kept = self._kept(page.key)
-        parts = kept[2] if kept is not None else (await self._gather(project, self.candidates(project)))[0]
+        parts = await self._merged_parts(project, page)
         return [member for member, _ in parts]
 
     async def lister(self, project: str, page: CachedPage) -> Callable[[str], str]:
@@ -372,8 +379,7 @@ class Group:
         if not self._is_merged(page):
             name = self._member_of(page).upstream.name
             return lambda filename: name
-        kept = self._kept(page.key)
-        parts = kept[2] if kept is not None else (await self._gather(project, self.candidates(project)))[0]
+        parts = await self._merged_parts(project, page)
         listed = [(m.upstream.name, part.model) for m, part in parts]
 
         def lister(filename: str) -> str:
@@ -393,10 +399,7 @@ class Group:
         page, _ = await self.get(project)
         if not self._is_merged(page):
             return self._member_of(page)
-        kept = self._kept(page.key)
-        # A merged page too big to keep is made for each answer: its parts
-        # are its members' pages, asked again.
-        parts = kept[2] if kept is not None else (await self._gather(project, self.candidates(project)))[0]
+        parts = await self._merged_parts(project, page)
         dist = filename.removesuffix(METADATA_SUFFIX)
         for member, part in parts:
             assert isinstance(part.model, ProjectPage)
