@@ -199,7 +199,7 @@ class PolicedGroup:
 
     def _let_through(self, view: View) -> None:
         for filename, reason in view.exempted:
-            self._note("", filename, "exempt", reason)
+            self._note(filename, "exempt", reason)
 
     def _key(self, project: str) -> str:
         return f"{self.group.name}/policy/{project}"
@@ -234,7 +234,7 @@ class PolicedGroup:
         assert isinstance(page.model, ProjectPage)
         refused = self.policy((await self.group.lister(project, page))("")).project_refusal(project)
         if refused is not None:
-            self._refused(project, refused, project)
+            self._refused(refused, project)
             raise ProjectBlocked(refused)
         verdicts = await self._verdicts(project, page)
         until = min((v.until for v in verdicts if v.until is not None), default=None)
@@ -242,9 +242,9 @@ class PolicedGroup:
         for f, verdict in zip(page.model.files, verdicts, strict=True):
             if verdict.exempted is not None:
                 exempted.append((f.filename, verdict.exempted.reason))
-                self._note(project, f.filename, "exempt", verdict.exempted.reason)
+                self._note(f.filename, "exempt", verdict.exempted.reason)
             elif verdict.expired is not None:
-                self._note(project, f.filename, "expired", verdict.expired.text)
+                self._note(f.filename, "expired", verdict.expired.text)
         visible = tuple(f for f, v in zip(page.model.files, verdicts, strict=True) if v.refusal is None)
         shown = page
         if len(visible) != len(page.model.files):
@@ -278,12 +278,12 @@ class PolicedGroup:
         lister = await self.group.lister(project, page)
         verdict = self.policy(lister(dist.filename)).verdict(project, dist, now)
         if verdict.exempted is not None:
-            self._note(project, dist.filename, "exempt", verdict.exempted.reason)
+            self._note(dist.filename, "exempt", verdict.exempted.reason)
         if verdict.refusal is not None:
-            self._refused(project, verdict.refusal, filename)
+            self._refused(verdict.refusal, filename)
             raise PolicyRefused(verdict.refusal)
 
-    def _refused(self, project: str, refusal: Refusal, what: str) -> None:
+    def _refused(self, refusal: Refusal, what: str) -> None:
         self.on_refusal(refusal)
         if self._first_time((what, refusal.rule)):
             log.info(
@@ -294,7 +294,7 @@ class PolicedGroup:
                 reason=refusal.reason,
             )
 
-    def _note(self, project: str, filename: str, kind: str, detail: str) -> None:
+    def _note(self, filename: str, kind: str, detail: str) -> None:
         if kind == "exempt":
             # Logged every time it lets a file through.
             log.info(
