@@ -22,7 +22,7 @@ from twisted.internet.task import Clock, deferLater
 from zope.interface.verify import verifyObject
 
 from tests.conftest import get_reactor
-from txpypi.cache.coordinator import ICoordinator, LocalCoordinator, RedisCoordinator
+from txpypi.cache.coordinator import ICoordinator, LocalCoordinator, SharedCoordinator
 from txpypi.core.peer import owner_id
 from txpypi.fetch.wanted import Peer
 from txpypi.storage.metadata import FileRecord, MemoryMetadata
@@ -88,7 +88,7 @@ class Cluster:
         self.connections.append(redis)
         # The Redis calls are bounded in real time; the coordinator waits on the test clock.
         locks = RedisLocks(redis, owner=owner_id(name, peer_url), clock=get_reactor())
-        return RedisCoordinator(locks, self.metadata, self.clock, peer_url, **kwargs)
+        return SharedCoordinator(locks, self.metadata, self.clock, peer_url, **kwargs)
 
 
 @pytest.fixture(params=["local", "redis"])

@@ -1,8 +1,9 @@
 """
 Who downloads a file: one instance alone fetches every file it lacks
-(L{LocalCoordinator}); instances that share a cache take a cluster-wide
-lock per file, and the others follow the holder's download or wait for the
-file to land (L{RedisCoordinator}).  L{txpypi.cache.files.FileCache} asks
+(L{LocalCoordinator}); instances that share a cache take a shared lock per
+file, and the others follow the holder's download or wait for the file to
+land (L{SharedCoordinator}: the lock is the cluster's in Redis, or, for the
+worker processes of one machine, a file lock).  L{txpypi.cache.files.FileCache} asks
 its coordinator and does not know which it has.
 """
 
@@ -23,7 +24,6 @@ from txpypi.core.peer import owner_url
 from txpypi.fetch.wanted import Peer
 from txpypi.storage.metadata import FileRecord, IMetadata
 from txpypi.storage.outages import Unavailable, known_file
-from txpypi.storage.redismeta import RedisLocks
 
 log = Logger(namespace="txpypi.files")
 
@@ -31,6 +31,21 @@ log = Logger(namespace="txpypi.files")
 #: of it in progress here), a L{Peer} whose download to follow, or the
 #: record of the file, which landed meanwhile.
 Claim = FileRecord | Peer | None
+
+
+class Locks(Protocol):
+    """
+    Named locks that instances share: L{txpypi.storage.redismeta.RedisLocks}
+    or L{txpypi.storage.filelocks.FileLocks}.
+    """
+
+    def acquire(self, name: str, ttl: float) -> Deferred[bool]: ...
+
+    def renew(self, name: str, ttl: float) -> Deferred[bool]: ...
+
+    def release(self, name: str) -> Deferred[None]: ...
+
+    def holder(self, name: str) -> Deferred[str | None]: ...
 
 
 class Here(Protocol):
@@ -121,9 +136,9 @@ class LocalCoordinator:
 
 @implementer(ICoordinator)
 @attrs.define
-class RedisCoordinator:
+class SharedCoordinator:
     """
-    Instances sharing one cache: a cluster-wide lock (L{RedisLocks}) per
+    Instances sharing one cache: a shared lock (L{Locks}) per
     file decides which instance fetches it; while another holds it, follow
     that instance's download when it can be reached (C{peer_url} and
     C{peer_secret}), else wait for the file to land in the shared store.
@@ -131,7 +146,7 @@ class RedisCoordinator:
     over.
     """
 
-    _locks: RedisLocks
+    _locks: Locks
     _metadata: IMetadata
     _clock: IReactorTime
     #: Where the other instances reach this one, and the secret that signs
@@ -219,4 +234,4 @@ def _renew_failed(failure: Failure, key: str) -> None:
     log.failure("could not renew the lock on {key}", failure, key=key)
 
 
-__all__ = ["Claim", "Here", "ICoordinator", "LocalCoordinator", "RedisCoordinator"]
+__all__ = ["Claim", "Here", "ICoordinator", "LocalCoordinator", "Locks", "SharedCoordinator"]
