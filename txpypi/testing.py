@@ -208,6 +208,8 @@ class FakeUpstream(Resource):
         #: status line, is sent until it fires.
         self.head_holds: dict[str, Deferred[None]] = {}
         self.page_faults: dict[str, Fault | PageFault] = {}
+        #: Project name to a Deferred: its page is answered once it fires.
+        self.page_holds: dict[str, Deferred[None]] = {}
         #: Compress page bodies (Content-Encoding: gzip) for requests that
         #: accept it.
         self.gzip_pages = False
@@ -374,6 +376,16 @@ class FakeUpstream(Resource):
         return f"<html><body>{links}</body></html>".encode()
 
     def _render_project(self, request: Request, name: str) -> bytes | int:
+        hold = self.page_holds.get(name)
+        if hold is not None and not hold.called:
+
+            def answer(_: object) -> None:
+                if not _gone(request):
+                    request.write(self._render_project(request, name))  # type: ignore[arg-type]
+                    request.finish()
+
+            hold.addCallback(answer)
+            return NOT_DONE_YET
         fault = self.page_faults.get(name)
         if fault is not None and fault in ("500", "404"):
             request.setResponseCode(int(fault))

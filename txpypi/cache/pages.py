@@ -27,8 +27,10 @@ from typing import Any, TypeVar
 import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from txpypi.cache.coordinator import ICoordinator
 from txpypi.concurrency.waiters import SingleFlight, in_thread_now
 from txpypi.core.live import Live
 from txpypi.core.simple.formats import dump_page, load_page, parse_project, parse_project_list, render_page
@@ -284,6 +286,11 @@ Blocking = Callable[..., Deferred[Any]]
 
 HIT = "HIT"
 MISS = "MISS"
+
+#: While another worker fetches a page, how long to wait before looking
+#: again whether it is done: first, then at most (doubling in between).
+SHARED_WAIT_FIRST = 0.005
+SHARED_WAIT_MOST = 0.05
 STALE = "STALE"
 
 
@@ -335,6 +342,10 @@ class PageCache:
     _unknown: OrderedDict[str, float] = attrs.field(factory=OrderedDict)
     _flights: SingleFlight[str, CachedPage] = attrs.field(factory=SingleFlight)
     _loads: SingleFlight[str, None] = attrs.field(factory=SingleFlight)
+    #: Who else fetches pages into the same metadata store (the other
+    #: workers): one of them at a time fetches a page, the others wait and
+    #: take the copy it stored.  L{None}: this process alone.
+    shared: ICoordinator | None = attrs.field(default=None, kw_only=True)
 
     @property
     def _memory(self) -> OrderedDict[str, CachedPage]:
@@ -552,7 +563,7 @@ class PageCache:
                 raise NotFound(project)
             return stale, STALE
         try:
-            return await self._flights.run(key, lambda: self._fetch(project, stale)), MISS
+            return await self._flights.run(key, lambda: self._fetch_once(project, stale)), MISS
         except UpstreamError as e:
             stale = self._memory.get(key)
             if not self._usable_stale(stale):
@@ -614,6 +625,50 @@ class PageCache:
                 model = attrs.evolve(model, last_serial=fetched.last_serial)  # an HTML page's
         page = prepare(self.key(project), model, now, fetched.etag, fetched.last_modified)
         return page, page.dump(), skipped
+
+    async def _fetch_once(self, project: str | None, stale: CachedPage | None) -> CachedPage:
+        """
+        Fetch the page, unless another worker fetched it meanwhile: take
+        the page's shared lock first (waiting while another worker holds
+        it), then the stored copy if it is fresh.
+        """
+        if self.shared is None:
+            return await self._fetch(project, stale)
+        name = f"page {self.upstream.url} {self.key(project)}"
+        wait = SHARED_WAIT_FIRST
+        while not await self._take(self.shared, name):
+            await deferLater(self._clock, wait)
+            wait = min(wait * 2, SHARED_WAIT_MOST)
+        try:
+            stored = await self._newer_stored(project, stale)
+            if stored is not None and self.remaining(stored) > 0:
+                return stored
+            return await self._fetch(project, stored or stale)
+        finally:
+            self.shared.release(name)
+
+    @staticmethod
+    async def _take(shared: ICoordinator, name: str) -> bool:
+        try:
+            return await shared.take(name)
+        except Exception:
+            return True  # the lock cannot be told: fetch it here
+
+    async def _newer_stored(self, project: str | None, than: CachedPage | None) -> CachedPage | None:
+        """
+        The stored copy of the page, into memory, when it is newer than
+        C{than} (another worker stored it); else L{None}.
+        """
+        try:
+            record = await self._metadata.get_page(self.key(project))
+        except Unavailable:
+            return None
+        if record is None or (than is not None and record.fetched_at <= than.fetched_at):
+            return None
+        loaded: CachedPage | None = await self._blocking(self._load, project, record)
+        if loaded is not None:
+            self._remember(loaded)
+        return loaded
 
     async def _fetch(self, project: str | None, stale: CachedPage | None) -> CachedPage:
         key = self.key(project)
