@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from txpypi.web import accesslog
-from txpypi.web.accesslog import AccessLogWriter
+from txpypi.web.accesslog import AccessLogWriter, pieces
 
 
 class HeldRuns:
@@ -86,3 +86,18 @@ def test_reopen_moves_to_a_new_file(tmp_path: Path) -> None:
     writer.stop()
     runs.run_all()
     assert (first.read_text(), second.read_text()) == ("before\n", "after\n")
+
+
+def test_lines_go_to_a_shared_pipe_in_whole_pieces() -> None:
+    """
+    Worker processes share standard output: each write is whole lines of
+    at most PIPE_BUF bytes (which a pipe never interleaves), but for a
+    line longer than that, written alone.
+    """
+    lines = [b"x" * n + b"\n" for n in (100, 3000, 2000, 5000, 10, 4095)]
+    data = b"".join(lines)
+    cut = list(pieces(data, 4096))
+    assert b"".join(cut) == data
+    assert all(piece.endswith(b"\n") for piece in cut)
+    assert all(len(piece) <= 4096 or piece.count(b"\n") == 1 for piece in cut)
+    assert len(cut) == 5  # 100+3000, 2000, 5000, 10, 4095

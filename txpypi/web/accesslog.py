@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from typing import Any, BinaryIO
 
 import attrs
@@ -116,6 +117,22 @@ MAX_BUFFERED = 1024 * 1024
 MAX_PENDING = 16 * 1024 * 1024
 
 
+def pieces(data: bytes, most: int) -> Iterator[bytes]:
+    """
+    C{data} (whole lines) in pieces of whole lines of at most C{most}
+    bytes, but for a single longer line.
+    """
+    start = 0
+    while len(data) - start > most:
+        end = data.rfind(b"\n", start, start + most) + 1
+        if end <= start:  # one line longer than that
+            end = data.find(b"\n", start) + 1 or len(data)
+        yield data[start:end]
+        start = end
+    if start < len(data):
+        yield data[start:]
+
+
 class AccessLogWriter:
     """
     Access log lines, buffered and written once a second (and when
@@ -209,9 +226,12 @@ class AccessLogWriter:
 
     def _write(self, data: bytes) -> None:
         if self._file is None:
-            view = memoryview(data)
-            while view:  # a pipe may take part of it
-                view = view[os.write(1, view) :]
+            # Worker processes share standard output: a pipe keeps a write
+            # of at most PIPE_BUF bytes whole, so lines never interleave.
+            for piece in pieces(data, select.PIPE_BUF):
+                view = memoryview(piece)
+                while view:  # a pipe may take part of it
+                    view = view[os.write(1, view) :]
             return
         self._file.write(data)
         self._file.flush()
