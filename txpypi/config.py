@@ -73,6 +73,7 @@ class Settings:
     trusted_proxies: tuple[str, ...] = _LIVE.trusted_proxies
     admin_token: str | None = attrs.field(default=_LIVE.admin_token, repr=False)
     shutdown_grace: float = _LIVE.shutdown_grace
+    workers: int = 1
     store: str = "disk"
     s3_bucket: str | None = None
     s3_prefix: str = "txpypi/"
@@ -193,6 +194,21 @@ def count(low: int, high: int) -> Parse:
         return n
 
     return check
+
+
+#: The most worker processes (L{workers}).
+MAX_WORKERS = 64
+
+
+def workers(key: str, value: Any) -> int:
+    """
+    A number of worker processes, or C{auto}: as many as this process may
+    run on CPUs.
+    """
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+    n: int = count(1, MAX_WORKERS)(key, value)
+    return n
 
 
 #: How a flag may be spelled in text (the environment, a substituted value).

@@ -44,6 +44,7 @@ from txpypi.config import (
     size,
     text,
     url,
+    workers,
 )
 from txpypi.core.live import Live
 from txpypi.upstreams import (
@@ -169,6 +170,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("shutdown-grace", seconds, live=True, help=(
         "On SIGTERM, seconds to let downloads in progress finish before their clients are "
         "cut off (default: 30).")),
+    Option("workers", workers, live=False, help=(
+        "Worker processes that accept on the same listening sockets and share one cache; "
+        "auto: one per CPU (default: 1).")),
     Option("log-format", log_format, live=True, help=(
         "The access log: combined, json or none (default: combined).")),
     Option("access-log", text, live=True, help=(

@@ -27,6 +27,7 @@ from txpypi.fetch.upstream import UpstreamClient
 from txpypi.options import FIXED, Running
 from txpypi.storage.outages import Outage, WatchedMetadata
 from txpypi.web.accesslog import AccessLogWriter
+from txpypi.workers import Inherited, adopt
 
 # The log lines keep the namespace they had when these lived in tap.py.
 log = Logger(namespace="txpypi.tap")
@@ -261,3 +262,25 @@ class AccessLogService(Service):
     def stopService(self) -> Deferred[Any]:
         super().stopService()
         return self._writer.stop()
+
+
+class AdoptedService(Service):
+    """
+    Accepts connections on a listening socket a worker inherited (see
+    L{txpypi.workers}), as C{strports.service} does on one it makes.
+    """
+
+    def __init__(self, reactor: Any, inherited: Inherited, factory: Any) -> None:
+        self._reactor = reactor
+        self._inherited = inherited
+        self._factory = factory
+        self._port: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._port = adopt(self._reactor, self._inherited, self._factory)
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        port, self._port = self._port, None
+        return None if port is None else maybeDeferred(port.stopListening)

@@ -28,7 +28,7 @@ from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
 from txpypi import options, upstreams
-from txpypi.cache.coordinator import RedisCoordinator
+from txpypi.cache.coordinator import Locks, SharedCoordinator
 from txpypi.cache.files import FileCache
 from txpypi.cache.groupfiles import Groups
 from txpypi.cache.groups import Group
@@ -51,6 +51,7 @@ from txpypi.fetch.tls import upstream_tls
 from txpypi.fetch.upstream import Upstream, UpstreamClient
 from txpypi.services import (
     AccessLogService,
+    AdoptedService,
     CacheUpkeepService,
     CleanupService,
     DrainService,
@@ -60,6 +61,7 @@ from txpypi.services import (
     ThreadPoolService,
     TimerLoopService,
 )
+from txpypi.storage.filelocks import FileLocks
 from txpypi.storage.metadata import SqliteMetadata
 from txpypi.storage.outages import Outage, WatchedMetadata, WatchedStore
 from txpypi.storage.redismeta import RedisLocks, RedisMetadata
@@ -67,6 +69,8 @@ from txpypi.storage.stores import DiskStore, IFileStore
 from txpypi.web.accesslog import AccessLogWriter
 from txpypi.web.app import Proxy
 from txpypi.web.metrics import Metrics
+from txpypi.web.siblings import Siblings
+from txpypi.workers import Role, Supervisor
 
 log = Logger(namespace="txpypi.tap")
 
@@ -120,8 +124,21 @@ def makeService(config: Options, reactor: IProxyReactor | None = None) -> IServi
         from twisted.internet import reactor as default_reactor
 
         reactor = cast(IProxyReactor, default_reactor)
+    if config.settings.workers > 1:
+        # The parent of the workers: it serves nothing itself.
+        return Supervisor(config.settings, config.config_path, config.given, reactor, reactor)  # type: ignore[arg-type]
     running = options.Running(config.settings)
     built = assemble(config.settings, reactor, running.live)
+    ReloadService(config, running, reactor).setServiceParent(built.service)
+    return built.service
+
+
+def worker_service(config: Options, role: Role, reactor: IProxyReactor) -> IService:
+    """
+    The service of one of the workers (see L{txpypi.worker}).
+    """
+    running = options.Running(config.settings)
+    built = assemble(config.settings, reactor, running.live, role)
     ReloadService(config, running, reactor).setServiceParent(built.service)
     return built.service
 
@@ -148,10 +165,15 @@ def build(settings: Settings, reactor: IProxyReactor) -> tuple[MultiService, Pro
     return built.service, built.proxy
 
 
-def assemble(settings: Settings, reactor: IProxyReactor, live: Live | None = None) -> Built:
+def assemble(
+    settings: Settings, reactor: IProxyReactor, live: Live | None = None, role: Role | None = None
+) -> Built:
     """
     Build the whole proxy for C{settings}, its parts holding C{live} (the
-    live rows of C{settings} when L{None}).  The services start in the order
+    live rows of C{settings} when L{None}); as one of the workers when
+    given its C{role}: serving on the sockets it inherited, with a spool and
+    a commit journal of its own, and sharing each file's download with the
+    other workers.  The services start in the order
     they are added and stop in the reverse one: the thread pools first (so
     that they stop last), the listeners last (so that they stop first, and
     the downloads in progress drain right after).
@@ -166,14 +188,20 @@ def assemble(settings: Settings, reactor: IProxyReactor, live: Live | None = Non
     # the last requests is written.
     access = AccessLogWriter(reactor, partial(deferToThreadPool, reactor, pools.io), live.access_log)
     AccessLogService(access, live).setServiceParent(service)
-    store = file_store(settings, reactor, pools, metrics)
+    store = file_store(settings, reactor, pools, metrics, spool_dir(settings, role))
     metadata, redis = metadata_store(settings, reactor, pools, metrics)
     outages = ([store.outage] if isinstance(store, WatchedStore) else []) + [metadata.outage]
     found = indexes(settings, reactor, pools, metrics, live, metadata)
     client = found.file_client()
     CleanupService(client, metadata).setServiceParent(service)
     OutageService(outages).setServiceParent(service)
-    files = file_cache(settings, live, reactor, pools, metrics, client, store, metadata, redis, found.first)
+    files = file_cache(
+        settings, live, reactor, pools, metrics, client, store, metadata, redis, found.first, role
+    )
+    if role is not None:
+        # One fetch of a page however many workers' clients ask for it.
+        for pages in found.pages.values():
+            pages.shared = files.coordinator
     CacheUpkeepService(files, reactor).setServiceParent(service)
     # Back from an outage: learn the cache's size again (it may have been
     # unknown since start-up, or changed meanwhile).
@@ -199,9 +227,35 @@ def assemble(settings: Settings, reactor: IProxyReactor, live: Live | None = Non
     drain = DrainService(files, live, proxy.senders)
     drain.setServiceParent(service)
     site = proxy.site()
-    for endpoint in settings.listen:
-        strports.service(endpoint, site, reactor=reactor).setServiceParent(service)
+    if role is None:
+        for endpoint in settings.listen:
+            strports.service(endpoint, site, reactor=reactor).setServiceParent(service)
+    else:
+        proxy.siblings = Siblings(reactor, role.siblings, role.secret)
+        for inherited in (*role.listen, role.own):
+            AdoptedService(reactor, inherited, site).setServiceParent(service)
     return Built(service, proxy, first_client, drain, live)
+
+
+def spool_dir(settings: Settings, role: Role | None) -> Path:
+    """
+    Where spool files are written: C{tmp/}, or a worker's own C{tmp/w<N>/}
+    (cleaned when it starts, while the others' are in use).
+    """
+    spool = Path(settings.cache_dir) / "tmp"
+    return spool if role is None else spool / f"w{role.index}"
+
+
+def journal_dir(settings: Settings, role: Role | None) -> Path:
+    """
+    Where the commits in progress are written down: C{commits/}, or a
+    worker's own C{commits-w<N>/}, whose markers only a successor of that
+    worker recovers (never those of a worker committing right now).
+    Worker 0 takes the single process's over, as after a switch from one
+    process to several.
+    """
+    name = "commits" if role is None or role.index == 0 else f"commits-w{role.index}"
+    return Path(settings.cache_dir) / name
 
 
 @attrs.frozen
@@ -233,19 +287,21 @@ def thread_pools(settings: Settings) -> Pools:
     )
 
 
-def file_store(settings: Settings, reactor: IProxyReactor, pools: Pools, metrics: Metrics) -> IFileStore:
+def file_store(
+    settings: Settings, reactor: IProxyReactor, pools: Pools, metrics: Metrics, spool: Path | None = None
+) -> IFileStore:
     """
     The disk store under the cache directory, or the S3 store (watched for
-    outages) with its spool under it.
+    outages), with their spool files in C{spool} (C{tmp/} by default).
     """
     cache_dir = Path(settings.cache_dir)
+    spool = cache_dir / "tmp" if spool is None else spool
     if pools.s3 is None:
-        disk = DiskStore(cache_dir, pools.io, reactor)
+        disk = DiskStore(cache_dir, pools.io, reactor, spool=str(spool))
         disk.prepare()
         return disk
     from txpypi.storage.s3 import S3Store, make_client
 
-    spool = cache_dir / "tmp"
     shutil.rmtree(spool, ignore_errors=True)
     spool.mkdir(parents=True, exist_ok=True)
     s3 = make_client(settings.s3_endpoint_url, settings.s3_region, settings.s3_timeout)
@@ -449,19 +505,27 @@ def file_cache(
     metadata: WatchedMetadata,
     redis: RedisMetadata | None,
     pages: PageCache,
+    role: Role | None = None,
 ) -> FileCache:
     """
     The file cache; with Redis, one of a cluster that shares the cache's
-    size and takes a lock on each file it fetches.
+    size and takes a lock on each file it fetches; as one of the workers,
+    the same with the other workers, through file locks (or the cluster's
+    with Redis), each worker reached by the others at its own socket.
     """
     coordinator = None
+    instance = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
+    peer_url, secret = settings.peer_url, settings.peer_secret
+    if role is not None:
+        peer_url, secret = role.peer_url, role.secret
+    locks: Locks | None = None
     if redis is not None:
-        instance = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
-        locks = RedisLocks(
-            redis.redis, owner=owner_id(instance, settings.peer_url), link=redis.link, clock=reactor
-        )
-        coordinator = RedisCoordinator(
-            locks, metadata, reactor, settings.peer_url, settings.peer_secret, lock_ttl=settings.lock_ttl
+        locks = RedisLocks(redis.redis, owner=owner_id(instance, peer_url), link=redis.link, clock=reactor)
+    elif role is not None:
+        locks = FileLocks(Path(settings.cache_dir) / "locks", owner=owner_id(instance, peer_url))
+    if locks is not None:
+        coordinator = SharedCoordinator(
+            locks, metadata, reactor, peer_url, secret, lock_ttl=settings.lock_ttl
         )
     return FileCache(
         reactor,
@@ -472,8 +536,8 @@ def file_cache(
         live=live,
         metrics=metrics,
         run_spooling=partial(deferToThreadPool, reactor, pools.spool),
-        journal=CommitJournal(str(Path(settings.cache_dir) / "commits")),
+        journal=CommitJournal(str(journal_dir(settings, role))),
         coordinator=coordinator,
         shared_usage=coordinator is not None,
-        peer_secret=settings.peer_secret,
+        peer_secret=secret,
     )

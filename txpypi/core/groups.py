@@ -24,7 +24,20 @@ NAME = re.compile(r"[a-z0-9][a-z0-9-]*\Z", re.ASCII)
 #: The first path segments of the proxy's own routes, which no group may
 #: take (a group is served at C{/<group>/simple/}).
 RESERVED = frozenset(
-    {"simple", "files", "pypi", "cache", "metrics", "health", "stats", "_peer", "static", "admin", "api"}
+    {
+        "simple",
+        "files",
+        "pypi",
+        "cache",
+        "metrics",
+        "health",
+        "stats",
+        "_peer",
+        "_worker",
+        "static",
+        "admin",
+        "api",
+    }
 )
 
 #: The group the command line's C{--upstream} makes, served at C{/simple/}.

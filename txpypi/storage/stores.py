@@ -185,10 +185,13 @@ class DiskStore:
     root: Path
     _pool: ThreadPool
     _reactor: object
+    #: Where spool files are written (C{<root>/tmp} by default; a worker
+    #: process has its own, see L{txpypi.tap.spool_dir}).
+    spool: str | None = None
 
     @property
     def spool_dir(self) -> str:
-        return str(self.root / "tmp")
+        return str(self.root / "tmp") if self.spool is None else self.spool
 
     def prepare(self) -> None:
         """

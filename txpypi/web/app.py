@@ -31,6 +31,8 @@ from txpypi.cache.groups import Group
 from txpypi.cache.pages import PageCache
 from txpypi.core.live import Live
 from txpypi.core.names import BadName, check_filename, normalize
+from txpypi.core.peer import HEADER as PEER_HEADER
+from txpypi.core.peer import verify
 from txpypi.core.policy import NO_POLICY
 from txpypi.fetch.upstream import UpstreamClient
 from txpypi.storage.outages import Outage, Unavailable
@@ -41,11 +43,12 @@ from txpypi.web.health import Health
 from txpypi.web.legacy import LegacyResource, is_legacy
 from txpypi.web.memo import Memo
 from txpypi.web.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from txpypi.web.metrics import Metrics
+from txpypi.web.metrics import Metrics, merge
 from txpypi.web.pages import SimpleResource
 from txpypi.web.peer import PeerResource
 from txpypi.web.sender import Sender
 from txpypi.web.server import ConnectionLimits, ProxySite
+from txpypi.web.siblings import Siblings
 from txpypi.web.statuspage import StatusFigures, render_status
 
 log = Logger(namespace="txpypi.app")
@@ -147,6 +150,9 @@ class Proxy:
     #: Every upstream's client by upstream name, for C{/health} (by
     #: default C{client}, as C{pages}' upstream's).
     clients: Mapping[str, UpstreamClient] = attrs.field(kw_only=True)
+    #: The other workers, when this process is one of several
+    #: (C{--workers}): C{/metrics} and C{/health} answer for them all.
+    siblings: Siblings | None = attrs.field(default=None, kw_only=True)
     app = Klein()
 
     @connections.default
@@ -321,17 +327,63 @@ class Proxy:
         return json.dumps(body, indent=2).encode() + b"\n"
 
     @app.route("/metrics", methods=["GET"])
-    def metrics_page(self, request: Request) -> bytes:
+    async def metrics_page(self, request: Request) -> bytes:
+        """
+        The metrics; of all the workers together, when there are several.
+        """
         request.setHeader(b"content-type", METRICS_CONTENT_TYPE.encode())
-        return self.metrics.render()
+        own = self.metrics.render()
+        if self.siblings is None:
+            return own
+        theirs = [t for t in await self.siblings.gather("metrics") if t is not None]
+        return merge([own, *theirs], answering=1 + len(theirs))
+
+    @app.route("/_worker/<what>", methods=["GET"])
+    async def worker_part(self, request: Request, what: str) -> bytes:
+        """
+        This worker's own part of C{/metrics} or C{/health}, for a sibling
+        (signed with the workers' secret).
+        """
+        if self.siblings is None:
+            return text(request, 404, "this process is the only one")
+        path = (request.path or b"").decode("latin-1")
+        if not verify(self.siblings.secret, path, header(request, PEER_HEADER), self.clock.seconds()):
+            return text(request, 403, "worker requests must be signed with the workers' secret")
+        if what == "metrics":
+            request.setHeader(b"content-type", METRICS_CONTENT_TYPE.encode())
+            return self.metrics.render()
+        if what == "health":
+            serving, body = await self._health.report()
+            request.setHeader(b"content-type", b"application/json")
+            return json.dumps({"serving": serving, "status": body.get("status")}).encode()
+        return text(request, 404, "worker parts are metrics and health")
+
+    async def _workers(self) -> dict[str, Any] | None:
+        """
+        What C{/health} says of the workers: how many, how many answered,
+        and the status of each that did (this one first).
+        """
+        if self.siblings is None:
+            return None
+        statuses = []
+        for answer in await self.siblings.gather("health"):
+            try:
+                statuses.append(json.loads(answer or b"")["status"])
+            except (ValueError, KeyError, TypeError):
+                continue
+        return {"count": self.siblings.count, "answering": 1 + len(statuses), "others": statuses}
 
     @app.route("/health", methods=["GET"])
     async def health(self, request: Request) -> bytes:
         """
         The proxy's state as JSON (see L{Health.report}): C{200} while it
-        can serve, even degraded; C{503} when it cannot.
+        can serve, even degraded; C{503} when it cannot.  With several
+        workers, C{workers} says how the others are.
         """
         serving, body = await self._health.report()
+        workers = await self._workers()
+        if workers is not None:
+            body["workers"] = workers
         request.setResponseCode(200 if serving else 503)
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")

@@ -185,3 +185,60 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+#: Gauges of what the workers share (the one cache, the stores): the same
+#: in every worker, so the whole's value is not their sum.
+_SHARED_MOST = frozenset({"txpypi_cache_bytes", "txpypi_cache_files", "txpypi_cache_max_bytes"})
+_SHARED_LEAST = frozenset({"txpypi_store_up"})
+
+
+def merge(texts: list[bytes], answering: int | None = None) -> bytes:
+    """
+    The metrics of several workers as one proxy's: each sample summed over
+    the workers (counters, histograms, the gauges of each worker's own
+    state), except the gauges of what they share (the largest value; for
+    C{txpypi_store_up}, the least) and the creation times (the earliest).
+    With C{answering}, a gauge C{txpypi_workers_answering} says how many
+    workers' metrics are in the total.
+    """
+    from prometheus_client.core import Metric
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text.decode("utf-8")):
+            if family.name not in families:
+                families[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+                values[family.name] = {}
+            into = values[family.name]
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                if key not in into:
+                    into[key] = sample.value
+                elif sample.name.endswith("_created"):
+                    into[key] = min(into[key], sample.value)
+                elif family.name in _SHARED_MOST:
+                    into[key] = max(into[key], sample.value)
+                elif family.name in _SHARED_LEAST:
+                    into[key] = min(into[key], sample.value)
+                else:
+                    into[key] += sample.value
+    for name, metric in families.items():
+        for (sample_name, labels), value in values[name].items():
+            metric.add_sample(sample_name, dict(labels), value)
+    merged = list(families.values())
+    if answering is not None:
+        workers = GaugeMetricFamily(
+            "txpypi_workers_answering", "Worker processes whose metrics are in this total.", value=answering
+        )
+        merged.append(workers)
+
+    class _Merged(Collector):
+        def collect(self) -> Iterator[Any]:
+            return iter(merged)
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Merged())
+    return generate_latest(registry)

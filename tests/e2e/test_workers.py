@@ -1,0 +1,383 @@
+"""
+Issue #14's worker processes, with a real C{twistd -n txpypi --workers 2}:
+a herd of clients spread over both workers costs the upstream one GET of a
+page and one of a file, the followers streaming the leader's bytes as they
+arrive; a worker killed mid-download is started again while the other's
+clients go on; SIGHUP reaches both, SIGTERM drains both; the workers share a
+socket systemd hands over, and one with TLS.
+
+Each worker also listens on a loopback socket of its own (for the others);
+the tests reach a chosen worker there, so that the herd is spread for sure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import pytest_twisted
+from treq.client import HTTPClient
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web._newclient import HTTP11ClientProtocol
+from twisted.web._newclient import Request as ClientRequest
+from twisted.web.client import ResponseDone
+from twisted.web.http_headers import Headers
+
+from tests.conftest import ROOT, TLS, clean_env, get_reactor
+from tests.e2e.test_cluster import Download, Upstream, download, serve, when_answered, within
+from tests.e2e.test_install import assert_imports, uv_install
+from tests.processes import Twistd
+from txpypi.testing import Dist, build_wheel
+
+
+@pytest.fixture
+def big(dists: list[Dist]) -> Dist:
+    """
+    conftest's 3 MB wheel.
+    """
+    return next(d for d in dists if d.project == "big")
+
+
+@pytest.fixture(scope="module")
+def other() -> Dist:
+    return build_wheel("other", "1.0", padding=3 * 1024 * 1024)
+
+
+@pytest.fixture
+def upstream(dists: list[Dist], other: Dist) -> Iterator[Upstream]:
+    yield from serve([*dists, other])
+
+
+@attrs.frozen
+class Workers:
+    process: Twistd
+    #: The socket the workers share.
+    url: str
+    #: Each worker's own socket, by index.
+    own: tuple[str, ...]
+
+    def pids(self) -> dict[int, int]:
+        """
+        The last started process id of each worker, from the log.
+        """
+        found = re.findall(rb"started worker (\d+) \(pid (\d+)\)", self.process.output)
+        return {int(index): int(pid) for index, pid in found}
+
+
+def own_port(index: int) -> bytes:
+    """
+    The log of a worker's start: its shared socket, then its own.
+    """
+    return (
+        rb"(?s)\[worker %d\] ProxySite (?:\(TLS\) )?starting on \d+"
+        rb".*?\[worker %d\] ProxySite starting on (\d+)"
+        % (
+            index,
+            index,
+        )
+    )
+
+
+def ready(process: Twistd) -> tuple[str, tuple[str, ...]]:
+    port = pytest_twisted.blockon(within(process.listening, 60, "the workers to listen"))
+    own = []
+    for index in (0, 1):
+        match = pytest_twisted.blockon(within(process.wait_for(own_port(index)), 60, f"worker {index}"))
+        own.append(f"http://127.0.0.1:{int(match.group(1))}")
+    return f"http://127.0.0.1:{port}", tuple(own)
+
+
+@contextmanager
+def run_workers(args: list[str], tmp_path: Path) -> Iterator[Workers]:
+    process = Twistd.start(["--workers", "2", "--cache-dir", str(tmp_path / "cache"), *args], tmp_path)
+    try:
+        url, own = ready(process)
+        yield Workers(process, url, own)
+    finally:
+        pytest_twisted.blockon(process.stop())
+        print(process.tail(20000))
+
+
+@pytest.fixture
+def workers(upstream: Upstream, tmp_path: Path) -> Iterator[Workers]:
+    with run_workers(
+        ["--upstream", upstream.url, "--listen", "tcp:0:interface=127.0.0.1"], tmp_path
+    ) as running:
+        yield running
+
+
+class Body(Protocol):
+    def __init__(self) -> None:
+        self.data = b""
+        self.done: Deferred[None] = Deferred()
+        self.reason: Failure | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.reason = reason
+        self.done.callback(None)
+
+
+@attrs.define
+class Get:
+    """
+    One client's GET on a connection of its own (so that the test knows
+    when the request was written).
+    """
+
+    body: Body = attrs.Factory(Body)
+    response: Any = None
+    sent: Deferred[None] = attrs.Factory(Deferred)
+
+    @property
+    def whole(self) -> bool:
+        return self.body.reason is not None and self.body.reason.check(ResponseDone) is not None
+
+
+def get(base: str, path: str, accept: str = "application/vnd.pypi.simple.v1+json") -> Get:
+    got = Get()
+    port = int(base.rsplit(":", 1)[1])
+    headers = Headers({b"host": [b"127.0.0.1"], b"accept": [accept.encode()]})
+
+    def connected(protocol: HTTP11ClientProtocol) -> Deferred[Any]:
+        answer: Deferred[Any] = protocol.request(
+            ClientRequest(b"GET", path.encode(), headers, None, persistent=False)
+        )
+        got.sent.callback(None)
+        return answer
+
+    def answered(response: Any) -> None:
+        got.response = response
+        response.deliverBody(got.body)
+
+    def failed(failure: Failure) -> None:
+        if not got.sent.called:
+            got.sent.callback(None)
+        got.body.connectionLost(failure)
+
+    d = connectProtocol(TCP4ClientEndpoint(get_reactor(), "127.0.0.1", port), HTTP11ClientProtocol())
+    d.addCallback(connected).addCallbacks(answered, failed)
+    return got
+
+
+async def arrived(http: HTTPClient, sent: list[Deferred[None]], urls: tuple[str, ...]) -> None:
+    """
+    Return once requests are inside the workers: each was written, then
+    each worker answered a C{/stats} (which waits on the database) after
+    reading what reached it before.
+    """
+    await gatherResults(sent)
+    for url in urls:
+        response = await http.get(f"{url}/stats")
+        await response.content()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_herd_over_two_workers_costs_one_fetch(
+    workers: Workers, upstream: Upstream, http: HTTPClient, big: Dist
+) -> None:
+    """
+    Ten clients on each worker ask at once for a page, then for an
+    uncached file, while the upstream holds them back: one upstream GET of
+    each.  Every client of both workers has the file's headers before the
+    upstream sends its second half: the followers stream the leader's
+    bytes as they come, not from the landed file.
+    """
+    gate: Deferred[None] = Deferred()
+    upstream.fake.page_holds["alpha"] = gate
+    pages = [get(url, "/simple/alpha/") for url in workers.own for _ in range(10)]
+    await within(Deferred.fromCoroutine(arrived(http, [g.sent for g in pages], workers.own)), 30, "the pages")
+    await within(upstream.fake.requested("/simple/alpha/"), 30, "the page's GET")
+    gate.callback(None)
+    await within(gatherResults([g.body.done for g in pages]), 30, "the pages' answers")
+    assert [g.response.code for g in pages] == [200] * 20
+    for g in pages:
+        assert "alpha-1.0-py3-none-any.whl" in [f["filename"] for f in json.loads(g.body.data)["files"]]
+    assert upstream.fake.requests["/simple/alpha/"] == 1
+
+    path = "/packages/" + big.filename
+    hold: Deferred[None] = Deferred()
+    upstream.fake.holds[big.filename] = hold
+    downloads: list[Download] = [download(url, big) for url in workers.own for _ in range(10)]
+    await within(
+        Deferred.fromCoroutine(arrived(http, [d.sent for d in downloads], workers.own)), 30, "the files"
+    )
+    await within(upstream.fake.requested(path), 30, "the file's GET")
+    await within(when_answered(downloads, 20), 30, "every client's headers, the upstream half-way")
+    hold.callback(None)
+    await within(gatherResults([d.done for d in downloads]), 60, "the downloads")
+    assert [d.verdict() for d in downloads] == ["whole"] * 20, [
+        (d.verdict(), d.body.received) for d in downloads
+    ]
+    assert upstream.fake.file_counts() == {big.filename: 1}
+
+    # The metrics are both workers' together: the 40 answers are counted.
+    response = await http.get(f"{workers.url}/metrics")
+    text = (await response.content()).decode()
+    assert "txpypi_workers_answering 2.0" in text
+    counted = re.findall(r'txpypi_requests_total\{code="200",route="(project|file)"\} (\d+)', text)
+    assert sorted((route, float(n)) for route, n in counted) == [("file", 20.0), ("project", 20.0)]
+    health = json.loads(await (await http.get(f"{workers.url}/health")).content())
+    assert health["workers"] == {"count": 2, "answering": 2, "others": ["ok"]}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_killed_worker_is_started_again(
+    workers: Workers, upstream: Upstream, http: HTTPClient, big: Dist, other: Dist
+) -> None:
+    """
+    Worker 1 is killed (SIGKILL) in the middle of a download: its client is
+    cut off (never a complete-looking body), worker 0's client of another
+    download gets every byte, and worker 1 is started again on the same
+    sockets and serves the file it was fetching.
+    """
+    gates = {name: Deferred() for name in (big.filename, other.filename)}
+    upstream.fake.holds.update(gates)
+    on_0 = download(workers.own[0], big)
+    on_1 = download(workers.own[1], other)
+    await within(when_answered([on_0, on_1], 2), 30, "both downloads' headers")
+    killed = workers.pids()[1]
+    restarted = workers.process.wait_for(rb"started worker 1 \(pid (?!%d\))\d+\)" % killed)
+    os.kill(killed, signal.SIGKILL)
+    await within(on_1.done, 30, "worker 1's client to be cut off")
+    assert on_1.verdict() == "aborted"
+    for gate in gates.values():
+        gate.callback(None)
+    await within(on_0.done, 30, "worker 0's download")
+    assert on_0.verdict() == "whole"
+
+    await within(restarted, 30, "worker 1 to start again")
+    listening = rb"(?s)(?:\[worker 1\] ProxySite starting on.*?){4}"  # two sockets, twice
+    await within(workers.process.wait_for(listening), 30, "the new worker 1 to listen")
+    again = download(workers.own[1], other)
+    await within(again.done, 30, "the file through the new worker 1")
+    assert again.verdict() == "whole"
+    assert b"worker 1 ended" in workers.process.output
+
+
+@pytest.fixture
+def configured(upstream: Upstream, tmp_path: Path) -> Iterator[Workers]:
+    """
+    Two workers reading a config file.
+    """
+    config = tmp_path / "txpypi.yaml"
+    config.write_text(f"upstream: {upstream.url}\nlisten: tcp:0:interface=127.0.0.1\n")
+    with run_workers(["--config", str(config)], tmp_path) as running:
+        yield running
+
+
+@pytest_twisted.ensureDeferred
+async def test_sighup_reaches_both_workers(
+    configured: Workers, upstream: Upstream, http: HTTPClient, tmp_path: Path
+) -> None:
+    """
+    C{offline} turned on in the config file, then SIGHUP to the parent:
+    both workers reload, and neither asks the upstream for a page it lacks.
+    """
+    config = tmp_path / "txpypi.yaml"
+    config.write_text(config.read_text() + "offline: true\n")
+    process = configured.process
+    reloaded = [process.wait_for(rb"\[worker %d\] SIGHUP: configuration reloaded" % i) for i in (0, 1)]
+    process.transport_.signalProcess(signal.SIGHUP)
+    await within(gatherResults(reloaded), 30, "both workers to reload")
+    for url in configured.own:
+        response = await http.get(f"{url}/simple/beta/")
+        assert response.code == 404
+        await response.content()
+    assert upstream.fake.requests["/simple/beta/"] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigterm_drains_both_workers(
+    workers: Workers, upstream: Upstream, big: Dist, other: Dist
+) -> None:
+    """
+    SIGTERM to the parent while each worker sends a download: both stop
+    listening, finish their download, and exit; then the parent does.
+    """
+    gates = {name: Deferred() for name in (big.filename, other.filename)}
+    upstream.fake.holds.update(gates)
+    downloads = [download(workers.own[0], big), download(workers.own[1], other)]
+    await within(when_answered(downloads, 2), 30, "both downloads' headers")
+    closed = [workers.process.wait_for(rb"\[worker %d\] \(TCP Port \d+ Closed\)" % i) for i in (0, 1)]
+    workers.process.transport_.signalProcess(signal.SIGTERM)
+    await within(gatherResults(closed), 30, "both workers to stop listening")
+    assert not workers.process.ended.called
+    for gate in gates.values():
+        gate.callback(None)
+    await within(gatherResults([d.done for d in downloads]), 30, "the downloads")
+    assert [d.verdict() for d in downloads] == ["whole", "whole"]
+    await within(workers.process.ended, 30, "the parent to exit")
+    assert b"Server Shut Down" in workers.process.output
+
+
+@pytest_twisted.ensureDeferred
+async def test_socket_activation_with_two_workers(upstream: Upstream, tmp_path: Path, tls: TLS) -> None:
+    """
+    The socket systemd hands over (fd 3, LISTEN_FDS=1, LISTEN_PID the
+    process's own) is shared by both workers: both accept on it, and an
+    install goes through.
+    """
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    port = listener.getsockname()[1]
+    command = (
+        "export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=txpypi.socket; "
+        f"exec {sys.executable} -c 'from twisted.scripts.twistd import run; run()'"
+        f" --nodaemon --pidfile= --logfile=- txpypi --upstream {upstream.url} --workers 2"
+        f" --cache-dir {tmp_path / 'cache'} --listen systemd:domain=INET:index=0"
+    )
+    process = Twistd()
+    process.transport_ = get_reactor().spawnProcess(
+        process,
+        "/bin/sh",
+        ["/bin/sh", "-c", command],
+        env=clean_env(PYTHONPATH=str(ROOT)),
+        path=str(tmp_path),
+        childFDs={0: "w", 1: "r", 2: "r", 3: listener.fileno()},
+    )
+    listener.close()  # the child holds it now
+    try:
+        for index in (0, 1):
+            starts = rb"\[worker %d\] ProxySite starting on %d" % (index, port)
+            await within(process.wait_for(starts), 60, f"worker {index} on the inherited socket")
+        await uv_install(f"http://127.0.0.1:{port}/simple/", tls, tmp_path / "t", "alpha")
+        await assert_imports(tmp_path / "t")
+    finally:
+        await process.stop()
+        print(process.tail(20000))
+
+
+@pytest.fixture
+def over_tls(upstream: Upstream, tmp_path: Path, tls: TLS) -> Iterator[Workers]:
+    with run_workers(["--upstream", upstream.url, "--listen", tls.endpoint(0)], tmp_path) as running:
+        yield running
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_workers_over_tls(over_tls: Workers, tmp_path: Path, tls: TLS) -> None:
+    """
+    An endpoint with TLS: the parent makes the socket, each worker reads the
+    endpoint's certificate; real uv installs over real TLS.
+    """
+    port = int(over_tls.url.rsplit(":", 1)[1])
+    for index in (0, 1):
+        assert b"[worker %d] ProxySite (TLS) starting on %d" % (index, port) in over_tls.process.output
+    await uv_install(f"https://localhost:{port}/simple/", tls, tmp_path / "t", "alpha")
+    await assert_imports(tmp_path / "t")
