@@ -58,7 +58,7 @@ import upstream as up
 from harness import Service, Services
 from proxies import Proxy, as_proxy
 from report import Row, Table, load, print_table
-from sections import Run, accesslog, follower, group, huge, link, s3, ttfb, uv, warm
+from sections import Run, accesslog, follower, group, huge, link, nginx, s3, ttfb, uv, warm
 from upstream import HTML_ACCEPT, HUGE_FILES, JSON_ACCEPT
 
 #: The sections --only can pick, in the order they run: what each measures, and how to run it.
@@ -82,6 +82,11 @@ SECTIONS: dict[str, tuple[str, Callable[[Run], list[str]]]] = {
         "two instances sharing Redis and S3: TTFB of the follower vs the leader on a cold file",
         follower.run,
     ),
+    "nginx": (
+        "issue #14's targets against nginx proxy_cache: warm page (1 and 2 workers), cached files, "
+        "cold miss, a herd over 2 workers, idle RSS",
+        nginx.run,
+    ),
 }
 # The sections that compare txpypi with proxpi.
 COMPARED = {"uv", "ttfb", "page", "file", "huge"}
@@ -103,7 +108,7 @@ def start_all(
         *up.sizes(
             file_kb=args.file_kb,
             big_mb=args.big_mb,
-            big_files=max(args.ttfb_samples, args.follower_runs),
+            big_files=max(args.ttfb_samples, args.follower_runs, 3 if "nginx" in only else 0),
             uv_rounds=args.uv_rounds if "uv" in only else 0,
             huge_mb=args.huge_mb,
             huge_files=huge_files,
@@ -113,7 +118,7 @@ def start_all(
     (work / "admin-token").write_text(token + "\n")
     started = [upstream]
     txpypi = proxpi = None
-    if only & (COMPARED | {"link", "group", "accesslog"}):
+    if only & (COMPARED | {"link", "group", "accesslog", "nginx"}):
         txpypi = harness.start_txpypi(
             services, work, "txpypi", tx_port, upstream, "--cache-dir", str(work / "txpypi-cache")
         )
@@ -135,8 +140,10 @@ def missing_tools(only: set[str]) -> str | None:
     """
     What the sections in C{only} need and this machine lacks, as an error message.
     """
-    if harness.which("wrk") is None and only & {"page", "file", "s3", "group", "accesslog"}:
+    if harness.which("wrk") is None and only & {"page", "file", "s3", "group", "accesslog", "nginx"}:
         return "error: wrk is not installed (Debian/Ubuntu: apt-get install wrk)"
+    if harness.which("nginx") is None and "nginx" in only:
+        return "error: nginx is not installed (Debian/Ubuntu: apt-get install nginx)"
     missing = [name for name in ("proxpi", "gunicorn") if importlib.util.find_spec(name) is None]
     if missing and only & COMPARED:
         return f"error: {' and '.join(missing)} not installed (pip install proxpi gunicorn)"

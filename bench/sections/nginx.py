@@ -1,0 +1,301 @@
+"""
+The C{nginx} section: issue #14's targets, txpypi against nginx's
+C{proxy_cache} (the speed baseline) in front of the same upstream, in the
+same run, with the same number of worker processes, each row printed with
+its target and MET or MISSED:
+
+ - a warm index page under wrk: one process (txpypi's defaults, access log
+   on; nginx with its access log on too), and two workers each;
+ - the p99 of that warm page, one process;
+ - a warm cached wheel (C{--file-kb}; the target is for 100 KB) under wrk;
+ - a cached big wheel (C{--big-mb}; the target is for 50 MiB) read by one
+   client, in MiB/s;
+ - a cold big wheel through txpypi against the direct download;
+ - 20 clients at once on an uncached big wheel over two txpypi workers:
+   upstream GETs (exactly one) and the slowest client's TTFB against the
+   upstream's own;
+ - the RSS of an idle worker.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+from pathlib import Path
+
+from clients import Streamed, fetch, stream
+from harness import free_ports
+from proxies import Proxy, file_url, start_instances, warm_up
+from report import Table, section
+from upstream import BIG_PROJECT, FILE_PROJECT, PAGE_PROJECT, reset, upstream_gets, wheel_name
+from wrk import WrkResult, fmt_wrk, run_wrk, wrk_description
+
+from sections import Run
+
+#: The clients of the herd row.
+HERD = 20
+
+NGINX_CONF = """daemon off; worker_processes {workers}; pid {work}/nginx.pid; error_log {work}/error.log;
+events {{ worker_connections 1024; }}
+http {{
+  access_log {work}/access.log;
+  proxy_cache_path {work}/cache levels=1:2 keys_zone=c:10m max_size=8g inactive=1d use_temp_path=off;
+  server {{
+    listen 127.0.0.1:{port} reuseport;
+    location / {{
+      proxy_pass http://127.0.0.1:{upstream};
+      proxy_cache c;
+      proxy_cache_key $request_uri$http_accept;
+      proxy_cache_valid 200 1d;
+      proxy_cache_lock on;
+      proxy_cache_lock_timeout 120s;
+    }}
+  }}
+}}
+"""
+
+
+def start_nginx(ctx: Run, workers: int) -> Proxy:
+    work = ctx.work / f"nginx-{workers}"
+    work.mkdir()
+    (port,) = free_ports(1)
+    upstream_port = ctx.upstream.port
+    conf = NGINX_CONF.format(workers=workers, work=work, port=port, upstream=upstream_port)
+    (work / "nginx.conf").write_text(conf)
+    argv = ["nginx", "-c", str(work / "nginx.conf"), "-p", str(work), "-e", str(work / "error.log")]
+    if os.getuid() == 0:
+        (work / "nginx.conf").write_text("user root;\n" + conf)
+    service = ctx.services.start(f"nginx-{workers}", argv, dict(os.environ), port, work)
+    ctx.services.wait_ready(service)
+    return Proxy(f"nginx-{workers}", service, f"{service.base}/simple/")
+
+
+def _target(what: str, ok: bool) -> str:
+    return f"{what}: {'MET' if ok else 'MISSED'}"
+
+
+def _wrk_pair(
+    ctx: Run, tx: Proxy, ng: Proxy, url_tx: str, url_ng: str, accept: str | None
+) -> tuple[WrkResult, WrkResult]:
+    warm_up(tx, url_tx, accept)
+    warm_up(ng, url_ng, accept)
+    got_tx = run_wrk(ctx.wrk_binary, url_tx, ctx.args, accept)
+    got_ng = run_wrk(ctx.wrk_binary, url_ng, ctx.args, accept)
+    print(f"  {tx.name:14s} {fmt_wrk(got_tx)}")
+    print(f"  {ng.name:14s} {fmt_wrk(got_ng)}")
+    return got_tx, got_ng
+
+
+def _mib_s(got: Streamed) -> float:
+    return got.size / got.total / (1024 * 1024)
+
+
+def _children_rss_mib(pid: int) -> list[float]:
+    """
+    The RSS of each child process of C{pid} (the workers of a parent), in MiB.
+    """
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    found = []
+    for child in out:
+        try:
+            status = Path(f"/proc/{child}/status").read_text()
+        except OSError:
+            continue
+        kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+        found.append(kb / 1024)
+    return found
+
+
+def _herd(url: str, expected_size: int) -> tuple[list[float], list[str]]:
+    """
+    C{HERD} curl processes GET C{url} at once: each one's time to first
+    byte, and what went wrong (a status, a size).  Separate processes, so
+    that the clients' own reading costs the proxy nothing.
+    """
+    form = "%{http_code} %{size_download} %{time_starttransfer}"
+    argv = ["curl", "-s", "-o", "/dev/null", "-w", form, url]
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) for _ in range(HERD)]
+    ttfbs, wrong = [], []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=300)
+        code, size, ttfb = out.split()
+        if code != "200" or int(size) != expected_size:
+            wrong.append(f"status {code}, {size} bytes")
+        ttfbs.append(float(ttfb))
+    return ttfbs, wrong
+
+
+def _herd_one(url: str) -> float:
+    out = subprocess.run(
+        ["curl", "-s", "-o", "/dev/null", "-w", "%{time_starttransfer}", url], capture_output=True, text=True
+    ).stdout
+    return float(out)
+
+
+def run(ctx: Run) -> list[str]:
+    assert ctx.txpypi is not None
+    alarms: list[str] = []
+    rows: list[tuple[str, ...]] = []
+    tx1 = ctx.txpypi
+    ng1 = start_nginx(ctx, 1)
+    ng2 = start_nginx(ctx, 2)
+    (tx2,) = start_instances(
+        ctx.services,
+        ctx.work,
+        ctx.upstream,
+        {"txpypi-2-workers": ["--workers", "2", "--cache-dir", str(ctx.work / "txpypi-2-cache")]},
+    )
+    fetch(f"{tx2.service.base}/health")  # the parent's socket queues until a worker accepts
+    page_tx = tx1.page_url(PAGE_PROJECT)
+    page_ng = f"{ng1.service.base}/simple/{PAGE_PROJECT}/"
+
+    section(f"nginx: warm index page, one process each, {wrk_description(ctx.args)}")
+    a, b = _wrk_pair(ctx, tx1, ng1, page_tx, page_ng, ctx.accept)
+    rows.append(
+        (
+            "warm page, 1 process (req/s)",
+            f"{a.rps:.0f}",
+            f"{b.rps:.0f}",
+            f"{a.rps / b.rps:.2f}x",
+            _target(">= 0.60x", a.rps / b.rps >= 0.6),
+        )
+    )
+    rows.append(
+        (
+            "warm page p99, 1 process (ms)",
+            f"{a.p99_ms:.2f}",
+            f"{b.p99_ms:.2f}",
+            f"{a.p99_ms / b.p99_ms:.2f}x",
+            _target("<= 3x", a.p99_ms <= 3 * b.p99_ms),
+        )
+    )
+
+    section(f"nginx: warm index page, two workers each, {wrk_description(ctx.args)}")
+    a, b = _wrk_pair(
+        ctx, tx2, ng2, tx2.page_url(PAGE_PROJECT), f"{ng2.service.base}/simple/{PAGE_PROJECT}/", ctx.accept
+    )
+    rows.append(
+        (
+            "warm page, 2 workers (req/s)",
+            f"{a.rps:.0f}",
+            f"{b.rps:.0f}",
+            f"{a.rps / b.rps:.2f}x",
+            _target(">= 0.80x", a.rps / b.rps >= 0.8),
+        )
+    )
+
+    filename = wheel_name(FILE_PROJECT, "1.0")
+    section(f"nginx: warm cached {filename} (~{ctx.args.file_kb} KB), one process each")
+    a, b = _wrk_pair(
+        ctx, tx1, ng1, file_url(tx1, FILE_PROJECT, filename), f"{ng1.service.base}/packages/{filename}", None
+    )
+    rows.append(
+        (
+            f"cached {ctx.args.file_kb} KB wheel (req/s)",
+            f"{a.rps:.0f}",
+            f"{b.rps:.0f}",
+            f"{a.rps / b.rps:.2f}x",
+            _target(">= 0.50x (100 KB)", a.rps / b.rps >= 0.5),
+        )
+    )
+
+    big = wheel_name(BIG_PROJECT.format(0), "1.0")
+    section(f"nginx: cached {ctx.args.big_mb} MB wheel, one client, 3 reads each (median)")
+    speeds: dict[str, float] = {}
+    for proxy, url in (
+        (tx1, file_url(tx1, BIG_PROJECT.format(0), big)),
+        (ng1, f"{ng1.service.base}/packages/{big}"),
+    ):
+        stream(url)  # the miss: cached from now on
+        speeds[proxy.name] = statistics.median(_mib_s(stream(url)) for _ in range(3))
+        print(f"  {proxy.name:14s} {speeds[proxy.name]:8.0f} MiB/s")
+    ratio = speeds[tx1.name] / speeds[ng1.name]
+    rows.append(
+        (
+            f"cached {ctx.args.big_mb} MB wheel, 1 client (MiB/s)",
+            f"{speeds[tx1.name]:.0f}",
+            f"{speeds[ng1.name]:.0f}",
+            f"{ratio:.2f}x",
+            _target(">= 0.90x", ratio >= 0.9),
+        )
+    )
+
+    project = BIG_PROJECT.format(1)
+    cold = wheel_name(project, "1.0")
+    section(f"nginx: cold {ctx.args.big_mb} MB wheel, txpypi against the direct download")
+    direct = statistics.median(stream(f"{ctx.upstream.base}/packages/{cold}").total for _ in range(3))
+    url = file_url(tx1, project, cold)  # the page warm: only the file is cold
+    through = stream(url, digest=True)
+    print(f"  direct {direct:.3f} s; txpypi cold {through.total:.3f} s ({through.total / direct:.2f}x)")
+    rows.append(
+        (
+            f"cold {ctx.args.big_mb} MB miss (s)",
+            f"{through.total:.3f}",
+            f"{direct:.3f} (direct)",
+            f"{through.total / direct:.2f}x",
+            _target("<= 1.10x direct", through.total / direct <= 1.1),
+        )
+    )
+
+    project = BIG_PROJECT.format(2)
+    herd_file = wheel_name(project, "1.0")
+    section(f"nginx: {HERD} clients at once, one uncached {ctx.args.big_mb} MB wheel, txpypi with 2 workers")
+    path = f"/packages/{herd_file}"
+    size = len(fetch(f"{ctx.upstream.base}{path}").body)
+    upstream_ttfb = statistics.median(_herd_one(f"{ctx.upstream.base}{path}") for _ in range(3))
+    url = file_url(tx2, project, herd_file)
+    reset(ctx.upstream)
+    ttfbs, wrong = _herd(url, size)
+    gets, _ = upstream_gets(ctx.upstream, path)
+    if wrong:
+        alarms.append(f"herd: {len(wrong)} of {HERD} clients did not get the file whole: {wrong[:3]}")
+    slowest = max(ttfbs)
+    added_ms = (slowest - upstream_ttfb) * 1000
+    print(
+        f"  upstream GETs {gets}; upstream TTFB {upstream_ttfb * 1000:.2f} ms; "
+        f"slowest client's TTFB {slowest * 1000:.2f} ms"
+    )
+    rows.append(
+        (
+            f"{HERD} clients, uncached {ctx.args.big_mb} MB, 2 workers: upstream GETs",
+            str(gets),
+            "",
+            "",
+            _target("exactly 1", gets == 1),
+        )
+    )
+    rows.append(
+        (
+            "  slowest client's TTFB over the upstream's (ms)",
+            f"+{added_ms:.2f}",
+            "",
+            "",
+            _target("<= +10 ms", added_ms <= 10),
+        )
+    )
+
+    rss = _children_rss_mib(tx2.service.process.pid)
+    print(f"  RSS of the workers after the run: {', '.join(f'{r:.0f} MiB' for r in rss)}")
+    (fresh,) = start_instances(
+        ctx.services,
+        ctx.work,
+        ctx.upstream,
+        {"txpypi-idle": ["--workers", "2", "--cache-dir", str(ctx.work / "txpypi-idle-cache")]},
+    )
+    fetch(f"{fresh.service.base}/health")
+    fetch(f"{fresh.service.base}/health")
+    idle_rss = _children_rss_mib(fresh.service.process.pid)
+    most = max(idle_rss, default=float("inf"))
+    rows.append(("RSS of an idle worker (MiB)", f"{most:.0f}", "", "", _target("<= 50 MiB", most <= 50)))
+
+    ctx.tables.append(
+        Table(
+            "txpypi against nginx proxy_cache (issue #14's targets)",
+            ("measure", "txpypi", "nginx", "txpypi/nginx", "target"),
+            rows,
+            f"(same run, same upstream; nginx with its access log on and proxy_cache_lock; "
+            f"{os.cpu_count()} CPUs shared with wrk and the upstream)",
+        )
+    )
+    return alarms
