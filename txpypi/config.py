@@ -73,6 +73,7 @@ class Settings:
     trusted_proxies: tuple[str, ...] = _LIVE.trusted_proxies
     admin_token: str | None = attrs.field(default=_LIVE.admin_token, repr=False)
     shutdown_grace: float = _LIVE.shutdown_grace
+    stall_meter: bool = False
     store: str = "disk"
     s3_bucket: str | None = None
     s3_prefix: str = "txpypi/"

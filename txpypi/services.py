@@ -20,6 +20,7 @@ from twisted.python.threadpool import ThreadPool
 
 from txpypi.cache.drain import Client
 from txpypi.cache.files import FileCache
+from txpypi.concurrency.stalls import StallMeter
 from txpypi.config import Settings
 from txpypi.core.live import Live
 from txpypi.fetch.clients import UpstreamClients
@@ -222,6 +223,23 @@ class TimerLoopService(Service):
         super().stopService()
         if self._loop.running:
             self._loop.stop()
+
+
+class StallMeterService(Service):
+    """
+    Runs a L{StallMeter} while the service runs (C{--stall-meter}).
+    """
+
+    def __init__(self, meter: StallMeter) -> None:
+        self._meter = meter
+
+    def startService(self) -> None:
+        super().startService()
+        self._meter.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self._meter.stop()
 
 
 class CleanupService(Service):

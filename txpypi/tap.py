@@ -37,6 +37,7 @@ from txpypi.cache.owners import Owners
 from txpypi.cache.pages import PageCache, PageMemory
 from txpypi.cache.policy import PolicedGroup
 from txpypi.cache.provenance import Provenances
+from txpypi.concurrency.stalls import StallMeter
 from txpypi.config import ConfigError, Settings
 from txpypi.core.fetchpolicy import FileHost
 from txpypi.core.groups import Topology
@@ -57,6 +58,7 @@ from txpypi.services import (
     OrderedMultiService,
     OutageService,
     ReloadService,
+    StallMeterService,
     ThreadPoolService,
     TimerLoopService,
 )
@@ -175,6 +177,10 @@ def assemble(settings: Settings, reactor: IProxyReactor, live: Live | None = Non
     OutageService(outages).setServiceParent(service)
     files = file_cache(settings, live, reactor, pools, metrics, client, store, metadata, redis, found.first)
     CacheUpkeepService(files, reactor).setServiceParent(service)
+    if settings.stall_meter:
+        stalls = StallMeter(reactor)
+        metrics.watch_stalls(stalls)
+        StallMeterService(stalls).setServiceParent(service)
     # Back from an outage: learn the cache's size again (it may have been
     # unknown since start-up, or changed meanwhile).
     metadata.outage.on_recovery(lambda: Deferred.fromCoroutine(files.load_usage()))
