@@ -249,6 +249,24 @@ CREATE TABLE IF NOT EXISTS downloads (
 """
 
 
+def connect(path: Path) -> sqlite3.Connection:
+    """
+    Open (creating or upgrading its schema) the database at C{path}, in
+    autocommit mode: a transaction is an explicit C{BEGIN}.  The
+    connection may be used from one thread at a time.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("PRAGMA synchronous=NORMAL")
+    (version,) = connection.execute("PRAGMA user_version").fetchone()
+    if version == 1:  # before last_access existed
+        connection.execute("ALTER TABLE files ADD COLUMN last_access REAL NOT NULL DEFAULT 0")
+    connection.executescript(_SCHEMA)
+    connection.execute("PRAGMA user_version = 2")
+    return connection
+
+
 @implementer(IMetadata)
 @attrs.define
 class SqliteMetadata:
@@ -264,16 +282,7 @@ class SqliteMetadata:
 
     def _db(self) -> sqlite3.Connection:
         if self._connection is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            connection = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute("PRAGMA synchronous=NORMAL")
-            (version,) = connection.execute("PRAGMA user_version").fetchone()
-            if version == 1:  # before last_access existed
-                connection.execute("ALTER TABLE files ADD COLUMN last_access REAL NOT NULL DEFAULT 0")
-            connection.executescript(_SCHEMA)
-            connection.execute("PRAGMA user_version = 2")
-            self._connection = connection
+            self._connection = connect(self.path)
         return self._connection
 
     def _run(self, f: Any, *args: Any) -> Deferred[Any]:
