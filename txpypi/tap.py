@@ -55,6 +55,7 @@ from txpypi.services import (
     CacheUpkeepService,
     CleanupService,
     DrainService,
+    HeapFreezeService,
     OrderedMultiService,
     OutageService,
     ReloadService,
@@ -125,6 +126,8 @@ def makeService(config: Options, reactor: IProxyReactor | None = None) -> IServi
     running = options.Running(config.settings)
     built = assemble(config.settings, reactor, running.live)
     ReloadService(config, running, reactor).setServiceParent(built.service)
+    # The process's own (twistd's), not one that builds the proxy in it (the tests).
+    HeapFreezeService().setServiceParent(built.service)
     return built.service
 
 
