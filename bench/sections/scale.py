@@ -34,12 +34,13 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import statistics
 import time
 from pathlib import Path
 
 from clients import fetch
-from harness import free_ports, start_txpypi
+from harness import Service, free_ports, start_txpypi
 from proxies import Proxy, as_proxy, file_url, warm_up
 from report import Table, alarm, ratio, section
 from upstream import FILE_PROJECT, JSON_ACCEPT, PAGE_PROJECT, wheel_name
@@ -335,6 +336,50 @@ def run(ctx: Run) -> list[str]:
             "(no target)",
         )
     )
-    ctx.tables.append(table)
+    table.rows.append(
+        (
+            "RSS after the above",
+            f"{rss_mb(big.service):.0f} MB",
+            f"{rss_mb(empty.service):.0f} MB",
+            ratio(rss_mb(big.service), rss_mb(empty.service)),
+            "(no target)",
+        )
+    )
     ctx.services.stop(big.service, empty.service)
+
+    # Once: the same database as schema 2 wrote it, upgraded at start-up.
+    downgrade(big_dir / "metadata.sqlite")
+    port = free_ports(1)[0]
+    upgraded, up_health, up_sized = start_timed(ctx, "txpypi-upgraded", port, big_dir, config)
+    table.rows.append(
+        (
+            "start-up, upgrading schema 2 (once)",
+            f"{up_health:.2f} s, size known {up_sized:.2f} s",
+            "",
+            "",
+            "(no target: once per database)",
+        )
+    )
+    ctx.services.stop(upgraded.service)
+    ctx.tables.append(table)
     return alarm(problems)
+
+
+def rss_mb(service: Service) -> float:
+    for line in Path(f"/proc/{service.process.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def downgrade(path: Path) -> None:
+    """
+    Make the database at C{path} what schema 2 left: its index on
+    C{last_access} alone, no project totals.
+    """
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("DROP INDEX files_by_access_key")
+    db.execute("DROP TABLE project_downloads")
+    db.execute("CREATE INDEX files_by_access ON files (last_access)")
+    db.execute("PRAGMA user_version = 2")
+    db.close()
