@@ -34,6 +34,10 @@ section names are what C{--only} takes):
     nothing, against the single upstream: warm page and file, cold page.
  12. C{accesslog}: the warm page with the buffered access log, with logger
     events, and with none.
+ 13. C{scale}: a txpypi whose metadata database holds C{--scale-records}
+    file records (1,000,000) and a tenth as many pages against an empty
+    one: start-up, hits, warm pages, C{/stats}, and the reactor's stalls
+    while 1 % of the files is evicted.
 
 The upstream sends its big files in 256 KB chunks as the socket drains, as a
 real server would, so that its own TTFB is not the time to copy the file; or,
@@ -58,7 +62,7 @@ import upstream as up
 from harness import Service, Services
 from proxies import Proxy, as_proxy
 from report import Row, Table, load, print_table
-from sections import Run, accesslog, follower, group, huge, link, nginx, s3, ttfb, uv, warm
+from sections import Run, accesslog, follower, group, huge, link, nginx, s3, scale, ttfb, uv, warm
 from upstream import HTML_ACCEPT, HUGE_FILES, JSON_ACCEPT
 
 #: The sections --only can pick, in the order they run: what each measures, and how to run it.
@@ -86,6 +90,10 @@ SECTIONS: dict[str, tuple[str, Callable[[Run], list[str]]]] = {
         "issue #14's targets against nginx proxy_cache: warm page (1 and 2 workers), cached files, "
         "cold miss, a herd over 2 workers, idle RSS",
         nginx.run,
+    ),
+    "scale": (
+        "a cache of 1,000,000 file records vs an empty one: start-up, hit, page, /stats, eviction stalls",
+        scale.run,
     ),
 }
 # The sections that compare txpypi with proxpi.
@@ -297,6 +305,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     count(
         "--follower-runs", 2, "follower: leader/follower pairs, each on another cold big wheel (default: 2)"
     )
+    count("--scale-records", 1_000_000, "scale: file records in the generated database (default: 1000000)")
+    parser.add_argument(
+        "--scale-pages",
+        type=int,
+        default=None,
+        help="scale: project pages in the generated database (default: a tenth of --scale-records)",
+    )
+    count("--scale-samples", 200, "scale: sequential requests per figure and proxy (default: 200)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, caches)")
     parser.add_argument("--serve-upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--upstream-big-files", type=int, default=0, help=argparse.SUPPRESS)

@@ -74,6 +74,7 @@ class Settings:
     admin_token: str | None = attrs.field(default=_LIVE.admin_token, repr=False)
     shutdown_grace: float = _LIVE.shutdown_grace
     workers: int = 1
+    stall_meter: bool = False
     store: str = "disk"
     s3_bucket: str | None = None
     s3_prefix: str = "txpypi/"

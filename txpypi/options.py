@@ -167,6 +167,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("max-cache-size", size, live=True, help=(
         "Keep cached files under this size (500M, 20G, ...: powers of 1024), evicting the "
         "least recently served (default: no limit).")),
+    Option("stall-meter", flag, takes="flag", live=False, help=(
+        "Time the reactor thread every 10 ms and export its longest stall as metrics "
+        "(txpypi_reactor_stall_seconds_max, txpypi_reactor_lateness_seconds) (default: off).")),
     Option("shutdown-grace", seconds, live=True, help=(
         "On SIGTERM, seconds to let downloads in progress finish before their clients are "
         "cut off (default: 30).")),

@@ -37,6 +37,7 @@ from txpypi.cache.owners import Owners
 from txpypi.cache.pages import PageCache, PageMemory
 from txpypi.cache.policy import PolicedGroup
 from txpypi.cache.provenance import Provenances
+from txpypi.concurrency.stalls import StallMeter
 from txpypi.config import ConfigError, Settings
 from txpypi.core.fetchpolicy import FileHost
 from txpypi.core.groups import Topology
@@ -55,9 +56,11 @@ from txpypi.services import (
     CacheUpkeepService,
     CleanupService,
     DrainService,
+    HeapFreezeService,
     OrderedMultiService,
     OutageService,
     ReloadService,
+    StallMeterService,
     ThreadPoolService,
     TimerLoopService,
 )
@@ -130,6 +133,8 @@ def makeService(config: Options, reactor: IProxyReactor | None = None) -> IServi
     running = options.Running(config.settings)
     built = assemble(config.settings, reactor, running.live)
     ReloadService(config, running, reactor).setServiceParent(built.service)
+    # The process's own (twistd's), not one that builds the proxy in it (the tests).
+    HeapFreezeService().setServiceParent(built.service)
     return built.service
 
 
@@ -140,6 +145,7 @@ def worker_service(config: Options, role: Role, reactor: IProxyReactor) -> IServ
     running = options.Running(config.settings)
     built = assemble(config.settings, reactor, running.live, role)
     ReloadService(config, running, reactor).setServiceParent(built.service)
+    HeapFreezeService().setServiceParent(built.service)
     return built.service
 
 
@@ -203,6 +209,10 @@ def assemble(
         for pages in found.pages.values():
             pages.shared = files.coordinator
     CacheUpkeepService(files, reactor).setServiceParent(service)
+    if settings.stall_meter:
+        stalls = StallMeter(reactor)
+        metrics.watch_stalls(stalls)
+        StallMeterService(stalls).setServiceParent(service)
     # Back from an outage: learn the cache's size again (it may have been
     # unknown since start-up, or changed meanwhile).
     metadata.outage.on_recovery(lambda: Deferred.fromCoroutine(files.load_usage()))

@@ -26,6 +26,10 @@ from txpypi.storage.stores import IFileStore
 
 log = Logger(namespace="txpypi.files")
 
+#: The least recently served files chosen at a time when the cache is over
+#: its limit (those of them it takes to fit are evicted together).
+EVICTION_BATCH = 64
+
 
 @attrs.define
 class Usage:
@@ -190,16 +194,46 @@ class Usage:
                 self.size, self.count = await self._metadata.usage()
                 if not self.over_limit():
                     break
+            batch = await self._metadata.least_recent(EVICTION_BATCH)
             evicted = 0
-            for record in await self._metadata.least_recent(64):
-                if not self.over_limit():
-                    break
-                if await self._evict_one(record):
-                    evicted += 1
+            while batch and self.over_limit():
+                chosen = self._enough(batch)
+                batch = batch[len(chosen) :]
+                evicted += await self._evict_all(chosen)
             if not evicted:
                 break
 
-    async def _evict_one(self, record: FileRecord) -> bool:
+    async def _evict_all(self, records: list[FileRecord]) -> int:
+        """
+        Evict C{records} all at once: the metadata store's thread runs the
+        deletions back to back, not one per round trip to the reactor.
+        How many were evicted; the first failure once all are over.
+        """
+        pending = [Deferred.fromCoroutine(self._evict_one(record)) for record in records]
+        evicted, failure = 0, None
+        for d in pending:
+            try:
+                evicted += await d
+            except Exception as e:
+                failure = failure or e
+        if failure is not None:
+            raise failure
+        return evicted
+
+    def _enough(self, records: list[FileRecord]) -> list[FileRecord]:
+        """
+        The first of C{records} whose sizes bring the cache under its
+        limit (all of them if they do not; at least one).
+        """
+        assert self.size is not None and self.max_size is not None
+        excess = self.size + self.spooling() - self.max_size
+        for n, record in enumerate(records):
+            if excess <= 0 and n:
+                return records[:n]
+            excess -= record.size
+        return records
+
+    async def _evict_one(self, record: FileRecord) -> int:
         """
         Remove C{record}'s file, only if it is still that record: one that
         was purged, or replaced by a new landing, meanwhile is not counted
@@ -207,7 +241,7 @@ class Usage:
         """
         deleted = await self._metadata.delete_file(record.key, record)
         if deleted is None:
-            return False
+            return 0
         self._records.forget(record)
         self.account(-deleted.size, -1)
         await self._store.delete(deleted.store_key)
@@ -218,7 +252,7 @@ class Usage:
             size=record.size,
             limit=self.max_size,
         )
-        return True
+        return 1
 
 
 def _unless_unavailable(failure: Failure, doing: str) -> None:

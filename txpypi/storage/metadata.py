@@ -238,7 +238,7 @@ CREATE TABLE IF NOT EXISTS files (
     cached_at REAL NOT NULL,
     last_access REAL NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS files_by_access ON files (last_access);
+CREATE INDEX IF NOT EXISTS files_by_access_key ON files (last_access, key);
 CREATE TABLE IF NOT EXISTS downloads (
     project TEXT NOT NULL,
     version TEXT NOT NULL,
@@ -246,7 +246,69 @@ CREATE TABLE IF NOT EXISTS downloads (
     count INTEGER NOT NULL,
     PRIMARY KEY (project, version, filename)
 );
+CREATE TABLE IF NOT EXISTS project_downloads (
+    project TEXT PRIMARY KEY,
+    count INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS project_downloads_by_count ON project_downloads (count DESC, project);
 """
+
+#: The schema's version (C{PRAGMA user_version}): 1 had no C{last_access};
+#: 2 ordered the least recently served files with a sort of each run of
+#: equal access times (every file of a database upgraded from 1), and
+#: summed the downloads of every file for the top projects; 3 has an index
+#: on C{(last_access, key)} and each project's total in
+#: C{project_downloads}.
+VERSION = 3
+
+#: How long a connection waits for another process's lock on the database
+#: before its query fails (several processes may share one file).
+BUSY_TIMEOUT_MS = 5000
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """
+    Open (creating or upgrading its schema) the database at C{path}, in
+    autocommit mode: a transaction is an explicit C{BEGIN}.  The
+    connection may be used from one thread at a time.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    connection.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("PRAGMA synchronous=NORMAL")
+    (version,) = connection.execute("PRAGMA user_version").fetchone()
+    if version < VERSION:
+        _upgrade(connection)
+    return connection
+
+
+def _upgrade(connection: sqlite3.Connection) -> None:
+    """
+    Bring the schema to L{VERSION}, in one transaction that holds the
+    write lock from its start, so that of several processes opening one
+    old database at once one upgrades it and the others find it done.
+    """
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        (version,) = connection.execute("PRAGMA user_version").fetchone()
+        if version == 1:  # before last_access existed
+            connection.execute("ALTER TABLE files ADD COLUMN last_access REAL NOT NULL DEFAULT 0")
+        if version < VERSION:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    connection.execute(statement)
+            # 2's index on last_access alone: the new one on (last_access, key) serves instead.
+            connection.execute("DROP INDEX IF EXISTS files_by_access")
+            connection.execute(
+                "INSERT OR REPLACE INTO project_downloads"
+                " SELECT project, SUM(count) FROM downloads GROUP BY project"
+            )
+            connection.execute(f"PRAGMA user_version = {VERSION}")
+        connection.execute("COMMIT")
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
 
 
 @implementer(IMetadata)
@@ -264,16 +326,7 @@ class SqliteMetadata:
 
     def _db(self) -> sqlite3.Connection:
         if self._connection is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            connection = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute("PRAGMA synchronous=NORMAL")
-            (version,) = connection.execute("PRAGMA user_version").fetchone()
-            if version == 1:  # before last_access existed
-                connection.execute("ALTER TABLE files ADD COLUMN last_access REAL NOT NULL DEFAULT 0")
-            connection.executescript(_SCHEMA)
-            connection.execute("PRAGMA user_version = 2")
-            self._connection = connection
+            self._connection = connect(self.path)
         return self._connection
 
     def _run(self, f: Any, *args: Any) -> Deferred[Any]:
@@ -392,14 +445,23 @@ class SqliteMetadata:
                 " ON CONFLICT (project, version, filename) DO UPDATE SET count = count + excluded.count",
                 [(p, v, f, n) for (p, v, f), n in counts.items()],
             )
+            totals: dict[str, int] = {}
+            for (project, _, _), n in counts.items():
+                totals[project] = totals.get(project, 0) + n
+            db.executemany(
+                "INSERT INTO project_downloads VALUES (?, ?)"
+                " ON CONFLICT (project) DO UPDATE SET count = count + excluded.count",
+                list(totals.items()),
+            )
 
     def add_downloads(self, counts: dict[tuple[str, str, str], int]) -> Deferred[None]:
         return self._run(self._add_downloads, dict(counts))
 
     def _top_projects(self, limit: int) -> list[tuple[str, int]]:
+        # Each project's total is kept as its downloads are added: this
+        # reads C{limit} rows of an index, not every file's count.
         rows = self._db().execute(
-            "SELECT project, SUM(count) AS n FROM downloads"
-            " GROUP BY project ORDER BY n DESC, project LIMIT ?",
+            "SELECT project, count FROM project_downloads ORDER BY count DESC, project LIMIT ?",
             (limit,),
         )
         return [(p, int(n)) for p, n in rows]

@@ -11,8 +11,10 @@ from typing import Any
 
 import attrs
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+
+from txpypi.concurrency.stalls import BUCKETS, StallMeter
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -70,6 +72,34 @@ class _State(Collector):
             yield GaugeMetricFamily(name, help_text, value=state.get(name, 0))
         yield CounterMetricFamily(
             "txpypi_evictions", "Files evicted to keep under the size limit.", value=state.get("evictions", 0)
+        )
+
+
+class _Stalls(Collector):
+    """
+    The reactor's lateness (C{--stall-meter}), read from a L{StallMeter}.
+    """
+
+    def __init__(self, meter: StallMeter) -> None:
+        self._meter = meter
+
+    def collect(self) -> Iterator[Any]:
+        meter = self._meter
+        yield GaugeMetricFamily(
+            "txpypi_reactor_stall_seconds_max",
+            "The longest the reactor thread ran late (a timer due every 10 ms fired that long after"
+            " its time) since the process started.",
+            value=meter.longest,
+        )
+        cumulative, buckets = 0, []
+        for bound, n in zip((*(str(b) for b in BUCKETS), "+Inf"), meter.counts, strict=True):
+            cumulative += n
+            buckets.append((bound, cumulative))
+        yield HistogramMetricFamily(
+            "txpypi_reactor_lateness_seconds",
+            "How late each tick of the 10 ms timer fired.",
+            buckets=buckets,
+            sum_value=meter.total,
         )
 
 
@@ -182,6 +212,12 @@ class Metrics:
         Export the live state that C{read} returns at each scrape.
         """
         self.registry.register(_State(read))
+
+    def watch_stalls(self, meter: StallMeter) -> None:
+        """
+        Export C{meter}'s figures (the reactor's lateness) at each scrape.
+        """
+        self.registry.register(_Stalls(meter))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
