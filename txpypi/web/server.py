@@ -280,6 +280,10 @@ class RefusedConnection(Protocol):
         _reset(self.transport)
 
 
+#: The most label combinations whose metric children a site keeps at hand.
+MAX_COUNTED = 1024
+
+
 class ProxySite(Site):
     """
     The site: counts every request in the metrics and writes the access log
@@ -308,6 +312,10 @@ class ProxySite(Site):
         """
         self.writer = writer
         self._stamps = Stamps()
+        #: The labelled children of the per-request metrics, by label
+        #: values (a few routes and status codes): found once, not per
+        #: request; at most L{MAX_COUNTED} kept.
+        self._counted: dict[tuple[str, ...], tuple[Any, ...]] = {}
         # The clock is the reactor of the channels' timeouts too.
         super().__init__(resource, reactor=clock)
         self._clock = clock
@@ -381,14 +389,23 @@ class ProxySite(Site):
         """
         route = route_of(request.path)
         code = request.code
-        self._metrics.requests.labels(route, str(code)).inc()
-        self._metrics.latency.labels(route).observe(duration)
-        if state:
-            kind = "file" if route in ("file", "metadata") else "page"
-            self._metrics.cache.labels(kind, state.lower()).inc()
-            if code in (200, 206):
-                source = "upstream" if state == "MISS" else "cache"
-                self._metrics.bytes_served.labels(source).inc(request.sentLength)
+        found = self._counted.get((route, str(code), state))
+        if found is None:
+            metrics = self._metrics
+            found = (metrics.requests.labels(route, str(code)), metrics.latency.labels(route))
+            if state:
+                kind = "file" if route in ("file", "metadata") else "page"
+                found += (metrics.cache.labels(kind, state.lower()),)
+                if code in (200, 206):
+                    found += (metrics.bytes_served.labels("upstream" if state == "MISS" else "cache"),)
+            if len(self._counted) < MAX_COUNTED:
+                self._counted[(route, str(code), state)] = found
+        found[0].inc()
+        found[1].observe(duration)
+        if len(found) > 2:
+            found[2].inc()
+            if len(found) > 3:
+                found[3].inc(request.sentLength)
 
     def _entry(self, request: Request, now: float, duration: float, state: str) -> Entry:
         """
