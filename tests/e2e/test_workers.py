@@ -40,6 +40,7 @@ from tests.conftest import ROOT, TLS, clean_env, get_reactor
 from tests.e2e.test_cluster import Download, Upstream, download, serve, when_answered, within
 from tests.e2e.test_install import assert_imports, uv_install
 from tests.processes import Twistd
+from tests.servers import Redis
 from txpypi.testing import Dist, build_wheel
 
 
@@ -381,3 +382,30 @@ async def test_two_workers_over_tls(over_tls: Workers, tmp_path: Path, tls: TLS)
         assert b"[worker %d] ProxySite (TLS) starting on %d" % (index, port) in over_tls.process.output
     await uv_install(f"https://localhost:{port}/simple/", tls, tmp_path / "t", "alpha")
     await assert_imports(tmp_path / "t")
+
+
+@pytest.fixture
+def with_redis(upstream: Upstream, redis_server: Redis, tmp_path: Path) -> Iterator[Workers]:
+    args = ["--upstream", upstream.url, "--listen", "tcp:0:interface=127.0.0.1", "--redis", redis_server.url]
+    with run_workers(args, tmp_path) as running:
+        yield running
+
+
+@pytest_twisted.ensureDeferred
+async def test_with_redis_each_worker_is_an_instance_of_the_cluster(
+    with_redis: Workers, upstream: Upstream, http: HTTPClient, big: Dist
+) -> None:
+    """
+    With --redis the cluster's lock decides who fetches: clients on both
+    workers cost the upstream one GET, the other worker following.
+    """
+    hold: Deferred[None] = Deferred()
+    upstream.fake.holds[big.filename] = hold
+    downloads = [download(url, big) for url in with_redis.own for _ in range(3)]
+    await within(upstream.fake.requested("/packages/" + big.filename), 30, "the file's GET")
+    await within(when_answered(downloads, 6), 30, "every client's headers, the upstream half-way")
+    hold.callback(None)
+    await within(gatherResults([d.done for d in downloads]), 60, "the downloads")
+    assert [d.verdict() for d in downloads] == ["whole"] * 6
+    assert upstream.fake.file_counts() == {big.filename: 1}
+    assert b"following http://127.0.0.1:" in with_redis.process.output
