@@ -150,6 +150,9 @@ class CachedPage:
     html: Body
     json: Body
     cost: int
+    #: What the web layer built once per representation, by content type
+    #: and gzip (the quick lane's header lines): at most four entries.
+    answers: dict[tuple[str, bool], object] = attrs.field(factory=dict, repr=False)
 
     def _body(self, content_type: str) -> Body:
         return self.json if content_type == JSON_V1 else self.html

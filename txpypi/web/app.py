@@ -91,6 +91,14 @@ class Root(Resource):
         self._legacy = None if legacy is None else dict(legacy)
         self._default = default
 
+    def quick_simple(self, group: bytes) -> SimpleResource | None:
+        """
+        The C{/simple/} resource of a group (C{b""}: the default one, as at
+        C{/simple/}) for the quick lane, or L{None}.
+        """
+        found = self._simple if not group else self._groups.get(group, (None, None))[0]
+        return found if isinstance(found, SimpleResource) else None
+
     def getChildWithDefault(self, path: bytes, request: Request) -> IResource:  # type: ignore[override]
         if path == b"simple":
             return self._simple

@@ -25,6 +25,7 @@ from txpypi.core.names import BadName, normalize
 from txpypi.core.simple.media import negotiate
 from txpypi.fetch.upstream import UpstreamError
 from txpypi.web.answers import client_gone, error_text, finish_error, header, moved, run, segment, text
+from txpypi.web.quick import NOT_MODIFIED, OK, Dates, QuickRequest
 
 #: Page bodies go to a client this many bytes at a time, each once its
 #: connection took the one before; a body this size or smaller is one write.
@@ -158,6 +159,71 @@ def _gzip(header: bytes) -> bool:
     return accepts_gzip(header.decode("latin-1"))
 
 
+def _leading(content_type: str, state: str, max_age: int) -> list[tuple[bytes, bytes]]:
+    return [
+        (b"content-type", content_type.encode()),
+        (b"vary", b"Accept, Accept-Encoding"),
+        (b"x-cache", state.encode()),
+        (b"cache-control", b"max-age=%d" % max_age),
+    ]
+
+
+def _validators(page: CachedPage, representation: Representation) -> list[tuple[bytes, bytes]]:
+    found = [(b"etag", representation.etag.encode())]
+    serial = getattr(page.model, "last_serial", None)
+    if serial is not None:  # what mirroring tools read, as the upstream said it
+        found.append((b"x-pypi-last-serial", b"%d" % serial))
+    return found
+
+
+def _lengths(representation: Representation, gzipped: bool) -> list[tuple[bytes, bytes]]:
+    found = [(b"content-encoding", b"gzip")] if gzipped else []
+    return [*found, (b"content-length", b"%d" % representation.length)]
+
+
+#: How Twisted writes the header names the page answers carry.
+_CANONICAL = {
+    b"content-type": b"Content-Type",
+    b"vary": b"Vary",
+    b"etag": b"ETag",
+    b"x-pypi-last-serial": b"X-Pypi-Last-Serial",
+    b"content-encoding": b"Content-Encoding",
+    b"content-length": b"Content-Length",
+}
+
+
+def _lines(headers: list[tuple[bytes, bytes]]) -> bytes:
+    return b"".join(_CANONICAL[name] + b": " + value + b"\r\n" for name, value in headers)
+
+
+@attrs.frozen
+class _Built:
+    """
+    One representation's header lines, built once for the quick lane:
+    those before C{X-Cache} and C{Cache-Control} (which change), the
+    validators after them, and the lengths; and the body, or L{None} for
+    one too big to send whole.
+    """
+
+    leading: bytes
+    validators: bytes
+    lengths: bytes
+    etag: str
+    body: bytes | None
+
+    @classmethod
+    def of(cls, page: CachedPage, content_type: str, gzipped: bool) -> _Built:
+        representation = page.representation(content_type, gzipped)
+        small = not representation.inflate and representation.length <= PAGE_SLICE
+        return cls(
+            leading=_lines(_leading(content_type, "", 0)[:2]),
+            validators=_lines(_validators(page, representation)),
+            lengths=_lines(_lengths(representation, gzipped)),
+            etag=representation.etag,
+            body=representation.data if small else None,
+        )
+
+
 class SimpleResource(Resource):
     """
     C{/simple/} and C{/simple/<project>/} in PEP 503 HTML or PEP 691 JSON.
@@ -233,27 +299,71 @@ class SimpleResource(Resource):
         """
         gzipped = self._gzip(request)
         representation = page.representation(content_type, gzipped)
-        max_age = max(0, math.ceil(self._pages.remaining(page)))
         headers = request.responseHeaders
-        headers.setRawHeaders(b"content-type", [content_type.encode()])
-        headers.setRawHeaders(b"vary", [b"Accept, Accept-Encoding"])
-        headers.setRawHeaders(b"x-cache", [state.encode()])
-        headers.setRawHeaders(b"cache-control", [b"max-age=%d" % max_age])
-        headers.setRawHeaders(b"etag", [representation.etag.encode()])
-        serial = getattr(page.model, "last_serial", None)
-        if serial is not None:  # what mirroring tools read, as the upstream said it
-            headers.setRawHeaders(b"x-pypi-last-serial", [b"%d" % serial])
+        for name, value in _leading(content_type, state, self._max_age(page)):
+            headers.setRawHeaders(name, [value])
+        for name, value in _validators(page, representation):
+            headers.setRawHeaders(name, [value])
         if state == STALE:
             headers.setRawHeaders(b"age", [b"%d" % max(0, int(self._pages.age(page)))])
         if etag_matches(header(request, b"if-none-match"), representation.etag):
             request.setResponseCode(304)
             return b""
-        if gzipped:
-            headers.setRawHeaders(b"content-encoding", [b"gzip"])
-        headers.setRawHeaders(b"content-length", [b"%d" % representation.length])
+        for name, value in _lengths(representation, gzipped):
+            headers.setRawHeaders(name, [value])
         if request.method == b"HEAD":
             return b""
         if not representation.inflate and representation.length <= PAGE_SLICE:
             return representation.data
         PageSender(request, representation).start()
         return None
+
+    def _max_age(self, page: CachedPage) -> int:
+        return max(0, math.ceil(self._pages.remaining(page)))
+
+    def quick(self, asked: QuickRequest, dates: Dates) -> tuple[int, bytes, int] | None:
+        """
+        The whole answer to a quick request (see L{txpypi.web.quick}) for a
+        page fresh in memory and small: its status, its bytes, and how many
+        of them are the body; L{None} for anything the usual way answers.
+        The same bytes as L{_respond} sends, but for the cost.
+        """
+        raw = asked.project.decode("ascii")
+        try:
+            project = normalize(raw)
+        except BadName:
+            return None
+        if project != raw:
+            return None  # redirected, the usual way
+        accept = asked.header(b"accept")
+        content_type = self._negotiated.get((accept, None), len(accept or b""))
+        if content_type is None:
+            return None
+        page = self._pages.fresh(project)
+        if page is None:
+            return None
+        encodings = asked.header(b"accept-encoding")
+        gzipped = False if encodings is None else self._accepts_gzip.get(encodings, len(encodings))
+        built = page.answers.get((content_type, gzipped))
+        if built is None:
+            built = page.answers[(content_type, gzipped)] = _Built.of(page, content_type, gzipped)
+        assert isinstance(built, _Built)
+        if built.body is None:
+            return None  # a big one, sent in slices
+        middle = b"X-Cache: HIT\r\nCache-Control: max-age=%d\r\n" % self._max_age(page)
+        matches = asked.header(b"if-none-match")
+        if matches is not None and etag_matches(matches.decode("latin-1"), built.etag):
+            # Twisted says the empty body's length, as the usual way shows.
+            out = (
+                NOT_MODIFIED
+                + dates()
+                + built.leading
+                + middle
+                + built.validators
+                + b"Content-Length: 0\r\n\r\n"
+            )
+            return 304, out, 0
+        head = OK + dates() + built.leading + middle + built.validators + built.lengths + b"\r\n"
+        if asked.method == b"HEAD":
+            return 200, head, 0
+        return 200, head + built.body, len(built.body)

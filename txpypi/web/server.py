@@ -22,6 +22,7 @@ from txpypi.core.live import Live
 from txpypi.web.accesslog import LOGGER, AccessLogWriter, Entry, Stamps, client_address, combined, json_line
 from txpypi.web.answers import header
 from txpypi.web.metrics import Metrics, route_of
+from txpypi.web.quick import Dates, parse
 
 log = Logger(namespace="txpypi.app")
 access_log = Logger(namespace="txpypi.access")
@@ -187,9 +188,28 @@ class ProxyChannel(HTTPChannel):
     def dataReceived(self, data: bytes) -> None:
         if self._refused:
             return
+        if self._between_requests() and self.site.quick(self, data):
+            self.resetTimeout()  # as the usual way does for each request's bytes
+            return
         if self._deadline is None and not self._handlingRequest and data:
             self._deadline = self.callLater(self._limits.send_timeout, self._request_timed_out)
         super().dataReceived(data)
+
+    def _between_requests(self) -> bool:
+        """
+        Whether the connection waits for a request's first byte: no request
+        in progress or queued, nothing of one read, not paused (the quick
+        lane's condition, L{txpypi.web.quick}).
+        """
+        return bool(
+            not self._handlingRequest
+            and not self.requests
+            and not self._buffer
+            and self.line_mode
+            and not self.paused
+            and not self._receivedHeaderSize
+            and self.persistent
+        )
 
     def _cancel_deadline(self) -> None:
         if self._deadline is not None:
@@ -284,6 +304,10 @@ class RefusedConnection(Protocol):
 MAX_COUNTED = 1024
 
 
+def _text(value: bytes | None) -> str:
+    return "-" if not value else value.decode("latin-1")
+
+
 class ProxySite(Site):
     """
     The site: counts every request in the metrics and writes the access log
@@ -312,6 +336,11 @@ class ProxySite(Site):
         """
         self.writer = writer
         self._stamps = Stamps()
+        self._dates = Dates()
+        #: Whether warm pages may take the quick lane (L{txpypi.web.quick}),
+        #: and how many answers it gave.
+        self.quick_lane = True
+        self.quick_answers = 0
         #: The labelled children of the per-request metrics, by label
         #: values (a few routes and status codes): found once, not per
         #: request; at most L{MAX_COUNTED} kept.
@@ -371,24 +400,71 @@ class ProxySite(Site):
         duration = now - getattr(request, "txpypi_started", now)
         cache = request.responseHeaders.getRawHeaders(b"x-cache")
         state = cache[0].decode() if cache else ""
-        self._count(request, duration, state)
+        self._count(request.path, request.code, duration, state, request.sentLength)
         if self.log_format == "none":
             return
-        entry = self._entry(request, now, duration, state)
+        self._write(self._entry(request, now, duration, state))
+
+    def _write(self, entry: Entry) -> None:
         line = json_line(entry) if self.log_format == "json" else combined(entry, self._stamps)
         if self.writer is None or self.connections.live.access_log == LOGGER:
             access_log.info("{access}", access=line)
         else:
             self.writer.write(line)
 
-    def _count(self, request: Request, duration: float, state: str) -> None:
+    def quick(self, channel: ProxyChannel, data: bytes) -> bool:
+        """
+        Answer C{data} in the quick lane (L{txpypi.web.quick}) if it is one
+        quick request for a warm page; C{False} leaves it to the usual way.
+        """
+        if not self.quick_lane:
+            return False
+        asked = parse(data)
+        if asked is None:
+            return False
+        started = self._clock.seconds()
+        simple = getattr(self.resource, "quick_simple", None)
+        found = None if simple is None else simple(asked.group)
+        answer = None if found is None else found.quick(asked, self._dates)
+        if answer is None:
+            return False
+        code, out, sent = answer
+        self.quick_answers += 1
+        transport: Any = channel.transport
+        transport.write(out)
+        now = self._clock.seconds()
+        self._count(asked.uri, code, now - started, "HIT", sent)
+        if self.log_format != "none":
+            peer = transport.getPeer()
+            forwarded = asked.header(b"x-forwarded-for")
+            self._write(
+                Entry(
+                    client=client_address(
+                        getattr(peer, "host", "-"),
+                        None if forwarded is None else forwarded.decode("latin-1"),
+                        self.trusted_proxies,
+                    ),
+                    method=asked.method.decode("latin-1"),
+                    path=asked.uri.decode("latin-1"),
+                    protocol="HTTP/1.1",
+                    status=code,
+                    size=sent,
+                    duration=now - started,
+                    cache="HIT",
+                    referer=_text(asked.header(b"referer")),
+                    user_agent=_text(asked.header(b"user-agent")),
+                    time=now,
+                )
+            )
+        return True
+
+    def _count(self, path: bytes, code: int, duration: float, state: str, sent: int) -> None:
         """
         Count a finished request in the metrics: its route and status, its
         latency, and for a cache answer (C{state}: its C{X-Cache}) the
-        answer and the bytes served.
+        answer and the C{sent} bytes served.
         """
-        route = route_of(request.path)
-        code = request.code
+        route = route_of(path)
         found = self._counted.get((route, str(code), state))
         if found is None:
             metrics = self._metrics
@@ -405,7 +481,7 @@ class ProxySite(Site):
         if len(found) > 2:
             found[2].inc()
             if len(found) > 3:
-                found[3].inc(request.sentLength)
+                found[3].inc(sent)
 
     def _entry(self, request: Request, now: float, duration: float, state: str) -> Entry:
         """

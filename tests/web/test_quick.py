@@ -1,0 +1,248 @@
+"""
+The quick lane (L{txpypi.web.quick}) answers a warm page with the same
+bytes, the same access log line and the same metrics as the usual way,
+and leaves everything else to it: each request below is sent with the lane
+on and off, over real loopback, and the answers compared (all but the
+C{Date}).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.logger import globalLogPublisher
+
+from tests.conftest import Running, Served, get_reactor
+from txpypi.web.quick import parse
+
+JSON = b"application/vnd.pypi.simple.v1+json"
+
+
+class Raw(Protocol):
+    """
+    Sends bytes as given and collects what comes back until C{expect}
+    answers are whole (by their Content-Length; none for HEAD and 304).
+    """
+
+    def __init__(self, expect: int, heads: list[bool]) -> None:
+        self.data = b""
+        self.expect = expect
+        self.heads = heads
+        self.done: Deferred[list[bytes]] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        answers = split(self.data, self.heads)
+        if answers is not None and len(answers) >= self.expect and not self.done.called:
+            self.done.callback(answers)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if not self.done.called:
+            self.done.callback(split(self.data, self.heads, partial=True) or [self.data])
+
+
+def split(data: bytes, heads: list[bool], partial: bool = False) -> list[bytes] | None:
+    answers = []
+    for head in heads:
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            return answers if partial else None
+        top = data[: end + 4]
+        length = re.search(rb"\r\nContent-Length: (\d+)\r\n", top)
+        size = 0 if head or b" 304 " in top.split(b"\r\n")[0] or length is None else int(length.group(1))
+        if len(data) < end + 4 + size:
+            return answers if partial else None
+        answers.append(data[: end + 4 + size])
+        data = data[end + 4 + size :]
+    return answers
+
+
+async def exchange(running: Running, *requests: bytes, pieces: int = 1) -> list[bytes]:
+    """
+    Send C{requests} on one connection (all at once, or each in C{pieces}
+    writes), and return the answers, their Date lines blanked.
+    """
+    heads = [r.startswith(b"HEAD ") for r in requests]
+    protocol = Raw(len(requests), heads)
+    endpoint = TCP4ClientEndpoint(get_reactor(), "127.0.0.1", running.port.getHost().port)
+    await connectProtocol(endpoint, protocol)
+    data = b"".join(requests)
+    if pieces == 1:
+        protocol.transport.write(data)  # type: ignore[union-attr]
+    else:
+        step = max(1, len(data) // pieces)
+        for i in range(0, len(data), step):
+            protocol.transport.write(data[i : i + step])  # type: ignore[union-attr]
+            await Deferred.fromCoroutine(_tick())
+    answers = await protocol.done
+    protocol.transport.loseConnection()  # type: ignore[union-attr]
+    return [re.sub(rb"\r\nDate: [^\r]*\r\n", b"\r\nDate: -\r\n", a) for a in answers]
+
+
+async def _tick() -> None:
+    d: Deferred[None] = Deferred()
+    get_reactor().callLater(0.01, d.callback, None)
+    await d
+
+
+def request(path: bytes, method: bytes = b"GET", **headers: bytes) -> bytes:
+    lines = [b"%s %s HTTP/1.1" % (method, path), b"Host: 127.0.0.1"]
+    lines += [name.replace("_", "-").encode() + b": " + value for name, value in headers.items()]
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+@pytest.fixture
+def logged() -> Any:
+    lines: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "txpypi.access":
+            # The time and the duration differ from one request to the next.
+            line = re.sub(r"\[[^\]]*\]", "[-]", event["access"])
+            lines.append(line.rsplit(" ", 1)[0])
+
+    globalLogPublisher.addObserver(observe)
+    yield lines
+    globalLogPublisher.removeObserver(observe)
+
+
+def site(running: Running) -> Any:
+    return running.proxy.sites[-1]
+
+
+async def both_ways(
+    running: Running, logged: list[str], *requests: bytes, pieces: int = 1
+) -> tuple[list[bytes], int]:
+    """
+    The answers with the quick lane on, checked to be those with it off (and
+    so the access log lines); and how many it gave.
+    """
+    s = site(running)
+    before = s.quick_answers
+    s.quick_lane = True
+    start = len(logged)
+    quick = await exchange(running, *requests, pieces=pieces)
+    taken = s.quick_answers - before
+    quick_lines = logged[start:]
+    s.quick_lane = False
+    start = len(logged)
+    usual = await exchange(running, *requests, pieces=pieces)
+    usual_lines = logged[start:]
+    s.quick_lane = True
+    assert quick == usual
+    assert quick_lines == usual_lines
+    return quick, taken
+
+
+@pytest.fixture
+def warm(upstream: Served, proxy_factory: Any, tmp_path: Path) -> Running:
+    running: Running = proxy_factory(upstream.url, access_log="log")
+    return running
+
+
+@pytest_twisted.ensureDeferred
+async def test_warm_pages_are_the_same_bytes_either_way(warm: Running, logged: list[str]) -> None:
+    for accept in (JSON, b"text/html"):
+        await exchange(warm, request(b"/simple/alpha/", accept=accept))  # the miss, the usual way
+    cases = [
+        (request(b"/simple/alpha/", accept=JSON), 1),
+        (request(b"/simple/alpha/", accept=b"text/html"), 1),
+        (request(b"/simple/alpha/"), 1),
+        (request(b"/simple/alpha/", accept=b"*/*;q=0.1, application/vnd.pypi.simple.v1+json"), 1),
+        (request(b"/simple/alpha/", accept=JSON, accept_encoding=b"gzip, deflate"), 1),
+        (request(b"/simple/alpha/", method=b"HEAD", accept=JSON), 1),
+        (request(b"/pypi/simple/alpha/", accept=JSON), 1),
+        (request(b"/simple/alpha/", accept=JSON, user_agent=b"pip/25.0", referer=b"r"), 1),
+        (request(b"/simple/alpha/", accept=JSON, x_forwarded_for=b"10.1.2.3"), 1),
+        # The usual way: a redirect, a 406, a query, an unknown group.
+        (request(b"/simple/Alpha/", accept=JSON), 0),
+        (request(b"/simple/alpha/", accept=b"application/xml"), 0),
+        (request(b"/simple/alpha/?format=json"), 0),
+        (request(b"/nosuch/simple/alpha/", accept=JSON), 0),
+        (request(b"/simple/alpha/", accept=JSON, connection=b"keep-alive"), 0),
+        (request(b"/simple/alpha/", accept=JSON).replace(b"HTTP/1.1", b"HTTP/1.0"), 0),
+    ]
+    for sent, quick in cases:
+        answers, taken = await both_ways(warm, logged, sent)
+        assert taken == quick, sent
+        assert len(answers) == 1 and answers[0].startswith(b"HTTP/1."), answers
+    # A conditional request: 304 either way.
+    (answer,), _ = await both_ways(warm, logged, request(b"/simple/alpha/", accept=JSON))
+    etag = re.search(rb"\r\nETag: ([^\r]*)\r\n", answer)
+    assert etag is not None
+    (answer,), taken = await both_ways(
+        warm, logged, request(b"/simple/alpha/", accept=JSON, if_none_match=etag.group(1))
+    )
+    assert answer.startswith(b"HTTP/1.1 304 ") and taken == 1
+    (answer,), taken = await both_ways(
+        warm, logged, request(b"/simple/alpha/", accept=JSON, if_none_match=b'"other"')
+    )
+    assert answer.startswith(b"HTTP/1.1 200 ") and taken == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_pipelined_and_split_requests_go_the_usual_way(warm: Running, logged: list[str]) -> None:
+    one = request(b"/simple/alpha/", accept=JSON)
+    await exchange(warm, one)
+    await exchange(warm, request(b"/simple/beta/", accept=JSON))
+    answers, taken = await both_ways(warm, logged, one, request(b"/simple/beta/", accept=JSON), one)
+    assert taken == 0 and len(answers) == 3
+    answers, taken = await both_ways(warm, logged, one, pieces=3)
+    assert taken == 0 and answers[0].startswith(b"HTTP/1.1 200 ")
+    # One after the other on one connection: each quick.
+    answers, taken = await both_ways(warm, logged, one)
+    assert taken == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_metrics_count_quick_answers_as_the_usual_ones(warm: Running) -> None:
+    one = request(b"/simple/alpha/", accept=JSON)
+    await exchange(warm, one)
+    metrics = warm.proxy.metrics.registry
+
+    def counts() -> tuple[float | None, ...]:
+        return (
+            metrics.get_sample_value("txpypi_requests_total", {"route": "project", "code": "200"}),
+            metrics.get_sample_value("txpypi_cache_answers_total", {"kind": "page", "result": "hit"}),
+            metrics.get_sample_value("txpypi_served_bytes_total", {"source": "cache"}),
+        )
+
+    s = site(warm)
+    seen = []
+    for quick in (True, False):
+        s.quick_lane = quick
+        before = counts()
+        await exchange(warm, one)
+        after = counts()
+        seen.append(tuple((a or 0) - (b or 0) for a, b in zip(after, before, strict=True)))
+    assert seen[0] == seen[1] and seen[0][0] == 1 and seen[0][2] > 0
+
+
+def test_what_the_parser_refuses() -> None:
+    ok = request(b"/simple/alpha/", accept=JSON)
+    assert parse(ok) is not None
+    for bad in (
+        ok[:-2],  # not whole
+        ok + ok,  # pipelined
+        ok.replace(b"GET", b"POST"),
+        ok.replace(b"/simple/alpha/", b"/simple/al%70ha/"),
+        ok.replace(b"/simple/alpha/", b"/simple/alpha"),
+        ok.replace(b"/simple/alpha/", b"/simple/"),
+        ok.replace(b"/simple/alpha/", b"/files/alpha/"),
+        ok.replace(b"Host: 127.0.0.1", b"Host: 127.0.0.1\r\nContent-Length: 0"),
+        ok.replace(b"Host: 127.0.0.1", b"Host: 127.0.0.1\r\nTransfer-Encoding: chunked"),
+        ok.replace(b"Host: 127.0.0.1", b"Host: 127.0.0.1\r\n folded"),
+        ok.replace(b"Host: 127.0.0.1", b"Host : 127.0.0.1"),
+        ok.replace(b"Host: 127.0.0.1", b"Accept: a\r\nAccept: b"),
+        request(b"/simple/" + b"a" * 9000 + b"/"),
+    ):
+        assert parse(bad) is None, bad[:80]
+    group = parse(request(b"/internal/simple/alpha/"))
+    assert group is not None and (group.group, group.project) == (b"internal", b"alpha")

@@ -1,0 +1,149 @@
+"""
+The quick lane: a warm project page answered straight from the
+connection, without a twisted.web request.
+
+Twisted's request machinery (a L{twisted.web.server.Request} per request,
+its headers, its render and finish, a generic header writer) is most of a
+warm page's cost.  When a connection between requests receives exactly one
+whole, plain request -- C{GET} or C{HEAD} of C{/simple/<project>/} or
+C{/<group>/simple/<project>/}, HTTP/1.1, no body, no header that changes
+how it is read, nothing after it -- and the page is fresh in memory, the
+answer is written at once: a status line, the header lines that the page's
+representation built once, and the body.  Anything else (and any doubt)
+goes the usual way, untouched, so that the answers are the same bytes but
+for the cost; the access log line and the metrics are the same too.
+"""
+
+from __future__ import annotations
+
+import time
+
+import attrs
+from twisted.web.http import datetimeToString
+from twisted.web.server import version as server_version
+
+#: The longest request the quick lane reads, in bytes (a longer one goes
+#: the usual way).
+MAX_QUICK_REQUEST = 8 * 1024
+
+#: The headers that may come with a quick request; any other goes the usual
+#: way, unless it is one that changes nothing about a page's answer.
+_USED = frozenset({b"host", b"accept", b"accept-encoding", b"if-none-match", b"user-agent", b"referer"})
+_FORWARDED = b"x-forwarded-for"
+#: Headers that change how a request is read or answered: never quick.
+_SLOW = frozenset(
+    {
+        b"content-length",
+        b"transfer-encoding",
+        b"connection",
+        b"expect",
+        b"upgrade",
+        b"te",
+        b"range",
+        b"if-range",
+        b"if-match",
+        b"if-modified-since",
+        b"if-unmodified-since",
+        b"authorization",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"forwarded",
+    }
+)
+
+#: The bytes a simple path segment may hold (a project name, as the usual
+#: way would take it without decoding anything).
+_NAME_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+@attrs.frozen
+class QuickRequest:
+    """
+    A request the quick lane may answer: its method, the group's path
+    (C{b""} for C{/simple/}) and the project, and the headers it reads.
+    """
+
+    method: bytes
+    uri: bytes
+    group: bytes
+    project: bytes
+    headers: dict[bytes, bytes]
+
+    def header(self, name: bytes) -> bytes | None:
+        return self.headers.get(name)
+
+
+def parse(data: bytes) -> QuickRequest | None:
+    """
+    The request in C{data} if it is exactly one quick one, else L{None}.
+    """
+    if len(data) > MAX_QUICK_REQUEST or not data.endswith(b"\r\n\r\n"):
+        return None
+    head = data[:-4]
+    if b"\r\n\r\n" in head or b"\n\n" in head:
+        return None  # pipelined: the usual way keeps the order
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or parts[2] != b"HTTP/1.1" or parts[0] not in (b"GET", b"HEAD"):
+        return None
+    method, uri = parts[0], parts[1]
+    route = _route(uri)
+    if route is None:
+        return None
+    headers: dict[bytes, bytes] = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name != name.strip() or b"\n" in line or b"\r" in line:
+            return None
+        name = name.lower()
+        if name in _SLOW:
+            return None
+        if name in _USED or name == _FORWARDED:
+            if name in headers:
+                return None  # said twice: the usual way decides
+            headers[name] = value.strip(b" \t")
+    return QuickRequest(method, uri, *route, headers)
+
+
+def _route(uri: bytes) -> tuple[bytes, bytes] | None:
+    """
+    The group (C{b""}: the default one) and project of C{/simple/<p>/} or
+    C{/<group>/simple/<p>/}; L{None} for any other path.
+    """
+    parts = uri.split(b"/")
+    # b"/simple/p/" -> ["", "simple", "p", ""]
+    if len(parts) == 4 and parts[1] == b"simple":
+        group, project = b"", parts[2]
+    elif len(parts) == 5 and parts[2] == b"simple":
+        group, project = parts[1], parts[3]
+        if not group or not set(group) <= _NAME_BYTES:
+            return None
+    else:
+        return None
+    if parts[0] or parts[-1] or not project or not set(project) <= _NAME_BYTES:
+        return None
+    return group, project
+
+
+#: The status lines the quick lane sends.
+OK = b"HTTP/1.1 200 OK\r\n"
+NOT_MODIFIED = b"HTTP/1.1 304 Not Modified\r\n"
+
+
+class Dates:
+    """
+    The C{Server} and C{Date} header lines, made once a second.
+    """
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._lines = b""
+
+    def __call__(self, now: float | None = None) -> bytes:
+        now = time.time() if now is None else now
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            date = datetimeToString(second)
+            self._lines = b"Server: " + server_version + b"\r\nDate: " + date + b"\r\n"
+        return self._lines
