@@ -20,7 +20,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import globalLogPublisher
 
 from tests.conftest import Running, Served, get_reactor
-from txpypi.web.quick import parse
+from txpypi.web.quick import parse, send_now
 
 JSON = b"application/vnd.pypi.simple.v1+json"
 
@@ -246,3 +246,56 @@ def test_what_the_parser_refuses() -> None:
         assert parse(bad) is None, bad[:80]
     group = parse(request(b"/internal/simple/alpha/"))
     assert group is not None and (group.group, group.project) == (b"internal", b"alpha")
+
+
+class _Collect(Protocol):
+    def __init__(self, size: int) -> None:
+        self.data = bytearray()
+        self.size = size
+        self.done: Deferred[bytes] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        if len(self.data) >= self.size and not self.done.called:
+            self.done.callback(bytes(self.data))
+
+
+class _Sender(Protocol):
+    def __init__(self, pieces: list[bytes], sent: Deferred[None]) -> None:
+        self.pieces = pieces
+        self.sent = sent
+
+    def connectionMade(self) -> None:
+        for piece in self.pieces:
+            send_now(self.transport, piece)
+        transport: Any = self.transport
+        self.buffered = len(transport._tempDataBuffer) + bool(transport.dataBuffer)
+        self.sent.callback(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_now_keeps_the_order_when_the_socket_is_full() -> None:
+    """
+    More than a socket holds, sent while the client reads nothing: what the
+    socket does not take goes through the transport, and every later piece
+    after it, so that the client reads every byte in order.
+    """
+    from twisted.internet.protocol import Factory
+
+    pieces = [bytes([i % 251]) * 65536 for i in range(160)]  # 10 MiB
+    sent: Deferred[None] = Deferred()
+    senders: list[_Sender] = []
+    factory = Factory.forProtocol(lambda: senders.append(_Sender(pieces, sent)) or senders[-1])
+    port = get_reactor().listenTCP(0, factory, interface="127.0.0.1")
+    try:
+        client = _Collect(sum(map(len, pieces)))
+        endpoint = TCP4ClientEndpoint(get_reactor(), "127.0.0.1", port.getHost().port)
+        protocol = await connectProtocol(endpoint, client)
+        protocol.transport.pauseProducing()  # type: ignore[union-attr]
+        await sent  # all handed over while the client read nothing
+        assert senders[0].buffered > 1  # the socket took part, the transport kept the rest
+        protocol.transport.resumeProducing()  # type: ignore[union-attr]
+        assert await client.done == b"".join(pieces)
+        protocol.transport.loseConnection()  # type: ignore[union-attr]
+    finally:
+        await port.stopListening()

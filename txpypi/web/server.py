@@ -22,7 +22,7 @@ from txpypi.core.live import Live
 from txpypi.web.accesslog import LOGGER, AccessLogWriter, Entry, Stamps, client_address, combined, json_line
 from txpypi.web.answers import header
 from txpypi.web.metrics import Metrics, route_of
-from txpypi.web.quick import Dates, parse
+from txpypi.web.quick import Dates, parse, send_now
 
 log = Logger(namespace="txpypi.app")
 access_log = Logger(namespace="txpypi.access")
@@ -431,7 +431,7 @@ class ProxySite(Site):
         code, out, sent = answer
         self.quick_answers += 1
         transport: Any = channel.transport
-        transport.write(out)
+        send_now(transport, out)
         now = self._clock.seconds()
         self._count(asked.uri, code, now - started, "HIT", sent)
         if self.log_format != "none":
