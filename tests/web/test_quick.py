@@ -106,7 +106,8 @@ def logged() -> Any:
         if event.get("log_namespace") == "txpypi.access":
             # The time and the duration differ from one request to the next.
             line = re.sub(r"\[[^\]]*\]", "[-]", event["access"])
-            lines.append(line.rsplit(" ", 1)[0])
+            line = re.sub(r'"(time|duration)":[^,}]*', r'"\1":-', line)
+            lines.append(line if line.startswith("{") else line.rsplit(" ", 1)[0])
 
     globalLogPublisher.addObserver(observe)
     yield lines
@@ -141,9 +142,9 @@ async def both_ways(
     return quick, taken
 
 
-@pytest.fixture
-def warm(upstream: Served, proxy_factory: Any, tmp_path: Path) -> Running:
-    running: Running = proxy_factory(upstream.url, access_log="log")
+@pytest.fixture(params=["combined", "json"])
+def warm(request: pytest.FixtureRequest, upstream: Served, proxy_factory: Any, tmp_path: Path) -> Running:
+    running: Running = proxy_factory(upstream.url, access_log="log", log_format=request.param)
     return running
 
 
