@@ -13,7 +13,7 @@ import signal
 import sys
 from typing import Any
 
-from twisted.logger import FileLogObserver, formatEventAsClassicLogText, globalLogBeginner
+from twisted.logger import FileLogObserver, Logger, formatEventAsClassicLogText, globalLogBeginner
 from twisted.python import usage
 
 from txpypi.workers import ROLE_ENV, Role
@@ -41,6 +41,11 @@ def _observer(index: int) -> FileLogObserver:
 
 
 def main() -> None:
+    # A SIGHUP before the reload service listens for it (the parent passes
+    # one on as soon as it gets it) must not end the worker: it is kept,
+    # and delivered again once the service is up.
+    held: list[int] = []
+    signal.signal(signal.SIGHUP, lambda signum, frame: held.append(signum))
     role = Role.load(os.environ.pop(ROLE_ENV))
     _die_with_parent(role.parent)
     globalLogBeginner.beginLoggingTo([_observer(role.index)], redirectStandardIO=False)
@@ -58,7 +63,16 @@ def main() -> None:
         sys.exit(f"txpypi worker {role.index}: {e}")
     service = tap.worker_service(config, role, reactor)  # type: ignore[arg-type]
     service.privilegedStartService()
-    reactor.callWhenRunning(service.startService)  # type: ignore[attr-defined]
+
+    def start() -> None:
+        service.startService()
+        Logger(namespace="txpypi.workers").info(
+            "worker {index} ready (pid {pid})", index=role.index, pid=os.getpid()
+        )
+        if held:
+            os.kill(os.getpid(), signal.SIGHUP)
+
+    reactor.callWhenRunning(start)  # type: ignore[attr-defined]
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)  # type: ignore[attr-defined]
 
     stopping: list[bool] = []

@@ -98,6 +98,8 @@ def ready(process: Twistd) -> tuple[str, tuple[str, ...]]:
     for index in (0, 1):
         match = pytest_twisted.blockon(within(process.wait_for(own_port(index)), 60, f"worker {index}"))
         own.append(f"http://127.0.0.1:{int(match.group(1))}")
+        up = process.wait_for(rb"worker %d ready" % index)  # its SIGHUP handler too
+        pytest_twisted.blockon(within(up, 60, f"worker {index} to be ready"))
     return f"http://127.0.0.1:{port}", tuple(own)
 
 
