@@ -435,6 +435,12 @@ async def test_accel_redirect_answers_hits_and_streams_misses(
     assert header(response, "etag") == f'"{dist.sha256}"'
     assert header(response, "x-cache") == "HIT"
     assert header(response, "content-type") == "application/octet-stream"
+    response, body = await get(running.url + URL, {b"Range": [b"bytes=10-19"]})
+    assert response.code == 200 and body == b""  # nginx answers the range
+    assert header(response, "x-accel-redirect") == f"/internal/{key.as_posix()}"
+    assert header(response, "content-range") is None
+    response, body = await get(running.url + URL, {b"If-None-Match": [f'"{dist.sha256}"'.encode()]})
+    assert response.code == 304 and header(response, "x-accel-redirect") is None
     response, body = await get(running.url + URL, method=b"HEAD")
     assert response.code == 200 and header(response, "x-accel-redirect") is None
     assert header(response, "content-length") == str(len(dist.content))
