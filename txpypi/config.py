@@ -83,6 +83,7 @@ class Settings:
     s3_threads: int = 8
     s3_redirect: bool = _LIVE.s3_redirect
     s3_redirect_ttl: float = _LIVE.s3_redirect_ttl
+    accel_redirect: str | None = _LIVE.accel_redirect
     redis: str | None = attrs.field(default=None, repr=False)
     lock_ttl: float = 30.0
     peer_url: str | None = None

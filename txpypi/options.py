@@ -199,6 +199,10 @@ OPTIONS: tuple[Option, ...] = (
     # A SigV4 presigned URL lives at most a week.
     Option("s3-redirect-ttl", seconds, least=1, most=MAX_PRESIGNED_TTL, live=True, help=(
         "With --s3-redirect: how long the presigned URLs live (default: 300).")),
+    Option("accel-redirect", text, live=True, help=(
+        "Answer a GET of a file cached on the disk with an empty body and X-Accel-Redirect: "
+        "PREFIX<key>, the key under <cache-dir>/files/, for nginx in front to send it "
+        "(default: off).")),
     Option("redis", redis_url, live=False, help=(
         "Share metadata through Redis: redis://[:password@]host:port/db, or rediss:// for "
         "TLS (default: the embedded SQLite database).")),

@@ -41,6 +41,7 @@ class Live:
     admin_token: str | None = attrs.field(default=None, repr=False)
     s3_redirect: bool = False
     s3_redirect_ttl: float = 300.0
+    accel_redirect: str | None = None
     log_format: str = "combined"
     access_log: str = "-"
     trusted_proxies: tuple[str, ...] = ()

@@ -32,7 +32,15 @@ from zope.interface import alsoProvides, implementer
 
 from txpypi.concurrency.waiters import Once
 from txpypi.storage.metadata import FileRecord, IMetadata, PageRecord
-from txpypi.storage.stores import IFileReader, IFileStore, IProbed, IRedirectable, IStreamingUpload, IUpload
+from txpypi.storage.stores import (
+    IFileReader,
+    IFileStore,
+    ILocalFile,
+    IProbed,
+    IRedirectable,
+    IStreamingUpload,
+    IUpload,
+)
 
 log = Logger(namespace="txpypi.outages")
 
@@ -412,7 +420,7 @@ class WatchedMetadata:
 
 
 @implementer(IFileReader)
-@attrs.define(slots=False)  # it may also provide the inner reader's IRedirectable
+@attrs.define(slots=False)  # it may also provide the inner reader's IRedirectable or ILocalFile
 class WatchedReader:
     """
     A reader of a watched store: a failed read is an L{Unavailable} too.
@@ -424,6 +432,21 @@ class WatchedReader:
     def __attrs_post_init__(self) -> None:
         if IRedirectable.providedBy(self._inner):
             alsoProvides(self, IRedirectable)
+        if ILocalFile.providedBy(self._inner):
+            alsoProvides(self, ILocalFile)
+
+    @property
+    def fd(self) -> int:
+        """
+        The inner local reader's descriptor (when it is one: L{ILocalFile}).
+        """
+        fd: int = self._inner.fd
+        return fd
+
+    @property
+    def key(self) -> str:
+        key: str = self._inner.key
+        return key
 
     def url(self, ttl: float) -> Deferred[str]:
         """

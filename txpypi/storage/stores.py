@@ -53,6 +53,18 @@ class IRedirectable(Interface):
         """
 
 
+class ILocalFile(Interface):
+    """
+    A reader of a file on the local disk, by an open descriptor: its bytes
+    may go to a socket with C{sendfile}, or be sent by a web server in
+    front that reads the same directory (C{X-Accel-Redirect}).
+    """
+
+    fd = Attribute("The open descriptor (the reader's own: L{IFileReader.close} closes it).")
+    size = Attribute("The file's length in bytes.")
+    key = Attribute("The store key, a path relative to the store's C{files/} directory.")
+
+
 class IProbed(Interface):
     """
     A store that can tell whether it can serve (for outage probes).
@@ -151,18 +163,21 @@ def file_key(sha256: str, filename: str) -> str:
     return f"{sha256[:2]}/{sha256}/{filename}"
 
 
-@implementer(IFileReader)
+@implementer(IFileReader, ILocalFile)
 @attrs.define
 class FdReader:
     """
     Reads a local file by descriptor with C{pread}, so that many readers may
     share one descriptor.  Reads of local files run on the calling thread, as
     in twisted.web.static.File: they hit the page cache and do not wait on
-    the network.
+    the network.  The sender may also send it with C{sendfile} (see
+    L{ILocalFile}).
     """
 
     fd: int
     size: int
+    #: The store key it was opened under (C{""} when it has none).
+    key: str = ""
     _closed: bool = False
 
     def read(self, offset: int, length: int) -> Deferred[bytes]:
@@ -238,7 +253,7 @@ class DiskStore:
             fd = os.open(self._path(key), os.O_RDONLY)
         except FileNotFoundError:
             return succeed(None)
-        return succeed(FdReader(fd, os.fstat(fd).st_size))
+        return succeed(FdReader(fd, os.fstat(fd).st_size, key))
 
     def _delete(self, key: str) -> None:
         path = self._path(key)

@@ -220,7 +220,9 @@ class Proxy:
     def _group_resources(self, group: Group) -> tuple[Resource, Resource]:
         files = self.groups.files_of(group)
         pages = self.groups.pages_of(group)
-        return SimpleResource(pages), FilesResource(files, lambda: self.live.redirect_ttl, self.senders)
+        return SimpleResource(pages), FilesResource(
+            files, lambda: self.live.redirect_ttl, self.senders, lambda: self.live.accel_redirect
+        )
 
     def site(self) -> ProxySite:
         served = {name.encode(): self._group_resources(g) for name, g in self.groups.by_name.items()}

@@ -27,7 +27,7 @@ from txpypi.core.simple.formats import PROVENANCE_SUFFIX
 from txpypi.fetch.upstream import UpstreamError
 from txpypi.fetch.wanted import ByteSource, FlightFailed
 from txpypi.storage.outages import Unavailable, describe
-from txpypi.storage.stores import IRedirectable
+from txpypi.storage.stores import ILocalFile, IRedirectable
 from txpypi.web.answers import (
     Answer,
     client_gone,
@@ -41,7 +41,7 @@ from txpypi.web.answers import (
     status_of,
     text,
 )
-from txpypi.web.sender import CHUNK, Sender, send_among
+from txpypi.web.sender import CHUNK, Sender, send_among, sender_for
 
 log = Logger(namespace="txpypi.app")
 
@@ -98,6 +98,7 @@ class FilesResource(Resource):
         files: FileCache | GroupFiles,
         redirect_ttl: Callable[[], float | None] = lambda: None,
         senders: set[Sender] | None = None,
+        accel_prefix: Callable[[], str | None] = lambda: None,
     ) -> None:
         """
         @param redirect_ttl: gives the lifetime of the presigned URLs that
@@ -105,10 +106,14 @@ class FilesResource(Resource):
             through the proxy (read per request: SIGHUP may change it).
         @param senders: where the senders of bodies in progress are kept
             while they send (for the shutdown to wait for them).
+        @param accel_prefix: gives the prefix of the C{X-Accel-Redirect}
+            that answers a hit on the local disk (C{--accel-redirect}), or
+            L{None} to send those files here (read per request).
         """
         super().__init__()
         self._files = files
         self._redirect_ttl = redirect_ttl
+        self._accel_prefix = accel_prefix
         self._senders: set[Sender] = set() if senders is None else senders
 
     def render_GET(self, request: Request) -> bytes | int:
@@ -201,8 +206,12 @@ class FilesResource(Resource):
         plan = _plan(request, head, held.opened)
         if await self._redirected(request, held.opened, plan, project, filename) or client_gone(request):
             return None
+        if self._accelerated(request, held.opened, plan, project, filename):
+            return None
         first = b""
-        if plan.body and held.source is not None:
+        # A local file is not read first: its descriptor is open, with the
+        # right size, and its bytes go to the socket from the descriptor.
+        if plan.body and held.source is not None and not ILocalFile.providedBy(held.source):
             read = await self._first(request, project, filename, head, held, plan)
             if read is None:
                 return None
@@ -218,7 +227,7 @@ class FilesResource(Resource):
         if not plan.body or held.source is None:
             request.finish()
             return None
-        return Sender(request, held.take(), plan.start, plan.end, first), plan
+        return sender_for(request, held.take(), plan.start, plan.end, first), plan
 
     async def _first(
         self, request: Request, project: str, filename: str, head: bool, held: Held, plan: FilePlan
@@ -285,6 +294,30 @@ class FilesResource(Resource):
         headers.setRawHeaders(b"x-cache", [b"HIT"])
         headers.setRawHeaders(b"cache-control", [b"no-store"])  # the URL expires
         request.write(text(request, 302, "found in the file store"))
+        request.finish()
+        if request.getHeader(b"range") is None and not filename.endswith(".metadata"):
+            self._files.downloaded(project, filename)
+        return True
+
+    def _accelerated(
+        self, request: Request, opened: Opened, plan: FilePlan, project: str, filename: str
+    ) -> bool:
+        """
+        With C{--accel-redirect PREFIX}, answer a GET of a hit on the local
+        disk with an empty body and C{X-Accel-Redirect: PREFIX<store key>},
+        for the web server in front to send the file from the same
+        directory (honouring C{Range} itself); C{False} when the proxy must
+        send it: the option is off, the file is not a local hit, or the
+        plan says no (a HEAD, a C{304}, an C{If-Range} naming another
+        version: see L{FilePlan.redirect}).
+        """
+        prefix = self._accel_prefix()
+        local = ILocalFile(opened.source, None)
+        if prefix is None or local is None or not (plan.redirect and plan.body and opened.hit and local.key):
+            return False
+        _headers(request, opened, attrs.evolve(plan, status=200, headers=()))
+        request.setHeader(b"x-accel-redirect", (prefix + local.key).encode())
+        request.setHeader(b"content-length", b"0")
         request.finish()
         if request.getHeader(b"range") is None and not filename.endswith(".metadata"):
             self._files.downloaded(project, filename)

@@ -1,16 +1,21 @@
 """
 Sending a file's bytes to one client: L{Sender}, a push producer registered
 on the client's request that reads a byte source (a flight's reader, or a
-store's) at the client's pace; and L{abort_client}, the cut that a client
-cannot take for the end of a body.
+store's) at the client's pace; L{SendfileSender} and L{PreadSender}, the
+senders of a file on the local disk (with no Deferred per chunk), which
+L{sender_for} picks; and L{abort_client}, the cut that a client cannot take
+for the end of a body.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 import struct
 from typing import Any
 
+from twisted.internet import tcp
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
@@ -21,11 +26,20 @@ from txpypi.concurrency.waiters import Once
 from txpypi.fetch.reader import FlightReader
 from txpypi.fetch.wanted import ByteSource, FlightFailed
 from txpypi.storage.outages import Unavailable
+from txpypi.storage.stores import ILocalFile
 
 log = Logger(namespace="txpypi.download")
 
 #: How much a sender reads from its source at once.
 CHUNK = 256 * 1024
+#: How much a L{PreadSender} reads at once (one read per time the client's
+#: transport asks for more).
+LOCAL_CHUNK = 512 * 1024
+#: The most one C{sendfile} call is asked for (the kernel sends what fits in
+#: the socket's buffer); one call each time the socket is writable.
+SENDFILE_CHUNK = 4 * 1024 * 1024
+#: What C{sendfile} fails with when the client is gone.
+_GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN, errno.ECONNABORTED)
 
 
 def abort_client(request: Request) -> None:
@@ -161,6 +175,260 @@ class Sender:
         for d in (self._pending, self._resume):
             if d is not None and not d.called:
                 d.cancel()
+
+
+def plain_transport(request: Request) -> Any | None:
+    """
+    The client's transport when bytes may be written straight to its socket
+    (a TCP or UNIX connection without TLS), else L{None}.
+    """
+    transport: Any = request.channel.transport if request.channel else None
+    if isinstance(transport, tcp.Connection) and not transport.TLS:
+        return transport
+    return None
+
+
+def sender_for(
+    request: Request, source: ByteSource, start: int = 0, end: int | None = None, first: bytes = b""
+) -> Sender:
+    """
+    The sender of C{source} to C{request}'s client: a file on the local disk
+    (L{ILocalFile}) goes by C{sendfile} over a plain connection
+    (L{SendfileSender}) and by large synchronous reads over TLS
+    (L{PreadSender}); any other source (a flight's reader, an object
+    store's) by L{Sender}, a Deferred per read.
+    """
+    local = ILocalFile(source, None)
+    if local is None:
+        return Sender(request, source, start, end, first)
+    transport = plain_transport(request)
+    if transport is None or request.responseHeaders.getRawHeaders(b"content-length") is None:
+        # (Without a length the body is chunked, which sendfile cannot frame.)
+        return PreadSender(request, source, local, start, end, first)
+    return SendfileSender(request, source, local, transport, start, end, first)
+
+
+class LocalSender(Sender):
+    """
+    Sends a file on the local disk, by descriptor, with no Deferred per
+    chunk: each time the client's transport asks for more
+    (C{resumeProducing}), L{_step} sends bytes until the transport pauses
+    this sender again.  Back-pressure, the range, the bookkeeping
+    (C{sent}, the request's C{sentLength}) and the ends (finished, the
+    client gone, a failure) are those of L{Sender}; the source is closed
+    when the sender is over, whichever way.
+    """
+
+    def __init__(
+        self,
+        request: Request,
+        source: ByteSource,
+        local: ILocalFile,
+        start: int = 0,
+        end: int | None = None,
+        first: bytes = b"",
+    ) -> None:
+        super().__init__(request, source, start, end, first)
+        self._fd: int = local.fd
+        self._stop_at: int = local.size if end is None else end
+        self._pumping = False
+
+    def start(self) -> Deferred[None]:
+        done = self.when_done()
+        self._request.registerProducer(self, True)
+        self._request.notifyFinish().addErrback(lambda _: self.stopProducing())
+        if not self._stopped:
+            first, self._first = self._first, b""
+            self._begin(first)
+            self._pump()
+        return done
+
+    def _begin(self, first: bytes) -> None:
+        """
+        Send the headers and the bytes the caller already read.
+        """
+        self._offset += len(first)
+        self.sent += len(first)
+        self._request.write(first)
+
+    def _step(self) -> None:
+        """
+        Send some bytes from C{self._offset} on (or wait for the client).
+        """
+        raise NotImplementedError()
+
+    def _pump(self) -> None:
+        if self._pumping:
+            return  # resumed while sending: the loop below goes on
+        self._pumping = True
+        try:
+            while not (self._paused or self._stopped):
+                if self._offset >= self._stop_at:
+                    self._finish()
+                    return
+                self._step()
+        except Exception as e:
+            self._fail(e)
+        finally:
+            self._pumping = False
+
+    def _finish(self) -> None:
+        self._stopped = True
+        self._request.unregisterProducer()
+        self._request.finish()
+        self._over_with()
+
+    def _fail(self, error: Exception) -> None:
+        """
+        The client has headers and part of the body: cut it off, so that
+        it cannot mistake that part for the whole.
+        """
+        if isinstance(error, FlightFailed):
+            log.warn("cutting off a client: {error}", error=str(error))
+        else:
+            log.failure("sending a file failed; aborting the client")
+        self._stopped = True
+        self._request.unregisterProducer()
+        self._over_with()
+        self._abort()
+
+    def _over_with(self) -> None:
+        if not self._over.happened:
+            self._source.close()
+            self._over.happen(None)
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._pump()
+
+    def stopProducing(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self._over_with()
+
+
+class PreadSender(LocalSender):
+    """
+    The fastest path Twisted allows where the bytes cannot go to the socket
+    straight (TLS: they must be encrypted in this process): large
+    synchronous C{pread}s, each written at once, until the transport's
+    buffer is full and it pauses this sender.
+    """
+
+    def _step(self) -> None:
+        length = min(LOCAL_CHUNK, self._stop_at - self._offset)
+        data = os.pread(self._fd, length, self._offset)
+        if not data:
+            raise FlightFailed(502, "file ended before the range did")
+        self._offset += len(data)
+        self.sent += len(data)
+        self._request.write(data)
+
+
+class SendfileSender(LocalSender):
+    """
+    Sends the bytes from the file's descriptor straight into the client's
+    socket with C{os.sendfile}, one call each time the socket is writable.
+
+    The headers go through the transport as usual (L{Request.write}), and
+    are flushed before the first C{sendfile}.  To wait until the socket is
+    writable, the sender does what the transport does when its buffer is
+    full: the transport's producer (the channel) is paused, which pauses
+    this sender and starts the send timeout, and the transport is told to
+    write; with nothing in its buffer, its next C{doWrite} (when the socket
+    is writable) resumes the channel, which resumes this sender.  A client
+    that takes no bytes wakes nothing up.  The socket is corked while the
+    body goes, so the headers and the body share packets.
+    """
+
+    #: The system call (a seam for the tests, which count the calls).
+    _sendfile = staticmethod(os.sendfile)
+
+    def __init__(
+        self,
+        request: Request,
+        source: ByteSource,
+        local: ILocalFile,
+        transport: Any,
+        start: int = 0,
+        end: int | None = None,
+        first: bytes = b"",
+    ) -> None:
+        super().__init__(request, source, local, start, end, first)
+        self._transport = transport
+        self._socket: socket.socket = transport.getHandle()
+
+    def _begin(self, first: bytes) -> None:
+        self._cork(True)
+        super()._begin(first)
+        transport = self._transport
+        if _buffered(transport) and transport.doWrite() is not None:
+            self._wait()  # the write failed: the transport will notice when writable
+
+    def _step(self) -> None:
+        transport = self._transport
+        if _buffered(transport):
+            self._wait()
+            return
+        length = min(SENDFILE_CHUNK, self._stop_at - self._offset)
+        try:
+            sent = self._sendfile(self._socket.fileno(), self._fd, self._offset, length)
+        except BlockingIOError:
+            self._wait()
+            return
+        except InterruptedError:
+            return
+        except OSError as e:
+            if e.errno not in _GONE:
+                raise
+            self.stopProducing()
+            transport.abortConnection()
+            return
+        if sent == 0:
+            raise FlightFailed(502, "file ended before the range did")
+        self._offset += sent
+        self.sent += sent
+        self._request.sentLength += sent
+        if self._offset < self._stop_at:
+            self._wait()  # the socket took what it could; or let the other clients go first
+
+    def _wait(self) -> None:
+        """
+        Be resumed once the socket is writable (see the class's docstring).
+        """
+        transport = self._transport
+        channel: Any = self._request.channel
+        transport.producerPaused = True
+        channel.pauseProducing()
+        transport.startWriting()
+
+    def _finish(self) -> None:
+        self._cork(False)  # the body's last bytes go now
+        super()._finish()
+
+    def _over_with(self) -> None:
+        if not self._over.happened:
+            self._cork(False)
+        super()._over_with()
+
+    def _cork(self, on: bool) -> None:
+        if hasattr(socket, "TCP_CORK"):
+            try:
+                self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, int(on))
+            except OSError:
+                pass  # not TCP (a UNIX socket), or closed
+
+
+def _buffered(transport: Any) -> int:
+    """
+    How many bytes the transport holds that the socket has not taken yet.
+    """
+    buffered: int = len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+    return buffered
 
 
 async def send_among(sender: Sender, senders: set[Sender]) -> None:
