@@ -242,8 +242,9 @@ def assemble(
             strports.service(endpoint, site, reactor=reactor).setServiceParent(service)
     else:
         proxy.siblings = Siblings(reactor, role.siblings, role.secret)
-        for inherited in (*role.listen, role.own):
+        for inherited in role.listen:
             AdoptedService(reactor, inherited, site).setServiceParent(service)
+        AdoptedService(reactor, role.own, proxy.own_site()).setServiceParent(service)
     return Built(service, proxy, first_client, drain, live)
 
 

@@ -65,7 +65,13 @@ def main() -> None:
     service.privilegedStartService()
 
     def start() -> None:
-        service.startService()
+        try:
+            service.startService()
+        except BaseException:
+            # Half started, it would serve nothing and the parent would not
+            # know: end, and be started again.
+            Logger(namespace="txpypi.workers").failure("worker {index} could not start", index=role.index)
+            os._exit(1)
         Logger(namespace="txpypi.workers").info(
             "worker {index} ready (pid {pid})", index=role.index, pid=os.getpid()
         )

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet import abstract
+from twisted.internet import abstract, tcp, unix
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ProcessExitedAlready
@@ -215,6 +215,28 @@ class _Adopter:
         return self._reactor.adoptStreamPort(self._inherited.fd, self._inherited.family, wrapped)
 
 
+class _SharedUnixPort(unix.Port):  # type: ignore[misc]
+    """
+    A UNIX socket a worker adopted: its file belongs to the parent, which
+    made it with its mode and removes it at the end; a worker neither
+    changes the mode (Twisted's port would make it C{0666}) nor removes
+    the file when it stops listening (the other workers still accept on
+    it).
+    """
+
+    _shouldShutdown = False  # see adopt()
+
+    def startListening(self) -> None:
+        try:
+            self.mode = stat.S_IMODE(os.stat(self._bindPath).st_mode)
+        except OSError:
+            pass
+        super().startListening()
+
+    def connectionLost(self, reason: Any) -> None:
+        tcp.Port.connectionLost(self, reason)
+
+
 def adopt(reactor: Any, inherited: Inherited, factory: Any) -> Any:
     """
     Accept connections for C{factory} on an inherited listening socket (the
@@ -223,6 +245,11 @@ def adopt(reactor: Any, inherited: Inherited, factory: Any) -> Any:
     # Twisted accepts until there is nothing more to accept: on a blocking
     # socket (shared with the other workers) the last accept would wait.
     os.set_blocking(inherited.fd, False)
+    if inherited.family == socket.AF_UNIX and not inherited.tls:
+        shared = _SharedUnixPort._fromListeningDescriptor(reactor, inherited.fd, factory)
+        shared.startListening()
+        os.close(inherited.fd)
+        return shared
     if inherited.tls:
         port: list[Any] = []
         serverFromString(_Adopter(reactor, inherited), inherited.description).listen(factory).addCallback(
@@ -231,6 +258,10 @@ def adopt(reactor: Any, inherited: Inherited, factory: Any) -> Any:
         result = port[0]
     else:
         result = reactor.adoptStreamPort(inherited.fd, inherited.family, factory)
+    # A port shuts its socket down as it stops listening: on a socket the
+    # other workers share, that would stop them accepting too.  Closing
+    # this worker's copy is all it may do.
+    result._shouldShutdown = False
     os.close(inherited.fd)
     return result
 
@@ -285,6 +316,8 @@ class Supervisor(Service):
         self._failures: dict[int, int] = {}
         self._stopping = False
         self._previous: Any = None
+        #: The UNIX socket files the parent made, removed at the end.
+        self._unix_paths: list[str] = []
 
     def privilegedStartService(self) -> None:
         # Bound before twistd gives up its privileges (a port under 1024).
@@ -297,6 +330,8 @@ class Supervisor(Service):
                 raise SystemExit(f"listen: cannot listen on {description}: {e.strerror or e}") from None
             listen.append(inherited)
             self._sockets.append(made)
+            if inherited.family == socket.AF_UNIX and not description.startswith("systemd:"):
+                self._unix_paths.append(made.getsockname())
         host = peer_host(self._settings)
         own, urls = [], []
         for _ in range(self._settings.workers):
@@ -403,6 +438,9 @@ class Supervisor(Service):
             self._close()
             return succeed(None)
         self._signal_all(signal.SIGTERM)
+        # No new connection waits in a backlog that nobody will accept: the
+        # workers keep their own copies until each stops listening.
+        self._close_listening()
         kill = self._clock.callLater(
             self._settings.shutdown_grace + EXIT_MARGIN, self._signal_all, signal.SIGKILL
         )
@@ -419,7 +457,21 @@ class Supervisor(Service):
         for worker in workers:
             await worker.ended
 
+    def _close_listening(self) -> None:
+        for inherited in self._listen:
+            for sock in list(self._sockets):
+                if sock.fileno() == inherited.fd:
+                    sock.close()
+                    self._sockets.remove(sock)
+        for path in self._unix_paths:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        self._unix_paths = []
+
     def _close(self) -> None:
+        self._close_listening()
         for sock in self._sockets:
             sock.close()
         self._sockets = []

@@ -6,8 +6,11 @@ arrive; a worker killed mid-download is started again while the other's
 clients go on; SIGHUP reaches both, SIGTERM drains both; the workers share a
 socket systemd hands over, and one with TLS.
 
-Each worker also listens on a loopback socket of its own (for the others);
-the tests reach a chosen worker there, so that the herd is spread for sure.
+A test reaches a chosen worker through the shared socket while the other
+is stopped (SIGSTOP: it accepts nothing), so that the herd is spread for
+sure; it waits for its requests to be inside that worker (a request after
+them is answered) before it lets the other go on (SIGCONT).  A worker's own
+socket serves only the internal routes.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,6 +34,7 @@ from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
+from twisted.internet.utils import getProcessOutput
 from twisted.python.failure import Failure
 from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web._newclient import Request as ClientRequest
@@ -178,16 +183,34 @@ def get(base: str, path: str, accept: str = "application/vnd.pypi.simple.v1+json
     return got
 
 
-async def arrived(http: HTTPClient, sent: list[Deferred[None]], urls: tuple[str, ...]) -> None:
+async def arrived(sent: list[Deferred[None]], url: str) -> None:
     """
-    Return once requests are inside the workers: each was written, then
-    each worker answered a C{/stats} (which waits on the database) after
-    reading what reached it before.
+    Return once requests are inside the one worker running: each was
+    written, then it answered a request on a connection of its own after
+    reading what reached it before (a path it does not know: nothing that
+    waits on the database, which the stopped worker may hold).
     """
     await gatherResults(sent)
-    for url in urls:
-        response = await http.get(f"{url}/stats")
-        await response.content()
+    probe = get(url, "/arrived")
+    await probe.body.done
+    assert probe.response is not None and probe.response.code == 404
+
+
+async def on_worker(workers: Workers, http: HTTPClient | None, index: int, start: Any) -> list[Any]:
+    """
+    Start requests (C{start()} returns them, each with a C{sent}) with all
+    workers but C{index} stopped, and return them once they are inside it.
+    """
+    others = [pid for i, pid in workers.pids().items() if i != index]
+    for pid in others:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        started = start()
+        await within(Deferred.fromCoroutine(arrived([s.sent for s in started], workers.url)), 30, "them")
+    finally:
+        for pid in others:
+            os.kill(pid, signal.SIGCONT)
+    return started
 
 
 @pytest_twisted.ensureDeferred
@@ -203,8 +226,11 @@ async def test_a_herd_over_two_workers_costs_one_fetch(
     """
     gate: Deferred[None] = Deferred()
     upstream.fake.page_holds["alpha"] = gate
-    pages = [get(url, "/simple/alpha/") for url in workers.own for _ in range(10)]
-    await within(Deferred.fromCoroutine(arrived(http, [g.sent for g in pages], workers.own)), 30, "the pages")
+    pages = []
+    for index in (0, 1):
+        pages += await on_worker(
+            workers, http, index, lambda: [get(workers.url, "/simple/alpha/") for _ in range(10)]
+        )
     await within(upstream.fake.requested("/simple/alpha/"), 30, "the page's GET")
     gate.callback(None)
     await within(gatherResults([g.body.done for g in pages]), 30, "the pages' answers")
@@ -216,10 +242,11 @@ async def test_a_herd_over_two_workers_costs_one_fetch(
     path = "/packages/" + big.filename
     hold: Deferred[None] = Deferred()
     upstream.fake.holds[big.filename] = hold
-    downloads: list[Download] = [download(url, big) for url in workers.own for _ in range(10)]
-    await within(
-        Deferred.fromCoroutine(arrived(http, [d.sent for d in downloads], workers.own)), 30, "the files"
-    )
+    downloads: list[Download] = []
+    for index in (0, 1):
+        downloads += await on_worker(
+            workers, http, index, lambda: [download(workers.url, big) for _ in range(10)]
+        )
     await within(upstream.fake.requested(path), 30, "the file's GET")
     await within(when_answered(downloads, 20), 30, "every client's headers, the upstream half-way")
     hold.callback(None)
@@ -251,8 +278,8 @@ async def test_a_killed_worker_is_started_again(
     """
     gates = {name: Deferred() for name in (big.filename, other.filename)}
     upstream.fake.holds.update(gates)
-    on_0 = download(workers.own[0], big)
-    on_1 = download(workers.own[1], other)
+    (on_0,) = await on_worker(workers, http, 0, lambda: [download(workers.url, big)])
+    (on_1,) = await on_worker(workers, http, 1, lambda: [download(workers.url, other)])
     await within(when_answered([on_0, on_1], 2), 30, "both downloads' headers")
     killed = workers.pids()[1]
     restarted = workers.process.wait_for(rb"started worker 1 \(pid (?!%d\))\d+\)" % killed)
@@ -267,7 +294,7 @@ async def test_a_killed_worker_is_started_again(
     await within(restarted, 30, "worker 1 to start again")
     listening = rb"(?s)(?:\[worker 1\] ProxySite starting on.*?){4}"  # two sockets, twice
     await within(workers.process.wait_for(listening), 30, "the new worker 1 to listen")
-    again = download(workers.own[1], other)
+    (again,) = await on_worker(workers, http, 1, lambda: [download(workers.url, other)])
     await within(again.done, 30, "the file through the new worker 1")
     assert again.verdict() == "whole"
     assert b"worker 1 ended" in workers.process.output
@@ -298,16 +325,16 @@ async def test_sighup_reaches_both_workers(
     reloaded = [process.wait_for(rb"\[worker %d\] SIGHUP: configuration reloaded" % i) for i in (0, 1)]
     process.transport_.signalProcess(signal.SIGHUP)
     await within(gatherResults(reloaded), 30, "both workers to reload")
-    for url in configured.own:
-        response = await http.get(f"{url}/simple/beta/")
-        assert response.code == 404
-        await response.content()
+    for index in (0, 1):
+        (got,) = await on_worker(configured, http, index, lambda: [get(configured.url, "/simple/beta/")])
+        await got.body.done
+        assert got.response.code == 404
     assert upstream.fake.requests["/simple/beta/"] == 0
 
 
 @pytest_twisted.ensureDeferred
 async def test_sigterm_drains_both_workers(
-    workers: Workers, upstream: Upstream, big: Dist, other: Dist
+    workers: Workers, upstream: Upstream, http: HTTPClient, big: Dist, other: Dist
 ) -> None:
     """
     SIGTERM to the parent while each worker sends a download: both stop
@@ -315,7 +342,10 @@ async def test_sigterm_drains_both_workers(
     """
     gates = {name: Deferred() for name in (big.filename, other.filename)}
     upstream.fake.holds.update(gates)
-    downloads = [download(workers.own[0], big), download(workers.own[1], other)]
+    downloads = [
+        *await on_worker(workers, http, 0, lambda: [download(workers.url, big)]),
+        *await on_worker(workers, http, 1, lambda: [download(workers.url, other)]),
+    ]
     await within(when_answered(downloads, 2), 30, "both downloads' headers")
     closed = [workers.process.wait_for(rb"\[worker %d\] \(TCP Port \d+ Closed\)" % i) for i in (0, 1)]
     workers.process.transport_.signalProcess(signal.SIGTERM)
@@ -403,7 +433,11 @@ async def test_with_redis_each_worker_is_an_instance_of_the_cluster(
     """
     hold: Deferred[None] = Deferred()
     upstream.fake.holds[big.filename] = hold
-    downloads = [download(url, big) for url in with_redis.own for _ in range(3)]
+    downloads: list[Download] = []
+    for index in (0, 1):
+        downloads += await on_worker(
+            with_redis, http, index, lambda: [download(with_redis.url, big) for _ in range(3)]
+        )
     await within(upstream.fake.requested("/packages/" + big.filename), 30, "the file's GET")
     await within(when_answered(downloads, 6), 30, "every client's headers, the upstream half-way")
     hold.callback(None)
@@ -411,3 +445,53 @@ async def test_with_redis_each_worker_is_an_instance_of_the_cluster(
     assert [d.verdict() for d in downloads] == ["whole"] * 6
     assert upstream.fake.file_counts() == {big.filename: 1}
     assert b"following http://127.0.0.1:" in with_redis.process.output
+
+
+@pytest.fixture
+def on_unix(upstream: Upstream, tmp_path: Path) -> Iterator[tuple[Workers, Path]]:
+    path = tmp_path / "txpypi.sock"
+    args = [
+        "--upstream",
+        upstream.url,
+        "--listen",
+        "tcp:0:interface=127.0.0.1",
+        "--listen",
+        f"unix:{path}:mode=660",
+    ]
+    with run_workers(args, tmp_path) as running:
+        yield running, path
+
+
+async def curl_unix(path: Path, url_path: str) -> str:
+    """
+    curl over the UNIX socket (run without blocking: the fake upstream is
+    served by this process's reactor).
+    """
+    argv = ["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--unix-socket", str(path), f"http://x{url_path}"]
+    out = await getProcessOutput("curl", argv, env=clean_env(), reactor=get_reactor(), errortoo=True)
+    return out.decode()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_unix_socket_keeps_its_mode_and_outlives_a_worker(on_unix: tuple[Workers, Path]) -> None:
+    """
+    The parent makes the socket file with its mode; a worker neither opens
+    it to the world nor removes it when it stops, nor shuts a shared socket
+    down, so the proxy still answers on both sockets, through both workers,
+    after one worker ended and was started again.
+    """
+    workers, path = on_unix
+    assert stat.S_IMODE(path.stat().st_mode) == 0o660
+    assert await curl_unix(path, "/simple/alpha/") == "200"
+    ended = workers.pids()[1]
+    again = workers.process.wait_for(rb"worker 1 ready \(pid (?!%d\))" % ended)
+    os.kill(ended, signal.SIGTERM)
+    await within(again, 30, "worker 1 to start again")
+    assert path.exists() and stat.S_IMODE(path.stat().st_mode) == 0o660
+    assert await curl_unix(path, "/simple/alpha/") == "200"
+    # The shared TCP socket too: the worker that stopped listening did not
+    # shut it down for the others.
+    for index in (0, 1):
+        (got,) = await on_worker(workers, None, index, lambda: [get(workers.url, "/simple/alpha/")])
+        await got.body.done
+        assert got.response.code == 200

@@ -37,7 +37,7 @@ from txpypi.core.policy import NO_POLICY
 from txpypi.fetch.upstream import UpstreamClient
 from txpypi.storage.outages import Outage, Unavailable
 from txpypi.web.accesslog import AccessLogWriter
-from txpypi.web.answers import answer_text, error_text, header, status_of, text
+from txpypi.web.answers import answer_text, error_text, finish_text, header, run, status_of, text
 from txpypi.web.files import FilesResource
 from txpypi.web.health import Health
 from txpypi.web.legacy import LegacyResource, is_legacy
@@ -57,6 +57,65 @@ log = Logger(namespace="txpypi.app")
 #: route with no such path or method, a store down); anything else is a
 #: C{500}, logged.
 ROUTE_ERRORS = (HTTPException, Unavailable)
+
+
+class WorkerPart(Resource):
+    """
+    C{/_worker/<what>}: this worker's part of C{/metrics} or C{/health}, for
+    a sibling, on the worker's own socket; only requests signed with the
+    workers' secret are answered.
+    """
+
+    isLeaf = True
+
+    def __init__(self, proxy: Proxy, secret: str, clock: IReactorTime) -> None:
+        super().__init__()
+        self._proxy = proxy
+        self._secret = secret
+        self._clock = clock
+
+    def render_GET(self, request: Request) -> bytes | int:
+        path = (request.path or b"").decode("latin-1")
+        if not verify(self._secret, path, header(request, PEER_HEADER), self._clock.seconds()):
+            return text(request, 403, "worker requests must be signed with the workers' secret")
+        parts = request.postpath or []
+        if len(parts) != 1:
+            return text(request, 404, "worker parts are /_worker/metrics and /_worker/health")
+        return run(request, self._answer(request, parts[0].decode("latin-1")))
+
+    async def _answer(self, request: Request, what: str) -> None:
+        body = await self._proxy.worker_part(what)
+        if body is None:
+            finish_text(request, 404, "worker parts are /_worker/metrics and /_worker/health")
+            return
+        kind = METRICS_CONTENT_TYPE.encode() if what == "metrics" else b"application/json"
+        request.setHeader(b"content-type", kind)
+        request.setHeader(b"content-length", b"%d" % len(body))
+        request.write(body)
+        request.finish()
+
+
+class OwnRoot(Resource):
+    """
+    The root of a worker's own socket: C{/_peer/} and C{/_worker/} only.
+    """
+
+    def __init__(self, peer: Resource, worker: Resource) -> None:
+        super().__init__()
+        self._children = {b"_peer": peer, b"_worker": worker}
+
+    def getChildWithDefault(self, path: bytes, request: Request) -> IResource:  # type: ignore[override]
+        found = self._children.get(path)
+        if found is not None:
+            return found
+        return _NotHere()
+
+
+class _NotHere(Resource):
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:  # type: ignore[override]
+        return text(request, 404, "a worker's own socket serves only /_peer/ and /_worker/")
 
 
 class Root(Resource):
@@ -243,6 +302,22 @@ class Proxy:
         self.sites.append(site)
         return site
 
+    def own_site(self) -> ProxySite:
+        """
+        The site of a worker's own socket: only what the other workers and
+        instances ask of this one (C{/_peer/} and C{/_worker/}, both signed),
+        never the proxy's routes, so that the socket opens no way around a
+        listener's TLS, address or front proxy.  It writes no access log
+        lines and counts nothing in the metrics: its requests are the
+        proxy's own.
+        """
+        assert self.siblings is not None
+        peer = PeerResource(self.files, self.clock, self.senders)
+        root = OwnRoot(peer, WorkerPart(self, self.siblings.secret, self.clock))
+        site = ProxySite(root, self.clock, self.metrics, self.connections, self.access, counted=False)
+        self.sites.append(site)
+        return site
+
     def _policies(self) -> tuple[tuple[str, str], ...]:
         """
         Each group's policy in force, in words: its own, and its members'
@@ -348,25 +423,17 @@ class Proxy:
         theirs = [t for t in await self.siblings.gather("metrics") if t is not None]
         return merge([own, *theirs], answering=1 + len(theirs))
 
-    @app.route("/_worker/<what>", methods=["GET"])
-    async def worker_part(self, request: Request, what: str) -> bytes:
+    async def worker_part(self, what: str) -> bytes | None:
         """
-        This worker's own part of C{/metrics} or C{/health}, for a sibling
-        (signed with the workers' secret).
+        This worker's own part of C{/metrics} or C{/health}, for a sibling;
+        L{None} for anything else.
         """
-        if self.siblings is None:
-            return text(request, 404, "this process is the only one")
-        path = (request.path or b"").decode("latin-1")
-        if not verify(self.siblings.secret, path, header(request, PEER_HEADER), self.clock.seconds()):
-            return text(request, 403, "worker requests must be signed with the workers' secret")
         if what == "metrics":
-            request.setHeader(b"content-type", METRICS_CONTENT_TYPE.encode())
             return self.metrics.render()
         if what == "health":
             serving, body = await self._health.report()
-            request.setHeader(b"content-type", b"application/json")
             return json.dumps({"serving": serving, "status": body.get("status")}).encode()
-        return text(request, 404, "worker parts are metrics and health")
+        return None
 
     async def _workers(self) -> dict[str, Any] | None:
         """

@@ -326,6 +326,7 @@ class ProxySite(Site):
         metrics: Metrics,
         connections: ConnectionLimits | None = None,
         writer: AccessLogWriter | None = None,
+        counted: bool = True,
     ) -> None:
         """
         @param connections: the bounds on the connections, and the live
@@ -333,7 +334,10 @@ class ProxySite(Site):
             trusts for C{X-Forwarded-For}).
         @param writer: where access log lines go, buffered (without one,
             or with C{access-log: log}, as twisted.logger events).
+        @param counted: whether its requests are counted in the metrics and
+            the access log (not those of a worker's own socket).
         """
+        self.counted = counted
         self.writer = writer
         self._stamps = Stamps()
         self._dates = Dates()
@@ -396,6 +400,8 @@ class ProxySite(Site):
         return resource
 
     def log(self, request: Request) -> None:  # type: ignore[override]
+        if not self.counted:
+            return
         now = self._clock.seconds()
         duration = now - getattr(request, "txpypi_started", now)
         cache = request.responseHeaders.getRawHeaders(b"x-cache")
