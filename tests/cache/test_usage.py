@@ -145,3 +145,54 @@ def test_a_failed_deletion_ends_the_eviction_after_the_others(tmp_path: Path) ->
     metadata.release()
     assert not usage.busy
     assert usage.evictions == 1 and usage.size == 90
+
+
+@attrs.define
+class CountedUsage(MemoryMetadata):
+    """
+    Memory metadata that counts how often the size is read.
+    """
+
+    reads: int = 0
+
+    def usage(self) -> Deferred[tuple[int, int]]:
+        self.reads += 1
+        return MemoryMetadata.usage(self)
+
+
+def test_a_burst_of_landings_reads_the_shared_size_once_a_second(tmp_path: Path) -> None:
+    """
+    With a shared size (Redis, or the workers' one database), landings are
+    counted here at once and the size read again at most once every
+    SHARED_READ_EVERY seconds, not once per landing (each reading sums
+    every record).
+    """
+    from txpypi.cache.usage import SHARED_READ_EVERY
+
+    metadata, store, clock = CountedUsage(), MemoryStore(str(tmp_path)), Clock()
+    usage = Usage(
+        metadata,
+        store,
+        Records(),
+        DownloadStats(clock, metadata),
+        LocalCoordinator(),
+        {},
+        cast(PageCache, Group()),
+        live=Live(),
+        shared=True,
+        clock=clock,
+    )
+    usage.size, usage.count = 0, 0
+    made = fill(metadata, store, None, 10)
+    for record in made[:5]:
+        usage.landed(record, None)
+    assert (usage.size, usage.count) == (50, 5)  # counted at once
+    assert usage.busy
+    clock.advance(0)
+    assert metadata.reads == 1 and (usage.size, usage.count) == (100, 10)  # the database says
+    for record in made[5:]:
+        usage.landed(record, None)
+    clock.advance(SHARED_READ_EVERY / 2)
+    assert metadata.reads == 1  # not yet: a second after the last reading
+    clock.advance(SHARED_READ_EVERY / 2)
+    assert metadata.reads == 2 and not usage.busy

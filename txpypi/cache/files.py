@@ -102,6 +102,7 @@ class FileCache:
             pages,
             shared=shared_usage,
             live=self.live,
+            clock=clock,
         )
         self._cached = CachedFiles(pages, store, metadata, self._records, self.usage, self.stats)
         self.downloads = Downloads(

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 
 import attrs
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -26,6 +27,11 @@ from txpypi.storage.stores import IFileStore
 
 log = Logger(namespace="txpypi.files")
 
+#: With a shared size, how long at least between two readings of it after
+#: landings (each is a sum over every record): a burst of landings reads it
+#: once a second, not once each.
+SHARED_READ_EVERY = 1.0
+
 #: The least recently served files chosen at a time when the cache is over
 #: its limit (those of them it takes to fit are evicted together).
 EVICTION_BATCH = 64
@@ -35,8 +41,9 @@ EVICTION_BATCH = 64
 class Usage:
     """
     Bytes and files in the cache, once L{load} ran; with C{shared}, the
-    size is shared with other instances (in Redis): it is then read again
-    after every landing and every minute, and eviction runs on one instance
+    size is shared with other instances (in Redis, or the worker processes'
+    database): it is then read again after landings (at most once every
+    L{SHARED_READ_EVERY} seconds) and every minute, and eviction runs on one instance
     at a time (the coordinator's C{evict/<group>}).
     """
 
@@ -57,6 +64,11 @@ class Usage:
     evictions: int = 0
     shared: bool = False
     _evicting: Deferred[None] | None = None
+    #: Keeps time for the readings of the shared size (L{None}: each
+    #: landing reads it at once).
+    clock: IReactorTime | None = attrs.field(default=None, kw_only=True)
+    _read_at: float = float("-inf")
+    _read_soon: bool = False
     _eviction_done: Once[None] = attrs.field(factory=Once)
     _reloads: list[Deferred[None]] = attrs.field(factory=list)
 
@@ -105,19 +117,51 @@ class Usage:
         A download landed as C{record}, replacing the record C{replaced}.
         """
         if self.shared:
-            # The shared total counts every instance's files.
-            reload = Deferred.fromCoroutine(self.load())
-            reload.addErrback(_unless_unavailable, "reading the size")
-            self._reloads.append(reload)
-            reload.addBoth(lambda _: self._reloads.remove(reload))
+            # The shared total counts every instance's files: read it again
+            # soon; meanwhile this landing counts as one here would.
+            self._count_landing(record, replaced)
+            self._read_shared_soon()
             return
+        self._count_landing(record, replaced)
+        self.maybe_evict()
+
+    def _count_landing(self, record: FileRecord, replaced: FileRecord | None) -> None:
         # A file recorded again (after a store outage, say) replaced its old
         # record: count the difference, not the file twice.
         if replaced is None:
             self.account(record.size, 1)
         else:
             self.account(record.size - replaced.size, 0)
-        self.maybe_evict()
+
+    def _read_shared_soon(self) -> None:
+        """
+        Read the shared size again, once however many landings ask within
+        L{SHARED_READ_EVERY} seconds; L{wait_settled} waits for it.
+        """
+        if self._read_soon:
+            return
+        self._read_soon = True
+        reload: Deferred[None] = Deferred()
+        self._reloads.append(reload)
+
+        def read() -> None:
+            self._read_soon = False
+            if self.clock is not None:
+                self._read_at = self.clock.seconds()
+            d = Deferred.fromCoroutine(self.load())
+            d.addErrback(_unless_unavailable, "reading the size")
+
+            def over(_: object) -> None:
+                self._reloads.remove(reload)
+                reload.callback(None)
+
+            d.addBoth(over)
+
+        if self.clock is None:
+            read()
+            return
+        wait = max(0.0, self._read_at + SHARED_READ_EVERY - self.clock.seconds())
+        self.clock.callLater(wait, read)
 
     def spooling(self) -> int:
         """
