@@ -336,7 +336,13 @@ class Supervisor(Service):
         own, urls = [], []
         for _ in range(self._settings.workers):
             sock = socket.socket(_family(host), socket.SOCK_STREAM)
-            sock.bind((host, 0))
+            try:
+                sock.bind((host, 0))
+            except OSError as e:
+                sock.close()
+                raise SystemExit(
+                    f"peer-url: the workers cannot listen on {host}: {e.strerror or e}"
+                ) from None
             sock.listen(128)
             sock.setblocking(False)
             self._sockets.append(sock)

@@ -232,3 +232,19 @@ async def test_renewing_extends_the_locks_held(redis_cluster: Cluster) -> None:
             break
     else:
         raise AssertionError(f"not renewed: {left} ms left")
+
+
+def test_a_loopback_peer_is_followed_only_from_its_own_machine() -> None:
+    """
+    A worker with --redis but no --peer-url publishes a loopback URL: the
+    workers of its machine follow it, other machines wait for the landing.
+    """
+    import socket
+
+    from txpypi.cache.coordinator import _reachable
+
+    here, url = socket.gethostname(), "http://127.0.0.1:4000/"
+    assert _reachable(url, f"{here}:12:abc {url}")
+    assert not _reachable(url, f"elsewhere:12:abc {url}")
+    assert not _reachable("http://localhost:4000/", "elsewhere:1:x http://localhost:4000/")
+    assert _reachable("http://10.0.0.1:5000/", "elsewhere:1:x http://10.0.0.1:5000/")

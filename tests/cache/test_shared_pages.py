@@ -120,3 +120,26 @@ def test_file_locks_exclude_each_other_and_die_with_the_holder(tmp_path: Path) -
     assert outcome(one.acquire("k", 30)) == [True]
     one.release_all()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_waiting_worker_fetches_itself_past_the_response_timeout(
+    two: tuple[FakeUpstream, Clock, Worker, Worker],
+) -> None:
+    """
+    The first worker's fetch hangs: the second waits at most a response
+    timeout, then fetches the page itself.
+    """
+    fake, clock, first, second = two
+    gate: Deferred[None] = Deferred()
+    fake.page_holds["alpha"] = gate
+    outcome(Deferred.fromCoroutine(first.pages.get("alpha")))
+    b = outcome(Deferred.fromCoroutine(second.pages.get("alpha")))
+    timeout = second.pages._client.response_timeout
+    clock.pump([SHARED_WAIT_MOST] * int(timeout / SHARED_WAIT_MOST - 2))
+    assert fake.requests[PAGE] == 1  # still waiting
+    clock.pump([SHARED_WAIT_MOST] * 4)
+    assert fake.requests[PAGE] == 2  # its own fetch
+    gate.callback(None)
+    first.agent.flush()
+    second.agent.flush()
+    assert b and b[0][1] == MISS

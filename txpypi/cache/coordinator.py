@@ -9,7 +9,10 @@ its coordinator and does not know which it has.
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 from typing import Protocol
+from urllib.parse import urlsplit
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
@@ -201,7 +204,7 @@ class SharedCoordinator:
         url = owner_url(holder)
         failed = self._peer_failed.get(key)
         recently_failed = failed is not None and self._clock.seconds() - failed < self.lock_ttl
-        if url is None or url == self.peer_url or recently_failed:
+        if url is None or url == self.peer_url or recently_failed or not _reachable(url, holder):
             return None
         assert self.peer_secret is not None
         return Peer(url.rstrip("/") + path, path, self.peer_secret)
@@ -228,6 +231,20 @@ class SharedCoordinator:
     def renew(self) -> None:
         for key in list(self._held):
             self._locks.renew(key, self.lock_ttl).addErrback(_renew_failed, key)
+
+
+def _reachable(url: str, holder: str | None) -> bool:
+    """
+    Whether a holder's peer URL can be reached from here: a loopback one
+    (a worker of a machine, with --redis but no --peer-url) only from the
+    holder's own machine, whose name begins its instance id.
+    """
+    host = urlsplit(url).hostname or ""
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    return not loopback or (holder or "").split(":", 1)[0] == socket.gethostname()
 
 
 def _renew_failed(failure: Failure, key: str) -> None:

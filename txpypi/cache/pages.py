@@ -639,7 +639,15 @@ class PageCache:
             return await self._fetch(project, stale)
         name = f"page {self.upstream.url} {self.key(project)}"
         wait = SHARED_WAIT_FIRST
+        # At most a response timeout behind another worker's fetch (one
+        # that hangs, or fails, for each waiter in turn): then fetch here.
+        deadline = self._clock.seconds() + self._client.response_timeout
         while not await self._take(self.shared, name):
+            if self._clock.seconds() >= deadline:
+                log.info(
+                    "fetching {key} here: another worker has fetched it for too long", key=self.key(project)
+                )
+                return await self._fetch(project, stale)
             await deferLater(self._clock, wait)
             wait = min(wait * 2, SHARED_WAIT_MOST)
         try:
