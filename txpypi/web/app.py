@@ -420,8 +420,11 @@ class Proxy:
         own = self.metrics.render()
         if self.siblings is None:
             return own
-        theirs = [t for t in await self.siblings.gather("metrics") if t is not None]
-        return merge([own, *theirs], answering=1 + len(theirs))
+        answers = await self.siblings.gather("metrics")
+        # A sibling that did not answer now counts with its last answer:
+        # its counters do not fall out of the totals while it is busy.
+        theirs = [text for text, _ in answers if text is not None]
+        return merge([own, *theirs], answering=1 + sum(now for _, now in answers))
 
     async def worker_part(self, what: str) -> bytes | None:
         """
@@ -443,12 +446,14 @@ class Proxy:
         if self.siblings is None:
             return None
         statuses = []
-        for answer in await self.siblings.gather("health"):
+        answers = await self.siblings.gather("health")
+        for answer, now in answers:
             try:
-                statuses.append(json.loads(answer or b"")["status"])
+                statuses.append(json.loads(answer or b"")["status"] if now else "not answering")
             except (ValueError, KeyError, TypeError):
-                continue
-        return {"count": self.siblings.count, "answering": 1 + len(statuses), "others": statuses}
+                statuses.append("not answering")
+        answering = 1 + sum(now for _, now in answers)
+        return {"count": self.siblings.count, "answering": answering, "others": statuses}
 
     @app.route("/health", methods=["GET"])
     async def health(self, request: Request) -> bytes:

@@ -225,7 +225,9 @@ class Metrics:
 
 #: Gauges of what the workers share (the one cache, the stores): the same
 #: in every worker, so the whole's value is not their sum.
-_SHARED_MOST = frozenset({"txpypi_cache_bytes", "txpypi_cache_files", "txpypi_cache_max_bytes"})
+_SHARED_MOST = frozenset(
+    {"txpypi_cache_bytes", "txpypi_cache_files", "txpypi_cache_max_bytes", "txpypi_reactor_stall_seconds_max"}
+)
 _SHARED_LEAST = frozenset({"txpypi_store_up"})
 
 
@@ -233,10 +235,12 @@ def merge(texts: list[bytes], answering: int | None = None) -> bytes:
     """
     The metrics of several workers as one proxy's: each sample summed over
     the workers (counters, histograms, the gauges of each worker's own
-    state), except the gauges of what they share (the largest value; for
+    state), except the gauges of what they share (the largest value: the
+    cache's size and files and the longest reactor stall; for
     C{txpypi_store_up}, the least) and the creation times (the earliest).
     With C{answering}, a gauge C{txpypi_workers_answering} says how many
-    workers' metrics are in the total.
+    workers answered just now (one that did not counts with its last
+    answer, see L{txpypi.web.siblings}).
     """
     from prometheus_client.core import Metric
     from prometheus_client.parser import text_string_to_metric_families
