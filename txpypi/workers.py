@@ -13,6 +13,7 @@ L{Role}, handed over in the environment.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -21,6 +22,7 @@ import signal
 import socket
 import stat
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -52,6 +54,17 @@ MAX_RESTART_DELAY = 30.0
 #: How long past C{--shutdown-grace} the workers have to exit after
 #: SIGTERM before they are killed.
 EXIT_MARGIN = 15.0
+
+#: A worker that dies this many times in a row, each within L{STEADY} of
+#: its start, is not started again: the parent stops, and exits with an
+#: error (for systemd to see).
+GIVE_UP_AFTER = 10
+
+#: The file in the cache directory that the parent (and its workers, which
+#: inherit it) hold locked while they run: a second parent on the same
+#: directory, or one started while an earlier one's workers still drain,
+#: refuses to start.
+LOCK_FILE = "workers.lock"
 
 
 @attrs.frozen
@@ -318,10 +331,17 @@ class Supervisor(Service):
         self._previous: Any = None
         #: The UNIX socket files the parent made, removed at the end.
         self._unix_paths: list[str] = []
+        #: The descriptor holding L{LOCK_FILE}, handed to every worker.
+        self._lock: int | None = None
+        #: Whether the parent gave up on a worker (it then exits with an
+        #: error, by L{exit}: the process's own, but in tests).
+        self.gave_up = False
+        self.exit: Callable[[int], object] = os._exit
 
     def privilegedStartService(self) -> None:
         # Bound before twistd gives up its privileges (a port under 1024).
         super().privilegedStartService()
+        self._lock_cache_dir()
         listen = []
         for description in self._settings.listen:
             try:
@@ -352,6 +372,19 @@ class Supervisor(Service):
         self._listen, self._own, self._peer_urls = tuple(listen), tuple(own), tuple(urls)
         # The spool files of an earlier run (the workers clean their own).
         shutil.rmtree(Path(self._settings.cache_dir) / "tmp", ignore_errors=True)
+
+    def _lock_cache_dir(self) -> None:
+        cache_dir = Path(self._settings.cache_dir)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(cache_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SystemExit(
+                f"cache-dir: {cache_dir} is in use by another txpypi with workers (or its workers, still running)"
+            ) from None
+        self._lock = fd
 
     def startService(self) -> None:
         super().startService()
@@ -384,6 +417,8 @@ class Supervisor(Service):
         fds: dict[int, Any] = {0: 0, 1: 1, 2: 2}
         for inherited in (*self._listen, self._own[index]):
             fds[inherited.fd] = inherited.fd
+        if self._lock is not None:
+            fds[self._lock] = self._lock  # held while any worker lives
         worker.started = self._clock.seconds()
         self._reactor.spawnProcess(
             worker,
@@ -410,6 +445,18 @@ class Supervisor(Service):
         ran = self._clock.seconds() - worker.started
         failures = 0 if ran >= STEADY else self._failures.get(worker.index, 0) + 1
         self._failures[worker.index] = failures
+        if failures >= GIVE_UP_AFTER:
+            log.critical(
+                "worker {index} died {count} times in a row within {steady:g} s of its start "
+                "({why}); giving up",
+                index=worker.index,
+                count=failures,
+                steady=STEADY,
+                why=reason.getErrorMessage(),
+            )
+            self.gave_up = True
+            self._give_up()
+            return
         delay = 0.0 if failures == 0 else min(MAX_RESTART_DELAY, 0.5 * 2 ** (failures - 1))
         log.warn(
             "worker {index} ended ({why}); starting it again in {delay:.1f} s",
@@ -418,6 +465,11 @@ class Supervisor(Service):
             delay=delay,
         )
         self._restarts[worker.index] = self._clock.callLater(delay, self._spawn, worker.index)
+
+    def _give_up(self) -> None:
+        stop = getattr(self._reactor, "stop", None)
+        if stop is not None:
+            stop()  # the services stop (the other workers drain), then exit 1
 
     def _signal_all(self, signum: int) -> None:
         for worker in list(self._running.values()):
@@ -442,6 +494,8 @@ class Supervisor(Service):
         workers = list(self._running.values())
         if not workers:
             self._close()
+            if self.gave_up:
+                self.exit(1)
             return succeed(None)
         self._signal_all(signal.SIGTERM)
         # No new connection waits in a backlog that nobody will accept: the
@@ -456,6 +510,8 @@ class Supervisor(Service):
             if kill.active():
                 kill.cancel()
             self._close()
+            if self.gave_up:
+                self.exit(1)  # after every worker ended: for systemd to see a failure
 
         return d.addCallback(done)
 
@@ -481,3 +537,6 @@ class Supervisor(Service):
         for sock in self._sockets:
             sock.close()
         self._sockets = []
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None

@@ -182,3 +182,52 @@ def test_the_supervisor_starts_restarts_and_stops_its_workers(tmp_path: Path) ->
     assert done == [None]
     clock.advance(1000)  # no restart after the stop
     assert len([p for p, _, _ in processes.started if not p.ended.called]) == 0
+
+
+def test_the_supervisor_gives_up_on_a_worker_that_keeps_dying(tmp_path: Path) -> None:
+    """
+    GIVE_UP_AFTER deaths in a row, each soon after the start: no more
+    restarts, the reactor is stopped, and once every worker ended the
+    parent exits with an error.
+    """
+    from txpypi.workers import GIVE_UP_AFTER
+
+    settings = options.read(
+        None, {"workers": "2", "listen": ["tcp:0:interface=127.0.0.1"], "cache-dir": str(tmp_path)}, {}
+    )
+    processes, clock = _Processes(), Clock()
+    stops: list[bool] = []
+    processes.stop = lambda: stops.append(True)  # type: ignore[attr-defined]
+    supervisor = Supervisor(settings, None, {}, processes, clock)  # type: ignore[arg-type]
+    exits: list[int] = []
+    supervisor.exit = exits.append
+    supervisor.startService()
+    ended = Failure(ProcessTerminated(exitCode=1))
+    for _ in range(GIVE_UP_AFTER):
+        latest = [p for p, env, _ in processes.started if Role.load(env[ROLE_ENV]).index == 1][-1]
+        latest.processEnded(ended)
+        clock.advance(60)
+    assert supervisor.gave_up and stops == [True]
+    started = len(processes.started)
+    clock.advance(120)
+    assert len(processes.started) == started  # not started again
+    d = supervisor.stopService()
+    [p for p, _, _ in processes.started if not p.ended.called][0].processEnded(Failure(ProcessDone(0)))
+    assert d.called and exits == [1]
+
+
+def test_a_second_parent_on_the_same_cache_dir_refuses_to_start(tmp_path: Path) -> None:
+    settings = options.read(
+        None, {"workers": "2", "listen": ["tcp:0:interface=127.0.0.1"], "cache-dir": str(tmp_path)}, {}
+    )
+    first = Supervisor(settings, None, {}, _Processes(), Clock())  # type: ignore[arg-type]
+    first.privilegedStartService()
+    try:
+        second = Supervisor(settings, None, {}, _Processes(), Clock())  # type: ignore[arg-type]
+        with pytest.raises(SystemExit, match="in use by another txpypi"):
+            second.privilegedStartService()
+    finally:
+        first._close()
+    again = Supervisor(settings, None, {}, _Processes(), Clock())  # type: ignore[arg-type]
+    again.privilegedStartService()
+    again._close()
