@@ -382,7 +382,8 @@ class Supervisor(Service):
         except BlockingIOError:
             os.close(fd)
             raise SystemExit(
-                f"cache-dir: {cache_dir} is in use by another txpypi with workers (or its workers, still running)"
+                f"cache-dir: {cache_dir} is in use by another txpypi with workers "
+                "(or its workers, still running)"
             ) from None
         self._lock = fd
 

@@ -85,11 +85,21 @@ def combined(entry: Entry, stamps: Callable[[float], str] = stamp) -> str:
     """
     The Apache/nginx combined format, plus the cache state and the duration.
     """
-    when = stamps(entry.time)
+    head, tail = combined_parts(entry)
+    return head + stamps(entry.time) + tail + f"{entry.duration:.6f}"
+
+
+def combined_parts(entry: Entry) -> tuple[str, str]:
+    """
+    A combined line but for its time and its duration: what comes before
+    the time, and what comes between it and the duration (the same for
+    every answer of a kind, which the quick lane keeps).
+    """
     return (
-        f'{entry.client} - - [{when}] "{_quote(entry.method)} {_quote(entry.path)} {_quote(entry.protocol)}" '
+        f"{entry.client} - - [",
+        f'] "{_quote(entry.method)} {_quote(entry.path)} {_quote(entry.protocol)}" '
         f'{entry.status} {entry.size} "{_quote(entry.referer)}" "{_quote(entry.user_agent)}" '
-        f"{entry.cache or '-'} {entry.duration:.6f}"
+        f"{entry.cache or '-'} ",
     )
 
 

@@ -19,10 +19,19 @@ from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
 from txpypi.core.live import Live
-from txpypi.web.accesslog import LOGGER, AccessLogWriter, Entry, Stamps, client_address, combined, json_line
+from txpypi.web.accesslog import (
+    LOGGER,
+    AccessLogWriter,
+    Entry,
+    Stamps,
+    client_address,
+    combined,
+    combined_parts,
+    json_line,
+)
 from txpypi.web.answers import header
 from txpypi.web.metrics import Metrics, route_of
-from txpypi.web.quick import Dates, parse, send_now
+from txpypi.web.quick import Dates, QuickRequest, parse, send_now
 
 log = Logger(namespace="txpypi.app")
 access_log = Logger(namespace="txpypi.access")
@@ -195,6 +204,17 @@ class ProxyChannel(HTTPChannel):
             self._deadline = self.callLater(self._limits.send_timeout, self._request_timed_out)
         super().dataReceived(data)
 
+    @property
+    def peer_host(self) -> str:
+        """
+        The client's address, as the access log writes it (looked up once).
+        """
+        found: str | None = getattr(self, "_peer_host", None)
+        if found is None:
+            peer = self.transport.getPeer() if self.transport is not None else None
+            found = self._peer_host = str(getattr(peer, "host", "-"))
+        return found
+
     def _between_requests(self) -> bool:
         """
         Whether the connection waits for a request's first byte: no request
@@ -303,6 +323,10 @@ class RefusedConnection(Protocol):
 #: The most label combinations whose metric children a site keeps at hand.
 MAX_COUNTED = 1024
 
+#: The most quick-answer log lines (but for time and duration) a site
+#: keeps made; past it, they are made again from nothing.
+MAX_QUICK_LINES = 1024
+
 
 def _text(value: bytes | None) -> str:
     return "-" if not value else value.decode("latin-1")
@@ -341,6 +365,10 @@ class ProxySite(Site):
         self.writer = writer
         self._stamps = Stamps()
         self._dates = Dates()
+        #: The quick answers' access log lines but for time and duration,
+        #: for the trusted proxies they were made with.
+        self._quick_lines: dict[tuple[Any, ...], tuple[str, str]] = {}
+        self._quick_lines_trusting: tuple[str, ...] = ()
         #: Whether warm pages may take the quick lane (L{txpypi.web.quick}),
         #: and how many answers it gave.
         self.quick_lane = True
@@ -440,7 +468,9 @@ class ProxySite(Site):
         send_now(transport, out)
         now = self._clock.seconds()
         self._count(asked.uri, code, now - started, "HIT", sent)
-        if self.log_format != "none":
+        if self.log_format == "combined":
+            self._quick_line(channel, asked, code, sent, now, now - started)
+        elif self.log_format != "none":
             peer = transport.getPeer()
             forwarded = asked.header(b"x-forwarded-for")
             self._write(
@@ -463,6 +493,59 @@ class ProxySite(Site):
                 )
             )
         return True
+
+    def _quick_line(
+        self, channel: ProxyChannel, asked: QuickRequest, code: int, sent: int, now: float, duration: float
+    ) -> None:
+        """
+        A quick answer's combined line: all but its time and duration made
+        once for each kind of answer (client, request, status, size,
+        referer, user agent), at most L{MAX_QUICK_LINES} kept.
+        """
+        peer = channel.peer_host
+        headers = asked.headers
+        trusted = self.trusted_proxies
+        if trusted is not self._quick_lines_trusting:  # SIGHUP changed them
+            self._quick_lines.clear()
+            self._quick_lines_trusting = trusted
+        key = (
+            peer,
+            asked.method,
+            asked.uri,
+            code,
+            sent,
+            headers.get(b"x-forwarded-for"),
+            headers.get(b"referer"),
+            headers.get(b"user-agent"),
+        )
+        parts = self._quick_lines.get(key)
+        if parts is None:
+            forwarded = headers.get(b"x-forwarded-for")
+            parts = combined_parts(
+                Entry(
+                    client=client_address(
+                        peer, None if forwarded is None else forwarded.decode("latin-1"), trusted
+                    ),
+                    method=asked.method.decode("latin-1"),
+                    path=asked.uri.decode("latin-1"),
+                    protocol="HTTP/1.1",
+                    status=code,
+                    size=sent,
+                    duration=0.0,
+                    cache="HIT",
+                    referer=_text(headers.get(b"referer")),
+                    user_agent=_text(headers.get(b"user-agent")),
+                    time=0.0,
+                )
+            )
+            if len(self._quick_lines) >= MAX_QUICK_LINES:
+                self._quick_lines.clear()
+            self._quick_lines[key] = parts
+        line = parts[0] + self._stamps(now) + parts[1] + f"{duration:.6f}"
+        if self.writer is None or self.connections.live.access_log == LOGGER:
+            access_log.info("{access}", access=line)
+        else:
+            self.writer.write(line)
 
     def _count(self, path: bytes, code: int, duration: float, state: str, sent: int) -> None:
         """
