@@ -127,3 +127,35 @@ def logs(processes: Sequence[Twistd], size: int = 6000) -> str:
     The end of each process's log, numbered from 1, for a failure message.
     """
     return "\n".join(f"--- instance {n} ---\n{p.tail(size)}" for n, p in enumerate(processes, 1))
+
+
+def socket_activated(args: list[str], cwd: Path) -> tuple[Twistd, int]:
+    """
+    C{twistd -n txpypi ARGS} on a listening socket made here and handed
+    over as systemd does: fd 3, C{LISTEN_FDS=1}, C{LISTEN_FDNAMES}, and
+    C{LISTEN_PID} the child's own pid (the shell execs twistd).  Returns
+    the process and the socket's port.
+    """
+    import shlex
+    import socket
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    port = listener.getsockname()[1]
+    command = (
+        "export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=txpypi.socket; "
+        f"exec {sys.executable} -c 'from twisted.scripts.twistd import run; run()'"
+        " --nodaemon --pidfile= --logfile=- txpypi " + " ".join(map(shlex.quote, args))
+    )
+    process = Twistd()
+    process.transport_ = get_reactor().spawnProcess(
+        process,
+        "/bin/sh",
+        ["/bin/sh", "-c", command],
+        env=clean_env(PYTHONPATH=str(ROOT)),
+        path=str(cwd),
+        childFDs={0: "w", 1: "r", 2: "r", 3: listener.fileno()},
+    )
+    listener.close()  # the child holds it now
+    return process, port

@@ -19,9 +19,7 @@ import json
 import os
 import re
 import signal
-import socket
 import stat
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,10 +39,10 @@ from twisted.web._newclient import Request as ClientRequest
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 
-from tests.conftest import ROOT, TLS, clean_env, get_reactor
+from tests.conftest import TLS, clean_env, get_reactor
 from tests.e2e.test_cluster import Download, Upstream, download, serve, when_answered, within
 from tests.e2e.test_install import assert_imports, uv_install
-from tests.processes import Twistd
+from tests.processes import Twistd, socket_activated
 from tests.servers import Redis
 from txpypi.testing import Dist, build_wheel
 
@@ -366,26 +364,19 @@ async def test_socket_activation_with_two_workers(upstream: Upstream, tmp_path: 
     process's own) is shared by both workers: both accept on it, and an
     install goes through.
     """
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(64)
-    port = listener.getsockname()[1]
-    command = (
-        "export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=txpypi.socket; "
-        f"exec {sys.executable} -c 'from twisted.scripts.twistd import run; run()'"
-        f" --nodaemon --pidfile= --logfile=- txpypi --upstream {upstream.url} --workers 2"
-        f" --cache-dir {tmp_path / 'cache'} --listen systemd:domain=INET:index=0"
+    process, port = socket_activated(
+        [
+            "--upstream",
+            upstream.url,
+            "--workers",
+            "2",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--listen",
+            "systemd:domain=INET:index=0",
+        ],
+        tmp_path,
     )
-    process = Twistd()
-    process.transport_ = get_reactor().spawnProcess(
-        process,
-        "/bin/sh",
-        ["/bin/sh", "-c", command],
-        env=clean_env(PYTHONPATH=str(ROOT)),
-        path=str(tmp_path),
-        childFDs={0: "w", 1: "r", 2: "r", 3: listener.fileno()},
-    )
-    listener.close()  # the child holds it now
     try:
         for index in (0, 1):
             starts = rb"\[worker %d\] ProxySite starting on %d" % (index, port)
