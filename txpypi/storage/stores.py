@@ -203,6 +203,7 @@ class DiskStore:
     #: Where spool files are written (C{<root>/tmp} by default; a worker
     #: process has its own, see L{txpypi.tap.spool_dir}).
     spool: str | None = None
+    _files: str | None = attrs.field(default=None, init=False, repr=False)
 
     @property
     def spool_dir(self) -> str:
@@ -218,15 +219,24 @@ class DiskStore:
         shutil.rmtree(spool, ignore_errors=True)
         spool.mkdir(parents=True, exist_ok=True)
 
-    def _path(self, key: str) -> Path:
-        files = (self.root / "files").resolve()
-        path = (files / key).resolve()
-        if files not in path.parents:
+    def _path(self, key: str) -> str:
+        """
+        The file of C{key}, worked out by hand, not by the file system: a
+        hit does no system call for it (resolving the path took a fifth of
+        a hit's time).  The store's own directory is resolved once; a key
+        that would lead out of it (C{..}, an absolute path, a NUL) is a
+        L{BadName}.
+        """
+        files = self._files
+        if files is None:
+            files = self._files = os.path.realpath(self.root / "files")
+        path = os.path.normpath(os.path.join(files, key))
+        if "\0" in key or os.path.isabs(key) or not path.startswith(files + os.sep):
             raise BadName(f"store key escapes the store: {key!r}")
         return path
 
     def _commit(self, spool_path: str, key: str) -> None:
-        target = self._path(key)
+        target = Path(self._path(key))
         target.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(spool_path, os.O_RDONLY)
         try:
@@ -256,7 +266,7 @@ class DiskStore:
         return succeed(FdReader(fd, os.fstat(fd).st_size, key))
 
     def _delete(self, key: str) -> None:
-        path = self._path(key)
+        path = Path(self._path(key))
         try:
             os.unlink(path)
         except FileNotFoundError:
