@@ -5,6 +5,7 @@ api-version of the page itself, and the versions of the project it lists.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -112,6 +113,12 @@ def served_api_version(page: ProjectPage, json: bool) -> str:
 OTHER_ARCHIVES = (".tar.bz2", ".tar.lzma", ".tar.xz", ".tar.lz", ".tbz", ".tgz", ".tlz", ".txz", ".tar")
 
 
+#: The file names whose versions L{file_version} keeps worked out (every
+#: hit counts its version in the download statistics).
+FILE_VERSIONS_KEPT = 4096
+
+
+@functools.lru_cache(maxsize=FILE_VERSIONS_KEPT)
 def file_version(filename: str) -> str | None:
     """
     The version encoded in a wheel or sdist file name, if it parses.
