@@ -300,3 +300,78 @@ async def test_send_now_keeps_the_order_when_the_socket_is_full() -> None:
         protocol.transport.loseConnection()  # type: ignore[union-attr]
     finally:
         await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_cached_files_are_the_same_bytes_either_way(warm: Running, logged: list[str]) -> None:
+    """
+    A small hit on the disk, whole, HEAD, a 304, its metadata file: the
+    same bytes and log lines either way; a miss, a range, a provenance
+    object and a big file go the usual way.
+    """
+    page = await exchange(warm, request(b"/simple/alpha/", accept=JSON))
+    assert page[0].startswith(b"HTTP/1.1 200 ")
+    wheel = b"/files/alpha/alpha-1.0-py3-none-any.whl"
+    (miss,) = await exchange(warm, request(wheel))
+    assert b"\r\nX-Cache: MISS\r\n" in miss
+    await warm.proxy.files.wait_idle()  # landed, its record in memory
+    (hit,), taken = await both_ways(warm, logged, request(wheel))
+    assert b"\r\nX-Cache: HIT\r\n" in hit and taken == 1
+    etag = re.search(rb"\r\nETag: ([^\r]*)\r\n", hit)
+    assert etag is not None
+    counted = warm.proxy.metrics.registry.get_sample_value
+    cases = [
+        (request(wheel), 1),
+        (request(wheel, method=b"HEAD"), 1),
+        (request(wheel, if_none_match=etag.group(1)), 1),
+        (request(wheel, if_none_match=b'"other"'), 1),
+        (request(b"/pypi/files/alpha/alpha-1.0-py3-none-any.whl", user_agent=b"uv/0.9"), 1),
+        (request(wheel).replace(b"Host: 127.0.0.1", b"Host: 127.0.0.1\r\nRange: bytes=0-9"), 0),
+        (request(b"/files/Alpha/alpha-1.0-py3-none-any.whl"), 0),
+        (request(b"/files/alpha/nosuch-1.0-py3-none-any.whl"), 0),
+    ]
+    for sent, quick in cases:
+        before = counted("txpypi_served_bytes_total", {"source": "cache"}) or 0
+        answers, taken = await both_ways(warm, logged, sent)
+        assert taken == quick, sent
+        assert answers[0].startswith(b"HTTP/1.1 "), answers
+        if quick:
+            # Counted the same way twice (once each way).
+            after = counted("txpypi_served_bytes_total", {"source": "cache"}) or 0
+            body = len(answers[0]) - answers[0].index(b"\r\n\r\n") - 4
+            assert after - before == 2 * body
+    # The metadata file (PEP 658): cached on its first fetch, then quick.
+    metadata = b"/files/alpha/alpha-1.0-py3-none-any.whl.metadata"
+    await exchange(warm, request(metadata))
+    await warm.proxy.files.wait_idle()
+    await exchange(warm, request(metadata))
+    (answer,), taken = await both_ways(warm, logged, request(metadata))
+    assert answer.startswith(b"HTTP/1.1 200 ") and taken == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_quick_hit_counts_as_a_download(warm: Running) -> None:
+    """
+    A whole GET of a distribution file counts for /stats either way; a
+    HEAD does not.
+    """
+    await exchange(warm, request(b"/simple/alpha/", accept=JSON))
+    wheel = b"/files/alpha/alpha-1.0-py3-none-any.whl"
+    await exchange(warm, request(wheel))  # the miss
+    await warm.proxy.files.wait_idle()  # landed
+    stats = warm.proxy.files.stats
+    seen = []
+    for quick in (True, False):
+        site(warm).quick_lane = quick
+        before = dict(stats._downloads) if hasattr(stats, "_downloads") else None
+        await exchange(warm, request(wheel))
+        await exchange(warm, request(wheel, method=b"HEAD"))
+        after = dict(stats._downloads) if hasattr(stats, "_downloads") else None
+        seen.append((before, after))
+    site(warm).quick_lane = True
+    assert seen[0][0] is not None, "DownloadStats keeps its counts in _downloads"
+    increments = [
+        {k: v - (b or {}).get(k, 0) for k, v in (a or {}).items() if v != (b or {}).get(k, 0)}
+        for b, a in seen
+    ]
+    assert increments[0] == increments[1] and sum(increments[0].values()) == 1

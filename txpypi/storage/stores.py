@@ -259,11 +259,18 @@ class DiskStore:
         return deferToThreadPool(self._reactor, self._pool, self._commit, spool_path, key)  # type: ignore[arg-type]
 
     def open(self, key: str) -> Deferred[IFileReader | None]:
+        return succeed(self.open_now(key))
+
+    def open_now(self, key: str) -> FdReader | None:
+        """
+        Open the file of C{key} at once (a local file: see L{FdReader}), or
+        L{None} when there is none.
+        """
         try:
             fd = os.open(self._path(key), os.O_RDONLY)
         except FileNotFoundError:
-            return succeed(None)
-        return succeed(FdReader(fd, os.fstat(fd).st_size, key))
+            return None
+        return FdReader(fd, os.fstat(fd).st_size, key)
 
     def _delete(self, key: str) -> None:
         path = Path(self._path(key))

@@ -150,13 +150,16 @@ class Root(Resource):
         self._legacy = None if legacy is None else dict(legacy)
         self._default = default
 
-    def quick_simple(self, group: bytes) -> SimpleResource | None:
+    def quick(self, kind: bytes, group: bytes) -> SimpleResource | FilesResource | None:
         """
-        The C{/simple/} resource of a group (C{b""}: the default one, as at
-        C{/simple/}) for the quick lane, or L{None}.
+        The C{/simple/} or C{/files/} resource of a group (C{b""}: the
+        default one, as at C{/simple/}) for the quick lane, or L{None}.
         """
-        found = self._simple if not group else self._groups.get(group, (None, None))[0]
-        return found if isinstance(found, SimpleResource) else None
+        pair = (self._simple, self._files) if not group else self._groups.get(group)
+        if pair is None:
+            return None
+        found = pair[0] if kind == b"simple" else pair[1]
+        return found if isinstance(found, SimpleResource | FilesResource) else None
 
     def getChildWithDefault(self, path: bytes, request: Request) -> IResource:  # type: ignore[override]
         if path == b"simple":

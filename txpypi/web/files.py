@@ -8,6 +8,7 @@ pure plan of L{txpypi.core.fileplan}; this resource acts on it.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 
 import attrs
@@ -41,11 +42,28 @@ from txpypi.web.answers import (
     status_of,
     text,
 )
+from txpypi.web.quick import NOT_MODIFIED, OK, Dates, QuickRequest
 from txpypi.web.sender import CHUNK, Sender, send_among, sender_for
 
 log = Logger(namespace="txpypi.app")
 
 FILE_CACHE_CONTROL = b"public, max-age=365000000, immutable"
+
+#: The largest cached file the quick lane answers (L{txpypi.web.quick}),
+#: read whole and written at once: a client that stops reading holds at
+#: most this much of the proxy's memory, for at most C{--send-timeout}.
+QUICK_FILE_MOST = 128 * 1024
+
+#: How Twisted writes the header names of a file answer.
+_CANONICAL = {
+    b"content-type": b"Content-Type",
+    b"x-cache": b"X-Cache",
+    b"cache-control": b"Cache-Control",
+    b"etag": b"ETag",
+    b"accept-ranges": b"Accept-Ranges",
+    b"content-length": b"Content-Length",
+}
+_STATUS_LINES = {200: OK, 304: NOT_MODIFIED}
 
 #: What opening a file may fail with that the client is told about; any
 #: other failure is a crash (a C{500}, logged).
@@ -161,6 +179,59 @@ class FilesResource(Resource):
 
     def render_HEAD(self, request: Request) -> bytes | int:
         return self.render_GET(request)
+
+    def quick(self, asked: QuickRequest, dates: Dates) -> tuple[int, bytes, int] | None:
+        """
+        The whole answer to a quick request (L{txpypi.web.quick}) for a
+        small cached file on the disk that memory alone says is good (see
+        L{txpypi.cache.files.FileCache.open_now}): its status (200, or 304),
+        its bytes and how many of them are the body; L{None} for anything
+        the usual way answers.  The same bytes as L{_serve} sends.
+        """
+        try:
+            raw = asked.project.decode("ascii")
+            project = normalize(raw)
+            filename = check_filename(asked.filename.decode("ascii"))
+        except (BadName, UnicodeDecodeError):
+            return None
+        if raw != project or filename.endswith(PROVENANCE_SUFFIX):
+            return None
+        if self._accel_prefix() is not None or self._redirect_ttl() is not None:
+            return None  # answered by nginx or the object store: the usual way
+        opened = self._files.open_now(project, filename)
+        if opened is None:
+            return None
+        try:
+            local = ILocalFile(opened.source, None)
+            if local is None or opened.size is None or opened.size > QUICK_FILE_MOST:
+                return None
+            matches = asked.header(b"if-none-match")
+            plan = plan_file(
+                head=asked.method == b"HEAD",
+                size=opened.size,
+                etag=f'"{opened.sha256}"',
+                if_none_match=None if matches is None else matches.decode("latin-1"),
+            )
+            status = _STATUS_LINES.get(plan.status)
+            if status is None:
+                return None
+            body = os.pread(local.fd, opened.size, 0) if plan.body else b""
+            if len(body) != (opened.size if plan.body else 0):
+                return None  # the file is not what its record says: the usual way finds out
+        finally:
+            assert opened.source is not None
+            opened.source.close()
+        lines = [
+            (b"content-type", b"application/octet-stream"),
+            (b"x-cache", b"HIT"),
+            (b"cache-control", FILE_CACHE_CONTROL),
+            (b"etag", f'"{opened.sha256}"'.encode()),
+            *plan.headers,
+        ]
+        head = status + dates() + b"".join(_CANONICAL[n] + b": " + v + b"\r\n" for n, v in lines) + b"\r\n"
+        if plan.body and not filename.endswith(".metadata"):
+            self._files.downloaded(project, filename)
+        return plan.status, head + body, len(body)
 
     async def _open(
         self, request: Request, project: str, filename: str, fetch: bool = True, use_store: bool = True

@@ -1,15 +1,16 @@
 """
-The quick lane: a warm project page answered straight from the
-connection, without a twisted.web request.
+The quick lane: a warm project page, or a small cached file on the disk,
+answered straight from the connection, without a twisted.web request.
 
 Twisted's request machinery (a L{twisted.web.server.Request} per request,
 its headers, its render and finish, a generic header writer) is most of a
 warm page's cost.  When a connection between requests receives exactly one
-whole, plain request -- C{GET} or C{HEAD} of C{/simple/<project>/} or
-C{/<group>/simple/<project>/}, HTTP/1.1, no body, no header that changes
-how it is read, nothing after it -- and the page is fresh in memory, the
-answer is written at once: a status line, the header lines that the page's
-representation built once, and the body.  Anything else (and any doubt)
+whole, plain request -- C{GET} or C{HEAD} of C{/simple/<project>/},
+C{/files/<project>/<filename>} or the same under C{/<group>/}, HTTP/1.1, no
+body, no header that changes how it is read, nothing after it -- and the
+page is fresh in memory (or the file is a hit that needs nothing but
+memory and the disk to be sure of), the answer is written at once: a
+status line, header lines built once, and the body.  Anything else (and any doubt)
 goes the usual way, untouched, so that the answers are the same bytes but
 for the cost; the access log line and the metrics are the same too.
 """
@@ -56,19 +57,25 @@ _SLOW = frozenset(
 #: The bytes a simple path segment may hold (a project name, as the usual
 #: way would take it without decoding anything).
 _NAME_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+#: And a file name (local versions, epochs).
+_FILE_BYTES = _NAME_BYTES | frozenset(b"+!")
 
 
 @attrs.frozen
 class QuickRequest:
     """
-    A request the quick lane may answer: its method, the group's path
-    (C{b""} for C{/simple/}) and the project, and the headers it reads.
+    A request the quick lane may answer: its method, what it asks for
+    (C{b"simple"} or C{b"files"}), the group's path (C{b""} for the
+    default's), the project and the file name (C{b""} for a page), and the
+    headers it reads.
     """
 
     method: bytes
     uri: bytes
+    kind: bytes
     group: bytes
     project: bytes
+    filename: bytes
     headers: dict[bytes, bytes]
 
     def header(self, name: bytes) -> bytes | None:
@@ -107,24 +114,28 @@ def parse(data: bytes) -> QuickRequest | None:
     return QuickRequest(method, uri, *route, headers)
 
 
-def _route(uri: bytes) -> tuple[bytes, bytes] | None:
+def _route(uri: bytes) -> tuple[bytes, bytes, bytes, bytes] | None:
     """
-    The group (C{b""}: the default one) and project of C{/simple/<p>/} or
-    C{/<group>/simple/<p>/}; L{None} for any other path.
+    What C{/simple/<p>/}, C{/files/<p>/<f>} (or either under C{/<group>/})
+    asks for: its kind, group (C{b""}: the default one), project and file
+    name; L{None} for any other path.
     """
     parts = uri.split(b"/")
-    # b"/simple/p/" -> ["", "simple", "p", ""]
-    if len(parts) == 4 and parts[1] == b"simple":
-        group, project = b"", parts[2]
-    elif len(parts) == 5 and parts[2] == b"simple":
-        group, project = parts[1], parts[3]
+    if parts[0] or len(parts) < 4:
+        return None
+    group = b""
+    if parts[1] not in (b"simple", b"files"):
+        group = parts.pop(1)
         if not group or not set(group) <= _NAME_BYTES:
             return None
-    else:
+    kind, project = parts[1], parts[2]
+    if not project or not set(project) <= _NAME_BYTES:
         return None
-    if parts[0] or parts[-1] or not project or not set(project) <= _NAME_BYTES:
-        return None
-    return group, project
+    if kind == b"simple" and len(parts) == 4 and not parts[3]:
+        return kind, group, project, b""
+    if kind == b"files" and len(parts) == 4 and parts[3] and set(parts[3]) <= _FILE_BYTES:
+        return kind, group, project, parts[3]
+    return None
 
 
 def send_now(transport: Any, data: bytes) -> None:

@@ -457,8 +457,8 @@ class ProxySite(Site):
         if asked is None:
             return False
         started = self._clock.seconds()
-        simple = getattr(self.resource, "quick_simple", None)
-        found = None if simple is None else simple(asked.group)
+        lane = getattr(self.resource, "quick", None)
+        found = None if lane is None else lane(asked.kind, asked.group)
         answer = None if found is None else found.quick(asked, self._dates)
         if answer is None:
             return False
