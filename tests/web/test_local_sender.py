@@ -11,19 +11,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from twisted.web.server import Request
-from twisted.web.test.requesthelper import DummyChannel
-
+from tests.web.test_sender import _request
 from txpypi.storage.stores import FdReader
 from txpypi.web.sender import LOCAL_CHUNK, PreadSender, Sender, sender_for
-
-
-def _request() -> tuple[Request, Any]:
-    channel = DummyChannel()
-    request = Request(channel, False)
-    request.method = b"GET"
-    request.clientproto = b"HTTP/1.1"
-    return request, channel.transport
 
 
 def _reader(tmp_path: Path, data: bytes) -> FdReader:
