@@ -195,9 +195,23 @@ async def test_disk_store_stays_inside_its_root(tmp_path: Path) -> None:
         (tmp_path / "tmp" / "leftover.part").write_bytes(b"crash")
         store.prepare()
         assert list((tmp_path / "tmp").iterdir()) == []  # leftovers cleaned
-        for key in ("../../etc/passwd", "/etc/passwd", "aa/../../x"):
+        for key in ("../../etc/passwd", "/etc/passwd", "aa/../../x", "aa/\0x"):
             with pytest.raises(BadName):
                 store.open(key)
+        # A link out of the store, planted in it: never written through, nor
+        # removed through.
+        outside = tmp_path / "outside"
+        outside.mkdir()
+        (tmp_path / "files" / "aa").mkdir(parents=True)
+        (tmp_path / "files" / "aa" / "link").symlink_to(outside)
+        spool = tmp_path / "tmp" / "x.part"
+        spool.write_bytes(b"data")
+        with pytest.raises(BadName):
+            await store.commit(str(spool), "aa/link/x")
+        (outside / "y").write_bytes(b"keep")
+        with pytest.raises(BadName):
+            await store.delete("aa/link/y")
+        assert (outside / "y").read_bytes() == b"keep" and not (outside / "x").exists()
     finally:
         pool.stop()
 

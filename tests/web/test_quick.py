@@ -174,7 +174,7 @@ async def test_warm_pages_are_the_same_bytes_either_way(warm: Running, logged: l
         answers, taken = await both_ways(warm, logged, sent)
         assert taken == quick, sent
         assert len(answers) == 1 and answers[0].startswith(b"HTTP/1."), answers
-    # A conditional request: 304 either way.
+    # A conditional request: 304 either way (a HEAD's says no length).
     (answer,), _ = await both_ways(warm, logged, request(b"/simple/alpha/", accept=JSON))
     etag = re.search(rb"\r\nETag: ([^\r]*)\r\n", answer)
     assert etag is not None
@@ -182,6 +182,10 @@ async def test_warm_pages_are_the_same_bytes_either_way(warm: Running, logged: l
         warm, logged, request(b"/simple/alpha/", accept=JSON, if_none_match=etag.group(1))
     )
     assert answer.startswith(b"HTTP/1.1 304 ") and taken == 1
+    (answer,), taken = await both_ways(
+        warm, logged, request(b"/simple/alpha/", method=b"HEAD", accept=JSON, if_none_match=etag.group(1))
+    )
+    assert answer.startswith(b"HTTP/1.1 304 ") and b"Content-Length" not in answer and taken == 1
     (answer,), taken = await both_ways(
         warm, logged, request(b"/simple/alpha/", accept=JSON, if_none_match=b'"other"')
     )
@@ -243,6 +247,10 @@ def test_what_the_parser_refuses() -> None:
         ok.replace(b"Host: 127.0.0.1", b"Host : 127.0.0.1"),
         ok.replace(b"Host: 127.0.0.1", b"Accept: a\r\nAccept: b"),
         request(b"/simple/" + b"a" * 9000 + b"/"),
+        ok.replace(b"Host: 127.0.0.1", b"Host: 127.0.0.1\r\nBad Name: x"),
+        ok.replace(b"Host: 127.0.0.1", b"Host: 127.0.0.1\r\nX@y: x"),
+        ok.replace(b"Host: 127.0.0.1", b"Host: 127.0.0.1\r\nX-Foo: a\x00b"),
+        ok.replace(b"Host: 127.0.0.1", b"Host: 127.0.0.1" + b"\r\na:b" * 501),
     ):
         assert parse(bad) is None, bad[:80]
     group = parse(request(b"/internal/simple/alpha/"))
@@ -324,6 +332,7 @@ async def test_cached_files_are_the_same_bytes_either_way(warm: Running, logged:
         (request(wheel), 1),
         (request(wheel, method=b"HEAD"), 1),
         (request(wheel, if_none_match=etag.group(1)), 1),
+        (request(wheel, method=b"HEAD", if_none_match=etag.group(1)), 1),
         (request(wheel, if_none_match=b'"other"'), 1),
         (request(b"/pypi/files/alpha/alpha-1.0-py3-none-any.whl", user_agent=b"uv/0.9"), 1),
         (request(wheel).replace(b"Host: 127.0.0.1", b"Host: 127.0.0.1\r\nRange: bytes=0-9"), 0),
@@ -375,3 +384,51 @@ async def test_a_quick_hit_counts_as_a_download(warm: Running) -> None:
         for b, a in seen
     ]
     assert increments[0] == increments[1] and sum(increments[0].values()) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stray_empty_line_before_requests_is_read_as_twisted_reads_it(warm: Running) -> None:
+    """
+    Twisted eats one empty line before a request, once per request: after
+    a quick answer, a second one is eaten too (not a 400).
+    """
+    one = request(b"/simple/alpha/", accept=JSON)
+    await exchange(warm, one)
+    for quick in (True, False):
+        site(warm).quick_lane = quick
+        protocol = Raw(2, [False, False])
+        endpoint = TCP4ClientEndpoint(get_reactor(), "127.0.0.1", warm.port.getHost().port)
+        await connectProtocol(endpoint, protocol)
+        for piece in (b"\r\n", one, b"\r\n", one):
+            protocol.transport.write(piece)  # type: ignore[union-attr]
+            await Deferred.fromCoroutine(_tick())
+        answers = await protocol.done
+        protocol.transport.loseConnection()  # type: ignore[union-attr]
+        assert [a.split(b"\r\n")[0] for a in answers] == [b"HTTP/1.1 200 OK"] * 2, quick
+    site(warm).quick_lane = True
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failure_in_the_quick_lane_leaves_the_answer_to_the_usual_way(
+    warm: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    The disk fails (too many open files) under a quick hit: nothing is
+    sent yet, so the usual way answers, and the connection lives on.
+    """
+    await exchange(warm, request(b"/simple/alpha/", accept=JSON))
+    wheel = b"/files/alpha/alpha-1.0-py3-none-any.whl"
+    await exchange(warm, request(wheel))
+    await warm.proxy.files.wait_idle()
+    store = warm.proxy.files.store if hasattr(warm.proxy.files, "store") else None
+    from txpypi.storage.stores import DiskStore
+
+    def failing(self: DiskStore, key: str) -> None:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(DiskStore, "open_now", failing)
+    before = site(warm).quick_answers
+    (answer,) = await exchange(warm, request(wheel))
+    assert answer.startswith(b"HTTP/1.1 "), answer[:80]
+    assert site(warm).quick_answers == before
+    del store

@@ -197,14 +197,16 @@ class FileCache:
                     return joined
                 retried = False
 
-    def open_now(self, project: str, filename: str, pages: PageCache | None = None) -> Opened | None:
+    def open_now(
+        self, project: str, filename: str, pages: PageCache | None = None, largest: int | None = None
+    ) -> Opened | None:
         """
         A cached file opened at once, for the quick lane (see
         L{CachedFiles.open_now}), or L{None}.
         """
         pages = pages or self.pages
         key = self.key(project, filename, pages)
-        return self._cached.open_now(self._records.get(key), project, filename, pages)
+        return self._cached.open_now(self._records.get(key), project, filename, pages, largest)
 
     async def _find(
         self, pages: PageCache, key: str, project: str, filename: str, fetch: bool, use_store: bool

@@ -55,7 +55,7 @@ class GroupFiles:
         source = await group.source(project, filename)
         return await self.files.open(project, filename, fetch, use_store, pages=source)
 
-    def open_now(self, project: str, filename: str) -> Opened | None:
+    def open_now(self, project: str, filename: str, largest: int | None = None) -> Opened | None:
         """
         A cached file of the group's opened at once, for the quick lane: only
         in a group of one member and no policy in force (anything else the
@@ -66,7 +66,7 @@ class GroupFiles:
             return None
         if not group.candidates(project):
             return None
-        return self.files.open_now(project, filename, pages=group.first)
+        return self.files.open_now(project, filename, pages=group.first, largest=largest)
 
     async def provenance(self, project: str, filename: str) -> bytes:
         """

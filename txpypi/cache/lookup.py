@@ -117,17 +117,24 @@ class CachedFiles:
         return Opened(reader, reader.size, record.sha256, True)
 
     def open_now(
-        self, record: FileRecord | None, project: str, filename: str, pages: PageCache
+        self,
+        record: FileRecord | None,
+        project: str,
+        filename: str,
+        pages: PageCache,
+        largest: int | None = None,
     ) -> Opened | None:
         """
         A hit opened at once, for the quick lane, when everything is known
-        in memory: the file's record, a fresh page of C{pages} that lists it
-        with the same sha256, and a store that opens files without waiting
-        (the disk); else L{None}, and the usual way decides (and drops what
-        is stale).
+        in memory: the file's record (of at most C{largest} bytes), a fresh
+        page of C{pages} that lists it with the same sha256, and a store
+        that opens files without waiting (the disk); else L{None}, and the
+        usual way decides (and drops what is stale).
         """
         if record is None or record.upstream != pages.upstream.url:
             return None
+        if largest is not None and record.size > largest:
+            return None  # not opened, to be opened again the usual way
         page = pages.fresh(project)
         if page is None or not isinstance(page.model, ProjectPage):
             return None

@@ -151,7 +151,8 @@ class CachedPage:
     json: Body
     cost: int
     #: What the web layer built once per representation, by content type
-    #: and gzip (the quick lane's header lines): at most four entries.
+    #: and gzip (the quick lane's header lines): two per content type
+    #: served at most.
     answers: dict[tuple[str, bool], object] = attrs.field(factory=dict, repr=False)
 
     def _body(self, content_type: str) -> Body:

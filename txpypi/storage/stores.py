@@ -219,13 +219,16 @@ class DiskStore:
         shutil.rmtree(spool, ignore_errors=True)
         spool.mkdir(parents=True, exist_ok=True)
 
-    def _path(self, key: str) -> str:
+    def _path(self, key: str, resolved: bool = False) -> str:
         """
         The file of C{key}, worked out by hand, not by the file system: a
         hit does no system call for it (resolving the path took a fifth of
         a hit's time).  The store's own directory is resolved once; a key
         that would lead out of it (C{..}, an absolute path, a NUL) is a
-        L{BadName}.
+        L{BadName}.  With C{resolved} (for writing and removing, in the
+        thread pool), symbolic links are followed too, and one that leads
+        out of the store is a L{BadName}: a read follows a link only that
+        someone who may write the cache directory put there.
         """
         files = self._files
         if files is None:
@@ -233,10 +236,12 @@ class DiskStore:
         path = os.path.normpath(os.path.join(files, key))
         if "\0" in key or os.path.isabs(key) or not path.startswith(files + os.sep):
             raise BadName(f"store key escapes the store: {key!r}")
+        if resolved and not os.path.realpath(path).startswith(files + os.sep):
+            raise BadName(f"store key escapes the store: {key!r}")
         return path
 
     def _commit(self, spool_path: str, key: str) -> None:
-        target = Path(self._path(key))
+        target = Path(self._path(key, resolved=True))
         target.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(spool_path, os.O_RDONLY)
         try:
@@ -273,7 +278,7 @@ class DiskStore:
         return FdReader(fd, os.fstat(fd).st_size, key)
 
     def _delete(self, key: str) -> None:
-        path = Path(self._path(key))
+        path = Path(self._path(key, resolved=True))
         try:
             os.unlink(path)
         except FileNotFoundError:

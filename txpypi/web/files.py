@@ -198,7 +198,7 @@ class FilesResource(Resource):
             return None
         if self._accel_prefix() is not None or self._redirect_ttl() is not None:
             return None  # answered by nginx or the object store: the usual way
-        opened = self._files.open_now(project, filename)
+        opened = self._files.open_now(project, filename, largest=QUICK_FILE_MOST)
         if opened is None:
             return None
         try:

@@ -335,6 +335,8 @@ class SimpleResource(Resource):
             return None
         if project != raw:
             return None  # redirected, the usual way
+        if getattr(self._pages, "active", False):
+            return None  # a policy in force: its views and exemption notes go the usual way
         accept = asked.header(b"accept")
         content_type = self._negotiated.get((accept, None), len(accept or b""))
         if content_type is None:
@@ -353,15 +355,10 @@ class SimpleResource(Resource):
         middle = b"X-Cache: HIT\r\nCache-Control: max-age=%d\r\n" % self._max_age(page)
         matches = asked.header(b"if-none-match")
         if matches is not None and etag_matches(matches.decode("latin-1"), built.etag):
-            # Twisted says the empty body's length, as the usual way shows.
-            out = (
-                NOT_MODIFIED
-                + dates()
-                + built.leading
-                + middle
-                + built.validators
-                + b"Content-Length: 0\r\n\r\n"
-            )
+            # Twisted says the empty body's length of a GET (not of a HEAD),
+            # as the usual way shows.
+            length = b"" if asked.method == b"HEAD" else b"Content-Length: 0\r\n"
+            out = NOT_MODIFIED + dates() + built.leading + middle + built.validators + length + b"\r\n"
             return 304, out, 0
         head = OK + dates() + built.leading + middle + built.validators + built.lengths + b"\r\n"
         if asked.method == b"HEAD":

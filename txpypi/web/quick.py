@@ -29,6 +29,13 @@ from twisted.web.server import version as server_version
 #: the usual way).
 MAX_QUICK_REQUEST = 8 * 1024
 
+#: The most header lines of a quick request (Twisted's C{maxHeaders}: past
+#: it, the usual way refuses the request).
+MAX_QUICK_HEADERS = 500
+
+#: The bytes of a header name (an HTTP token): any other goes the usual way.
+_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
 #: The headers that may come with a quick request; any other goes the usual
 #: way, unless it is one that changes nothing about a page's answer.
 _USED = frozenset({b"host", b"accept", b"accept-encoding", b"if-none-match", b"user-agent", b"referer"})
@@ -99,10 +106,12 @@ def parse(data: bytes) -> QuickRequest | None:
     route = _route(uri)
     if route is None:
         return None
+    if len(lines) - 1 > MAX_QUICK_HEADERS or b"\x00" in head:
+        return None  # what Twisted refuses with a 400: the usual way says so
     headers: dict[bytes, bytes] = {}
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
-        if not colon or not name or name != name.strip() or b"\n" in line or b"\r" in line:
+        if not colon or not name or not set(name) <= _TOKEN or b"\n" in line or b"\r" in line:
             return None
         name = name.lower()
         if name in _SLOW:
@@ -149,6 +158,7 @@ def send_now(transport: Any, data: bytes) -> None:
     """
     if (
         isinstance(transport, tcp.Connection)
+        and not getattr(transport, "TLS", False)
         and transport.connected
         and not transport.disconnecting
         and not transport.dataBuffer

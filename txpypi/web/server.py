@@ -223,6 +223,8 @@ class ProxyChannel(HTTPChannel):
         """
         return bool(
             not self._handlingRequest
+            # Not after the stray empty line Twisted eats once per request.
+            and getattr(self, "_HTTPChannel__first_line", 1) == 1
             and not self.requests
             and not self._buffer
             and self.line_mode
@@ -457,9 +459,14 @@ class ProxySite(Site):
         if asked is None:
             return False
         started = self._clock.seconds()
-        lane = getattr(self.resource, "quick", None)
-        found = None if lane is None else lane(asked.kind, asked.group)
-        answer = None if found is None else found.quick(asked, self._dates)
+        try:
+            lane = getattr(self.resource, "quick", None)
+            found = None if lane is None else lane(asked.kind, asked.group)
+            answer = None if found is None else found.quick(asked, self._dates)
+        except Exception:
+            # Nothing is sent yet: the usual way answers (a 500, say).
+            log.failure("the quick lane failed on {uri}; answering the usual way", uri=asked.uri)
+            return False
         if answer is None:
             return False
         code, out, sent = answer
@@ -467,6 +474,17 @@ class ProxySite(Site):
         transport: Any = channel.transport
         send_now(transport, out)
         now = self._clock.seconds()
+        try:
+            self._quick_logged(channel, asked, code, sent, now, now - started)
+        except Exception:
+            log.failure("the quick lane could not count or log {uri}", uri=asked.uri)
+        return True
+
+    def _quick_logged(
+        self, channel: ProxyChannel, asked: QuickRequest, code: int, sent: int, now: float, duration: float
+    ) -> None:
+        started = now - duration
+        transport: Any = channel.transport
         self._count(asked.uri, code, now - started, "HIT", sent)
         if self.log_format == "combined":
             self._quick_line(channel, asked, code, sent, now, now - started)
@@ -492,7 +510,6 @@ class ProxySite(Site):
                     time=now,
                 )
             )
-        return True
 
     def _quick_line(
         self, channel: ProxyChannel, asked: QuickRequest, code: int, sent: int, now: float, duration: float
