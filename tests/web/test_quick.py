@@ -275,8 +275,11 @@ class _Sender(Protocol):
         self.sent = sent
 
     def connectionMade(self) -> None:
-        for piece in self.pieces:
-            send_now(self.transport, piece)
+        for i, piece in enumerate(self.pieces):
+            if i % 2:  # a head and a body, sent in one call
+                send_now(self.transport, piece[:100], piece[100:])
+            else:
+                send_now(self.transport, piece)
         transport: Any = self.transport
         self.buffered = len(transport._tempDataBuffer) + bool(transport.dataBuffer)
         self.sent.callback(None)

@@ -180,13 +180,13 @@ class FilesResource(Resource):
     def render_HEAD(self, request: Request) -> bytes | int:
         return self.render_GET(request)
 
-    def quick(self, asked: QuickRequest, dates: Dates) -> tuple[int, bytes, int] | None:
+    def quick(self, asked: QuickRequest, dates: Dates) -> tuple[int, bytes, bytes] | None:
         """
         The whole answer to a quick request (L{txpypi.web.quick}) for a
         small cached file on the disk that memory alone says is good (see
         L{txpypi.cache.files.FileCache.open_now}): its status (200, or 304),
-        its bytes and how many of them are the body; L{None} for anything
-        the usual way answers.  The same bytes as L{_serve} sends.
+        its head and its body; L{None} for anything the usual way answers.
+        The same bytes as L{_serve} sends.
         """
         try:
             raw = asked.project.decode("ascii")
@@ -231,7 +231,7 @@ class FilesResource(Resource):
         head = status + dates() + b"".join(_CANONICAL[n] + b": " + v + b"\r\n" for n, v in lines) + b"\r\n"
         if plan.body and not filename.endswith(".metadata"):
             self._files.downloaded(project, filename)
-        return plan.status, head + body, len(body)
+        return plan.status, head, body
 
     async def _open(
         self, request: Request, project: str, filename: str, fetch: bool = True, use_store: bool = True

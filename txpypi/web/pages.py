@@ -321,12 +321,12 @@ class SimpleResource(Resource):
     def _max_age(self, page: CachedPage) -> int:
         return max(0, math.ceil(self._pages.remaining(page)))
 
-    def quick(self, asked: QuickRequest, dates: Dates) -> tuple[int, bytes, int] | None:
+    def quick(self, asked: QuickRequest, dates: Dates) -> tuple[int, bytes, bytes] | None:
         """
         The whole answer to a quick request (see L{txpypi.web.quick}) for a
-        page fresh in memory and small: its status, its bytes, and how many
-        of them are the body; L{None} for anything the usual way answers.
-        The same bytes as L{_respond} sends, but for the cost.
+        page fresh in memory and small: its status, its head and its body;
+        L{None} for anything the usual way answers.  The same bytes as
+        L{_respond} sends, but for the cost.
         """
         raw = asked.project.decode("ascii")
         try:
@@ -359,8 +359,8 @@ class SimpleResource(Resource):
             # as the usual way shows.
             length = b"" if asked.method == b"HEAD" else b"Content-Length: 0\r\n"
             out = NOT_MODIFIED + dates() + built.leading + middle + built.validators + length + b"\r\n"
-            return 304, out, 0
+            return 304, out, b""
         head = OK + dates() + built.leading + middle + built.validators + built.lengths + b"\r\n"
         if asked.method == b"HEAD":
-            return 200, head, 0
-        return 200, head + built.body, len(built.body)
+            return 200, head, b""
+        return 200, head, built.body

@@ -469,10 +469,11 @@ class ProxySite(Site):
             return False
         if answer is None:
             return False
-        code, out, sent = answer
+        code, head, body = answer
+        sent = len(body)
         self.quick_answers += 1
         transport: Any = channel.transport
-        send_now(transport, out)
+        send_now(transport, head, body)
         now = self._clock.seconds()
         try:
             self._quick_logged(channel, asked, code, sent, now, now - started)
