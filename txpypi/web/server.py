@@ -442,7 +442,9 @@ class ProxySite(Site):
         self._write(self._entry(request, now, duration, state))
 
     def _write(self, entry: Entry) -> None:
-        line = json_line(entry) if self.log_format == "json" else combined(entry, self._stamps)
+        self._write_line(json_line(entry) if self.log_format == "json" else combined(entry, self._stamps))
+
+    def _write_line(self, line: str) -> None:
         if self.writer is None or self.connections.live.access_log == LOGGER:
             access_log.info("{access}", access=line)
         else:
@@ -484,50 +486,53 @@ class ProxySite(Site):
     def _quick_logged(
         self, channel: ProxyChannel, asked: QuickRequest, code: int, sent: int, now: float, duration: float
     ) -> None:
-        started = now - duration
-        transport: Any = channel.transport
-        self._count(asked.uri, code, now - started, "HIT", sent)
+        self._count(asked.uri, code, duration, "HIT", sent)
         if self.log_format == "combined":
-            self._quick_line(channel, asked, code, sent, now, now - started)
+            self._write_line(self._quick_line(channel, asked, code, sent, now, duration))
         elif self.log_format != "none":
-            peer = transport.getPeer()
-            forwarded = asked.header(b"x-forwarded-for")
             self._write(
-                Entry(
-                    client=client_address(
-                        getattr(peer, "host", "-"),
-                        None if forwarded is None else forwarded.decode("latin-1"),
-                        self.trusted_proxies,
-                    ),
-                    method=asked.method.decode("latin-1"),
-                    path=asked.uri.decode("latin-1"),
-                    protocol="HTTP/1.1",
-                    status=code,
-                    size=sent,
-                    duration=now - started,
-                    cache="HIT",
-                    referer=_text(asked.header(b"referer")),
-                    user_agent=_text(asked.header(b"user-agent")),
-                    time=now,
-                )
+                attrs.evolve(self._quick_entry(channel, asked, code, sent), duration=duration, time=now)
             )
+
+    def _quick_entry(self, channel: ProxyChannel, asked: QuickRequest, code: int, sent: int) -> Entry:
+        """
+        A quick answer's access log line as values, but for its time and
+        duration (zero).
+        """
+        forwarded = asked.header(b"x-forwarded-for")
+        return Entry(
+            client=client_address(
+                channel.peer_host,
+                None if forwarded is None else forwarded.decode("latin-1"),
+                self.trusted_proxies,
+            ),
+            method=asked.method.decode("latin-1"),
+            path=asked.uri.decode("latin-1"),
+            protocol="HTTP/1.1",
+            status=code,
+            size=sent,
+            duration=0.0,
+            cache="HIT",
+            referer=_text(asked.header(b"referer")),
+            user_agent=_text(asked.header(b"user-agent")),
+            time=0.0,
+        )
 
     def _quick_line(
         self, channel: ProxyChannel, asked: QuickRequest, code: int, sent: int, now: float, duration: float
-    ) -> None:
+    ) -> str:
         """
         A quick answer's combined line: all but its time and duration made
         once for each kind of answer (client, request, status, size,
         referer, user agent), at most L{MAX_QUICK_LINES} kept.
         """
-        peer = channel.peer_host
         headers = asked.headers
         trusted = self.trusted_proxies
         if trusted is not self._quick_lines_trusting:  # SIGHUP changed them
             self._quick_lines.clear()
             self._quick_lines_trusting = trusted
         key = (
-            peer,
+            channel.peer_host,
             asked.method,
             asked.uri,
             code,
@@ -538,32 +543,11 @@ class ProxySite(Site):
         )
         parts = self._quick_lines.get(key)
         if parts is None:
-            forwarded = headers.get(b"x-forwarded-for")
-            parts = combined_parts(
-                Entry(
-                    client=client_address(
-                        peer, None if forwarded is None else forwarded.decode("latin-1"), trusted
-                    ),
-                    method=asked.method.decode("latin-1"),
-                    path=asked.uri.decode("latin-1"),
-                    protocol="HTTP/1.1",
-                    status=code,
-                    size=sent,
-                    duration=0.0,
-                    cache="HIT",
-                    referer=_text(headers.get(b"referer")),
-                    user_agent=_text(headers.get(b"user-agent")),
-                    time=0.0,
-                )
-            )
+            parts = combined_parts(self._quick_entry(channel, asked, code, sent))
             if len(self._quick_lines) >= MAX_QUICK_LINES:
                 self._quick_lines.clear()
             self._quick_lines[key] = parts
-        line = parts[0] + self._stamps(now) + parts[1] + f"{duration:.6f}"
-        if self.writer is None or self.connections.live.access_log == LOGGER:
-            access_log.info("{access}", access=line)
-        else:
-            self.writer.write(line)
+        return parts[0] + self._stamps(now) + parts[1] + f"{duration:.6f}"
 
     def _count(self, path: bytes, code: int, duration: float, state: str, sent: int) -> None:
         """
