@@ -203,7 +203,7 @@ class FilesResource(Resource):
             return None
         try:
             local = ILocalFile(opened.source, None)
-            if local is None or opened.size is None or opened.size > QUICK_FILE_MOST:
+            if local is None or opened.size is None:  # its size: at most QUICK_FILE_MOST (open_now)
                 return None
             matches = asked.header(b"if-none-match")
             plan = plan_file(
@@ -221,14 +221,8 @@ class FilesResource(Resource):
         finally:
             assert opened.source is not None
             opened.source.close()
-        lines = [
-            (b"content-type", b"application/octet-stream"),
-            (b"x-cache", b"HIT"),
-            (b"cache-control", FILE_CACHE_CONTROL),
-            (b"etag", f'"{opened.sha256}"'.encode()),
-            *plan.headers,
-        ]
-        head = status + dates() + b"".join(_CANONICAL[n] + b": " + v + b"\r\n" for n, v in lines) + b"\r\n"
+        lines = b"".join(_CANONICAL[n] + b": " + v + b"\r\n" for n, v in _header_list(opened, plan))
+        head = status + dates() + lines + b"\r\n"
         if plan.body and not filename.endswith(".metadata"):
             self._files.downloaded(project, filename)
         return plan.status, head, body
@@ -406,15 +400,25 @@ def _plan(request: Request, head: bool, opened: Opened) -> FilePlan:
     )
 
 
+def _header_list(opened: Opened, plan: FilePlan) -> list[tuple[bytes, bytes]]:
+    """
+    The headers of a file answer, in order (the quick lane writes them as
+    the usual way sets them).
+    """
+    found = [
+        (b"content-type", b"application/octet-stream"),
+        (b"x-cache", b"HIT" if opened.hit else b"MISS"),
+        (b"cache-control", FILE_CACHE_CONTROL),
+    ]
+    if opened.sha256 is not None:
+        found.append((b"etag", f'"{opened.sha256}"'.encode()))
+    return [*found, *plan.headers]
+
+
 def _headers(request: Request, opened: Opened, plan: FilePlan) -> None:
     request.setResponseCode(plan.status)
     headers = request.responseHeaders
-    headers.setRawHeaders(b"content-type", [b"application/octet-stream"])
-    headers.setRawHeaders(b"x-cache", [b"HIT" if opened.hit else b"MISS"])
-    headers.setRawHeaders(b"cache-control", [FILE_CACHE_CONTROL])
-    if opened.sha256 is not None:
-        headers.setRawHeaders(b"etag", [f'"{opened.sha256}"'.encode()])
-    for name, value in plan.headers:
+    for name, value in _header_list(opened, plan):
         headers.setRawHeaders(name, [value])
 
 
