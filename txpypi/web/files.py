@@ -42,7 +42,7 @@ from txpypi.web.answers import (
     status_of,
     text,
 )
-from txpypi.web.quick import NOT_MODIFIED, OK, Dates, QuickRequest
+from txpypi.web.quick import NOT_MODIFIED, OK, Dates, QuickRequest, header_lines
 from txpypi.web.sender import CHUNK, Sender, send_among, sender_for
 
 log = Logger(namespace="txpypi.app")
@@ -54,15 +54,6 @@ FILE_CACHE_CONTROL = b"public, max-age=365000000, immutable"
 #: most this much of the proxy's memory, for at most C{--send-timeout}.
 QUICK_FILE_MOST = 128 * 1024
 
-#: How Twisted writes the header names of a file answer.
-_CANONICAL = {
-    b"content-type": b"Content-Type",
-    b"x-cache": b"X-Cache",
-    b"cache-control": b"Cache-Control",
-    b"etag": b"ETag",
-    b"accept-ranges": b"Accept-Ranges",
-    b"content-length": b"Content-Length",
-}
 _STATUS_LINES = {200: OK, 304: NOT_MODIFIED}
 
 #: What opening a file may fail with that the client is told about; any
@@ -221,8 +212,7 @@ class FilesResource(Resource):
         finally:
             assert opened.source is not None
             opened.source.close()
-        lines = b"".join(_CANONICAL[n] + b": " + v + b"\r\n" for n, v in _header_list(opened, plan))
-        head = status + dates() + lines + b"\r\n"
+        head = status + dates() + header_lines(_header_list(opened, plan)) + b"\r\n"
         if plan.body and not filename.endswith(".metadata"):
             self._files.downloaded(project, filename)
         return plan.status, head, body

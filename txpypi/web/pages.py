@@ -25,7 +25,7 @@ from txpypi.core.names import BadName, normalize
 from txpypi.core.simple.media import negotiate
 from txpypi.fetch.upstream import UpstreamError
 from txpypi.web.answers import client_gone, error_text, finish_error, header, moved, run, segment, text
-from txpypi.web.quick import NOT_MODIFIED, OK, Dates, QuickRequest
+from txpypi.web.quick import NOT_MODIFIED, OK, Dates, QuickRequest, header_lines
 
 #: Page bodies go to a client this many bytes at a time, each once its
 #: connection took the one before; a body this size or smaller is one write.
@@ -181,21 +181,6 @@ def _lengths(representation: Representation, gzipped: bool) -> list[tuple[bytes,
     return [*found, (b"content-length", b"%d" % representation.length)]
 
 
-#: How Twisted writes the header names the page answers carry.
-_CANONICAL = {
-    b"content-type": b"Content-Type",
-    b"vary": b"Vary",
-    b"etag": b"ETag",
-    b"x-pypi-last-serial": b"X-Pypi-Last-Serial",
-    b"content-encoding": b"Content-Encoding",
-    b"content-length": b"Content-Length",
-}
-
-
-def _lines(headers: list[tuple[bytes, bytes]]) -> bytes:
-    return b"".join(_CANONICAL[name] + b": " + value + b"\r\n" for name, value in headers)
-
-
 @attrs.frozen
 class _Built:
     """
@@ -216,9 +201,9 @@ class _Built:
         representation = page.representation(content_type, gzipped)
         small = not representation.inflate and representation.length <= PAGE_SLICE
         return cls(
-            leading=_lines(_leading(content_type, "", 0)[:2]),
-            validators=_lines(_validators(page, representation)),
-            lengths=_lines(_lengths(representation, gzipped)),
+            leading=header_lines(_leading(content_type, "", 0)[:2]),
+            validators=header_lines(_validators(page, representation)),
+            lengths=header_lines(_lengths(representation, gzipped)),
             etag=representation.etag,
             body=representation.data if small else None,
         )

@@ -183,6 +183,27 @@ def send_now(transport: Any, head: bytes, body: bytes = b"") -> None:
         transport.write(body)
 
 
+#: How Twisted writes the names of the headers quick answers carry.
+_CANONICAL = {
+    b"content-type": b"Content-Type",
+    b"vary": b"Vary",
+    b"x-cache": b"X-Cache",
+    b"cache-control": b"Cache-Control",
+    b"etag": b"ETag",
+    b"x-pypi-last-serial": b"X-Pypi-Last-Serial",
+    b"accept-ranges": b"Accept-Ranges",
+    b"content-encoding": b"Content-Encoding",
+    b"content-length": b"Content-Length",
+}
+
+
+def header_lines(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """
+    Header lines as Twisted writes them, for headers named in lower case.
+    """
+    return b"".join(_CANONICAL[name] + b": " + value + b"\r\n" for name, value in headers)
+
+
 #: The status lines the quick lane sends.
 OK = b"HTTP/1.1 200 OK\r\n"
 NOT_MODIFIED = b"HTTP/1.1 304 Not Modified\r\n"
