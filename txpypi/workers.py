@@ -319,6 +319,8 @@ class Supervisor(Service):
         self._given = given
         self._reactor = reactor
         self._clock = clock
+        #: The sockets of C{--listen}, and the workers' own.
+        self._public: list[socket.socket] = []
         self._sockets: list[socket.socket] = []
         self._listen: tuple[Inherited, ...] = ()
         self._own: tuple[Inherited, ...] = ()
@@ -349,7 +351,7 @@ class Supervisor(Service):
             except OSError as e:
                 raise SystemExit(f"listen: cannot listen on {description}: {e.strerror or e}") from None
             listen.append(inherited)
-            self._sockets.append(made)
+            self._public.append(made)
             if inherited.family == socket.AF_UNIX and not description.startswith("systemd:"):
                 self._unix_paths.append(made.getsockname())
         host = peer_host(self._settings)
@@ -431,12 +433,6 @@ class Supervisor(Service):
         )
         self._running[index] = worker
         log.info("started worker {index} (pid {pid})", index=index, pid=worker.transport.pid)  # type: ignore[union-attr]
-
-    def pids(self) -> dict[int, int]:
-        """
-        The process id of each worker running, by index.
-        """
-        return {i: w.transport.pid for i, w in self._running.items() if w.transport and w.transport.pid}  # type: ignore[attr-defined]
 
     def _ended(self, worker: _Worker, reason: Failure) -> None:
         if self._running.get(worker.index) is worker:
@@ -521,11 +517,9 @@ class Supervisor(Service):
             await worker.ended
 
     def _close_listening(self) -> None:
-        for inherited in self._listen:
-            for sock in list(self._sockets):
-                if sock.fileno() == inherited.fd:
-                    sock.close()
-                    self._sockets.remove(sock)
+        for sock in self._public:
+            sock.close()
+        self._public = []
         for path in self._unix_paths:
             try:
                 os.unlink(path)
