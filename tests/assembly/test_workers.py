@@ -90,15 +90,16 @@ def test_the_metrics_of_workers_are_summed_but_what_they_share() -> None:
     texts = []
     for n in (1, 2):
         metrics = Metrics.create()
-        metrics.requests.labels("file", "200").inc(n)
-        metrics.latency.labels("file").observe(0.001 * n)
+        for _ in range(n):
+            metrics.finished.count("file", "200", 0.001 * n)
         metrics.store_up.labels("files").set(n - 1)  # down in the first
         metrics.watch(lambda n=n: {"txpypi_cache_bytes": 1000.0, "txpypi_downloads_in_flight": float(n)})  # type: ignore[misc]
         texts.append(metrics.render())
     merged = merge(texts, answering=2).decode()
     assert 'txpypi_requests_total{code="200",route="file"} 3.0' in merged
-    assert 'txpypi_request_duration_seconds_count{route="file"} 2.0' in merged
+    assert 'txpypi_request_duration_seconds_count{route="file"} 3.0' in merged
     assert 'txpypi_request_duration_seconds_bucket{le="0.001",route="file"} 1.0' in merged
+    assert 'txpypi_request_duration_seconds_bucket{le="0.0025",route="file"} 3.0' in merged
     assert "txpypi_cache_bytes 1000.0" in merged
     assert "txpypi_downloads_in_flight 3.0" in merged
     assert 'txpypi_store_up{store="files"} 0.0' in merged

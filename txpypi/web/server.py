@@ -300,7 +300,7 @@ class ProxyChannel(HTTPChannel):
         self._refused = True
         self._cancel_deadline()
         path = getattr(self, "_path", b"") or b""
-        self.site.metrics.requests.labels(route_of(path.partition(b"?")[0]), str(code)).inc()
+        self.site.metrics.finished.count(route_of(path.partition(b"?")[0]), str(code), None)
         body = (reason + "\n").encode()
         assert self.transport is not None
         self.transport.write(
@@ -321,9 +321,6 @@ class RefusedConnection(Protocol):
         assert self.transport is not None
         _reset(self.transport)
 
-
-#: The most label combinations whose metric children a site keeps at hand.
-MAX_COUNTED = 1024
 
 #: The most quick-answer log lines (but for time and duration) a site
 #: keeps made; past it, they are made again from nothing.
@@ -375,10 +372,6 @@ class ProxySite(Site):
         #: and how many answers it gave.
         self.quick_lane = True
         self.quick_answers = 0
-        #: The labelled children of the per-request metrics, by label
-        #: values (a few routes and status codes): found once, not per
-        #: request; at most L{MAX_COUNTED} kept.
-        self._counted: dict[tuple[str, ...], tuple[Any, ...]] = {}
         # The clock is the reactor of the channels' timeouts too.
         super().__init__(resource, reactor=clock)
         self._clock = clock
@@ -553,26 +546,9 @@ class ProxySite(Site):
         """
         Count a finished request in the metrics: its route and status, its
         latency, and for a cache answer (C{state}: its C{X-Cache}) the
-        answer and the C{sent} bytes served.
+        C{sent} bytes served.
         """
-        route = route_of(path)
-        found = self._counted.get((route, str(code), state))
-        if found is None:
-            metrics = self._metrics
-            found = (metrics.requests.labels(route, str(code)), metrics.latency.labels(route))
-            if state:
-                kind = "file" if route in ("file", "metadata") else "page"
-                found += (metrics.cache.labels(kind, state.lower()),)
-                if code in (200, 206):
-                    found += (metrics.bytes_served.labels("upstream" if state == "MISS" else "cache"),)
-            if len(self._counted) < MAX_COUNTED:
-                self._counted[(route, str(code), state)] = found
-        found[0].inc()
-        found[1].observe(duration)
-        if len(found) > 2:
-            found[2].inc()
-            if len(found) > 3:
-                found[3].inc(sent)
+        self._metrics.finished.count(route_of(path), str(code), duration, state, sent)
 
     def _entry(self, request: Request, now: float, duration: float, state: str) -> Entry:
         """
