@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from txpypi.core.names import BadName, Hasher, check_filename, normalize, strongest_hash
+from txpypi.core.names import BadName, Hasher, check_filename, is_normalized, normalize, strongest_hash
 
 
 @pytest.mark.parametrize(
@@ -33,6 +33,18 @@ def test_normalize_is_idempotent(name: str) -> None:
     once = normalize(name)
     assert normalize(once) == once
     assert once == once.lower() and "_" not in once and "." not in once
+
+
+@given(
+    st.from_regex(r"[A-Za-z0-9._\-]{0,12}", fullmatch=True) | st.sampled_from(["a" * 200, "a" * 201, "a-b"])
+)
+@settings(max_examples=500)
+def test_is_normalized_says_what_normalize_says(name: str) -> None:
+    try:
+        normal = normalize(name) == name
+    except BadName:
+        normal = False
+    assert is_normalized(name.encode()) == normal
 
 
 @pytest.mark.parametrize(

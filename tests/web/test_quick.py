@@ -167,7 +167,11 @@ async def test_warm_pages_are_the_same_bytes_either_way(warm: Running, logged: l
         (request(b"/simple/alpha/", accept=b"application/xml"), 0),
         (request(b"/simple/alpha/?format=json"), 0),
         (request(b"/nosuch/simple/alpha/", accept=JSON), 0),
-        (request(b"/simple/alpha/", accept=JSON, connection=b"keep-alive"), 0),
+        # What pip's requests sends on every request: HTTP/1.1's default.
+        (request(b"/simple/alpha/", accept=JSON, connection=b"keep-alive"), 1),
+        (request(b"/simple/alpha/", accept=JSON, connection=b"Keep-Alive "), 1),
+        (request(b"/simple/alpha/", accept=JSON, connection=b"close"), 0),
+        (request(b"/simple/alpha/", accept=JSON, connection=b"keep-alive, upgrade"), 0),
         (request(b"/simple/alpha/", accept=JSON).replace(b"HTTP/1.1", b"HTTP/1.0"), 0),
     ]
     for sent, quick in cases:
@@ -251,10 +255,31 @@ def test_what_the_parser_refuses() -> None:
         ok.replace(b"Host: 127.0.0.1", b"Host: 127.0.0.1\r\nX@y: x"),
         ok.replace(b"Host: 127.0.0.1", b"Host: 127.0.0.1\r\nX-Foo: a\x00b"),
         ok.replace(b"Host: 127.0.0.1", b"Host: 127.0.0.1" + b"\r\na:b" * 501),
+        ok.replace(b"Host: 127.0.0.1", b"Host: 127.0.0.1\r\nX-Foo: a\rb"),
+        ok.replace(b"Host: 127.0.0.1", b"Host: 127.0.0.1\r\nX-Foo: a\nb"),
+        ok.replace(b"Host: 127.0.0.1", b"Host: 127.0.0.1\r\nConnection: close"),
+        ok.replace(b"HTTP/1.1\r\n", b"HTTP/1.1\n"),
+        ok.replace(b"/simple/alpha/", b"/simple/simple/alpha/"),
+        ok.replace(b"/simple/alpha/", b"/files/simple/alpha/"),
+        ok.replace(b"/simple/alpha/", b"/simple/alpha/x"),
+        ok.replace(b"/simple/alpha/", b"/files/alpha/a%2Fb"),
+        ok.replace(b"/simple/alpha/", b"/a/b/simple/alpha/"),
+        ok.replace(b"/simple/alpha/", b"//simple/alpha/"),
     ):
         assert parse(bad) is None, bad[:80]
     group = parse(request(b"/internal/simple/alpha/"))
     assert group is not None and (group.group, group.project) == (b"internal", b"alpha")
+    file = parse(request(b"/internal/files/alpha/alpha-1.0+local-py3-none-any.whl"))
+    assert file is not None and (file.kind, file.group, file.project, file.filename) == (
+        b"files",
+        b"internal",
+        b"alpha",
+        b"alpha-1.0+local-py3-none-any.whl",
+    )
+    spaced = parse(ok.replace(b"Host: 127.0.0.1", b"Host: 127.0.0.1\r\nUser-Agent: \t pip 25 \t"))
+    assert spaced is not None and spaced.header(b"user-agent") == b"pip 25"
+    bare = parse(b"GET /simple/alpha/ HTTP/1.1\r\n\r\n")
+    assert bare is not None and bare.headers == {}
 
 
 class _Collect(Protocol):

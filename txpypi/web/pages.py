@@ -21,7 +21,7 @@ from txpypi.cache.groups import Group
 from txpypi.cache.pages import HIT, STALE, CachedPage, NotFound, PageCache, Representation
 from txpypi.cache.policy import PolicedGroup
 from txpypi.core.httpheaders import accepts_gzip, etag_matches
-from txpypi.core.names import BadName, normalize
+from txpypi.core.names import BadName, is_normalized, normalize
 from txpypi.core.simple.media import negotiate
 from txpypi.fetch.upstream import UpstreamError
 from txpypi.web.answers import client_gone, error_text, finish_error, header, moved, run, segment, text
@@ -313,13 +313,9 @@ class SimpleResource(Resource):
         L{None} for anything the usual way answers.  The same bytes as
         L{_respond} sends, but for the cost.
         """
-        raw = asked.project.decode("ascii")
-        try:
-            project = normalize(raw)
-        except BadName:
-            return None
-        if project != raw:
-            return None  # redirected, the usual way
+        if not is_normalized(asked.project):
+            return None  # redirected or refused, the usual way
+        project = asked.project.decode("ascii")
         if getattr(self._pages, "active", False):
             return None  # a policy in force: its views and exemption notes go the usual way
         accept = asked.header(b"accept")

@@ -17,10 +17,10 @@ for the cost; the access log line and the metrics are the same too.
 
 from __future__ import annotations
 
+import re
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
-import attrs
 from twisted.internet import tcp
 from twisted.web.http import datetimeToString
 from twisted.web.server import version as server_version
@@ -33,19 +33,22 @@ MAX_QUICK_REQUEST = 8 * 1024
 #: it, the usual way refuses the request).
 MAX_QUICK_HEADERS = 500
 
-#: The bytes of a header name (an HTTP token): any other goes the usual way.
-_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+#: The header lines of a quick request, each a name (an HTTP token) and a
+#: value without CR, LF or NUL: any other goes the usual way.
+_HEADER_LINES = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n\x00]*\r\n)*")
 
 #: The headers that may come with a quick request; any other goes the usual
 #: way, unless it is one that changes nothing about a page's answer.
 _USED = frozenset({b"host", b"accept", b"accept-encoding", b"if-none-match", b"user-agent", b"referer"})
 _FORWARDED = b"x-forwarded-for"
+#: C{Connection} may come if it says what HTTP/1.1 means anyway.
+_CONNECTION = b"connection"
+_KEEP_ALIVE = b"keep-alive"
 #: Headers that change how a request is read or answered: never quick.
 _SLOW = frozenset(
     {
         b"content-length",
         b"transfer-encoding",
-        b"connection",
         b"expect",
         b"upgrade",
         b"te",
@@ -61,20 +64,21 @@ _SLOW = frozenset(
     }
 )
 
-#: The bytes a simple path segment may hold (a project name, as the usual
-#: way would take it without decoding anything).
-_NAME_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
-#: And a file name (local versions, epochs).
-_FILE_BYTES = _NAME_BYTES | frozenset(b"+!")
+#: The paths of the quick lane: a project page and a file, under a group
+#: or not, each segment of the bytes a name may hold as the usual way would
+#: take it without decoding anything (a file name with local versions and
+#: epochs too).
+_PAGE_PATH = re.compile(rb"(?:/([A-Za-z0-9._-]+))?/simple/([A-Za-z0-9._-]+)/")
+_FILE_PATH = re.compile(rb"(?:/([A-Za-z0-9._-]+))?/files/([A-Za-z0-9._-]+)/([A-Za-z0-9._+!-]+)")
+_KINDS = (b"simple", b"files")
 
 
-@attrs.frozen
-class QuickRequest:
+class QuickRequest(NamedTuple):
     """
     A request the quick lane may answer: its method, what it asks for
     (C{b"simple"} or C{b"files"}), the group's path (C{b""} for the
     default's), the project and the file name (C{b""} for a page), and the
-    headers it reads.
+    headers it reads.  A tuple: one is made for every quick request.
     """
 
     method: bytes
@@ -93,26 +97,25 @@ def parse(data: bytes) -> QuickRequest | None:
     """
     The request in C{data} if it is exactly one quick one, else L{None}.
     """
-    if len(data) > MAX_QUICK_REQUEST or not data.endswith(b"\r\n\r\n"):
+    if len(data) > MAX_QUICK_REQUEST or not data.endswith(b"\r\n\r\n") or b"\x00" in data:
         return None
-    head = data[:-4]
-    if b"\r\n\r\n" in head or b"\n\n" in head:
-        return None  # pipelined: the usual way keeps the order
-    lines = head.split(b"\r\n")
-    parts = lines[0].split(b" ")
+    first = data.find(b"\r\n")
+    parts = data[:first].split(b" ")
     if len(parts) != 3 or parts[2] != b"HTTP/1.1" or parts[0] not in (b"GET", b"HEAD"):
         return None
     method, uri = parts[0], parts[1]
     route = _route(uri)
     if route is None:
         return None
-    if len(lines) - 1 > MAX_QUICK_HEADERS or b"\x00" in head:
+    # Each header line, the last one's CRLF included; a request with
+    # another empty line in it is pipelined (the usual way keeps the order)
+    # and fails this as a malformed line does.
+    lines = data[first + 2 : -2]
+    if lines.count(b"\r\n") > MAX_QUICK_HEADERS or _HEADER_LINES.fullmatch(lines) is None:
         return None  # what Twisted refuses with a 400: the usual way says so
     headers: dict[bytes, bytes] = {}
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon or not name or not set(name) <= _TOKEN or b"\n" in line or b"\r" in line:
-            return None
+    for line in lines[:-2].split(b"\r\n") if lines else ():
+        name, _, value = line.partition(b":")
         name = name.lower()
         if name in _SLOW:
             return None
@@ -120,6 +123,8 @@ def parse(data: bytes) -> QuickRequest | None:
             if name in headers:
                 return None  # said twice: the usual way decides
             headers[name] = value.strip(b" \t")
+        elif name == _CONNECTION and value.strip(b" \t").lower() != _KEEP_ALIVE:
+            return None
     return QuickRequest(method, uri, *route, headers)
 
 
@@ -129,22 +134,21 @@ def _route(uri: bytes) -> tuple[bytes, bytes, bytes, bytes] | None:
     asks for: its kind, group (C{b""}: the default one), project and file
     name; L{None} for any other path.
     """
-    parts = uri.split(b"/")
-    if parts[0] or len(parts) < 4:
-        return None
-    group = b""
-    if parts[1] not in (b"simple", b"files"):
-        group = parts.pop(1)
-        if not group or not set(group) <= _NAME_BYTES:
+    page = _PAGE_PATH.fullmatch(uri)
+    if page is not None:
+        group, project = page.groups()
+        kind, filename = b"simple", b""
+    else:
+        found = _FILE_PATH.fullmatch(uri)
+        if found is None:
             return None
-    kind, project = parts[1], parts[2]
-    if not project or not set(project) <= _NAME_BYTES:
-        return None
-    if kind == b"simple" and len(parts) == 4 and not parts[3]:
-        return kind, group, project, b""
-    if kind == b"files" and len(parts) == 4 and parts[3] and set(parts[3]) <= _FILE_BYTES:
-        return kind, group, project, parts[3]
-    return None
+        group, project, filename = found.groups()
+        kind = b"files"
+    if group is None:
+        return kind, b"", project, filename
+    if group in _KINDS:
+        return None  # /simple/simple/x/: no group of that name
+    return kind, group, project, filename
 
 
 def send_now(transport: Any, head: bytes, body: bytes = b"") -> None:
