@@ -49,7 +49,10 @@ def test_is_normalized_says_what_normalize_says(name: str) -> None:
 
 @pytest.mark.parametrize(
     "filename",
-    ["", "a/b.whl", "a\\b.whl", "..", "../x.whl", "x..y.whl", ".hidden", "a\x00b", "a\nb", "x" * 256],
+    [
+        *("", "a/b.whl", "a\\b.whl", "..", "../x.whl", "x..y.whl", ".hidden", "a\x00b", "a\nb", "x" * 256),
+        *("a\x1fb", "a\x7fb", "a\x85b", "a\x9fb"),  # C0, DEL, C1
+    ],
 )
 def test_bad_filenames(filename: str) -> None:
     with pytest.raises(BadName):
@@ -65,6 +68,7 @@ def test_accepted_filenames_are_one_safe_component(filename: str) -> None:
         return
     assert "/" not in filename and "\\" not in filename and ".." not in filename
     assert "\x00" not in filename and len(filename.encode("utf-8", "surrogatepass")) <= 255
+    assert not any(ord(c) < 32 or 127 <= ord(c) <= 159 for c in filename)
 
 
 def test_strongest_hash() -> None:

@@ -61,6 +61,10 @@ def normalize(name: str) -> str:
     return str(canonicalize_name(name))
 
 
+#: A control character: C0, DEL or C1.
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
 def check_filename(filename: str) -> str:
     """
     Check that a client-supplied file name is a single safe path component.
@@ -79,7 +83,7 @@ def check_filename(filename: str) -> str:
         raise BadName("file name contains a NUL byte")
     if ".." in filename or filename.startswith("."):
         raise BadName("file name contains '..' or starts with '.'")
-    if any(ord(c) < 32 or 127 <= ord(c) <= 159 for c in filename):
+    if _CONTROL_RE.search(filename) is not None:
         raise BadName("file name contains a control character")
     return filename
 
