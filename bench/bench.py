@@ -261,6 +261,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     count("--file-kb", 1024, "size of the warm-file wheel (default: 1024)", at_least_1=False)
     count("--big-mb", 50, "size of the TTFB wheel in MB (default: 50)", at_least_1=False)
     count("--ttfb-samples", 3, "distinct big wheels to time cold (default: 3)")
+    count(
+        "--nginx-rounds",
+        3,
+        "nginx: wrk runs of each side of a row, taken in turn, the median kept (default: 3)",
+    )
     count("--proxpi-threads", 2, "gunicorn threads for proxpi (default: 2, as proxpi's Docker image runs it)")
     count("--uv-rounds", 5, "cold+warm uv installs per proxy, each a new tree (default: 5)")
     count("--huge-mb", 200, "size of the huge wheels in MB (default: 200)")
