@@ -20,7 +20,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import globalLogPublisher
 
 from tests.conftest import Running, Served, get_reactor
-from txpypi.web.quick import parse, send_now
+from txpypi.web.quick import FileBody, parse, send_now
 
 JSON = b"application/vnd.pypi.simple.v1+json"
 
@@ -336,6 +336,112 @@ async def test_send_now_keeps_the_order_when_the_socket_is_full() -> None:
         protocol.transport.loseConnection()  # type: ignore[union-attr]
     finally:
         await port.stopListening()
+
+
+class _Reader:
+    """
+    A file read by descriptor, as the disk store's reader is, that says
+    whether it was closed.
+    """
+
+    def __init__(self, path: Path) -> None:
+        import os
+
+        self.fd = os.open(path, os.O_RDONLY)
+        self.closed = False
+
+    def close(self) -> None:
+        import os
+
+        os.close(self.fd)
+        self.closed = True
+
+
+class _FileSender(Protocol):
+    def __init__(self, head: bytes, body: FileBody, sent: Deferred[None]) -> None:
+        self.head, self.body, self.sent = head, body, sent
+
+    def connectionMade(self) -> None:
+        send_now(self.transport, self.head, self.body)
+        transport: Any = self.transport
+        self.buffered = len(transport._tempDataBuffer) + bool(transport.dataBuffer)
+        self.sent.callback(None)
+
+
+async def _send_file(head: bytes, body: FileBody, expect: int, paused: bool) -> tuple[bytes, _FileSender]:
+    """
+    L{send_now} C{head} and C{body} to a client over loopback (reading
+    nothing until all was handed over when C{paused}); what it got once it
+    has C{expect} bytes or the connection closed.
+    """
+    from twisted.internet.protocol import Factory
+
+    sent: Deferred[None] = Deferred()
+    senders: list[_FileSender] = []
+    factory = Factory.forProtocol(lambda: senders.append(_FileSender(head, body, sent)) or senders[-1])
+    port = get_reactor().listenTCP(0, factory, interface="127.0.0.1")
+    try:
+        client = _Collect(expect)
+        client.connectionLost = lambda reason=None: (
+            client.done.called or client.done.callback(bytes(client.data))
+        )  # type: ignore[method-assign]
+        endpoint = TCP4ClientEndpoint(get_reactor(), "127.0.0.1", port.getHost().port)
+        protocol = await connectProtocol(endpoint, client)
+        if paused:
+            protocol.transport.pauseProducing()  # type: ignore[union-attr]
+        await sent
+        if paused:
+            protocol.transport.resumeProducing()  # type: ignore[union-attr]
+        got = await client.done.addTimeout(30, get_reactor())
+        protocol.transport.loseConnection()  # type: ignore[union-attr]
+        return got, senders[0]
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_file_body_goes_by_sendfile_and_the_rest_in_order(tmp_path: Path) -> None:
+    """
+    A file body bigger than the socket takes while the client reads
+    nothing: the head and what fits go at once (by sendfile), the rest
+    through the transport after them; every byte arrives in order and the
+    file is closed.
+    """
+    data = bytes(range(256)) * 40960  # 10 MiB
+    (tmp_path / "f").write_bytes(data)
+    reader = _Reader(tmp_path / "f")
+    head = b"HTTP/1.1 200 OK\r\n\r\n"
+    got, sender = await _send_file(head, FileBody(reader, len(data)), len(head) + len(data), paused=True)
+    assert got == head + data
+    assert sender.buffered >= 1  # the socket took part, the transport kept the rest
+    assert reader.closed
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_file_shorter_than_its_record_is_cut_off(tmp_path: Path) -> None:
+    """
+    A file that holds less than its answer's length says: the client gets
+    fewer bytes and the connection is cut, never an answer that looks whole.
+    """
+    (tmp_path / "f").write_bytes(b"x" * 1000)
+    reader = _Reader(tmp_path / "f")
+    head = b"HTTP/1.1 200 OK\r\n\r\n"
+    got, _ = await _send_file(head, FileBody(reader, 5000), len(head) + 5000, paused=False)
+    assert got == head + b"x" * 1000
+    assert reader.closed
+
+
+def test_a_file_body_is_closed_when_the_transport_fails(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"x" * 10)
+    reader = _Reader(tmp_path / "f")
+
+    class Broken:
+        def write(self, data: bytes) -> None:
+            raise RuntimeError("gone")
+
+    with pytest.raises(RuntimeError):
+        send_now(Broken(), b"H", FileBody(reader, 10))
+    assert reader.closed
 
 
 @pytest_twisted.ensureDeferred

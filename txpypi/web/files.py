@@ -8,7 +8,6 @@ pure plan of L{txpypi.core.fileplan}; this resource acts on it.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable
 
 import attrs
@@ -42,7 +41,7 @@ from txpypi.web.answers import (
     status_of,
     text,
 )
-from txpypi.web.quick import NOT_MODIFIED, OK, Dates, QuickRequest, header_lines
+from txpypi.web.quick import NOT_MODIFIED, OK, Dates, FileBody, QuickRequest, header_lines
 from txpypi.web.sender import CHUNK, Sender, send_among, sender_for
 
 log = Logger(namespace="txpypi.app")
@@ -171,13 +170,14 @@ class FilesResource(Resource):
     def render_HEAD(self, request: Request) -> bytes | int:
         return self.render_GET(request)
 
-    def quick(self, asked: QuickRequest, dates: Dates) -> tuple[int, bytes, bytes] | None:
+    def quick(self, asked: QuickRequest, dates: Dates) -> tuple[int, bytes, bytes | FileBody] | None:
         """
         The whole answer to a quick request (L{txpypi.web.quick}) for a
         small cached file on the disk that memory alone says is good (see
         L{txpypi.cache.files.FileCache.open_now}): its status (200, or 304),
-        its head and its body; L{None} for anything the usual way answers.
-        The same bytes as L{_serve} sends.
+        its head and its body (the file itself, left open for
+        L{txpypi.web.quick.send_now} to send and close); L{None} for
+        anything the usual way answers.  The same bytes as L{_serve} sends.
         """
         try:
             raw = asked.project.decode("ascii")
@@ -192,6 +192,7 @@ class FilesResource(Resource):
         opened = self._files.open_now(project, filename, largest=QUICK_FILE_MOST)
         if opened is None:
             return None
+        body: bytes | FileBody = b""
         try:
             local = ILocalFile(opened.source, None)
             if local is None or opened.size is None:  # its size: at most QUICK_FILE_MOST (open_now)
@@ -206,15 +207,15 @@ class FilesResource(Resource):
             status = _STATUS_LINES.get(plan.status)
             if status is None:
                 return None
-            body = os.pread(local.fd, opened.size, 0) if plan.body else b""
-            if len(body) != (opened.size if plan.body else 0):
-                return None  # the file is not what its record says: the usual way finds out
+            head = status + dates() + header_lines(_header_list(opened, plan)) + b"\r\n"
+            if plan.body:
+                if not filename.endswith(".metadata"):
+                    self._files.downloaded(project, filename)
+                body = FileBody(opened.source, opened.size)  # sent and closed by send_now
         finally:
-            assert opened.source is not None
-            opened.source.close()
-        head = status + dates() + header_lines(_header_list(opened, plan)) + b"\r\n"
-        if plan.body and not filename.endswith(".metadata"):
-            self._files.downloaded(project, filename)
+            if not isinstance(body, FileBody):
+                assert opened.source is not None
+                opened.source.close()
         return plan.status, head, body
 
     async def _open(

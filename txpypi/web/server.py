@@ -31,7 +31,7 @@ from txpypi.web.accesslog import (
 )
 from txpypi.web.answers import header
 from txpypi.web.metrics import Metrics, route_of
-from txpypi.web.quick import Dates, QuickRequest, parse, send_now
+from txpypi.web.quick import Dates, FileBody, QuickRequest, parse, send_now
 
 log = Logger(namespace="txpypi.app")
 access_log = Logger(namespace="txpypi.access")
@@ -465,7 +465,7 @@ class ProxySite(Site):
         if answer is None:
             return False
         code, head, body = answer
-        sent = len(body)
+        sent = body.size if isinstance(body, FileBody) else len(body)
         self.quick_answers += 1
         transport: Any = channel.transport
         send_now(transport, head, body)
