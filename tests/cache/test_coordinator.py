@@ -175,6 +175,46 @@ async def test_a_file_that_landed_is_told_not_fetched(redis_cluster: Cluster) ->
     assert await settled(redis_cluster.coordinator().claim(KEY, PATH, Here())) == RECORD
 
 
+@attrs.define
+class CountedMetadata(MemoryMetadata):
+    """
+    The metadata store, counting the look-ups of files.
+    """
+
+    looks: int = 0
+
+    def get_file(self, key: str) -> Deferred[FileRecord | None]:
+        self.looks += 1
+        return super().get_file(key)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_claim_after_a_look_skips_its_own_first_look(redis_server: Any) -> None:
+    """
+    A claim told that its caller just looked the store up goes to the lock
+    at once (one trip to the store less before a miss's first byte), and
+    still tells a record that landed in between once it holds the lock.
+    """
+    metadata = CountedMetadata()
+    running = Cluster(Clock(), metadata, redis_server.url)
+    try:
+        assert await settled(running.coordinator().claim(KEY, PATH, Here(), looked=True)) is None
+        assert metadata.looks == 1  # only the look once the lock was taken
+        landed = attrs.evolve(RECORD, key=KEY + ".2")
+        await metadata.put_file(landed)  # landed after the caller's look
+        metadata.looks = 0
+        assert (
+            await settled(running.coordinator("two").claim(landed.key, PATH, Here(), looked=True)) == landed
+        )
+        assert metadata.looks == 1
+        metadata.looks = 0
+        assert await settled(running.coordinator("three").claim(landed.key, PATH, Here())) == landed
+        assert metadata.looks == 1  # not told: it looks first, and the record is there
+    finally:
+        for redis in running.connections:
+            await redis.disconnect()
+
+
 @pytest_twisted.ensureDeferred
 async def test_without_peers_the_others_wait_for_the_landing(redis_cluster: Cluster) -> None:
     one, two = redis_cluster.coordinator("one"), redis_cluster.coordinator("two", lock_poll=0.5)

@@ -73,7 +73,7 @@ class ICoordinator(Interface):
     names (for work that one instance at a time does, like eviction).
     """
 
-    def claim(key: str, peer_path: str, here: Here) -> Deferred[Claim]:
+    def claim(key: str, peer_path: str, here: Here, looked: bool = False) -> Deferred[Claim]:
         """
         Who fetches C{key}: see L{Claim}.  Claims of one key made while one
         is being decided share its answer.  A claim that leads holds C{key}
@@ -81,6 +81,9 @@ class ICoordinator(Interface):
 
         @param peer_path: the path of the file on the peer route, to follow
             another instance's download of it.
+        @param looked: the caller has just looked C{key} up in the store
+            and not found it, so the claim's own first look is skipped (a
+            record that lands meanwhile is found once the lock is taken).
         """
 
     def follow_failed(key: str) -> None:
@@ -118,7 +121,7 @@ class LocalCoordinator:
 
     _held: set[str] = attrs.field(factory=set)
 
-    def claim(self, key: str, peer_path: str, here: Here) -> Deferred[Claim]:
+    def claim(self, key: str, peer_path: str, here: Here, looked: bool = False) -> Deferred[Claim]:
         return succeed(None)
 
     def follow_failed(self, key: str) -> None:
@@ -163,13 +166,17 @@ class SharedCoordinator:
     #: When following a peer last failed, by file key.
     _peer_failed: dict[str, float] = attrs.field(factory=dict)
 
-    def claim(self, key: str, peer_path: str, here: Here) -> Deferred[Claim]:
-        return self._claims.run(key, lambda: self._lead_or_follow(key, peer_path, here))
+    def claim(self, key: str, peer_path: str, here: Here, looked: bool = False) -> Deferred[Claim]:
+        return self._claims.run(key, lambda: self._lead_or_follow(key, peer_path, here, looked))
 
-    async def _lead_or_follow(self, key: str, path: str, here: Here) -> Claim:
+    async def _lead_or_follow(self, key: str, path: str, here: Here, looked: bool) -> Claim:
         while True:
             # The record first: a leader releases its lock once it landed.
-            record = await known_file(self._metadata, key) or here.remembered(key)
+            # (Not when the caller just looked: one trip to the store less
+            # before a miss's first byte.)
+            stored = None if looked else await known_file(self._metadata, key)
+            looked = False
+            record = stored or here.remembered(key)
             if record is not None:
                 self._peer_failed.pop(key, None)
                 return record

@@ -216,7 +216,8 @@ class FileCache:
         what the index says of it (for a HEAD), else a download started.
         """
         record = self._records.get(key) if use_store else None
-        if use_store and record is None and key not in self.downloads.flights:
+        looked = use_store and record is None and key not in self.downloads.flights
+        if looked:
             # A flight may land while we read the store: check memory again.
             record = await known_file(self._metadata, key) or self._records.get(key)
         opened = await self._cached.open_record(record, project, filename, pages)
@@ -234,14 +235,15 @@ class FileCache:
             raise NotListed(f"{filename} is not cached, and we are offline")
         if not fetch:
             return Opened(None, wanted.size, None, False)
-        return await self._lead_or_join(pages, wanted, project, filename, use_store)
+        return await self._lead_or_join(pages, wanted, project, filename, use_store, looked)
 
     async def _lead_or_join(
-        self, pages: PageCache, wanted: Wanted, project: str, filename: str, use_store: bool
+        self, pages: PageCache, wanted: Wanted, project: str, filename: str, use_store: bool, looked: bool
     ) -> Opened | Flight:
         """
-        Ask the coordinator who fetches C{wanted}, and start (or join) its
-        download here unless it landed meanwhile.
+        Ask the coordinator who fetches C{wanted} (telling it whether the
+        store was just C{looked} at), and start (or join) its download here
+        unless it landed meanwhile.
         """
         key = wanted.key
         # Another request may have fetched or started it meanwhile.
@@ -253,7 +255,7 @@ class FileCache:
         peer = None
         if use_store and key not in self.downloads.flights:
             path = peer_path(pages.group, project, filename)
-            claim = await self.coordinator.claim(key, path, self)
+            claim = await self.coordinator.claim(key, path, self, looked=looked)
             if isinstance(claim, Peer):
                 peer = claim
             elif claim is not None:
