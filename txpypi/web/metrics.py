@@ -129,7 +129,8 @@ class Finished(Collector):
     C{txpypi_request_duration_seconds{route}},
     C{txpypi_cache_answers_total{kind,result}} and
     C{txpypi_served_bytes_total{source}}, counted in plain numbers on the
-    reactor thread and exported at each scrape.
+    reactor thread and exported at each scrape (which runs there too:
+    nothing else touches the tallies).
 
     prometheus-client's own counters take a lock and a few calls for each
     increment: four of them for every request were a fifth of a warm page's
