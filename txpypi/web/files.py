@@ -22,7 +22,7 @@ from txpypi.cache.pages import NotFound
 from txpypi.cache.policy import PolicyRefused
 from txpypi.cache.provenance import PROVENANCE_TYPE
 from txpypi.core.fileplan import FilePlan, plan_file
-from txpypi.core.names import BadName, check_filename, normalize
+from txpypi.core.names import BadName, check_filename, is_normalized, normalize
 from txpypi.core.simple.formats import PROVENANCE_SUFFIX
 from txpypi.fetch.upstream import UpstreamError
 from txpypi.fetch.wanted import ByteSource, FlightFailed
@@ -179,13 +179,14 @@ class FilesResource(Resource):
         L{txpypi.web.quick.send_now} to send and close); L{None} for
         anything the usual way answers.  The same bytes as L{_serve} sends.
         """
+        if not is_normalized(asked.project):
+            return None  # redirected or refused, the usual way
+        project = asked.project.decode("ascii")
         try:
-            raw = asked.project.decode("ascii")
-            project = normalize(raw)
             filename = check_filename(asked.filename.decode("ascii"))
         except (BadName, UnicodeDecodeError):
             return None
-        if raw != project or filename.endswith(PROVENANCE_SUFFIX):
+        if filename.endswith(PROVENANCE_SUFFIX):
             return None
         if self._accel_prefix() is not None or self._redirect_ttl() is not None:
             return None  # answered by nginx or the object store: the usual way
