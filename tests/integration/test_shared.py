@@ -259,6 +259,99 @@ async def test_a_follower_streams_a_download_in_progress_from_the_leader(
     assert len(await objects(s3_bucket)) == 1 and await uploads(s3_bucket) == []
 
 
+def called(owner: Any, name: str) -> Deferred[None]:
+    """
+    Fire once C{owner.name} is called (it goes on doing what it does).
+    """
+    original = getattr(owner, name)
+    fired: Deferred[None] = Deferred()
+
+    def calling(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        if not fired.called:
+            fired.callback(None)
+        return result
+
+    setattr(owner, name, calling)
+    return fired
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_follower_that_asks_before_the_leaders_download_starts_waits_for_it(
+    json_upstream: Served,
+    redis_server: Redis,
+    s3_bucket: S3,
+    proxy_factory: Any,
+    tmp_path: Path,
+    http: Any,
+    dists: list[Dist],
+) -> None:
+    """
+    The leader holds the claim of a file but its download waits for a
+    slot; another instance sees the claim and asks the leader for the
+    download at once.  The leader answers once its download starts,
+    instead of "not downloading here", which would send the follower to
+    wait for the landing.
+    """
+    from tests.integration.test_operations import sample, scrape
+
+    shared = cluster_settings(redis_server, s3_bucket)
+    one = peer_instance(proxy_factory, json_upstream, tmp_path / "one", shared, max_downloads=1)
+    two = peer_instance(proxy_factory, json_upstream, tmp_path / "two", shared)
+    big, gamma = find(dists, "big-1.0-py3-none-any.whl"), find(dists, "gamma-0.5-py3-none-any.whl")
+    gate: Deferred[None] = Deferred()
+    json_upstream.fake.holds[big.filename] = gate
+    occupant = await http.get(f"{one.url}/files/big/{big.filename}", unbuffered=True)  # the one slot
+    downloads = one.proxy.files.downloads
+    queued, asked = called(downloads.slots, "acquire"), called(one.proxy.files, "peer_flight")
+    lead = http.get(f"{one.url}/files/gamma/{gamma.filename}")
+    await queued  # the leader holds the claim and waits for the slot
+    follow = http.get(f"{two.url}/files/gamma/{gamma.filename}")
+    await asked  # the follower asks before the leader's download started
+    gate.callback(None)
+    assert await occupant.content() == big.content
+    for response in (await lead, await follow):
+        assert response.code == 200 and await response.content() == gamma.content
+    assert json_upstream.fake.requests["/packages/" + gamma.filename] == 1
+    metrics = await scrape(two.url)
+    peer = {"upstream": "upstream", "kind": "peer"}
+    assert sample(metrics, "txpypi_upstream_requests_total", **peer, outcome="ok") == 1
+    assert sample(metrics, "txpypi_upstream_requests_total", **peer, outcome="error") == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_claim_whose_download_never_starts_is_let_go(
+    json_upstream: Served,
+    redis_server: Redis,
+    s3_bucket: S3,
+    proxy_factory: Any,
+    tmp_path: Path,
+    http: Any,
+    dists: list[Dist],
+) -> None:
+    """
+    A claimed file whose download found no slot in time (503) is claimed
+    no more: asked again once a slot is free, it downloads, instead of
+    waiting for ever for a download of its own that never started.
+    """
+    shared = cluster_settings(redis_server, s3_bucket)
+    one = peer_instance(
+        proxy_factory, json_upstream, tmp_path / "one", shared, max_downloads=1, response_timeout=1.0
+    )
+    big, gamma = find(dists, "big-1.0-py3-none-any.whl"), find(dists, "gamma-0.5-py3-none-any.whl")
+    gate: Deferred[None] = Deferred()
+    json_upstream.fake.holds[big.filename] = gate
+    occupant = await http.get(f"{one.url}/files/big/{big.filename}", unbuffered=True)
+    response, body = await get(f"{one.url}/files/gamma/{gamma.filename}")
+    assert response.code == 503 and b"downloads are in progress" in body
+    assert not one.proxy.files.coordinator.holds(one.proxy.files.key("gamma", gamma.filename))
+    gate.callback(None)
+    assert await occupant.content() == big.content
+    asking = Deferred.fromCoroutine(get(f"{one.url}/files/gamma/{gamma.filename}"))
+    response, body = await asking.addTimeout(10, get_reactor())
+    assert response.code == 200 and body == gamma.content
+
+
 @pytest_twisted.ensureDeferred
 async def test_an_unreachable_leader_is_waited_for_in_the_store(
     json_upstream: Served,

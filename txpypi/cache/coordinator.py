@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from collections.abc import Callable
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -104,6 +105,18 @@ class ICoordinator(Interface):
         Let go of C{name} (a claimed key or a taken name) if it is held here.
         """
 
+    def holds(name: str) -> bool:
+        """
+        Whether C{name} (a claimed key or a taken name) is held here.
+        """
+
+    def on_release(listener: Callable[[str], None]) -> None:
+        """
+        Call C{listener(name)} whenever a name held here is let go (the
+        downloads here tell the peers waiting for a claimed file's flight
+        that none is coming).
+        """
+
     def renew() -> None:
         """
         Keep what is held here held (called every third of the lock TTL).
@@ -120,6 +133,7 @@ class LocalCoordinator:
     """
 
     _held: set[str] = attrs.field(factory=set)
+    _listeners: list[Callable[[str], None]] = attrs.field(factory=list)
 
     def claim(self, key: str, peer_path: str, here: Here, looked: bool = False) -> Deferred[Claim]:
         return succeed(None)
@@ -134,7 +148,16 @@ class LocalCoordinator:
         return succeed(True)
 
     def release(self, name: str) -> None:
-        self._held.discard(name)
+        if name in self._held:
+            self._held.discard(name)
+            for listener in self._listeners:
+                listener(name)
+
+    def holds(self, name: str) -> bool:
+        return name in self._held
+
+    def on_release(self, listener: Callable[[str], None]) -> None:
+        self._listeners.append(listener)
 
     def renew(self) -> None:
         pass  # nothing here expires
@@ -162,6 +185,7 @@ class SharedCoordinator:
     lock_ttl: float = 30.0
     lock_poll: float = 0.2
     _held: set[str] = attrs.field(factory=set)
+    _listeners: list[Callable[[str], None]] = attrs.field(factory=list)
     _claims: SingleFlight[str, Claim] = attrs.field(factory=SingleFlight)
     #: When following a peer last failed, by file key.
     _peer_failed: dict[str, float] = attrs.field(factory=dict)
@@ -234,6 +258,14 @@ class SharedCoordinator:
             self._locks.release(name).addErrback(
                 lambda f: log.failure("could not release the lock on {key}", f, key=name)
             )
+            for listener in self._listeners:
+                listener(name)
+
+    def holds(self, name: str) -> bool:
+        return name in self._held
+
+    def on_release(self, listener: Callable[[str], None]) -> None:
+        self._listeners.append(listener)
 
     def renew(self) -> None:
         for key in list(self._held):

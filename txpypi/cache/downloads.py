@@ -6,11 +6,12 @@ C{--max-downloads} at a time (L{Slots}), none started once shutting down.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -65,6 +66,18 @@ class Downloads:
     slots: Slots = attrs.field(kw_only=True)
     #: Shutting down: no download starts any more.
     closing: bool = False
+    #: The peers waiting for the flight of a file whose claim is held here
+    #: but whose download has not started yet (it waits for a slot, or the
+    #: claim for its last look at the store), by key.  Bound: the keys are
+    #: the claims held here; the waiters, signed requests of the other
+    #: instances (each follows a file once at a time), and each waits at
+    #: most the response timeout.
+    _awaited: dict[str, list[Deferred[Flight | None]]] = attrs.field(factory=dict, init=False)
+    #: How many calls of L{begin} are under way, by key.
+    _beginning: Counter[str] = attrs.field(factory=Counter, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._coordinator.on_release(self._claim_over)
 
     def peer_reader(self, key: str) -> Flight | None:
         """
@@ -75,6 +88,54 @@ class Downloads:
         if flight is None or flight.peer is not None or not flight.joinable:
             return None
         return flight
+
+    def flight_for_peer(self, key: str) -> Deferred[Flight | None]:
+        """
+        The download of C{key} for another instance to follow: the one in
+        progress here, or, while this instance holds the claim of C{key}
+        and its download is about to start, that one once it has; L{None}
+        if there is none, or none started within the response timeout.
+
+        Another instance follows this one as soon as it sees the claim
+        taken, which may be before the download starts here: answering it
+        "not downloading here" would send it to wait for the landing.
+        """
+        flight = self.peer_reader(key)
+        if flight is not None or not self._coordinator.holds(key):
+            return succeed(flight)
+        waiters = self._awaited.setdefault(key, [])
+        d: Deferred[Flight | None] = Deferred(lambda d: self._unwait(key, d))
+        waiters.append(d)
+        timer = self._clock.callLater(self._client.response_timeout, self._give_up, key, d)
+
+        def over(result: object) -> object:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        d.addBoth(over)
+        return d
+
+    def _unwait(self, key: str, d: Deferred[Flight | None]) -> None:
+        waiters = self._awaited.get(key, [])
+        if d in waiters:
+            waiters.remove(d)
+        if not waiters:
+            self._awaited.pop(key, None)
+
+    def _give_up(self, key: str, d: Deferred[Flight | None]) -> None:
+        self._unwait(key, d)
+        d.callback(None)
+
+    def _tell_peers(self, key: str) -> None:
+        """
+        The download of C{key} started, or will not: tell the peers waiting for it.
+        """
+        for d in self._awaited.pop(key, []):
+            d.callback(self.peer_reader(key))
+
+    def _claim_over(self, key: str) -> None:
+        self._tell_peers(key)
 
     def close(self) -> None:
         """
@@ -107,16 +168,34 @@ class Downloads:
                 continue
             await run(journal.end, path)
 
-    async def begin(self, wanted: Wanted, peer: Peer | None) -> Flight:
+    async def begin(self, wanted: Wanted, peer: Peer | None, claimed: bool = False) -> Flight:
         """
         Start the download once one of the C{max_downloads} slots is free
         (waiting for one at most C{--response-timeout}), unless another
         request started it meanwhile.  Each request waits on its own, so a
         client that leaves (its request cancelled) leaves the queue.
 
+        @param claimed: the caller's claim of the file led (see
+            L{ICoordinator.claim}): when no download starts after all (no
+            slot, shutting down, no spool), the claim is let go once no
+            other call is still starting it, or the file would stay
+            claimed here with nobody fetching it.
+
         @raise Busy: no slot came free in time, or the proxy is shutting
             down.
         """
+        key = wanted.key
+        self._beginning[key] += 1
+        try:
+            return await self._begin(wanted, peer)
+        finally:
+            self._beginning[key] -= 1
+            if not self._beginning[key]:
+                del self._beginning[key]
+                if claimed and key not in self.flights:
+                    self._coordinator.release(key)
+
+    async def _begin(self, wanted: Wanted, peer: Peer | None) -> Flight:
         flight = self.flights.get(wanted.key)
         if flight is not None:
             return flight
@@ -186,12 +265,13 @@ class Downloads:
             # its slot back).
             self._forget(flight)
             raise
+        self._tell_peers(wanted.key)
         return flight
 
     def _forget(self, flight: Flight) -> None:
-        self._coordinator.release(flight.wanted.key)
         if self.flights.get(flight.wanted.key) is flight:
             del self.flights[flight.wanted.key]
+        self._coordinator.release(flight.wanted.key)
 
     def _landed(self, flight: Flight, record: FileRecord | None) -> None:
         """

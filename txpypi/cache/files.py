@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable, Collection
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -252,7 +252,7 @@ class FileCache:
         )
         if opened is not None:
             return opened
-        peer = None
+        peer, claimed = None, False
         if use_store and key not in self.downloads.flights:
             path = peer_path(pages.group, project, filename)
             claim = await self.coordinator.claim(key, path, self, looked=looked)
@@ -262,7 +262,9 @@ class FileCache:
                 opened = await self._cached.open_record(claim, project, filename, pages)
                 if opened is not None:
                     return opened
-        return self.downloads.flights.get(key) or await self.downloads.begin(wanted, peer)
+            else:
+                claimed = True
+        return self.downloads.flights.get(key) or await self.downloads.begin(wanted, peer, claimed)
 
     async def _join(self, flight: Flight, key: str, fetch: bool) -> Opened | None:
         """
@@ -291,15 +293,16 @@ class FileCache:
             return Opened(None, flight.size, flight.sha256(), hit)
         return Opened(reader, flight.size, flight.sha256(), hit)
 
-    def peer_reader(self, group: str, project: str, filename: str) -> Flight | None:
+    def peer_flight(self, group: str, project: str, filename: str) -> Deferred[Flight | None]:
         """
-        The download of a file in progress here, for another instance to
-        follow (not one that is itself following a peer).
+        The download of a file in progress here (or about to start: see
+        L{Downloads.flight_for_peer}), for another instance to follow (not
+        one that is itself following a peer).
         """
         pages = self.sources.get(group)
         if pages is None:
-            return None
-        return self.downloads.peer_reader(self.key(project, filename, pages))
+            return succeed(None)
+        return self.downloads.flight_for_peer(self.key(project, filename, pages))
 
     # -- upkeep
 

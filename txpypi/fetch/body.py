@@ -42,6 +42,8 @@ async def open_response(
         headers = {HEADER: sign(peer.secret, peer.path, clock.seconds()).encode()}
         return await client.open_file(peer.url, headers, "peer")
     except UpstreamNotFound:
+        if peer is not None:
+            raise FlightFailed(404, f"the instance at {peer.url} is not downloading it") from None
         raise FlightFailed(404, f"upstream has no file at {wanted.url}") from None
     except UpstreamError as e:
         raise FlightFailed(e.status, e.reason) from None

@@ -13,10 +13,9 @@ from txpypi.cache.files import FileCache
 from txpypi.core.names import BadName
 from txpypi.core.peer import HEADER as PEER_HEADER
 from txpypi.core.peer import verify
-from txpypi.fetch.flight import Flight
 from txpypi.fetch.reader import FlightReader
 from txpypi.fetch.wanted import FlightFailed
-from txpypi.web.answers import client_gone, error_text, finish_error, header, run, segment, text
+from txpypi.web.answers import client_gone, error_text, finish_error, finish_text, header, run, segment, text
 from txpypi.web.sender import Sender, send_among
 
 
@@ -55,12 +54,13 @@ class PeerResource(Resource):
             group, project, filename = (segment(part) for part in postpath)
         except BadName as e:
             return error_text(request, e)
-        flight = self._files.peer_reader(group, project, filename)
-        if flight is None:
-            return text(request, 404, f"{filename} is not downloading here")
-        return run(request, self._serve(request, flight))
+        return run(request, self._serve(request, group, project, filename))
 
-    async def _serve(self, request: Request, flight: Flight) -> None:
+    async def _serve(self, request: Request, group: str, project: str, filename: str) -> None:
+        flight = await self._files.peer_flight(group, project, filename)
+        if flight is None:
+            finish_text(request, 404, f"{filename} is not downloading here")
+            return
         reader: FlightReader | None = flight.reader()
         try:
             try:
