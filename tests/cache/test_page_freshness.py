@@ -34,8 +34,9 @@ def test_page_freshness_follows_the_clock() -> None:
     clock.advance(599)
     assert result(pages.get("alpha"))[1] == "HIT"
     assert pages.remaining(page) == 1
+    assert pages.fresh_left("alpha") == (page, 1)  # the quick lane's one call for both
     clock.advance(2)
-    assert pages.fresh("alpha") is None
+    assert pages.fresh("alpha") is None and pages.fresh_left("alpha") is None
     again, state = result(pages.get("alpha"))
     assert state == "MISS" and again is not page and fake.requests["/simple/alpha/"] == 2
 

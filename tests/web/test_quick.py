@@ -20,7 +20,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import globalLogPublisher
 
 from tests.conftest import Running, Served, get_reactor
-from txpypi.web.quick import FileBody, parse, send_now
+from txpypi.web.quick import FileBody, Parses, parse, send_now
 
 JSON = b"application/vnd.pypi.simple.v1+json"
 
@@ -235,6 +235,7 @@ async def test_the_metrics_count_quick_answers_as_the_usual_ones(warm: Running) 
 
 
 def test_what_the_parser_refuses() -> None:
+    remembering = Parses()
     ok = request(b"/simple/alpha/", accept=JSON)
     assert parse(ok) is not None
     for bad in (
@@ -267,6 +268,8 @@ def test_what_the_parser_refuses() -> None:
         ok.replace(b"/simple/alpha/", b"//simple/alpha/"),
     ):
         assert parse(bad) is None, bad[:80]
+        assert remembering(bad) is None and remembering(bad) is None, bad[:80]
+    assert len(remembering) == 0  # a refusal is not kept
     group = parse(request(b"/internal/simple/alpha/"))
     assert group is not None and (group.group, group.project) == (b"internal", b"alpha")
     file = parse(request(b"/internal/files/alpha/alpha-1.0+local-py3-none-any.whl"))
@@ -280,6 +283,22 @@ def test_what_the_parser_refuses() -> None:
     assert spaced is not None and spaced.header(b"user-agent") == b"pip 25"
     bare = parse(b"GET /simple/alpha/ HTTP/1.1\r\n\r\n")
     assert bare is not None and bare.headers == {}
+
+
+def test_parses_are_remembered_by_their_bytes_and_bounded() -> None:
+    """
+    The site's memo of parses answers a request seen before with its
+    parse (the same one), and keeps at most its limit.
+    """
+    parses = Parses(limit=3)
+    asks = [request(b"/simple/p%d/" % i) for i in range(4)]
+    first = parses(asks[0])
+    assert first == parse(asks[0]) and parses(asks[0]) is first and len(parses) == 1
+    for ask in asks[1:3]:
+        assert parses(ask) == parse(ask)
+    assert len(parses) == 3
+    assert parses(asks[3]) == parse(asks[3]) and len(parses) == 1  # full: all forgotten, this one kept
+    assert parses(asks[0]) is not first and parses(asks[0]) == first
 
 
 class _Collect(Protocol):

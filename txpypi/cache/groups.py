@@ -206,6 +206,17 @@ class Group:
             return None
         return self.members[owner].fresh(project)
 
+    def fresh_left(self, project: str | None) -> tuple[CachedPage, float] | None:
+        """
+        L{fresh}, with the page's L{remaining} seconds.
+        """
+        if self.alone and project is not None:
+            if not self.candidates(project):
+                return None
+            return self.first.fresh_left(project)
+        page = self.fresh(project)
+        return None if page is None else (page, self.remaining(page))
+
     async def get(self, project: str | None) -> tuple[CachedPage, str]:
         """
         The group's page for C{project} (L{None}: its project list), and how

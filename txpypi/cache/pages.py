@@ -454,11 +454,23 @@ class PageCache:
         """
         The page, if it is in memory and fresh: the synchronous hot path.
         """
+        found = self.fresh_left(project)
+        return None if found is None else found[0]
+
+    def fresh_left(self, project: str | None) -> tuple[CachedPage, float] | None:
+        """
+        L{fresh}, with the page's L{remaining} seconds (the quick lane's
+        one call for both).
+        """
         page = self._memory.get(self.key(project))
-        if page is not None and self.remaining(page) > 0:
-            self._memory.move_to_end(page.key)
-            return page
-        return None
+        if page is None:
+            return None
+        now: float = self._clock.seconds()
+        left = self.ttl - (now - page.fetched_at)
+        if left <= 0:
+            return None
+        self._memory.move_to_end(page.key)
+        return page, left
 
     async def forget(self, project: str | None) -> None:
         """

@@ -180,6 +180,15 @@ class PolicedGroup:
         self._let_through(view)
         return view.page()
 
+    def fresh_left(self, project: str | None) -> tuple[CachedPage, float] | None:
+        """
+        L{fresh}, with the page's L{remaining} seconds.
+        """
+        if not self._views and not self.active:
+            return self.group.fresh_left(project)
+        page = self.fresh(project)
+        return None if page is None else (page, self.remaining(page))
+
     async def get(self, project: str | None) -> tuple[CachedPage, str]:
         """
         The page as the policy shows it.

@@ -322,9 +322,10 @@ class SimpleResource(Resource):
         content_type = self._negotiated.get((accept, None), len(accept or b""))
         if content_type is None:
             return None
-        page = self._pages.fresh(project)
-        if page is None:
+        found = self._pages.fresh_left(project)
+        if found is None:
             return None
+        page, left = found
         encodings = asked.header(b"accept-encoding")
         gzipped = False if encodings is None else self._accepts_gzip.get(encodings, len(encodings))
         built = page.answers.get((content_type, gzipped))
@@ -333,7 +334,7 @@ class SimpleResource(Resource):
         assert isinstance(built, _Built)
         if built.body is None:
             return None  # a big one, sent in slices
-        middle = b"X-Cache: HIT\r\nCache-Control: max-age=%d\r\n" % self._max_age(page)
+        middle = b"X-Cache: HIT\r\nCache-Control: max-age=%d\r\n" % max(0, math.ceil(left))
         matches = asked.header(b"if-none-match")
         if matches is not None and etag_matches(matches.decode("latin-1"), built.etag):
             # Twisted says the empty body's length of a GET (not of a HEAD),

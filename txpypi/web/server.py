@@ -31,7 +31,7 @@ from txpypi.web.accesslog import (
 )
 from txpypi.web.answers import header
 from txpypi.web.metrics import Metrics, route_of
-from txpypi.web.quick import Dates, FileBody, QuickRequest, parse, send_now
+from txpypi.web.quick import Dates, FileBody, Parses, QuickRequest, send_now
 
 log = Logger(namespace="txpypi.app")
 access_log = Logger(namespace="txpypi.access")
@@ -364,6 +364,7 @@ class ProxySite(Site):
         self.writer = writer
         self._stamps = Stamps()
         self._dates = Dates()
+        self._parses = Parses()
         #: The quick answers' access log lines but for time and duration,
         #: for the trusted proxies they were made with.
         self._quick_lines: dict[tuple[Any, ...], tuple[str, str]] = {}
@@ -450,7 +451,7 @@ class ProxySite(Site):
         """
         if not self.quick_lane:
             return False
-        asked = parse(data)
+        asked = self._parses(data)
         if asked is None:
             return False
         started = self._clock.seconds()
