@@ -116,7 +116,10 @@ def start_all(
         *up.sizes(
             file_kb=args.file_kb,
             big_mb=args.big_mb,
-            big_files=max(args.ttfb_samples, args.follower_runs, 3 if "nginx" in only else 0),
+            # The nginx section: one warm, then a cold and a herd file per round.
+            big_files=max(
+                args.ttfb_samples, args.follower_runs, 1 + 2 * args.nginx_rounds if "nginx" in only else 0
+            ),
             uv_rounds=args.uv_rounds if "uv" in only else 0,
             huge_mb=args.huge_mb,
             huge_files=huge_files,
