@@ -238,7 +238,9 @@ async def test_slow_client_does_not_hold_back_the_others(
     await Deferred.fromCoroutine(running.proxy.files.wait_idle())
     assert [p.name for p in cached_files(running)] == [BIG]
     assert not slow_body.done.called
-    assert len(cache_fds(root)) == 1  # the spool, still open for the slow reader
+    # The spool, still open for the slow reader (unless the kernel's socket
+    # buffers took every byte already: sent by sendfile, nothing waits here).
+    assert len(cache_fds(root)) <= 1
     slow_body.transport.resumeProducing()  # type: ignore[union-attr]
     await slow_body.done
     assert b"".join(slow_body.chunks) == data

@@ -30,7 +30,7 @@ from tests.integration.test_proxy import cached_files, find, header
 from txpypi.fetch.wanted import ByteSource
 from txpypi.testing import Dist
 from txpypi.web import files as files_module
-from txpypi.web.sender import LocalSender, PreadSender, Sender, SendfileSender, sender_for
+from txpypi.web.sender import LocalSender, PreadSender, Sender, SendfileSender, SpoolSender, sender_for
 
 URL = "/files/big/" + BIG
 #: The server's socket buffer while a test holds the client back: small, so
@@ -181,8 +181,10 @@ async def start(
         warm.close()
     await Deferred.fromCoroutine(running.proxy.files.wait_idle())
     assert b"x-cache: miss" in warm.head.lower()
-    assert [type(s) for s in seams.senders] == [Sender]
+    # The miss: from its spool file by sendfile over plain TCP.
+    assert [type(s) for s in seams.senders] == [SpoolSender if scheme == "http" else Sender]
     seams.senders.clear()
+    seams.sendfiles.clear()
     return running, client
 
 
@@ -455,7 +457,39 @@ async def test_accel_redirect_answers_hits_and_streams_misses(
     response, body = await get(running.url + "/files/gamma/" + other.filename)
     assert response.code == 200 and body == other.content
     assert header(response, "x-accel-redirect") is None and header(response, "x-cache") == "MISS"
-    assert seams.senders and all(type(s) is Sender for s in seams.senders)  # the miss, streamed
+    # The miss, streamed (from its spool file).
+    assert seams.senders and all(type(s) is SpoolSender for s in seams.senders)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_download_in_progress_goes_by_sendfile_from_its_spool(
+    json_upstream: Served, proxy_factory: Any, seams: Seams, http: Any, dists: list[Dist]
+) -> None:
+    """
+    A client of a download in progress over plain TCP gets the bytes
+    already in the spool file by sendfile, all but the last one received
+    while the upstream holds the second half back, and the rest once it
+    comes.  (A download that turns out wrong cuts such a client off short:
+    L{tests.integration.test_proxy.test_bad_download_is_aborted_and_not_cached}.)
+    """
+    from tests.integration.test_shared import receive_until
+
+    data = find(dists, BIG).content
+    half = len(data) // 2  # what the upstream sends before it holds the rest
+    gate: Deferred[None] = Deferred()
+    json_upstream.fake.holds[BIG] = gate
+    running: Running = proxy_factory(json_upstream.url)
+    response = await http.get(running.url + URL, unbuffered=True)
+    assert response.code == 200 and header(response, "x-cache") == "MISS"
+    got, reached, done = receive_until(response, half - 1)
+    await reached
+    assert bytes(got) == data[: half - 1]  # the last byte received waits for the rest
+    assert [type(s) for s in seams.senders] == [SpoolSender]
+    assert seams.sendfiles and all(offset < half for offset, _ in seams.sendfiles)
+    gate.callback(None)
+    await done
+    assert bytes(got) == data
+    assert json_upstream.fake.requests["/packages/" + BIG] == 1
 
 
 def test_only_local_readers_take_the_local_paths() -> None:

@@ -38,6 +38,11 @@ class ReadFrom(Protocol):
         A reader is done (its client left, or it was cut off).
         """
 
+    def sendable(self, offset: int, end: int) -> tuple[int, int]:
+        """
+        See L{Readers.sendable}.
+        """
+
 
 @attrs.define(eq=False)
 class FlightReader:
@@ -65,9 +70,29 @@ class FlightReader:
         return d
 
     def _advanced(self, data: bytes, offset: int) -> bytes:
-        self.position = offset + len(data)
-        self._flight.reader_moved()
+        self.moved_to(offset + len(data))
         return data
+
+    # -- for a sender that sends from the spool file itself (by sendfile)
+
+    def sendable(self, offset: int, end: int) -> tuple[int, int]:
+        """
+        What may be sent now of the bytes from C{offset} to C{end}: how
+        many are in the spool file, and the file's descriptor; C{(0, -1)}
+        when they are not (yet), or only in memory: L{read} them.
+
+        @raise FlightFailed: the flight failed, or this reader was cut off.
+        """
+        if self._cut:
+            raise FlightFailed(503, "cut off: too slow while the disk is full")
+        return self._flight.sendable(offset, end)
+
+    def moved_to(self, position: int) -> None:
+        """
+        The client has the bytes before C{position}.
+        """
+        self.position = position
+        self._flight.reader_moved()
 
     def cut(self) -> None:
         """
@@ -194,6 +219,27 @@ class Readers:
         """
         written = self._flight.written
         return written if self._flight.verified else max(0, written - 1)
+
+    def sendable(self, offset: int, end: int) -> tuple[int, int]:
+        """
+        How many of the bytes from C{offset} to C{end} may be sent now
+        from the spool file, and its descriptor: those in the file and
+        readable (the last one of C{end} held back until the file is
+        verified, as L{read} holds it); C{(0, -1)} if none (L{read} them:
+        from memory, or once they arrive).
+
+        @raise FlightFailed: if the fetch failed, or its bytes at C{offset}
+            were freed.
+        """
+        if self._flight.failure is not None:
+            raise self._flight.failure
+        if offset < self._puncher.floor:
+            raise FlightFailed(503, "these bytes are no longer held here")
+        limit = self.readable() if self._flight.verified else min(self.readable(), end - 1)
+        count = min(limit, self._spool.spooled) - offset
+        if count <= 0 or self._spool.read_fd < 0:
+            return 0, -1
+        return count, self._spool.read_fd
 
     async def read(self, offset: int, length: int) -> bytes:
         """

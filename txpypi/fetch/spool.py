@@ -420,6 +420,14 @@ class Spool:
             raise FlightFailed(502, "spool file shorter than written")
         return data
 
+    @property
+    def read_fd(self) -> int:
+        """
+        The spool file's read descriptor (-1 once its last holder let go):
+        its bytes before L{spooled} are in the file.
+        """
+        return self._read_fd
+
     def trim(self, lowest: int) -> None:
         """
         Drop the bytes in memory before C{lowest}, which every reader is

@@ -19,6 +19,7 @@ from twisted.internet import tcp
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.server import Request
 from zope.interface import implementer
 
@@ -195,17 +196,26 @@ def sender_for(
     The sender of C{source} to C{request}'s client: a file on the local disk
     (L{ILocalFile}) goes by C{sendfile} over a plain connection
     (L{SendfileSender}) and by large synchronous reads over TLS
-    (L{PreadSender}); any other source (a flight's reader, an object
-    store's) by L{Sender}, a Deferred per read.
+    (L{PreadSender}); a download in progress (a flight's reader) by
+    C{sendfile} from its spool file over a plain connection
+    (L{SpoolSender}); any other (an object store's, a flight's over TLS) by
+    L{Sender}, a Deferred per read.
     """
     local = ILocalFile(source, None)
-    if local is None:
+    if local is None and not isinstance(source, FlightReader):
         return Sender(request, source, start, end, first)
     transport = plain_transport(request)
-    if transport is None or request.responseHeaders.getRawHeaders(b"content-length") is None:
-        # (Without a length the body is chunked, which sendfile cannot frame.)
-        return PreadSender(request, source, local, start, end, first)
-    return SendfileSender(request, source, local, transport, start, end, first)
+    # (Without a length the body is chunked, which sendfile cannot frame.)
+    framed = request.responseHeaders.getRawHeaders(b"content-length") is not None
+    if local is None:
+        assert isinstance(source, FlightReader)
+        stop = source.size if end is None else end
+        if transport is None or not framed or stop is None:
+            return Sender(request, source, start, end, first)
+        return SpoolSender(request, source, transport, stop, start, end, first)
+    if transport is None or not framed:
+        return PreadSender(request, source, local.fd, local.size, start, end, first)
+    return SendfileSender(request, source, local.fd, local.size, transport, start, end, first)
 
 
 class LocalSender(Sender):
@@ -223,14 +233,18 @@ class LocalSender(Sender):
         self,
         request: Request,
         source: ByteSource,
-        local: ILocalFile,
+        fd: int,
+        size: int,
         start: int = 0,
         end: int | None = None,
         first: bytes = b"",
     ) -> None:
+        """
+        @param fd: the file's descriptor, and C{size} its size.
+        """
         super().__init__(request, source, start, end, first)
-        self._fd: int = local.fd
-        self._stop_at: int = local.size if end is None else end
+        self._fd: int = fd
+        self._stop_at: int = size if end is None else end
         self._pumping = False
 
     def start(self) -> Deferred[None]:
@@ -352,13 +366,14 @@ class SendfileSender(LocalSender):
         self,
         request: Request,
         source: ByteSource,
-        local: ILocalFile,
+        fd: int,
+        size: int,
         transport: Any,
         start: int = 0,
         end: int | None = None,
         first: bytes = b"",
     ) -> None:
-        super().__init__(request, source, local, start, end, first)
+        super().__init__(request, source, fd, size, start, end, first)
         self._transport = transport
         self._socket: socket.socket = transport.getHandle()
 
@@ -374,9 +389,15 @@ class SendfileSender(LocalSender):
         if _buffered(transport):
             self._wait()
             return
-        length = min(SENDFILE_CHUNK, self._stop_at - self._offset)
+        self._send_from(self._fd, min(SENDFILE_CHUNK, self._stop_at - self._offset))
+
+    def _send_from(self, fd: int, length: int) -> None:
+        """
+        One C{sendfile} of up to C{length} bytes of C{fd} at the offset.
+        """
+        transport = self._transport
         try:
-            sent = self._sendfile(self._socket.fileno(), self._fd, self._offset, length)
+            sent = self._sendfile(self._socket.fileno(), fd, self._offset, length)
         except BlockingIOError:
             self._wait()
             return
@@ -393,8 +414,14 @@ class SendfileSender(LocalSender):
         self._offset += sent
         self.sent += sent
         self._request.sentLength += sent
+        self._moved()
         if self._offset < self._stop_at:
             self._wait()  # the socket took what it could; or let the other clients go first
+
+    def _moved(self) -> None:
+        """
+        The client has the bytes before the offset.
+        """
 
     def _wait(self) -> None:
         """
@@ -421,6 +448,87 @@ class SendfileSender(LocalSender):
                 self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, int(on))
             except OSError:
                 pass  # not TCP (a UNIX socket), or closed
+
+
+class SpoolSender(SendfileSender):
+    """
+    Sends a download in progress (a flight's reader) by C{sendfile} from
+    its spool file, as its bytes land there: a herd's clients behind the
+    download cost a system call per socket-full, not a read, a copy and a
+    Deferred per chunk.  Bytes not in the file yet (at the download's edge,
+    or all of the rest once the disk is full) are read the usual way, from
+    memory or once they arrive, and written through the transport.  The
+    flight's rules hold as for any reader: the last byte waits until the
+    file is verified, and a failed download cuts the client off.
+    """
+
+    def __init__(
+        self,
+        request: Request,
+        reader: FlightReader,
+        transport: Any,
+        stop: int,
+        start: int = 0,
+        end: int | None = None,
+        first: bytes = b"",
+    ) -> None:
+        """
+        @param stop: where the body ends (the range's end, or the file's size).
+        """
+        super().__init__(request, reader, -1, stop, transport, start, end, first)
+        self._reader = reader
+
+    def _step(self) -> None:
+        transport = self._transport
+        if _buffered(transport):
+            self._wait()
+            return
+        if self._pending is not None:
+            self._paused = True  # a read is under way: it resumes us
+            return
+        count, fd = self._reader.sendable(self._offset, self._stop_at)
+        if count > 0:
+            self._send_from(fd, min(SENDFILE_CHUNK, count))
+        else:
+            self._read_next()
+
+    def _moved(self) -> None:
+        self._reader.moved_to(self._offset)
+
+    def _read_next(self) -> None:
+        """
+        Read the next bytes the usual way (they are not in the file yet),
+        pausing until they come.
+        """
+        self._paused = True
+        length = min(CHUNK, self._stop_at - self._offset)
+        pending = self._pending = self._reader.read(self._offset, length)
+        pending.addCallbacks(self._read, self._read_failed)
+
+    def _read(self, data: bytes) -> None:
+        self._pending = None
+        if self._stopped:
+            return
+        if not data:
+            self._fail(FlightFailed(502, "file ended before the range did"))
+            return
+        self._offset += len(data)
+        self.sent += len(data)
+        self._request.write(data)
+        self.resumeProducing()
+
+    def _read_failed(self, failure: Failure) -> None:
+        self._pending = None
+        if self._stopped and failure.check(CancelledError):
+            return
+        if not self._stopped:
+            self._fail(failure.value if isinstance(failure.value, Exception) else Exception(failure))
+
+    def stopProducing(self) -> None:
+        pending = self._pending
+        super().stopProducing()
+        if pending is not None and not pending.called:
+            pending.cancel()
 
 
 def _buffered(transport: Any) -> int:
