@@ -495,6 +495,13 @@ class SpoolSender(SendfileSender):
     def _moved(self) -> None:
         self._reader.moved_to(self._offset)
 
+    def _cork(self, on: bool) -> None:
+        """
+        Never corked: at the download's edge the sender waits for bytes,
+        and a corked socket would hold what it has (the headers, say) back
+        for up to 200 ms meanwhile.
+        """
+
     def _read_next(self) -> None:
         """
         Read the next bytes the usual way (they are not in the file yet),
