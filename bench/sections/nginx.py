@@ -19,6 +19,7 @@ its target and MET or MISSED:
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import subprocess
@@ -86,6 +87,11 @@ def _wrk_pair(
     """
     warm_up(tx, url_tx, accept)
     warm_up(ng, url_ng, accept)
+    # One untimed second of the same load first, on both sides: the first
+    # run of a fresh txpypi was always its slowest (by up to a third).
+    warming = argparse.Namespace(**{**vars(ctx.args), "duration": 1})
+    for url in (url_tx, url_ng):
+        run_wrk(ctx.wrk_binary, url, warming, accept)
     runs: dict[str, list[WrkResult]] = {tx.name: [], ng.name: []}
     for _ in range(ctx.args.nginx_rounds):
         for proxy, url in ((tx, url_tx), (ng, url_ng)):
