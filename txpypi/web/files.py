@@ -42,7 +42,7 @@ from txpypi.web.answers import (
     text,
 )
 from txpypi.web.quick import NOT_MODIFIED, OK, Dates, FileBody, QuickRequest, header_lines
-from txpypi.web.sender import CHUNK, Sender, send_among, sender_for
+from txpypi.web.sender import CHUNK, Sender, from_spool, send_among, sender_for
 
 log = Logger(namespace="txpypi.app")
 
@@ -267,8 +267,12 @@ class FilesResource(Resource):
             return None
         first = b""
         # A local file is not read first: its descriptor is open, with the
-        # right size, and its bytes go to the socket from the descriptor.
-        if plan.body and held.source is not None and not ILocalFile.providedBy(held.source):
+        # right size, and its bytes go to the socket from the descriptor;
+        # nor is a download's spool (its headers go as soon as the
+        # upstream's came, not once its first bytes do).
+        source = held.source
+        local = source is not None and (ILocalFile.providedBy(source) or from_spool(request, source))
+        if plan.body and source is not None and not local:
             read = await self._first(request, project, filename, head, held, plan)
             if read is None:
                 return None

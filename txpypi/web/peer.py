@@ -16,7 +16,7 @@ from txpypi.core.peer import verify
 from txpypi.fetch.reader import FlightReader
 from txpypi.fetch.wanted import FlightFailed
 from txpypi.web.answers import client_gone, error_text, finish_error, finish_text, header, run, segment, text
-from txpypi.web.sender import Sender, send_among
+from txpypi.web.sender import Sender, send_among, sender_for
 
 
 class PeerResource(Resource):
@@ -74,7 +74,7 @@ class PeerResource(Resource):
             if flight.size is not None:
                 request.setHeader(b"content-length", b"%d" % flight.size)
             assert reader is not None
-            sender = Sender(request, reader)
+            sender = sender_for(request, reader)
             reader = None  # the sender's now
         finally:
             if reader is not None:

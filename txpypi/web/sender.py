@@ -189,6 +189,17 @@ def plain_transport(request: Request) -> Any | None:
     return None
 
 
+def from_spool(request: Request, source: ByteSource) -> bool:
+    """
+    Whether C{source} is a download in progress that goes to C{request}'s
+    client from its spool file (L{SpoolSender}): its headers go at once,
+    without waiting for its first bytes (a failure before them cuts the
+    client off, as one after them does).
+    """
+    spooled = isinstance(source, FlightReader) and source.size is not None
+    return spooled and plain_transport(request) is not None
+
+
 def sender_for(
     request: Request, source: ByteSource, start: int = 0, end: int | None = None, first: bytes = b""
 ) -> Sender:
