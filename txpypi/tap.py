@@ -536,7 +536,13 @@ def file_cache(
         locks = FileLocks(Path(settings.cache_dir) / "locks", owner=owner_id(instance, peer_url))
     if locks is not None:
         coordinator = SharedCoordinator(
-            locks, metadata, reactor, peer_url, secret, lock_ttl=settings.lock_ttl
+            locks,
+            metadata,
+            reactor,
+            peer_url,
+            secret,
+            lock_ttl=settings.lock_ttl,
+            lock_first=isinstance(locks, FileLocks),
         )
     return FileCache(
         reactor,

@@ -171,17 +171,31 @@ class World:
         return request, channel
 
 
-def world(tmp_path: Path, dists: list[Dist], store: Any = None, redirect_ttl: float | None = None) -> World:
+def world(
+    tmp_path: Path,
+    dists: list[Dist],
+    store: Any = None,
+    redirect_ttl: float | None = None,
+    metadata: MemoryMetadata | None = None,
+    coordinator: Any = None,
+) -> World:
+    """
+    @param coordinator: makes the file cache's coordinator of the metadata
+        store and the clock (the file cache's own when L{None}).
+    """
     fake = FakeUpstream(dists)
     reactor = MemoryReactorClock()
     agent = RequestTraversalAgent(fake)
     client = UpstreamClient(reactor, agent=agent)
-    metadata = MemoryMetadata()
+    metadata = MemoryMetadata() if metadata is None else metadata
     pages = PageCache(reactor, client, metadata, Upstream("test", "http://upstream.test/simple/"))
     spool = tmp_path / "spool"
     spool.mkdir()
     store = MemoryStore(str(spool)) if store is None else store(str(spool))
-    files = FileCache(reactor, client, store, metadata, pages)
+    shared = None if coordinator is None else coordinator(metadata, reactor)
+    files = FileCache(
+        reactor, client, store, metadata, pages, coordinator=shared, shared_usage=shared is not None
+    )
     senders: set[Sender] = set()
     root = Resource()
     root.putChild(b"files", FilesResource(files, lambda: redirect_ttl, senders))
@@ -223,6 +237,38 @@ def test_clients_gone_before_and_during_the_body_release_their_readers(
     assert stays.finished
     assert stays_channel.transport.written.getvalue().endswith(find(dists, BIG).content)
     assert flight.clients == 0 and not w.files.downloads.flights and cache_descriptors(w.spool) == 0
+
+
+def test_with_the_workers_file_locks_a_miss_looks_in_the_store_once(
+    tmp_path: Path, dists: list[Dist]
+) -> None:
+    """
+    With the worker processes' file locks the claim comes before the
+    store's look: a miss looks once (with the lock taken), not once before
+    and once after; a file another worker cached (in the store, not in
+    this worker's memory) is still served from the store.
+    """
+    from tests.cache.test_coordinator import CountedMetadata
+    from txpypi.cache.coordinator import SharedCoordinator
+    from txpypi.storage.filelocks import FileLocks
+
+    metadata = CountedMetadata()
+
+    def coordinator(metadata: Any, clock: Any) -> SharedCoordinator:
+        locks = FileLocks(tmp_path / "locks", owner="this-worker")
+        return SharedCoordinator(locks, metadata, clock, lock_first=True)
+
+    w = world(tmp_path, dists, metadata=metadata, coordinator=coordinator)
+    request, channel = w.get(f"/files/gamma/{GAMMA}")
+    assert request.finished and channel.transport.written.getvalue().endswith(find(dists, GAMMA).content)
+    assert metadata.looks == 1 and w.fake.requests["/packages/" + GAMMA] == 1
+    key = w.files.key("gamma", GAMMA)
+    assert not w.files.coordinator.holds(key)  # let go once it landed
+    w.files._records.forget(w.files._records[key])  # as if another worker had cached it
+    metadata.looks = 0
+    request, channel = w.get(f"/files/gamma/{GAMMA}")
+    assert request.finished and channel.transport.written.getvalue().endswith(find(dists, GAMMA).content)
+    assert metadata.looks == 1 and w.fake.requests["/packages/" + GAMMA] == 1
 
 
 def test_the_peer_route_releases_its_reader_when_the_peer_leaves(tmp_path: Path, dists: list[Dist]) -> None:

@@ -21,7 +21,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import Interface, implementer
+from zope.interface import Attribute, Interface, implementer
 
 from txpypi.concurrency.waiters import SingleFlight
 from txpypi.core.peer import owner_url
@@ -73,6 +73,15 @@ class ICoordinator(Interface):
     Decides which instance downloads each file, and hands out exclusive
     names (for work that one instance at a time does, like eviction).
     """
+
+    lock_first = Attribute(
+        """
+        Whether a claim is best made before looking in the store: its lock
+        is taken at no cost (a file lock of this machine's workers), and a
+        claim whose caller has not looked (C{looked=True}) looks once the
+        lock is taken, or not at all when another instance holds it.
+        """
+    )
 
     def claim(key: str, peer_path: str, here: Here, looked: bool = False) -> Deferred[Claim]:
         """
@@ -134,6 +143,8 @@ class LocalCoordinator:
 
     _held: set[str] = attrs.field(factory=set)
     _listeners: list[Callable[[str], None]] = attrs.field(factory=list)
+    #: Alone, the store is looked at first: a claim only says "fetch it".
+    lock_first: bool = False
 
     def claim(self, key: str, peer_path: str, here: Here, looked: bool = False) -> Deferred[Claim]:
         return succeed(None)
@@ -184,6 +195,8 @@ class SharedCoordinator:
     peer_secret: str | None = attrs.field(default=None, repr=False)
     lock_ttl: float = 30.0
     lock_poll: float = 0.2
+    #: See L{ICoordinator.lock_first}: for file locks, not Redis's.
+    lock_first: bool = False
     _held: set[str] = attrs.field(factory=set)
     _listeners: list[Callable[[str], None]] = attrs.field(factory=list)
     _claims: SingleFlight[str, Claim] = attrs.field(factory=SingleFlight)

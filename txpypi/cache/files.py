@@ -217,7 +217,12 @@ class FileCache:
         """
         record = self._records.get(key) if use_store else None
         looked = use_store and record is None and key not in self.downloads.flights
-        if looked:
+        # With the workers' file locks the claim looks, once its lock is
+        # taken (a follower of another worker: not at all): one trip to the
+        # store before a miss's first byte instead of two.  Offline, and for
+        # a HEAD, which claim nothing, the store comes first.
+        claim_looks = fetch and self.coordinator.lock_first and not pages.offline
+        if looked and not claim_looks:
             # A flight may land while we read the store: check memory again.
             record = await known_file(self._metadata, key) or self._records.get(key)
         opened = await self._cached.open_record(record, project, filename, pages)
