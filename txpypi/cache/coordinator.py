@@ -132,17 +132,44 @@ class ICoordinator(Interface):
         """
 
 
+@attrs.define
+class _Names:
+    """
+    The names a coordinator holds here, and who hears when it lets go of one.
+    """
+
+    _held: set[str] = attrs.field(factory=set, kw_only=True)
+    _listeners: list[Callable[[str], None]] = attrs.field(factory=list, kw_only=True)
+
+    def holds(self, name: str) -> bool:
+        return name in self._held
+
+    def on_release(self, listener: Callable[[str], None]) -> None:
+        self._listeners.append(listener)
+
+    def _forget(self, name: str) -> bool:
+        """
+        No longer hold C{name}; whether it was held.
+        """
+        if name not in self._held:
+            return False
+        self._held.discard(name)
+        return True
+
+    def _tell(self, name: str) -> None:
+        for listener in self._listeners:
+            listener(name)
+
+
 @implementer(ICoordinator)
 @attrs.define
-class LocalCoordinator:
+class LocalCoordinator(_Names):
     """
     One instance alone: it fetches every file itself (the downloads in
     progress here are joined, see L{txpypi.cache.downloads.Downloads}), and
     names are held in memory.
     """
 
-    _held: set[str] = attrs.field(factory=set)
-    _listeners: list[Callable[[str], None]] = attrs.field(factory=list)
     #: Alone, the store is looked at first: a claim only says "fetch it".
     lock_first: bool = False
 
@@ -159,16 +186,8 @@ class LocalCoordinator:
         return succeed(True)
 
     def release(self, name: str) -> None:
-        if name in self._held:
-            self._held.discard(name)
-            for listener in self._listeners:
-                listener(name)
-
-    def holds(self, name: str) -> bool:
-        return name in self._held
-
-    def on_release(self, listener: Callable[[str], None]) -> None:
-        self._listeners.append(listener)
+        if self._forget(name):
+            self._tell(name)
 
     def renew(self) -> None:
         pass  # nothing here expires
@@ -176,7 +195,7 @@ class LocalCoordinator:
 
 @implementer(ICoordinator)
 @attrs.define
-class SharedCoordinator:
+class SharedCoordinator(_Names):
     """
     Instances sharing one cache: a shared lock (L{Locks}) per
     file decides which instance fetches it; while another holds it, follow
@@ -197,8 +216,6 @@ class SharedCoordinator:
     lock_poll: float = 0.2
     #: See L{ICoordinator.lock_first}: for file locks, not Redis's.
     lock_first: bool = False
-    _held: set[str] = attrs.field(factory=set)
-    _listeners: list[Callable[[str], None]] = attrs.field(factory=list)
     _claims: SingleFlight[str, Claim] = attrs.field(factory=SingleFlight)
     #: When following a peer last failed, by file key.
     _peer_failed: dict[str, float] = attrs.field(factory=dict)
@@ -266,19 +283,11 @@ class SharedCoordinator:
         return Deferred.fromCoroutine(self._take(name))
 
     def release(self, name: str) -> None:
-        if name in self._held:
-            self._held.discard(name)
+        if self._forget(name):
             self._locks.release(name).addErrback(
                 lambda f: log.failure("could not release the lock on {key}", f, key=name)
             )
-            for listener in self._listeners:
-                listener(name)
-
-    def holds(self, name: str) -> bool:
-        return name in self._held
-
-    def on_release(self, listener: Callable[[str], None]) -> None:
-        self._listeners.append(listener)
+            self._tell(name)
 
     def renew(self) -> None:
         for key in list(self._held):
