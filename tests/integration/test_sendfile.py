@@ -466,11 +466,11 @@ async def test_a_download_in_progress_goes_by_sendfile_from_its_spool(
     json_upstream: Served, proxy_factory: Any, seams: Seams, http: Any, dists: list[Dist]
 ) -> None:
     """
-    A client of a download in progress over plain TCP gets the bytes
-    already in the spool file by sendfile, all but the last one received
-    while the upstream holds the second half back, and the rest once it
-    comes.  (A download that turns out wrong cuts such a client off short:
-    L{tests.integration.test_proxy.test_bad_download_is_aborted_and_not_cached}.)
+    A client that joins a download in progress over plain TCP gets the
+    bytes already in the spool file by sendfile, all but the last one
+    received while the upstream holds the second half back, and the rest
+    once it comes.  (A download that turns out wrong cuts such a client
+    off short: L{tests.integration.test_proxy.test_bad_download_is_aborted_and_not_cached}.)
     """
     from tests.integration.test_shared import receive_until
 
@@ -479,6 +479,25 @@ async def test_a_download_in_progress_goes_by_sendfile_from_its_spool(
     gate: Deferred[None] = Deferred()
     json_upstream.fake.holds[BIG] = gate
     running: Running = proxy_factory(json_upstream.url)
+    first = await http.get(running.url + URL, unbuffered=True)
+    flight = running.proxy.files.downloads.flights[running.proxy.files.key("big", BIG)]
+    spool = flight.spool
+    spooled: Deferred[None] = Deferred()
+    told = spool._on_written  # the flight's own: it goes on being told
+
+    def written(error: Any) -> None:
+        told(error)
+        if spool.spooled >= half and not spooled.called:
+            spooled.callback(None)
+
+    spool._on_written = written
+    if spool.spooled >= half:
+        spooled.callback(None)
+    first_got, first_reached, first_done = receive_until(first, half - 1)
+    await spooled  # the first half is in the spool file,
+    await first_reached  # and the first client waits for the rest: it sends nothing now
+    seams.senders.clear()
+    seams.sendfiles.clear()
     response = await http.get(running.url + URL, unbuffered=True)
     assert response.code == 200 and header(response, "x-cache") == "MISS"
     got, reached, done = receive_until(response, half - 1)
@@ -488,7 +507,8 @@ async def test_a_download_in_progress_goes_by_sendfile_from_its_spool(
     assert seams.sendfiles and all(offset < half for offset, _ in seams.sendfiles)
     gate.callback(None)
     await done
-    assert bytes(got) == data
+    await first_done
+    assert bytes(got) == bytes(first_got) == data
     assert json_upstream.fake.requests["/packages/" + BIG] == 1
 
 
