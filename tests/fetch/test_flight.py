@@ -175,6 +175,27 @@ def test_verified_file_is_committed(tmp_path: Path) -> None:
     client.close()
 
 
+def test_what_may_be_sent_from_the_spool_file(tmp_path: Path) -> None:
+    """
+    A sender from the spool file may send what is in the file: up to the
+    end it asks for, the last byte of that end held back until the file is
+    verified (as a read holds it), and nothing past the end even then.
+    """
+    h = harness(tmp_path)
+    client = h.flight.reader()
+    h.response.send(DATA)
+    count, fd = client.sendable(0, 10)
+    assert count == 9 and fd >= 0  # the range's last byte waits
+    assert os.pread(fd, count, 0) == DATA[:9]
+    assert client.sendable(0, len(DATA)) == (len(DATA) - 1, fd)
+    assert client.sendable(len(DATA) - 1, len(DATA)) == (0, -1)  # wait: read it once verified
+    h.response.end(ResponseDone())
+    assert client.sendable(0, 10) == (10, fd)  # verified: the whole range, not the file
+    assert client.sendable(5, 10) == (5, fd)
+    assert client.sendable(len(DATA) - 1, len(DATA)) == (1, fd)
+    client.close()
+
+
 @pytest.mark.parametrize(
     "send, end, why",
     [

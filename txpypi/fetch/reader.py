@@ -236,7 +236,7 @@ class Readers:
         if offset < self._puncher.floor:
             raise FlightFailed(503, "these bytes are no longer held here")
         limit = self.readable() if self._flight.verified else min(self.readable(), end - 1)
-        count = min(limit, self._spool.spooled) - offset
+        count = min(limit, end, self._spool.spooled) - offset
         if count <= 0 or self._spool.read_fd < 0:
             return 0, -1
         return count, self._spool.read_fd
