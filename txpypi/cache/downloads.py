@@ -19,7 +19,7 @@ from txpypi.cache.coordinator import ICoordinator
 from txpypi.cache.records import Records
 from txpypi.cache.slots import Busy, Slots
 from txpypi.cache.usage import Usage
-from txpypi.concurrency.waiters import in_thread_now
+from txpypi.concurrency.waiters import in_thread_now, when_late
 from txpypi.fetch.clients import FileClient
 from txpypi.fetch.commit import CommitJournal
 from txpypi.fetch.flight import Flight
@@ -106,14 +106,7 @@ class Downloads:
         waiters = self._awaited.setdefault(key, [])
         d: Deferred[Flight | None] = Deferred(lambda d: self._unwait(key, d))
         waiters.append(d)
-        timer = self._clock.callLater(self._client.response_timeout, self._give_up, key, d)
-
-        def over(result: object) -> object:
-            if timer.active():
-                timer.cancel()
-            return result
-
-        d.addBoth(over)
+        when_late(self._clock, d, self._client.response_timeout, lambda: self._give_up(key, d))
         return d
 
     def _unwait(self, key: str, d: Deferred[Flight | None]) -> None:

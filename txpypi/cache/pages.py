@@ -465,8 +465,7 @@ class PageCache:
         page = self._memory.get(self.key(project))
         if page is None:
             return None
-        now: float = self._clock.seconds()
-        left = self.ttl - (now - page.fetched_at)
+        left = self.remaining(page)
         if left <= 0:
             return None
         self._memory.move_to_end(page.key)

@@ -166,7 +166,15 @@ def expire(
         if not d.called:
             d.errback(error())
 
-    timer = clock.callLater(seconds, fire)
+    return when_late(clock, d, seconds, fire)
+
+
+def when_late(clock: IReactorTime, d: Deferred[T], seconds: float, late: Callable[[], None]) -> IDelayedCall:
+    """
+    Call C{late()} after C{seconds} unless C{d} has fired by then; the
+    timer is cancelled as soon as C{d} fires, whichever way.
+    """
+    timer = clock.callLater(seconds, late)
 
     def over(result: object) -> object:
         if timer.active():

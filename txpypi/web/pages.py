@@ -209,6 +209,13 @@ class _Built:
         )
 
 
+def _max_age(left: float) -> int:
+    """
+    The C{max-age} of a page with C{left} seconds of freshness.
+    """
+    return max(0, math.ceil(left))
+
+
 class SimpleResource(Resource):
     """
     C{/simple/} and C{/simple/<project>/} in PEP 503 HTML or PEP 691 JSON.
@@ -304,7 +311,7 @@ class SimpleResource(Resource):
         return None
 
     def _max_age(self, page: CachedPage) -> int:
-        return max(0, math.ceil(self._pages.remaining(page)))
+        return _max_age(self._pages.remaining(page))
 
     def quick(self, asked: QuickRequest, dates: Dates) -> tuple[int, bytes, bytes] | None:
         """
@@ -334,7 +341,7 @@ class SimpleResource(Resource):
         assert isinstance(built, _Built)
         if built.body is None:
             return None  # a big one, sent in slices
-        middle = b"X-Cache: HIT\r\nCache-Control: max-age=%d\r\n" % max(0, math.ceil(left))
+        middle = b"X-Cache: HIT\r\nCache-Control: max-age=%d\r\n" % _max_age(left)
         matches = asked.header(b"if-none-match")
         if matches is not None and etag_matches(matches.decode("latin-1"), built.etag):
             # Twisted says the empty body's length of a GET (not of a HEAD),
