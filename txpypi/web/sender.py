@@ -215,15 +215,15 @@ def sender_for(
     local = ILocalFile(source, None)
     if local is None and not isinstance(source, FlightReader):
         return Sender(request, source, start, end, first)
-    transport = plain_transport(request)
     # (Without a length the body is chunked, which sendfile cannot frame.)
     framed = request.responseHeaders.getRawHeaders(b"content-length") is not None
     if local is None:
-        assert isinstance(source, FlightReader)
-        stop = source.size if end is None else end
-        if transport is None or not framed or stop is None:
+        if not (framed and from_spool(request, source)):
             return Sender(request, source, start, end, first)
-        return SpoolSender(request, source, transport, stop, start, end, first)
+        assert isinstance(source, FlightReader) and source.size is not None
+        stop = source.size if end is None else end
+        return SpoolSender(request, source, plain_transport(request), stop, start, end, first)
+    transport = plain_transport(request)
     if transport is None or not framed:
         return PreadSender(request, source, local.fd, local.size, start, end, first)
     return SendfileSender(request, source, local.fd, local.size, transport, start, end, first)
