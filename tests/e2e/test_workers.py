@@ -253,6 +253,8 @@ async def test_a_herd_over_two_workers_costs_one_fetch(
         (d.verdict(), d.body.received) for d in downloads
     ]
     assert upstream.fake.file_counts() == {big.filename: 1}
+    # The other worker's clients read the leader's spool file, not its peer route.
+    assert b"following big-1.0-py3-none-any.whl from the spool of the worker" in workers.process.output
 
     # The metrics are both workers' together: the 40 answers are counted.
     response = await http.get(f"{workers.url}/metrics")
@@ -296,6 +298,38 @@ async def test_a_killed_worker_is_started_again(
     await within(again.done, 30, "the file through the new worker 1")
     assert again.verdict() == "whole"
     assert b"worker 1 ended" in workers.process.output
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_follower_of_a_killed_leader_is_cut_off(
+    workers: Workers, upstream: Upstream, http: HTTPClient, big: Dist
+) -> None:
+    """
+    Worker 0 leads a download and worker 1's client follows it from worker
+    0's spool file; worker 0 is killed (SIGKILL) half-way: worker 1's client
+    is cut off (never a complete-looking body, never left waiting for the
+    read timeout), and the file is then fetched again, whole.
+    """
+    gate: Deferred[None] = Deferred()
+    upstream.fake.holds[big.filename] = gate
+    (leads,) = await on_worker(workers, http, 0, lambda: [download(workers.url, big)])
+    await within(when_answered([leads], 1), 30, "the leader's headers")
+    (follows,) = await on_worker(workers, http, 1, lambda: [download(workers.url, big)])
+    await within(when_answered([follows], 1), 30, "the follower's headers")
+    following = b"following big-1.0-py3-none-any.whl from the spool"
+    await within(workers.process.wait_for(following), 30, "worker 1 to follow the spool")
+    killed = workers.pids()[0]
+    restarted = workers.process.wait_for(rb"worker 0 ready \(pid (?!%d\))\d+\)" % killed)
+    os.kill(killed, signal.SIGKILL)
+    await within(follows.done, 10, "the follower to be cut off")
+    assert follows.verdict() == "aborted" and leads.verdict() == "aborted"
+    del upstream.fake.holds[big.filename]
+    gate.callback(None)
+    await within(restarted, 30, "worker 0 to start again")
+    again = download(workers.url, big)
+    await within(again.done, 30, "the file")
+    assert again.verdict() == "whole"
+    assert upstream.fake.file_counts() == {big.filename: 2}
 
 
 @pytest.fixture

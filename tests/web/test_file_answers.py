@@ -158,6 +158,7 @@ class World:
     spool: Path
     #: The senders of bodies in progress, as the web layer keeps them.
     senders: set[Sender]
+    clock: MemoryReactorClock
 
     def get(self, path: str, headers: dict[bytes, bytes] | None = None) -> tuple[Request, Any]:
         channel = DummyChannel()
@@ -178,10 +179,12 @@ def world(
     redirect_ttl: float | None = None,
     metadata: MemoryMetadata | None = None,
     coordinator: Any = None,
+    spool: Path | None = None,
 ) -> World:
     """
     @param coordinator: makes the file cache's coordinator of the metadata
         store and the clock (the file cache's own when L{None}).
+    @param spool: the spool directory (C{tmp_path/spool} by default).
     """
     fake = FakeUpstream(dists)
     reactor = MemoryReactorClock()
@@ -189,8 +192,8 @@ def world(
     client = UpstreamClient(reactor, agent=agent)
     metadata = MemoryMetadata() if metadata is None else metadata
     pages = PageCache(reactor, client, metadata, Upstream("test", "http://upstream.test/simple/"))
-    spool = tmp_path / "spool"
-    spool.mkdir()
+    spool = tmp_path / "spool" if spool is None else spool
+    spool.mkdir(parents=True)
     store = MemoryStore(str(spool)) if store is None else store(str(spool))
     shared = None if coordinator is None else coordinator(metadata, reactor)
     files = FileCache(
@@ -200,7 +203,7 @@ def world(
     root = Resource()
     root.putChild(b"files", FilesResource(files, lambda: redirect_ttl, senders))
     root.putChild(b"_peer", PeerResource(files, reactor, senders))
-    return World(fake, agent, files, Site(root), spool, senders)
+    return World(fake, agent, files, Site(root), spool, senders, reactor)
 
 
 def gone(request: Request) -> None:
@@ -269,6 +272,58 @@ def test_with_the_workers_file_locks_a_miss_looks_in_the_store_once(
     request, channel = w.get(f"/files/gamma/{GAMMA}")
     assert request.finished and channel.transport.written.getvalue().endswith(find(dists, GAMMA).content)
     assert metadata.looks == 1 and w.fake.requests["/packages/" + GAMMA] == 1
+
+
+def test_a_worker_follows_another_workers_download_from_its_spool(tmp_path: Path, dists: list[Dist]) -> None:
+    """
+    Two workers share file locks and the metadata: while worker 0 fetches
+    a file (its upstream holding back half the body), a client of worker 1
+    has the headers and the first half read from worker 0's spool file,
+    never asking worker 0's peer route (its peer URL leads nowhere) nor its
+    own upstream; then the rest, whole.  Both let go of every descriptor.
+    """
+    import socket
+
+    from txpypi.cache.coordinator import SharedCoordinator
+    from txpypi.storage.filelocks import FileLocks
+
+    metadata, host = MemoryMetadata(), socket.gethostname()
+
+    def worker(n: int) -> World:
+        def coordinator(metadata: Any, clock: Any) -> SharedCoordinator:
+            url = f"http://127.0.0.1:{n + 1}/"  # nothing listens there
+            locks = FileLocks(tmp_path / "locks", owner=f"{host}:{n}:w{n} {url}")
+            return SharedCoordinator(locks, metadata, clock, url, "s" * 32, lock_first=True)
+
+        spool = tmp_path / "tmp" / f"w{n}"
+        return world(tmp_path / f"w{n}", dists, metadata=metadata, coordinator=coordinator, spool=spool)
+
+    leader, follower = worker(0), worker(1)
+    rest: Deferred[None] = Deferred()
+    leader.fake.holds[BIG] = rest
+    content = find(dists, BIG).content
+    first, first_channel = leader.get(f"/files/big/{BIG}")
+    assert first.startedWriting and leader.fake.file_requests() == 1
+    second, second_channel = follower.get(f"/files/big/{BIG}")
+    for _ in range(20):
+        follower.clock.advance(0.01)
+    assert second.startedWriting and second.code == 200
+    _, half = second_channel.transport.written.getvalue().split(b"\r\n\r\n", 1)
+    assert content.startswith(half) and len(half) > len(content) // 4  # of the half the leader has
+    rest.callback(None)
+    leader.agent.flush()
+    for _ in range(100):
+        follower.clock.advance(0.02)
+        if second.finished:
+            break
+    assert first.finished and first_channel.transport.written.getvalue().endswith(content)
+    assert second.finished and second_channel.transport.written.getvalue().endswith(content)
+    assert follower.fake.file_requests() == 0 and not follower.fake.requests.get(
+        peer_path("default", "big", BIG)
+    )
+    assert leader.fake.file_requests() == 1
+    assert not leader.files.downloads.flights and not follower.files.downloads.flights
+    assert cache_descriptors(tmp_path / "tmp") == 0
 
 
 def test_the_peer_route_releases_its_reader_when_the_peer_leaves(tmp_path: Path, dists: list[Dist]) -> None:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Callable
-from typing import Protocol
+from functools import partial
+from typing import Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 import attrs
@@ -50,6 +51,19 @@ class Locks(Protocol):
     def release(self, name: str) -> Deferred[None]: ...
 
     def holder(self, name: str) -> Deferred[str | None]: ...
+
+
+@runtime_checkable
+class NotedLocks(Locks, Protocol):
+    """
+    Locks whose holder can leave a note for the others, each of them on
+    this machine (L{txpypi.storage.filelocks.FileLocks}): where it spools
+    the file it fetches, for them to read it from there.
+    """
+
+    def note(self, name: str, text: str) -> None: ...
+
+    def notes(self, name: str) -> str | None: ...
 
 
 class Here(Protocol):
@@ -94,6 +108,12 @@ class ICoordinator(Interface):
         @param looked: the caller has just looked C{key} up in the store
             and not found it, so the claim's own first look is skipped (a
             record that lands meanwhile is found once the lock is taken).
+        """
+
+    def spooling(key: str, note: str) -> None:
+        """
+        The download of C{key}, claimed here, started: tell the followers
+        on this machine C{note} (see L{txpypi.fetch.flight.Flight.spool_note}).
         """
 
     def follow_failed(key: str) -> None:
@@ -175,6 +195,9 @@ class LocalCoordinator(_Names):
 
     def claim(self, key: str, peer_path: str, here: Here, looked: bool = False) -> Deferred[Claim]:
         return succeed(None)
+
+    def spooling(self, key: str, note: str) -> None:
+        pass  # there is nobody to tell
 
     def follow_failed(self, key: str) -> None:
         pass  # there are no peers to follow
@@ -268,7 +291,15 @@ class SharedCoordinator(_Names):
         if url is None or url == self.peer_url or recently_failed or not _reachable(url, holder):
             return None
         assert self.peer_secret is not None
-        return Peer(url.rstrip("/") + path, path, self.peer_secret)
+        notes = partial(self._locks.notes, key) if isinstance(self._locks, NotedLocks) else None
+        return Peer(url.rstrip("/") + path, path, self.peer_secret, notes)
+
+    def spooling(self, key: str, note: str) -> None:
+        if key in self._held and isinstance(self._locks, NotedLocks):
+            try:
+                self._locks.note(key, note)
+            except OSError as e:
+                log.warn("cannot leave the note of {key}: {error}", key=key, error=e)
 
     def follow_failed(self, key: str) -> None:
         self._peer_failed[key] = self._clock.seconds()
@@ -312,4 +343,4 @@ def _renew_failed(failure: Failure, key: str) -> None:
     log.failure("could not renew the lock on {key}", failure, key=key)
 
 
-__all__ = ["Claim", "Here", "ICoordinator", "LocalCoordinator", "Locks", "SharedCoordinator"]
+__all__ = ["Claim", "Here", "ICoordinator", "LocalCoordinator", "Locks", "NotedLocks", "SharedCoordinator"]

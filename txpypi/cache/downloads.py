@@ -259,7 +259,16 @@ class Downloads:
             self._forget(flight)
             raise
         self._tell_peers(wanted.key)
+        if peer is None:
+            started = Deferred.fromCoroutine(flight.wait_started())
+            started.addCallbacks(lambda _: self._spooling(flight), lambda _: None)
         return flight
+
+    def _spooling(self, flight: Flight) -> None:
+        """
+        C{flight} started: tell the followers of this machine where it spools.
+        """
+        self._coordinator.spooling(flight.wanted.key, flight.spool_note())
 
     def _forget(self, flight: Flight) -> None:
         if self.flights.get(flight.wanted.key) is flight:

@@ -1,5 +1,6 @@
 """
-The upstream GET of a file (L{open_response}) and its response body as it
+The upstream GET of a file (L{open_response}; or the spool of the worker
+that fetches it, L{txpypi.fetch.tail}) and its response body as it
 arrives: the body protocol that feeds a flight (L{BodySink}), and
 L{UpstreamBody}, which pauses and resumes it and times it (it must send
 something every C{read_timeout}, and at least C{min_rate} bytes per second
@@ -19,6 +20,7 @@ from twisted.web.iweb import IResponse
 from txpypi.concurrency.waiters import Timer
 from txpypi.core.peer import HEADER, sign
 from txpypi.fetch.clients import FileClient
+from txpypi.fetch.tail import SpoolTail, open_spool
 from txpypi.fetch.upstream import UpstreamError, UpstreamNotFound
 from txpypi.fetch.wanted import FlightFailed, Peer, Wanted
 
@@ -27,14 +29,20 @@ RECV_SIZE = 1024 * 1024
 
 
 async def open_response(
-    client: FileClient, wanted: Wanted, peer: Peer | None, clock: IReactorTime
-) -> IResponse:
+    client: FileClient, wanted: Wanted, peer: Peer | None, clock: IReactorTime, spool_dir: str
+) -> IResponse | SpoolTail:
     """
     Ask the upstream for the file (or, with C{peer}, the instance that
-    fetches it, signing the request); the response, its body to come.
+    fetches it: from its spool file in C{spool_dir} when it is a worker of
+    this machine that spools it there, else signing a request to it); the
+    response, its body to come.
 
     @raise FlightFailed: if there is none to have.
     """
+    if peer is not None and peer.notes is not None:
+        tail = await open_spool(peer.notes, spool_dir, clock, client.response_timeout)
+        if tail is not None:
+            return tail
     try:
         if peer is None:
             # The listed file, with its upstream and hash: the policy needs them.

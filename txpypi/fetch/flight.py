@@ -49,6 +49,7 @@ from txpypi.fetch.punch import Puncher
 from txpypi.fetch.reader import FlightReader, Readers
 from txpypi.fetch.spool import HashLane, Spool, SpoolHealth
 from txpypi.fetch.stage import Lifecycle, Stage
+from txpypi.fetch.tail import OVER_HTTP, SpoolNote, SpoolTail
 from txpypi.fetch.tuning import FlightTuning
 from txpypi.fetch.wanted import FlightFailed, Peer, Wanted
 from txpypi.storage.metadata import FileRecord, IMetadata
@@ -163,6 +164,17 @@ class Flight:
         """
         return self._hashing.sha256() if self.verified else None
 
+    def spool_note(self) -> str:
+        """
+        What a follower on this machine is told of this download once it
+        started (see L{txpypi.fetch.tail}): where its spool is, unless the
+        spool is no whole copy to read (a follower itself, a size unknown,
+        a disk that failed, an upload that frees the spool's start).
+        """
+        if self.peer is not None or self.upload is not None or self.size is None or not self.spool.cacheable:
+            return OVER_HTTP
+        return SpoolNote(os.getpid(), self.size, self.spool.path).text()
+
     def expected_bytes(self) -> int:
         """
         What this download will add to the cache once it lands: it counts
@@ -218,7 +230,9 @@ class Flight:
 
     async def _fetch(self) -> None:
         try:
-            response = await open_response(self._client, self.wanted, self.peer, self._clock)
+            response = await open_response(
+                self._client, self.wanted, self.peer, self._clock, self._store.spool_dir
+            )
         except FlightFailed as e:
             self._fail(e)
             return
@@ -231,6 +245,11 @@ class Flight:
             self._fail(FlightFailed(502, "upstream Content-Length disagrees with the index's size"))
             return
         self.size = length if length is not None else self.wanted.size
+        if isinstance(response, SpoolTail):
+            log.info(
+                "following {filename} from the spool of the worker that fetches it",
+                filename=self.wanted.filename,
+            )
         self.life.move(Stage.STREAMING)
         self.readers.wake()
         self._body.watch()
@@ -292,6 +311,9 @@ class Flight:
             self.upload.spooled(self.spool.spooled)
         if error is not None:
             self.spool.give_up(error, self.spool_health, self.wanted.filename)
+            # No longer a whole copy: a follower reading it (see
+            # txpypi.fetch.tail) hears the file will not grow.
+            self.spool.unlink()
             self.on_store_error("files")
         self._pacing.spooled(error)
         self._maybe_punch()

@@ -5,6 +5,7 @@ flight, the file cache and the web layer share.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import attrs
@@ -41,12 +42,17 @@ class Peer:
     """
     Another instance of the cluster that is downloading a file: C{url} is
     its peer route for the file, C{path} that route's path (signed with the
-    cluster's C{secret}).
+    cluster's C{secret}).  A worker of this machine may also be followed
+    from its spool file, as C{notes} tells (see L{txpypi.fetch.tail}).
     """
 
     url: str
     path: str
     secret: str = attrs.field(repr=False)
+    #: Reads the note the leader left in its lock file, when it is a worker
+    #: of this machine: L{None} once its lock is let go, C{""} before it
+    #: wrote one.
+    notes: Callable[[], str | None] | None = attrs.field(default=None, eq=False, repr=False)
 
 
 @attrs.frozen

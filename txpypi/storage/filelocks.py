@@ -3,7 +3,8 @@ Locks that the worker processes of one machine share: one small file per
 name under the cache directory, held with C{flock}.  The kernel lets go of
 a dead process's locks at once, so nothing here expires and nothing is
 renewed; the holder's name is written in the file for the others to read
-(to follow its download).
+(to follow its download), and under it the holder's note of where it
+spools the download (see L{txpypi.fetch.tail}).
 
 The calls are a few system calls on a local file that never wait (the
 locks are taken with C{LOCK_NB}), made on the calling thread as local file
@@ -86,16 +87,52 @@ class FileLocks:
             os.close(fd)  # and with it the lock
         return succeed(None)
 
+    def _text(self, name: str) -> str | None:
+        try:
+            with open(self._path(name), "rb") as f:
+                return f.read(4096).decode("utf-8", "replace")
+        except FileNotFoundError:
+            return None
+
     def holder(self, name: str) -> Deferred[str | None]:
         """
         Who holds C{name}, as its holder wrote it, or L{None}.
         """
+        text = self._text(name)
+        return succeed(text.split("\n", 1)[0] or None if text is not None else None)
+
+    def note(self, name: str, text: str) -> None:
+        """
+        Write C{text} under the holder's name in the file of C{name}, if it
+        is held here (in one write that only adds to what is there: a
+        reader sees the name whole, and the note whole or in part).
+        """
+        fd = self._held.get(name)
+        if fd is not None:
+            os.pwrite(fd, f"{self.owner}\n{text}".encode(), 0)
+
+    def notes(self, name: str) -> str | None:
+        """
+        The note under the holder's name in the file of C{name}: C{""}
+        while there is none, L{None} once nobody holds it (let go, or its
+        holder died: the kernel let go of its lock, not of its file).
+        """
         try:
-            with open(self._path(name), "rb") as f:
-                text = f.read(4096).decode("utf-8", "replace")
+            fd = os.open(self._path(name), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            return succeed(None)
-        return succeed(text or None)
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+            else:
+                return None  # nobody holds it (closing the descriptor lets go again)
+        finally:
+            os.close(fd)
+        if not text:
+            return None
+        return text.split("\n", 1)[1] if "\n" in text else ""
 
     def release_all(self) -> None:
         """
