@@ -33,6 +33,9 @@ from zope.interface import implementer
 #: L{POLL_MAX}, and starts again once something came.
 POLL_FIRST = 0.001
 POLL_MAX = 0.02
+#: For this long a note is looked for every L{POLL_FIRST} (a follower's
+#: first byte waits for it), and only then less and less often.
+NOTE_EAGER = 0.2
 #: After this many seconds with no new byte, check that the leader lives.
 STALL_CHECK = 0.5
 #: The most read from the spool at once, between two turns of the reactor.
@@ -99,7 +102,8 @@ async def open_spool(
             return None
         await deferLater(clock, wait)
         waited += wait
-        wait = min(wait * 1.5, POLL_MAX)
+        if waited >= NOTE_EAGER:
+            wait = min(wait * 1.5, POLL_MAX)
     note = SpoolNote.parse(text)
     if note is None or not _beside(note.path, spool_dir):
         return None
