@@ -583,6 +583,19 @@ def test_a_public_address_is_connected_to_as_resolved_with_tls_for_the_name() ->
     d.addErrback(lambda _: None).cancel()  # the test is over
 
 
+def test_the_upstreams_ip_address_is_connected_to_with_no_lookup() -> None:
+    """
+    An upstream named by its address is connected to at once: no name to
+    resolve, so no getaddrinfo in a thread before each connection (the
+    hand-driven reactor here has no threads at all).
+    """
+    reactor, resolver, client, upstream = unit_client({}, upstream_url="http://10.0.0.9:8080/simple/")
+    d = start(client, upstream, "http://10.0.0.9:8080/packages/alpha.whl")
+    assert [c[:2] for c in reactor.tcpClients] == [("10.0.0.9", 8080)]
+    assert resolver.asked == []
+    d.addErrback(lambda _: None).cancel()  # the test is over
+
+
 def test_an_internal_upstream_may_keep_its_files_on_another_internal_host() -> None:
     reactor, _, client, upstream = unit_client(
         {"index.corp": ["10.0.0.2"], "files.corp": ["10.0.0.3"], "meta.corp": ["169.254.169.254"]},

@@ -174,6 +174,11 @@ class Dialer:
         if origin != permit.origin:
             return self.refusing(Refused(url, f"not the origin that was checked ({permit.origin})"))
         if not permit.checked:
+            literal = ip_literal(origin.host)
+            if literal is not None:
+                # No name to resolve: Twisted would still ask getaddrinfo,
+                # in a thread, before every new connection.
+                return _Tagged(self.at([literal], origin), "direct")
             endpoint: IStreamClientEndpoint = HostnameEndpoint(
                 self._reactor, origin.host, origin.port, timeout=self._timeout
             )
