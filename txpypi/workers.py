@@ -225,7 +225,35 @@ class _Adopter:
         from twisted.protocols.tls import TLSMemoryBIOFactory
 
         wrapped = TLSMemoryBIOFactory(contextFactory, False, factory)
-        return self._reactor.adoptStreamPort(self._inherited.fd, self._inherited.family, wrapped)
+        return _shared_port(self._reactor, self._inherited, wrapped)
+
+
+#: How many connections a worker accepts from a shared socket each time it
+#: is woken for it.  Twisted accepts up to 100 and more at once: under a
+#: burst the first worker awake took every connection and the others none.
+#: One at a time (nginx's default, C{multi_accept off}) spreads a burst over
+#: the workers, each woken by the next connection in turn.
+ACCEPTS_PER_WAKE = 1
+
+
+class _SharedTCPPort(tcp.Port):  # type: ignore[misc]
+    """
+    A TCP socket the workers share: see L{ACCEPTS_PER_WAKE}.
+    """
+
+    def doRead(self) -> None:
+        self.numberAccepts = ACCEPTS_PER_WAKE
+        super().doRead()
+
+
+def _shared_port(reactor: Any, inherited: Inherited, factory: Any) -> Any:
+    """
+    Listen on the inherited TCP socket, as C{reactor.adoptStreamPort} does,
+    with a L{_SharedTCPPort}.
+    """
+    port = _SharedTCPPort._fromListeningDescriptor(reactor, inherited.fd, inherited.family, factory)
+    port.startListening()
+    return port
 
 
 class _SharedUnixPort(unix.Port):  # type: ignore[misc]
@@ -270,7 +298,7 @@ def adopt(reactor: Any, inherited: Inherited, factory: Any) -> Any:
         )
         result = port[0]
     else:
-        result = reactor.adoptStreamPort(inherited.fd, inherited.family, factory)
+        result = _shared_port(reactor, inherited, factory)
     # A port shuts its socket down as it stops listening: on a socket the
     # other workers share, that would stop them accepting too.  Closing
     # this worker's copy is all it may do.

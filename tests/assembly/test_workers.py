@@ -232,3 +232,43 @@ def test_a_second_parent_on_the_same_cache_dir_refuses_to_start(tmp_path: Path) 
     again = Supervisor(settings, None, {}, _Processes(), Clock())  # type: ignore[arg-type]
     again.privilegedStartService()
     again._close()
+
+
+def test_a_worker_accepts_one_connection_each_time_it_is_woken() -> None:
+    """
+    Twisted accepts up to 100 connections and more at once: a burst would
+    all go to the first worker awake.  On a shared socket a worker takes
+    one per wake-up, and the next connection wakes the others too.
+    """
+    from twisted.internet import reactor
+    from twisted.internet.protocol import Factory, Protocol
+
+    from txpypi.workers import adopt
+
+    made: list[Protocol] = []
+
+    class Counting(Factory):
+        def buildProtocol(self, addr: Any) -> Protocol:
+            protocol = Protocol()
+            made.append(protocol)
+            return protocol
+
+    inherited, kept = make_socket("tcp:0:interface=127.0.0.1")
+    port = adopt(
+        reactor, Inherited(os.dup(inherited.fd), inherited.family, inherited.description), Counting()
+    )
+    port.stopReading()  # driven by hand here
+    clients = [socket.create_connection(kept.getsockname()) for _ in range(3)]
+    try:
+        port.doRead()
+        assert len(made) == 1
+        port.doRead()
+        port.doRead()
+        assert len(made) == 3
+    finally:
+        for client in clients:
+            client.close()
+        for protocol in made:
+            protocol.transport.abortConnection()
+        port.connectionLost(Failure(Exception("done")))
+        kept.close()
