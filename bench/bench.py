@@ -118,7 +118,7 @@ def start_all(
             big_mb=args.big_mb,
             # The nginx section: one warm, then a cold and a herd file per round.
             big_files=max(
-                args.ttfb_samples, args.follower_runs, 1 + 2 * args.nginx_rounds if "nginx" in only else 0
+                args.ttfb_samples, args.follower_runs, 1 + 3 * args.nginx_rounds if "nginx" in only else 0
             ),
             uv_rounds=args.uv_rounds if "uv" in only else 0,
             huge_mb=args.huge_mb,
