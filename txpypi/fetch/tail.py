@@ -22,11 +22,13 @@ from typing import Any
 
 import attrs
 from twisted.internet.error import ConnectionLost
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from zope.interface import implementer
+
+from txpypi.concurrency.waiters import Timer
 
 #: The first wait, in seconds, before looking again at a note or a spool
 #: that has nothing new; it grows by half at each empty look up to
@@ -151,10 +153,14 @@ class SpoolTail:
     _offset: int = 0
     _paused: bool = False
     _closed: bool = False
-    _call: IDelayedCall | None = None
+    #: The next look at the spool, while one is to come.
+    _next: Timer = attrs.field(init=False)
     _wait: float = POLL_FIRST
     #: When the last byte came, or reading began.
     _grew_at: float = 0.0
+
+    def __attrs_post_init__(self) -> None:
+        self._next = Timer(self._clock)
 
     @property
     def length(self) -> int:
@@ -173,7 +179,7 @@ class SpoolTail:
 
     def pauseProducing(self) -> None:
         self._paused = True
-        self._cancel()
+        self._next.cancel()
 
     def resumeProducing(self) -> None:
         if self._paused and not self._closed:
@@ -187,16 +193,9 @@ class SpoolTail:
     # -- reading
 
     def _later(self, seconds: float) -> None:
-        self._cancel()
-        self._call = self._clock.callLater(seconds, self._read)
-
-    def _cancel(self) -> None:
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
+        self._next.start(seconds, self._read)
 
     def _read(self) -> None:
-        self._call = None
         if self._closed or self._paused:
             return
         size = self._note.size
@@ -236,7 +235,7 @@ class SpoolTail:
         if self._closed:
             return
         self._closed = True
-        self._cancel()
+        self._next.cancel()
         os.close(self._fd)
 
 
