@@ -116,6 +116,11 @@ class FileLocks:
         The note under the holder's name in the file of C{name}: C{""}
         while there is none, L{None} once nobody holds it (let go, or its
         holder died: the kernel let go of its lock, not of its file).
+
+        Telling a dead holder from a live one takes the lock shared for an
+        instant: a worker that tries to take it in that instant is told it
+        is held, follows, hears from here that nobody holds it, and looks
+        again.
         """
         try:
             fd = os.open(self._path(name), os.O_RDONLY | os.O_CLOEXEC)
