@@ -236,14 +236,22 @@ class _Adopter:
 ACCEPTS_PER_WAKE = 1
 
 
-class _SharedTCPPort(tcp.Port):  # type: ignore[misc]
+class _OneAcceptPerWake:
     """
-    A TCP socket the workers share: see L{ACCEPTS_PER_WAKE}.
+    A port on a socket the workers share (TCP or UNIX): see L{ACCEPTS_PER_WAKE}.
     """
+
+    numberAccepts: int
 
     def doRead(self) -> None:
         self.numberAccepts = ACCEPTS_PER_WAKE
-        super().doRead()
+        super().doRead()  # type: ignore[misc]
+
+
+class _SharedTCPPort(_OneAcceptPerWake, tcp.Port):  # type: ignore[misc]
+    """
+    A TCP socket the workers share.
+    """
 
 
 def _shared_port(reactor: Any, inherited: Inherited, factory: Any) -> Any:
@@ -256,7 +264,7 @@ def _shared_port(reactor: Any, inherited: Inherited, factory: Any) -> Any:
     return port
 
 
-class _SharedUnixPort(unix.Port):  # type: ignore[misc]
+class _SharedUnixPort(_OneAcceptPerWake, unix.Port):  # type: ignore[misc]
     """
     A UNIX socket a worker adopted: its file belongs to the parent, which
     made it with its mode and removes it at the end; a worker neither

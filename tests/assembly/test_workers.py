@@ -234,11 +234,13 @@ def test_a_second_parent_on_the_same_cache_dir_refuses_to_start(tmp_path: Path) 
     again._close()
 
 
-def test_a_worker_accepts_one_connection_each_time_it_is_woken() -> None:
+@pytest.mark.parametrize("kind", ["tcp", "unix"])
+def test_a_worker_accepts_one_connection_each_time_it_is_woken(kind: str, tmp_path: Path) -> None:
     """
     Twisted accepts up to 100 connections and more at once: a burst would
-    all go to the first worker awake.  On a shared socket a worker takes
-    one per wake-up, and the next connection wakes the others too.
+    all go to the first worker awake.  On a shared socket (TCP or UNIX) a
+    worker takes one per wake-up, and the next connection wakes the others
+    too.
     """
     from twisted.internet import reactor
     from twisted.internet.protocol import Factory, Protocol
@@ -253,12 +255,20 @@ def test_a_worker_accepts_one_connection_each_time_it_is_woken() -> None:
             made.append(protocol)
             return protocol
 
-    inherited, kept = make_socket("tcp:0:interface=127.0.0.1")
-    port = adopt(
-        reactor, Inherited(os.dup(inherited.fd), inherited.family, inherited.description), Counting()
-    )
+    path = str(tmp_path / "s.sock")
+    inherited, kept = make_socket("tcp:0:interface=127.0.0.1" if kind == "tcp" else f"unix:{path}")
+    copy = Inherited(os.dup(inherited.fd), inherited.family, inherited.description)
+    port = adopt(reactor, copy, Counting())
     port.stopReading()  # driven by hand here
-    clients = [socket.create_connection(kept.getsockname()) for _ in range(3)]
+
+    def connect() -> socket.socket:
+        if kind == "tcp":
+            return socket.create_connection(kept.getsockname())
+        client = socket.socket(socket.AF_UNIX)
+        client.connect(path)
+        return client
+
+    clients = [connect() for _ in range(3)]
     try:
         port.doRead()
         assert len(made) == 1
