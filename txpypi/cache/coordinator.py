@@ -242,6 +242,11 @@ class SharedCoordinator(_Names):
     _claims: SingleFlight[str, Claim] = attrs.field(factory=SingleFlight)
     #: When following a peer last failed, by file key.
     _peer_failed: dict[str, float] = attrs.field(factory=dict)
+    #: The locks, when they carry their holder's notes (decided once).
+    _noted: NotedLocks | None = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._noted = self._locks if isinstance(self._locks, NotedLocks) else None
 
     def claim(self, key: str, peer_path: str, here: Here, looked: bool = False) -> Deferred[Claim]:
         return self._claims.run(key, lambda: self._lead_or_follow(key, peer_path, here, looked))
@@ -291,13 +296,13 @@ class SharedCoordinator(_Names):
         if url is None or url == self.peer_url or recently_failed or not _reachable(url, holder):
             return None
         assert self.peer_secret is not None
-        notes = partial(self._locks.notes, key) if isinstance(self._locks, NotedLocks) else None
+        notes = None if self._noted is None else partial(self._noted.notes, key)
         return Peer(url.rstrip("/") + path, path, self.peer_secret, notes)
 
     def spooling(self, key: str, note: str) -> None:
-        if key in self._held and isinstance(self._locks, NotedLocks):
+        if key in self._held and self._noted is not None:
             try:
-                self._locks.note(key, note)
+                self._noted.note(key, note)
             except OSError as e:
                 log.warn("cannot leave the note of {key}: {error}", key=key, error=e)
 

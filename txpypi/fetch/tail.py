@@ -105,7 +105,7 @@ async def open_spool(
         await deferLater(clock, wait)
         waited += wait
         if waited >= NOTE_EAGER:
-            wait = min(wait * 1.5, POLL_MAX)
+            wait = _slower(wait)
     note = SpoolNote.parse(text)
     if note is None or not _beside(note.path, spool_dir):
         return None
@@ -114,6 +114,13 @@ async def open_spool(
     except OSError:
         return None
     return SpoolTail(fd, note, clock)
+
+
+def _slower(wait: float) -> float:
+    """
+    The wait after an empty look that waited C{wait}.
+    """
+    return min(wait * 1.5, POLL_MAX)
 
 
 def _beside(path: str, spool_dir: str) -> bool:
@@ -224,7 +231,7 @@ class SpoolTail:
             self._end(Failure(ConnectionLost("the worker whose download was followed is gone")))
         else:
             self._later(self._wait)
-            self._wait = min(self._wait * 1.5, POLL_MAX)
+            self._wait = _slower(self._wait)
 
     def _end(self, reason: Failure) -> None:
         protocol = self._protocol
