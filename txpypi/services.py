@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import gc
 import signal
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, Protocol
 
 from twisted.application.service import MultiService, Service
@@ -29,6 +29,7 @@ from txpypi.fetch.upstream import UpstreamClient
 from txpypi.options import FIXED, Running
 from txpypi.storage.outages import Outage, WatchedMetadata
 from txpypi.web.accesslog import AccessLogWriter
+from txpypi.web.carried import CarriedCounters
 from txpypi.workers import Inherited, adopt
 
 # The log lines keep the namespace they had when these lived in tap.py.
@@ -298,6 +299,22 @@ class AccessLogService(Service):
     def stopService(self) -> Deferred[Any]:
         super().stopService()
         return self._writer.stop()
+
+
+class CarriedCountersService(Service):
+    """
+    Writes a worker's counters at stop (L{txpypi.web.carried}), after its
+    last requests: a worker stopped on its own and started again carries on
+    from every one of them.
+    """
+
+    def __init__(self, carried: CarriedCounters, render: Callable[[], bytes]) -> None:
+        self._carried = carried
+        self._render = render
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        return Deferred.fromCoroutine(self._carried.report(self._render))
 
 
 class AdoptedService(Service):

@@ -54,6 +54,7 @@ from txpypi.services import (
     AccessLogService,
     AdoptedService,
     CacheUpkeepService,
+    CarriedCountersService,
     CleanupService,
     DrainService,
     HeapFreezeService,
@@ -71,6 +72,7 @@ from txpypi.storage.redismeta import RedisLocks, RedisMetadata
 from txpypi.storage.stores import DiskStore, IFileStore
 from txpypi.web.accesslog import AccessLogWriter
 from txpypi.web.app import Proxy
+from txpypi.web.carried import CarriedCounters, carried_path
 from txpypi.web.metrics import Metrics
 from txpypi.web.siblings import Siblings
 from txpypi.workers import Role, Supervisor
@@ -194,6 +196,12 @@ def assemble(
     # the last requests is written.
     access = AccessLogWriter(reactor, partial(deferToThreadPool, reactor, pools.io), live.access_log)
     AccessLogService(access, live).setServiceParent(service)
+    carried = None
+    if role is not None:
+        # Written at stop after the last requests, as the access log is.
+        path = carried_path(settings.cache_dir, role.index)
+        carried = CarriedCounters.load(path, partial(deferToThreadPool, reactor, pools.io))
+        CarriedCountersService(carried, metrics.render).setServiceParent(service)
     store = file_store(settings, reactor, pools, metrics, spool_dir(settings, role))
     metadata, redis = metadata_store(settings, reactor, pools, metrics)
     outages = ([store.outage] if isinstance(store, WatchedStore) else []) + [metadata.outage]
@@ -233,6 +241,7 @@ def assemble(
         groups=groups,
         clients=found.clients,
         access=access,
+        carried=carried,
     )
     drain = DrainService(files, live, proxy.senders)
     drain.setServiceParent(service)

@@ -44,7 +44,10 @@ from tests.e2e.test_cluster import Download, Upstream, download, serve, when_ans
 from tests.e2e.test_install import assert_imports, uv_install
 from tests.processes import Twistd, socket_activated
 from tests.servers import Redis
+from txpypi.core.peer import HEADER as PEER_HEADER
+from txpypi.core.peer import sign
 from txpypi.testing import Dist, build_wheel
+from txpypi.workers import ROLE_ENV, Role
 
 
 @pytest.fixture
@@ -330,6 +333,58 @@ async def test_the_follower_of_a_killed_leader_is_cut_off(
     await within(again.done, 30, "the file")
     assert again.verdict() == "whole"
     assert upstream.fake.file_counts() == {big.filename: 2}
+
+
+async def worker_counts(http: HTTPClient, own: str, secret: str) -> dict[str, float]:
+    """
+    One worker's own part of C{/metrics}, asked at its own socket as a
+    sibling asks: its C{txpypi_requests_total} by route and code.
+    """
+    path = "/_worker/metrics"
+    headers = {PEER_HEADER: sign(secret, path, get_reactor().seconds())}
+    response = await http.get(own + path, headers=headers)
+    assert response.code == 200
+    text = (await response.content()).decode()
+    found = re.findall(r'txpypi_requests_total\{code="(\d+)",route="(\w+)"\} (\S+)', text)
+    return {f"{route} {code}": float(n) for code, route, n in found}
+
+
+def secret_of(workers: Workers) -> str:
+    """
+    The workers' secret, from where the parent put it: worker 0's
+    environment (the test runs as the same user).
+    """
+    environ = Path(f"/proc/{workers.pids()[0]}/environ").read_bytes().split(b"\0")
+    role = next(v for v in environ if v.startswith(ROLE_ENV.encode() + b"="))
+    secret: str = Role.load(role.split(b"=", 1)[1].decode()).secret
+    return secret
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_worker_started_again_carries_on_counting(workers: Workers, http: HTTPClient) -> None:
+    """
+    Worker 1 answers pages and reports its counters; it is killed
+    (SIGKILL) and started again: the new worker 1 counts on from what the
+    old one reported (the totals of C{/metrics} never go down, which
+    Prometheus would read as a reset), and from there on its own requests.
+    """
+    secret = secret_of(workers)
+    pages = await on_worker(workers, http, 1, lambda: [get(workers.url, "/simple/alpha/") for _ in range(3)])
+    await within(gatherResults([g.body.done for g in pages]), 30, "the pages")
+    assert [g.response.code for g in pages] == [200] * 3
+    before = await worker_counts(http, workers.own[1], secret)
+    assert before["project 200"] == 3.0
+
+    killed = workers.pids()[1]
+    restarted = workers.process.wait_for(rb"worker 1 ready \(pid (?!%d\))\d+\)" % killed)
+    os.kill(killed, signal.SIGKILL)
+    await within(restarted, 30, "worker 1 to start again")
+    assert await worker_counts(http, workers.own[1], secret) == before
+
+    (again,) = await on_worker(workers, http, 1, lambda: [get(workers.url, "/simple/alpha/")])
+    await within(again.body.done, 30, "a page from the new worker 1")
+    after = await worker_counts(http, workers.own[1], secret)
+    assert after["project 200"] == 4.0
 
 
 @pytest.fixture

@@ -38,6 +38,7 @@ from txpypi.fetch.upstream import UpstreamClient
 from txpypi.storage.outages import Outage, Unavailable
 from txpypi.web.accesslog import AccessLogWriter
 from txpypi.web.answers import answer_text, error_text, finish_text, header, run, status_of, text
+from txpypi.web.carried import CarriedCounters
 from txpypi.web.files import FilesResource
 from txpypi.web.health import Health
 from txpypi.web.legacy import LegacyResource, is_legacy
@@ -223,6 +224,9 @@ class Proxy:
     #: The other workers, when this process is one of several
     #: (C{--workers}): C{/metrics} and C{/health} answer for them all.
     siblings: Siblings | None = attrs.field(default=None, kw_only=True)
+    #: A worker's counters, carried over from the worker before it and
+    #: written at each report (L{txpypi.web.carried}).
+    carried: CarriedCounters | None = attrs.field(default=None, kw_only=True)
     app = Klein()
 
     @connections.default
@@ -420,7 +424,7 @@ class Proxy:
         The metrics; of all the workers together, when there are several.
         """
         request.setHeader(b"content-type", METRICS_CONTENT_TYPE.encode())
-        own = self.metrics.render()
+        own = await self.own_metrics()
         if self.siblings is None:
             return own
         answers = await self.siblings.gather("metrics")
@@ -429,13 +433,22 @@ class Proxy:
         theirs = [text for text, _ in answers if text is not None]
         return merge([own, *theirs], answering=1 + sum(now for _, now in answers))
 
+    async def own_metrics(self) -> bytes:
+        """
+        This process's metrics; a worker's with the counters of the workers
+        before it, written before they are given (L{CarriedCounters}).
+        """
+        if self.carried is None:
+            return self.metrics.render()
+        return await self.carried.report(self.metrics.render)
+
     async def worker_part(self, what: str) -> bytes | None:
         """
         This worker's own part of C{/metrics} or C{/health}, for a sibling;
         L{None} for anything else.
         """
         if what == "metrics":
-            return self.metrics.render()
+            return await self.own_metrics()
         if what == "health":
             serving, body = await self._health.report()
             return json.dumps({"serving": serving, "status": body.get("status")}).encode()

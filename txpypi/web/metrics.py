@@ -329,8 +329,12 @@ _SHARED_MOST = frozenset(
 )
 _SHARED_LEAST = frozenset({"txpypi_store_up"})
 
+#: The kinds of metric that only grow: what a worker started again carries
+#: on from the one before it (see L{txpypi.web.carried}).
+GROWING = frozenset({"counter", "histogram", "summary"})
 
-def merge(texts: list[bytes], answering: int | None = None) -> bytes:
+
+def merge(texts: list[bytes], answering: int | None = None, kinds: frozenset[str] | None = None) -> bytes:
     """
     The metrics of several workers as one proxy's: each sample summed over
     the workers (counters, histograms, the gauges of each worker's own
@@ -339,7 +343,8 @@ def merge(texts: list[bytes], answering: int | None = None) -> bytes:
     C{txpypi_store_up}, the least) and the creation times (the earliest).
     With C{answering}, a gauge C{txpypi_workers_answering} says how many
     workers answered just now (one that did not counts with its last
-    answer, see L{txpypi.web.siblings}).
+    answer, see L{txpypi.web.siblings}).  With C{kinds}, only the
+    families of those types (C{"counter"}, C{"gauge"}, ...) are kept.
     """
     from prometheus_client.core import Metric
     from prometheus_client.parser import text_string_to_metric_families
@@ -348,6 +353,8 @@ def merge(texts: list[bytes], answering: int | None = None) -> bytes:
     values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
     for text in texts:
         for family in text_string_to_metric_families(text.decode("utf-8")):
+            if kinds is not None and family.type not in kinds:
+                continue
             if family.name not in families:
                 families[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
                 values[family.name] = {}
