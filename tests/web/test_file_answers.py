@@ -280,7 +280,9 @@ def test_a_worker_follows_another_workers_download_from_its_spool(tmp_path: Path
     a file (its upstream holding back half the body), a client of worker 1
     has the headers and the first half read from worker 0's spool file,
     never asking worker 0's peer route (its peer URL leads nowhere) nor its
-    own upstream; then the rest, whole.  Both let go of every descriptor.
+    own upstream; then the rest, whole.  Worker 1 writes no copy: another
+    client of it reads worker 0's spool too.  Both let go of every
+    descriptor.
     """
     import socket
 
@@ -310,14 +312,20 @@ def test_a_worker_follows_another_workers_download_from_its_spool(tmp_path: Path
     assert second.startedWriting and second.code == 200
     _, half = second_channel.transport.written.getvalue().split(b"\r\n\r\n", 1)
     assert content.startswith(half) and len(half) > len(content) // 4  # of the half the leader has
+    # The bytes are on the disk once: worker 1 spools no copy of its own,
+    # and a client of it that joins now reads them from worker 0's spool.
+    assert [p.stat().st_size for p in (tmp_path / "tmp" / "w1").iterdir()] == []
+    third, third_channel = follower.get(f"/files/big/{BIG}")
+    assert third.startedWriting and len(follower.files.downloads.flights) == 1
     rest.callback(None)
     leader.agent.flush()
     for _ in range(100):
         follower.clock.advance(0.02)
-        if second.finished:
+        if second.finished and third.finished:
             break
     assert first.finished and first_channel.transport.written.getvalue().endswith(content)
     assert second.finished and second_channel.transport.written.getvalue().endswith(content)
+    assert third.finished and third_channel.transport.written.getvalue().endswith(content)
     assert follower.fake.file_requests() == 0 and not follower.fake.requests.get(
         peer_path("default", "big", BIG)
     )

@@ -246,6 +246,13 @@ class Flight:
             return
         self.size = length if length is not None else self.wanted.size
         if isinstance(response, SpoolTail):
+            # Its clients read the leader's spool too: the bytes are on the
+            # disk once, however many workers follow (short of descriptors,
+            # it spools them again).
+            try:
+                self.spool.follow(response.dup())
+            except OSError:
+                pass
             log.info(
                 "following {filename} from the spool of the worker that fetches it",
                 filename=self.wanted.filename,

@@ -295,6 +295,9 @@ class Spool:
     _writer: SharedFd | None = None
     _read_fd: int = -1
     _holders: int = 1
+    #: The bytes are read from another worker's spool file, where they
+    #: already are (L{follow}): nothing is written or held here.
+    following: bool = False
     _lane: Lane = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -316,12 +319,30 @@ class Spool:
             raise
         self._writer = SharedFd(fd)
 
+    def follow(self, fd: int) -> None:
+        """
+        Read the bytes from the spool file of the worker this flight
+        follows (C{fd}, read-only, now ours; see L{txpypi.fetch.tail}),
+        where each byte pushed already is at its offset: the spool's own
+        file is let go, and nothing is written twice.  That file only ever
+        grows, and an unlinked or landed one keeps its bytes for C{fd}.
+        """
+        self.release_writer()
+        self.unlink()
+        os.close(self._read_fd)
+        self._read_fd = fd
+        self.following = True
+
     # -- writing
 
     def push(self, data: bytes) -> None:
         """
-        Hold C{data} in memory, and write it to the file (if it can be).
+        Hold C{data} in memory, and write it to the file (if it can be);
+        when following, it is in the followed file already.
         """
+        if self.following:
+            self.spooled += len(data)
+            return
         self.memory.append(data)
         if self.cacheable:
             self._lane.push(data)

@@ -7,7 +7,9 @@ its first byte a poll after the leader's upstream answered.
 The leader leaves a L{SpoolNote} in its lock file once its upstream's
 headers came (L{txpypi.storage.filelocks.FileLocks.note}); a follower's
 flight opens the file it names (L{open_spool}) and reads it to the size the
-note gives (L{SpoolTail}), hashing the bytes itself as from any upstream.
+note gives (L{SpoolTail}), hashing the bytes itself as from any upstream;
+its own clients read them from that file too (L{txpypi.fetch.spool.Spool.follow}),
+so that they are on the disk once.
 A leader that fails unlinks its spool before it is whole: the follower's
 body is cut (as a peer's connection would be).  A leader that dies is found
 out when its process is gone; one that stalls, by the flight's read timeout.
@@ -172,6 +174,12 @@ class SpoolTail:
     @property
     def length(self) -> int:
         return self._note.size
+
+    def dup(self) -> int:
+        """
+        A descriptor of the followed spool of one's own, to read it by.
+        """
+        return os.dup(self._fd)
 
     code = 200
 
