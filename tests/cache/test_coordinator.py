@@ -12,6 +12,7 @@ hand.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -105,6 +106,19 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
 
 def test_it_provides_the_interface(cluster: Cluster) -> None:
     assert verifyObject(ICoordinator, cluster.coordinator())
+
+
+def test_only_the_file_locks_of_workers_take_notes(cluster: Cluster, tmp_path: Path) -> None:
+    """
+    Alone or over Redis nobody reads a download's spool note (so its start
+    is not waited for to leave one); over the workers' file locks, the
+    followers of this machine do.
+    """
+    from txpypi.storage.filelocks import FileLocks
+
+    assert not cluster.coordinator().takes_notes
+    workers = SharedCoordinator(FileLocks(tmp_path, owner="w0"), cluster.metadata, cluster.clock)
+    assert workers.takes_notes
 
 
 @pytest_twisted.ensureDeferred

@@ -97,6 +97,14 @@ class ICoordinator(Interface):
         """
     )
 
+    takes_notes = Attribute(
+        """
+        Whether L{spooling} tells anyone anything: followers on this machine
+        read the notes its locks carry.  Without, a download's start need
+        not be waited for to tell them.
+        """
+    )
+
     def claim(key: str, peer_path: str, here: Here, looked: bool = False) -> Deferred[Claim]:
         """
         Who fetches C{key}: see L{Claim}.  Claims of one key made while one
@@ -192,6 +200,8 @@ class LocalCoordinator(_Names):
 
     #: Alone, the store is looked at first: a claim only says "fetch it".
     lock_first: bool = False
+    #: Nobody follows a download here from its spool.
+    takes_notes: bool = False
 
     def claim(self, key: str, peer_path: str, here: Here, looked: bool = False) -> Deferred[Claim]:
         return succeed(None)
@@ -247,6 +257,10 @@ class SharedCoordinator(_Names):
 
     def __attrs_post_init__(self) -> None:
         self._noted = self._locks if isinstance(self._locks, NotedLocks) else None
+
+    @property
+    def takes_notes(self) -> bool:
+        return self._noted is not None
 
     def claim(self, key: str, peer_path: str, here: Here, looked: bool = False) -> Deferred[Claim]:
         return self._claims.run(key, lambda: self._lead_or_follow(key, peer_path, here, looked))

@@ -259,7 +259,7 @@ class Downloads:
             self._forget(flight)
             raise
         self._tell_peers(wanted.key)
-        if peer is None:
+        if peer is None and self._coordinator.takes_notes:
             started = Deferred.fromCoroutine(flight.wait_started())
             started.addCallbacks(lambda _: self._spooling(flight), lambda _: None)
         return flight
