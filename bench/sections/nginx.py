@@ -15,7 +15,9 @@ its target and MET or MISSED:
  - 20 clients at once on an uncached big wheel over two txpypi workers:
    upstream GETs (exactly one) and the slowest client's TTFB against the
    upstream's own;
- - the RSS of an idle worker.
+ - the RSS of an idle worker, and of a Python that imports only what a
+   worker imports first (Twisted's reactor, which brings pyOpenSSL and
+   cryptography; then twisted.web and Klein).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import argparse
 import os
 import statistics
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -223,6 +226,27 @@ def _new_file_seconds(size: int, where: Path) -> float:
     spent = os.times().system - before.system
     path.unlink()
     return spent
+
+
+#: What a worker imports before any of txpypi's own: the floors under its RSS.
+_RSS_FLOORS = (
+    ("the Twisted reactor", "from twisted.internet import reactor"),
+    (
+        "the reactor, twisted.web and Klein",
+        "from twisted.internet import reactor; import twisted.web.server, klein",
+    ),
+)
+
+
+def _rss_of(code: str) -> float:
+    """
+    The RSS of a Python (this one) once it ran C{code}, in MiB.
+    """
+    show = "import re; print(re.search(r'VmRSS:\\s+(\\d+)', open('/proc/self/status').read()).group(1))"
+    out = subprocess.run(
+        [sys.executable, "-c", f"{code}\n{show}"], capture_output=True, check=True, text=True
+    )
+    return int(out.stdout.split()[-1]) / 1024
 
 
 class _CpuTimes:
@@ -449,6 +473,10 @@ def run(ctx: Run) -> list[str]:
     idle_rss = _children_rss_mib(fresh.service.process.pid)
     most = max(idle_rss, default=float("inf"))
     rows.append(("RSS of an idle worker (MiB)", f"{most:.0f}", "", "", _target("<= 50 MiB", most <= 50)))
+    for what, code in _RSS_FLOORS:
+        rows.append(
+            (f"  RSS of a Python that only imports {what} (MiB)", f"{_rss_of(code):.0f}", "", "", "(floor)")
+        )
 
     ctx.tables.append(
         Table(
