@@ -329,7 +329,8 @@ class Spool:
         """
         self.release_writer()
         self.unlink()
-        os.close(self._read_fd)
+        if self._read_fd >= 0:
+            os.close(self._read_fd)
         self._read_fd = fd
         self.following = True
 

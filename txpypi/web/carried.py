@@ -70,7 +70,7 @@ class CarriedCounters:
             return cls(path, run)
         try:
             before = merge([text], kinds=GROWING)
-        except (ValueError, UnicodeDecodeError) as e:
+        except ValueError as e:  # UnicodeDecodeError too
             log.warn(
                 "metrics: {path} (the counters of the worker before) is unreadable ({e}): from zero",
                 path=str(path),
