@@ -50,6 +50,9 @@ def main() -> None:
     _die_with_parent(role.parent)
     globalLogBeginner.beginLoggingTo([_observer(role.index)], redirectStandardIO=False)
 
+    from txpypi.reactor import install
+
+    install()
     from twisted.internet import reactor
 
     from txpypi import tap

@@ -23,7 +23,7 @@ LAYERS = ("core", "concurrency", "storage", "fetch", "cache", "web")
 #: The modules that assemble the layers (options, the twistd plugin, the
 #: services) and the test support; they may import any layer, and no layer
 #: may import them.  C{txpypi/__init__.py} holds only C{__version__}.
-ASSEMBLY = ("config", "options", "upstreams", "tap", "services", "workers", "worker", "testing")
+ASSEMBLY = ("config", "options", "upstreams", "tap", "services", "workers", "worker", "reactor", "testing")
 
 #: What the pure core may import: computation on values, nothing that
 #: touches a socket, a file, a thread, a clock or the reactor.

@@ -121,3 +121,5 @@ async def test_twistd_plugin_over_tls(
     await assert_imports(tmp_path / "t")
     assert {k for k in file_counts(json_upstream) if not k.endswith(".metadata")} == WANTED
     assert os.path.exists(tmp_path / "cache" / "metadata.sqlite")
+    # Choosing the plugin chose txpypi's reactor (see txpypi.reactor).
+    assert b"reactor class: txpypi.reactor.QuickEPollReactor" in twistd_process.output
