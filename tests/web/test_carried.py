@@ -129,3 +129,23 @@ async def test_an_unreadable_file_or_a_failed_write_costs_only_the_carrying(tmp_
 
 def _fail() -> None:
     raise OSError(28, "No space left on device")
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_others_count_with_the_last_figures_they_gave(tmp_path: Path) -> None:
+    """
+    For the totals, each other worker counts with its file (the last
+    figures it gave anyone), even when the answer gathered here is older
+    (a sibling that did not answer now, or a gathering reused); with no
+    file, with the answer; with neither, not at all.
+    """
+    here = carried_path(str(tmp_path), 0)
+    others = tuple(carried_path(str(tmp_path), i) for i in (1, 2, 3))
+    one = CarriedCounters.load(others[0], deferToThread)
+    given = await one.report(worker(5, 0.0).render)  # to someone else, after...
+    old_answer = worker(3, 0.0).render()  # ...this answer was gathered here
+    carried = CarriedCounters.load(here, deferToThread, others)
+    answers = [(old_answer, False), (worker(2, 0.0).render(), False), (None, False)]
+    found = await carried.latest(answers)
+    assert [sample(text, REQUESTS) for text in found] == [5.0, 2.0]
+    assert found[0] == given

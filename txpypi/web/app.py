@@ -428,9 +428,13 @@ class Proxy:
         if self.siblings is None:
             return own
         answers = await self.siblings.gather("metrics")
-        # A sibling that did not answer now counts with its last answer:
-        # its counters do not fall out of the totals while it is busy.
-        theirs = [text for text, _ in answers if text is not None]
+        # A sibling that did not answer now counts with its last figures
+        # (its file, else its last answer here): its counters do not fall
+        # out of the totals while it is busy or starting again.
+        if self.carried is not None:
+            theirs = await self.carried.latest(answers)
+        else:
+            theirs = [text for text, _ in answers if text is not None]
         return merge([own, *theirs], answering=1 + sum(now for _, now in answers))
 
     async def own_metrics(self) -> bytes:

@@ -45,8 +45,17 @@ class CarriedCounters:
     written before it is given (L{report}).
     """
 
-    def __init__(self, path: Path, run: Callable[..., Deferred[Any]], before: bytes | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        run: Callable[..., Deferred[Any]],
+        before: bytes | None = None,
+        others: tuple[Path, ...] = (),
+    ) -> None:
         self._path = path
+        #: The files of the other workers, in the order of their sockets
+        #: (L{txpypi.workers.Role.siblings}).
+        self.others = others
         #: Runs a blocking call in a thread (the writes).
         self._run = run
         #: The counters and histograms of the workers before this one.
@@ -57,7 +66,9 @@ class CarriedCounters:
         self._failing = False
 
     @classmethod
-    def load(cls, path: Path, run: Callable[..., Deferred[Any]]) -> CarriedCounters:
+    def load(
+        cls, path: Path, run: Callable[..., Deferred[Any]], others: tuple[Path, ...] = ()
+    ) -> CarriedCounters:
         """
         The counters of the worker started at C{path}, carrying on from the
         last report of the one before it, if any (read at start-up, before
@@ -67,7 +78,7 @@ class CarriedCounters:
         try:
             text = path.read_bytes()
         except FileNotFoundError:
-            return cls(path, run)
+            return cls(path, run, others=others)
         try:
             before = merge([text], kinds=GROWING)
         except ValueError as e:  # UnicodeDecodeError too
@@ -76,8 +87,8 @@ class CarriedCounters:
                 path=str(path),
                 e=e,
             )
-            return cls(path, run)
-        return cls(path, run, before)
+            return cls(path, run, others=others)
+        return cls(path, run, before, others)
 
     async def report(self, own: Callable[[], bytes]) -> bytes:
         """
@@ -102,6 +113,31 @@ class CarriedCounters:
             else:
                 self._failing = False
             return text
+
+    async def latest(self, answers: list[tuple[bytes | None, bool]]) -> list[bytes]:
+        """
+        The other workers' parts of the totals: each one's file, which holds
+        the last figures it gave anyone (so never less than any of them),
+        else its answer (C{answers}, from L{txpypi.web.siblings}: one that
+        did not answer now may be older than what it gave since, or gone).
+        """
+        files: list[bytes | None] = await self._run(_read_all, self.others)
+        found = []
+        for file, (text, _) in zip(files, answers, strict=True):
+            part = file if file is not None else text
+            if part is not None:
+                found.append(part)
+        return found
+
+
+def _read_all(paths: tuple[Path, ...]) -> list[bytes | None]:
+    found: list[bytes | None] = []
+    for path in paths:
+        try:
+            found.append(path.read_bytes())
+        except OSError:
+            found.append(None)
+    return found
 
 
 def _write(path: Path, text: bytes) -> None:
