@@ -55,7 +55,9 @@ if EPollReactor is not None:
                     continue  # removed by an earlier event of this poll
                 try:
                     handle(selectable, fd, event)
-                except Exception:
+                except KeyboardInterrupt:
+                    raise
+                except BaseException:  # as log.callWithLogger does
                     log.failure("unhandled error handling an event of {selectable!r}", selectable=selectable)
 
         doIteration = doPoll

@@ -583,3 +583,32 @@ def test_a_file_plan_says_where_a_redirect_may_answer() -> None:
     assert not plan(head=True).redirect
     assert not plan(if_none_match=etag).redirect
     assert not plan(range_header="bytes=0-9", if_range='"other"').redirect
+
+
+@pytest.mark.parametrize("takes_notes", [False, True])
+def test_a_downloads_start_is_told_only_to_a_coordinator_that_takes_notes(
+    tmp_path: Path, dists: list[Dist], takes_notes: bool
+) -> None:
+    """
+    A miss's start is waited for, to leave its spool note, only when the
+    coordinator has followers to tell (the workers' file locks).
+    """
+    from txpypi.cache.coordinator import LocalCoordinator
+
+    told: list[tuple[str, str]] = []
+
+    @attrs.define
+    class Telling(LocalCoordinator):
+        def spooling(self, key: str, note: str) -> None:
+            told.append((key, note))
+
+    def coordinator(metadata: Any, clock: Any) -> Telling:
+        made = Telling()
+        made.takes_notes = takes_notes
+        return made
+
+    w = world(tmp_path, dists, coordinator=coordinator)
+    request, channel = w.get(f"/files/big/{BIG}")
+    w.agent.flush()
+    assert request.finished and channel.transport.written.getvalue().endswith(find(dists, BIG).content)
+    assert [key for key, _ in told] == ([w.files.key("big", BIG)] if takes_notes else [])

@@ -250,9 +250,11 @@ class Flight:
             # disk once, however many workers follow (short of descriptors,
             # it spools them again).
             try:
-                self.spool.follow(response.dup())
+                fd = response.dup()
             except OSError:
-                pass
+                fd = -1
+            if fd >= 0:
+                self.spool.follow(fd)
             log.info(
                 "following {filename} from the spool of the worker that fetches it",
                 filename=self.wanted.filename,

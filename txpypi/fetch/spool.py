@@ -327,12 +327,14 @@ class Spool:
         file is let go, and nothing is written twice.  That file only ever
         grows, and an unlinked or landed one keeps its bytes for C{fd}.
         """
+        own, self._read_fd, self.following = self._read_fd, fd, True
         self.release_writer()
-        self.unlink()
-        if self._read_fd >= 0:
-            os.close(self._read_fd)
-        self._read_fd = fd
-        self.following = True
+        try:
+            if own >= 0:
+                os.close(own)
+            self.unlink()
+        except OSError as e:  # an empty file left in our own spool directory
+            log.warn("cannot let go of the spool {path}: {error}", path=self.path, error=e)
 
     # -- writing
 
