@@ -3,19 +3,20 @@ txpypi's reactor: Twisted's epoll reactor, one layer less per event.
 
 L{EPollReactor.doPoll} hands each ready descriptor to its selectable
 through L{twisted.python.log.callWithLogger}, which asks the selectable for
-its C{logPrefix} and pushes a legacy log context around the call.  On a
-warm page that is most of a request's own cost in Twisted (measured: 5 of
-5 alternating C{wrk} runs on two workers faster without it, by 12 % on
-average).  The reactor's own C{_doReadOrWrite} already catches what a
-C{doRead} or C{doWrite} raises and drops that connection;
+its C{logPrefix} and pushes a legacy log context around the call: about
+8 % of a warm page's time under py-spy (without it, alternating C{wrk}
+runs were faster in 5 of 5 pairs on two workers, by 12 % on average).
+The reactor's own C{_doReadOrWrite} already catches what a C{doRead} or
+C{doWrite} raises and drops that connection;
 L{QuickEPollReactor} calls it directly and logs, with twisted.logger,
 whatever still escapes.  What it gives up: a legacy C{log.msg} made while an
 event is handled no longer carries the selectable's prefix as its
 C{system}; txpypi logs through twisted.logger, which never used it.
 
 L{install} installs it unless a reactor is installed already (C{twistd
---reactor}, or a test's), where epoll is there (Linux): the twistd plugin
-(L{txpypi.tap.Options}) and the workers (L{txpypi.worker}) call it.
+--reactor}, or a test's), where epoll is there (Linux): the twistd dropin
+(C{twisted/plugins/txpypi_plugin.py}, once txpypi is the chosen plugin)
+and the workers (L{txpypi.worker}) call it.
 """
 
 from __future__ import annotations

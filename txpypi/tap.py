@@ -200,7 +200,7 @@ def assemble(
     if role is not None:
         # Written at stop after the last requests, as the access log is.
         path = carried_path(settings.cache_dir, role.index)
-        others = tuple(carried_path(settings.cache_dir, i) for i in range(role.count) if i != role.index)
+        others = tuple(carried_path(settings.cache_dir, i) for i in role.others)
         carried = CarriedCounters.load(path, partial(deferToThreadPool, reactor, pools.io), others)
         CarriedCountersService(carried, metrics.render).setServiceParent(service)
     store = file_store(settings, reactor, pools, metrics, spool_dir(settings, role))

@@ -109,11 +109,18 @@ class Role:
         return self.peer_urls[self.index]
 
     @property
+    def others(self) -> tuple[int, ...]:
+        """
+        The other workers' indexes, in the order of L{siblings}.
+        """
+        return tuple(i for i in range(len(self.peer_urls)) if i != self.index)
+
+    @property
     def siblings(self) -> tuple[str, ...]:
         """
         Where the other workers are reached.
         """
-        return tuple(url for i, url in enumerate(self.peer_urls) if i != self.index)
+        return tuple(self.peer_urls[i] for i in self.others)
 
     def dump(self) -> str:
         return json.dumps(attrs.asdict(self))

@@ -56,7 +56,8 @@ class CarriedCounters:
         #: The files of the other workers, in the order of their sockets
         #: (L{txpypi.workers.Role.siblings}).
         self.others = others
-        #: Runs a blocking call in a thread (the writes).
+        #: Runs a blocking call in a thread (the writes, and reading the
+        #: others' files).
         self._run = run
         #: The counters and histograms of the workers before this one.
         self.before = before
