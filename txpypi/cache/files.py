@@ -30,6 +30,7 @@ from txpypi.cache.slots import Busy, Slots
 from txpypi.cache.stats import DownloadStats
 from txpypi.cache.usage import Usage
 from txpypi.concurrency.waiters import in_thread_now
+from txpypi.core.counting import StoreCounts
 from txpypi.core.live import Live
 from txpypi.core.peer import peer_path
 from txpypi.core.simple.model import ProjectPage
@@ -60,7 +61,7 @@ class FileCache:
         *,
         max_records: int = 100_000,
         live: Live | None = None,
-        metrics: Any = None,
+        metrics: StoreCounts | None = None,
         journal: CommitJournal | None = None,
         spool_write: Callable[[int, memoryview], int] = os.write,
         run_spooling: Callable[..., Deferred[Any]] = in_thread_now,

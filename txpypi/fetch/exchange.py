@@ -7,7 +7,7 @@ each one ended (the state C{/health} shows, and the metrics).
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred
@@ -18,6 +18,7 @@ from twisted.web.client import ResponseFailed
 from twisted.web.http_headers import Headers
 
 from txpypi import __version__
+from txpypi.core.counting import UpstreamCounts
 from txpypi.core.fetchpolicy import Origin, Refused
 from txpypi.core.live import Live
 
@@ -177,7 +178,7 @@ class Health:
 
     _clock: IReactorTime
     #: The proxy's L{txpypi.web.metrics.Metrics} (a layer above), or L{None}.
-    metrics: Any = None
+    metrics: UpstreamCounts | None = None
     #: The configured name of the upstream, its metrics' C{upstream} label
     #: (a peer's exchanges are counted under the same name).
     name: str = attrs.field(default="upstream", kw_only=True)

@@ -16,7 +16,6 @@ included, goes through the endpoints of L{txpypi.fetch.guarded}.
 
 from __future__ import annotations
 
-from typing import Any
 from urllib.parse import quote
 
 import attrs
@@ -26,6 +25,7 @@ from twisted.web.client import BrowserLikePolicyForHTTPS
 from twisted.web.iweb import IAgent, IPolicyForHTTPS, IResponse
 
 from txpypi.concurrency.turns import Turns
+from txpypi.core.counting import UpstreamCounts
 from txpypi.core.fetchpolicy import FetchPolicy, FileHost, ListedFile
 from txpypi.core.live import Live
 from txpypi.fetch.agents import Agents
@@ -121,7 +121,7 @@ class UpstreamClient:
         read_timeout: float = 60.0,
         min_rate: float = 0.0,
         agent: IAgent | None = None,
-        metrics: Any = None,
+        metrics: UpstreamCounts | None = None,
         upstreams: tuple[Upstream, ...] = (),
         tls: IPolicyForHTTPS | None = None,
         resolver: IHostnameResolver | None = None,
